@@ -1,0 +1,64 @@
+package relay
+
+import (
+	"fmt"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// copyBufferSize is the read size of the copy datapath: 32 KiB, as io.Copy, moves a bulk stream in few
+// system calls.
+const copyBufferSize = 32 << 10
+
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize); return &b }}
+
+// copyPump moves bytes from d.src to d.dst through a userspace buffer until d.src's EOF.
+//
+// It reads through the raw connection rather than calling io.Copy for two reasons: between two TCP sockets
+// io.Copy switches to splice(2), and this is the datapath that must work where splice does not; and a buffer
+// is taken from the pool only once a read has bytes to return, so an idle tunnel holds none (a blocked
+// net.Conn.Read would pin 32 KiB per direction for the tunnel's whole life).
+func copyPump(d *direction) error {
+	src, err := d.src.SyscallConn()
+	if err != nil {
+		return readErr(fmt.Errorf("raw source conn: %w", err))
+	}
+	for {
+		var (
+			bp   *[]byte
+			n    int
+			rerr error
+		)
+		err := src.Read(func(fd uintptr) bool {
+			bp = copyBuffers.Get().(*[]byte)
+			for {
+				n, rerr = unix.Read(int(fd), *bp)
+				if rerr != unix.EINTR {
+					break
+				}
+			}
+			if rerr == unix.EAGAIN {
+				copyBuffers.Put(bp)
+				return false // wait in Go's poller, holding no buffer
+			}
+			return true
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil {
+			return readErr(err)
+		}
+		if n == 0 {
+			copyBuffers.Put(bp)
+			return nil // EOF
+		}
+		w, werr := d.dst.Write((*bp)[:n])
+		copyBuffers.Put(bp)
+		d.counter.Add(uint64(w))
+		if werr != nil {
+			return writeErr(werr)
+		}
+	}
+}

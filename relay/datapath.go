@@ -1,0 +1,96 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Datapath names how a tunnel's bytes move once the handshake is done.
+type Datapath string
+
+const (
+	// DatapathAuto picks the best datapath this host can run; see ChooseDatapath.
+	DatapathAuto Datapath = "auto"
+	// DatapathSockmap redirects bytes inside the kernel with a BPF sockhash.
+	DatapathSockmap Datapath = "sockmap"
+	// DatapathSplice moves bytes socket → pipe → socket with splice(2); they never enter userspace.
+	DatapathSplice Datapath = "splice"
+	// DatapathCopy reads and writes through a userspace buffer.
+	DatapathCopy Datapath = "copy"
+)
+
+// Datapaths lists every accepted --datapath value, best first.
+var Datapaths = []Datapath{DatapathAuto, DatapathSockmap, DatapathSplice, DatapathCopy}
+
+// ErrDatapathUnavailable is returned when a datapath cannot run on this host or in this build.
+var ErrDatapathUnavailable = errors.New("datapath unavailable")
+
+// ParseDatapath accepts one of Datapaths.
+func ParseDatapath(s string) (Datapath, error) {
+	for _, d := range Datapaths {
+		if s == string(d) {
+			return d, nil
+		}
+	}
+	names := make([]string, len(Datapaths))
+	for i, d := range Datapaths {
+		names[i] = string(d)
+	}
+	return "", fmt.Errorf("unknown datapath %q: accepted values are %s", s, strings.Join(names, ", "))
+}
+
+// Available reports whether d can carry tunnels on this host, and if not, why.
+func (d Datapath) Available() error {
+	switch d {
+	case DatapathCopy:
+		return nil
+	case DatapathSplice:
+		return probeSplice()
+	case DatapathSockmap:
+		return fmt.Errorf("%w: sockmap: the kernel datapath is not built yet; use --datapath splice or copy", ErrDatapathUnavailable)
+	default:
+		return fmt.Errorf("%w: %q is not a concrete datapath", ErrDatapathUnavailable, d)
+	}
+}
+
+// ChooseDatapath resolves a requested datapath to the one tunnels will use. A concrete datapath that cannot
+// run is an error; auto takes the first available of sockmap, splice, copy. The returned note says why the
+// choice was made, for the start-up log.
+func ChooseDatapath(requested Datapath) (Datapath, string, error) {
+	if requested != DatapathAuto {
+		if err := requested.Available(); err != nil {
+			return "", "", err
+		}
+		return requested, "requested with --datapath", nil
+	}
+	var skipped []string
+	for _, d := range []Datapath{DatapathSockmap, DatapathSplice, DatapathCopy} {
+		err := d.Available()
+		if err == nil {
+			if len(skipped) == 0 {
+				return d, "best available", nil
+			}
+			return d, "best available; skipped " + strings.Join(skipped, "; "), nil
+		}
+		skipped = append(skipped, err.Error())
+	}
+	return "", "", fmt.Errorf("%w: no datapath can run: %s", ErrDatapathUnavailable, strings.Join(skipped, "; "))
+}
+
+// probeSplice checks that this process can make a pipe and size it as the splice datapath does.
+func probeSplice() error {
+	p, err := newPipe(splicePipeSize)
+	if err != nil {
+		return fmt.Errorf("%w: splice: %v", ErrDatapathUnavailable, err)
+	}
+	p.Close()
+	return nil
+}
+
+// isReset reports whether err says the peer reset the connection.
+func isReset(err error) bool {
+	return errors.Is(err, unix.ECONNRESET)
+}

@@ -1,0 +1,77 @@
+package relay
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the relay's Prometheus metrics. Each Server registers its own on the registerer it is given,
+// so that tests and several servers in one process do not share counters.
+type Metrics struct {
+	tunnelsTotal      *prometheus.CounterVec
+	tunnelsActive     *prometheus.GaugeVec
+	tunnelsClosed     *prometheus.CounterVec
+	handshakesFailed  *prometheus.CounterVec
+	handshakeDuration prometheus.Histogram
+	httpRequests      *prometheus.CounterVec
+}
+
+// Handshake failure reasons, the values of sockrelay_handshakes_failed_total{reason}.
+const (
+	FailBadRequest          = "bad_request"          // the client's upgrade request broke RFC 6455
+	FailBadVersion          = "bad_version"          // Sec-WebSocket-Version was not 13
+	FailUpstreamUnreachable = "upstream_unreachable" // connecting to the upstream failed or timed out
+	FailUpstreamTimeout     = "upstream_timeout"     // the upstream did not answer within the handshake timeout
+	FailUpstreamError       = "upstream_error"       // the upstream closed or sent something that is not HTTP
+	FailUpstreamRefused     = "upstream_refused"     // the upstream answered with a status other than 101
+	FailUpstreamBadSwitch   = "upstream_bad_switch"  // a 101 that is not a valid WebSocket accept
+	FailClientGone          = "client_gone"          // the client connection could not be taken over or failed
+	FailShuttingDown        = "shutting_down"        // the handshake finished after the relay closed its tunnels
+)
+
+func newMetrics(reg prometheus.Registerer, tunnels *Registry) *Metrics {
+	m := &Metrics{
+		tunnelsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sockrelay_tunnels_total",
+			Help: "Tunnels established, by datapath.",
+		}, []string{"datapath"}),
+		tunnelsActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sockrelay_tunnels_active",
+			Help: "Tunnels open now, by datapath.",
+		}, []string{"datapath"}),
+		tunnelsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sockrelay_tunnels_closed_total",
+			Help: "Tunnels ended, by why they ended.",
+		}, []string{"reason"}),
+		handshakesFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sockrelay_handshakes_failed_total",
+			Help: "WebSocket handshakes that did not open a tunnel, by reason.",
+		}, []string{"reason"}),
+		handshakeDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "sockrelay_handshake_duration_seconds",
+			Help:    "Time from a client's upgrade request to its tunnel being open, successful handshakes only.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18), // 100 µs to ~13 s
+		}),
+		httpRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sockrelay_http_requests_total",
+			Help: "Plain (not upgrade) HTTP requests reverse-proxied, by response status (502/504 when the upstream failed).",
+		}, []string{"code"}),
+	}
+	reg.MustRegister(m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
+		m.handshakeDuration, m.httpRequests, &bytesCollector{tunnels: tunnels})
+	return m
+}
+
+// bytesCollector reports bytes relayed from the tunnel registry at scrape time, so that live tunnels count
+// without any metric update on the data path.
+type bytesCollector struct{ tunnels *Registry }
+
+var bytesDesc = prometheus.NewDesc("sockrelay_bytes_relayed_total",
+	"Bytes relayed through tunnels after the handshake, by direction.", []string{"direction"}, nil)
+
+func (c *bytesCollector) Describe(ch chan<- *prometheus.Desc) { ch <- bytesDesc }
+
+func (c *bytesCollector) Collect(ch chan<- prometheus.Metric) {
+	up, down := c.tunnels.BytesRelayed()
+	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(up), "client_to_upstream")
+	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(down), "upstream_to_client")
+}

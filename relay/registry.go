@@ -1,0 +1,123 @@
+package relay
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"time"
+)
+
+// ErrRegistryClosed is returned by Registry.Add once the registry has closed its tunnels for shutdown.
+var ErrRegistryClosed = errors.New("relay is shutting down")
+
+// Registry owns every live tunnel. It is what keeps a tunnel's sockets reachable (shared/DATAPATH.md
+// hazard 9: a net.Conn nobody references is closed by a finalizer), what /debug/tunnels lists, and what
+// shutdown drains and closes.
+type Registry struct {
+	mu      sync.Mutex
+	nextID  uint64
+	tunnels map[uint64]*Tunnel
+	closed  bool
+	empty   chan struct{} // closed while no tunnel is live; replaced when one is added
+
+	// Bytes of tunnels that have ended, so that byte counters stay monotonic when a tunnel leaves.
+	endedToUpstream, endedToClient uint64
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry {
+	empty := make(chan struct{})
+	close(empty)
+	return &Registry{tunnels: make(map[uint64]*Tunnel), empty: empty}
+}
+
+// add gives t an id and tracks it until it ends. After CloseAll it refuses t.
+func (r *Registry) add(t *Tunnel) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return ErrRegistryClosed
+	}
+	r.nextID++
+	t.ID = r.nextID
+	if len(r.tunnels) == 0 {
+		r.empty = make(chan struct{})
+	}
+	r.tunnels[t.ID] = t
+	return nil
+}
+
+// remove forgets an ended tunnel and folds its byte counts into the totals.
+func (r *Registry) remove(t *Tunnel) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.tunnels[t.ID]; !ok {
+		return
+	}
+	delete(r.tunnels, t.ID)
+	r.endedToUpstream += t.BytesToUpstream()
+	r.endedToClient += t.BytesToClient()
+	if len(r.tunnels) == 0 {
+		close(r.empty)
+	}
+}
+
+// Len returns the number of live tunnels.
+func (r *Registry) Len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.tunnels)
+}
+
+// Tunnels returns the live tunnels, oldest first.
+func (r *Registry) Tunnels() []*Tunnel {
+	r.mu.Lock()
+	ts := make([]*Tunnel, 0, len(r.tunnels))
+	for _, t := range r.tunnels {
+		ts = append(ts, t)
+	}
+	r.mu.Unlock()
+	slices.SortFunc(ts, func(a, b *Tunnel) int { return cmp.Compare(a.ID, b.ID) })
+	return ts
+}
+
+// BytesRelayed returns the bytes every tunnel, live or ended, has moved each way. Both counts only grow:
+// a tunnel's bytes move from the live sum to the ended totals under the same lock.
+func (r *Registry) BytesRelayed() (toUpstream, toClient uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	toUpstream, toClient = r.endedToUpstream, r.endedToClient
+	for _, t := range r.tunnels {
+		toUpstream += t.BytesToUpstream()
+		toClient += t.BytesToClient()
+	}
+	return toUpstream, toClient
+}
+
+// Wait blocks until no tunnel is live or ctx is done.
+func (r *Registry) Wait(ctx context.Context) error {
+	r.mu.Lock()
+	empty := r.empty
+	r.mu.Unlock()
+	select {
+	case <-empty:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// CloseAll refuses new tunnels and resets every live one, then waits (bounded) for their ends to be reported.
+func (r *Registry) CloseAll() {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	for _, t := range r.Tunnels() {
+		t.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = r.Wait(ctx)
+}

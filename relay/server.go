@@ -1,0 +1,408 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Config is what a Server needs. Zero durations and sizes take the defaults below.
+type Config struct {
+	Upstreams []string
+	// Datapath is the datapath tunnels use; it must be concrete (resolve auto with ChooseDatapath first).
+	Datapath Datapath
+
+	// ClientHeaderTimeout bounds how long a client may take to send its request headers (slowloris).
+	ClientHeaderTimeout time.Duration
+	// ConnectTimeout bounds connecting to an upstream.
+	ConnectTimeout time.Duration
+	// UpstreamResponseTimeout bounds how long an upstream may take to answer a forwarded request.
+	UpstreamResponseTimeout time.Duration
+	// MaxHeaderBytes bounds a client's request line and headers.
+	MaxHeaderBytes int
+
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Defaults for Config's zero values.
+const (
+	DefaultClientHeaderTimeout     = 10 * time.Second
+	DefaultConnectTimeout          = 5 * time.Second
+	DefaultUpstreamResponseTimeout = 15 * time.Second
+	DefaultMaxHeaderBytes          = 16 << 10
+)
+
+// Server relays WebSockets: it validates each client's upgrade, forwards it to an upstream, and opens a
+// tunnel only when the upstream accepts. Other HTTP requests are reverse-proxied to the same upstreams.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	pool    *Pool
+	tunnels *Registry
+	metrics *Metrics
+	dialer  net.Dialer
+	proxy   *httputil.ReverseProxy
+	http    *http.Server
+
+	draining atomic.Bool
+}
+
+// NewServer checks cfg and returns a Server ready to Serve.
+func NewServer(cfg Config) (*Server, error) {
+	pool, err := NewPool(cfg.Upstreams)
+	if err != nil {
+		return nil, err
+	}
+	switch cfg.Datapath {
+	case DatapathCopy, DatapathSplice:
+	default:
+		return nil, fmt.Errorf("datapath %q: %w", cfg.Datapath, ErrDatapathUnavailable)
+	}
+	cfg.ClientHeaderTimeout = orDefault(cfg.ClientHeaderTimeout, DefaultClientHeaderTimeout)
+	cfg.ConnectTimeout = orDefault(cfg.ConnectTimeout, DefaultConnectTimeout)
+	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
+	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+
+	s := &Server{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		pool:    pool,
+		tunnels: NewRegistry(),
+		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout},
+	}
+	s.metrics = newMetrics(cfg.Registerer, s.tunnels)
+	s.proxy = s.newReverseProxy()
+	s.http = &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: cfg.ClientHeaderTimeout,
+		MaxHeaderBytes:    cfg.MaxHeaderBytes,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
+	}
+	return s, nil
+}
+
+func orDefault[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+// Tunnels returns the registry of live tunnels.
+func (s *Server) Tunnels() *Registry { return s.tunnels }
+
+// Serve accepts clients on l until Shutdown. It returns http.ErrServerClosed after Shutdown.
+func (s *Server) Serve(l net.Listener) error { return s.http.Serve(l) }
+
+// Shutdown stops accepting clients, lets handshakes in progress and live tunnels finish until ctx is done,
+// then resets the tunnels that are left. It returns ctx's error if it had to close tunnels.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.draining.Store(true)
+	err := s.http.Shutdown(ctx)
+	if err != nil {
+		// Handshakes still in progress: cut them off, so none opens a tunnel after the drain.
+		_ = s.http.Close()
+	}
+	if werr := s.tunnels.Wait(ctx); werr != nil {
+		err = werr
+		s.log.Warn("drain time over, closing tunnels", "tunnels", s.tunnels.Len())
+	}
+	s.tunnels.CloseAll()
+	return err
+}
+
+// ServeHTTP sends upgrade requests through the WebSocket handshake and every other request to the reverse proxy.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if isUpgradeRequest(r) {
+		s.serveUpgrade(w, r)
+		return
+	}
+	s.proxy.ServeHTTP(w, r)
+}
+
+func (s *Server) newReverseProxy() *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(&url.URL{Scheme: "http", Host: s.pool.Next()})
+			pr.Out.Host = pr.In.Host // as in the WebSocket path: the upstream sees the Host the client asked for
+			pr.SetXForwarded()
+		},
+		Transport: &http.Transport{
+			DialContext:           s.dialer.DialContext,
+			ResponseHeaderTimeout: s.cfg.UpstreamResponseTimeout,
+			MaxIdleConnsPerHost:   64,
+			IdleConnTimeout:       90 * time.Second,
+		},
+		ModifyResponse: func(resp *http.Response) error {
+			s.metrics.httpRequests.WithLabelValues(strconv.Itoa(resp.StatusCode)).Inc()
+			return nil
+		},
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			status := http.StatusBadGateway
+			if isTimeout(err) {
+				status = http.StatusGatewayTimeout
+			}
+			s.metrics.httpRequests.WithLabelValues(strconv.Itoa(status)).Inc()
+			s.log.Warn("proxy request failed", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,
+				"status", status, "err", err)
+			http.Error(w, http.StatusText(status), status)
+		},
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout())
+}
+
+// refuse answers a client whose handshake will not become a tunnel, and counts and logs why. The client
+// connection is closed after the answer: a client that sent an upgrade may have pipelined WebSocket frames
+// behind it, and those must never be read as HTTP.
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError) {
+	s.metrics.handshakesFailed.WithLabelValues(e.reason).Inc()
+	s.log.Info("handshake refused", "client", r.RemoteAddr, "uri", r.RequestURI, "status", e.status,
+		"reason", e.reason, "err", e.msg)
+	for k, v := range e.header {
+		w.Header()[k] = v
+	}
+	w.Header().Set("Connection", "close")
+	http.Error(w, e.msg, e.status)
+}
+
+// serveUpgrade runs one WebSocket handshake. The client's connection is taken over only after the upstream
+// has answered with a valid 101; until then the client is an ordinary HTTP client, so no raw byte of it can
+// reach an upstream that did not accept the upgrade.
+func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	key, herr := validateUpgrade(r)
+	if herr != nil {
+		s.refuse(w, r, herr)
+		return
+	}
+
+	addr := s.pool.Next()
+	conn, err := s.dialer.DialContext(r.Context(), "tcp", addr)
+	if err != nil {
+		s.refuse(w, r, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
+			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)})
+		return
+	}
+	upstream := conn.(*net.TCPConn)
+	opened := false
+	defer func() {
+		if !opened {
+			upstream.Close()
+		}
+	}()
+
+	resp, upstreamPrefix, herr := s.forwardHandshake(upstream, r, key)
+	if herr != nil {
+		herr.msg = fmt.Sprintf("upstream %s: %s", addr, herr.msg)
+		s.refuse(w, r, herr)
+		return
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		s.passResponse(w, r, upstream, resp)
+		return
+	}
+
+	client, clientPrefix, err := hijack(w)
+	if err != nil {
+		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
+		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
+		return
+	}
+	if err := writeSwitch(client, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
+		client.Close()
+		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
+		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
+		return
+	}
+
+	t := &Tunnel{
+		Client:         client,
+		Upstream:       upstream,
+		Datapath:       s.cfg.Datapath,
+		Started:        time.Now(),
+		ClientAddr:     r.RemoteAddr,
+		UpstreamAddr:   addr,
+		clientPrefix:   clientPrefix,
+		upstreamPrefix: upstreamPrefix,
+		ended:          make(chan struct{}),
+		onEnd:          s.tunnelEnded,
+	}
+	if err := s.tunnels.add(t); err != nil {
+		client.Close()
+		s.metrics.handshakesFailed.WithLabelValues(FailShuttingDown).Inc()
+		return
+	}
+	opened = true
+	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
+	s.metrics.tunnelsTotal.WithLabelValues(string(t.Datapath)).Inc()
+	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath)).Inc()
+	switch t.Datapath {
+	case DatapathSplice:
+		runDirections(t, splicePump)
+	default:
+		runDirections(t, copyPump)
+	}
+}
+
+// forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
+// upstream response timeout. A 101 comes back with the bytes the upstream sent behind it (they belong to the
+// tunnel); any other complete response comes back for passResponse.
+func (s *Server) forwardHandshake(upstream *net.TCPConn, r *http.Request, key string) (*http.Response, []byte, *handshakeError) {
+	_ = upstream.SetDeadline(time.Now().Add(s.cfg.UpstreamResponseTimeout))
+	fail := func(op string, err error) *handshakeError {
+		if isTimeout(err) {
+			return &handshakeError{status: http.StatusGatewayTimeout, reason: FailUpstreamTimeout,
+				msg: fmt.Sprintf("%s: no answer within %s", op, s.cfg.UpstreamResponseTimeout)}
+		}
+		return &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
+	}
+	if _, err := upstream.Write(upstreamRequest(r)); err != nil {
+		return nil, nil, fail("send handshake", err)
+	}
+	br := bufio.NewReader(upstream)
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodGet})
+	if err != nil {
+		return nil, nil, fail("read handshake response", err)
+	}
+	switch {
+	case resp.StatusCode == http.StatusSwitchingProtocols:
+		if err := validateSwitch(resp, key); err != nil {
+			return nil, nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamBadSwitch, msg: err.Error()}
+		}
+	case resp.StatusCode < 200:
+		// net/http cannot pass another informational status on as a final answer.
+		return nil, nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
+			msg: fmt.Sprintf("informational status %d in answer to a websocket handshake", resp.StatusCode)}
+	default:
+		return resp, nil, nil
+	}
+	_ = upstream.SetDeadline(time.Time{})
+	// A 101 has no body, so everything buffered past its header is the upstream's first tunnel bytes.
+	prefix, _ := br.Peek(br.Buffered())
+	return resp, bytes.Clone(prefix), nil
+}
+
+// upstreamRequest is the client's handshake as the upstream gets it: origin-form target, the client's Host,
+// its end-to-end headers, no hop-by-hop headers but the upgrade itself, and X-Forwarded-* describing the client.
+func upstreamRequest(r *http.Request) []byte {
+	h := r.Header.Clone()
+	removeHopHeaders(h)
+	h.Set("Connection", "Upgrade")
+	h.Set("Upgrade", "websocket")
+	setForwarded(h, r)
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "GET %s HTTP/1.1\r\nHost: %s\r\n", r.URL.RequestURI(), r.Host)
+	_ = h.Write(&b)
+	b.WriteString("\r\n")
+	return b.Bytes()
+}
+
+// setForwarded sets X-Forwarded-For to the client's address, replacing what the client sent (until trusted
+// proxies can be configured, no client may claim another address), and X-Forwarded-Host and -Proto, as
+// httputil.ProxyRequest.SetXForwarded does for plain requests.
+func setForwarded(h http.Header, r *http.Request) {
+	h.Del("Forwarded")
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		h.Set("X-Forwarded-For", ip)
+	} else {
+		h.Del("X-Forwarded-For")
+	}
+	h.Set("X-Forwarded-Host", r.Host)
+	if r.TLS != nil {
+		h.Set("X-Forwarded-Proto", "https")
+	} else {
+		h.Set("X-Forwarded-Proto", "http")
+	}
+}
+
+// passResponse gives the client the upstream's refusal (a 401, a 403, a redirect, ...) as an ordinary response.
+func (s *Server) passResponse(w http.ResponseWriter, r *http.Request, upstream *net.TCPConn, resp *http.Response) {
+	defer resp.Body.Close()
+	s.metrics.handshakesFailed.WithLabelValues(FailUpstreamRefused).Inc()
+	s.log.Info("handshake refused by upstream", "client", r.RemoteAddr, "uri", r.RequestURI,
+		"upstream", upstream.RemoteAddr().String(), "status", resp.StatusCode)
+	removeHopHeaders(resp.Header)
+	for k, v := range resp.Header {
+		w.Header()[k] = v
+	}
+	w.Header().Set("Connection", "close")
+	w.WriteHeader(resp.StatusCode)
+	// The body gets a fresh timeout of its own: an upstream that never ends it cannot hold the handler.
+	_ = upstream.SetDeadline(time.Now().Add(s.cfg.UpstreamResponseTimeout))
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		s.log.Info("passing upstream response body failed", "client", r.RemoteAddr, "err", err)
+	}
+}
+
+// hijack takes the client's connection from net/http, with the bytes net/http had already read past the
+// request: the client's pipelined first tunnel bytes.
+func hijack(w http.ResponseWriter) (*net.TCPConn, []byte, error) {
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return nil, nil, fmt.Errorf("hijack client connection: %w", err)
+	}
+	tc, ok := conn.(*net.TCPConn)
+	if !ok {
+		conn.Close()
+		return nil, nil, fmt.Errorf("client connection is a %T, not TCP", conn)
+	}
+	prefix, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	return tc, bytes.Clone(prefix), nil
+}
+
+// writeSwitch sends the client the upstream's 101 with the upstream's end-to-end headers
+// (Sec-WebSocket-Accept, -Protocol, -Extensions, cookies) and this hop's Upgrade and Connection.
+func writeSwitch(client *net.TCPConn, upstreamHeader http.Header, timeout time.Duration) error {
+	h := upstreamHeader.Clone()
+	removeHopHeaders(h)
+	h.Set("Upgrade", "websocket")
+	h.Set("Connection", "Upgrade")
+	var b bytes.Buffer
+	b.WriteString("HTTP/1.1 101 Switching Protocols\r\n")
+	_ = h.Write(&b)
+	b.WriteString("\r\n")
+	_ = client.SetWriteDeadline(time.Now().Add(timeout))
+	if _, err := client.Write(b.Bytes()); err != nil {
+		return fmt.Errorf("send 101 to client: %w", err)
+	}
+	return client.SetWriteDeadline(time.Time{})
+}
+
+// tunnelEnded is every tunnel's last step: forget it, count it, and log one line about it.
+func (s *Server) tunnelEnded(t *Tunnel) {
+	s.tunnels.remove(t)
+	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath)).Dec()
+	s.metrics.tunnelsClosed.WithLabelValues(t.reason).Inc()
+	s.log.Info("tunnel closed", "id", t.ID, "client", t.ClientAddr, "upstream", t.UpstreamAddr,
+		"datapath", t.Datapath, "bytes_to_upstream", t.BytesToUpstream(), "bytes_to_client", t.BytesToClient(),
+		"duration", time.Since(t.Started).Round(time.Millisecond), "reason", t.reason)
+}

@@ -1,0 +1,184 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Tunnel is one relayed WebSocket after its handshake: a client socket, an upstream socket, and the bytes
+// moved between them. The Registry owns every live Tunnel, so that it can be listed, counted and closed.
+type Tunnel struct {
+	ID       uint64
+	Client   *net.TCPConn
+	Upstream *net.TCPConn
+	Datapath Datapath
+	Started  time.Time
+
+	// ClientAddr and UpstreamAddr are the remote addresses, kept as strings so they survive Close.
+	ClientAddr   string
+	UpstreamAddr string
+
+	// clientPrefix holds bytes the client sent after its request and net/http already read: they go to the
+	// upstream before anything else. upstreamPrefix is the same for bytes that came with the 101.
+	clientPrefix   []byte
+	upstreamPrefix []byte
+
+	toUpstream atomic.Uint64
+	toClient   atomic.Uint64
+
+	endOnce sync.Once
+	ended   chan struct{}
+	reason  string // why the tunnel ended; written once, before ended is closed
+	onEnd   func(*Tunnel)
+}
+
+// Reason names why a tunnel ended; it labels logs and sockrelay_tunnels_closed_total.
+const (
+	ReasonClosed        = "closed"         // both sides sent FIN
+	ReasonClientReset   = "client_reset"   // the client reset its connection
+	ReasonUpstreamReset = "upstream_reset" // the upstream reset its connection
+	ReasonClientError   = "client_error"   // reading from or writing to the client failed
+	ReasonUpstreamError = "upstream_error" // reading from or writing to the upstream failed
+	ReasonShutdown      = "shutdown"       // the relay closed it when its drain time ran out
+)
+
+// BytesToUpstream and BytesToClient count bytes relayed so far, handshake excluded.
+func (t *Tunnel) BytesToUpstream() uint64 { return t.toUpstream.Load() }
+func (t *Tunnel) BytesToClient() uint64   { return t.toClient.Load() }
+
+// Done is closed when the tunnel has ended and both sockets are closed.
+func (t *Tunnel) Done() <-chan struct{} { return t.ended }
+
+// Reason says why the tunnel ended; it is empty until Done is closed.
+func (t *Tunnel) Reason() string {
+	select {
+	case <-t.ended:
+		return t.reason
+	default:
+		return ""
+	}
+}
+
+// end closes both sockets and reports the tunnel's end once. With abort, both sockets are reset (SO_LINGER 0)
+// rather than closed: an error in one direction means the stream is incomplete, and a peer must not mistake
+// it for a clean end.
+func (t *Tunnel) end(reason string, abort bool) {
+	t.endOnce.Do(func() {
+		if abort {
+			_ = t.Client.SetLinger(0)
+			_ = t.Upstream.SetLinger(0)
+		}
+		_ = t.Client.Close()
+		_ = t.Upstream.Close()
+		t.reason = reason
+		close(t.ended)
+		if t.onEnd != nil {
+			t.onEnd(t)
+		}
+	})
+}
+
+// Close ends the tunnel at once, resetting both sides. It is safe to call more than once.
+func (t *Tunnel) Close() { t.end(ReasonShutdown, true) }
+
+// direction is one way through a tunnel: bytes read from src are written to dst.
+type direction struct {
+	src, dst *net.TCPConn
+	prefix   []byte
+	counter  *atomic.Uint64
+	// fromClient is true for client → upstream; it decides which side an error is blamed on.
+	fromClient bool
+}
+
+func (t *Tunnel) directions() [2]*direction {
+	return [2]*direction{
+		{src: t.Client, dst: t.Upstream, prefix: t.clientPrefix, counter: &t.toUpstream, fromClient: true},
+		{src: t.Upstream, dst: t.Client, prefix: t.upstreamPrefix, counter: &t.toClient},
+	}
+}
+
+// ioError says which socket an operation of a direction failed on.
+type ioError struct {
+	onSrc bool // the failing socket is the direction's source (a read), not its destination (a write)
+	err   error
+}
+
+func (e *ioError) Error() string { return e.err.Error() }
+func (e *ioError) Unwrap() error { return e.err }
+
+func readErr(err error) error  { return &ioError{onSrc: true, err: err} }
+func writeErr(err error) error { return &ioError{onSrc: false, err: err} }
+
+// reasonFor names a direction's failure by the side whose socket failed.
+func (d *direction) reasonFor(err error) string {
+	var ioe *ioError
+	client := d.fromClient // a failure on the source of client → upstream is the client's
+	if errors.As(err, &ioe) && !ioe.onSrc {
+		client = !client
+	}
+	switch {
+	case client && isReset(err):
+		return ReasonClientReset
+	case client:
+		return ReasonClientError
+	case isReset(err):
+		return ReasonUpstreamReset
+	default:
+		return ReasonUpstreamError
+	}
+}
+
+// writePrefix sends the bytes userspace already holds for dst, before any byte the datapath moves.
+func (d *direction) writePrefix() error {
+	if len(d.prefix) == 0 {
+		return nil
+	}
+	n, err := d.dst.Write(d.prefix)
+	d.counter.Add(uint64(n))
+	d.prefix = nil
+	if err != nil {
+		return writeErr(err)
+	}
+	return nil
+}
+
+// finish carries the source's FIN to the destination, after every byte before it has been written.
+func (d *direction) finish() error {
+	if err := d.dst.CloseWrite(); err != nil {
+		return writeErr(fmt.Errorf("shutdown write: %w", err))
+	}
+	return nil
+}
+
+// runDirections runs pump for both directions of t, each in its own goroutine, and ends the tunnel when both
+// have carried their FIN or either has failed.
+func runDirections(t *Tunnel, pump func(*direction) error) {
+	dirs := t.directions()
+	var wg sync.WaitGroup
+	for _, d := range dirs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := d.writePrefix()
+			if err == nil {
+				err = pump(d)
+			}
+			if err == nil {
+				err = d.finish()
+			}
+			if err != nil {
+				// The first failure ends the tunnel; the other direction then fails on the closed
+				// socket, and its error is ignored because end runs once.
+				t.end(d.reasonFor(err), true)
+			}
+		}()
+	}
+	go func() {
+		wg.Wait()
+		t.end(ReasonClosed, false)
+	}()
+}
