@@ -220,7 +220,15 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 
+	// A client that leaves while the upstream thinks (net/http cancels the request's context when it sees
+	// the connection close) releases the upstream at once instead of at the response timeout.
+	stopWatch := context.AfterFunc(r.Context(), func() { _ = upstream.SetDeadline(time.Unix(1, 0)) })
 	resp, upstreamPrefix, herr := s.forwardHandshake(upstream, r, key)
+	if !stopWatch() {
+		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
+		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", "client closed during the handshake")
+		return
+	}
 	if herr != nil {
 		herr.msg = fmt.Sprintf("upstream %s: %s", addr, herr.msg)
 		s.refuse(w, r, herr)
@@ -237,13 +245,8 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		return
 	}
-	if err := writeSwitch(client, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
-		client.Close()
-		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
-		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
-		return
-	}
-
+	// The tunnel is registered before the client sees its 101: a shutdown that races this handshake then
+	// either refuses it here or finds it live and closes it; it never misses it.
 	t := &Tunnel{
 		Client:         client,
 		Upstream:       upstream,
@@ -261,10 +264,15 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		s.metrics.handshakesFailed.WithLabelValues(FailShuttingDown).Inc()
 		return
 	}
-	opened = true
-	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
+	opened = true // from here on the tunnel owns both sockets
 	s.metrics.tunnelsTotal.WithLabelValues(string(t.Datapath)).Inc()
 	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath)).Inc()
+	if err := writeSwitch(client, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
+		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
+		t.end(ReasonClientError, true)
+		return
+	}
+	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
 	switch t.Datapath {
 	case DatapathSplice:
 		runDirections(t, splicePump)
