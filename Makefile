@@ -1,0 +1,28 @@
+# sockrelay: common tasks. `make run` starts the relay in front of the bundled echo upstream; `make test`
+# runs the whole suite (the command CI runs).
+
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS     := -X main.version=$(VERSION)
+
+.PHONY: build run test lint clean
+
+build:
+	mkdir -p bin
+	go build -ldflags '$(LDFLAGS)' -o bin/sockrelay ./cmd/sockrelay
+	go build -o bin/wsecho ./cmd/wsecho
+
+run:
+	scripts/run-demo.sh
+
+test:
+	scripts/test.sh
+
+lint:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt would change: $$unformatted"; exit 1; fi
+	go vet ./...
+	go run $(STATICCHECK) ./...
+
+clean:
+	rm -rf bin

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The README's first command: builds sockrelay and the bundled echo upstream, starts the echo server on
+# 127.0.0.1:9000 and the relay on 127.0.0.1:8080 in front of it (admin on 127.0.0.1:9090), and stops both
+# on Ctrl-C. Extra arguments go to `sockrelay run` (e.g. --datapath copy).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mkdir -p bin
+go build -o bin/sockrelay ./cmd/sockrelay
+go build -o bin/wsecho ./cmd/wsecho
+
+bin/wsecho --listen 127.0.0.1:9000 &
+echo_pid=$!
+trap 'kill $echo_pid 2>/dev/null || true' EXIT
+
+cat <<MSG >&2
+
+  relay:    ws://127.0.0.1:8080/ (a page at http://127.0.0.1:8080/ opens a WebSocket through it)
+  metrics:  http://127.0.0.1:9090/metrics   tunnels: http://127.0.0.1:9090/debug/tunnels
+  try:      /usr/bin/python3 -m websockets ws://127.0.0.1:8080/   (Debian's python3-websockets)
+
+MSG
+bin/sockrelay run --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000 --admin 127.0.0.1:9090 "$@"
