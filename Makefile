@@ -5,7 +5,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X main.version=$(VERSION)
 
-.PHONY: build run test lint clean
+.PHONY: build run test lint generate check-generate clean
 
 build:
 	mkdir -p bin
@@ -23,6 +23,14 @@ lint:
 	if [ -n "$$unformatted" ]; then echo "gofmt would change: $$unformatted"; exit 1; fi
 	go vet ./...
 	go run $(STATICCHECK) ./...
+
+# Regenerates the Go bindings of the BPF programs (needs Debian's clang, llvm and libbpf-dev).
+generate:
+	go generate ./bpf/
+
+# Fails when the committed bindings differ from what the C sources generate (CI runs it).
+check-generate: generate
+	@git diff --exit-code --stat -- bpf/ || { echo "bpf/: generated files are stale; run make generate and commit them"; exit 1; }
 
 clean:
 	rm -rf bin

@@ -1,0 +1,215 @@
+// Package loader owns the BPF objects of the kernel datapath: it loads them, attaches the verdict program,
+// optionally pins the maps, inserts and removes tunnel sockets in the right order, reads their counters,
+// and closes everything. It is the only package that imports cilium/ebpf.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/sockrelay/sockrelay/bpf"
+)
+
+// Options configure Open.
+type Options struct {
+	// PinPath, when set, pins the maps there (e.g. /sys/fs/bpf/sockrelay) so bpftool can show them. The
+	// pins are removed by Close.
+	PinPath string
+}
+
+// Sockmap is the loaded kernel datapath: two sockhashes, the per-socket info and counter maps, and the
+// verdict program attached to one of the sockhashes. One Sockmap serves every kernel tunnel of a process.
+type Sockmap struct {
+	objs     bpf.SockrelayObjects
+	attached bool
+	pinPath  string
+
+	mu     sync.Mutex
+	closed bool
+}
+
+// Open loads the BPF objects and attaches the verdict program. On any failure it closes what it opened.
+func Open(opts Options) (_ *Sockmap, err error) {
+	s := &Sockmap{}
+	if err := bpf.LoadSockrelayObjects(&s.objs, nil); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load BPF objects: verifier: %w", err)
+		}
+		return nil, fmt.Errorf("load BPF objects: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	// The stream verdict without a stream parser (kernel 5.13+): a parser only adds a copy. RawAttachProgram
+	// works on every kernel we support; the bpf_link form for sockmaps needs 6.10.
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target:  s.objs.VerdictMap.FD(),
+		Program: s.objs.SockrelayVerdict,
+		Attach:  ebpf.AttachSkSKBVerdict,
+	}); err != nil {
+		return nil, fmt.Errorf("attach verdict program to sockhash: %w", err)
+	}
+	s.attached = true
+	if opts.PinPath != "" {
+		if err := s.pin(opts.PinPath); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+func (s *Sockmap) pin(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("pin maps: %w", err)
+	}
+	s.pinPath = dir
+	for name, m := range s.maps() {
+		if err := m.Pin(filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("pin map %s under %s: %w", name, dir, err)
+		}
+	}
+	return nil
+}
+
+func (s *Sockmap) maps() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		bpf.SockrelayMapTargets:    s.objs.Targets,
+		bpf.SockrelayMapVerdictMap: s.objs.VerdictMap,
+		bpf.SockrelayMapSocks:      s.objs.Socks,
+		bpf.SockrelayMapStats:      s.objs.Stats,
+	}
+}
+
+// Close detaches the program, unpins and closes every object. Sockets still in the maps leave them when the
+// maps are freed. It is safe to call more than once.
+func (s *Sockmap) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	var errs []error
+	if s.attached {
+		if err := link.RawDetachProgram(link.RawDetachProgramOptions{
+			Target:  s.objs.VerdictMap.FD(),
+			Program: s.objs.SockrelayVerdict,
+			Attach:  ebpf.AttachSkSKBVerdict,
+		}); err != nil {
+			errs = append(errs, fmt.Errorf("detach verdict program: %w", err))
+		}
+	}
+	if s.pinPath != "" {
+		for _, m := range s.maps() {
+			if err := m.Unpin(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		_ = os.Remove(s.pinPath)
+	}
+	if err := s.objs.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Socket is one tunnel socket as the kernel datapath knows it.
+type Socket struct {
+	FD     int
+	Cookie uint64
+}
+
+// Insert hands a tunnel's two sockets to the kernel. Order matters (shared/DATAPATH.md, hazard 3): each
+// socket's info and zeroed counters first, then both sockets into the program-less target map, and only then
+// into the verdict map, so that no verdict runs before its peer can be redirected to. On failure everything
+// inserted is removed again.
+func (s *Sockmap) Insert(a, b Socket) (err error) {
+	defer func() {
+		if err != nil {
+			s.Remove(a, b)
+		}
+	}()
+	for _, p := range [][2]Socket{{a, b}, {b, a}} {
+		if err := s.objs.Socks.Update(p[0].Cookie, bpf.SockrelaySockInfo{Peer: p[1].Cookie}, ebpf.UpdateNoExist); err != nil {
+			return fmt.Errorf("add socket %d to info map: %w", p[0].Cookie, err)
+		}
+		if err := s.objs.Stats.Update(p[0].Cookie, bpf.SockrelaySockStats{}, ebpf.UpdateNoExist); err != nil {
+			return fmt.Errorf("add socket %d to counter map: %w", p[0].Cookie, err)
+		}
+	}
+	for _, m := range []struct {
+		name string
+		m    *ebpf.Map
+	}{{"target", s.objs.Targets}, {"verdict", s.objs.VerdictMap}} {
+		for _, sk := range []Socket{a, b} {
+			if err := m.m.Update(sk.Cookie, uint64(sk.FD), ebpf.UpdateNoExist); err != nil {
+				return fmt.Errorf("insert socket %d into %s sockhash: %w", sk.Cookie, m.name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// Remove takes a tunnel's sockets out of every map: the verdict map first, so no verdict runs for them
+// while their targets go. Entries that are already gone are not an error.
+func (s *Sockmap) Remove(socks ...Socket) error {
+	var errs []error
+	for _, m := range []*ebpf.Map{s.objs.VerdictMap, s.objs.Targets, s.objs.Socks, s.objs.Stats} {
+		for _, sk := range socks {
+			if err := m.Delete(sk.Cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, fmt.Errorf("remove socket %d from %s: %w", sk.Cookie, m, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Stats are a socket's counters as the verdict program keeps them.
+type Stats struct {
+	Bytes   uint64 // bytes redirected to the peer
+	Skbs    uint64 // skbs redirected
+	LastNs  uint64 // CLOCK_MONOTONIC time of the last redirected skb, in ns
+	Dropped uint64 // skbs dropped because the peer was not a target
+}
+
+// Stats reads the counters of a socket.
+func (s *Sockmap) Stats(cookie uint64) (Stats, error) {
+	var v bpf.SockrelaySockStats
+	if err := s.objs.Stats.Lookup(cookie, &v); err != nil {
+		return Stats{}, fmt.Errorf("read counters of socket %d: %w", cookie, err)
+	}
+	return Stats{Bytes: v.Bytes, Skbs: v.Skbs, LastNs: v.LastNs, Dropped: v.Dropped}, nil
+}
+
+// Entries counts the entries in each map, by map name; tests use it to prove nothing is left behind.
+func (s *Sockmap) Entries() (map[string]int, error) {
+	out := make(map[string]int)
+	for name, m := range s.maps() {
+		n := 0
+		var key uint64
+		var prev any // nil: start from the first key
+		for {
+			err := m.NextKey(prev, &key)
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				break
+			}
+			if err != nil {
+				return nil, fmt.Errorf("count entries of %s: %w", name, err)
+			}
+			n++
+			k := key
+			prev = &k
+		}
+		out[name] = n
+	}
+	return out, nil
+}
