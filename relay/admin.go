@@ -22,13 +22,14 @@ type TunnelInfo struct {
 
 // Info describes t for /debug/tunnels.
 func (t *Tunnel) Info() TunnelInfo {
+	up, down := t.Bytes()
 	return TunnelInfo{
 		ID:              t.ID,
 		Client:          t.ClientAddr,
 		Upstream:        t.UpstreamAddr,
-		Datapath:        t.Datapath,
-		BytesToUpstream: t.BytesToUpstream(),
-		BytesToClient:   t.BytesToClient(),
+		Datapath:        t.Datapath(),
+		BytesToUpstream: up,
+		BytesToClient:   down,
 		Started:         t.Started,
 	}
 }

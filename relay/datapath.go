@@ -3,6 +3,7 @@ package relay
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -50,34 +51,13 @@ func (d Datapath) Available() error {
 	case DatapathSplice:
 		return probeSplice()
 	case DatapathSockmap:
-		return fmt.Errorf("%w: sockmap: the kernel datapath is not built yet; use --datapath splice or copy", ErrDatapathUnavailable)
+		if err := SelfTestSockmap(slog.New(slog.DiscardHandler)); err != nil {
+			return fmt.Errorf("%w: sockmap: %v", ErrDatapathUnavailable, err)
+		}
+		return nil
 	default:
 		return fmt.Errorf("%w: %q is not a concrete datapath", ErrDatapathUnavailable, d)
 	}
-}
-
-// ChooseDatapath resolves a requested datapath to the one tunnels will use. A concrete datapath that cannot
-// run is an error; auto takes the first available of sockmap, splice, copy. The returned note says why the
-// choice was made, for the start-up log.
-func ChooseDatapath(requested Datapath) (Datapath, string, error) {
-	if requested != DatapathAuto {
-		if err := requested.Available(); err != nil {
-			return "", "", err
-		}
-		return requested, "requested with --datapath", nil
-	}
-	var skipped []string
-	for _, d := range []Datapath{DatapathSockmap, DatapathSplice, DatapathCopy} {
-		err := d.Available()
-		if err == nil {
-			if len(skipped) == 0 {
-				return d, "best available", nil
-			}
-			return d, "best available; skipped " + strings.Join(skipped, "; "), nil
-		}
-		skipped = append(skipped, err.Error())
-	}
-	return "", "", fmt.Errorf("%w: no datapath can run: %s", ErrDatapathUnavailable, strings.Join(skipped, "; "))
 }
 
 // probeSplice checks that this process can make a pipe and size it as the splice datapath does.

@@ -20,67 +20,32 @@ func TestParseDatapath(t *testing.T) {
 	}
 }
 
-func TestChooseDatapath(t *testing.T) {
-	cases := []struct {
-		requested Datapath
-		want      Datapath
-		why       string // substring of the reason for the choice
-		err       bool
-	}{
-		{DatapathAuto, DatapathSplice, "sockmap", false}, // auto says why sockmap was skipped
-		{DatapathSplice, DatapathSplice, "requested", false},
-		{DatapathCopy, DatapathCopy, "requested", false},
-		{DatapathSockmap, "", "", true},
-	}
-	for _, tc := range cases {
-		got, why, err := ChooseDatapath(tc.requested)
-		if tc.err {
-			if !errors.Is(err, ErrDatapathUnavailable) || !strings.Contains(err.Error(), "splice or copy") {
-				t.Errorf("ChooseDatapath(%s) = %v, want ErrDatapathUnavailable that names the alternatives", tc.requested, err)
-			}
-			continue
-		}
-		if err != nil || got != tc.want || !strings.Contains(why, tc.why) {
-			t.Errorf("ChooseDatapath(%s) = %s, %q, %v; want %s and a reason mentioning %q", tc.requested, got, why, err, tc.want, tc.why)
-		}
-	}
-}
-
-func TestNewServerRefusesUnrunnableDatapath(t *testing.T) {
-	for _, d := range []Datapath{DatapathAuto, DatapathSockmap, "bogus"} {
-		if _, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: d}); !errors.Is(err, ErrDatapathUnavailable) {
-			t.Errorf("NewServer with datapath %q: %v, want ErrDatapathUnavailable", d, err)
-		}
-	}
-}
-
-func TestNewPool(t *testing.T) {
+func TestNewServerResolvesDatapath(t *testing.T) {
 	for _, tc := range []struct {
-		addrs []string
-		err   string
+		requested, want Datapath
 	}{
-		{nil, "at least one"},
-		{[]string{"localhost"}, "HOST:PORT"},
-		{[]string{":9000"}, "empty host"},
-		{[]string{"127.0.0.1:0"}, "1 to 65535"},
-		{[]string{"127.0.0.1:http"}, "1 to 65535"},
-		{[]string{"127.0.0.1:9000", "[::1]:9001", "example.com:443"}, ""},
+		{DatapathCopy, DatapathCopy},
+		{DatapathSplice, DatapathSplice},
+		{DatapathSockmap, DatapathSockmap},
+		{DatapathAuto, DatapathSplice}, // not sockmap until it has backpressure: see autoTriesKernel
 	} {
-		p, err := NewPool(tc.addrs)
-		if tc.err == "" {
-			if err != nil {
-				t.Errorf("NewPool(%q) = %v", tc.addrs, err)
-				continue
+		t.Run(string(tc.requested), func(t *testing.T) {
+			if tc.want == DatapathSockmap {
+				requireSockmap(t)
 			}
-			for i := range 2 * len(tc.addrs) {
-				if got := p.Next(); got != tc.addrs[i%len(tc.addrs)] {
-					t.Errorf("Next #%d = %s, want %s", i, got, tc.addrs[i%len(tc.addrs)])
-				}
+			r := startRelay(t, tc.requested, []string{"127.0.0.1:1"})
+			if got := r.Datapath(); got != tc.want {
+				t.Fatalf("datapath %s resolved to %s, want %s", tc.requested, got, tc.want)
 			}
-			continue
-		}
-		if err == nil || !strings.Contains(err.Error(), tc.err) {
-			t.Errorf("NewPool(%q) = %v, want an error saying %q", tc.addrs, err, tc.err)
-		}
+			if !strings.Contains(r.Log.String(), "datapath chosen") {
+				t.Errorf("no 'datapath chosen' line in the log:\n%s", r.Log)
+			}
+		})
+	}
+}
+
+func TestNewServerRefusesUnknownDatapath(t *testing.T) {
+	if _, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: "bogus"}); !errors.Is(err, ErrDatapathUnavailable) {
+		t.Errorf("NewServer with datapath bogus: %v, want ErrDatapathUnavailable", err)
 	}
 }

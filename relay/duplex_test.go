@@ -128,6 +128,9 @@ func waitTunnelsGone(t testing.TB, r *testRelay) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+	if r.kernel != nil {
+		assertMapsEmpty(t, r.kernel) // every end of a tunnel removes its sockets from the maps
+	}
 }
 
 func TestDuplexByteExact(t *testing.T) {
@@ -144,7 +147,12 @@ func TestDuplexByteExact(t *testing.T) {
 			}
 		}
 	}
-	for _, dp := range userspaceDatapaths {
+	// 64 MiB each way, half-closed in both orders: on the kernel datapath most of it is still inside the
+	// kernel when the first FIN arrives (hazard 4).
+	for _, order := range []finOrder{clientFirst, upstreamFirst} {
+		cases = append(cases, duplexCase{toUpstream: 64 * mb, toClient: 64 * mb, order: order, pipelined: 1000, with101: 1000})
+	}
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -159,7 +167,7 @@ func TestDuplexByteExact(t *testing.T) {
 func TestDuplexManyTunnels(t *testing.T) {
 	const tunnels = 100
 	tc := duplexCase{toUpstream: 256 << 10, toClient: 300 << 10, pipelined: 100, with101: 100, order: together}
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -172,6 +180,9 @@ func TestDuplexManyTunnels(t *testing.T) {
 			}
 			if n := r.Tunnels().Len(); n != tunnels {
 				t.Fatalf("%d live tunnels, want %d", n, tunnels)
+			}
+			if dp == DatapathSockmap {
+				assertNoFallback(t, r, tunnels)
 			}
 			var wg sync.WaitGroup
 			errs := make([][]error, tunnels)
@@ -199,7 +210,7 @@ func TestDuplexManyTunnels(t *testing.T) {
 // then it waits for the client, which only answers once it has them. Nothing may sit in a buffer waiting for
 // more traffic.
 func TestUpstreamSpeaksFirst(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -223,7 +234,7 @@ func TestUpstreamSpeaksFirst(t *testing.T) {
 // TestPingPongSurvivesGC runs a round-trip workload across forced garbage collections: the tunnel's sockets
 // must be owned by something reachable, or a finalizer closes them (shared/DATAPATH.md hazard 9).
 func TestPingPongSurvivesGC(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -249,7 +260,7 @@ func TestPingPongSurvivesGC(t *testing.T) {
 // TestResetClosesBoth checks that a reset on either side ends the tunnel and resets the other side, and
 // that the reason names who reset.
 func TestResetClosesBoth(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		for _, resetter := range []string{"client", "upstream"} {
 			t.Run(string(dp)+"/"+resetter, func(t *testing.T) {
 				up := startUpstream(t)
@@ -297,7 +308,7 @@ func TestResetClosesBoth(t *testing.T) {
 // TestFullCloseWhileOtherSideSends: the client closes (not half-closes) while the upstream keeps sending.
 // The relay's writes to the client then fail; the tunnel must end and the upstream must learn of it.
 func TestFullCloseWhileOtherSideSends(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -316,8 +327,8 @@ func TestFullCloseWhileOtherSideSends(t *testing.T) {
 			if _, err := io.ReadFull(c.R, make([]byte, 1<<20)); err != nil {
 				t.Fatal(err)
 			}
+			tun := r.Tunnels().Tunnels()[0] // before the close: the tunnel may be gone at once after it
 			c.Close()
-			tun := r.Tunnels().Tunnels()[0]
 			select {
 			case <-tun.Done():
 			case <-time.After(10 * time.Second):
@@ -336,6 +347,48 @@ func TestFullCloseWhileOtherSideSends(t *testing.T) {
 			case <-time.After(10 * time.Second):
 				t.Fatal("upstream could still write 10s after the tunnel ended")
 			}
+		})
+	}
+}
+
+// TestHalfCloseWhileBehind: the client sends its FIN while it has not read anything of a large stream
+// the upstream sent, so on the kernel datapath the client's socket still has bytes queued for it inside
+// the kernel when its FIN arrives. The FIN must end only the client's direction; the stream must still
+// arrive whole, then EOF.
+func TestHalfCloseWhileBehind(t *testing.T) {
+	const size = 8 << 20
+	for _, dp := range testDatapaths {
+		t.Run(string(dp), func(t *testing.T) {
+			up := startUpstream(t)
+			r := startRelay(t, dp, []string{up.Addr})
+			c, u := openTunnel(t, r.Addr, up, nil, nil)
+			want := stream(42, size)
+			sent := make(chan error, 1)
+			go func() {
+				_, err := u.Write(want)
+				if err == nil {
+					err = u.CloseWrite()
+				}
+				sent <- err
+			}()
+			time.Sleep(50 * time.Millisecond) // let the stream pile up before the client's FIN
+			if err := c.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			if got, err := readAllWithin(u.TCPConn, u.R, 10*time.Second); err != nil || len(got) != 0 {
+				t.Fatalf("upstream read %d bytes, %v; want EOF at once", len(got), err)
+			}
+			got, err := readAllWithin(c.TCPConn, c.R, 30*time.Second)
+			if err != nil {
+				t.Fatalf("client read %d of %d bytes, then %v", len(got), size, err)
+			}
+			if d := diffStreams(got, want); d != "" {
+				t.Fatal(d)
+			}
+			if err := <-sent; err != nil {
+				t.Fatalf("upstream write: %v", err)
+			}
+			waitTunnelsGone(t, r)
 		})
 	}
 }

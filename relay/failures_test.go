@@ -161,7 +161,7 @@ func TestUpstreamNeverAnswers(t *testing.T) {
 // TestClientGoneDuringHandshake: the client resets while the upstream is thinking. The relay must not open
 // a tunnel, and must let the upstream go.
 func TestClientGoneDuringHandshake(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})

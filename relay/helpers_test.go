@@ -4,10 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"sync"
@@ -17,8 +15,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// userspaceDatapaths are the datapaths every invariant test runs on.
+// userspaceDatapaths are the datapaths that run anywhere.
 var userspaceDatapaths = []Datapath{DatapathCopy, DatapathSplice}
+
+// testDatapaths are the datapaths every invariant test runs on: the userspace ones, and sockmap wherever the
+// kernel allows it (TestMain decides).
+var testDatapaths = userspaceDatapaths
 
 // testKey is a valid Sec-WebSocket-Key (the one in RFC 6455 section 1.3).
 const testKey = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -252,33 +254,9 @@ func openTunnel(t testing.TB, relayAddr string, up *fakeUpstream, pipelined, fir
 	return c, u
 }
 
-// stream returns n pseudo-random bytes, the same for the same seed.
-func stream(seed uint64, n int) []byte {
-	var key [32]byte
-	key[0], key[1] = byte(seed), byte(seed>>8)
-	b := make([]byte, n)
-	r := rand.NewChaCha8(key)
-	_, _ = r.Read(b)
-	return b
-}
-
 // readAllWithin reads r (which reads conn) to EOF, giving up with a timeout error after d.
 func readAllWithin(conn net.Conn, r io.Reader, d time.Duration) ([]byte, error) {
 	_ = conn.SetReadDeadline(time.Now().Add(d))
 	defer conn.SetReadDeadline(time.Time{})
 	return io.ReadAll(r)
-}
-
-// diffStreams reports where got and want first differ, for failure messages.
-func diffStreams(got, want []byte) string {
-	if bytes.Equal(got, want) {
-		return ""
-	}
-	n := min(len(got), len(want))
-	for i := 0; i < n; i++ {
-		if got[i] != want[i] {
-			return fmt.Sprintf("got %d bytes, want %d; first difference at byte %d", len(got), len(want), i)
-		}
-	}
-	return fmt.Sprintf("got %d bytes, want %d; equal over the first %d", len(got), len(want), n)
 }

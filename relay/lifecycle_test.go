@@ -44,7 +44,7 @@ func TestClientLeavesWhileUpstreamThinks(t *testing.T) {
 // TestShutdownDrains: a tunnel that ends within the drain time ends by itself and Shutdown returns nil;
 // new clients are refused as soon as the drain starts.
 func TestShutdownDrains(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -91,7 +91,7 @@ func TestShutdownDrains(t *testing.T) {
 // TestShutdownClosesTunnelsAfterDrain: tunnels still live when the drain time runs out are reset on both
 // sides, logged with reason shutdown, and nothing stays in the registry.
 func TestShutdownClosesTunnelsAfterDrain(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -135,7 +135,7 @@ func openFDs(t *testing.T) int {
 // TestNoFDLeak: after many tunnels have ended in every way (FIN both ways, reset, refused handshake),
 // the process holds the same descriptors as before: sockets and splice pipes are all closed.
 func TestNoFDLeak(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
@@ -185,7 +185,7 @@ func TestNoFDLeak(t *testing.T) {
 
 // TestAdminEndpoints checks /healthz, /debug/tunnels and /metrics while a tunnel is live.
 func TestAdminEndpoints(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})

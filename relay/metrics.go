@@ -13,6 +13,7 @@ type Metrics struct {
 	handshakesFailed  *prometheus.CounterVec
 	handshakeDuration prometheus.Histogram
 	httpRequests      *prometheus.CounterVec
+	datapathFallbacks *prometheus.CounterVec
 }
 
 // Handshake failure reasons, the values of sockrelay_handshakes_failed_total{reason}.
@@ -55,8 +56,12 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry) *Metrics {
 			Name: "sockrelay_http_requests_total",
 			Help: "Plain (not upgrade) HTTP requests reverse-proxied, by response status (502/504 when the upstream failed).",
 		}, []string{"code"}),
+		datapathFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sockrelay_datapath_fallbacks_total",
+			Help: "Times the kernel datapath could not be used and a userspace one was, by reason.",
+		}, []string{"reason"}),
 	}
-	reg.MustRegister(m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
+	reg.MustRegister(m.datapathFallbacks, m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
 		m.handshakeDuration, m.httpRequests, &bytesCollector{tunnels: tunnels})
 	return m
 }

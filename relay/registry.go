@@ -57,8 +57,9 @@ func (r *Registry) remove(t *Tunnel) {
 		return
 	}
 	delete(r.tunnels, t.ID)
-	r.endedToUpstream += t.BytesToUpstream()
-	r.endedToClient += t.BytesToClient()
+	up, down := t.Bytes()
+	r.endedToUpstream += up
+	r.endedToClient += down
 	if len(r.tunnels) == 0 {
 		close(r.empty)
 	}
@@ -90,8 +91,9 @@ func (r *Registry) BytesRelayed() (toUpstream, toClient uint64) {
 	defer r.mu.Unlock()
 	toUpstream, toClient = r.endedToUpstream, r.endedToClient
 	for _, t := range r.tunnels {
-		toUpstream += t.BytesToUpstream()
-		toClient += t.BytesToClient()
+		up, down := t.Bytes()
+		toUpstream += up
+		toClient += down
 	}
 	return toUpstream, toClient
 }

@@ -14,16 +14,20 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sockrelay/sockrelay/loader"
 )
 
 // Config is what a Server needs. Zero durations and sizes take the defaults below.
 type Config struct {
 	Upstreams []string
-	// Datapath is the datapath tunnels use; it must be concrete (resolve auto with ChooseDatapath first).
+	// Datapath is the datapath tunnels use. Auto is resolved by NewServer: sockmap when this kernel passes
+	// the probe and the self-test, else splice, else copy; each step down is logged and counted.
 	Datapath Datapath
 
 	// ClientHeaderTimeout bounds how long a client may take to send its request headers (slowloris).
@@ -37,6 +41,9 @@ type Config struct {
 
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
+
+	// breakKernelPath, set only by tests, alters the kernel datapath before its self-test.
+	breakKernelPath func(*kernelPath)
 }
 
 // Defaults for Config's zero values.
@@ -58,6 +65,7 @@ type Server struct {
 	dialer  net.Dialer
 	proxy   *httputil.ReverseProxy
 	http    *http.Server
+	kernel  *kernelPath // nil unless the datapath is sockmap
 
 	draining atomic.Bool
 }
@@ -69,7 +77,7 @@ func NewServer(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	switch cfg.Datapath {
-	case DatapathCopy, DatapathSplice:
+	case DatapathAuto, DatapathCopy, DatapathSplice, DatapathSockmap:
 	default:
 		return nil, fmt.Errorf("datapath %q: %w", cfg.Datapath, ErrDatapathUnavailable)
 	}
@@ -92,6 +100,9 @@ func NewServer(cfg Config) (*Server, error) {
 		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout},
 	}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels)
+	if err := s.setUpDatapath(); err != nil {
+		return nil, err
+	}
 	s.proxy = s.newReverseProxy()
 	s.http = &http.Server{
 		Handler:           s,
@@ -131,6 +142,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.log.Warn("drain time over, closing tunnels", "tunnels", s.tunnels.Len())
 	}
 	s.tunnels.CloseAll()
+	if s.kernel != nil {
+		s.kernel.Close()
+	}
 	return err
 }
 
@@ -250,7 +264,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	t := &Tunnel{
 		Client:         client,
 		Upstream:       upstream,
-		Datapath:       s.cfg.Datapath,
+		datapath:       s.cfg.Datapath,
 		Started:        time.Now(),
 		ClientAddr:     r.RemoteAddr,
 		UpstreamAddr:   addr,
@@ -265,20 +279,108 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	opened = true // from here on the tunnel owns both sockets
-	s.metrics.tunnelsTotal.WithLabelValues(string(t.Datapath)).Inc()
-	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath)).Inc()
+	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
+	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
 	if err := writeSwitch(client, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		t.end(ReasonClientError, true)
 		return
 	}
 	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
-	switch t.Datapath {
+	switch t.datapath {
+	case DatapathSockmap:
+		s.kernel.start(t)
 	case DatapathSplice:
 		runDirections(t, splicePump)
 	default:
 		runDirections(t, copyPump)
 	}
+}
+
+// setUpDatapath resolves and prepares the configured datapath. The kernel datapath is trusted only after
+// the probe and the self-test pass on this kernel; asked for by name it is refused otherwise, and under auto
+// the relay steps down to splice (or copy) and says so in the log and in the fallback counter.
+func (s *Server) setUpDatapath() error {
+	requested := s.cfg.Datapath
+	if requested == DatapathSockmap || requested == DatapathAuto && autoTriesKernel {
+		k, err := s.startKernelPath()
+		if err == nil {
+			s.kernel, s.cfg.Datapath = k, DatapathSockmap
+			s.log.Info("datapath chosen", "datapath", DatapathSockmap, "requested", requested,
+				"why", "the kernel passed the probe and the self-test")
+			return nil
+		}
+		if requested == DatapathSockmap {
+			return fmt.Errorf("%w: %v", ErrDatapathUnavailable, err)
+		}
+		var reason string
+		switch {
+		case errors.Is(err, errSelfTest):
+			reason = "sockmap_selftest_failed"
+		default:
+			reason = "sockmap_unavailable"
+		}
+		s.metrics.datapathFallbacks.WithLabelValues(reason).Inc()
+		s.log.Warn("kernel datapath unavailable, using a userspace one", "reason", reason, "err", err)
+		return s.chooseUserspace(requested, []string{err.Error()})
+	}
+	if requested == DatapathAuto {
+		return s.chooseUserspace(requested, []string{"sockmap: not chosen by auto until it bounds what it holds for a reader that stops; ask for it with --datapath sockmap"})
+	}
+	if err := requested.Available(); err != nil {
+		return err
+	}
+	s.log.Info("datapath chosen", "datapath", requested, "requested", requested, "why", "requested by name")
+	return nil
+}
+
+// autoTriesKernel says whether auto tries sockmap first. Not yet: the kernel datapath has no backpressure
+// (DATAPATH.md, hazard 5), so a client that stops reading while its upstream streams would make the kernel
+// hold an unbounded amount of memory. Tests turn it on to exercise the fallback.
+var autoTriesKernel = false
+
+// chooseUserspace picks the first of splice and copy that can run, logging why.
+func (s *Server) chooseUserspace(requested Datapath, skipped []string) error {
+	for _, d := range []Datapath{DatapathSplice, DatapathCopy} {
+		err := d.Available()
+		if err == nil {
+			s.cfg.Datapath = d
+			s.log.Info("datapath chosen", "datapath", d, "requested", requested,
+				"why", "best available; skipped "+strings.Join(skipped, "; "))
+			return nil
+		}
+		skipped = append(skipped, err.Error())
+	}
+	return fmt.Errorf("%w: no datapath can run: %s", ErrDatapathUnavailable, strings.Join(skipped, "; "))
+}
+
+// startKernelPath probes the kernel, loads the BPF objects and runs the self-test on them.
+func (s *Server) startKernelPath() (*kernelPath, error) {
+	if err := loader.Probe().Err(); err != nil {
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	k, err := newKernelPath(s.log, s.kernelFallback)
+	if err != nil {
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	if s.cfg.breakKernelPath != nil {
+		s.cfg.breakKernelPath(k)
+	}
+	if err := k.selfTest(); err != nil {
+		k.Close()
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	return k, nil
+}
+
+// Datapath is the datapath this server's tunnels use, auto resolved.
+func (s *Server) Datapath() Datapath { return s.cfg.Datapath }
+
+// kernelFallback counts a tunnel the kernel datapath handed to the copy datapath.
+func (s *Server) kernelFallback(t *Tunnel, reason string) {
+	s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
+	s.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
+	s.metrics.datapathFallbacks.WithLabelValues(reason).Inc()
 }
 
 // forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
@@ -408,9 +510,11 @@ func writeSwitch(client *net.TCPConn, upstreamHeader http.Header, timeout time.D
 // tunnelEnded is every tunnel's last step: forget it, count it, and log one line about it.
 func (s *Server) tunnelEnded(t *Tunnel) {
 	s.tunnels.remove(t)
-	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath)).Dec()
+	dp := t.Datapath()
+	up, down := t.Bytes()
+	s.metrics.tunnelsActive.WithLabelValues(string(dp)).Dec()
 	s.metrics.tunnelsClosed.WithLabelValues(t.reason).Inc()
 	s.log.Info("tunnel closed", "id", t.ID, "client", t.ClientAddr, "upstream", t.UpstreamAddr,
-		"datapath", t.Datapath, "bytes_to_upstream", t.BytesToUpstream(), "bytes_to_client", t.BytesToClient(),
+		"datapath", dp, "bytes_to_upstream", up, "bytes_to_client", down,
 		"duration", time.Since(t.Started).Round(time.Millisecond), "reason", t.reason)
 }

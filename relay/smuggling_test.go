@@ -60,7 +60,7 @@ func TestNoBytesToUpstreamThatRefused(t *testing.T) {
 		{name: "closes without answer", answer: func(*http.Request) string { return "" },
 			status: 502, reason: FailUpstreamError, bodyHas: "EOF"},
 	}
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		for _, tc := range cases {
 			t.Run(string(dp)+"/"+tc.name, func(t *testing.T) {
 				up := startUpstream(t)

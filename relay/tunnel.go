@@ -15,7 +15,6 @@ type Tunnel struct {
 	ID       uint64
 	Client   *net.TCPConn
 	Upstream *net.TCPConn
-	Datapath Datapath
 	Started  time.Time
 
 	// ClientAddr and UpstreamAddr are the remote addresses, kept as strings so they survive Close.
@@ -27,8 +26,19 @@ type Tunnel struct {
 	clientPrefix   []byte
 	upstreamPrefix []byte
 
+	// Bytes relayed by userspace, and for kernel tunnels, the kernel's final counts once folded in.
 	toUpstream atomic.Uint64
 	toClient   atomic.Uint64
+
+	mu       sync.Mutex
+	datapath Datapath
+	ending   bool
+	// release, set by the kernel datapath, takes the tunnel out of the BPF maps and the event loop; end
+	// calls it once, before closing the sockets.
+	release func()
+	// live, set by the kernel datapath while the tunnel is in the maps, returns the kernel's counters
+	// that are not yet in toUpstream and toClient.
+	live func() (toUpstream, toClient uint64)
 
 	endOnce sync.Once
 	ended   chan struct{}
@@ -44,11 +54,28 @@ const (
 	ReasonClientError   = "client_error"   // reading from or writing to the client failed
 	ReasonUpstreamError = "upstream_error" // reading from or writing to the upstream failed
 	ReasonShutdown      = "shutdown"       // the relay closed it when its drain time ran out
+	ReasonStalled       = "stalled"        // kernel tunnel whose bytes stopped reaching the peer
 )
 
-// BytesToUpstream and BytesToClient count bytes relayed so far, handshake excluded.
-func (t *Tunnel) BytesToUpstream() uint64 { return t.toUpstream.Load() }
-func (t *Tunnel) BytesToClient() uint64   { return t.toClient.Load() }
+// Datapath is the datapath carrying the tunnel.
+func (t *Tunnel) Datapath() Datapath {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.datapath
+}
+
+// Bytes counts bytes relayed so far each way, handshake excluded, live kernel counters included.
+func (t *Tunnel) Bytes() (toUpstream, toClient uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	toUpstream, toClient = t.toUpstream.Load(), t.toClient.Load()
+	if t.live != nil {
+		up, down := t.live()
+		toUpstream += up
+		toClient += down
+	}
+	return toUpstream, toClient
+}
 
 // Done is closed when the tunnel has ended and both sockets are closed.
 func (t *Tunnel) Done() <-chan struct{} { return t.ended }
@@ -68,6 +95,13 @@ func (t *Tunnel) Reason() string {
 // it for a clean end.
 func (t *Tunnel) end(reason string, abort bool) {
 	t.endOnce.Do(func() {
+		t.mu.Lock()
+		t.ending = true
+		if t.release != nil {
+			t.release()
+			t.release, t.live = nil, nil
+		}
+		t.mu.Unlock()
 		if abort {
 			_ = t.Client.SetLinger(0)
 			_ = t.Upstream.SetLinger(0)
@@ -88,16 +122,18 @@ func (t *Tunnel) Close() { t.end(ReasonShutdown, true) }
 // direction is one way through a tunnel: bytes read from src are written to dst.
 type direction struct {
 	src, dst *net.TCPConn
-	prefix   []byte
-	counter  *atomic.Uint64
+	// prefix points at the tunnel's own field, so bytes written once are never written again, even when a
+	// tunnel that could not enter the kernel datapath falls back to a userspace one.
+	prefix  *[]byte
+	counter *atomic.Uint64
 	// fromClient is true for client → upstream; it decides which side an error is blamed on.
 	fromClient bool
 }
 
 func (t *Tunnel) directions() [2]*direction {
 	return [2]*direction{
-		{src: t.Client, dst: t.Upstream, prefix: t.clientPrefix, counter: &t.toUpstream, fromClient: true},
-		{src: t.Upstream, dst: t.Client, prefix: t.upstreamPrefix, counter: &t.toClient},
+		{src: t.Client, dst: t.Upstream, prefix: &t.clientPrefix, counter: &t.toUpstream, fromClient: true},
+		{src: t.Upstream, dst: t.Client, prefix: &t.upstreamPrefix, counter: &t.toClient},
 	}
 }
 
@@ -134,12 +170,13 @@ func (d *direction) reasonFor(err error) string {
 
 // writePrefix sends the bytes userspace already holds for dst, before any byte the datapath moves.
 func (d *direction) writePrefix() error {
-	if len(d.prefix) == 0 {
+	p := *d.prefix
+	if len(p) == 0 {
 		return nil
 	}
-	n, err := d.dst.Write(d.prefix)
+	*d.prefix = nil
+	n, err := d.dst.Write(p)
 	d.counter.Add(uint64(n))
-	d.prefix = nil
 	if err != nil {
 		return writeErr(err)
 	}

@@ -16,6 +16,7 @@ const usage = `sockrelay relays WebSockets between clients and upstream servers.
 Usage:
   sockrelay run --listen ADDR --upstream HOST:PORT [--upstream HOST:PORT ...]
                 [--datapath auto|sockmap|splice|copy] [--admin ADDR] [more flags: sockrelay run -h]
+  sockrelay doctor     which datapaths this host can use, and why not
   sockrelay version
   sockrelay help
 `
@@ -36,6 +37,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	switch args[0] {
 	case "run":
 		return runCommand(ctx, args[1:], stderr, nil)
+	case "doctor":
+		return doctorCommand(stdout)
 	case "version", "--version", "-version":
 		return versionCommand(stdout)
 	case "help", "-h", "--help", "-help":

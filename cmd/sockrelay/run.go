@@ -141,13 +141,7 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 }
 
 func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc) error {
-	requested, _ := relay.ParseDatapath(o.datapath)
-	datapath, why, err := relay.ChooseDatapath(requested)
-	if err != nil {
-		return fmt.Errorf("--datapath %s: %w", requested, err)
-	}
-	log.Info("datapath chosen", "datapath", datapath, "requested", requested, "why", why)
-
+	datapath, _ := relay.ParseDatapath(o.datapath) // NewServer resolves auto and logs its choice
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	srv, err := relay.NewServer(relay.Config{
@@ -161,7 +155,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		Registerer:              reg,
 	})
 	if err != nil {
-		return err
+		return fmt.Errorf("--datapath %s: %w", datapath, err)
 	}
 
 	ln, err := net.Listen("tcp", o.listen)

@@ -1,0 +1,509 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/loader"
+)
+
+// kernelPath is the sockmap datapath: after the handshake both sockets of a tunnel go into the BPF
+// sockhash and the verdict program redirects each side's bytes to the other inside the kernel. Userspace
+// keeps no goroutine and no buffer per tunnel: one epoll loop watches every kernel tunnel's sockets for
+// FIN, hang-up and error, and carries the FIN across once every byte before it has been handed on.
+type kernelPath struct {
+	maps *loader.Sockmap
+	log  *slog.Logger
+	// onFallback is told of each tunnel that could not enter the sockhash and runs on copy instead.
+	onFallback func(t *Tunnel, reason string)
+	// carryFINEarly breaks the datapath on purpose, for the test that the self-test catches it: a FIN is
+	// carried as soon as it is seen, without waiting for the bytes before it.
+	carryFINEarly bool
+
+	epfd   int
+	wakefd int // eventfd that wakes the loop to stop
+
+	mu    sync.Mutex
+	socks map[int32]*kernelSide // by fd, for epoll events
+	drain []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
+	done  chan struct{}
+}
+
+// kernelTunnel is a tunnel's state on the kernel path.
+type kernelTunnel struct {
+	t      *Tunnel
+	client kernelSide
+	up     kernelSide
+	dirs   [2]kernelDir // client → upstream, upstream → client
+	// released is set once the tunnel has left the maps; guarded by kernelPath.mu.
+	released bool
+}
+
+// kernelSide is one socket of a kernel tunnel.
+type kernelSide struct {
+	kt       *kernelTunnel
+	conn     *net.TCPConn
+	fd       int
+	cookie   uint64
+	isClient bool
+	// sentBase is how many bytes had entered this socket's send path (acked + queued) before insertion:
+	// what the kernel redirects into it is counted from there.
+	sentBase uint64
+}
+
+// kernelDir is one direction of a kernel tunnel: bytes of src redirected into dst.
+type kernelDir struct {
+	kt       *kernelTunnel
+	src, dst *kernelSide
+	// finSeen: src sent FIN; finDone: dst's write side is shut, after every byte before the FIN.
+	finSeen, finDone bool
+	// Drain polling: the next check and the interval to it, doubled while nothing moves.
+	nextCheck time.Time
+	interval  time.Duration
+	// settled is the redirected count at the previous check if every byte of it had been handed on then;
+	// the FIN is carried only when a second check finds the same (see checkDrains). Zero otherwise.
+	settled uint64
+	// lastHanded and lastMove detect a stall: redirected bytes that never reach dst.
+	lastHanded uint64
+	lastMove   time.Time
+}
+
+const (
+	drainFirstCheck = 200 * time.Microsecond
+	drainMaxCheck   = 50 * time.Millisecond
+	// stallTimeout: a direction whose FIN waits on bytes the kernel redirected but that neither reach the
+	// destination's send queue nor wait there for a slow reader, for this long, is broken; the tunnel is
+	// reset rather than left hanging (hazard 6).
+	stallTimeout = 10 * time.Second
+)
+
+func newKernelPath(log *slog.Logger, onFallback func(*Tunnel, string)) (*kernelPath, error) {
+	maps, err := loader.Open(loader.Options{})
+	if err != nil {
+		return nil, err
+	}
+	k := &kernelPath{maps: maps, log: log, onFallback: onFallback, socks: make(map[int32]*kernelSide), done: make(chan struct{})}
+	if k.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+		maps.Close()
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	if k.wakefd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
+		unix.Close(k.epfd)
+		maps.Close()
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, k.wakefd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(k.wakefd)}); err != nil {
+		k.closeFDs()
+		return nil, fmt.Errorf("epoll add eventfd: %w", err)
+	}
+	go k.loop()
+	return k, nil
+}
+
+func (k *kernelPath) closeFDs() {
+	unix.Close(k.wakefd)
+	unix.Close(k.epfd)
+	k.maps.Close()
+}
+
+// Close stops the loop and unloads the BPF objects. Tunnels must have been closed first.
+func (k *kernelPath) Close() {
+	var one [8]byte
+	one[0] = 1
+	unix.Write(k.wakefd, one[:])
+	<-k.done
+	k.closeFDs()
+}
+
+// rawFD returns the descriptor of c. The conn stays open and owned by the tunnel (and through it by the
+// registry), so Go never closes the descriptor under the kernel's feet (hazard 9).
+func rawFD(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
+}
+
+// sentBytes is how many bytes have entered fd's send path so far: acknowledged plus still queued. TCP_INFO
+// is read before SIOCOUTQ: an ACK landing between the two then makes the sum smaller, never larger, so a
+// FIN can be late but never early.
+func sentBytes(fd int) (uint64, error) {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0, fmt.Errorf("TCP_INFO: %w", err)
+	}
+	outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
+	if err != nil {
+		return 0, fmt.Errorf("SIOCOUTQ: %w", err)
+	}
+	return info.Bytes_acked + uint64(outq), nil
+}
+
+func (k *kernelPath) newSide(kt *kernelTunnel, c *net.TCPConn, isClient bool) (kernelSide, error) {
+	fd, err := rawFD(c)
+	if err != nil {
+		return kernelSide{}, fmt.Errorf("socket descriptor: %w", err)
+	}
+	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		return kernelSide{}, fmt.Errorf("SO_COOKIE: %w", err)
+	}
+	return kernelSide{kt: kt, conn: c, fd: fd, cookie: cookie, isClient: isClient}, nil
+}
+
+// start hands t to the kernel. Userspace's leftovers go first: whatever the handshake read past the request
+// and past the 101 is written to the peer, then each socket's receive queue is emptied into its peer, all
+// before the sockets enter the map, so those bytes precede every byte the kernel redirects (hazard 1).
+func (k *kernelPath) start(t *Tunnel) {
+	kt := &kernelTunnel{t: t}
+	var err error
+	if kt.client, err = k.newSide(kt, t.Client, true); err == nil {
+		kt.up, err = k.newSide(kt, t.Upstream, false)
+	}
+	if err != nil {
+		t.end(ReasonClientError, true)
+		return
+	}
+	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up}
+	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client}
+	for i, d := range t.directions() {
+		if err := d.writePrefix(); err != nil {
+			t.end(d.reasonFor(err), true)
+			return
+		}
+		switch err := drainQueued(d, kt.dirs[i].src.fd); {
+		case errors.Is(err, errSourceClosed):
+			// The source already sent its FIN: it cannot enter a sockhash (EOPNOTSUPP, hazard 12).
+			k.runInUserspace(t, "socket_closing")
+			return
+		case errors.Is(err, errSourceBusy):
+			k.runInUserspace(t, "busy_at_handoff")
+			return
+		case err != nil:
+			t.end(d.reasonFor(err), true)
+			return
+		}
+	}
+	// Baselines before insertion: a baseline taken after could already include redirected bytes, and the
+	// FIN would then never be carried (DATAPATH.md, hazard 5).
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		if s.sentBase, err = sentBytes(s.fd); err != nil {
+			t.end(ReasonClientError, true)
+			return
+		}
+	}
+
+	// t.mu keeps a concurrent end (a shutdown) from missing the release of what is inserted here.
+	t.mu.Lock()
+	if t.ending {
+		t.mu.Unlock()
+		return
+	}
+	k.mu.Lock()
+	err = k.maps.Insert(loader.Socket{FD: kt.client.fd, Cookie: kt.client.cookie}, loader.Socket{FD: kt.up.fd, Cookie: kt.up.cookie})
+	if err == nil {
+		k.socks[int32(kt.client.fd)] = &kt.client
+		k.socks[int32(kt.up.fd)] = &kt.up
+		t.release = func() { k.release(kt) }
+		t.live = func() (uint64, uint64) { return k.counters(kt) }
+	}
+	k.mu.Unlock()
+	t.mu.Unlock()
+	if err != nil {
+		// A socket that already got its FIN (CLOSE_WAIT) cannot enter a sockhash (EOPNOTSUPP, hazard 12);
+		// such a tunnel runs in userspace instead.
+		reason := "insert_failed"
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			reason = "socket_closing"
+		}
+		k.log.Debug("tunnel cannot use the kernel datapath", "id", t.ID, "err", err)
+		k.runInUserspace(t, reason)
+		return
+	}
+
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		// Edge-triggered: each FIN, hang-up or error is reported once.
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET, Fd: int32(s.fd)}
+		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
+			t.end(ReasonClientError, true)
+			return
+		}
+	}
+	// Bytes that arrived between the last userspace read and the insertion sit in the receive queue, and
+	// the verdict runs only on data_ready. Setting SO_RCVLOWAT makes TCP call data_ready (tcp_set_rcvlowat),
+	// which runs the verdict over them now instead of when the sender next speaks (hazard 2).
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
+	}
+}
+
+// runInUserspace moves a tunnel that cannot use the kernel datapath to the copy datapath. Whatever the
+// handoff already wrote is not written again: the prefixes are consumed once.
+func (k *kernelPath) runInUserspace(t *Tunnel, reason string) {
+	t.mu.Lock()
+	t.datapath = DatapathCopy
+	t.mu.Unlock()
+	k.log.Info("tunnel falls back to the copy datapath", "id", t.ID, "reason", reason)
+	if k.onFallback != nil {
+		k.onFallback(t, reason)
+	}
+	runDirections(t, copyPump)
+}
+
+var (
+	errSourceClosed = errors.New("source sent FIN before the handoff")
+	errSourceBusy   = errors.New("source kept sending during the handoff")
+)
+
+// handoffDrainRounds bounds how many reads drainQueued makes before it gives up on a source that keeps its
+// receive queue full: such a tunnel stays in userspace rather than hold up the handshake goroutine.
+const handoffDrainRounds = 64
+
+// drainQueued reads everything waiting in d's source and writes it to d's destination, until the receive
+// queue is empty. The kernel must never see a receive queue that userspace has read part of: tcp_read_skb
+// hands whole skbs to the verdict, ignoring how much of the first one recvmsg already consumed, so a
+// partly read skb would be redirected again from its start. Measured here before this existed: a client
+// received the first 1000 bytes of its stream twice. An empty queue has no partly read skb; what arrives
+// after it does arrives in fresh ones.
+func drainQueued(d *direction, srcFD int) error {
+	bp := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bp)
+	for range handoffDrainRounds {
+		n, err := unix.Read(srcFD, *bp) // the descriptor is nonblocking: Go set it so
+		switch {
+		case err == unix.EAGAIN:
+			return nil
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return readErr(err)
+		case n == 0:
+			return errSourceClosed
+		}
+		w, werr := d.dst.Write((*bp)[:n])
+		d.counter.Add(uint64(w))
+		if werr != nil {
+			return writeErr(werr)
+		}
+	}
+	return errSourceBusy
+}
+
+// counters returns the bytes the kernel has redirected each way for kt; zero once it has left the maps.
+func (k *kernelPath) counters(kt *kernelTunnel) (toUpstream, toClient uint64) {
+	if st, err := k.maps.Stats(kt.client.cookie); err == nil {
+		toUpstream = st.Bytes
+	}
+	if st, err := k.maps.Stats(kt.up.cookie); err == nil {
+		toClient = st.Bytes
+	}
+	return toUpstream, toClient
+}
+
+// release takes kt out of epoll and the maps, folding its final counters into the tunnel. Tunnel.end calls
+// it before closing the sockets: an explicit delete before close is the clean order (hazard 12).
+func (k *kernelPath) release(kt *kernelTunnel) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return
+	}
+	up, down := k.counters(kt)
+	kt.t.toUpstream.Add(up)
+	kt.t.toClient.Add(down)
+	kt.released = true
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
+		delete(k.socks, int32(s.fd))
+	}
+	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
+		k.log.Warn("removing tunnel from BPF maps", "id", kt.t.ID, "err", err)
+	}
+	k.drain = removeDirs(k.drain, kt)
+}
+
+func removeDirs(ds []*kernelDir, kt *kernelTunnel) []*kernelDir {
+	out := ds[:0]
+	for _, d := range ds {
+		if d.kt != kt {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// loop waits for socket events and polls draining directions until Close.
+func (k *kernelPath) loop() {
+	defer close(k.done)
+	events := make([]unix.EpollEvent, 256)
+	for {
+		timeout := k.drainTimeout()
+		n, err := unix.EpollWait(k.epfd, events, timeout)
+		if err != nil && err != unix.EINTR {
+			k.log.Error("kernel datapath event loop failed", "err", err)
+			return
+		}
+		for _, ev := range events[:max(n, 0)] {
+			if int(ev.Fd) == k.wakefd {
+				return
+			}
+			k.handle(ev)
+		}
+		k.checkDrains()
+	}
+}
+
+// drainTimeout is how long epoll_wait may sleep: until the next drain check, or forever when none waits.
+func (k *kernelPath) drainTimeout() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.drain) == 0 {
+		return -1
+	}
+	next := k.drain[0].nextCheck
+	for _, d := range k.drain[1:] {
+		if d.nextCheck.Before(next) {
+			next = d.nextCheck
+		}
+	}
+	ms := int((time.Until(next) + time.Millisecond - 1) / time.Millisecond)
+	return max(ms, 0)
+}
+
+// handle acts on one socket's event: an error (a reset) aborts the tunnel; a FIN starts the drain of the
+// direction it ends.
+func (k *kernelPath) handle(ev unix.EpollEvent) {
+	k.mu.Lock()
+	s, ok := k.socks[ev.Fd]
+	if !ok {
+		k.mu.Unlock()
+		return
+	}
+	kt := s.kt
+	if ev.Events&unix.EPOLLERR != 0 {
+		k.mu.Unlock()
+		soErr, _ := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		kt.t.end(sideReason(s.isClient, unix.Errno(soErr)), true)
+		return
+	}
+	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+		d := &kt.dirs[1]
+		if s.isClient {
+			d = &kt.dirs[0]
+		}
+		if !d.finSeen {
+			d.finSeen = true
+			d.interval = drainFirstCheck
+			d.nextCheck = time.Now()
+			d.lastMove = time.Now()
+			k.drain = append(k.drain, d)
+		}
+	}
+	k.mu.Unlock()
+}
+
+// sideReason names an error on one side of a tunnel.
+func sideReason(client bool, err error) string {
+	switch {
+	case client && isReset(err):
+		return ReasonClientReset
+	case client:
+		return ReasonClientError
+	case isReset(err):
+		return ReasonUpstreamReset
+	default:
+		return ReasonUpstreamError
+	}
+}
+
+// checkDrains carries each waiting FIN across once every byte redirected before it has entered the
+// destination's send queue (hazard 4): shutting down or removing the socket earlier drops bytes still on
+// their way through the psock backlog.
+func (k *kernelPath) checkDrains() {
+	now := time.Now()
+	var finished, stalled []*kernelTunnel
+	k.mu.Lock()
+	keep := k.drain[:0]
+	for _, d := range k.drain {
+		if now.Before(d.nextCheck) {
+			keep = append(keep, d)
+			continue
+		}
+		redirected, handed, err := k.dirProgress(d)
+		switch {
+		case err != nil:
+			stalled = append(stalled, d.kt)
+		case k.carryFINEarly, handed >= redirected && d.settled == redirected+1:
+			if err := unix.Shutdown(d.dst.fd, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
+				stalled = append(stalled, d.kt)
+				continue
+			}
+			d.finDone = true
+			if d.kt.dirs[0].finDone && d.kt.dirs[1].finDone {
+				finished = append(finished, d.kt)
+			}
+		case handed >= redirected:
+			// Everything counted so far is handed on, but TCP reports the FIN (EPOLLRDHUP) from inside
+			// the softirq that queued the segment, just before that segment's bytes go through the
+			// verdict. One more check a poll interval later, with the count unchanged, makes sure
+			// the last segment's bytes were counted before the peer is shut.
+			d.settled = redirected + 1
+			d.nextCheck = now.Add(d.interval)
+			keep = append(keep, d)
+		default:
+			d.settled = 0
+			if handed != d.lastHanded {
+				d.lastHanded, d.lastMove = handed, now
+				d.interval = drainFirstCheck
+			} else if now.Sub(d.lastMove) > stallTimeout && !k.dstBusy(d) {
+				k.log.Error("kernel tunnel stalled: redirected bytes never reached the peer; resetting it",
+					"id", d.kt.t.ID, "redirected", redirected, "handed_on", handed)
+				stalled = append(stalled, d.kt)
+				continue
+			} else {
+				d.interval = min(2*d.interval, drainMaxCheck)
+			}
+			d.nextCheck = now.Add(d.interval)
+			keep = append(keep, d)
+		}
+	}
+	k.drain = keep
+	k.mu.Unlock()
+	for _, kt := range finished {
+		kt.t.end(ReasonClosed, false)
+	}
+	for _, kt := range stalled {
+		kt.t.end(ReasonStalled, true)
+	}
+}
+
+// dirProgress returns how many bytes the verdict redirected from d's source and how many of them have
+// entered its destination's send path.
+func (k *kernelPath) dirProgress(d *kernelDir) (redirected, handed uint64, err error) {
+	st, err := k.maps.Stats(d.src.cookie)
+	if err != nil {
+		return 0, 0, err
+	}
+	sent, err := sentBytes(d.dst.fd)
+	if err != nil {
+		return 0, 0, err
+	}
+	return st.Bytes, sent - d.dst.sentBase, nil
+}
+
+// dstBusy reports whether d's destination still has bytes to send: then the wait is a slow reader, not a stall.
+func (k *kernelPath) dstBusy(d *kernelDir) bool {
+	outq, err := unix.IoctlGetInt(d.dst.fd, unix.SIOCOUTQ)
+	return err == nil && outq > 0
+}

@@ -1,0 +1,31 @@
+package relay
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+)
+
+// stream returns n pseudo-random bytes, the same for the same seed.
+func stream(seed uint64, n int) []byte {
+	var key [32]byte
+	key[0], key[1] = byte(seed), byte(seed>>8)
+	b := make([]byte, n)
+	r := rand.NewChaCha8(key)
+	_, _ = r.Read(b)
+	return b
+}
+
+// diffStreams reports where got and want first differ, for failure messages.
+func diffStreams(got, want []byte) string {
+	if bytes.Equal(got, want) {
+		return ""
+	}
+	n := min(len(got), len(want))
+	for i := 0; i < n; i++ {
+		if got[i] != want[i] {
+			return fmt.Sprintf("got %d bytes, want %d; first difference at byte %d", len(got), len(want), i)
+		}
+	}
+	return fmt.Sprintf("got %d bytes, want %d; equal over the first %d", len(got), len(want), n)
+}
