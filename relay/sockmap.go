@@ -33,6 +33,8 @@ type kernelPath struct {
 	socks map[int32]*kernelSide // by fd, for epoll events
 	drain []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
 	done  chan struct{}
+
+	closeOnce sync.Once
 }
 
 // kernelTunnel is a tunnel's state on the kernel path.
@@ -112,13 +114,16 @@ func (k *kernelPath) closeFDs() {
 	k.maps.Close()
 }
 
-// Close stops the loop and unloads the BPF objects. Tunnels must have been closed first.
+// Close stops the loop and unloads the BPF objects; later calls do nothing. Tunnels must have been closed
+// first.
 func (k *kernelPath) Close() {
-	var one [8]byte
-	one[0] = 1
-	unix.Write(k.wakefd, one[:])
-	<-k.done
-	k.closeFDs()
+	k.closeOnce.Do(func() {
+		var one [8]byte
+		one[0] = 1
+		unix.Write(k.wakefd, one[:])
+		<-k.done
+		k.closeFDs()
+	})
 }
 
 // rawFD returns the descriptor of c. The conn stays open and owned by the tunnel (and through it by the

@@ -160,6 +160,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
+		srv.Shutdown(context.Background()) // releases the kernel datapath, if it was loaded
 		return fmt.Errorf("--listen: %w", err)
 	}
 	var adminAddr net.Addr
@@ -168,6 +169,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		al, err := net.Listen("tcp", o.admin)
 		if err != nil {
 			ln.Close()
+			srv.Shutdown(context.Background())
 			return fmt.Errorf("--admin: %w", err)
 		}
 		adminAddr = al.Addr()
