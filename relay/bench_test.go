@@ -35,12 +35,19 @@ func benchPath(b *testing.B, dp string) (client, upstream net.Conn, clientR, ups
 	return c, u, c.R, u.R
 }
 
-var benchPaths = []string{"direct", string(DatapathCopy), string(DatapathSplice)}
+// benchPaths are "direct" and every datapath this host runs (TestMain adds sockmap where it can).
+func benchPaths() []string {
+	out := []string{"direct"}
+	for _, d := range testDatapaths {
+		out = append(out, string(d))
+	}
+	return out
+}
 
 // BenchmarkThroughput streams 64 KiB writes one way; MB/s is the datapath's bulk rate.
 func BenchmarkThroughput(b *testing.B) {
 	const chunk = 64 << 10
-	for _, dp := range benchPaths {
+	for _, dp := range benchPaths() {
 		b.Run(dp, func(b *testing.B) {
 			c, _, _, ur := benchPath(b, dp)
 			done := make(chan int64)
@@ -66,7 +73,7 @@ func BenchmarkThroughput(b *testing.B) {
 
 // BenchmarkRoundTrip is 32-byte ping-pong over one tunnel: ns/op is one round trip.
 func BenchmarkRoundTrip(b *testing.B) {
-	for _, dp := range benchPaths {
+	for _, dp := range benchPaths() {
 		b.Run(dp, func(b *testing.B) {
 			c, u, cr, ur := benchPath(b, dp)
 			go func() {

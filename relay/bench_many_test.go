@@ -1,0 +1,156 @@
+package relay
+
+import (
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// benchPathsN opens n connection pairs like benchPath, sharing one upstream and one relay.
+func benchPathsN(b *testing.B, dp string, n int) (clients, upstreams []net.Conn, clientRs, upstreamRs []io.Reader) {
+	b.Helper()
+	if dp == "direct" {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer ln.Close()
+		for range n {
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				b.Fatal(err)
+			}
+			u, err := ln.Accept()
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { c.Close(); u.Close() })
+			clients, upstreams = append(clients, c), append(upstreams, u)
+			clientRs, upstreamRs = append(clientRs, c), append(upstreamRs, u)
+		}
+		return
+	}
+	up := startUpstream(b)
+	r := startRelay(b, Datapath(dp), []string{up.Addr})
+	for range n {
+		c, u := openTunnel(b, r.Addr, up, nil, nil)
+		clients, upstreams = append(clients, c), append(upstreams, u)
+		clientRs, upstreamRs = append(clientRs, c.R), append(upstreamRs, u.R)
+	}
+	return
+}
+
+// BenchmarkRoundTripLatency runs 32-byte ping-pong on 1 and on 1000 tunnels at once and reports the p50
+// and p99 round trip; ns/op is wall time per round trip over all tunnels.
+func BenchmarkRoundTripLatency(b *testing.B) {
+	raiseFDLimit(b, 20000)
+	for _, n := range []int{1, 1000} {
+		for _, dp := range benchPaths() {
+			b.Run(strconv.Itoa(n)+"/"+dp, func(b *testing.B) {
+				cs, us, crs, urs := benchPathsN(b, dp, n)
+				for i := range us {
+					go func() {
+						buf := make([]byte, 32)
+						for {
+							if _, err := io.ReadFull(urs[i], buf); err != nil {
+								return
+							}
+							if _, err := us[i].Write(buf); err != nil {
+								return
+							}
+						}
+					}()
+				}
+				var left atomic.Int64
+				left.Store(int64(b.N))
+				rtts := make([][]time.Duration, n)
+				var wg sync.WaitGroup
+				b.ResetTimer()
+				for i := range cs {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						msg := make([]byte, 32)
+						for left.Add(-1) >= 0 {
+							start := time.Now()
+							if _, err := cs[i].Write(msg); err != nil {
+								b.Error(err)
+								return
+							}
+							if _, err := io.ReadFull(crs[i], msg); err != nil {
+								b.Error(err)
+								return
+							}
+							rtts[i] = append(rtts[i], time.Since(start))
+						}
+					}()
+				}
+				wg.Wait()
+				b.StopTimer()
+				all := slices.Concat(rtts...)
+				slices.Sort(all)
+				if len(all) > 0 {
+					b.ReportMetric(float64(all[len(all)/2].Microseconds()), "p50-µs")
+					b.ReportMetric(float64(all[len(all)*99/100].Microseconds()), "p99-µs")
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkIdleTunnelMemory opens SOCKRELAY_BENCH_IDLE (default 10000) idle tunnels and reports the
+// memory they add to this process per tunnel: RSS and Go heap+stacks. Client, relay and upstream share the
+// process, so the relay's own cost per tunnel is a datapath's figure minus direct's.
+func BenchmarkIdleTunnelMemory(b *testing.B) {
+	n := 10000
+	if v, err := strconv.Atoi(os.Getenv("SOCKRELAY_BENCH_IDLE")); err == nil {
+		n = v
+	}
+	raiseFDLimit(b, uint64(5*n+1000))
+	for _, dp := range benchPaths() {
+		b.Run(dp, func(b *testing.B) {
+			for range b.N {
+				rss0, go0 := memNow()
+				benchPathsN(b, dp, n)
+				time.Sleep(200 * time.Millisecond) // let handshake goroutines finish
+				rss1, go1 := memNow()
+				b.ReportMetric(float64(rss1-rss0)/float64(n), "rss-B/tunnel")
+				b.ReportMetric(float64(go1-go0)/float64(n), "go-B/tunnel")
+			}
+		})
+	}
+}
+
+func memNow() (rss, goMem int64) {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	statm, _ := os.ReadFile("/proc/self/statm") // size resident shared ... in pages
+	f := strings.Fields(string(statm))
+	pages, _ := strconv.ParseInt(f[1], 10, 64)
+	return pages * int64(os.Getpagesize()), int64(ms.HeapInuse + ms.StackInuse)
+}
+
+// raiseFDLimit lifts RLIMIT_NOFILE to at least n where the process may (root may raise the hard limit).
+func raiseFDLimit(b *testing.B, n uint64) {
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil || l.Cur >= n {
+		return
+	}
+	l.Cur = n
+	if l.Max < n {
+		l.Max = n
+	}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		b.Logf("cannot raise RLIMIT_NOFILE to %d: %v", n, err)
+	}
+}
