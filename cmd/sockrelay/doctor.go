@@ -25,6 +25,7 @@ func doctorCommand(stdout io.Writer) int {
 	fmt.Fprintln(stdout)
 
 	var selfTest string
+	selfTestOK := false
 	if err := report.Err(); err != nil {
 		selfTest = "not run: the requirements above are not met"
 	} else {
@@ -33,6 +34,7 @@ func doctorCommand(stdout io.Writer) int {
 			selfTest = "FAIL: " + err.Error()
 		} else {
 			selfTest = fmt.Sprintf("ok (%v)", time.Since(start).Round(time.Millisecond))
+			selfTestOK = true
 		}
 	}
 	fmt.Fprintf(stdout, "sockmap self-test: %s\n\ndatapaths:\n", selfTest)
@@ -41,7 +43,7 @@ func doctorCommand(stdout io.Writer) int {
 		var err error
 		if d == relay.DatapathSockmap {
 			err = report.Err()
-			if err == nil && selfTest[:2] != "ok" {
+			if err == nil && !selfTestOK {
 				err = fmt.Errorf("self-test: %s", selfTest)
 			}
 		} else {
