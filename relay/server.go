@@ -509,7 +509,6 @@ func writeSwitch(client *net.TCPConn, upstreamHeader http.Header, timeout time.D
 
 // tunnelEnded is every tunnel's last step: forget it, count it, and log one line about it.
 func (s *Server) tunnelEnded(t *Tunnel) {
-	s.tunnels.remove(t)
 	dp := t.Datapath()
 	up, down := t.Bytes()
 	s.metrics.tunnelsActive.WithLabelValues(string(dp)).Dec()
@@ -517,4 +516,7 @@ func (s *Server) tunnelEnded(t *Tunnel) {
 	s.log.Info("tunnel closed", "id", t.ID, "client", t.ClientAddr, "upstream", t.UpstreamAddr,
 		"datapath", dp, "bytes_to_upstream", up, "bytes_to_client", down,
 		"duration", time.Since(t.Started).Round(time.Millisecond), "reason", t.reason)
+	// Last: removing the last tunnel lets a draining Shutdown return, and the process may exit at once;
+	// the tunnel's log line and counters must be out before that.
+	s.tunnels.remove(t)
 }

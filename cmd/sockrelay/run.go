@@ -72,6 +72,23 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	if o.listen == "" {
 		return nil, errors.New("--listen is required: the address clients connect to, e.g. --listen 127.0.0.1:8080")
 	}
+	// Checked here, not left to net.Listen, so that a malformed address is a usage error (exit 2) that says
+	// what is accepted, found before the kernel datapath is loaded.
+	for _, a := range []struct{ name, addr, example string }{
+		{"--listen", o.listen, "127.0.0.1:8080, or :8080 for every address"},
+		{"--admin", o.admin, "127.0.0.1:9090"},
+	} {
+		if a.addr == "" {
+			continue
+		}
+		_, port, err := net.SplitHostPort(a.addr)
+		if err == nil {
+			_, err = net.LookupPort("tcp", port)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %q is not HOST:PORT (%v); e.g. %s", a.name, a.addr, err, a.example)
+		}
+	}
 	if len(o.upstreams) == 0 {
 		return nil, errors.New("--upstream is required: at least one HOST:PORT, e.g. --upstream 127.0.0.1:9000")
 	}
@@ -184,8 +201,12 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	adminLogged := o.admin // the bound address, so that --admin :0 says which port it got, as --listen does
+	if adminAddr != nil {
+		adminLogged = adminAddr.String()
+	}
 	log.Info("sockrelay listening", "listen", ln.Addr().String(), "upstreams", strings.Join(o.upstreams, ","),
-		"admin", o.admin, "version", versionString())
+		"admin", adminLogged, "version", versionString())
 	if ready != nil {
 		ready(ln.Addr(), adminAddr)
 	}

@@ -1,0 +1,118 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// runMainEnv, set in a child's environment, makes the test binary run main() with the child's arguments
+// instead of the tests: the way to test what only the real process does (signals, exit status).
+const runMainEnv = "SOCKRELAY_TEST_RUN_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		main()
+		return // main exits; not reached
+	}
+	os.Exit(m.Run())
+}
+
+// mainCommand returns a command running `sockrelay args...` from this test binary. When args[0] is not
+// "run" (e.g. a wrapper such as setpriv), everything up to "run" is the wrapper and its options. The child
+// is killed when the test ends.
+func mainCommand(t *testing.T, args ...string) *exec.Cmd {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	var cmd *exec.Cmd
+	if args[0] == "run" {
+		cmd = exec.CommandContext(ctx, self, args...)
+	} else {
+		i := 0
+		for i < len(args) && args[i] != "run" {
+			i++
+		}
+		wrapper := append(append(args[1:i:i], self), args[i:]...)
+		cmd = exec.CommandContext(ctx, args[0], wrapper...)
+	}
+	cmd.Env = append(os.Environ(), runMainEnv+"=1")
+	return cmd
+}
+
+// TestSignalDrainsAndExits0 runs the real process, sends it SIGTERM or SIGINT with a tunnel open, and
+// checks it drains, closes the tunnel, and exits 0.
+func TestSignalDrainsAndExits0(t *testing.T) {
+	upstream := newEchoUpstream(t)
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
+		t.Run(sig.String(), func(t *testing.T) {
+			logs := &syncBuffer{}
+			cmd := mainCommand(t, "run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", upstream,
+				"--datapath", "copy", "--drain-timeout", "300ms", "--log-format", "json")
+			cmd.Stderr = logs
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan error, 1)
+			go func() { exited <- cmd.Wait() }()
+
+			// The process says where it listens, for the client and for the admin endpoints.
+			var listening struct{ Listen, Admin string }
+			waitFor(t, "the child to log that it listens", func() bool {
+				sc := bufio.NewScanner(strings.NewReader(logs.String()))
+				for sc.Scan() {
+					if strings.Contains(sc.Text(), `"msg":"sockrelay listening"`) {
+						if err := json.Unmarshal(sc.Bytes(), &listening); err != nil {
+							t.Fatalf("listening line: %v: %s", err, sc.Text())
+						}
+						return true
+					}
+				}
+				return false
+			})
+			r := &relayRun{listen: listening.Listen, admin: listening.Admin}
+			if _, port, _ := net.SplitHostPort(r.admin); port == "0" || port == "" {
+				t.Fatalf("the listening line gives the admin address as %q, not the bound one", r.admin)
+			}
+			r.get(t, "/healthz", 200)
+			ws := dialWS(t, r.listen)
+			echoThrough(t, ws, "hello")
+
+			if err := cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-exited:
+				if err != nil {
+					t.Errorf("after %v the process ended with %v, want exit status 0:\n%s", sig, err, logs)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("the process had not exited 10s after %v with a 300ms drain:\n%s", sig, logs)
+			}
+			_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, _, err := ws.ReadMessage()
+			var ne net.Error
+			if err == nil || errors.As(err, &ne) && ne.Timeout() {
+				t.Errorf("the open tunnel was not closed when the process exited: read gave %v", err)
+			}
+			for _, w := range []string{`"msg":"shutting down: no new clients; draining tunnels"`,
+				`"msg":"tunnel closed"`, `"reason":"shutdown"`, `"msg":"sockrelay stopped"`} {
+				if !strings.Contains(logs.String(), w) {
+					t.Errorf("log lacks %s:\n%s", w, logs)
+				}
+			}
+		})
+	}
+}

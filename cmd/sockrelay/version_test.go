@@ -1,0 +1,41 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+// TestVersion: every spelling of the version command prints one line: the version set at build time
+// (-ldflags "-X main.version=...") or "dev", then the Go version and the platform.
+func TestVersion(t *testing.T) {
+	platform := " " + runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH + "\n"
+	for _, tc := range []struct {
+		arg, built, want string // built is what -X main.version set; want is the line's start
+	}{
+		{"version", "", "sockrelay dev"},
+		{"--version", "", "sockrelay dev"},
+		{"-version", "", "sockrelay dev"},
+		{"version", "v1.2.3", "sockrelay v1.2.3"},
+	} {
+		t.Run(tc.arg+" "+tc.built, func(t *testing.T) {
+			old := version
+			version = tc.built
+			t.Cleanup(func() { version = old })
+			var stdout, stderr bytes.Buffer
+			if code := dispatch(context.Background(), []string{tc.arg}, &stdout, &stderr); code != 0 {
+				t.Errorf("exit code %d, want 0", code)
+			}
+			out := stdout.String()
+			// A test binary has no VCS stamp, so nothing stands between the version and the Go version.
+			if !strings.HasPrefix(out, tc.want+" ") || !strings.HasSuffix(out, platform) || strings.Count(out, "\n") != 1 {
+				t.Errorf("printed %q, want one line %q...%q", out, tc.want, platform)
+			}
+			if stderr.Len() != 0 {
+				t.Errorf("wrote to stderr: %q", stderr.String())
+			}
+		})
+	}
+}
