@@ -6,26 +6,66 @@
 // whose stream verdict program below runs on every skb a socket receives and redirects it to the egress of
 // the socket's peer. Userspace inserts both sockets into `targets` before either goes into `verdict_map`, so
 // no verdict can run before its peer is a valid target (shared/DATAPATH.md, hazard 3).
+//
+// Backpressure (DATAPATH.md, hazard 5). A redirected skb leaves the source's receive queue at once and waits
+// in the peer's psock queue, charged to no socket, until the peer's send buffer takes it: the source's TCP
+// window never closes, and a reader that stops would let the kernel hold without bound. So before each
+// redirect the verdict measures what it holds for this direction, bytes it redirected minus bytes that
+// entered the peer's send queue (the peer's write_seq), and past the socket's limit it demotes the socket:
+// from then on it passes skbs (SK_PASS) to the socket's own receive queue, where they are charged to its
+// receive buffer, so its window closes and the sender is throttled. Userspace, told by a ring buffer event,
+// reads the passed bytes and writes them on with ordinary backpressure, and asks to resume; the verdict
+// returns to redirecting at the first skb that finds every passed byte consumed, so no byte overtakes one
+// that userspace still holds.
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
 char __license[] SEC("license") = "GPL";
 
-// sock_info is written by userspace before a socket is inserted and only read here.
+// Only the field read here; CO-RE relocates its offset to the running kernel's struct tcp_sock (BTF).
+struct tcp_sock {
+	__u32 write_seq; // sequence number after the last byte queued for sending
+} __attribute__((preserve_access_index));
+
+// sock_info is written by userspace (a whole new value each time) and only read here.
 struct sock_info {
-	__u64 peer; // cookie of the socket this one's bytes go to
+	__u64 peer;         // cookie of the socket this one's bytes go to
+	__u64 limit;        // most bytes held in the kernel for this direction before demotion; 0: no limit
+	__u64 user_read;    // bytes of passed skbs userspace has read from this socket and written to the peer
+	__u64 user_written; // bytes userspace wrote into the peer after the insertion (all of them passed bytes)
+	__u64 resume_gen;   // userspace asks to resume redirecting after demotion number resume_gen
+};
+
+enum {
+	MODE_REDIRECT = 0,
+	MODE_PASS = 1, // demoted: skbs go to the socket's own receive queue, for userspace to relay
 };
 
 // sock_stats is created zeroed by userspace before insertion and then written only here, in place, so
 // userspace can read live counters. Runs of the verdict for one socket are serialized by the socket's
 // receive path, so plain adds do not race with each other.
 struct sock_stats {
-	__u64 bytes;   // bytes redirected to the peer
-	__u64 skbs;    // skbs redirected
-	__u64 last_ns; // bpf_ktime_get_ns() of the last skb, for idle timeouts
-	__u64 dropped; // skbs whose redirect failed (peer gone): the verdict dropped them
+	__u64 bytes;     // bytes redirected to the peer
+	__u64 skbs;      // skbs redirected
+	__u64 last_ns;   // bpf_ktime_get_ns() of the last skb, for idle timeouts
+	__u64 dropped;   // skbs whose redirect failed (peer gone): the verdict dropped them
+	__u64 passed;    // bytes passed to this socket's own receive queue while demoted
+	__u64 demotions; // times this socket was demoted
+	__u32 mode;      // MODE_*
+	__u32 peer_seq0; // the peer's write_seq at this socket's first redirect (valid once seq0_set)
+	__u32 seq0_set;
+	__u32 _pad;
 };
+
+// A demotion, for userspace to start relaying the socket's passed bytes.
+struct demotion_event {
+	__u64 cookie;
+	__u64 demotions;
+};
+
+// Demotion events that did not fit in the ring buffer; userspace reports them, they must stay 0.
+volatile __u64 events_lost = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -60,14 +100,36 @@ struct {
 	__type(value, struct sock_stats);
 } stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 << 10);
+} events SEC(".maps");
+
+// peer_write_seq reads the peer's write_seq; ok is 0 when the peer is not in the targets map.
+static __always_inline __u32 peer_write_seq(__u64 *peer, int *ok)
+{
+	*ok = 0;
+	struct bpf_sock *sk = bpf_map_lookup_elem(&targets, peer);
+	if (!sk)
+		return 0;
+	__u32 seq = 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (tp) {
+		seq = tp->write_seq;
+		*ok = 1;
+	}
+	bpf_sk_release(sk);
+	return seq;
+}
+
 SEC("sk_skb/stream_verdict")
 int sockrelay_verdict(struct __sk_buff *skb)
 {
 	// A FIN that rides on no data reaches the verdict as an empty skb. TCP has already marked the socket
 	// shut for reading (tcp_fin), which is what userspace watches (EPOLLRDHUP), so the skb carries nothing
 	// anyone needs. It is dropped rather than passed so that no zero-length skb ever enters a psock queue.
-	// Measured here (6.18, this session): passing or dropping it made no difference to the duplex suite
-	// or to a FIN arriving while the socket's peer direction was backed up (all byte-exact either way).
+	// Measured here (6.18): passing or dropping it made no difference to the duplex suite or to a FIN
+	// arriving while the socket's peer direction was backed up (all byte-exact either way).
 	if (skb->len == 0)
 		return SK_DROP;
 
@@ -78,6 +140,43 @@ int sockrelay_verdict(struct __sk_buff *skb)
 		return SK_PASS; // not a tunnel socket (or being torn down): leave the bytes with it
 
 	__u64 peer = info->peer;
+	if (st->mode == MODE_PASS) {
+		// Resume only when userspace holds none of the passed bytes: they are all in the peer's send
+		// queue, so this skb, redirected behind them, keeps its place in the stream.
+		if (info->resume_gen != st->demotions || info->user_read != st->passed) {
+			st->passed += skb->len;
+			st->last_ns = bpf_ktime_get_ns();
+			return SK_PASS;
+		}
+		st->mode = MODE_REDIRECT;
+	}
+
+	if (info->limit) {
+		int ok;
+		__u32 seq = peer_write_seq(&peer, &ok);
+		if (ok) {
+			if (!st->seq0_set) {
+				// First redirect: nothing has been redirected into the peer yet, and userspace
+				// writes to it only while this socket is demoted, which has not happened yet.
+				st->peer_seq0 = seq;
+				st->seq0_set = 1;
+			}
+			// Modulo 2^32, as TCP sequence numbers: what is held is far below 2 GiB.
+			__u32 handed = seq - st->peer_seq0 - (__u32)info->user_written;
+			__s32 held = (__s32)((__u32)st->bytes - handed);
+			if (held > 0 && (__u64)held > info->limit) {
+				st->mode = MODE_PASS;
+				st->demotions++;
+				struct demotion_event ev = {.cookie = cookie, .demotions = st->demotions};
+				if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0))
+					__sync_fetch_and_add(&events_lost, 1);
+				st->passed += skb->len;
+				st->last_ns = bpf_ktime_get_ns();
+				return SK_PASS;
+			}
+		}
+	}
+
 	long verdict = bpf_sk_redirect_hash(skb, &targets, &peer, 0);
 	if (verdict == SK_PASS) {
 		st->bytes += skb->len;

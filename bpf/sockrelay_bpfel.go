@@ -14,27 +14,39 @@ import (
 )
 
 type SockrelaySockInfo struct {
-	_    structs.HostLayout
-	Peer uint64
+	_           structs.HostLayout
+	Peer        uint64
+	Limit       uint64
+	UserRead    uint64
+	UserWritten uint64
+	ResumeGen   uint64
 }
 
 type SockrelaySockStats struct {
-	_       structs.HostLayout
-	Bytes   uint64
-	Skbs    uint64
-	LastNs  uint64
-	Dropped uint64
+	_         structs.HostLayout
+	Bytes     uint64
+	Skbs      uint64
+	LastNs    uint64
+	Dropped   uint64
+	Passed    uint64
+	Demotions uint64
+	Mode      uint32
+	PeerSeq0  uint32
+	Seq0Set   uint32
+	Pad       uint32
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	SockrelayMapEvents            = "events"
 	SockrelayMapSocks             = "socks"
 	SockrelayMapStats             = "stats"
 	SockrelayMapTargets           = "targets"
 	SockrelayMapVerdictMap        = "verdict_map"
 	SockrelayProgSockrelayVerdict = "sockrelay_verdict"
+	SockrelayVarEventsLost        = "events_lost"
 )
 
 // LoadSockrelay returns the embedded CollectionSpec for Sockrelay.
@@ -86,6 +98,7 @@ type SockrelayProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockrelayMapSpecs struct {
+	Events     *ebpf.MapSpec `ebpf:"events"`
 	Socks      *ebpf.MapSpec `ebpf:"socks"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
 	Targets    *ebpf.MapSpec `ebpf:"targets"`
@@ -96,6 +109,7 @@ type SockrelayMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockrelayVariableSpecs struct {
+	EventsLost *ebpf.VariableSpec `ebpf:"events_lost"`
 }
 
 // SockrelayObjects contains all objects after they have been loaded into the kernel.
@@ -118,6 +132,7 @@ func (o *SockrelayObjects) Close() error {
 //
 // It can be passed to LoadSockrelayObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockrelayMaps struct {
+	Events     *ebpf.Map `ebpf:"events"`
 	Socks      *ebpf.Map `ebpf:"socks"`
 	Stats      *ebpf.Map `ebpf:"stats"`
 	Targets    *ebpf.Map `ebpf:"targets"`
@@ -126,6 +141,7 @@ type SockrelayMaps struct {
 
 func (m *SockrelayMaps) Close() error {
 	return _SockrelayClose(
+		m.Events,
 		m.Socks,
 		m.Stats,
 		m.Targets,
@@ -137,6 +153,7 @@ func (m *SockrelayMaps) Close() error {
 //
 // It can be passed to LoadSockrelayObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockrelayVariables struct {
+	EventsLost *ebpf.Variable `ebpf:"events_lost"`
 }
 
 // SockrelayPrograms contains all programs after they have been loaded into the kernel.

@@ -4,6 +4,7 @@
 package loader
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/sockrelay/sockrelay/bpf"
 )
@@ -23,12 +25,14 @@ type Options struct {
 	PinPath string
 }
 
-// Sockmap is the loaded kernel datapath: two sockhashes, the per-socket info and counter maps, and the
-// verdict program attached to one of the sockhashes. One Sockmap serves every kernel tunnel of a process.
+// Sockmap is the loaded kernel datapath: two sockhashes, the per-socket info and counter maps, the ring
+// buffer of demotion events, and the verdict program attached to one of the sockhashes. One Sockmap serves
+// every kernel tunnel of a process.
 type Sockmap struct {
 	objs     bpf.SockrelayObjects
 	attached bool
 	pinPath  string
+	events   *ringbuf.Reader
 
 	mu     sync.Mutex
 	closed bool
@@ -59,6 +63,9 @@ func Open(opts Options) (_ *Sockmap, err error) {
 		return nil, fmt.Errorf("attach verdict program to sockhash: %w", err)
 	}
 	s.attached = true
+	if s.events, err = ringbuf.NewReader(s.objs.Events); err != nil {
+		return nil, fmt.Errorf("open demotion event ring buffer: %w", err)
+	}
 	if opts.PinPath != "" {
 		if err := s.pin(opts.PinPath); err != nil {
 			return nil, err
@@ -86,6 +93,7 @@ func (s *Sockmap) maps() map[string]*ebpf.Map {
 		bpf.SockrelayMapVerdictMap: s.objs.VerdictMap,
 		bpf.SockrelayMapSocks:      s.objs.Socks,
 		bpf.SockrelayMapStats:      s.objs.Stats,
+		bpf.SockrelayMapEvents:     s.objs.Events,
 	}
 }
 
@@ -99,6 +107,12 @@ func (s *Sockmap) Close() error {
 	}
 	s.closed = true
 	var errs []error
+	if s.events != nil {
+		// First: a ReadDemotion blocked in another goroutine returns ErrClosed.
+		if err := s.events.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close demotion event reader: %w", err))
+		}
+	}
 	if s.attached {
 		if err := link.RawDetachProgram(link.RawDetachProgramOptions{
 			Target:  s.objs.VerdictMap.FD(),
@@ -126,6 +140,20 @@ func (s *Sockmap) Close() error {
 type Socket struct {
 	FD     int
 	Cookie uint64
+	// HeldLimit is the most bytes the kernel may hold for this socket's direction (redirected, not yet in
+	// the peer's send queue) before the verdict demotes the socket to pass mode; 0 means no limit.
+	HeldLimit uint64
+}
+
+// Control is what userspace tells the verdict about a socket whose passed bytes it relays.
+type Control struct {
+	Peer        uint64 // cookie of the peer socket
+	HeldLimit   uint64 // see Socket.HeldLimit
+	UserRead    uint64 // passed bytes userspace has read from the socket and written to the peer
+	UserWritten uint64 // bytes userspace has written into the peer since the insertion
+	// ResumeGen asks the verdict to return to redirecting after the demotion with this number, at the
+	// first skb that finds UserRead equal to the bytes it passed; 0 asks nothing.
+	ResumeGen uint64
 }
 
 // Insert hands a tunnel's two sockets to the kernel. Order matters (shared/DATAPATH.md, hazard 3): each
@@ -139,7 +167,8 @@ func (s *Sockmap) Insert(a, b Socket) (err error) {
 		}
 	}()
 	for _, p := range [][2]Socket{{a, b}, {b, a}} {
-		if err := s.objs.Socks.Update(p[0].Cookie, bpf.SockrelaySockInfo{Peer: p[1].Cookie}, ebpf.UpdateNoExist); err != nil {
+		info := bpf.SockrelaySockInfo{Peer: p[1].Cookie, Limit: p[0].HeldLimit}
+		if err := s.objs.Socks.Update(p[0].Cookie, info, ebpf.UpdateNoExist); err != nil {
 			return fmt.Errorf("add socket %d to info map: %w", p[0].Cookie, err)
 		}
 		if err := s.objs.Stats.Update(p[0].Cookie, bpf.SockrelaySockStats{}, ebpf.UpdateNoExist); err != nil {
@@ -173,12 +202,26 @@ func (s *Sockmap) Remove(socks ...Socket) error {
 	return errors.Join(errs...)
 }
 
+// SetControl replaces what the verdict reads about a socket in the maps. It fails (ErrKeyNotExist) once
+// the socket has left them, and never puts it back.
+func (s *Sockmap) SetControl(cookie uint64, c Control) error {
+	info := bpf.SockrelaySockInfo{Peer: c.Peer, Limit: c.HeldLimit, UserRead: c.UserRead,
+		UserWritten: c.UserWritten, ResumeGen: c.ResumeGen}
+	if err := s.objs.Socks.Update(cookie, info, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("update info of socket %d: %w", cookie, err)
+	}
+	return nil
+}
+
 // Stats are a socket's counters as the verdict program keeps them.
 type Stats struct {
-	Bytes   uint64 // bytes redirected to the peer
-	Skbs    uint64 // skbs redirected
-	LastNs  uint64 // CLOCK_MONOTONIC time of the last redirected skb, in ns
-	Dropped uint64 // skbs dropped because the peer was not a target
+	Bytes     uint64 // bytes redirected to the peer
+	Skbs      uint64 // skbs redirected
+	LastNs    uint64 // CLOCK_MONOTONIC time of the last skb, in ns
+	Dropped   uint64 // skbs dropped because the peer was not a target
+	Passed    uint64 // bytes passed to the socket's own receive queue while demoted
+	Demotions uint64 // times the socket was demoted
+	Demoted   bool   // the verdict passes this socket's skbs now instead of redirecting them
 }
 
 // Stats reads the counters of a socket.
@@ -187,13 +230,48 @@ func (s *Sockmap) Stats(cookie uint64) (Stats, error) {
 	if err := s.objs.Stats.Lookup(cookie, &v); err != nil {
 		return Stats{}, fmt.Errorf("read counters of socket %d: %w", cookie, err)
 	}
-	return Stats{Bytes: v.Bytes, Skbs: v.Skbs, LastNs: v.LastNs, Dropped: v.Dropped}, nil
+	return Stats{Bytes: v.Bytes, Skbs: v.Skbs, LastNs: v.LastNs, Dropped: v.Dropped, Passed: v.Passed,
+		Demotions: v.Demotions, Demoted: v.Mode != 0}, nil
+}
+
+// Demotion is the verdict's notice that it demoted a socket: from now on its bytes wait for userspace.
+type Demotion struct {
+	Cookie    uint64
+	Demotions uint64 // the socket's demotion count, this one included
+}
+
+// ReadDemotion waits for the next demotion. After Close it returns an error that wraps os.ErrClosed.
+func (s *Sockmap) ReadDemotion() (Demotion, error) {
+	rec, err := s.events.Read()
+	if err != nil {
+		return Demotion{}, fmt.Errorf("read demotion event: %w", err)
+	}
+	if len(rec.RawSample) < 16 {
+		return Demotion{}, fmt.Errorf("demotion event of %d bytes, want 16", len(rec.RawSample))
+	}
+	return Demotion{
+		Cookie:    binary.NativeEndian.Uint64(rec.RawSample[0:8]),
+		Demotions: binary.NativeEndian.Uint64(rec.RawSample[8:16]),
+	}, nil
+}
+
+// EventsLost counts demotion events the ring buffer had no room for. Userspace finds such demotions on its
+// own (see relay's kernel datapath), but a nonzero count means the ring buffer is too small.
+func (s *Sockmap) EventsLost() (uint64, error) {
+	var n uint64
+	if err := s.objs.EventsLost.Get(&n); err != nil {
+		return 0, fmt.Errorf("read events_lost: %w", err)
+	}
+	return n, nil
 }
 
 // Entries counts the entries in each map, by map name; tests use it to prove nothing is left behind.
 func (s *Sockmap) Entries() (map[string]int, error) {
 	out := make(map[string]int)
 	for name, m := range s.maps() {
+		if m.Type() == ebpf.RingBuf {
+			continue // a ring buffer has no keys
+		}
 		n := 0
 		var key uint64
 		var prev any // nil: start from the first key

@@ -14,6 +14,8 @@ type Metrics struct {
 	handshakeDuration prometheus.Histogram
 	httpRequests      *prometheus.CounterVec
 	datapathFallbacks *prometheus.CounterVec
+	kernelDemotions   prometheus.Counter
+	kernelResumes     prometheus.Counter
 }
 
 // Handshake failure reasons, the values of sockrelay_handshakes_failed_total{reason}.
@@ -60,8 +62,16 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry) *Metrics {
 			Name: "sockrelay_datapath_fallbacks_total",
 			Help: "Times the kernel datapath could not be used and a userspace one was, by reason.",
 		}, []string{"reason"}),
+		kernelDemotions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockrelay_kernel_demotions_total",
+			Help: "Times a kernel tunnel direction held its limit of bytes for a slow reader and was relayed by userspace until it could resume.",
+		}),
+		kernelResumes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockrelay_kernel_resumes_total",
+			Help: "Times a demoted kernel tunnel direction went back to being redirected in the kernel.",
+		}),
 	}
-	reg.MustRegister(m.datapathFallbacks, m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
+	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.datapathFallbacks, m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
 		m.handshakeDuration, m.httpRequests, &bytesCollector{tunnels: tunnels})
 	return m
 }

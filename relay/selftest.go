@@ -28,6 +28,13 @@ const selfTestBuf = 64 << 10
 // selfTestTimeout bounds the whole self-test; a healthy kernel finishes it in a few tens of milliseconds.
 const selfTestTimeout = 5 * time.Second
 
+// selfTestHeldLimit is the held limit of the self-test's backpressure tunnel: small, so that its reader's
+// short pause demotes the direction and the rest of the stream goes through userspace and back.
+const selfTestHeldLimit = 16 << 10
+
+// selfTestReaderPause is how long the backpressure tunnel's reader waits before it reads.
+const selfTestReaderPause = 20 * time.Millisecond
+
 // SelfTestSockmap loads the kernel datapath, runs selfTest on it and unloads it. It is what --datapath
 // auto, --datapath sockmap and `sockrelay doctor` rely on to trust this kernel.
 func SelfTestSockmap(log *slog.Logger) error {
@@ -46,22 +53,32 @@ func SelfTestSockmap(log *slog.Logger) error {
 // out exactly once, in order, before its FIN: bytes pipelined behind the request and sent with the 101
 // (held by userspace at the handoff), bytes that reached the sockets just before the insertion (hazard 2),
 // a socket whose first bytes userspace read only in part (the partly read skb), 1 MiB each way at once, and
-// half-close in both orders. A kernel or a build that breaks any of them is refused.
+// half-close in both orders; and a third tunnel whose reader pauses past a small held limit, so that its
+// direction is demoted, relayed by userspace, and its FIN carried after it (hazard 5). A kernel or a build
+// that breaks any of them is refused.
 func (k *kernelPath) selfTest() error {
 	ctx, cancel := context.WithTimeout(context.Background(), selfTestTimeout)
 	defer cancel()
+	relays := k.relays.Load()
+	cases := []struct {
+		clientFINFirst bool
+		heldLimit      uint64
+	}{{true, k.heldLimit}, {false, k.heldLimit}, {true, selfTestHeldLimit}}
 	var wg sync.WaitGroup
-	errs := make([]error, 2)
-	for i, clientFINFirst := range []bool{true, false} {
+	errs := make([]error, len(cases))
+	for i, c := range cases {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = k.selfTestTunnel(ctx, uint64(i), clientFINFirst)
+			errs[i] = k.selfTestTunnel(ctx, uint64(i), c.clientFINFirst, c.heldLimit)
 		}()
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("%w: %w", errSelfTest, err)
+	}
+	if k.relays.Load() == relays {
+		return fmt.Errorf("%w: a reader paused past a %d-byte held limit, and no direction was demoted", errSelfTest, selfTestHeldLimit)
 	}
 	return nil
 }
@@ -102,7 +119,7 @@ func loopbackPair(ctx context.Context, dialRcv, acceptRcv int) (dialed, accepted
 	return c.(*net.TCPConn), a, nil
 }
 
-func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINFirst bool) error {
+func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINFirst bool, heldLimit uint64) error {
 	// Small buffers on the path keep most of each stream inside the kernel datapath while a reader waits,
 	// as on a real slow link, instead of letting loopback's large autotuned buffers swallow it whole.
 	client, relayClient, err := loopbackPair(ctx, selfTestBuf, 0)
@@ -126,8 +143,19 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 	}
 
 	// Each stream: 100 bytes userspace holds (pipelined / with the 101), 1900 bytes that sit in the
-	// receive queue at the handoff, then 1 MiB sent after it.
-	toUp, toClient := stream(seed*2, 2000+selfTestBytes), stream(seed*2+1, 2000+selfTestBytes)
+	// receive queue at the handoff, then 1 MiB sent after it. Under a small held limit only the first side
+	// sends its 1 MiB: passed bytes queue behind whatever the other direction redirected into the same
+	// socket, charged to no socket, so a busy other direction would lift the bound this tunnel checks
+	// (relay/sockmap_backpressure.go, overflowAt).
+	upBytes, clientBytes := selfTestBytes, selfTestBytes
+	if heldLimit < selfTestBytes {
+		if clientFINFirst {
+			clientBytes = 0
+		} else {
+			upBytes = 0
+		}
+	}
+	toUp, toClient := stream(seed*2, 2000+upBytes), stream(seed*2+1, 2000+clientBytes)
 	t := &Tunnel{Client: relayClient, Upstream: relayUp, datapath: DatapathSockmap, Started: time.Now(), ended: make(chan struct{})}
 	for _, s := range []struct {
 		from   *net.TCPConn
@@ -143,7 +171,7 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 			return fmt.Errorf("read before handoff: %w", err)
 		}
 	}
-	k.start(t)
+	k.startLimited(t, heldLimit)
 	defer t.Close()
 	if t.Datapath() != DatapathSockmap {
 		return errors.New("the tunnel fell back to userspace at the handoff")
@@ -157,8 +185,13 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 	var wg sync.WaitGroup
 	firstGotEOF := make(chan struct{})
 	// The first side's stream is read only once all of it and its FIN have left: the bytes then wait in
-	// the kernel for the reader, which is when a FIN carried too early cuts them off.
+	// the kernel for the reader, which is when a FIN carried too early cuts them off. Past a held limit
+	// smaller than the stream, the writer cannot finish before the reader reads: it reads after a pause.
 	firstDone := make(chan struct{})
+	var pause <-chan time.Time
+	if heldLimit < selfTestBytes {
+		pause = time.After(selfTestReaderPause)
+	}
 	for _, e := range []struct {
 		name      string
 		conn      *net.TCPConn
@@ -170,6 +203,7 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 			if e.conn == second {
 				select {
 				case <-firstDone:
+				case <-pause:
 				case <-ctx.Done():
 				}
 			}
@@ -189,7 +223,7 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 			if e.conn == second {
 				// The second side sends only part before the first FIN, the rest after it: one
 				// direction must keep flowing after the other's half-close.
-				half := 2000 + selfTestBytes/2
+				half := 2000 + (len(e.send)-2000)/2
 				if _, err := e.conn.Write(e.send[2000:half]); err != nil {
 					errs <- fmt.Errorf("%s write: %w", e.name, err)
 					return
@@ -222,7 +256,14 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 		all = append(all, err)
 	}
 	if len(all) > 0 {
-		return fmt.Errorf("half-close %s first: %w", map[bool]string{true: "client", false: "upstream"}[clientFINFirst], errors.Join(all...))
+		select { // the relay closes the sockets, then records why
+		case <-t.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+		if reason := t.Reason(); reason != "" {
+			all = append(all, fmt.Errorf("the relay ended the tunnel early: %s", reason))
+		}
+		return fmt.Errorf("half-close %s first, held limit %d: %w", map[bool]string{true: "client", false: "upstream"}[clientFINFirst], heldLimit, errors.Join(all...))
 	}
 	select {
 	case <-t.Done():

@@ -370,6 +370,7 @@ func (s *Server) startKernelPath() (*kernelPath, error) {
 		k.Close()
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
+	k.metrics.Store(s.metrics) // after the self-test: its demotions are not the users'
 	return k, nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,14 +26,24 @@ type kernelPath struct {
 	// carryFINEarly breaks the datapath on purpose, for the test that the self-test catches it: a FIN is
 	// carried as soon as it is seen, without waiting for the bytes before it.
 	carryFINEarly bool
+	// heldLimit is the most bytes the kernel may hold per direction before the verdict demotes it and
+	// userspace relays it until it can resume (hazard 5).
+	heldLimit uint64
+	// metrics counts demotions and resumes; nil during the self-test.
+	metrics atomic.Pointer[Metrics]
+	// relays counts the relaying goroutines started, for the self-test; relayWG waits for them at Close.
+	relays  atomic.Uint64
+	relayWG sync.WaitGroup
 
 	epfd   int
 	wakefd int // eventfd that wakes the loop to stop
 
-	mu    sync.Mutex
-	socks map[int32]*kernelSide // by fd, for epoll events
-	drain []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
-	done  chan struct{}
+	mu     sync.Mutex
+	socks  map[int32]*kernelSide // by fd, for epoll events
+	bySrc  map[uint64]*kernelDir // by the cookie of the direction's source, for demotion events
+	drain  []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
+	done   chan struct{}
+	events chan struct{} // closed when the demotion event reader has returned
 
 	closeOnce sync.Once
 }
@@ -74,6 +85,15 @@ type kernelDir struct {
 	// lastHanded and lastMove detect a stall: redirected bytes that never reach dst.
 	lastHanded uint64
 	lastMove   time.Time
+
+	// limit is src's held limit (loader.Socket.HeldLimit); counter counts the bytes userspace relays.
+	limit   uint64
+	counter *atomic.Uint64
+	// relaying is set while a goroutine relays src's passed bytes (relayPassed); guarded by
+	// kernelPath.mu. userRead and userWritten belong to that goroutine while it runs, and are read by
+	// others only under kernelPath.mu while it does not.
+	relaying              bool
+	userRead, userWritten uint64
 }
 
 const (
@@ -85,12 +105,20 @@ const (
 	stallTimeout = 10 * time.Second
 )
 
+// defaultHeldLimit is the held limit of every kernel tunnel direction. The prototype of hazard 5 demoted
+// at 4 MiB; the kernel also holds up to a send buffer (tcp_wmem, 4 MiB at most by default) in the
+// destination and a receive buffer in the source, so a stopped reader costs at most about 12 MiB per
+// direction, as much as the userspace paths allow the kernel to buffer for them.
+const defaultHeldLimit = 4 << 20
+
 func newKernelPath(log *slog.Logger, onFallback func(*Tunnel, string)) (*kernelPath, error) {
 	maps, err := loader.Open(loader.Options{})
 	if err != nil {
 		return nil, err
 	}
-	k := &kernelPath{maps: maps, log: log, onFallback: onFallback, socks: make(map[int32]*kernelSide), done: make(chan struct{})}
+	k := &kernelPath{maps: maps, log: log, onFallback: onFallback, heldLimit: defaultHeldLimit,
+		socks: make(map[int32]*kernelSide), bySrc: make(map[uint64]*kernelDir),
+		done: make(chan struct{}), events: make(chan struct{})}
 	if k.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		maps.Close()
 		return nil, fmt.Errorf("epoll_create1: %w", err)
@@ -105,9 +133,11 @@ func newKernelPath(log *slog.Logger, onFallback func(*Tunnel, string)) (*kernelP
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
 	go k.loop()
+	go k.readDemotions()
 	return k, nil
 }
 
+// closeFDs closes the epoll and event descriptors and unloads the BPF objects, which ends readDemotions.
 func (k *kernelPath) closeFDs() {
 	unix.Close(k.wakefd)
 	unix.Close(k.epfd)
@@ -122,7 +152,9 @@ func (k *kernelPath) Close() {
 		one[0] = 1
 		unix.Write(k.wakefd, one[:])
 		<-k.done
+		k.relayWG.Wait() // they use the maps until they see their tunnel gone
 		k.closeFDs()
+		<-k.events
 	})
 }
 
@@ -170,7 +202,10 @@ func (k *kernelPath) newSide(kt *kernelTunnel, c *net.TCPConn, isClient bool) (k
 // start hands t to the kernel. Userspace's leftovers go first: whatever the handshake read past the request
 // and past the 101 is written to the peer, then each socket's receive queue is emptied into its peer, all
 // before the sockets enter the map, so those bytes precede every byte the kernel redirects (hazard 1).
-func (k *kernelPath) start(t *Tunnel) {
+func (k *kernelPath) start(t *Tunnel) { k.startLimited(t, k.heldLimit) }
+
+// startLimited is start with the held limit of both directions given.
+func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 	kt := &kernelTunnel{t: t}
 	var err error
 	if kt.client, err = k.newSide(kt, t.Client, true); err == nil {
@@ -180,9 +215,10 @@ func (k *kernelPath) start(t *Tunnel) {
 		t.end(ReasonClientError, true)
 		return
 	}
-	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up}
-	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client}
-	for i, d := range t.directions() {
+	tdirs := t.directions()
+	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up, limit: heldLimit, counter: tdirs[0].counter}
+	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit, counter: tdirs[1].counter}
+	for i, d := range tdirs {
 		if err := d.writePrefix(); err != nil {
 			t.end(d.reasonFor(err), true)
 			return
@@ -216,10 +252,13 @@ func (k *kernelPath) start(t *Tunnel) {
 		return
 	}
 	k.mu.Lock()
-	err = k.maps.Insert(loader.Socket{FD: kt.client.fd, Cookie: kt.client.cookie}, loader.Socket{FD: kt.up.fd, Cookie: kt.up.cookie})
+	err = k.maps.Insert(loader.Socket{FD: kt.client.fd, Cookie: kt.client.cookie, HeldLimit: heldLimit},
+		loader.Socket{FD: kt.up.fd, Cookie: kt.up.cookie, HeldLimit: heldLimit})
 	if err == nil {
 		k.socks[int32(kt.client.fd)] = &kt.client
 		k.socks[int32(kt.up.fd)] = &kt.up
+		k.bySrc[kt.client.cookie] = &kt.dirs[0]
+		k.bySrc[kt.up.cookie] = &kt.dirs[1]
 		t.release = func() { k.release(kt) }
 		t.live = func() (uint64, uint64) { return k.counters(kt) }
 	}
@@ -331,6 +370,7 @@ func (k *kernelPath) release(kt *kernelTunnel) {
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
 		delete(k.socks, int32(s.fd))
+		delete(k.bySrc, s.cookie)
 	}
 	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
 		k.log.Warn("removing tunnel from BPF maps", "id", kt.t.ID, "err", err)
@@ -445,10 +485,24 @@ func (k *kernelPath) checkDrains() {
 			keep = append(keep, d)
 			continue
 		}
-		redirected, handed, err := k.dirProgress(d)
+		if d.relaying {
+			// The goroutine relaying the demoted source's passed bytes carries the FIN after them.
+			d.nextCheck = now.Add(drainMaxCheck)
+			keep = append(keep, d)
+			continue
+		}
+		st, handed, err := k.dirProgress(d)
+		redirected := st.Bytes
 		switch {
 		case err != nil:
 			stalled = append(stalled, d.kt)
+		case st.Demoted || st.Passed != d.userRead:
+			// Bytes before the FIN were passed to userspace: they go first, and the FIN after them.
+			// Normally a demotion event has started the relay already; this covers a lost event.
+			k.startRelayLocked(d)
+			d.settled = 0
+			d.nextCheck = now.Add(drainMaxCheck)
+			keep = append(keep, d)
 		case k.carryFINEarly, handed >= redirected && d.settled == redirected+1:
 			if err := unix.Shutdown(d.dst.fd, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
 				stalled = append(stalled, d.kt)
@@ -493,18 +547,18 @@ func (k *kernelPath) checkDrains() {
 	}
 }
 
-// dirProgress returns how many bytes the verdict redirected from d's source and how many of them have
-// entered its destination's send path.
-func (k *kernelPath) dirProgress(d *kernelDir) (redirected, handed uint64, err error) {
+// dirProgress returns the verdict's counters of d's source and how many of the bytes it redirected have
+// entered its destination's send path. The caller holds kernelPath.mu or is d's relaying goroutine.
+func (k *kernelPath) dirProgress(d *kernelDir) (loader.Stats, uint64, error) {
 	st, err := k.maps.Stats(d.src.cookie)
 	if err != nil {
-		return 0, 0, err
+		return loader.Stats{}, 0, err
 	}
 	sent, err := sentBytes(d.dst.fd)
 	if err != nil {
-		return 0, 0, err
+		return loader.Stats{}, 0, err
 	}
-	return st.Bytes, sent - d.dst.sentBase, nil
+	return st, sent - d.dst.sentBase - d.userWritten, nil
 }
 
 // dstBusy reports whether d's destination still has bytes to send: then the wait is a slow reader, not a stall.

@@ -55,6 +55,9 @@ const (
 	ReasonUpstreamError = "upstream_error" // reading from or writing to the upstream failed
 	ReasonShutdown      = "shutdown"       // the relay closed it when its drain time ran out
 	ReasonStalled       = "stalled"        // kernel tunnel whose bytes stopped reaching the peer
+	// ReasonOverflow: a kernel tunnel whose peers both stopped reading while both kept sending; the kernel
+	// would otherwise hold their bytes without bound (relay/sockmap_backpressure.go).
+	ReasonOverflow = "overflow"
 )
 
 // Datapath is the datapath carrying the tunnel.

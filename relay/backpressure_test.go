@@ -1,0 +1,191 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// heldBound is the most a stopped reader may leave in flight between the upstream's writes and the
+// client's reads, on every datapath: the socket buffers on the path (autotuned up to 4 MiB to send and
+// 6 MiB to receive on each of the four sockets) plus, on the kernel path, its held limit. A relay without
+// backpressure lets the sender push gigabytes in the same time (DATAPATH.md, hazard 5).
+const heldBound = 48 << 20
+
+// countingWriter writes src to c in 64 KiB chunks until it is all sent or a write fails, counting what
+// the kernel accepted, then half-closes c.
+func countingWriter(c *net.TCPConn, src []byte, sent *atomic.Int64, done chan<- error) {
+	for off := 0; off < len(src); {
+		n, err := c.Write(src[off:min(off+64<<10, len(src))])
+		off += n
+		sent.Add(int64(n))
+		if err != nil {
+			done <- err
+			return
+		}
+	}
+	done <- c.CloseWrite()
+}
+
+// readerPattern is how the client reads: pauses of off after each on of reading, or one pause of off at
+// the start when on is zero.
+type readerPattern struct {
+	name    string
+	on, off time.Duration
+}
+
+// TestBackpressureSlowReader streams from the upstream to a client that stops reading (or stutters). What
+// the upstream gets to send beyond what the client read must stay bounded, the stream must arrive byte-exact
+// when the client reads again, and the FIN, sent while the reader is stopped, must come after every byte.
+func TestBackpressureSlowReader(t *testing.T) {
+	patterns := []readerPattern{
+		{name: "stops-2s", off: 2 * time.Second},
+		{name: "stutters-20ms", on: 20 * time.Millisecond, off: 20 * time.Millisecond},
+	}
+	for _, dp := range testDatapaths {
+		for _, p := range patterns {
+			t.Run(string(dp)+"/"+p.name, func(t *testing.T) {
+				up := startUpstream(t)
+				r := startRelay(t, dp, []string{up.Addr})
+				c, u := openTunnel(t, r.Addr, up, nil, nil)
+				size := 512 << 20
+				if p.on > 0 {
+					size = 128 << 20
+				}
+				want := stream(7, size)
+				var sent atomic.Int64
+				wrote := make(chan error, 1)
+				go countingWriter(u.TCPConn, want, &sent, wrote)
+
+				got := make([]byte, 0, size)
+				buf := make([]byte, 256<<10)
+				var maxHeld int64
+				phaseEnd := time.Now().Add(p.off)
+				reading := p.on == 0 // a stopped reader sleeps first, then reads; a stutterer reads first
+				if !reading {
+					phaseEnd = time.Now().Add(p.on)
+				}
+				if p.on == 0 {
+					time.Sleep(p.off)
+					maxHeld = sent.Load()
+					reading = true
+					phaseEnd = time.Now().Add(time.Hour)
+				}
+				_ = c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+				for {
+					if !reading {
+						time.Sleep(p.off)
+						maxHeld = max(maxHeld, sent.Load()-int64(len(got)))
+						reading, phaseEnd = true, time.Now().Add(p.on)
+					}
+					n, err := c.R.Read(buf)
+					got = append(got, buf[:n]...)
+					if errors.Is(err, io.EOF) {
+						break
+					}
+					if err != nil {
+						t.Fatalf("client read %d of %d bytes, then: %v", len(got), size, err)
+					}
+					if p.on > 0 && time.Now().After(phaseEnd) {
+						reading = false
+					}
+				}
+				if err := <-wrote; err != nil {
+					t.Fatalf("upstream write: %v", err)
+				}
+				if d := diffStreams(got, want); d != "" {
+					t.Fatalf("stream to the client: %s", d)
+				}
+				t.Logf("most in flight while the reader paused: %.1f MiB", float64(maxHeld)/(1<<20))
+				if maxHeld > heldBound {
+					t.Errorf("the upstream sent %d bytes beyond what the client read while it paused; want at most %d", maxHeld, heldBound)
+				}
+				if dp == DatapathSockmap && p.on == 0 {
+					if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
+						t.Errorf("sockrelay_kernel_demotions_total = %v after a reader stopped, want at least 1", n)
+					}
+				}
+				c.CloseWrite()
+				waitTunnelsGone(t, r)
+			})
+		}
+	}
+}
+
+// TestBackpressureBothStopReading has a client that floods the relay and never reads, in front of an
+// upstream that echoes: both ends stop reading while both send. Every datapath must bound what it holds:
+// the userspace ones by blocking, the kernel one by resetting the tunnel once its own limit is past (its
+// passed bytes then wait behind bytes no one reads, charged to no socket).
+func TestBackpressureBothStopReading(t *testing.T) {
+	for _, dp := range testDatapaths {
+		t.Run(string(dp), func(t *testing.T) {
+			up := startUpstream(t)
+			r := startRelay(t, dp, []string{up.Addr})
+			c, u := openTunnel(t, r.Addr, up, nil, nil)
+			go func() { io.Copy(u, u.R) }() // the echo blocks once the client's receive buffer is full
+			var sent atomic.Int64
+			wrote := make(chan error, 1)
+			go countingWriter(c.TCPConn, stream(9, 1<<30), &sent, wrote)
+			var err error
+			select {
+			case err = <-wrote:
+			case <-time.After(3 * time.Second):
+			}
+			n := sent.Load()
+			t.Logf("client sent %.1f MiB in 3 s without reading (write error: %v)", float64(n)/(1<<20), err)
+			if n > 2*heldBound {
+				t.Errorf("client sent %d bytes without reading any; want at most %d", n, 2*heldBound)
+			}
+			c.SetLinger(0)
+			c.Close()
+			waitTunnelsGone(t, r)
+		})
+	}
+}
+
+// TestBackpressureFINWhileDemoted sends a stream and its FIN while the client does not read, so that the FIN
+// reaches the relay while the kernel direction is demoted; the client must then read every byte, then EOF,
+// and the other direction keeps working after it.
+func TestBackpressureFINWhileDemoted(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathSockmap, []string{up.Addr})
+	for i := range 3 {
+		c, u := openTunnel(t, r.Addr, up, nil, nil)
+		want := stream(uint64(20+i), 48<<20)
+		var sent atomic.Int64
+		wrote := make(chan error, 1)
+		go countingWriter(u.TCPConn, want, &sent, wrote)
+		time.Sleep(500 * time.Millisecond) // the upstream fills the path and the direction is demoted
+		got, err := readAllWithin(c, c.R, time.Minute)
+		if err != nil {
+			t.Fatalf("tunnel %d: client read %d bytes, then: %v", i, len(got), err)
+		}
+		if werr := <-wrote; werr != nil {
+			t.Fatalf("tunnel %d: upstream write: %v", i, werr)
+		}
+		if d := diffStreams(got, want); d != "" {
+			t.Fatalf("tunnel %d: stream to the client: %s", i, d)
+		}
+		// The other direction still flows after the FIN, then closes.
+		msg := []byte(fmt.Sprintf("after the fin %d", i))
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		c.CloseWrite()
+		back, err := readAllWithin(u, u.R, 10*time.Second)
+		if err != nil || string(back) != string(msg) {
+			t.Fatalf("tunnel %d: upstream got %q, %v; want %q then EOF", i, back, err, msg)
+		}
+	}
+	if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
+		t.Errorf("sockrelay_kernel_demotions_total = %v, want at least 1", n)
+	}
+	waitTunnelsGone(t, r)
+}
