@@ -58,13 +58,15 @@ struct sock_stats {
 	__u32 _pad;
 };
 
-// A demotion, for userspace to start relaying the socket's passed bytes.
-struct demotion_event {
+// A change of mode: a demotion, for userspace to start relaying the socket's passed bytes, or a resume, for
+// the goroutine that relays them to stop.
+struct mode_event {
 	__u64 cookie;
 	__u64 demotions;
+	__u64 resumed; // 0: demoted, 1: redirecting again
 };
 
-// Demotion events that did not fit in the ring buffer; userspace reports them, they must stay 0.
+// Events that did not fit in the ring buffer; userspace reports them, they must stay 0.
 volatile __u64 events_lost = 0;
 
 struct {
@@ -104,6 +106,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 << 10);
 } events SEC(".maps");
+
+static __always_inline void notify(__u64 cookie, __u64 demotions, __u64 resumed)
+{
+	struct mode_event ev = {.cookie = cookie, .demotions = demotions, .resumed = resumed};
+	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0))
+		__sync_fetch_and_add(&events_lost, 1);
+}
 
 // peer_write_seq reads the peer's write_seq; ok is 0 when the peer is not in the targets map.
 static __always_inline __u32 peer_write_seq(__u64 *peer, int *ok)
@@ -149,6 +158,7 @@ int sockrelay_verdict(struct __sk_buff *skb)
 			return SK_PASS;
 		}
 		st->mode = MODE_REDIRECT;
+		notify(cookie, st->demotions, 1);
 	}
 
 	if (info->limit) {
@@ -167,9 +177,7 @@ int sockrelay_verdict(struct __sk_buff *skb)
 			if (held > 0 && (__u64)held > info->limit) {
 				st->mode = MODE_PASS;
 				st->demotions++;
-				struct demotion_event ev = {.cookie = cookie, .demotions = st->demotions};
-				if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0))
-					__sync_fetch_and_add(&events_lost, 1);
+				notify(cookie, st->demotions, 0);
 				st->passed += skb->len;
 				st->last_ns = bpf_ktime_get_ns();
 				return SK_PASS;

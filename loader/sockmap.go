@@ -108,7 +108,7 @@ func (s *Sockmap) Close() error {
 	s.closed = true
 	var errs []error
 	if s.events != nil {
-		// First: a ReadDemotion blocked in another goroutine returns ErrClosed.
+		// First: a ReadModeChange blocked in another goroutine returns ErrClosed.
 		if err := s.events.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close demotion event reader: %w", err))
 		}
@@ -234,28 +234,31 @@ func (s *Sockmap) Stats(cookie uint64) (Stats, error) {
 		Demotions: v.Demotions, Demoted: v.Mode != 0}, nil
 }
 
-// Demotion is the verdict's notice that it demoted a socket: from now on its bytes wait for userspace.
-type Demotion struct {
+// ModeChange is the verdict's notice that a socket changed mode: demoted (from now on its bytes wait for
+// userspace) or resumed (redirected in the kernel again).
+type ModeChange struct {
 	Cookie    uint64
-	Demotions uint64 // the socket's demotion count, this one included
+	Demotions uint64 // the socket's demotion count, the last one included
+	Resumed   bool
 }
 
-// ReadDemotion waits for the next demotion. After Close it returns an error that wraps os.ErrClosed.
-func (s *Sockmap) ReadDemotion() (Demotion, error) {
+// ReadModeChange waits for the next mode change. After Close it returns an error that wraps os.ErrClosed.
+func (s *Sockmap) ReadModeChange() (ModeChange, error) {
 	rec, err := s.events.Read()
 	if err != nil {
-		return Demotion{}, fmt.Errorf("read demotion event: %w", err)
+		return ModeChange{}, fmt.Errorf("read mode event: %w", err)
 	}
-	if len(rec.RawSample) < 16 {
-		return Demotion{}, fmt.Errorf("demotion event of %d bytes, want 16", len(rec.RawSample))
+	if len(rec.RawSample) < 24 {
+		return ModeChange{}, fmt.Errorf("mode event of %d bytes, want 24", len(rec.RawSample))
 	}
-	return Demotion{
+	return ModeChange{
 		Cookie:    binary.NativeEndian.Uint64(rec.RawSample[0:8]),
 		Demotions: binary.NativeEndian.Uint64(rec.RawSample[8:16]),
+		Resumed:   binary.NativeEndian.Uint64(rec.RawSample[16:24]) != 0,
 	}, nil
 }
 
-// EventsLost counts demotion events the ring buffer had no room for. Userspace finds such demotions on its
+// EventsLost counts mode events the ring buffer had no room for. Userspace finds such demotions on its
 // own (see relay's kernel datapath), but a nonzero count means the ring buffer is too small.
 func (s *Sockmap) EventsLost() (uint64, error) {
 	var n uint64

@@ -106,6 +106,9 @@ func TestBackpressureSlowReader(t *testing.T) {
 				if maxHeld > heldBound {
 					t.Errorf("the upstream sent %d bytes beyond what the client read while it paused; want at most %d", maxHeld, heldBound)
 				}
+				if dp == DatapathSockmap {
+					t.Logf("demotions %v, resumes %v", testutil.ToFloat64(r.metrics.kernelDemotions), testutil.ToFloat64(r.metrics.kernelResumes))
+				}
 				if dp == DatapathSockmap && p.on == 0 {
 					if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
 						t.Errorf("sockrelay_kernel_demotions_total = %v after a reader stopped, want at least 1", n)
@@ -188,4 +191,84 @@ func TestBackpressureFINWhileDemoted(t *testing.T) {
 		t.Errorf("sockrelay_kernel_demotions_total = %v, want at least 1", n)
 	}
 	waitTunnelsGone(t, r)
+}
+
+// TestBackpressureResumes checks that a demoted direction goes back into the kernel: once the client has
+// caught up, the next bytes are redirected again, and no goroutine is left relaying the tunnel.
+func TestBackpressureResumes(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathSockmap, []string{up.Addr})
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	want := stream(30, 32<<20)
+	go u.Write(want)
+	time.Sleep(300 * time.Millisecond) // the client does not read: the direction is demoted
+	got := make([]byte, len(want))
+	_ = c.SetReadDeadline(time.Now().Add(time.Minute))
+	if _, err := io.ReadFull(c.R, got); err != nil {
+		t.Fatalf("client read: %v", err)
+	}
+	if d := diffStreams(got, want); d != "" {
+		t.Fatalf("stream to the client: %s", d)
+	}
+	if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
+		t.Fatalf("sockrelay_kernel_demotions_total = %v after the client paused, want at least 1", n)
+	}
+	d := upstreamDir(t, r)
+
+	// Small messages now, each read before the next: the first one finds the client caught up and resumes.
+	msg, back := make([]byte, 1024), make([]byte, 1024)
+	exchange := func(i int) {
+		msg[0] = byte(i)
+		if _, err := u.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c.R, back); err != nil || back[0] != byte(i) {
+			t.Fatalf("message %d: %v", i, err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for i := 0; ; i++ {
+		exchange(i)
+		r.kernel.mu.Lock()
+		relaying := d.relaying
+		r.kernel.mu.Unlock()
+		st, err := r.kernel.maps.Stats(d.src.cookie)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !relaying && !st.Demoted {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %d messages the direction is still demoted=%v, relayed by a goroutine=%v", i+1, st.Demoted, relaying)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	before, _ := r.kernel.maps.Stats(d.src.cookie)
+	for i := range 10 {
+		exchange(100 + i)
+	}
+	after, _ := r.kernel.maps.Stats(d.src.cookie)
+	if after.Passed != before.Passed || after.Bytes-before.Bytes != 10*1024 {
+		t.Errorf("after resuming, 10 KiB went %d bytes redirected, %d passed; want all redirected",
+			after.Bytes-before.Bytes, after.Passed-before.Passed)
+	}
+	if n := testutil.ToFloat64(r.metrics.kernelResumes); n < 1 {
+		t.Errorf("sockrelay_kernel_resumes_total = %v, want at least 1", n)
+	}
+}
+
+// upstreamDir returns the upstream → client direction of r's only kernel tunnel.
+func upstreamDir(t *testing.T, r *testRelay) *kernelDir {
+	t.Helper()
+	r.kernel.mu.Lock()
+	defer r.kernel.mu.Unlock()
+	for _, d := range r.kernel.bySrc {
+		if !d.src.isClient {
+			return d
+		}
+	}
+	t.Fatal("no kernel tunnel")
+	return nil
 }

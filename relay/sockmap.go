@@ -43,7 +43,7 @@ type kernelPath struct {
 	bySrc  map[uint64]*kernelDir // by the cookie of the direction's source, for demotion events
 	drain  []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
 	done   chan struct{}
-	events chan struct{} // closed when the demotion event reader has returned
+	events chan struct{} // closed when readModeChanges has returned
 
 	closeOnce sync.Once
 }
@@ -94,6 +94,7 @@ type kernelDir struct {
 	// others only under kernelPath.mu while it does not.
 	relaying              bool
 	userRead, userWritten uint64
+	resumeGen             uint64 // the demotion after which resuming was last asked for
 }
 
 const (
@@ -133,11 +134,11 @@ func newKernelPath(log *slog.Logger, onFallback func(*Tunnel, string)) (*kernelP
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
 	go k.loop()
-	go k.readDemotions()
+	go k.readModeChanges()
 	return k, nil
 }
 
-// closeFDs closes the epoll and event descriptors and unloads the BPF objects, which ends readDemotions.
+// closeFDs closes the epoll and event descriptors and unloads the BPF objects, which ends readModeChanges.
 func (k *kernelPath) closeFDs() {
 	unix.Close(k.wakefd)
 	unix.Close(k.epfd)

@@ -24,9 +24,10 @@ import (
 // at the first skb that finds every passed byte consumed.
 
 const (
-	// relayPoll is how long a relaying goroutine waits for passed bytes before it checks again whether the
-	// verdict has resumed redirecting (then there is nothing more to read, and it stops).
-	relayPoll = 10 * time.Millisecond
+	// relayPoll is how long a relaying goroutine whose destination is still busy waits for passed bytes
+	// before it looks again whether it may ask to resume; doubled up to relayMaxPoll while nothing comes.
+	relayPoll    = 10 * time.Millisecond
+	relayMaxPoll = 500 * time.Millisecond
 	// handedOnFirstCheck and handedOnMaxCheck pace waitHandedOn.
 	handedOnFirstCheck = 100 * time.Microsecond
 	handedOnMaxCheck   = 10 * time.Millisecond
@@ -35,23 +36,30 @@ const (
 // errTunnelEnded stops a relaying goroutine whose tunnel ended under it.
 var errTunnelEnded = errors.New("tunnel ended")
 
-// readDemotions starts a relaying goroutine for each direction the verdict demotes, until Close.
-func (k *kernelPath) readDemotions() {
+// readModeChanges starts a relaying goroutine for each direction the verdict demotes, and wakes it when
+// the verdict resumes, until Close.
+func (k *kernelPath) readModeChanges() {
 	defer close(k.events)
 	for {
-		ev, err := k.maps.ReadDemotion()
+		ev, err := k.maps.ReadModeChange()
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
-				k.log.Error("kernel datapath: demotion events stopped; demoted tunnels are found only at FIN now", "err", err)
+				k.log.Error("kernel datapath: mode events stopped; demoted tunnels are found only at FIN now", "err", err)
 			}
 			return
 		}
-		if m := k.metrics.Load(); m != nil {
+		if m := k.metrics.Load(); m != nil && !ev.Resumed {
 			m.kernelDemotions.Inc()
 		}
 		k.mu.Lock()
 		if d, ok := k.bySrc[ev.Cookie]; ok {
-			k.startRelayLocked(d)
+			if !ev.Resumed {
+				k.startRelayLocked(d)
+			} else if d.relaying {
+				// The goroutine waits in Go's poller for bytes that will not come now: the source's
+				// wake-ups on redirected bytes are not EPOLLIN. An expired deadline wakes it to stop.
+				_ = d.src.conn.SetReadDeadline(time.Now())
+			}
 		}
 		k.mu.Unlock()
 	}
@@ -76,21 +84,44 @@ func (k *kernelPath) startRelayLocked(d *kernelDir) {
 // when the tunnel ends.
 func (k *kernelPath) relayPassed(d *kernelDir) {
 	t := d.kt.t
+	fail := func(reason string) {
+		k.stopRelaying(d, true)
+		if reason != "" {
+			t.end(reason, true)
+		}
+	}
 	rc, err := d.src.conn.SyscallConn()
 	if err != nil {
-		k.stopRelaying(d, true)
-		t.end(sideReason(d.src.isClient, err), true)
+		fail(sideReason(d.src.isClient, err))
 		return
 	}
 	bp := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bp)
+	poll := relayPoll
 	for {
-		st, err := k.maps.Stats(d.src.cookie)
-		if err != nil {
-			k.stopRelaying(d, true) // the tunnel left the maps: it is ending
-			return
+		// Ask to resume once the destination has room again; until then stay demoted rather than flap,
+		// and look again a poll interval later. Once asked, the goroutine sleeps in Go's poller until the
+		// source's next data_ready, which either passes bytes or finds the verdict redirecting again.
+		deadline := time.Time{}
+		if st, err := k.maps.Stats(d.src.cookie); err == nil && d.resumeGen != st.Demotions {
+			if d.dstHasRoom() {
+				d.resumeGen = st.Demotions
+				if err := k.setControl(d); err != nil {
+					fail("")
+					return
+				}
+			} else {
+				deadline = time.Now().Add(poll)
+			}
 		}
-		if !st.Demoted && st.Passed == d.userRead {
+		_ = d.src.conn.SetReadDeadline(deadline)
+		n, err := k.readPassed(rc, d, *bp)
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The destination still busy, or the verdict resumed (readModeChanges expired the deadline).
+			poll = min(2*poll, relayMaxPoll)
+			continue
+		case errors.Is(err, errResumed):
 			if k.stopRelaying(d, false) {
 				if m := k.metrics.Load(); m != nil {
 					m.kernelResumes.Inc()
@@ -98,22 +129,16 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 				return
 			}
 			continue
-		}
-		if unread := st.Passed - d.userRead; unread > 4*d.limit && unread > d.overflowAt() {
-			k.log.Error("kernel tunnel reset: both peers stopped reading while sending, and the kernel would hold their bytes without bound",
-				"id", t.ID, "held_bytes", st.Passed-d.userRead)
-			k.stopRelaying(d, true)
-			t.end(ReasonOverflow, true)
+		case errors.Is(err, errTunnelEnded):
+			fail("")
 			return
-		}
-		_ = d.src.conn.SetReadDeadline(time.Now().Add(relayPoll))
-		n, err := readRaw(rc, *bp)
-		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			continue
+		case errors.Is(err, errOverflow):
+			k.log.Error("kernel tunnel reset: both peers stopped reading while sending, and the kernel would hold their bytes without bound",
+				"id", t.ID, "limit", d.limit)
+			fail(ReasonOverflow)
+			return
 		case err != nil:
-			k.stopRelaying(d, true)
-			t.end(sideReason(d.src.isClient, err), true)
+			fail(sideReason(d.src.isClient, err))
 			return
 		case n == 0:
 			// recvmsg reports EOF as soon as the socket's message queue is empty, which can be before
@@ -126,12 +151,14 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			k.finishRelayed(d)
 			return
 		}
+		poll = relayPoll
 		// These bytes were passed, so every earlier run of the source's verdict has finished and counted
 		// what it redirected: those bytes must all be in the destination's send queue before these follow.
 		if err := k.waitHandedOn(d); err != nil {
-			k.stopRelaying(d, true)
-			if !errors.Is(err, errTunnelEnded) {
-				t.end(ReasonStalled, true)
+			if errors.Is(err, errTunnelEnded) {
+				fail("")
+			} else {
+				fail(ReasonStalled)
 			}
 			return
 		}
@@ -140,21 +167,75 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 		d.userRead += uint64(n)
 		d.userWritten += uint64(w)
 		if err != nil {
-			k.stopRelaying(d, true)
-			t.end(sideReason(d.dst.isClient, err), true)
+			fail(sideReason(d.dst.isClient, err))
 			return
 		}
-		// Ask to resume once the destination has room again; until then, stay demoted rather than flap.
-		var resume uint64
-		if unsent, err := unix.IoctlGetInt(d.dst.fd, unix.SIOCOUTQNSD); err == nil && uint64(unsent) < d.limit/4 {
-			resume = st.Demotions
-		}
-		if err := k.maps.SetControl(d.src.cookie, loader.Control{Peer: d.dst.cookie, HeldLimit: d.limit,
-			UserRead: d.userRead, UserWritten: d.userWritten, ResumeGen: resume}); err != nil {
-			k.stopRelaying(d, true)
+		if err := k.setControl(d); err != nil {
+			fail("")
 			return
 		}
 	}
+}
+
+var (
+	errResumed  = errors.New("the verdict redirects again and every passed byte is relayed")
+	errOverflow = errors.New("passed bytes wait behind bytes no reader takes")
+)
+
+// readPassed reads bytes passed to d's source into b, waiting in Go's poller (within the source's read
+// deadline). Each time the source wakes, it first checks the verdict's counters: errResumed, without
+// reading, once the verdict redirects again and every passed byte has been read (a read then would only
+// race the verdict, DATAPATH.md hazard 5c); errOverflow when passed bytes pile up where no read can reach
+// them (overflowAt); errTunnelEnded once the tunnel has left the maps.
+func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int, error) {
+	var (
+		n    int
+		rerr error
+	)
+	err := rc.Read(func(fd uintptr) bool {
+		st, err := k.maps.Stats(d.src.cookie)
+		switch {
+		case err != nil:
+			rerr = errTunnelEnded
+			return true
+		case !st.Demoted && st.Passed == d.userRead:
+			rerr = errResumed
+			return true
+		}
+		for {
+			n, rerr = unix.Read(int(fd), b)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr != unix.EAGAIN {
+			return true
+		}
+		if unread := st.Passed - d.userRead; unread > 4*d.limit && unread > d.overflowAt() {
+			rerr = errOverflow
+			return true
+		}
+		return false
+	})
+	if err != nil {
+		return 0, err
+	}
+	if rerr != nil {
+		return 0, rerr
+	}
+	return n, nil
+}
+
+// setControl tells the verdict what d's relaying goroutine has done so far.
+func (k *kernelPath) setControl(d *kernelDir) error {
+	return k.maps.SetControl(d.src.cookie, loader.Control{Peer: d.dst.cookie, HeldLimit: d.limit,
+		UserRead: d.userRead, UserWritten: d.userWritten, ResumeGen: d.resumeGen})
+}
+
+// dstHasRoom reports whether d's destination has little left to send: then the direction may resume.
+func (d *kernelDir) dstHasRoom() bool {
+	unsent, err := unix.IoctlGetInt(d.dst.fd, unix.SIOCOUTQNSD)
+	return err == nil && uint64(unsent) < d.limit/4
 }
 
 // overflowAt is how many passed bytes not yet read from d's source mean that both peers stopped reading.
@@ -166,31 +247,6 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 func (d *kernelDir) overflowAt() uint64 {
 	rcvbuf, _ := unix.GetsockoptInt(d.src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
 	return 4*d.limit + 2*uint64(rcvbuf)
-}
-
-// readRaw reads once from rc into b, waiting in Go's poller (so within the connection's read deadline)
-// while nothing is readable.
-func readRaw(rc syscall.RawConn, b []byte) (int, error) {
-	var (
-		n    int
-		rerr error
-	)
-	err := rc.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = unix.Read(int(fd), b)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		return rerr != unix.EAGAIN
-	})
-	if err != nil {
-		return 0, err
-	}
-	if rerr != nil {
-		return 0, rerr
-	}
-	return n, nil
 }
 
 // stopRelaying ends d's relaying goroutine. Unless force, it first checks under k.mu that the verdict
