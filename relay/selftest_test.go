@@ -36,8 +36,6 @@ func TestSelfTestRejectsBrokenDatapath(t *testing.T) {
 		t.Fatalf("NewServer(sockmap) with a broken datapath: %v, want ErrDatapathUnavailable saying the self-test failed", err)
 	}
 
-	autoTriesKernel = true
-	defer func() { autoTriesKernel = false }()
 	r := startRelay(t, DatapathAuto, []string{"127.0.0.1:1"}, broken)
 	if r.Datapath() != DatapathSplice {
 		t.Fatalf("auto with a broken kernel datapath chose %s, want splice", r.Datapath())

@@ -38,6 +38,9 @@ type Config struct {
 	UpstreamResponseTimeout time.Duration
 	// MaxHeaderBytes bounds a client's request line and headers.
 	MaxHeaderBytes int
+	// KernelHeldLimit bounds, on the sockmap datapath, the bytes the kernel holds per tunnel direction for
+	// a reader slower than its sender; past it the direction is relayed by userspace until it catches up.
+	KernelHeldLimit int
 
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -52,6 +55,14 @@ const (
 	DefaultConnectTimeout          = 5 * time.Second
 	DefaultUpstreamResponseTimeout = 15 * time.Second
 	DefaultMaxHeaderBytes          = 16 << 10
+	// DefaultKernelHeldLimit: the prototype of hazard 5 demoted at 4 MiB. The kernel also holds up to a send
+	// buffer in the destination (tcp_wmem, 4 MiB at most by default) and a receive buffer in the source,
+	// so a stopped reader costs about 12 MiB per direction, the order of what the userspace paths let
+	// the socket buffers hold for them (8–10 MiB measured here).
+	DefaultKernelHeldLimit = 4 << 20
+	// MinKernelHeldLimit is the least KernelHeldLimit accepted: below a few segments, a direction would
+	// be demoted by every burst.
+	MinKernelHeldLimit = 64 << 10
 )
 
 // Server relays WebSockets: it validates each client's upgrade, forwards it to an upstream, and opens a
@@ -85,6 +96,10 @@ func NewServer(cfg Config) (*Server, error) {
 	cfg.ConnectTimeout = orDefault(cfg.ConnectTimeout, DefaultConnectTimeout)
 	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
 	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
+	cfg.KernelHeldLimit = orDefault(cfg.KernelHeldLimit, DefaultKernelHeldLimit)
+	if cfg.KernelHeldLimit < MinKernelHeldLimit {
+		return nil, fmt.Errorf("kernel held limit %d: the least accepted is %d", cfg.KernelHeldLimit, MinKernelHeldLimit)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -302,7 +317,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 // the relay steps down to splice (or copy) and says so in the log and in the fallback counter.
 func (s *Server) setUpDatapath() error {
 	requested := s.cfg.Datapath
-	if requested == DatapathSockmap || requested == DatapathAuto && autoTriesKernel {
+	if requested == DatapathSockmap || requested == DatapathAuto {
 		k, err := s.startKernelPath()
 		if err == nil {
 			s.kernel, s.cfg.Datapath = k, DatapathSockmap
@@ -324,20 +339,12 @@ func (s *Server) setUpDatapath() error {
 		s.log.Warn("kernel datapath unavailable, using a userspace one", "reason", reason, "err", err)
 		return s.chooseUserspace(requested, []string{err.Error()})
 	}
-	if requested == DatapathAuto {
-		return s.chooseUserspace(requested, []string{"sockmap: not chosen by auto until it bounds what it holds for a reader that stops; ask for it with --datapath sockmap"})
-	}
 	if err := requested.Available(); err != nil {
 		return err
 	}
 	s.log.Info("datapath chosen", "datapath", requested, "requested", requested, "why", "requested by name")
 	return nil
 }
-
-// autoTriesKernel says whether auto tries sockmap first. Not yet: the kernel datapath has no backpressure
-// (DATAPATH.md, hazard 5), so a client that stops reading while its upstream streams would make the kernel
-// hold an unbounded amount of memory. Tests turn it on to exercise the fallback.
-var autoTriesKernel = false
 
 // chooseUserspace picks the first of splice and copy that can run, logging why.
 func (s *Server) chooseUserspace(requested Datapath, skipped []string) error {
@@ -371,6 +378,7 @@ func (s *Server) startKernelPath() (*kernelPath, error) {
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
 	k.metrics.Store(s.metrics) // after the self-test: its demotions are not the users'
+	k.heldLimit = uint64(s.cfg.KernelHeldLimit)
 	return k, nil
 }
 

@@ -106,18 +106,13 @@ const (
 	stallTimeout = 10 * time.Second
 )
 
-// defaultHeldLimit is the held limit of every kernel tunnel direction. The prototype of hazard 5 demoted
-// at 4 MiB; the kernel also holds up to a send buffer (tcp_wmem, 4 MiB at most by default) in the
-// destination and a receive buffer in the source, so a stopped reader costs at most about 12 MiB per
-// direction, as much as the userspace paths allow the kernel to buffer for them.
-const defaultHeldLimit = 4 << 20
 
 func newKernelPath(log *slog.Logger, onFallback func(*Tunnel, string)) (*kernelPath, error) {
 	maps, err := loader.Open(loader.Options{})
 	if err != nil {
 		return nil, err
 	}
-	k := &kernelPath{maps: maps, log: log, onFallback: onFallback, heldLimit: defaultHeldLimit,
+	k := &kernelPath{maps: maps, log: log, onFallback: onFallback, heldLimit: DefaultKernelHeldLimit,
 		socks: make(map[int32]*kernelSide), bySrc: make(map[uint64]*kernelDir),
 		done: make(chan struct{}), events: make(chan struct{})}
 	if k.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {

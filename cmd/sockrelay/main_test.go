@@ -80,6 +80,7 @@ func TestRunRejectsBadFlags(t *testing.T) {
 		{"negative connect timeout", append(ok, "--connect-timeout", "-1s"), []string{"--connect-timeout", "positive duration"}},
 		{"bad duration", append(ok, "--upstream-timeout", "ten"), []string{"upstream-timeout", "invalid"}},
 		{"tiny header limit", append(ok, "--max-header-bytes", "10"), []string{"--max-header-bytes", "1024"}},
+		{"tiny held limit", append(ok, "--kernel-held-limit", "1000"), []string{"--kernel-held-limit", "1000", "65536"}},
 		{"bad log level", append(ok, "--log-level", "loud"), []string{"--log-level", "debug, info, warn, error"}},
 		{"bad log format", append(ok, "--log-format", "xml"), []string{"--log-format", "text, json"}},
 	} {
@@ -204,7 +205,7 @@ func TestRunEndToEnd(t *testing.T) {
 			}
 			want := dp
 			if dp == "auto" {
-				want = "splice"
+				want = autoChoice()
 			}
 			if _, body := httpGet(t, admin+"/metrics"); !strings.Contains(body, fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q} 2`, want)) {
 				t.Errorf("/metrics lacks sockrelay_tunnels_total{datapath=%q} 2", want)

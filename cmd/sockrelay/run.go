@@ -29,6 +29,7 @@ type runOptions struct {
 	connectTimeout      time.Duration
 	upstreamTimeout     time.Duration
 	maxHeaderBytes      int
+	kernelHeldLimit     int
 	logLevel            string
 	logFormat           string
 }
@@ -61,6 +62,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.DurationVar(&o.connectTimeout, "connect-timeout", relay.DefaultConnectTimeout, "how long connecting to an upstream may take")
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", relay.DefaultUpstreamResponseTimeout, "how long an upstream may take to answer a handshake or request")
 	fs.IntVar(&o.maxHeaderBytes, "max-header-bytes", relay.DefaultMaxHeaderBytes, "largest request line and headers a client may send, in bytes")
+	fs.IntVar(&o.kernelHeldLimit, "kernel-held-limit", relay.DefaultKernelHeldLimit, "sockmap: most `BYTES` the kernel may hold per tunnel direction for a slow reader before userspace takes over the direction")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -113,6 +115,9 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	}
 	if o.maxHeaderBytes < 1024 {
 		return nil, fmt.Errorf("--max-header-bytes: %d is too small; the least accepted is 1024", o.maxHeaderBytes)
+	}
+	if o.kernelHeldLimit < relay.MinKernelHeldLimit {
+		return nil, fmt.Errorf("--kernel-held-limit: %d is too small; the least accepted is %d", o.kernelHeldLimit, relay.MinKernelHeldLimit)
 	}
 	if _, err := newLogger(io.Discard, o.logLevel, o.logFormat); err != nil {
 		return nil, err
@@ -168,6 +173,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		ConnectTimeout:          o.connectTimeout,
 		UpstreamResponseTimeout: o.upstreamTimeout,
 		MaxHeaderBytes:          o.maxHeaderBytes,
+		KernelHeldLimit:         o.kernelHeldLimit,
 		Logger:                  log,
 		Registerer:              reg,
 	})
