@@ -106,7 +106,6 @@ const (
 	stallTimeout = 10 * time.Second
 )
 
-
 func newKernelPath(log *slog.Logger, onFallback func(*Tunnel, string)) (*kernelPath, error) {
 	maps, err := loader.Open(loader.Options{})
 	if err != nil {
