@@ -23,6 +23,12 @@
 
 char __license[] SEC("license") = "GPL";
 
+struct sk_buff {
+	char cb[48];
+} __attribute__((preserve_access_index));
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+
 // Only the field read here; CO-RE relocates its offset to the running kernel's struct tcp_sock (BTF).
 struct tcp_sock {
 	__u32 write_seq; // sequence number after the last byte queued for sending
@@ -55,15 +61,25 @@ struct sock_stats {
 	__u32 mode;      // MODE_*
 	__u32 peer_seq0; // the peer's write_seq at this socket's first redirect (valid once seq0_set)
 	__u32 seq0_set;
-	__u32 _pad;
+	__u32 next_seq; // TCP sequence number of the next byte the verdict expects (valid once seq_set)
+	__u32 seq_set;
+	__u32 broken;   // a repeated head could not be cut off: every later skb is dropped, userspace resets
+	__u64 overlaps;      // skbs that began with bytes already delivered
+	__u64 overlap_bytes; // bytes cut off them
 };
 
 // A change of mode: a demotion, for userspace to start relaying the socket's passed bytes, or a resume, for
 // the goroutine that relays them to stop.
+enum {
+	EVENT_DEMOTED = 0,
+	EVENT_RESUMED = 1,
+	EVENT_BROKEN = 2, // see sock_stats.broken
+};
+
 struct mode_event {
 	__u64 cookie;
 	__u64 demotions;
-	__u64 resumed; // 0: demoted, 1: redirecting again
+	__u64 kind; // EVENT_*
 };
 
 // Events that did not fit in the ring buffer; userspace reports them, they must stay 0.
@@ -107,11 +123,26 @@ struct {
 	__uint(max_entries, 256 << 10);
 } events SEC(".maps");
 
-static __always_inline void notify(__u64 cookie, __u64 demotions, __u64 resumed)
+static __always_inline void notify(__u64 cookie, __u64 demotions, __u64 kind)
 {
-	struct mode_event ev = {.cookie = cookie, .demotions = demotions, .resumed = resumed};
+	struct mode_event ev = {.cookie = cookie, .demotions = demotions, .kind = kind};
 	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0))
 		__sync_fetch_and_add(&events_lost, 1);
+}
+
+// trim_head cuts n bytes off the front of skb, 4095 at most per bpf_skb_adjust_room call (its limit for
+// sk_skb), up to 32 calls (128 KiB). It returns 0, or a negative number when it could not cut them all.
+static __always_inline int trim_head(struct __sk_buff *skb, __u32 n)
+{
+	for (int i = 0; i < 32 && n > 0; i++) {
+		__u32 step = n > 4095 ? 4095 : n;
+		if (step > skb->len)
+			return -1;
+		if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0))
+			return -1;
+		n -= step;
+	}
+	return n ? -1 : 0;
 }
 
 // peer_write_seq reads the peer's write_seq; ok is 0 when the peer is not in the targets map.
@@ -148,6 +179,37 @@ int sockrelay_verdict(struct __sk_buff *skb)
 	if (!info || !st)
 		return SK_PASS; // not a tunnel socket (or being torn down): leave the bytes with it
 
+	// TCP can queue a segment that begins before bytes it already delivered: a retransmission cut
+	// differently from the original (tcp_data_queue, "partial packet"), or an out-of-order skb that
+	// straddles rcv_nxt (tcp_ofo_queue). tcp_recvmsg skips such bytes by their offset from copied_seq;
+	// tcp_read_skb, which feeds this program, hands the whole skb over, so without this check those
+	// bytes would reach the peer twice. Seen here on 6.18 while a direction was demoted and its window
+	// closing: 65 483 bytes (one loopback segment) repeated, a few times per ten 2 GiB transfers.
+	// The repeated head is cut off the skb, so that what is redirected or passed (and what TCP counts
+	// as consumed, tcp_eat_skb / copied_seq) is only new bytes. Needs bpf_cast_to_kern_ctx (6.2+) to
+	// read the skb's sequence number; without it the check is skipped.
+	if (bpf_cast_to_kern_ctx) {
+		struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+		__u32 seq = *(__u32 *)&kskb->cb[0]; // TCP_SKB_CB(skb)->seq
+		__s32 repeated = st->seq_set ? (__s32)(st->next_seq - seq) : 0;
+		if (repeated > 0) {
+			st->overlaps++;
+			st->overlap_bytes += repeated;
+			if (trim_head(skb, repeated) < 0) {
+				// The skb cannot be cut: nothing of it may go on, and the stream is broken.
+				st->broken = 1;
+				notify(cookie, st->demotions, EVENT_BROKEN);
+				return SK_DROP;
+			}
+			if (skb->len == 0)
+				return SK_DROP; // all of it was repeated; an empty skb costs TCP nothing
+		}
+		st->next_seq = seq + (repeated > 0 ? repeated : 0) + skb->len;
+		st->seq_set = 1;
+	}
+	if (st->broken)
+		return SK_DROP;
+
 	__u64 peer = info->peer;
 	if (st->mode == MODE_PASS) {
 		// Resume only when userspace holds none of the passed bytes: they are all in the peer's send
@@ -158,7 +220,7 @@ int sockrelay_verdict(struct __sk_buff *skb)
 			return SK_PASS;
 		}
 		st->mode = MODE_REDIRECT;
-		notify(cookie, st->demotions, 1);
+		notify(cookie, st->demotions, EVENT_RESUMED);
 	}
 
 	if (info->limit) {
@@ -177,7 +239,7 @@ int sockrelay_verdict(struct __sk_buff *skb)
 			if (held > 0 && (__u64)held > info->limit) {
 				st->mode = MODE_PASS;
 				st->demotions++;
-				notify(cookie, st->demotions, 0);
+				notify(cookie, st->demotions, EVENT_DEMOTED);
 				st->passed += skb->len;
 				st->last_ns = bpf_ktime_get_ns();
 				return SK_PASS;

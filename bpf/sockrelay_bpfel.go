@@ -23,17 +23,21 @@ type SockrelaySockInfo struct {
 }
 
 type SockrelaySockStats struct {
-	_         structs.HostLayout
-	Bytes     uint64
-	Skbs      uint64
-	LastNs    uint64
-	Dropped   uint64
-	Passed    uint64
-	Demotions uint64
-	Mode      uint32
-	PeerSeq0  uint32
-	Seq0Set   uint32
-	Pad       uint32
+	_            structs.HostLayout
+	Bytes        uint64
+	Skbs         uint64
+	LastNs       uint64
+	Dropped      uint64
+	Passed       uint64
+	Demotions    uint64
+	Mode         uint32
+	PeerSeq0     uint32
+	Seq0Set      uint32
+	NextSeq      uint32
+	SeqSet       uint32
+	Broken       uint32
+	Overlaps     uint64
+	OverlapBytes uint64
 }
 
 // Names of all BPF objects in the ELF.

@@ -222,6 +222,9 @@ type Stats struct {
 	Passed    uint64 // bytes passed to the socket's own receive queue while demoted
 	Demotions uint64 // times the socket was demoted
 	Demoted   bool   // the verdict passes this socket's skbs now instead of redirecting them
+	// Overlaps counts skbs that began before the byte the verdict expected next (TCP queued a segment
+	// overlapping bytes already delivered); OverlapBytes, the bytes they repeated.
+	Overlaps, OverlapBytes uint64
 }
 
 // Stats reads the counters of a socket.
@@ -231,16 +234,28 @@ func (s *Sockmap) Stats(cookie uint64) (Stats, error) {
 		return Stats{}, fmt.Errorf("read counters of socket %d: %w", cookie, err)
 	}
 	return Stats{Bytes: v.Bytes, Skbs: v.Skbs, LastNs: v.LastNs, Dropped: v.Dropped, Passed: v.Passed,
-		Demotions: v.Demotions, Demoted: v.Mode != 0}, nil
+		Demotions: v.Demotions, Demoted: v.Mode != 0, Overlaps: v.Overlaps, OverlapBytes: v.OverlapBytes}, nil
 }
 
-// ModeChange is the verdict's notice that a socket changed mode: demoted (from now on its bytes wait for
-// userspace) or resumed (redirected in the kernel again).
+// ModeChange is the verdict's notice that a socket changed mode.
 type ModeChange struct {
 	Cookie    uint64
 	Demotions uint64 // the socket's demotion count, the last one included
-	Resumed   bool
+	Kind      ModeChangeKind
 }
+
+// ModeChangeKind says what became of a socket.
+type ModeChangeKind uint64
+
+const (
+	// Demoted: from now on the socket's bytes are passed, for userspace to relay.
+	Demoted ModeChangeKind = 0
+	// Resumed: the socket's bytes are redirected in the kernel again.
+	Resumed ModeChangeKind = 1
+	// Broken: an skb repeated bytes already delivered and could not be cut; the verdict drops every
+	// later skb of the socket, whose tunnel must be reset.
+	Broken ModeChangeKind = 2
+)
 
 // ReadModeChange waits for the next mode change. After Close it returns an error that wraps os.ErrClosed.
 func (s *Sockmap) ReadModeChange() (ModeChange, error) {
@@ -254,7 +269,7 @@ func (s *Sockmap) ReadModeChange() (ModeChange, error) {
 	return ModeChange{
 		Cookie:    binary.NativeEndian.Uint64(rec.RawSample[0:8]),
 		Demotions: binary.NativeEndian.Uint64(rec.RawSample[8:16]),
-		Resumed:   binary.NativeEndian.Uint64(rec.RawSample[16:24]) != 0,
+		Kind:      ModeChangeKind(binary.NativeEndian.Uint64(rec.RawSample[16:24])),
 	}, nil
 }
 

@@ -16,6 +16,7 @@ type Metrics struct {
 	datapathFallbacks *prometheus.CounterVec
 	kernelDemotions   prometheus.Counter
 	kernelResumes     prometheus.Counter
+	kernelRepeatsCut  prometheus.Counter
 }
 
 // Handshake failure reasons, the values of sockrelay_handshakes_failed_total{reason}.
@@ -66,12 +67,16 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry) *Metrics {
 			Name: "sockrelay_kernel_demotions_total",
 			Help: "Times a kernel tunnel direction held its limit of bytes for a slow reader and was relayed by userspace until it could resume.",
 		}),
+		kernelRepeatsCut: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockrelay_kernel_repeats_cut_total",
+			Help: "Skbs whose head repeated bytes already delivered, which the kernel datapath cut off (counted when their tunnel ends).",
+		}),
 		kernelResumes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sockrelay_kernel_resumes_total",
 			Help: "Times a demoted kernel tunnel direction went back to being redirected in the kernel.",
 		}),
 	}
-	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.datapathFallbacks, m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
+	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.kernelRepeatsCut, m.datapathFallbacks, m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
 		m.handshakeDuration, m.httpRequests, &bytesCollector{tunnels: tunnels})
 	return m
 }

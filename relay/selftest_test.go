@@ -29,9 +29,9 @@ func TestSelfTestPasses(t *testing.T) {
 // does not start; under auto the relay falls back to splice and says so in its log and metrics.
 func TestSelfTestRejectsBrokenDatapath(t *testing.T) {
 	requireSockmap(t)
-	broken := func(c *Config) { c.breakKernelPath = func(k *kernelPath) { k.carryFINEarly = true } }
+	broken := func(c *Config) { c.alterKernelPath = func(k *kernelPath) { k.carryFINEarly = true } }
 
-	_, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathSockmap, breakKernelPath: func(k *kernelPath) { k.carryFINEarly = true }})
+	_, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathSockmap, alterKernelPath: func(k *kernelPath) { k.carryFINEarly = true }})
 	if !errors.Is(err, ErrDatapathUnavailable) || !strings.Contains(err.Error(), "self-test failed") {
 		t.Fatalf("NewServer(sockmap) with a broken datapath: %v, want ErrDatapathUnavailable saying the self-test failed", err)
 	}

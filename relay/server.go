@@ -45,8 +45,8 @@ type Config struct {
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 
-	// breakKernelPath, set only by tests, alters the kernel datapath before its self-test.
-	breakKernelPath func(*kernelPath)
+	// alterKernelPath, set only by tests and benchmarks, alters the kernel datapath before its self-test.
+	alterKernelPath func(*kernelPath)
 }
 
 // Defaults for Config's zero values.
@@ -370,8 +370,8 @@ func (s *Server) startKernelPath() (*kernelPath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
-	if s.cfg.breakKernelPath != nil {
-		s.cfg.breakKernelPath(k)
+	if s.cfg.alterKernelPath != nil {
+		s.cfg.alterKernelPath(k)
 	}
 	if err := k.selfTest(); err != nil {
 		k.Close()

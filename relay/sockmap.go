@@ -29,6 +29,9 @@ type kernelPath struct {
 	// heldLimit is the most bytes the kernel may hold per direction before the verdict demotes it and
 	// userspace relays it until it can resume (hazard 5).
 	heldLimit uint64
+	// sndbuf, when nonzero, is set as both sockets' send buffer (SO_SNDBUFFORCE) before insertion; zero
+	// leaves TCP's autotuning. Only the throughput benchmark sets it (docs/datapath.md, bulk throughput).
+	sndbuf int
 	// metrics counts demotions and resumes; nil during the self-test.
 	metrics atomic.Pointer[Metrics]
 	// relays counts the relaying goroutines started, for the self-test; relayWG waits for them at Close.
@@ -234,6 +237,9 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 	// Baselines before insertion: a baseline taken after could already include redirected bytes, and the
 	// FIN would then never be carried (DATAPATH.md, hazard 5).
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		if k.sndbuf > 0 {
+			_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, k.sndbuf)
+		}
 		if s.sentBase, err = sentBytes(s.fd); err != nil {
 			t.end(ReasonClientError, true)
 			return
@@ -362,6 +368,17 @@ func (k *kernelPath) release(kt *kernelTunnel) {
 	kt.t.toUpstream.Add(up)
 	kt.t.toClient.Add(down)
 	kt.released = true
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		if st, err := k.maps.Stats(s.cookie); err == nil && st.Overlaps > 0 {
+			// Not an error of ours, and nothing was lost: TCP queued segments that repeated bytes
+			// already delivered, and the verdict cut them (bpf/sockrelay.c). Worth knowing how often.
+			k.log.Warn("kernel tunnel: TCP repeated bytes already delivered; the repeats were cut",
+				"id", kt.t.ID, "client_side", s.isClient, "skbs", st.Overlaps, "bytes", st.OverlapBytes)
+			if m := k.metrics.Load(); m != nil {
+				m.kernelRepeatsCut.Add(float64(st.Overlaps))
+			}
+		}
+	}
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
 		delete(k.socks, int32(s.fd))

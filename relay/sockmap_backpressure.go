@@ -48,20 +48,26 @@ func (k *kernelPath) readModeChanges() {
 			}
 			return
 		}
-		if m := k.metrics.Load(); m != nil && !ev.Resumed {
+		if m := k.metrics.Load(); m != nil && ev.Kind == loader.Demoted {
 			m.kernelDemotions.Inc()
 		}
 		k.mu.Lock()
-		if d, ok := k.bySrc[ev.Cookie]; ok {
-			if !ev.Resumed {
-				k.startRelayLocked(d)
-			} else if d.relaying {
-				// The goroutine waits in Go's poller for bytes that will not come now: the source's
-				// wake-ups on redirected bytes are not EPOLLIN. An expired deadline wakes it to stop.
-				_ = d.src.conn.SetReadDeadline(time.Now())
-			}
+		d, ok := k.bySrc[ev.Cookie]
+		switch {
+		case !ok:
+		case ev.Kind == loader.Demoted:
+			k.startRelayLocked(d)
+		case ev.Kind == loader.Resumed && d.relaying:
+			// The goroutine waits in Go's poller for bytes that will not come now: the source's
+			// wake-ups on redirected bytes are not EPOLLIN. An expired deadline wakes it to stop.
+			_ = d.src.conn.SetReadDeadline(time.Now())
 		}
 		k.mu.Unlock()
+		if ok && ev.Kind == loader.Broken {
+			k.log.Error("kernel tunnel reset: TCP repeated bytes already delivered and they could not be cut off",
+				"id", d.kt.t.ID)
+			d.kt.t.end(ReasonKernelError, true)
+		}
 	}
 }
 

@@ -58,6 +58,9 @@ const (
 	// ReasonOverflow: a kernel tunnel whose peers both stopped reading while both kept sending; the kernel
 	// would otherwise hold their bytes without bound (relay/sockmap_backpressure.go).
 	ReasonOverflow = "overflow"
+	// ReasonKernelError: the kernel datapath could not keep a tunnel's stream exact (bpf/sockrelay.c,
+	// trim_head), so the tunnel is reset rather than corrupted.
+	ReasonKernelError = "kernel_error"
 )
 
 // Datapath is the datapath carrying the tunnel.
