@@ -214,7 +214,7 @@ func TestBackpressureResumes(t *testing.T) {
 	if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
 		t.Fatalf("sockrelay_kernel_demotions_total = %v after the client paused, want at least 1", n)
 	}
-	d := upstreamDir(t, r)
+	d := kernelDirOf(t, r, false)
 
 	// Small messages now, each read before the next: the first one finds the client caught up and resumes.
 	msg, back := make([]byte, 1024), make([]byte, 1024)
@@ -259,16 +259,20 @@ func TestBackpressureResumes(t *testing.T) {
 	}
 }
 
-// upstreamDir returns the upstream → client direction of r's only kernel tunnel.
-func upstreamDir(t *testing.T, r *testRelay) *kernelDir {
+// kernelDirOf returns a direction of r's only kernel tunnel, client → upstream when fromClient, waiting
+// for the tunnel to enter the kernel (the client may see its 101 a moment before).
+func kernelDirOf(t testing.TB, r *testRelay, fromClient bool) *kernelDir {
 	t.Helper()
-	r.kernel.mu.Lock()
-	defer r.kernel.mu.Unlock()
-	for _, d := range r.kernel.bySrc {
-		if !d.src.isClient {
-			return d
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		r.kernel.mu.Lock()
+		for _, d := range r.kernel.bySrc {
+			if d.src.isClient == fromClient {
+				r.kernel.mu.Unlock()
+				return d
+			}
 		}
+		r.kernel.mu.Unlock()
 	}
-	t.Fatal("no kernel tunnel")
+	t.Fatal("no kernel tunnel after 5s")
 	return nil
 }
