@@ -200,14 +200,22 @@ func TestAdminEndpoints(t *testing.T) {
 			if body := get(t, admin.URL+"/healthz", 200); body != "ok\n" {
 				t.Errorf("/healthz = %q", body)
 			}
-			var infos []TunnelInfo
-			if err := json.Unmarshal([]byte(get(t, admin.URL+"/debug/tunnels", 200)), &infos); err != nil {
-				t.Fatalf("/debug/tunnels is not JSON: %v", err)
+			// The relay counts a write once it has returned, which can be just after the peer read it:
+			// the counts are read again until they settle, for a second at most.
+			var ti TunnelInfo
+			for deadline := time.Now().Add(time.Second); ; time.Sleep(5 * time.Millisecond) {
+				var infos []TunnelInfo
+				if err := json.Unmarshal([]byte(get(t, admin.URL+"/debug/tunnels", 200)), &infos); err != nil {
+					t.Fatalf("/debug/tunnels is not JSON: %v", err)
+				}
+				if len(infos) != 1 {
+					t.Fatalf("/debug/tunnels lists %d tunnels, want 1", len(infos))
+				}
+				ti = infos[0]
+				if ti.BytesToUpstream == 8 && ti.BytesToClient == 3 || time.Now().After(deadline) {
+					break
+				}
 			}
-			if len(infos) != 1 {
-				t.Fatalf("/debug/tunnels lists %d tunnels, want 1", len(infos))
-			}
-			ti := infos[0]
 			if ti.Datapath != dp || ti.BytesToUpstream != 8 || ti.BytesToClient != 3 || ti.Upstream != up.Addr ||
 				ti.Client != c.LocalAddr().String() || ti.Started.IsZero() || ti.ID == 0 {
 				t.Errorf("/debug/tunnels entry %+v; want datapath %s, 8 bytes up, 3 down, upstream %s, client %s",
