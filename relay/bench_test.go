@@ -150,31 +150,36 @@ func BenchmarkRoundTrip(b *testing.B) {
 }
 
 // BenchmarkThroughputKernelSendBuffer is BenchmarkThroughput on sockmap with the relay sockets' send buffer
-// left to TCP's autotuning (tcp_wmem, 4 MiB at most here) or fixed larger. The psock backlog that moves
-// redirected bytes into the destination retries one jiffy later when the send buffer is full, so the
-// buffer bounds what it moves per tick (docs/datapath.md, bulk throughput). It also reports how often the
-// direction was demoted, and how many skbs repeating bytes the verdict cut (bpf/sockrelay.c, trim_head).
+// left to TCP's autotuning (tcp_wmem, 4 MiB at most here) or fixed larger, and with the default held limit
+// or one too large to be reached (no demotion, so no userspace relay: the kernel path alone). The psock
+// backlog that moves redirected bytes into the destination retries one jiffy later when the send buffer
+// is full, so the buffer bounds what it moves per tick (docs/datapath.md, bulk throughput). It reports how
+// often the direction was demoted, and how many skbs repeating bytes the verdict cut (bpf/sockrelay.c).
 func BenchmarkThroughputKernelSendBuffer(b *testing.B) {
 	requireSockmap(b)
-	for _, sndbuf := range []int{0, 4 << 20, 16 << 20, 32 << 20} {
-		name := "autotuned"
-		if sndbuf > 0 {
-			name = fmt.Sprintf("%dMiB", sndbuf>>20)
-		}
-		b.Run(name, func(b *testing.B) {
-			up := startUpstream(b)
-			r := startRelay(b, DatapathSockmap, []string{up.Addr}, func(c *Config) {
-				c.alterKernelPath = func(k *kernelPath) { k.sndbuf = sndbuf }
-			})
-			c, u := openTunnel(b, r.Addr, up, nil, nil)
-			d := kernelDirOf(b, r, true)
-			streamThrough(b, c.TCPConn, u.R)
-			st, err := r.kernel.maps.Stats(d.src.cookie)
-			if err != nil {
-				b.Fatal(err)
+	for _, limit := range []int{DefaultKernelHeldLimit, 1 << 30} {
+		for _, sndbuf := range []int{0, 4 << 20, 16 << 20, 32 << 20} {
+			name := "sndbuf-autotuned"
+			if sndbuf > 0 {
+				name = fmt.Sprintf("sndbuf-%dMiB", sndbuf>>20)
 			}
-			b.ReportMetric(float64(st.Demotions), "demotions")
-			b.ReportMetric(float64(st.Overlaps), "cut-skbs")
-		})
+			name += fmt.Sprintf("/held-limit-%dMiB", limit>>20)
+			b.Run(name, func(b *testing.B) {
+				up := startUpstream(b)
+				r := startRelay(b, DatapathSockmap, []string{up.Addr}, func(c *Config) {
+					c.KernelHeldLimit = limit
+					c.alterKernelPath = func(k *kernelPath) { k.sndbuf = sndbuf }
+				})
+				c, u := openTunnel(b, r.Addr, up, nil, nil)
+				d := kernelDirOf(b, r, true)
+				streamThrough(b, c.TCPConn, u.R)
+				st, err := r.kernel.maps.Stats(d.src.cookie)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(float64(st.Demotions), "demotions")
+				b.ReportMetric(float64(st.Overlaps), "cut-skbs")
+			})
+		}
 	}
 }
