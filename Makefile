@@ -11,6 +11,7 @@ build:
 	mkdir -p bin
 	go build -ldflags '$(LDFLAGS)' -o bin/sockrelay ./cmd/sockrelay
 	go build -o bin/wsecho ./cmd/wsecho
+	go build -o bin/wsbench ./cmd/wsbench
 
 run:
 	scripts/run-demo.sh

@@ -1,0 +1,116 @@
+// Command wsbench is sockrelay's WebSocket load generator (gorilla/websocket). Each workload prints a table
+// and, with -json FILE, writes its result as JSON:
+//
+//	wsbench rtt  -url ws://127.0.0.1:8080/ [-tunnels 100] [-size 32] [-rate 0] [-duration 5s]
+//	wsbench idle -url ws://127.0.0.1:8080/ [-tunnels 1000] [-pid PID] [-settle 2s]
+//
+// rtt: each tunnel sends a message and waits for its echo, in a closed loop or at -rate messages per second
+// per tunnel; it reports p50, p90, p99, p99.9 and max round trip. idle: opens and holds idle tunnels and
+// reports what each costs the relay whose pid is given (its RSS) and the kernel (TCP memory in
+// /proc/net/sockstat). Runs longer than a few seconds print progress on stderr.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+)
+
+const usage = `usage: wsbench WORKLOAD -url ws://HOST:PORT/PATH [flags]
+
+workloads:
+  rtt    round trips of small messages over many tunnels: p50, p90, p99, p99.9, max
+  idle   memory per idle tunnel of the relay (-pid) and of the kernel
+
+wsbench WORKLOAD -h lists a workload's flags.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// workload runs one kind of measurement and returns what it measured, which has a table form.
+type workload interface {
+	run(ctx context.Context, progress io.Writer) (result, error)
+}
+
+type result interface {
+	table(w io.Writer)
+}
+
+// run parses args, runs the workload and prints its result. It returns the exit status: 2 for bad usage,
+// 1 when the measurement failed.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var (
+		w        workload
+		jsonPath string
+		err      error
+	)
+	switch args[0] {
+	case "rtt":
+		w, jsonPath, err = parseRTT(args[1:], stderr)
+	case "idle":
+		w, jsonPath, err = parseIdle(args[1:], stderr)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "wsbench: unknown workload %q\n\n%s", args[0], usage)
+		return 2
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "wsbench %s: %v\n", args[0], err)
+		return 2
+	}
+	res, err := w.run(ctx, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "wsbench %s: %v\n", args[0], err)
+		return 1
+	}
+	res.table(stdout)
+	if jsonPath != "" {
+		b, _ := json.MarshalIndent(map[string]any{"workload": args[0], "result": res}, "", "  ")
+		if err := os.WriteFile(jsonPath, append(b, '\n'), 0o644); err != nil {
+			fmt.Fprintf(stderr, "wsbench %s: -json: %v\n", args[0], err)
+			return 1
+		}
+	}
+	return 0
+}
+
+// commonFlags are the flags every workload takes.
+type commonFlags struct {
+	url      string
+	tunnels  int
+	jsonPath string
+}
+
+func (c *commonFlags) register(fs *flag.FlagSet, tunnels int) {
+	fs.StringVar(&c.url, "url", "", "WebSocket `URL` to connect to, e.g. ws://127.0.0.1:8080/ (required)")
+	fs.IntVar(&c.tunnels, "tunnels", tunnels, "number of WebSocket tunnels")
+	fs.StringVar(&c.jsonPath, "json", "", "also write the result as JSON to `FILE`")
+}
+
+func (c *commonFlags) check() error {
+	if c.url == "" {
+		return errors.New("-url is required, e.g. -url ws://127.0.0.1:8080/")
+	}
+	if c.tunnels < 1 {
+		return fmt.Errorf("-tunnels: %d; at least 1", c.tunnels)
+	}
+	return nil
+}

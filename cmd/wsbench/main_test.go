@@ -1,0 +1,179 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+func TestSummarize(t *testing.T) {
+	ms := func(v ...int) []time.Duration {
+		out := make([]time.Duration, len(v))
+		for i, x := range v {
+			out[i] = time.Duration(x) * time.Millisecond
+		}
+		return out
+	}
+	thousand := make([]time.Duration, 1000)
+	for i := range thousand {
+		thousand[i] = time.Duration(1000-i) * time.Microsecond // reversed: summarize must sort
+	}
+	for _, tc := range []struct {
+		name string
+		in   []time.Duration
+		want Percentiles
+	}{
+		{"empty", nil, Percentiles{}},
+		{"one", ms(7), Percentiles{Count: 1, P50: 7 * time.Millisecond, P90: 7 * time.Millisecond,
+			P99: 7 * time.Millisecond, P999: 7 * time.Millisecond, Max: 7 * time.Millisecond}},
+		// Nearest rank: p50 of 10 is the 5th value, p90 the 9th, p99 and p99.9 the 10th.
+		{"ten", ms(10, 9, 8, 7, 6, 5, 4, 3, 2, 1), Percentiles{Count: 10, P50: 5 * time.Millisecond,
+			P90: 9 * time.Millisecond, P99: 10 * time.Millisecond, P999: 10 * time.Millisecond, Max: 10 * time.Millisecond}},
+		{"thousand", thousand, Percentiles{Count: 1000, P50: 500 * time.Microsecond, P90: 900 * time.Microsecond,
+			P99: 990 * time.Microsecond, P999: 999 * time.Microsecond, Max: 1000 * time.Microsecond}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := summarize(tc.in); got != tc.want {
+				t.Errorf("summarize = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseSockstatTCPMem(t *testing.T) {
+	const sockstat = "sockets: used 250\nTCP: inuse 12 orphan 0 tw 3 alloc 20 mem 37\nUDP: inuse 2 mem 4\n"
+	if got, err := parseSockstatTCPMem(sockstat, 4096); err != nil || got != 37*4096 {
+		t.Errorf("parseSockstatTCPMem = %d, %v; want %d", got, err, 37*4096)
+	}
+	if _, err := parseSockstatTCPMem("UDP: inuse 2 mem 4\n", 4096); err == nil {
+		t.Error("parseSockstatTCPMem without a TCP line: no error")
+	}
+	if _, err := parseSockstatTCPMem("TCP: inuse 1 mem lots\n", 4096); err == nil {
+		t.Error("parseSockstatTCPMem with a bad number: no error")
+	}
+}
+
+func TestProcRSS(t *testing.T) {
+	rss, err := procRSS(os.Getpid())
+	if err != nil || rss < 1<<20 {
+		t.Errorf("procRSS(self) = %d, %v; want a few MiB", rss, err)
+	}
+	if _, err := procRSS(1 << 30); err == nil {
+		t.Error("procRSS of a process that does not exist: no error")
+	}
+}
+
+// echoServer is a gorilla/websocket echo server on loopback, the upstream the smoke tests measure.
+func echoServer(t *testing.T) string {
+	t.Helper()
+	up := websocket.Upgrader{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		for {
+			typ, msg, err := c.ReadMessage()
+			if err != nil {
+				return
+			}
+			if err := c.WriteMessage(typ, msg); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return "ws" + strings.TrimPrefix(srv.URL, "http") + "/"
+}
+
+// TestWorkloadsSmoke runs each workload for about a second against an echo server and checks its table and
+// JSON.
+func TestWorkloadsSmoke(t *testing.T) {
+	url := echoServer(t)
+	for _, tc := range []struct {
+		args      []string
+		tableHead string
+		jsonKey   string
+	}{
+		{[]string{"rtt", "-tunnels", "4", "-duration", "1s"}, "p99.9", "round_trips_per_second"},
+		{[]string{"rtt", "-tunnels", "2", "-duration", "1s", "-rate", "50", "-size", "1000"}, "p99.9", "rtt"},
+		{[]string{"idle", "-tunnels", "50", "-settle", "200ms", "-pid", "0"}, "RSS/tunnel", "kernel_tcp_mem_per_tunnel_bytes"},
+		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			jsonPath := filepath.Join(t.TempDir(), "out.json")
+			var stdout, stderr bytes.Buffer
+			args := append(append([]string{}, tc.args...), "-url", url, "-json", jsonPath)
+			if code := run(context.Background(), args, &stdout, &stderr); code != 0 {
+				t.Fatalf("exit %d; stderr:\n%s", code, stderr.String())
+			}
+			if !strings.Contains(stdout.String(), tc.tableHead) {
+				t.Errorf("table lacks %q:\n%s", tc.tableHead, stdout.String())
+			}
+			var out struct {
+				Workload string
+				Result   map[string]any
+			}
+			b, err := os.ReadFile(jsonPath)
+			if err == nil {
+				err = json.Unmarshal(b, &out)
+			}
+			if err != nil || out.Workload != tc.args[0] {
+				t.Fatalf("JSON result %s: %v, workload %q\n%s", jsonPath, err, out.Workload, b)
+			}
+			if _, ok := out.Result[tc.jsonKey]; !ok {
+				t.Errorf("JSON result lacks %q: %s", tc.jsonKey, b)
+			}
+			if tc.args[0] == "rtt" {
+				if trips, _ := out.Result["round_trips_per_second"].(float64); trips <= 0 {
+					t.Errorf("no round trips measured: %s", b)
+				}
+			}
+		})
+	}
+}
+
+func TestBadUsage(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "usage: wsbench"},
+		{[]string{"flood"}, `unknown workload "flood"`},
+		{[]string{"rtt"}, "-url is required"},
+		{[]string{"rtt", "-url", "ws://x/", "-tunnels", "0"}, "-tunnels: 0"},
+		{[]string{"rtt", "-url", "ws://x/", "-size", "0"}, "-size: 0; accepted 1 to"},
+		{[]string{"rtt", "-url", "ws://x/", "-rate", "-1"}, "-rate: -1"},
+		{[]string{"rtt", "-url", "ws://x/", "-duration", "0s"}, "-duration: 0s"},
+		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, "-pid: -3"},
+		{[]string{"idle", "-url", "ws://x/", "-pid", "1073741824"}, "-pid: read RSS of process 1073741824"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			if code := run(context.Background(), tc.args, &stdout, &stderr); code != 2 {
+				t.Errorf("exit %d, want 2", code)
+			}
+			if !strings.Contains(stderr.String(), tc.want) {
+				t.Errorf("stderr lacks %q:\n%s", tc.want, stderr.String())
+			}
+		})
+	}
+}
+
+func TestUnreachableRelayFails(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"rtt", "-url", "ws://127.0.0.1:1/", "-tunnels", "1", "-duration", "1s"}, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), "open tunnel 0 to ws://127.0.0.1:1/") {
+		t.Errorf("exit %d, stderr %q; want 1 and the tunnel that failed", code, stderr.String())
+	}
+}

@@ -1,0 +1,223 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// rttWorkload measures round trips: every tunnel sends a binary message of size bytes and waits for its
+// echo, as fast as it can or at rate messages per second.
+type rttWorkload struct {
+	commonFlags
+	size     int
+	rate     float64
+	duration time.Duration
+}
+
+func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
+	w := &rttWorkload{}
+	fs := flag.NewFlagSet("wsbench rtt", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	w.register(fs, 100)
+	fs.IntVar(&w.size, "size", 32, "message size in `BYTES`")
+	fs.Float64Var(&w.rate, "rate", 0, "messages per second per tunnel; 0 sends the next as soon as the echo is back")
+	fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to measure")
+	if err := fs.Parse(args); err != nil {
+		return nil, "", err
+	}
+	if err := w.check(); err != nil {
+		return nil, "", err
+	}
+	switch {
+	case w.size < 1 || w.size > 16<<20:
+		return nil, "", fmt.Errorf("-size: %d; accepted 1 to %d", w.size, 16<<20)
+	case w.rate < 0:
+		return nil, "", fmt.Errorf("-rate: %v; 0 (closed loop) or a positive rate", w.rate)
+	case w.duration <= 0:
+		return nil, "", fmt.Errorf("-duration: %v; a positive duration, e.g. 5s", w.duration)
+	}
+	return w, w.jsonPath, nil
+}
+
+// rttResult is what rtt measured.
+type rttResult struct {
+	Tunnels   int         `json:"tunnels"`
+	Size      int         `json:"size"`
+	Rate      float64     `json:"rate_per_tunnel"`
+	Seconds   float64     `json:"seconds"`
+	PerSecond float64     `json:"round_trips_per_second"`
+	RTT       Percentiles `json:"rtt"`
+}
+
+func (r *rttResult) table(w io.Writer) {
+	fmt.Fprintf(w, "%-8s %-6s %-10s %-10s %-9s %-9s %-9s %-9s %-9s\n",
+		"tunnels", "bytes", "trips", "trips/s", "p50", "p90", "p99", "p99.9", "max")
+	fmt.Fprintf(w, "%-8d %-6d %-10d %-10.0f %-9s %-9s %-9s %-9s %-9s\n", r.Tunnels, r.Size, r.RTT.Count,
+		r.PerSecond, us(r.RTT.P50), us(r.RTT.P90), us(r.RTT.P99), us(r.RTT.P999), us(r.RTT.Max))
+}
+
+// us formats d in microseconds, the unit round trips through a relay are read in.
+func us(d time.Duration) string { return fmt.Sprintf("%.0fµs", float64(d)/float64(time.Microsecond)) }
+
+func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, error) {
+	conns, err := dialAll(ctx, w.url, w.tunnels, progress)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(conns)
+
+	ctx, cancel := context.WithTimeout(ctx, w.duration)
+	defer cancel()
+	var (
+		trips atomic.Int64
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		all   []time.Duration
+		errs  []error
+	)
+	start := time.Now()
+	stopProgress := reportProgress(ctx, progress, func() string { return fmt.Sprintf("%d round trips", trips.Load()) })
+	for i, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d, err := w.pingPong(ctx, c, i, &trips)
+			mu.Lock()
+			all = append(all, d...)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("tunnel %d: %w", i, err))
+			}
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	stopProgress()
+	elapsed := time.Since(start)
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return &rttResult{Tunnels: w.tunnels, Size: w.size, Rate: w.rate, Seconds: elapsed.Seconds(),
+		PerSecond: float64(len(all)) / elapsed.Seconds(), RTT: summarize(all)}, nil
+}
+
+// pingPong runs one tunnel's round trips until ctx ends and returns their durations. Every echo must be the
+// message sent.
+func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, trips *atomic.Int64) ([]time.Duration, error) {
+	msg := make([]byte, w.size)
+	var out []time.Duration
+	var tick *time.Ticker
+	if w.rate > 0 {
+		tick = time.NewTicker(time.Duration(float64(time.Second) / w.rate))
+		defer tick.Stop()
+	}
+	stop := context.AfterFunc(ctx, func() { _ = c.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	for n := 0; ctx.Err() == nil; n++ {
+		if tick != nil {
+			select {
+			case <-ctx.Done():
+				return out, nil
+			case <-tick.C:
+			}
+		}
+		msg[0], msg[len(msg)-1] = byte(id), byte(n)
+		t0 := time.Now()
+		if err := c.WriteMessage(websocket.BinaryMessage, msg); err != nil {
+			return out, fmt.Errorf("send: %w", err)
+		}
+		_, got, err := c.ReadMessage()
+		if err != nil {
+			if ctx.Err() != nil {
+				return out, nil // the deadline set when the run ended
+			}
+			return out, fmt.Errorf("read echo %d: %w", n, err)
+		}
+		out = append(out, time.Since(t0))
+		trips.Add(1)
+		if !bytes.Equal(got, msg) {
+			return out, fmt.Errorf("echo %d differs from the message sent", n)
+		}
+	}
+	return out, nil
+}
+
+// dialAll opens n WebSocket connections to url, 64 at a time.
+func dialAll(ctx context.Context, url string, n int, progress io.Writer) ([]*websocket.Conn, error) {
+	conns := make([]*websocket.Conn, n)
+	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024}
+	sem := make(chan struct{}, 64)
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		first  error
+		opened atomic.Int64
+	)
+	stopProgress := reportProgress(ctx, progress, func() string { return fmt.Sprintf("%d of %d tunnels open", opened.Load(), n) })
+	defer stopProgress()
+	for i := range conns {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			c, resp, err := dialer.DialContext(ctx, url, nil)
+			if err != nil {
+				if resp != nil {
+					err = fmt.Errorf("%w (HTTP %d)", err, resp.StatusCode)
+				}
+				mu.Lock()
+				if first == nil {
+					first = fmt.Errorf("open tunnel %d to %s: %w", i, url, err)
+				}
+				mu.Unlock()
+				return
+			}
+			conns[i] = c
+			opened.Add(1)
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		closeAll(conns)
+		return nil, first
+	}
+	return conns, nil
+}
+
+func closeAll(conns []*websocket.Conn) {
+	for _, c := range conns {
+		if c != nil {
+			c.Close()
+		}
+	}
+}
+
+// reportProgress prints what status says once a second until the returned function is called or ctx ends.
+func reportProgress(ctx context.Context, w io.Writer, status func() string) (stop func()) {
+	done := make(chan struct{})
+	var once sync.Once
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		start := time.Now()
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				fmt.Fprintf(w, "wsbench: %4.0fs %s\n", time.Since(start).Seconds(), status())
+			}
+		}
+	}()
+	return func() { once.Do(func() { close(done) }) }
+}
