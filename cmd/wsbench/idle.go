@@ -18,15 +18,11 @@ type idleWorkload struct {
 
 func parseIdle(args []string, stderr io.Writer) (*idleWorkload, string, error) {
 	w := &idleWorkload{}
-	fs := flag.NewFlagSet("wsbench idle", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	w.register(fs, 1000)
-	fs.IntVar(&w.pid, "pid", 0, "`PID` of the relay whose RSS to measure (0: report kernel memory only)")
-	fs.DurationVar(&w.settle, "settle", 2*time.Second, "wait this long after the last tunnel opened before measuring")
-	if err := fs.Parse(args); err != nil {
-		return nil, "", err
-	}
-	if err := w.check(); err != nil {
+	err := w.parse("idle", args, stderr, 1000, func(fs *flag.FlagSet) {
+		fs.IntVar(&w.pid, "pid", 0, "`PID` of the relay whose RSS to measure (0: report kernel memory only)")
+		fs.DurationVar(&w.settle, "settle", 2*time.Second, "wait this long after the last tunnel opened before measuring")
+	})
+	if err != nil {
 		return nil, "", err
 	}
 	if w.pid < 0 {

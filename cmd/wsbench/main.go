@@ -99,13 +99,20 @@ type commonFlags struct {
 	jsonPath string
 }
 
-func (c *commonFlags) register(fs *flag.FlagSet, tunnels int) {
+// parse parses a workload's args: the common flags (tunnels defaulting to tunnels) and those own adds.
+func (c *commonFlags) parse(workload string, args []string, stderr io.Writer, tunnels int, own func(*flag.FlagSet)) error {
+	fs := flag.NewFlagSet("wsbench "+workload, flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	fs.StringVar(&c.url, "url", "", "WebSocket `URL` to connect to, e.g. ws://127.0.0.1:8080/ (required)")
 	fs.IntVar(&c.tunnels, "tunnels", tunnels, "number of WebSocket tunnels")
 	fs.StringVar(&c.jsonPath, "json", "", "also write the result as JSON to `FILE`")
-}
-
-func (c *commonFlags) check() error {
+	own(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q: every setting is a flag", fs.Arg(0))
+	}
 	if c.url == "" {
 		return errors.New("-url is required, e.g. -url ws://127.0.0.1:8080/")
 	}

@@ -156,6 +156,7 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"rtt", "-url", "ws://x/", "-rate", "-1"}, "-rate: -1"},
 		{[]string{"rtt", "-url", "ws://x/", "-duration", "0s"}, "-duration: 0s"},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, "-pid: -3"},
+		{[]string{"idle", "-url", "ws://x/", "extra"}, `unexpected argument "extra"`},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "1073741824"}, "-pid: read RSS of process 1073741824"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {

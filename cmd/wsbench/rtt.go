@@ -25,16 +25,12 @@ type rttWorkload struct {
 
 func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
 	w := &rttWorkload{}
-	fs := flag.NewFlagSet("wsbench rtt", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	w.register(fs, 100)
-	fs.IntVar(&w.size, "size", 32, "message size in `BYTES`")
-	fs.Float64Var(&w.rate, "rate", 0, "messages per second per tunnel; 0 sends the next as soon as the echo is back")
-	fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to measure")
-	if err := fs.Parse(args); err != nil {
-		return nil, "", err
-	}
-	if err := w.check(); err != nil {
+	err := w.parse("rtt", args, stderr, 100, func(fs *flag.FlagSet) {
+		fs.IntVar(&w.size, "size", 32, "message size in `BYTES`")
+		fs.Float64Var(&w.rate, "rate", 0, "messages per second per tunnel; 0 sends the next as soon as the echo is back")
+		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to measure")
+	})
+	if err != nil {
 		return nil, "", err
 	}
 	switch {
