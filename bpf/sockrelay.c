@@ -29,9 +29,10 @@ struct sk_buff {
 
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
 
-// Only the field read here; CO-RE relocates its offset to the running kernel's struct tcp_sock (BTF).
+// Only the fields read here; CO-RE relocates their offsets to the running kernel's struct tcp_sock (BTF).
 struct tcp_sock {
-	__u32 write_seq; // sequence number after the last byte queued for sending
+	__u32 copied_seq; // sequence number of the next byte not yet consumed from the receive path
+	__u32 write_seq;  // sequence number after the last byte queued for sending
 } __attribute__((preserve_access_index));
 
 // sock_info is written by userspace (a whole new value each time) and only read here.
@@ -145,21 +146,22 @@ static __always_inline int trim_head(struct __sk_buff *skb, __u32 n)
 	return n ? -1 : 0;
 }
 
-// peer_write_seq reads the peer's write_seq; ok is 0 when the peer is not in the targets map.
-static __always_inline __u32 peer_write_seq(__u64 *peer, int *ok)
+// tcp_seqs reads copied_seq and write_seq of the tunnel socket whose cookie is given; it returns 0 when the
+// socket is not in the targets map.
+static __always_inline int tcp_seqs(__u64 *cookie, __u32 *copied, __u32 *written)
 {
-	*ok = 0;
-	struct bpf_sock *sk = bpf_map_lookup_elem(&targets, peer);
+	struct bpf_sock *sk = bpf_map_lookup_elem(&targets, cookie);
 	if (!sk)
 		return 0;
-	__u32 seq = 0;
+	int ok = 0;
 	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 	if (tp) {
-		seq = tp->write_seq;
-		*ok = 1;
+		*copied = tp->copied_seq;
+		*written = tp->write_seq;
+		ok = 1;
 	}
 	bpf_sk_release(sk);
-	return seq;
+	return ok;
 }
 
 SEC("sk_skb/stream_verdict")
@@ -191,20 +193,35 @@ int sockrelay_verdict(struct __sk_buff *skb)
 	if (bpf_cast_to_kern_ctx) {
 		struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
 		__u32 seq = *(__u32 *)&kskb->cb[0]; // TCP_SKB_CB(skb)->seq
-		__s32 repeated = st->seq_set ? (__s32)(st->next_seq - seq) : 0;
+		__u32 expect = st->next_seq;
+		int known = st->seq_set;
+		if (!known) {
+			// First skb since the insertion: nothing has been consumed through the verdict yet, so the
+			// socket's copied_seq is the next byte due (userspace read everything before it).
+			__u32 written;
+			known = tcp_seqs(&cookie, &expect, &written);
+		}
+		__s32 repeated = known ? (__s32)(expect - seq) : 0;
 		if (repeated > 0) {
+			__u32 cut = (__u32)repeated < skb->len ? (__u32)repeated : skb->len;
 			st->overlaps++;
-			st->overlap_bytes += repeated;
-			if (trim_head(skb, repeated) < 0) {
+			st->overlap_bytes += cut;
+			if (trim_head(skb, cut) < 0) {
 				// The skb cannot be cut: nothing of it may go on, and the stream is broken.
 				st->broken = 1;
 				notify(cookie, st->demotions, EVENT_BROKEN);
 				return SK_DROP;
 			}
-			if (skb->len == 0)
-				return SK_DROP; // all of it was repeated; an empty skb costs TCP nothing
+			if (skb->len == 0) {
+				// All of it was repeated; an empty skb costs TCP nothing (tcp_eat_skb skips it).
+				st->next_seq = expect;
+				st->seq_set = 1;
+				return SK_DROP;
+			}
+			st->next_seq = expect + skb->len;
+		} else {
+			st->next_seq = seq + skb->len;
 		}
-		st->next_seq = seq + (repeated > 0 ? repeated : 0) + skb->len;
 		st->seq_set = 1;
 	}
 	if (st->broken)
@@ -224,9 +241,8 @@ int sockrelay_verdict(struct __sk_buff *skb)
 	}
 
 	if (info->limit) {
-		int ok;
-		__u32 seq = peer_write_seq(&peer, &ok);
-		if (ok) {
+		__u32 copied, seq;
+		if (tcp_seqs(&peer, &copied, &seq)) {
 			if (!st->seq0_set) {
 				// First redirect: nothing has been redirected into the peer yet, and userspace
 				// writes to it only while this socket is demoted, which has not happened yet.

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
@@ -54,6 +55,7 @@ type hostFacts struct {
 	removeMemlck func() error
 	haveSockhash func() error
 	haveSkSKB    func() error
+	haveKfunc    func(name string) error
 	load         func() error
 }
 
@@ -64,6 +66,7 @@ var liveHost = hostFacts{
 	removeMemlck: rlimit.RemoveMemlock,
 	haveSockhash: func() error { return features.HaveMapType(ebpf.SockHash) },
 	haveSkSKB:    func() error { return features.HaveProgramType(ebpf.SkSKB) },
+	haveKfunc:    kernelHasFunc,
 	load: func() error {
 		s, err := Open(Options{})
 		if err != nil {
@@ -103,6 +106,11 @@ func probe(h hostFacts) Report {
 		"; raise RLIMIT_MEMLOCK (ulimit -l unlimited, or LimitMEMLOCK=infinity in the unit)")
 	kernelOK := add("sockhash", h.haveSockhash(), "BPF_MAP_TYPE_SOCKHASH supported", "; the kernel needs CONFIG_BPF_STREAM_PARSER=y")
 	kernelOK = add("sk_skb", h.haveSkSKB(), "BPF_PROG_TYPE_SK_SKB supported", "; the kernel needs CONFIG_BPF_STREAM_PARSER=y") && kernelOK
+	// Without it the verdict cannot see an skb's sequence number, so it cannot cut bytes TCP hands it a
+	// second time (bpf/sockrelay.c); it would pass them on. The program still loads (the kfunc is weak),
+	// so this is checked on its own: a kernel that would corrupt streams is refused.
+	kernelOK = add("repeat cut", h.haveKfunc("bpf_cast_to_kern_ctx"), "bpf_cast_to_kern_ctx present: the verdict cuts bytes TCP repeats",
+		"; the kernel datapath needs Linux 6.2 or later here, or TCP's repeated bytes could reach the peer twice") && kernelOK
 	if kernelOK {
 		add("load", h.load(), "sockrelay's BPF objects load and attach", "")
 	}
@@ -126,6 +134,19 @@ func missingCaps(set uint64) error {
 	}
 	if len(missing) > 0 {
 		return fmt.Errorf("missing %s", strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+// kernelHasFunc reports whether the running kernel's BTF has a function of that name (a kfunc).
+func kernelHasFunc(name string) error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("read kernel BTF: %w", err)
+	}
+	var fn *btf.Func
+	if err := spec.TypeByName(name, &fn); err != nil {
+		return fmt.Errorf("kernel has no %s: %w", name, err)
 	}
 	return nil
 }

@@ -18,6 +18,7 @@ func TestProbeDecisions(t *testing.T) {
 			removeMemlck: ok,
 			haveSockhash: ok,
 			haveSkSKB:    ok,
+			haveKfunc:    func(string) error { return nil },
 			load:         ok,
 		}
 	}
@@ -44,6 +45,10 @@ func TestProbeDecisions(t *testing.T) {
 			[]string{"memlock: operation not permitted", "RLIMIT_MEMLOCK"}, true},
 		{"kernel without sockmap", func(h *hostFacts) { h.haveSockhash = fail("sockhash not supported") },
 			[]string{"sockhash: sockhash not supported", "CONFIG_BPF_STREAM_PARSER"}, false},
+		// Debian 12's 6.1: sockmap works, but without bpf_cast_to_kern_ctx the verdict cannot cut repeats.
+		{"kernel without bpf_cast_to_kern_ctx", func(h *hostFacts) {
+			h.haveKfunc = func(name string) error { return errors.New("kernel has no " + name) }
+		}, []string{"repeat cut: kernel has no bpf_cast_to_kern_ctx", "Linux 6.2"}, false},
 		{"verifier refuses", func(h *hostFacts) { h.load = fail("load BPF objects: verifier: invalid access") },
 			[]string{"load: load BPF objects: verifier"}, true},
 	} {

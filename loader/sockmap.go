@@ -202,12 +202,18 @@ func (s *Sockmap) Remove(socks ...Socket) error {
 	return errors.Join(errs...)
 }
 
-// SetControl replaces what the verdict reads about a socket in the maps. It fails (ErrKeyNotExist) once
+// ErrNotInMaps is returned for a socket that has left the maps (its tunnel is ending).
+var ErrNotInMaps = errors.New("socket not in the maps")
+
+// SetControl replaces what the verdict reads about a socket in the maps. It fails with ErrNotInMaps once
 // the socket has left them, and never puts it back.
 func (s *Sockmap) SetControl(cookie uint64, c Control) error {
 	info := bpf.SockrelaySockInfo{Peer: c.Peer, Limit: c.HeldLimit, UserRead: c.UserRead,
 		UserWritten: c.UserWritten, ResumeGen: c.ResumeGen}
 	if err := s.objs.Socks.Update(cookie, info, ebpf.UpdateExist); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			err = ErrNotInMaps
+		}
 		return fmt.Errorf("update info of socket %d: %w", cookie, err)
 	}
 	return nil
@@ -222,6 +228,9 @@ type Stats struct {
 	Passed    uint64 // bytes passed to the socket's own receive queue while demoted
 	Demotions uint64 // times the socket was demoted
 	Demoted   bool   // the verdict passes this socket's skbs now instead of redirecting them
+	// Broken: an skb repeated bytes already delivered and could not be cut; the verdict drops every
+	// later skb, and the tunnel must be reset.
+	Broken bool
 	// Overlaps counts skbs that began before the byte the verdict expected next (TCP queued a segment
 	// overlapping bytes already delivered); OverlapBytes, the bytes they repeated.
 	Overlaps, OverlapBytes uint64
@@ -234,7 +243,8 @@ func (s *Sockmap) Stats(cookie uint64) (Stats, error) {
 		return Stats{}, fmt.Errorf("read counters of socket %d: %w", cookie, err)
 	}
 	return Stats{Bytes: v.Bytes, Skbs: v.Skbs, LastNs: v.LastNs, Dropped: v.Dropped, Passed: v.Passed,
-		Demotions: v.Demotions, Demoted: v.Mode != 0, Overlaps: v.Overlaps, OverlapBytes: v.OverlapBytes}, nil
+		Demotions: v.Demotions, Demoted: v.Mode != 0, Broken: v.Broken != 0, Overlaps: v.Overlaps,
+		OverlapBytes: v.OverlapBytes}, nil
 }
 
 // ModeChange is the verdict's notice that a socket changed mode.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -275,4 +276,50 @@ func kernelDirOf(t testing.TB, r *testRelay, fromClient bool) *kernelDir {
 	}
 	t.Fatal("no kernel tunnel after 5s")
 	return nil
+}
+
+// TestBackpressureLostEvents drops every mode event, as a full ring buffer would: a demoted direction then
+// has no goroutine relaying it, and its sender waits. Once the loop learns that events were lost it must
+// find the direction itself, and the stream must then complete byte-exact.
+func TestBackpressureLostEvents(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathSockmap, []string{up.Addr})
+	r.kernel.dropModeEvents.Store(true) // after the self-test, which needs them
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	want := stream(40, 64<<20)
+	var sent atomic.Int64
+	wrote := make(chan error, 1)
+	go countingWriter(u.TCPConn, want, &sent, wrote)
+	d := kernelDirOf(t, r, false)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if st, err := r.kernel.maps.Stats(d.src.cookie); err == nil && st.Demoted {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the direction was not demoted within 10s while the client did not read")
+		}
+	}
+	r.kernel.mu.Lock()
+	relaying := d.relaying
+	r.kernel.mu.Unlock()
+	if relaying {
+		t.Fatal("a goroutine relays the direction although its demotion event was dropped")
+	}
+	r.kernel.pretendLostEvents.Store(true)
+	got, err := readAllWithin(c, c.R, time.Minute)
+	if err != nil {
+		t.Fatalf("client read %d of %d bytes, then: %v", len(got), len(want), err)
+	}
+	if werr := <-wrote; werr != nil {
+		t.Fatalf("upstream write: %v", werr)
+	}
+	if d := diffStreams(got, want); d != "" {
+		t.Fatalf("stream to the client: %s", d)
+	}
+	if !strings.Contains(r.Log.String(), "mode events were lost") {
+		t.Errorf("the log does not say events were lost:\n%s", r.Log)
+	}
+	c.CloseWrite()
+	waitTunnelsGone(t, r)
 }

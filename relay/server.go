@@ -63,6 +63,8 @@ const (
 	// MinKernelHeldLimit is the least KernelHeldLimit accepted: below a few segments, a direction would
 	// be demoted by every burst.
 	MinKernelHeldLimit = 64 << 10
+	// MaxKernelHeldLimit: the verdict compares what it holds as a signed 32-bit count (bpf/sockrelay.c).
+	MaxKernelHeldLimit = 1 << 30
 )
 
 // Server relays WebSockets: it validates each client's upgrade, forwards it to an upstream, and opens a
@@ -97,8 +99,8 @@ func NewServer(cfg Config) (*Server, error) {
 	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
 	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	cfg.KernelHeldLimit = orDefault(cfg.KernelHeldLimit, DefaultKernelHeldLimit)
-	if cfg.KernelHeldLimit < MinKernelHeldLimit {
-		return nil, fmt.Errorf("kernel held limit %d: the least accepted is %d", cfg.KernelHeldLimit, MinKernelHeldLimit)
+	if cfg.KernelHeldLimit < MinKernelHeldLimit || cfg.KernelHeldLimit > MaxKernelHeldLimit {
+		return nil, fmt.Errorf("kernel held limit %d: accepted %d to %d", cfg.KernelHeldLimit, MinKernelHeldLimit, MaxKernelHeldLimit)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

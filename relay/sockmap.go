@@ -34,6 +34,11 @@ type kernelPath struct {
 	sndbuf int
 	// metrics counts demotions and resumes; nil during the self-test.
 	metrics atomic.Pointer[Metrics]
+	// lostSeen is the events_lost count last acted on; only the loop touches it.
+	lostSeen uint64
+	// dropModeEvents and pretendLostEvents are for the test of recoverLostEvents: the first makes
+	// readModeChanges ignore every event, the second makes the loop believe events were lost.
+	dropModeEvents, pretendLostEvents atomic.Bool
 	// relays counts the relaying goroutines started, for the self-test; relayWG waits for them at Close.
 	relays  atomic.Uint64
 	relayWG sync.WaitGroup
@@ -404,8 +409,12 @@ func removeDirs(ds []*kernelDir, kt *kernelTunnel) []*kernelDir {
 func (k *kernelPath) loop() {
 	defer close(k.done)
 	events := make([]unix.EpollEvent, 256)
+	lostCheck := time.Now()
 	for {
 		timeout := k.drainTimeout()
+		if timeout < 0 || timeout > lostEventsCheckMs {
+			timeout = lostEventsCheckMs
+		}
 		n, err := unix.EpollWait(k.epfd, events, timeout)
 		if err != nil && err != unix.EINTR {
 			k.log.Error("kernel datapath event loop failed", "err", err)
@@ -418,6 +427,41 @@ func (k *kernelPath) loop() {
 			k.handle(ev)
 		}
 		k.checkDrains()
+		if time.Since(lostCheck) >= lostEventsCheckMs*time.Millisecond {
+			lostCheck = time.Now()
+			k.recoverLostEvents()
+		}
+	}
+}
+
+// lostEventsCheckMs is how often the loop looks whether the ring buffer dropped mode events.
+const lostEventsCheckMs = 1000
+
+// recoverLostEvents does, for every kernel direction, what lost mode events would have made happen: a
+// demoted direction with no goroutine relaying it would hold its sender forever, and a broken one would
+// not be reset. The ring buffer is sized so that this never runs in practice; when it does, it says so.
+func (k *kernelPath) recoverLostEvents() {
+	lost, err := k.maps.EventsLost()
+	if err != nil || lost == k.lostSeen && !k.pretendLostEvents.Swap(false) {
+		return
+	}
+	k.log.Warn("kernel datapath: mode events were lost; checking every kernel tunnel", "lost", lost-k.lostSeen)
+	k.lostSeen = lost
+	var broken []*kernelTunnel
+	k.mu.Lock()
+	for _, d := range k.bySrc {
+		st, err := k.maps.Stats(d.src.cookie)
+		switch {
+		case err != nil || d.relaying:
+		case st.Broken:
+			broken = append(broken, d.kt)
+		case st.Demoted || st.Passed != d.userRead:
+			k.startRelayLocked(d)
+		}
+	}
+	k.mu.Unlock()
+	for _, kt := range broken {
+		kt.t.end(ReasonKernelError, true)
 	}
 }
 
@@ -489,7 +533,7 @@ func sideReason(client bool, err error) string {
 // their way through the psock backlog.
 func (k *kernelPath) checkDrains() {
 	now := time.Now()
-	var finished, stalled []*kernelTunnel
+	var finished, stalled, broken []*kernelTunnel
 	k.mu.Lock()
 	keep := k.drain[:0]
 	for _, d := range k.drain {
@@ -508,6 +552,9 @@ func (k *kernelPath) checkDrains() {
 		switch {
 		case err != nil:
 			stalled = append(stalled, d.kt)
+		case st.Broken:
+			// The verdict dropped bytes it could not keep exact: this stream must not end cleanly.
+			broken = append(broken, d.kt)
 		case st.Demoted || st.Passed != d.userRead:
 			// Bytes before the FIN were passed to userspace: they go first, and the FIN after them.
 			// Normally a demotion event has started the relay already; this covers a lost event.
@@ -556,6 +603,9 @@ func (k *kernelPath) checkDrains() {
 	}
 	for _, kt := range stalled {
 		kt.t.end(ReasonStalled, true)
+	}
+	for _, kt := range broken {
+		kt.t.end(ReasonKernelError, true)
 	}
 }
 

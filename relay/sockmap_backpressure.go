@@ -48,6 +48,9 @@ func (k *kernelPath) readModeChanges() {
 			}
 			return
 		}
+		if k.dropModeEvents.Load() {
+			continue
+		}
 		if m := k.metrics.Load(); m != nil && ev.Kind == loader.Demoted {
 			m.kernelDemotions.Inc()
 		}
@@ -113,7 +116,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			if d.dstHasRoom() {
 				d.resumeGen = st.Demotions
 				if err := k.setControl(d); err != nil {
-					fail("")
+					fail(controlFailure(err))
 					return
 				}
 			} else {
@@ -137,6 +140,9 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			continue
 		case errors.Is(err, errTunnelEnded):
 			fail("")
+			return
+		case errors.Is(err, errBroken):
+			fail(ReasonKernelError)
 			return
 		case errors.Is(err, errOverflow):
 			k.log.Error("kernel tunnel reset: both peers stopped reading while sending, and the kernel would hold their bytes without bound",
@@ -177,15 +183,26 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			return
 		}
 		if err := k.setControl(d); err != nil {
-			fail("")
+			fail(controlFailure(err))
 			return
 		}
 	}
 }
 
+// controlFailure is the reason to end a tunnel whose control update failed: none when it has left the
+// maps (it is ending already), else the kernel datapath failed it (a direction left demoted with no one
+// to relay it would hang).
+func controlFailure(err error) string {
+	if errors.Is(err, loader.ErrNotInMaps) {
+		return ""
+	}
+	return ReasonKernelError
+}
+
 var (
 	errResumed  = errors.New("the verdict redirects again and every passed byte is relayed")
 	errOverflow = errors.New("passed bytes wait behind bytes no reader takes")
+	errBroken   = errors.New("the verdict dropped bytes it could not keep exact")
 )
 
 // readPassed reads bytes passed to d's source into b, waiting in Go's poller (within the source's read
@@ -203,6 +220,9 @@ func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int
 		switch {
 		case err != nil:
 			rerr = errTunnelEnded
+			return true
+		case st.Broken:
+			rerr = errBroken
 			return true
 		case !st.Demoted && st.Passed == d.userRead:
 			rerr = errResumed
@@ -312,6 +332,11 @@ func (k *kernelPath) finishRelayed(d *kernelDir) {
 		if !errors.Is(err, errTunnelEnded) {
 			t.end(ReasonStalled, true)
 		}
+		return
+	}
+	if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Broken {
+		k.stopRelaying(d, true)
+		t.end(ReasonKernelError, true) // never a clean FIN after bytes were dropped
 		return
 	}
 	k.mu.Lock()

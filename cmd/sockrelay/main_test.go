@@ -81,6 +81,7 @@ func TestRunRejectsBadFlags(t *testing.T) {
 		{"bad duration", append(ok, "--upstream-timeout", "ten"), []string{"upstream-timeout", "invalid"}},
 		{"tiny header limit", append(ok, "--max-header-bytes", "10"), []string{"--max-header-bytes", "1024"}},
 		{"tiny held limit", append(ok, "--kernel-held-limit", "1000"), []string{"--kernel-held-limit", "1000", "65536"}},
+		{"huge held limit", append(ok, "--kernel-held-limit", "4294967296"), []string{"--kernel-held-limit", "4294967296", "1073741824"}},
 		{"bad log level", append(ok, "--log-level", "loud"), []string{"--log-level", "debug, info, warn, error"}},
 		{"bad log format", append(ok, "--log-format", "xml"), []string{"--log-format", "text, json"}},
 	} {

@@ -116,8 +116,9 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	if o.maxHeaderBytes < 1024 {
 		return nil, fmt.Errorf("--max-header-bytes: %d is too small; the least accepted is 1024", o.maxHeaderBytes)
 	}
-	if o.kernelHeldLimit < relay.MinKernelHeldLimit {
-		return nil, fmt.Errorf("--kernel-held-limit: %d is too small; the least accepted is %d", o.kernelHeldLimit, relay.MinKernelHeldLimit)
+	if o.kernelHeldLimit < relay.MinKernelHeldLimit || o.kernelHeldLimit > relay.MaxKernelHeldLimit {
+		return nil, fmt.Errorf("--kernel-held-limit: %d is out of range; accepted %d to %d bytes", o.kernelHeldLimit,
+			relay.MinKernelHeldLimit, relay.MaxKernelHeldLimit)
 	}
 	if _, err := newLogger(io.Discard, o.logLevel, o.logFormat); err != nil {
 		return nil, err
