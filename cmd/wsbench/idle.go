@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -12,29 +14,32 @@ import (
 // RSS (when its pid is given) and the kernel's TCP memory, before and after, divided by the tunnel count.
 type idleWorkload struct {
 	commonFlags
-	pid    int
+	pids   []int // the relay's processes (nginx has several workers); their RSS is summed
 	settle time.Duration
 }
 
 func parseIdle(args []string, stderr io.Writer) (*idleWorkload, string, error) {
 	w := &idleWorkload{}
+	var pids string
 	err := w.parse("idle", args, stderr, 1000, func(fs *flag.FlagSet) {
-		fs.IntVar(&w.pid, "pid", 0, "`PID` of the relay whose RSS to measure (0: report kernel memory only)")
+		fs.StringVar(&pids, "pid", "", "`PID[,PID...]` of the relay's processes whose RSS to sum (none: kernel memory only)")
 		fs.DurationVar(&w.settle, "settle", 2*time.Second, "wait this long after the last tunnel opened before measuring")
 	})
 	if err != nil {
 		return nil, "", err
 	}
-	if w.pid < 0 {
-		return nil, "", fmt.Errorf("-pid: %d; a process id, or 0", w.pid)
+	for _, f := range strings.FieldsFunc(pids, func(r rune) bool { return r == ',' || r == ' ' }) {
+		pid, err := strconv.Atoi(f)
+		if err != nil || pid <= 0 {
+			return nil, "", fmt.Errorf("-pid: %q is not a process id; give one or more, comma-separated", f)
+		}
+		if _, err := procRSS(pid); err != nil {
+			return nil, "", fmt.Errorf("-pid: %w", err)
+		}
+		w.pids = append(w.pids, pid)
 	}
 	if w.settle < 0 {
 		return nil, "", fmt.Errorf("-settle: %v; 0 or more", w.settle)
-	}
-	if w.pid > 0 {
-		if _, err := procRSS(w.pid); err != nil {
-			return nil, "", fmt.Errorf("-pid: %w", err)
-		}
 	}
 	return w, w.jsonPath, nil
 }
@@ -65,8 +70,8 @@ func (w *idleWorkload) run(ctx context.Context, progress io.Writer) (result, err
 	if res.TCPMemBefore, err = tcpMemBytes(); err != nil {
 		return nil, err
 	}
-	if w.pid > 0 {
-		if res.RelayRSSBefore, err = procRSS(w.pid); err != nil {
+	if len(w.pids) > 0 {
+		if res.RelayRSSBefore, err = sumRSS(w.pids); err != nil {
 			return nil, err
 		}
 	}
@@ -84,11 +89,23 @@ func (w *idleWorkload) run(ctx context.Context, progress io.Writer) (result, err
 		return nil, err
 	}
 	res.TCPMemPerTunnel = (res.TCPMemAfter - res.TCPMemBefore) / int64(w.tunnels)
-	if w.pid > 0 {
-		if res.RelayRSSAfter, err = procRSS(w.pid); err != nil {
+	if len(w.pids) > 0 {
+		if res.RelayRSSAfter, err = sumRSS(w.pids); err != nil {
 			return nil, err
 		}
 		res.RelayRSSPerTunnel = (res.RelayRSSAfter - res.RelayRSSBefore) / int64(w.tunnels)
 	}
 	return res, nil
+}
+
+func sumRSS(pids []int) (int64, error) {
+	var sum int64
+	for _, pid := range pids {
+		rss, err := procRSS(pid)
+		if err != nil {
+			return 0, err
+		}
+		sum += rss
+	}
+	return sum, nil
 }

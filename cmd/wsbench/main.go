@@ -2,11 +2,11 @@
 // and, with -json FILE, writes its result as JSON:
 //
 //	wsbench rtt  -url ws://127.0.0.1:8080/ [-tunnels 100] [-size 32] [-rate 0] [-duration 5s]
-//	wsbench idle -url ws://127.0.0.1:8080/ [-tunnels 1000] [-pid PID] [-settle 2s]
+//	wsbench idle -url ws://127.0.0.1:8080/ [-tunnels 1000] [-pid PID[,PID...]] [-settle 2s]
 //
 // rtt: each tunnel sends a message and waits for its echo, in a closed loop or at -rate messages per second
 // per tunnel; it reports p50, p90, p99, p99.9 and max round trip. idle: opens and holds idle tunnels and
-// reports what each costs the relay whose pid is given (its RSS) and the kernel (TCP memory in
+// reports what each costs the relay whose processes are given (their summed RSS) and the kernel (TCP memory in
 // /proc/net/sockstat). Runs longer than a few seconds print progress on stderr.
 package main
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -107,8 +108,9 @@ func TestWorkloadsSmoke(t *testing.T) {
 	}{
 		{[]string{"rtt", "-tunnels", "4", "-duration", "1s"}, "p99.9", "round_trips_per_second"},
 		{[]string{"rtt", "-tunnels", "2", "-duration", "1s", "-rate", "50", "-size", "1000"}, "p99.9", "rtt"},
-		{[]string{"idle", "-tunnels", "50", "-settle", "200ms", "-pid", "0"}, "RSS/tunnel", "kernel_tcp_mem_per_tunnel_bytes"},
+		{[]string{"idle", "-tunnels", "50", "-settle", "200ms"}, "RSS/tunnel", "kernel_tcp_mem_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
+		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			jsonPath := filepath.Join(t.TempDir(), "out.json")
@@ -155,7 +157,8 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"rtt", "-url", "ws://x/", "-size", "0"}, "-size: 0; accepted 1 to"},
 		{[]string{"rtt", "-url", "ws://x/", "-rate", "-1"}, "-rate: -1"},
 		{[]string{"rtt", "-url", "ws://x/", "-duration", "0s"}, "-duration: 0s"},
-		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, "-pid: -3"},
+		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, `-pid: "-3" is not a process id`},
+		{[]string{"idle", "-url", "ws://x/", "-pid", "1,x"}, `-pid: "x" is not a process id`},
 		{[]string{"idle", "-url", "ws://x/", "extra"}, `unexpected argument "extra"`},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "1073741824"}, "-pid: read RSS of process 1073741824"},
 	} {
