@@ -5,7 +5,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X main.version=$(VERSION)
 
-.PHONY: build run test lint generate check-generate clean
+.PHONY: build run test lint generate check-generate bench clean
 
 build:
 	mkdir -p bin
@@ -18,6 +18,11 @@ run:
 
 test:
 	scripts/test.sh
+
+# sockrelay against nginx and HAProxy on this machine; writes docs/bench/RESULTS.md (scripts/bench.sh full
+# for the long run).
+bench:
+	scripts/bench.sh quick
 
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
