@@ -60,8 +60,9 @@ def main():
         f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}",
         f"- {cmd('bin/sockrelay', 'version')}; {cmd('nginx', '-v')}; {cmd('haproxy', '-v')}",
         "- upstream: bin/wsecho (gorilla/websocket echo); load: bin/wsbench, on the same machine",
-        "- idle: tunnels held open (count in the table), the relay's RSS growth divided by the tunnel count "
-        "(all nginx workers summed); rtt: 32-byte binary messages, closed loop",
+        "- idle: tunnels held open (count in the table); per tunnel is the relay's RSS growth over the second "
+        "half of them (all nginx workers summed), since memory a process freed before is reused first; "
+        "rtt: 32-byte binary messages, closed loop",
         "",
         "| target | RTT, 1 tunnel p50 / p99 µs | RTT, 1000 tunnels p50 / p99 µs | round trips/s at 1000 "
         "| p99 at 1000 vs direct | vs best peer | RSS per idle tunnel | vs best peer |",
