@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/sockrelay/sockrelay/internal/wsecho"
 )
 
 func TestDispatch(t *testing.T) {
@@ -143,20 +146,7 @@ func (b *syncBuffer) String() string { b.mu.Lock(); defer b.mu.Unlock(); return 
 // endpoints, then SIGTERM (a cancelled context) with one tunnel still open and one that closes during the
 // drain.
 func TestRunEndToEnd(t *testing.T) {
-	echo := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ws, err := (&websocket.Upgrader{}).Upgrade(w, r, nil)
-		if err != nil {
-			return
-		}
-		defer ws.Close()
-		for {
-			typ, msg, err := ws.ReadMessage()
-			if err != nil {
-				return
-			}
-			ws.WriteMessage(typ, msg)
-		}
-	}))
+	echo := httptest.NewServer(wsecho.Handler(slog.New(slog.DiscardHandler)))
 	defer echo.Close()
 
 	for _, dp := range []string{"auto", "copy", "splice", "sockmap"} {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/sockrelay/sockrelay/internal/wsecho"
 	"github.com/sockrelay/sockrelay/loader"
 	"github.com/sockrelay/sockrelay/relay"
 )
@@ -424,24 +426,9 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// newEchoUpstream starts a WebSocket echo server and returns its HOST:PORT.
+// newEchoUpstream starts the bundled WebSocket echo server (internal/wsecho) and returns its HOST:PORT.
 func newEchoUpstream(t *testing.T) string {
-	echo := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ws, err := (&websocket.Upgrader{}).Upgrade(w, r, nil)
-		if err != nil {
-			return
-		}
-		defer ws.Close()
-		for {
-			typ, msg, err := ws.ReadMessage()
-			if err != nil {
-				return
-			}
-			if err := ws.WriteMessage(typ, msg); err != nil {
-				return
-			}
-		}
-	}))
+	echo := httptest.NewServer(wsecho.Handler(slog.New(slog.DiscardHandler)))
 	t.Cleanup(echo.Close)
 	return echo.Listener.Addr().String()
 }

@@ -5,7 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/http"
+	"log/slog"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gorilla/websocket"
+	"github.com/sockrelay/sockrelay/internal/wsecho"
 )
 
 func TestSummarize(t *testing.T) {
@@ -73,26 +73,10 @@ func TestProcRSS(t *testing.T) {
 	}
 }
 
-// echoServer is a gorilla/websocket echo server on loopback, the upstream the smoke tests measure.
+// echoServer is the bundled echo upstream (internal/wsecho) on loopback, which the smoke tests measure.
 func echoServer(t *testing.T) string {
 	t.Helper()
-	up := websocket.Upgrader{}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, err := up.Upgrade(w, r, nil)
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		for {
-			typ, msg, err := c.ReadMessage()
-			if err != nil {
-				return
-			}
-			if err := c.WriteMessage(typ, msg); err != nil {
-				return
-			}
-		}
-	}))
+	srv := httptest.NewServer(wsecho.Handler(slog.New(slog.DiscardHandler)))
 	t.Cleanup(srv.Close)
 	return "ws" + strings.TrimPrefix(srv.URL, "http") + "/"
 }

@@ -1,11 +1,8 @@
-// Command wsecho is a WebSocket echo server built on gorilla/websocket: the upstream the README's first
-// command puts behind sockrelay, and the one the tests use. Every message is sent back as it came, text as
-// text and binary as binary; pings are answered with pongs and a close frame with the same close code.
-// A plain GET (no upgrade) gets a small page, so the relay's HTTP proxying can be seen in a browser too.
+// Command wsecho is a WebSocket echo server (internal/wsecho, on gorilla/websocket): the upstream the
+// README's first command puts behind sockrelay, and the one make bench measures through.
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -14,7 +11,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/gorilla/websocket"
+	"github.com/sockrelay/sockrelay/internal/wsecho"
 )
 
 func main() {
@@ -27,65 +24,9 @@ func main() {
 		os.Exit(2)
 	}
 	log.Info("wsecho listening", "listen", ln.Addr().String())
-	srv := &http.Server{Handler: Handler(log), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: wsecho.Handler(log), ReadHeaderTimeout: 10 * time.Second}
 	if err := srv.Serve(ln); err != nil {
 		log.Error("wsecho stopped", "err", err)
 		os.Exit(1)
 	}
-}
-
-const page = `<!doctype html>
-<title>wsecho</title>
-<p>wsecho: a WebSocket echo server. This page came through plain HTTP; the line below through a WebSocket.</p>
-<pre id=out>connecting…</pre>
-<script>
-const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/echo");
-ws.onopen = () => ws.send("hello through the relay");
-ws.onmessage = (e) => { document.getElementById("out").textContent = "echoed: " + e.data; };
-ws.onerror = () => { document.getElementById("out").textContent = "websocket failed"; };
-</script>
-`
-
-// Handler echoes WebSocket messages on every path and serves the page to plain GETs.
-func Handler(log *slog.Logger) http.Handler {
-	upgrader := websocket.Upgrader{
-		ReadBufferSize:  4096,
-		WriteBufferSize: 4096,
-		// The echo server is a test upstream: any origin may use it.
-		CheckOrigin: func(*http.Request) bool { return true },
-	}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !websocket.IsWebSocketUpgrade(r) {
-			w.Header().Set("Content-Type", "text/html; charset=utf-8")
-			fmt.Fprint(w, page)
-			return
-		}
-		c, err := upgrader.Upgrade(w, r, nil)
-		if err != nil {
-			return // Upgrade has answered the client
-		}
-		defer c.Close()
-		c.SetCloseHandler(func(code int, text string) error {
-			// Echo the close code, so a client can check it crossed the relay intact.
-			msg := websocket.FormatCloseMessage(code, text)
-			if code == websocket.CloseNoStatusReceived {
-				msg = websocket.FormatCloseMessage(websocket.CloseNormalClosure, "")
-			}
-			_ = c.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-			return nil
-		})
-		for {
-			kind, msg, err := c.ReadMessage()
-			if err != nil {
-				var ce *websocket.CloseError
-				if !errors.As(err, &ce) {
-					log.Debug("echo connection ended", "client", r.RemoteAddr, "err", err)
-				}
-				return
-			}
-			if err := c.WriteMessage(kind, msg); err != nil {
-				return
-			}
-		}
-	})
 }
