@@ -5,8 +5,9 @@
 #
 #   scripts/bench.sh [quick|full]     quick (default) takes about 3 minutes on 2 cores
 #
-# Workloads so far: rtt (32-byte round trips at 1 and at 1000 tunnels) and idle (memory per idle tunnel).
-# Throughput, handshakes and CPU per message come with the rest of the benchmark issue.
+# Workloads so far: rtt (32-byte round trips at 1 and at 1000 tunnels), idle (memory per idle tunnel) and
+# throughput (one stream of 64 KiB messages, one way). Handshakes and CPU per message come with the rest of
+# the benchmark issue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -162,6 +163,7 @@ for t in "${targets[@]}"; do
 		-json "$out/json/$t-idle.json" >&2
 	bin/wsbench rtt -url "$target_url" -tunnels 1 -duration "$rtt_duration" -json "$out/json/$t-rtt1.json" >&2
 	bin/wsbench rtt -url "$target_url" -tunnels 1000 -duration "$rtt_duration" -json "$out/json/$t-rtt1000.json" >&2
+	bin/wsbench throughput -url "${target_url}sink" -duration "$rtt_duration" -json "$out/json/$t-throughput.json" >&2
 	stop_target "$t"
 done
 

@@ -3,11 +3,13 @@
 //
 //	wsbench rtt  -url ws://127.0.0.1:8080/ [-tunnels 100] [-size 32] [-rate 0] [-duration 5s]
 //	wsbench idle -url ws://127.0.0.1:8080/ [-tunnels 1000] [-pid PID[,PID...]] [-settle 2s]
+//	wsbench throughput -url ws://127.0.0.1:8080/sink [-tunnels 1] [-size 65536] [-mode sink|echo] [-duration 5s]
 //
 // rtt: each tunnel sends a message and waits for its echo, in a closed loop or at -rate messages per second
 // per tunnel; it reports p50, p90, p99, p99.9 and max round trip. idle: opens and holds idle tunnels and
 // reports what each costs the relay whose processes are given (their summed RSS) and the kernel (TCP memory in
-// /proc/net/sockstat). Runs longer than a few seconds print progress on stderr.
+// /proc/net/sockstat). throughput: streams large messages, one way into wsecho's /sink or both ways through
+// its echo, and reports Gbit/s. Runs longer than a few seconds print progress on stderr.
 package main
 
 import (
@@ -26,6 +28,7 @@ const usage = `usage: wsbench WORKLOAD -url ws://HOST:PORT/PATH [flags]
 workloads:
   rtt    round trips of small messages over many tunnels: p50, p90, p99, p99.9, max
   idle   memory per idle tunnel of the relay (-pid) and of the kernel
+  throughput  large messages streamed one way (-mode sink) or both ways (-mode echo): Gbit/s
 
 wsbench WORKLOAD -h lists a workload's flags.
 `
@@ -62,6 +65,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		w, jsonPath, err = parseRTT(args[1:], stderr)
 	case "idle":
 		w, jsonPath, err = parseIdle(args[1:], stderr)
+	case "throughput":
+		w, jsonPath, err = parseThroughput(args[1:], stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -95,11 +96,17 @@ func TestWorkloadsSmoke(t *testing.T) {
 		{[]string{"idle", "-tunnels", "50", "-settle", "200ms"}, "RSS/tunnel", "kernel_tcp_mem_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
+		{[]string{"throughput", "-duration", "1s", "-url", url + "sink"}, "Gbit/s", "gbit_per_second"},
+		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000"}, "Gbit/s", "gbit_per_second"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			jsonPath := filepath.Join(t.TempDir(), "out.json")
 			var stdout, stderr bytes.Buffer
-			args := append(append([]string{}, tc.args...), "-url", url, "-json", jsonPath)
+			args := append([]string{}, tc.args...)
+			if !slices.Contains(args, "-url") {
+				args = append(args, "-url", url)
+			}
+			args = append(args, "-json", jsonPath)
 			if code := run(context.Background(), args, &stdout, &stderr); code != 0 {
 				t.Fatalf("exit %d; stderr:\n%s", code, stderr.String())
 			}
@@ -125,6 +132,11 @@ func TestWorkloadsSmoke(t *testing.T) {
 					t.Errorf("no round trips measured: %s", b)
 				}
 			}
+			if tc.args[0] == "throughput" {
+				if moved, _ := out.Result["bytes"].(float64); moved <= 0 {
+					t.Errorf("no bytes moved: %s", b)
+				}
+			}
 		})
 	}
 }
@@ -144,6 +156,8 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, `-pid: "-3" is not a process id`},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "1,x"}, `-pid: "x" is not a process id`},
 		{[]string{"idle", "-url", "ws://x/", "extra"}, `unexpected argument "extra"`},
+		{[]string{"throughput", "-url", "ws://x/"}, "-mode sink needs an upstream that discards"},
+		{[]string{"throughput", "-url", "ws://x/", "-mode", "both"}, `-mode: "both"; accepted sink or echo`},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "1073741824"}, "-pid: read RSS of process 1073741824"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {

@@ -26,7 +26,10 @@ ws.onerror = () => { document.getElementById("out").textContent = "websocket fai
 </script>
 `
 
-// Handler echoes WebSocket messages on every path and serves the page to plain GETs.
+// SinkPath is the path on which the server discards what it receives instead of echoing it.
+const SinkPath = "/sink"
+
+// Handler echoes WebSocket messages on every path but SinkPath and serves the page to plain GETs.
 func Handler(log *slog.Logger) http.Handler {
 	upgrader := websocket.Upgrader{
 		ReadBufferSize:  4096,
@@ -45,6 +48,14 @@ func Handler(log *slog.Logger) http.Handler {
 			return // Upgrade has answered the client
 		}
 		defer c.Close()
+		if r.URL.Path == SinkPath {
+			// One-way streams (wsbench throughput -mode sink): read and discard, answer nothing.
+			for {
+				if _, _, err := c.NextReader(); err != nil {
+					return
+				}
+			}
+		}
 		c.SetCloseHandler(func(code int, text string) error {
 			// Echo the close code, so a client can check it crossed the relay intact.
 			msg := websocket.FormatCloseMessage(code, text)
