@@ -141,11 +141,13 @@ stop_target() {
 }
 
 targets=(direct)
+bin/sockrelay doctor >"$work/doctor.txt"
 for dp in sockmap splice copy; do
-	if bin/sockrelay doctor | grep -q "^  $dp *available"; then
+	if grep -q "^  $dp *available" "$work/doctor.txt"; then
 		targets+=("sockrelay-$dp")
 	else
-		echo "scripts/bench.sh: sockrelay $dp is unavailable here, left out (sockrelay doctor says why)" >&2
+		echo "scripts/bench.sh: sockrelay $dp is unavailable here, left out; sockrelay doctor says:" >&2
+		cat "$work/doctor.txt" >&2
 	fi
 done
 targets+=(nginx haproxy)
