@@ -65,44 +65,59 @@ func (r *rttResult) table(w io.Writer) {
 func us(d time.Duration) string { return fmt.Sprintf("%.0fµs", float64(d)/float64(time.Microsecond)) }
 
 func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, error) {
-	conns, err := dialAll(ctx, w.url, w.tunnels, progress)
-	if err != nil {
-		return nil, err
-	}
-	defer closeAll(conns)
-
-	ctx, cancel := context.WithTimeout(ctx, w.duration)
-	defer cancel()
 	var (
 		trips atomic.Int64
-		wg    sync.WaitGroup
 		mu    sync.Mutex
 		all   []time.Duration
-		errs  []error
 	)
-	start := time.Now()
-	stopProgress := reportProgress(ctx, progress, func() string { return fmt.Sprintf("%d round trips", trips.Load()) })
-	for i, c := range conns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+	elapsed, err := runTunnels(ctx, w.url, w.tunnels, w.duration, progress,
+		func() string { return fmt.Sprintf("%d round trips", trips.Load()) },
+		func(ctx context.Context, i int, c *websocket.Conn) error {
 			d, err := w.pingPong(ctx, c, i, &trips)
 			mu.Lock()
 			all = append(all, d...)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("tunnel %d: %w", i, err))
-			}
 			mu.Unlock()
-		}()
-	}
-	wg.Wait()
-	stopProgress()
-	elapsed := time.Since(start)
-	if err := errors.Join(errs...); err != nil {
+			return err
+		})
+	if err != nil {
 		return nil, err
 	}
 	return &rttResult{Tunnels: w.tunnels, Size: w.size, Rate: w.rate, Seconds: elapsed.Seconds(),
 		PerSecond: float64(len(all)) / elapsed.Seconds(), RTT: summarize(all)}, nil
+}
+
+// runTunnels opens n tunnels to url and runs each on every one of them at once, for duration, showing
+// status as progress once a second. It returns how long they ran, or every tunnel's error.
+func runTunnels(ctx context.Context, url string, n int, duration time.Duration, progress io.Writer,
+	status func() string, each func(ctx context.Context, i int, c *websocket.Conn) error) (time.Duration, error) {
+	conns, err := dialAll(ctx, url, n, progress)
+	if err != nil {
+		return 0, err
+	}
+	defer closeAll(conns)
+	ctx, cancel := context.WithTimeout(ctx, duration)
+	defer cancel()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+	)
+	start := time.Now()
+	stopProgress := reportProgress(ctx, progress, status)
+	for i, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := each(ctx, i, c); err != nil {
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("tunnel %d: %w", i, err))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	stopProgress()
+	return time.Since(start), errors.Join(errs...)
 }
 
 // pingPong runs one tunnel's round trips until ctx ends and returns their durations. Every echo must be the

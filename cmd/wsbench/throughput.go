@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -63,76 +62,67 @@ func (r *throughputResult) table(w io.Writer) {
 }
 
 func (w *throughputWorkload) run(ctx context.Context, progress io.Writer) (result, error) {
-	conns, err := dialAll(ctx, w.url, w.tunnels, progress)
+	var moved atomic.Int64
+	elapsed, err := runTunnels(ctx, w.url, w.tunnels, w.duration, progress,
+		func() string { return fmt.Sprintf("%d MiB", moved.Load()>>20) },
+		func(ctx context.Context, _ int, c *websocket.Conn) error { return w.stream(ctx, c, &moved) })
 	if err != nil {
-		return nil, err
-	}
-	defer closeAll(conns)
-	ctx, cancel := context.WithTimeout(ctx, w.duration)
-	defer cancel()
-	var (
-		moved atomic.Int64
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		errs  []error
-	)
-	fail := func(err error) {
-		mu.Lock()
-		errs = append(errs, err)
-		mu.Unlock()
-	}
-	stopProgress := reportProgress(ctx, progress, func() string { return fmt.Sprintf("%d MiB", moved.Load()>>20) })
-	start := time.Now()
-	for i, c := range conns {
-		stop := context.AfterFunc(ctx, func() {
-			_ = c.SetWriteDeadline(time.Unix(1, 0))
-			_ = c.SetReadDeadline(time.Unix(1, 0))
-		})
-		defer stop()
-		msg := make([]byte, w.size)
-		wg.Add(1)
-		go func() { // writer
-			defer wg.Done()
-			for ctx.Err() == nil {
-				if err := c.WriteMessage(websocket.BinaryMessage, msg); err != nil {
-					if ctx.Err() == nil {
-						fail(fmt.Errorf("tunnel %d: send: %w", i, err))
-					}
-					return
-				}
-				if w.mode == "sink" {
-					moved.Add(int64(w.size))
-				}
-			}
-		}()
-		if w.mode == "echo" {
-			wg.Add(1)
-			go func() { // reader
-				defer wg.Done()
-				for ctx.Err() == nil {
-					_, r, err := c.NextReader()
-					if err == nil {
-						var n int64
-						n, err = io.Copy(io.Discard, r)
-						moved.Add(n)
-					}
-					if err != nil {
-						if ctx.Err() == nil {
-							fail(fmt.Errorf("tunnel %d: read: %w", i, err))
-						}
-						return
-					}
-				}
-			}()
-		}
-	}
-	wg.Wait()
-	stopProgress()
-	elapsed := time.Since(start)
-	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
 	n := moved.Load()
 	return &throughputResult{Tunnels: w.tunnels, Size: w.size, Mode: w.mode, Seconds: elapsed.Seconds(), Bytes: n,
 		Gbps: float64(n) * 8 / elapsed.Seconds() / 1e9}, nil
+}
+
+// stream sends messages on c until ctx ends, counting in moved what was sent (sink) or what came back
+// (echo, read beside the writes).
+func (w *throughputWorkload) stream(ctx context.Context, c *websocket.Conn, moved *atomic.Int64) error {
+	stop := context.AfterFunc(ctx, func() {
+		_ = c.SetWriteDeadline(time.Unix(1, 0))
+		_ = c.SetReadDeadline(time.Unix(1, 0))
+	})
+	defer stop()
+	readErr := make(chan error, 1)
+	if w.mode == "echo" {
+		go func() {
+			for ctx.Err() == nil {
+				_, r, err := c.NextReader()
+				if err == nil {
+					var n int64
+					n, err = io.Copy(io.Discard, r)
+					moved.Add(n)
+				}
+				if err != nil {
+					if ctx.Err() != nil {
+						err = nil // the deadline that ended the run
+					} else {
+						err = fmt.Errorf("read: %w", err)
+					}
+					readErr <- err
+					return
+				}
+			}
+			readErr <- nil
+		}()
+	} else {
+		readErr <- nil
+	}
+	var sendErr error
+	msg := make([]byte, w.size)
+	for ctx.Err() == nil {
+		if err := c.WriteMessage(websocket.BinaryMessage, msg); err != nil {
+			if ctx.Err() == nil {
+				sendErr = fmt.Errorf("send: %w", err)
+			}
+			break
+		}
+		if w.mode == "sink" {
+			moved.Add(int64(w.size))
+		}
+	}
+	if ctx.Err() == nil {
+		// The writer failed before the end: unblock the reader.
+		_ = c.SetReadDeadline(time.Unix(1, 0))
+	}
+	return errors.Join(sendErr, <-readErr)
 }
