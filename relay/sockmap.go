@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -392,17 +393,7 @@ func (k *kernelPath) release(kt *kernelTunnel) {
 	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
 		k.log.Warn("removing tunnel from BPF maps", "id", kt.t.ID, "err", err)
 	}
-	k.drain = removeDirs(k.drain, kt)
-}
-
-func removeDirs(ds []*kernelDir, kt *kernelTunnel) []*kernelDir {
-	out := ds[:0]
-	for _, d := range ds {
-		if d.kt != kt {
-			out = append(out, d)
-		}
-	}
-	return out
+	k.drain = slices.DeleteFunc(k.drain, func(d *kernelDir) bool { return d.kt == kt })
 }
 
 // loop waits for socket events and polls draining directions until Close.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"syscall"
 	"time"
 
@@ -351,20 +352,10 @@ func (k *kernelPath) finishRelayed(d *kernelDir) {
 		return
 	}
 	d.finSeen, d.finDone = true, true
-	k.drain = removeDir(k.drain, d)
+	k.drain = slices.DeleteFunc(k.drain, func(x *kernelDir) bool { return x == d })
 	both := d.kt.dirs[0].finDone && d.kt.dirs[1].finDone
 	k.mu.Unlock()
 	if both {
 		t.end(ReasonClosed, false)
 	}
-}
-
-func removeDir(ds []*kernelDir, d *kernelDir) []*kernelDir {
-	out := ds[:0]
-	for _, x := range ds {
-		if x != d {
-			out = append(out, x)
-		}
-	}
-	return out
 }
