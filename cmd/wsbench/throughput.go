@@ -77,10 +77,10 @@ func (w *throughputWorkload) run(ctx context.Context, progress io.Writer) (resul
 // stream sends messages on c until ctx ends, counting in moved what was sent (sink) or what came back
 // (echo, read beside the writes).
 func (w *throughputWorkload) stream(ctx context.Context, c *websocket.Conn, moved *atomic.Int64) error {
-	stop := context.AfterFunc(ctx, func() {
-		_ = c.SetWriteDeadline(time.Unix(1, 0))
-		_ = c.SetReadDeadline(time.Unix(1, 0))
-	})
+	// The end of the run closes the connection: that unblocks a write stuck on a full socket and the reader.
+	// gorilla's SetWriteDeadline cannot be used here: it sets a field the writer reads without a lock, and
+	// every frame resets the socket's deadline from it.
+	stop := context.AfterFunc(ctx, func() { _ = c.NetConn().Close() })
 	defer stop()
 	readErr := make(chan error, 1)
 	if w.mode == "echo" {
