@@ -98,6 +98,8 @@ func TestWorkloadsSmoke(t *testing.T) {
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"throughput", "-duration", "1s", "-url", url + "sink"}, "Gbit/s", "gbit_per_second"},
 		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000"}, "Gbit/s", "gbit_per_second"},
+		{[]string{"handshakes", "-duration", "1s", "-tunnels", "2"}, "opened/s", "handshakes_per_second"},
+		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-direct", "DIRECT"}, "relay µs/msg", "relay_cpu_us_per_message"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			jsonPath := filepath.Join(t.TempDir(), "out.json")
@@ -105,6 +107,9 @@ func TestWorkloadsSmoke(t *testing.T) {
 			args := append([]string{}, tc.args...)
 			if !slices.Contains(args, "-url") {
 				args = append(args, "-url", url)
+			}
+			if i := slices.Index(args, "DIRECT"); i >= 0 {
+				args[i] = url
 			}
 			args = append(args, "-json", jsonPath)
 			if code := run(context.Background(), args, &stdout, &stderr); code != 0 {
@@ -130,6 +135,20 @@ func TestWorkloadsSmoke(t *testing.T) {
 			if tc.args[0] == "rtt" {
 				if trips, _ := out.Result["round_trips_per_second"].(float64); trips <= 0 {
 					t.Errorf("no round trips measured: %s", b)
+				}
+			}
+			if tc.args[0] == "handshakes" {
+				if opened, _ := out.Result["latency"].(map[string]any)["count"].(float64); opened <= 0 {
+					t.Errorf("no handshake measured: %s", b)
+				}
+			}
+			if tc.args[0] == "cpu" {
+				target, _ := out.Result["target"].(map[string]any)
+				if msgs, _ := target["messages"].(float64); msgs <= 0 {
+					t.Errorf("no message measured: %s", b)
+				}
+				if _, ok := out.Result["direct"]; !ok {
+					t.Errorf("no direct baseline with -direct: %s", b)
 				}
 			}
 			if tc.args[0] == "throughput" {
@@ -159,6 +178,10 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"throughput", "-url", "ws://x/"}, "-mode sink needs an upstream that discards"},
 		{[]string{"throughput", "-url", "ws://x/", "-mode", "both"}, `-mode: "both"; accepted sink or echo`},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "1073741824"}, "-pid: read RSS of process 1073741824"},
+		{[]string{"handshakes", "-url", "ws://x/", "-duration", "-1s"}, "-duration: -1s"},
+		{[]string{"cpu", "-url", "ws://x/", "-rate", "0"}, "-rate: 0; a positive number"},
+		{[]string{"cpu", "-url", "ws://x/", "-duration", "500ms"}, "-duration: 500ms; at least 1s"},
+		{[]string{"cpu", "-url", "ws://x/", "-size", "0"}, "-size: 0; accepted 1 to"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
@@ -169,6 +192,15 @@ func TestBadUsage(t *testing.T) {
 				t.Errorf("stderr lacks %q:\n%s", tc.want, stderr.String())
 			}
 		})
+	}
+}
+
+// TestHandshakesUnreachableFails: a relay that opens no tunnel fails the run rather than reporting zero.
+func TestHandshakesUnreachableFails(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"handshakes", "-url", "ws://127.0.0.1:1/", "-tunnels", "1", "-duration", "300ms"}, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), "no tunnel opened to ws://127.0.0.1:1/") {
+		t.Errorf("exit %d, stderr %q; want 1 and why no tunnel opened", code, stderr.String())
 	}
 }
 

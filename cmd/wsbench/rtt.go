@@ -86,8 +86,7 @@ func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 		PerSecond: float64(len(all)) / elapsed.Seconds(), RTT: summarize(all)}, nil
 }
 
-// runTunnels opens n tunnels to url and runs each on every one of them at once, for duration, showing
-// status as progress once a second. It returns how long they ran, or every tunnel's error.
+// runTunnels opens n tunnels to url, runs them with runConns and closes them.
 func runTunnels(ctx context.Context, url string, n int, duration time.Duration, progress io.Writer,
 	status func() string, each func(ctx context.Context, i int, c *websocket.Conn) error) (time.Duration, error) {
 	conns, err := dialAll(ctx, url, n, progress)
@@ -95,6 +94,13 @@ func runTunnels(ctx context.Context, url string, n int, duration time.Duration, 
 		return 0, err
 	}
 	defer closeAll(conns)
+	return runConns(ctx, conns, duration, progress, status, each)
+}
+
+// runConns runs each on every one of conns at once, for duration, showing status as progress once a second.
+// It returns how long they ran, or every tunnel's error.
+func runConns(ctx context.Context, conns []*websocket.Conn, duration time.Duration, progress io.Writer,
+	status func() string, each func(ctx context.Context, i int, c *websocket.Conn) error) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, duration)
 	defer cancel()
 	var (
