@@ -5,16 +5,17 @@
 #
 #   scripts/bench.sh [quick|full]     quick (default) takes about 3 minutes on 2 cores
 #
-# Workloads so far: rtt (32-byte round trips at 1 and at 1000 tunnels), idle (memory per idle tunnel) and
-# throughput (one stream of 64 KiB messages, one way). Handshakes and CPU per message come with the rest of
-# the benchmark issue.
+# Workloads: idle (memory per idle tunnel), rtt (32-byte round trips at 1 and at 1000 tunnels), throughput
+# (one stream of 64 KiB messages, one way), handshakes (new tunnels per second) and cpu (whole-machine CPU
+# per message at 10 000 messages/s, less the same load sent directly, measured just before in the same call).
+# The charts (docs/bench/*.svg) are drawn from the same JSON by bench_report.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=${1:-quick}
 case "$mode" in
-quick) rtt_duration=5s idle_tunnels=3000 ;;
-full) rtt_duration=20s idle_tunnels=9000 ;;
+quick) duration=3s idle_tunnels=3000 ;;
+full) duration=20s idle_tunnels=9000 ;;
 *)
 	echo "usage: scripts/bench.sh [quick|full]" >&2
 	exit 2
@@ -163,9 +164,15 @@ for t in "${targets[@]}"; do
 	[ "$t" = sockrelay-splice ] && n=$((n < 3000 ? n : 3000))
 	bin/wsbench idle -url "$target_url" -tunnels "$n" "${idle_pid_flag[@]}" -settle 3s \
 		-json "$out/json/$t-idle.json" >&2
-	bin/wsbench rtt -url "$target_url" -tunnels 1 -duration "$rtt_duration" -json "$out/json/$t-rtt1.json" >&2
-	bin/wsbench rtt -url "$target_url" -tunnels 1000 -duration "$rtt_duration" -json "$out/json/$t-rtt1000.json" >&2
-	bin/wsbench throughput -url "${target_url}sink" -duration "$rtt_duration" -json "$out/json/$t-throughput.json" >&2
+	bin/wsbench rtt -url "$target_url" -tunnels 1 -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
+	bin/wsbench rtt -url "$target_url" -tunnels 1000 -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
+	bin/wsbench throughput -url "${target_url}sink" -duration "$duration" -json "$out/json/$t-throughput.json" >&2
+	bin/wsbench handshakes -url "$target_url" -duration "$duration" -json "$out/json/$t-handshakes.json" >&2
+	# The direct baseline is measured again beside each target, so both see the same machine state.
+	direct_flag=()
+	[ "$t" != direct ] && direct_flag=(-direct "ws://$upstream/")
+	bin/wsbench cpu -url "$target_url" "${direct_flag[@]}" -tunnels 100 -rate 10000 -duration "$duration" \
+		-json "$out/json/$t-cpu.json" >&2
 	stop_target "$t"
 done
 
