@@ -126,13 +126,18 @@ def main():
                      f"| {ratio(p99[t], best_peer['p99'])} |")
 
     lines += ["", "## Memory per idle tunnel", "",
-              "Tunnels held open without traffic. Per tunnel is the relay's RSS growth over the second half of "
-              "them (all nginx workers summed), since a process first reuses memory it freed before. The "
-              "kernel's socket memory is the same for every relay and is not in these figures.", "",
+              "Tunnels held open without traffic. Per tunnel is the growth over the second half of them, since "
+              "a process first reuses memory it freed before: the relay's RSS (all nginx workers summed), and "
+              "the whole machine's kernel TCP memory (/proc/net/sockstat) and slab (/proc/meminfo), which hold "
+              "the load generator's and the upstream's sockets too: the direct row is that baseline.", "",
               "![RSS per idle tunnel](idle.svg)", "",
-              "| target | tunnels | RSS per idle tunnel | vs best peer |", "|---|---|---|---|"]
-    for t in relays:
-        lines.append(f"| {t} | {r[t]['idle']['tunnels']} | {mem[t]} B | {ratio(mem[t], best_peer['mem'])} |")
+              "| target | tunnels | relay RSS per idle tunnel | vs best peer | kernel TCP per tunnel "
+              "| kernel slab per tunnel |", "|---|---|---|---|---|---|"]
+    for t in targets:
+        i = r[t]["idle"]
+        rss = "–" if mem[t] is None else f"{mem[t]} B"
+        lines.append(f"| {t} | {i['tunnels']} | {rss} | {ratio(mem[t], best_peer['mem'])} "
+                     f"| {i['kernel_tcp_mem_per_tunnel_bytes']} B | {i.get('kernel_slab_per_tunnel_bytes', 0)} B |")
 
     lines += ["", "## Bulk throughput", "", "One tunnel of 64 KiB messages into a sink, one way.", "",
               "![bulk throughput](throughput.svg)", "",

@@ -59,32 +59,42 @@ type idleResult struct {
 	TCPMemHalf        int64 `json:"kernel_tcp_mem_half_bytes"`
 	TCPMemAfter       int64 `json:"kernel_tcp_mem_after_bytes"`
 	TCPMemPerTunnel   int64 `json:"kernel_tcp_mem_per_tunnel_bytes"`
+	// Slab is the kernel's slab memory (/proc/meminfo): socket structures, sk_buffs, BPF map entries.
+	// It is the whole machine's, so the load generator's and the upstream's sockets are in it too; the
+	// direct run is the baseline to compare with.
+	SlabHalf      int64 `json:"kernel_slab_half_bytes"`
+	SlabAfter     int64 `json:"kernel_slab_after_bytes"`
+	SlabPerTunnel int64 `json:"kernel_slab_per_tunnel_bytes"`
 }
 
 func (r *idleResult) table(w io.Writer) {
-	fmt.Fprintf(w, "%-8s %-14s %-14s %-16s\n", "tunnels", "relay RSS", "RSS/tunnel", "kernel TCP/tunnel")
+	fmt.Fprintf(w, "%-8s %-14s %-14s %-18s %-16s\n", "tunnels", "relay RSS", "RSS/tunnel", "kernel TCP/tunnel", "kernel slab/tunnel")
 	rss, per := "-", "-"
 	if r.RelayRSSAfter > 0 {
 		rss, per = fmt.Sprintf("%.1f MiB", float64(r.RelayRSSAfter)/(1<<20)), fmt.Sprintf("%d B", r.RelayRSSPerTunnel)
 	}
-	fmt.Fprintf(w, "%-8d %-14s %-14s %-16s\n", r.Tunnels, rss, per, fmt.Sprintf("%d B", r.TCPMemPerTunnel))
+	fmt.Fprintf(w, "%-8d %-14s %-14s %-18s %-16s\n", r.Tunnels, rss, per, fmt.Sprintf("%d B", r.TCPMemPerTunnel),
+		fmt.Sprintf("%d B", r.SlabPerTunnel))
 }
 
-// sample reads the relay's RSS (when pids are given) and the kernel's TCP memory.
-func (w *idleWorkload) sample() (rss, tcp int64, err error) {
+// sample reads the relay's RSS (when pids are given) and the kernel's TCP and slab memory.
+func (w *idleWorkload) sample() (rss, tcp, slab int64, err error) {
 	if len(w.pids) > 0 {
 		if rss, err = sumRSS(w.pids); err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 	}
-	tcp, err = tcpMemBytes()
-	return rss, tcp, err
+	if tcp, err = tcpMemBytes(); err != nil {
+		return 0, 0, 0, err
+	}
+	slab, err = slabBytes()
+	return rss, tcp, slab, err
 }
 
 func (w *idleWorkload) run(ctx context.Context, progress io.Writer) (result, error) {
 	res := &idleResult{Tunnels: w.tunnels}
 	var err error
-	if res.RelayRSSBefore, _, err = w.sample(); err != nil {
+	if res.RelayRSSBefore, _, _, err = w.sample(); err != nil {
 		return nil, err
 	}
 	half := w.tunnels / 2
@@ -101,18 +111,19 @@ func (w *idleWorkload) run(ctx context.Context, progress io.Writer) (result, err
 			return nil, ctx.Err()
 		case <-time.After(w.settle):
 		}
-		rss, tcp, err := w.sample()
+		rss, tcp, slab, err := w.sample()
 		if err != nil {
 			return nil, err
 		}
 		if i == 0 {
-			res.RelayRSSHalf, res.TCPMemHalf = rss, tcp
+			res.RelayRSSHalf, res.TCPMemHalf, res.SlabHalf = rss, tcp, slab
 		} else {
-			res.RelayRSSAfter, res.TCPMemAfter = rss, tcp
+			res.RelayRSSAfter, res.TCPMemAfter, res.SlabAfter = rss, tcp, slab
 		}
 	}
 	second := int64(w.tunnels - half)
 	res.TCPMemPerTunnel = (res.TCPMemAfter - res.TCPMemHalf) / second
+	res.SlabPerTunnel = (res.SlabAfter - res.SlabHalf) / second
 	if len(w.pids) > 0 {
 		res.RelayRSSPerTunnel = (res.RelayRSSAfter - res.RelayRSSHalf) / second
 	}

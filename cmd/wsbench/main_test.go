@@ -64,6 +64,18 @@ func TestParseSockstatTCPMem(t *testing.T) {
 	}
 }
 
+func TestParseMeminfoSlab(t *testing.T) {
+	const meminfo = "MemTotal:       24684136 kB\nSlab:             312456 kB\nSReclaimable:     100 kB\n"
+	if got, err := parseMeminfoSlab(meminfo); err != nil || got != 312456<<10 {
+		t.Errorf("parseMeminfoSlab = %d, %v; want %d", got, err, 312456<<10)
+	}
+	for _, bad := range []string{"MemTotal: 1 kB\n", "Slab: many kB\n"} {
+		if _, err := parseMeminfoSlab(bad); err == nil {
+			t.Errorf("parseMeminfoSlab(%q): no error", bad)
+		}
+	}
+}
+
 func TestProcRSS(t *testing.T) {
 	rss, err := procRSS(os.Getpid())
 	if err != nil || rss < 1<<20 {
@@ -93,7 +105,7 @@ func TestWorkloadsSmoke(t *testing.T) {
 	}{
 		{[]string{"rtt", "-tunnels", "4", "-duration", "1s"}, "p99.9", "round_trips_per_second"},
 		{[]string{"rtt", "-tunnels", "2", "-duration", "1s", "-rate", "50", "-size", "1000"}, "p99.9", "rtt"},
-		{[]string{"idle", "-tunnels", "50", "-settle", "200ms"}, "RSS/tunnel", "kernel_tcp_mem_per_tunnel_bytes"},
+		{[]string{"idle", "-tunnels", "50", "-settle", "200ms"}, "slab/tunnel", "kernel_slab_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"throughput", "-duration", "1s", "-url", url + "sink"}, "Gbit/s", "gbit_per_second"},

@@ -84,6 +84,28 @@ func parseSockstatTCPMem(sockstat string, pageSize int64) (int64, error) {
 	return 0, fmt.Errorf("no TCP mem in /proc/net/sockstat")
 }
 
+// slabBytes returns the kernel's slab memory in bytes, from /proc/meminfo ("Slab: N kB").
+func slabBytes() (int64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, fmt.Errorf("read /proc/meminfo: %w", err)
+	}
+	return parseMeminfoSlab(string(b))
+}
+
+func parseMeminfoSlab(meminfo string) (int64, error) {
+	for _, line := range strings.Split(meminfo, "\n") {
+		if v, ok := strings.CutPrefix(line, "Slab:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("/proc/meminfo: %q: %w", line, err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, errors.New("/proc/meminfo: no Slab line")
+}
+
 // clockTicksPerSecond is USER_HZ, the unit of /proc/stat: 100 on every Linux architecture Go supports
 // (the kernel keeps it fixed for userspace whatever its internal HZ).
 const clockTicksPerSecond = 100
