@@ -15,6 +15,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -38,6 +39,9 @@ type Config struct {
 	UpstreamResponseTimeout time.Duration
 	// MaxHeaderBytes bounds a client's request line and headers.
 	MaxHeaderBytes int
+	// TunnelLogInterval, when positive, logs every tunnel that has lived that long again at that interval,
+	// with its bytes so far (see logLongLivedTunnels); at least MinTunnelLogInterval.
+	TunnelLogInterval time.Duration
 	// KernelHeldLimit bounds, on the sockmap datapath, the bytes the kernel holds per tunnel direction for
 	// a reader slower than its sender; past it the direction is relayed by userspace until it catches up.
 	KernelHeldLimit int
@@ -63,6 +67,8 @@ const (
 	// MinKernelHeldLimit is the least KernelHeldLimit accepted: below a few segments, a direction would
 	// be demoted by every burst.
 	MinKernelHeldLimit = 64 << 10
+	// MinTunnelLogInterval keeps "tunnel alive" records from flooding the log.
+	MinTunnelLogInterval = time.Second
 	// MaxKernelHeldLimit: the verdict compares what it holds as a signed 32-bit count (bpf/sockrelay.c).
 	MaxKernelHeldLimit = 1 << 30
 )
@@ -81,6 +87,8 @@ type Server struct {
 	kernel  *kernelPath // nil unless the datapath is sockmap
 
 	draining atomic.Bool
+	stop     chan struct{} // closed by Shutdown: ends the server's own goroutines
+	stopOnce sync.Once
 }
 
 // NewServer checks cfg and returns a Server ready to Serve.
@@ -102,6 +110,9 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.KernelHeldLimit < MinKernelHeldLimit || cfg.KernelHeldLimit > MaxKernelHeldLimit {
 		return nil, fmt.Errorf("kernel held limit %d: accepted %d to %d", cfg.KernelHeldLimit, MinKernelHeldLimit, MaxKernelHeldLimit)
 	}
+	if cfg.TunnelLogInterval != 0 && cfg.TunnelLogInterval < MinTunnelLogInterval {
+		return nil, fmt.Errorf("tunnel log interval %v: 0 (off) or at least %v", cfg.TunnelLogInterval, MinTunnelLogInterval)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -115,6 +126,7 @@ func NewServer(cfg Config) (*Server, error) {
 		pool:    pool,
 		tunnels: NewRegistry(),
 		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout},
+		stop:    make(chan struct{}),
 	}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels)
 	if err := s.setUpDatapath(); err != nil {
@@ -127,6 +139,9 @@ func NewServer(cfg Config) (*Server, error) {
 		MaxHeaderBytes:    cfg.MaxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
+	}
+	if cfg.TunnelLogInterval > 0 {
+		go s.logLongLivedTunnels(cfg.TunnelLogInterval, s.stop)
 	}
 	return s, nil
 }
@@ -159,6 +174,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.log.Warn("drain time over, closing tunnels", "tunnels", s.tunnels.Len())
 	}
 	s.tunnels.CloseAll()
+	s.stopOnce.Do(func() { close(s.stop) })
 	if s.kernel != nil {
 		s.kernel.Close()
 	}
