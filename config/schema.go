@@ -1,0 +1,548 @@
+package config
+
+import (
+	"fmt"
+	"math"
+	"net"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Defaults and ranges. Those the relay also has mirror relay/server.go and cmd/sockrelay/run.go; they
+// are repeated rather than imported so that this package does not pull in the relay and its kernel
+// datapath, and the relay can import it.
+const (
+	defaultAdmin           = "127.0.0.1:9090"
+	defaultKernelHeldLimit = 4 << 20  // relay.DefaultKernelHeldLimit
+	minKernelHeldLimit     = 64 << 10 // relay.MinKernelHeldLimit: below a few segments, every burst demotes
+	maxKernelHeldLimit     = 1 << 30  // relay.MaxKernelHeldLimit: the verdict counts in a signed 32-bit int
+	defaultMaxHeaderBytes  = 16 << 10 // relay.DefaultMaxHeaderBytes
+	minMaxHeaderBytes      = 1 << 10  // as --max-header-bytes
+	// maxMaxHeaderBytes: --max-header-bytes has no upper bound, but headers past 1 MiB are a mistake or an
+	// attack (nginx's default buffers hold 4 × 8 KiB), and the relay buffers them per connection.
+	maxMaxHeaderBytes = 1 << 20
+	maxWeight         = 1000
+	maxTries          = 10
+	maxFailures       = 100 // passive_health.failures, health_check.rise and fall
+)
+
+var (
+	logLevels    = []string{"debug", "info", "warn", "error"}
+	datapaths    = []string{"auto", "sockmap", "splice", "copy"}
+	balances     = []string{BalanceRoundRobin, BalanceLeastTunnels, BalanceHash, BalanceRandomTwo}
+	hashBys      = []string{HashByClientIP, HashByHeader, HashByCookie, HashByPath}
+	checkTypes   = []string{CheckTCP, CheckHTTP, CheckWebSocket}
+	dnsTypes     = []string{"A", "AAAA", "SRV"}
+	minCheckTime = 100 * time.Millisecond
+)
+
+func defaults() *Config {
+	return &Config{
+		Admin:           defaultAdmin,
+		LogLevel:        "info",
+		Datapath:        "auto",
+		KernelHeldLimit: defaultKernelHeldLimit,
+		Timeouts: Timeouts{
+			ClientHeader:     10 * time.Second,
+			Connect:          5 * time.Second,
+			UpstreamResponse: 15 * time.Second,
+			Shutdown:         30 * time.Second,
+		},
+		MaxHeaderBytes: defaultMaxHeaderBytes,
+	}
+}
+
+// refs keeps, while a file is walked, where each name and address was given, for the checks across
+// sections that run once the whole file is read.
+type refs struct {
+	listeners  []listenerRef
+	routes     []routeRef
+	poolsGiven bool                  // pools was a mapping: a route to a missing pool can be reported
+	pools      map[string]*yaml.Node // pool name: its key
+	admin      *yaml.Node
+}
+
+type listenerRef struct {
+	node, name, address *yaml.Node // name is nil when the default name was taken
+	routes              []*yaml.Node
+}
+
+type routeRef struct {
+	path string // listeners[0].routes[1]
+	pool *yaml.Node
+}
+
+func (d *decoder) config(root *yaml.Node) *Config {
+	c := defaults()
+	d.refs.pools = map[string]*yaml.Node{}
+	f := d.mapping(root, "", "a configuration", "admin", "log_level", "datapath", "kernel_held_limit",
+		"tunnel_log_interval", "timeouts", "max_header_bytes", "listeners", "pools")
+	if f == nil {
+		return c
+	}
+	if d.str(f, "admin", &c.Admin, adminAddress) && c.Admin != "" {
+		if n, path := f.get("admin"); d.address(n, path, true) {
+			d.refs.admin = n
+		}
+	}
+	d.oneOf(f, "log_level", "a log level", &c.LogLevel, logLevels...)
+	d.oneOf(f, "datapath", "a datapath", &c.Datapath, datapaths...)
+	d.size(f, "kernel_held_limit", &c.KernelHeldLimit, minKernelHeldLimit, maxKernelHeldLimit)
+	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval,
+		durationRange{func(v time.Duration) bool { return v == 0 || v >= time.Second }, "0s (off) or 1s or more"})
+	if n, path := f.get("timeouts"); n != nil {
+		if t := d.mapping(n, path, "the timeouts", "client_header", "connect", "upstream_response", "shutdown"); t != nil {
+			d.duration(t, "client_header", &c.Timeouts.ClientHeader, positive)
+			d.duration(t, "connect", &c.Timeouts.Connect, positive)
+			d.duration(t, "upstream_response", &c.Timeouts.UpstreamResponse, positive)
+			d.duration(t, "shutdown", &c.Timeouts.Shutdown, positive)
+		}
+	}
+	d.size(f, "max_header_bytes", &c.MaxHeaderBytes, minMaxHeaderBytes, maxMaxHeaderBytes)
+
+	if f.has("pools") {
+		c.Pools = d.pools(f)
+	} else {
+		d.required(f, "pools", "a mapping of pool names to pools, at least one")
+	}
+	if items, path, ok := d.list(f, "listeners", "a list of listeners, at least one"); ok {
+		if len(items) == 0 {
+			d.errorf(f.line("listeners"), path, "empty list; accepted: a list of listeners, at least one")
+		}
+		for i, item := range items {
+			c.Listeners = append(c.Listeners, d.listener(item, index(path, i), i, c.Datapath))
+		}
+	} else if !f.has("listeners") {
+		d.required(f, "listeners", "a list of listeners, at least one")
+	}
+	d.crossCheck(c)
+	return c
+}
+
+const (
+	adminAddress    = `HOST:PORT such as 127.0.0.1:9090, or :9090 for every address; "" disables`
+	listenerAddress = "HOST:PORT such as 127.0.0.1:8080, or :8080 for every address"
+	serverAddress   = "HOST:PORT such as 127.0.0.1:9001 or [::1]:9001"
+)
+
+func (d *decoder) listener(item *yaml.Node, path string, i int, datapath string) Listener {
+	l := Listener{Name: "listener" + strconv.Itoa(i), Datapath: datapath, Routes: []Route{}}
+	ref := listenerRef{node: resolve(item)}
+	defer func() { d.refs.listeners = append(d.refs.listeners, ref) }()
+	f := d.mapping(item, path, "a listener", "name", "address", "datapath", "routes")
+	if f == nil {
+		return l
+	}
+	if d.str(f, "name", &l.Name, nameSyntax) {
+		ref.name, _ = f.get("name")
+		d.name(ref.name, join(path, "name"))
+	}
+	if d.str(f, "address", &l.Address, listenerAddress) {
+		n, apath := f.get("address")
+		if d.address(n, apath, true) {
+			ref.address = n
+		}
+	} else if !f.has("address") {
+		d.required(f, "address", listenerAddress)
+	}
+	d.oneOf(f, "datapath", "a datapath", &l.Datapath, datapaths...)
+	items, rpath, ok := d.list(f, "routes", "a list of routes, at least one")
+	if !ok {
+		if !f.has("routes") {
+			d.required(f, "routes", "a list of routes, at least one, each with a pool")
+		}
+		return l
+	}
+	if len(items) == 0 {
+		d.errorf(f.line("routes"), rpath, "empty list; accepted: a list of routes, at least one, each with a pool")
+	}
+	for j, item := range items {
+		ref.routes = append(ref.routes, resolve(item))
+		l.Routes = append(l.Routes, d.route(item, index(rpath, j)))
+	}
+	return l
+}
+
+const hostSyntax = "a host name without port such as chat.example.com, *.example.com for every name under it, or no host for any"
+
+func (d *decoder) route(item *yaml.Node, path string) Route {
+	r := Route{PathPrefix: "/"}
+	f := d.mapping(item, path, "a route", "host", "path_prefix", "pool")
+	if f == nil {
+		return r
+	}
+	if d.str(f, "host", &r.Host, hostSyntax) {
+		n, hpath := f.get("host")
+		if h, ok := routeHost(r.Host); ok {
+			r.Host = h
+		} else {
+			d.errorf(n, hpath, "%q is not a host; accepted: %s", r.Host, hostSyntax)
+		}
+	}
+	if d.str(f, "path_prefix", &r.PathPrefix, "a path starting with /") {
+		n, ppath := f.get("path_prefix")
+		if !strings.HasPrefix(r.PathPrefix, "/") || strings.ContainsAny(r.PathPrefix, "?# \t") {
+			d.errorf(n, ppath, "%q is not a path prefix; accepted: a path starting with / such as /ws, without query or spaces", r.PathPrefix)
+		}
+	}
+	if d.str(f, "pool", &r.Pool, "the name of a pool") {
+		n, _ := f.get("pool")
+		d.refs.routes = append(d.refs.routes, routeRef{path: path, pool: n})
+	} else if !f.has("pool") {
+		d.required(f, "pool", "the name of a pool under pools")
+	}
+	return r
+}
+
+// routeHost checks and normalizes a route's host: lower-cased, without a trailing dot, IPv6 without
+// brackets, so that Match compares it with a request's host as it normalizes that.
+func routeHost(s string) (string, bool) {
+	if s == "" {
+		return "", true
+	}
+	h := strings.ToLower(strings.TrimSuffix(s, "."))
+	if a, err := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")); err == nil {
+		return a.String(), true
+	}
+	base, _ := strings.CutPrefix(h, "*.")
+	return h, isDNSName(base)
+}
+
+var dnsLabel = regexp.MustCompile(`^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$`)
+
+// isDNSName accepts names of letters, digits, hyphens and underscores (which SRV names and some internal
+// names have), in labels of 1 to 63 characters, 253 at most in all.
+func isDNSName(s string) bool {
+	s = strings.ToLower(strings.TrimSuffix(s, "."))
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(s, ".") {
+		if !dnsLabel.MatchString(label) {
+			return false
+		}
+	}
+	return true
+}
+
+// address checks a HOST:PORT. A listening address may leave the host out (every address) and take port 0
+// (any free port, as tests do); a server's may not.
+func (d *decoder) address(n *yaml.Node, path string, listen bool) bool {
+	if _, problem := normalizeAddress(n.Value, listen); problem != "" {
+		accepted := serverAddress
+		if listen {
+			accepted = listenerAddress
+		}
+		d.errorf(n, path, "%q %s; accepted: %s", n.Value, problem, accepted)
+		return false
+	}
+	return true
+}
+
+// normalizeAddress returns a HOST:PORT in one spelling (IP addresses canonical, names lower-cased), so
+// that two spellings of one address are found to be duplicates; or what is wrong with it.
+func normalizeAddress(s string, listen bool) (string, string) {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", "is not HOST:PORT"
+	}
+	lo := 1
+	if listen {
+		lo = 0
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < lo || p > 65535 {
+		return "", fmt.Sprintf("has no port from %d to 65535", lo)
+	}
+	switch a, err := netip.ParseAddr(host); {
+	case err == nil:
+		host = a.String()
+	case host == "":
+		if !listen {
+			return "", "has no host"
+		}
+	case isDNSName(host):
+		host = strings.ToLower(strings.TrimSuffix(host, "."))
+	default:
+		return "", "has a host that is neither an IP address nor a DNS name"
+	}
+	return net.JoinHostPort(host, strconv.Itoa(p)), ""
+}
+
+// isWildcard reports whether a normalized listening address listens on every address: it then
+// conflicts with any other listener on its port.
+func isWildcard(addr string) bool {
+	host, _, _ := net.SplitHostPort(addr)
+	return host == "" || host == "0.0.0.0" || host == "::"
+}
+
+// Names of listeners and pools appear in key paths, metrics labels and admin URLs, hence the narrow
+// syntax: no dots (pools.a.b would be ambiguous), no spaces, no slashes.
+var nameRegexp = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
+
+const nameSyntax = "a name of letters, digits, _ and -, starting with a letter or digit, at most 64 characters"
+
+func (d *decoder) name(n *yaml.Node, path string) bool {
+	if !nameRegexp.MatchString(n.Value) {
+		d.errorf(n, path, "%q is not a name; accepted: %s", n.Value, nameSyntax)
+		return false
+	}
+	return true
+}
+
+func (d *decoder) pools(f *fields) []Pool {
+	n, path := f.get("pools")
+	if n.Kind != yaml.MappingNode {
+		d.errorf(n, path, "got %s; accepted: a mapping of pool names to pools, at least one", describe(n))
+		return nil
+	}
+	d.refs.poolsGiven = true
+	pairs := d.pairs(n, path)
+	if len(pairs) == 0 {
+		d.errorf(n, path, "empty mapping; accepted: a mapping of pool names to pools, at least one")
+	}
+	pools := []Pool{}
+	for _, p := range pairs {
+		ppath := join(path, p.key.Value)
+		d.name(p.key, ppath)
+		// Known even when misspelt, so that its routes are not also reported as leading nowhere.
+		d.refs.pools[p.key.Value] = p.key
+		pools = append(pools, d.pool(p.val, ppath, p.key.Value))
+	}
+	return pools
+}
+
+func (d *decoder) pool(n *yaml.Node, path, name string) Pool {
+	p := Pool{
+		Name:          name,
+		Balance:       BalanceRoundRobin,
+		Retry:         RetrySpec{Tries: 3, Timeout: 10 * time.Second},
+		PassiveHealth: PassiveHealth{Failures: 3, Window: 10 * time.Second, DownFor: 30 * time.Second},
+		Servers:       []Server{},
+	}
+	f := d.mapping(n, path, "a pool", "balance", "hash", "close_tunnels_on_removal", "retry", "passive_health",
+		"health_check", "servers", "dns")
+	if f == nil {
+		return p
+	}
+	balanceOK := !f.has("balance") || d.oneOf(f, "balance", "a balance method", &p.Balance, balances...)
+	if p.Balance == BalanceHash {
+		p.Hash = HashSpec{By: HashByClientIP, LoadFactor: 1.25}
+	}
+	if n, hpath := f.get("hash"); n != nil && balanceOK {
+		if p.Balance != BalanceHash {
+			d.errorf(f.line("hash"), hpath, "given with balance: %s; accepted only with balance: hash", p.Balance)
+		} else {
+			d.hash(n, hpath, &p.Hash)
+		}
+	}
+	d.boolean(f, "close_tunnels_on_removal", &p.CloseTunnelsOnRemoval)
+	if n, rpath := f.get("retry"); n != nil {
+		if r := d.mapping(n, rpath, "retry settings", "tries", "timeout"); r != nil {
+			d.integer(r, "tries", &p.Retry.Tries, 1, maxTries)
+			d.duration(r, "timeout", &p.Retry.Timeout, positive)
+		}
+	}
+	if n, hpath := f.get("passive_health"); n != nil {
+		if h := d.mapping(n, hpath, "passive health settings", "failures", "window", "down_for"); h != nil {
+			d.integer(h, "failures", &p.PassiveHealth.Failures, 0, maxFailures)
+			d.duration(h, "window", &p.PassiveHealth.Window, positive)
+			d.duration(h, "down_for", &p.PassiveHealth.DownFor, positive)
+		}
+	}
+	if n, cpath := f.get("health_check"); n != nil {
+		p.HealthCheck = d.healthCheck(n, cpath)
+	}
+	hasServers := f.has("servers")
+	dnsNode, dnsPath := f.get("dns")
+	switch {
+	case hasServers && dnsNode != nil:
+		d.errorf(f.line("dns"), dnsPath, "given with servers; accepted: servers or dns, not both")
+	case dnsNode != nil:
+		p.DNS = d.dns(dnsNode, dnsPath)
+	case !hasServers:
+		d.required(f, "servers", "a list of servers, at least one, or dns")
+	}
+	if items, spath, ok := d.list(f, "servers", "a list of servers, at least one"); ok {
+		if len(items) == 0 {
+			d.errorf(f.line("servers"), spath, "empty list; accepted: a list of servers, at least one")
+		}
+		type serverRef struct{ index, line int }
+		seen := map[string]serverRef{}
+		backups := 0
+		for i, item := range items {
+			s, key, at := d.server(item, index(spath, i))
+			if first, dup := seen[key]; dup {
+				d.errorf(at, join(index(spath, i), "address"), "%s is already servers[%d] (line %d); accepted: each address once per pool",
+					s.Address, first.index, first.line)
+			} else if key != "" {
+				seen[key] = serverRef{i, at.Line}
+			}
+			if s.Backup {
+				backups++
+			}
+			p.Servers = append(p.Servers, s)
+		}
+		if backups > 0 && backups == len(items) {
+			d.warnf(f.line("servers"), spath, "every server is a backup; backups take tunnels only while no other server is up, so here they always do")
+		}
+	}
+	return p
+}
+
+func (d *decoder) hash(n *yaml.Node, path string, h *HashSpec) {
+	f := d.mapping(n, path, "a hash", "by", "name", "load_factor")
+	if f == nil {
+		return
+	}
+	if f.has("by") && !d.oneOf(f, "by", "a hash key", &h.By, hashBys...) {
+		d.number(f, "load_factor", &h.LoadFactor, 1, 10)
+		return // what name needs depends on by
+	}
+	named := h.By == HashByHeader || h.By == HashByCookie
+	if d.str(f, "name", &h.Name, "a header or cookie name") {
+		n, npath := f.get("name")
+		switch {
+		case !named:
+			d.errorf(n, npath, "given with by: %s; accepted only with by: header or cookie", h.By)
+		case !isToken(h.Name):
+			d.errorf(n, npath, "%q is not a %s name; accepted: letters, digits and !#$%%&'*+-.^_`|~", h.Name, h.By)
+		}
+	} else if named && !f.has("name") {
+		example := "X-User-Id"
+		if h.By == HashByCookie {
+			example = "session"
+		}
+		d.errorf(f.node, join(path, "name"), "required with by: %s; accepted: a %s name such as %s", h.By, h.By, example)
+	}
+	d.number(f, "load_factor", &h.LoadFactor, 1, 10)
+}
+
+// isToken reports whether s is an RFC 9110 token, which header and cookie names are.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+func (d *decoder) healthCheck(n *yaml.Node, path string) *HealthCheck {
+	c := &HealthCheck{Type: CheckTCP, Interval: 5 * time.Second, Timeout: 2 * time.Second, Rise: 2, Fall: 3}
+	f := d.mapping(n, path, "a health check", "type", "path", "expect_status", "interval", "timeout", "rise",
+		"fall", "slow_start")
+	if f == nil {
+		return c
+	}
+	if f.has("type") && !d.oneOf(f, "type", "a health check type", &c.Type, checkTypes...) {
+		c.Type = "" // what path and expect_status accept depends on type: skip them
+	}
+	for _, key := range []string{"path", "expect_status"} {
+		if n, kpath := f.get(key); n != nil && c.Type == CheckTCP {
+			d.errorf(f.line(key), kpath, "given with type: tcp; accepted only with type: http or websocket")
+		}
+	}
+	if c.Type == CheckHTTP || c.Type == CheckWebSocket {
+		c.Path, c.ExpectStatus = "/", 200
+		if c.Type == CheckWebSocket {
+			c.ExpectStatus = 101
+		}
+		if d.str(f, "path", &c.Path, "a path starting with /") && (!strings.HasPrefix(c.Path, "/") || strings.ContainsAny(c.Path, " \t#")) {
+			n, ppath := f.get("path")
+			d.errorf(n, ppath, "%q is not a path; accepted: a path starting with / such as /healthz", c.Path)
+		}
+		d.integer(f, "expect_status", &c.ExpectStatus, 100, 599)
+	}
+	intervalOK := !f.has("interval") || d.duration(f, "interval", &c.Interval, atLeast(minCheckTime))
+	timeoutOK := !f.has("timeout") || d.duration(f, "timeout", &c.Timeout, positive)
+	if intervalOK && timeoutOK && c.Timeout > c.Interval {
+		at := f.line("interval")
+		if f.has("timeout") {
+			at = f.line("timeout")
+		}
+		d.errorf(at, join(path, "timeout"), "%s is longer than interval %s; accepted: at most the interval, so that checks of one server do not overlap", c.Timeout, c.Interval)
+	}
+	d.integer(f, "rise", &c.Rise, 1, maxFailures)
+	d.integer(f, "fall", &c.Fall, 1, maxFailures)
+	d.duration(f, "slow_start", &c.SlowStart, nonNegative)
+	return c
+}
+
+// server reads a server given as a mapping or as a plain HOST:PORT string. It returns the server, its
+// address normalized to find duplicates ("" when the address was wrong), and the address's node.
+func (d *decoder) server(item *yaml.Node, path string) (Server, string, *yaml.Node) {
+	s := Server{Weight: 1}
+	n := resolve(item)
+	if n.Kind == yaml.ScalarNode && !isNull(n) {
+		s.Address = n.Value
+		key, _ := normalizeAddress(n.Value, false)
+		if key == "" {
+			d.address(n, path, false)
+		}
+		return s, key, n
+	}
+	f := d.mapping(item, path, "a server (or a plain HOST:PORT)", "address", "weight", "max_tunnels", "backup", "drain")
+	if f == nil {
+		return s, "", n
+	}
+	key := ""
+	if d.str(f, "address", &s.Address, serverAddress) {
+		an, apath := f.get("address")
+		if d.address(an, apath, false) {
+			key, _ = normalizeAddress(s.Address, false)
+		}
+	} else if !f.has("address") {
+		d.required(f, "address", serverAddress)
+	}
+	d.integer(f, "weight", &s.Weight, 1, maxWeight)
+	d.integer(f, "max_tunnels", &s.MaxTunnels, 0, math.MaxInt)
+	d.boolean(f, "backup", &s.Backup)
+	d.boolean(f, "drain", &s.Drain)
+	an, _ := f.get("address")
+	if an == nil {
+		an = f.node
+	}
+	return s, key, an
+}
+
+func (d *decoder) dns(n *yaml.Node, path string) *DNS {
+	s := &DNS{Type: "A", Interval: 10 * time.Second}
+	f := d.mapping(n, path, "a DNS discovery", "name", "type", "port", "interval")
+	if f == nil {
+		return s
+	}
+	const nameSyntax = "a DNS name such as chat.service.consul"
+	if d.str(f, "name", &s.Name, nameSyntax) {
+		nn, npath := f.get("name")
+		if _, err := netip.ParseAddr(s.Name); err == nil {
+			d.errorf(nn, npath, "%q is an IP address; accepted: %s (list IP addresses under servers)", s.Name, nameSyntax)
+		} else if !isDNSName(s.Name) {
+			d.errorf(nn, npath, "%q is not a DNS name; accepted: %s", s.Name, nameSyntax)
+		}
+	} else if !f.has("name") {
+		d.required(f, "name", nameSyntax)
+	}
+	typeOK := !f.has("type") || d.oneOf(f, "type", "a DNS record type", &s.Type, dnsTypes...)
+	portGiven := f.has("port")
+	switch {
+	case !typeOK:
+		// whether port is wanted depends on type
+	case s.Type == "SRV" && portGiven:
+		d.errorf(f.line("port"), join(path, "port"), "given with type: SRV, whose records carry the ports; accepted only with type: A or AAAA")
+	case s.Type != "SRV" && !portGiven:
+		d.errorf(f.node, join(path, "port"), "required with type: %s; accepted: a port from 1 to 65535", s.Type)
+	case portGiven:
+		d.integer(f, "port", &s.Port, 1, 65535)
+	}
+	d.duration(f, "interval", &s.Interval, atLeast(time.Second))
+	return s
+}
