@@ -139,17 +139,17 @@ const (
 type RetrySpec struct {
 	// Tries counts the first attempt: 1 never retries. Default 3, accepted 1 to 10.
 	Tries int
-	// Timeout bounds all tries of one request together. Default 10s.
+	// Timeout bounds all tries of one request together. Default 10s, accepted 100ms to 10m.
 	Timeout time.Duration
 }
 
 // PassiveHealth takes a server out of the pool after failures seen on real traffic.
 type PassiveHealth struct {
-	// Failures within Window mark a server down; 0 disables passive health. Default 3.
+	// Failures within Window mark a server down; 0 disables passive health. Default 3, at most 100.
 	Failures int
-	// Window is the period failures are counted over. Default 10s.
+	// Window is the period failures are counted over. Default 10s, accepted 1s to 1h.
 	Window time.Duration
-	// DownFor is how long a server marked down gets no new tunnels. Default 30s.
+	// DownFor is how long a server marked down gets no new tunnels. Default 30s, accepted 1s to 1h.
 	DownFor time.Duration
 }
 
@@ -162,15 +162,15 @@ type HealthCheck struct {
 	// ExpectStatus is the status an http or websocket check wants: default 200 for http, 101 for
 	// websocket; 0 for tcp.
 	ExpectStatus int
-	// Interval between checks of one server. Default 5s.
+	// Interval between checks of one server. Default 5s, accepted 100ms to 1h.
 	Interval time.Duration
-	// Timeout of one check; at most Interval. Default 2s.
+	// Timeout of one check: at least 10ms, at most Interval. Default 2s, or Interval when shorter.
 	Timeout time.Duration
 	// Rise successes in a row bring a down server up; Fall failures in a row take an up server down.
-	// Defaults 2 and 3.
+	// Defaults 2 and 3, accepted 1 to 100.
 	Rise, Fall int
 	// SlowStart, when not 0, ramps a server that came up from no share of new tunnels to its full weight
-	// over this long, so that it is not flooded the moment it passes a check.
+	// over this long, so that it is not flooded the moment it passes a check. At most 1h.
 	SlowStart time.Duration
 }
 
@@ -187,9 +187,10 @@ type Server struct {
 	Address string
 	// Weight is the server's share of new tunnels relative to the others. Default 1, accepted 1 to 1000.
 	Weight int
-	// MaxTunnels caps the server's live tunnels; 0 (default) is unlimited.
+	// MaxTunnels caps the server's live tunnels; 0 (default) is unlimited. At most 10,000,000.
 	MaxTunnels int
-	// Backup servers get tunnels only while no other server of the pool is up.
+	// Backup servers get tunnels only while no other server of the pool is up. A pool needs at least one
+	// server that is not a backup.
 	Backup bool
 	// Drain keeps the server's live tunnels but gives it no new ones.
 	Drain bool
@@ -202,8 +203,10 @@ type DNS struct {
 	Type string
 	// Port is the servers' port for A and AAAA; 0 for SRV, whose records carry the ports.
 	Port int
-	// Interval between resolutions. Default 10s, at least 1s.
+	// Interval between resolutions. Default 10s, accepted 1s to 24h.
 	Interval time.Duration
+	// MaxTunnels is every discovered server's MaxTunnels; 0 (default) is unlimited.
+	MaxTunnels int
 }
 
 // Pool returns the pool named name, or nil.

@@ -132,8 +132,16 @@ func TestBrokenFiles(t *testing.T) {
 			`sockrelay.yaml:9: pools.chat.dns.name: "10.0.0.1" is an IP address; accepted: a DNS name such as chat.service.consul (list IP addresses under servers)`},
 		{"tcp check with a path", minimal + "  chat:\n    health_check: {path: /healthz}\n    servers: [127.0.0.1:9001]\n",
 			`sockrelay.yaml:9: pools.chat.health_check.path: given with type: tcp; accepted only with type: http or websocket`},
-		{"check timeout past interval", minimal + "  chat:\n    health_check:\n      interval: 1s\n    servers: [127.0.0.1:9001]\n",
-			`sockrelay.yaml:10: pools.chat.health_check.timeout: 2s is longer than interval 1s; accepted: at most the interval, so that checks of one server do not overlap`},
+		{"check timeout past interval", minimal + "  chat:\n    health_check:\n      interval: 1s\n      timeout: 1500ms\n    servers: [127.0.0.1:9001]\n",
+			`sockrelay.yaml:11: pools.chat.health_check.timeout: 1500ms is longer than interval 1s; accepted: at most the interval, so that checks of one server do not overlap`},
+		{"check interval out of range", minimal + "  chat:\n    health_check: {interval: 2h}\n    servers: [127.0.0.1:9001]\n",
+			`sockrelay.yaml:9: pools.chat.health_check.interval: 2h is out of range; accepted 100ms to 1h`},
+		{"passive window out of range", minimal + "  chat:\n    passive_health: {window: 0s}\n    servers: [127.0.0.1:9001]\n",
+			`sockrelay.yaml:9: pools.chat.passive_health.window: 0s is out of range; accepted 1s to 1h`},
+		{"max tunnels out of range", minimal + "  chat:\n    servers: [{address: 127.0.0.1:9001, max_tunnels: -1}]\n",
+			`sockrelay.yaml:9: pools.chat.servers[0].max_tunnels: -1 is out of range; accepted 0 to 10000000`},
+		{"only backups", minimal + "  chat:\n    servers: [{address: 127.0.0.1:9001, backup: true}]\n",
+			`sockrelay.yaml:9: pools.chat.servers: every server is a backup; accepted: at least one server with backup: false (backups take tunnels only while none of those is up)`},
 		{"status out of range", minimal + "  chat:\n    health_check: {type: http, expect_status: 600}\n    servers: [127.0.0.1:9001]\n",
 			`sockrelay.yaml:9: pools.chat.health_check.expect_status: 600 is out of range; accepted 100 to 599`},
 		{"merge of a scalar", minimal + "  chat:\n    <<: 3\n    servers: [127.0.0.1:9001]\n",
@@ -256,7 +264,7 @@ pools:
     retry: {tries: 1}
     passive_health: {failures: 0}
     health_check: {type: http, timeout: 1s, interval: 1s, rise: 1, fall: 100, slow_start: 1m}
-    dns: {name: _users._tcp.service.consul, type: SRV}
+    dns: {name: _users._tcp.service.consul, type: SRV, interval: 24h, max_tunnels: 100}
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -305,12 +313,24 @@ pools:
 		Rise: 1, Fall: 100, SlowStart: time.Minute}); *users.HealthCheck != want {
 		t.Errorf("users health check %+v, want %+v", *users.HealthCheck, want)
 	}
-	if want := (DNS{Name: "_users._tcp.service.consul", Type: "SRV", Interval: 10 * time.Second}); *users.DNS != want ||
+	if want := (DNS{Name: "_users._tcp.service.consul", Type: "SRV", Interval: 24 * time.Hour, MaxTunnels: 100}); *users.DNS != want ||
 		len(users.Servers) != 0 {
 		t.Errorf("users dns %+v servers %v, want %+v and no servers", *users.DNS, users.Servers, want)
 	}
 	if c.Pool("nope") != nil {
 		t.Error("Pool(nope) is not nil")
+	}
+}
+
+// TestCheckTimeoutFollowsShortInterval checks that an interval shorter than the default timeout
+// shortens the timeout rather than making the file wrong for a key it does not give.
+func TestCheckTimeoutFollowsShortInterval(t *testing.T) {
+	c, err := Parse("sockrelay.yaml", []byte(minimal+"    health_check: {interval: 500ms}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hc := c.Pool("echo").HealthCheck; hc.Interval != 500*time.Millisecond || hc.Timeout != 500*time.Millisecond {
+		t.Errorf("interval %v timeout %v, want 500ms and 500ms", hc.Interval, hc.Timeout)
 	}
 }
 
@@ -391,11 +411,6 @@ pools:
 			"sockrelay.yaml:5: listeners[0].routes[1]: never matched: routes[0] (line 4) matches every request it would",
 			"sockrelay.yaml:7: listeners[0].routes[3]: never matched: routes[2] (line 6) matches every request it would",
 		}},
-		{"only backups", minimal + "  chat:\n    servers: [{address: 127.0.0.1:9001, backup: true}]\n",
-			[]string{
-				"sockrelay.yaml:8: pools.chat: not used by any route",
-				"sockrelay.yaml:9: pools.chat.servers: every server is a backup; backups take tunnels only while no other server is up, so here they always do",
-			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := Parse("sockrelay.yaml", []byte(tc.file))

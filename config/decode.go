@@ -334,13 +334,27 @@ type durationRange struct {
 	text string
 }
 
-var (
-	positive    = durationRange{func(v time.Duration) bool { return v > 0 }, "more than 0s"}
-	nonNegative = durationRange{func(v time.Duration) bool { return v >= 0 }, "0s or more"}
-)
+var positive = durationRange{func(v time.Duration) bool { return v > 0 }, "more than 0s"}
 
 func atLeast(lo time.Duration) durationRange {
-	return durationRange{func(v time.Duration) bool { return v >= lo }, lo.String() + " or more"}
+	return durationRange{func(v time.Duration) bool { return v >= lo }, formatDuration(lo) + " or more"}
+}
+
+func between(lo, hi time.Duration) durationRange {
+	return durationRange{func(v time.Duration) bool { return v >= lo && v <= hi },
+		formatDuration(lo) + " to " + formatDuration(hi)}
+}
+
+// formatDuration writes d as a user would: 1h rather than Go's 1h0m0s.
+func formatDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
 }
 
 const durationSyntax = "a number with a unit (ms, s, m, h) such as 500ms, 10s or 1h30m"

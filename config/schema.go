@@ -2,7 +2,6 @@ package config
 
 import (
 	"fmt"
-	"math"
 	"net"
 	"net/netip"
 	"regexp"
@@ -13,9 +12,10 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// Defaults and ranges. Those the relay also has mirror relay/server.go and cmd/sockrelay/run.go; they
-// are repeated rather than imported so that this package does not pull in the relay and its kernel
-// datapath, and the relay can import it.
+// Defaults and ranges. Those of the relay mirror relay/server.go and cmd/sockrelay/run.go, those of pools
+// upstream.PoolSpec.Validate, so that a file accepted here is never refused later, without a line number.
+// They are repeated rather than imported so that this package does not pull in the relay and its kernel
+// datapath, and the relay and upstream packages can import it.
 const (
 	defaultAdmin           = "127.0.0.1:9090"
 	defaultKernelHeldLimit = 4 << 20  // relay.DefaultKernelHeldLimit
@@ -26,19 +26,19 @@ const (
 	// maxMaxHeaderBytes: --max-header-bytes has no upper bound, but headers past 1 MiB are a mistake or an
 	// attack (nginx's default buffers hold 4 × 8 KiB), and the relay buffers them per connection.
 	maxMaxHeaderBytes = 1 << 20
-	maxWeight         = 1000
-	maxTries          = 10
-	maxFailures       = 100 // passive_health.failures, health_check.rise and fall
+	maxWeight         = 1000       // upstream.MaxWeight
+	maxMaxTunnels     = 10_000_000 // upstream.MaxMaxTunnels
+	maxTries          = 10         // upstream.MaxTries
+	maxFailures       = 100        // passive_health.failures, health_check.rise and fall
 )
 
 var (
-	logLevels    = []string{"debug", "info", "warn", "error"}
-	datapaths    = []string{"auto", "sockmap", "splice", "copy"}
-	balances     = []string{BalanceRoundRobin, BalanceLeastTunnels, BalanceHash, BalanceRandomTwo}
-	hashBys      = []string{HashByClientIP, HashByHeader, HashByCookie, HashByPath}
-	checkTypes   = []string{CheckTCP, CheckHTTP, CheckWebSocket}
-	dnsTypes     = []string{"A", "AAAA", "SRV"}
-	minCheckTime = 100 * time.Millisecond
+	logLevels  = []string{"debug", "info", "warn", "error"}
+	datapaths  = []string{"auto", "sockmap", "splice", "copy"}
+	balances   = []string{BalanceRoundRobin, BalanceLeastTunnels, BalanceHash, BalanceRandomTwo}
+	hashBys    = []string{HashByClientIP, HashByHeader, HashByCookie, HashByPath}
+	checkTypes = []string{CheckTCP, CheckHTTP, CheckWebSocket}
+	dnsTypes   = []string{"A", "AAAA", "SRV"}
 )
 
 func defaults() *Config {
@@ -345,14 +345,14 @@ func (d *decoder) pool(n *yaml.Node, path, name string) Pool {
 	if n, rpath := f.get("retry"); n != nil {
 		if r := d.mapping(n, rpath, "retry settings", "tries", "timeout"); r != nil {
 			d.integer(r, "tries", &p.Retry.Tries, 1, maxTries)
-			d.duration(r, "timeout", &p.Retry.Timeout, positive)
+			d.duration(r, "timeout", &p.Retry.Timeout, between(100*time.Millisecond, 10*time.Minute))
 		}
 	}
 	if n, hpath := f.get("passive_health"); n != nil {
 		if h := d.mapping(n, hpath, "passive health settings", "failures", "window", "down_for"); h != nil {
 			d.integer(h, "failures", &p.PassiveHealth.Failures, 0, maxFailures)
-			d.duration(h, "window", &p.PassiveHealth.Window, positive)
-			d.duration(h, "down_for", &p.PassiveHealth.DownFor, positive)
+			d.duration(h, "window", &p.PassiveHealth.Window, between(time.Second, time.Hour))
+			d.duration(h, "down_for", &p.PassiveHealth.DownFor, between(time.Second, time.Hour))
 		}
 	}
 	if n, cpath := f.get("health_check"); n != nil {
@@ -389,7 +389,7 @@ func (d *decoder) pool(n *yaml.Node, path, name string) Pool {
 			p.Servers = append(p.Servers, s)
 		}
 		if backups > 0 && backups == len(items) {
-			d.warnf(f.line("servers"), spath, "every server is a backup; backups take tunnels only while no other server is up, so here they always do")
+			d.errorf(f.line("servers"), spath, "every server is a backup; accepted: at least one server with backup: false (backups take tunnels only while none of those is up)")
 		}
 	}
 	return p
@@ -462,18 +462,17 @@ func (d *decoder) healthCheck(n *yaml.Node, path string) *HealthCheck {
 		}
 		d.integer(f, "expect_status", &c.ExpectStatus, 100, 599)
 	}
-	intervalOK := !f.has("interval") || d.duration(f, "interval", &c.Interval, atLeast(minCheckTime))
-	timeoutOK := !f.has("timeout") || d.duration(f, "timeout", &c.Timeout, positive)
-	if intervalOK && timeoutOK && c.Timeout > c.Interval {
-		at := f.line("interval")
-		if f.has("timeout") {
-			at = f.line("timeout")
-		}
-		d.errorf(at, join(path, "timeout"), "%s is longer than interval %s; accepted: at most the interval, so that checks of one server do not overlap", c.Timeout, c.Interval)
+	intervalOK := !f.has("interval") || d.duration(f, "interval", &c.Interval, between(100*time.Millisecond, time.Hour))
+	if !f.has("timeout") {
+		c.Timeout = min(c.Timeout, c.Interval) // a short interval shortens the default timeout
+	} else if d.duration(f, "timeout", &c.Timeout, atLeast(10*time.Millisecond)) && intervalOK && c.Timeout > c.Interval {
+		n, tpath := f.get("timeout")
+		d.errorf(n, tpath, "%s is longer than interval %s; accepted: at most the interval, so that checks of one server do not overlap",
+			n.Value, formatDuration(c.Interval))
 	}
 	d.integer(f, "rise", &c.Rise, 1, maxFailures)
 	d.integer(f, "fall", &c.Fall, 1, maxFailures)
-	d.duration(f, "slow_start", &c.SlowStart, nonNegative)
+	d.duration(f, "slow_start", &c.SlowStart, durationRange{func(v time.Duration) bool { return v >= 0 && v <= time.Hour }, "0s (off) to 1h"})
 	return c
 }
 
@@ -504,7 +503,7 @@ func (d *decoder) server(item *yaml.Node, path string) (Server, string, *yaml.No
 		d.required(f, "address", serverAddress)
 	}
 	d.integer(f, "weight", &s.Weight, 1, maxWeight)
-	d.integer(f, "max_tunnels", &s.MaxTunnels, 0, math.MaxInt)
+	d.integer(f, "max_tunnels", &s.MaxTunnels, 0, maxMaxTunnels)
 	d.boolean(f, "backup", &s.Backup)
 	d.boolean(f, "drain", &s.Drain)
 	an, _ := f.get("address")
@@ -516,7 +515,7 @@ func (d *decoder) server(item *yaml.Node, path string) (Server, string, *yaml.No
 
 func (d *decoder) dns(n *yaml.Node, path string) *DNS {
 	s := &DNS{Type: "A", Interval: 10 * time.Second}
-	f := d.mapping(n, path, "a DNS discovery", "name", "type", "port", "interval")
+	f := d.mapping(n, path, "a DNS discovery", "name", "type", "port", "interval", "max_tunnels")
 	if f == nil {
 		return s
 	}
@@ -543,6 +542,7 @@ func (d *decoder) dns(n *yaml.Node, path string) *DNS {
 	case portGiven:
 		d.integer(f, "port", &s.Port, 1, 65535)
 	}
-	d.duration(f, "interval", &s.Interval, atLeast(time.Second))
+	d.duration(f, "interval", &s.Interval, between(time.Second, 24*time.Hour))
+	d.integer(f, "max_tunnels", &s.MaxTunnels, 0, maxMaxTunnels)
 	return s
 }
