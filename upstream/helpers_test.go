@@ -43,7 +43,7 @@ func servers(n int, weights ...int) []ServerSpec {
 }
 
 // newTestPool builds a pool from spec with defaults filled, a fixed random seed and the given clock
-// (a fresh fake one when nil).
+// (a fresh fake one when nil), closed at the end of the test.
 func newTestPool(t *testing.T, spec PoolSpec, clock *fakeClock, opts ...func(*Options)) *Pool {
 	t.Helper()
 	if spec.Name == "" {
@@ -60,6 +60,7 @@ func newTestPool(t *testing.T, spec PoolSpec, clock *fakeClock, opts ...func(*Op
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { p.Close() })
 	return p
 }
 

@@ -116,8 +116,9 @@ type Options struct {
 
 // Pool is a named set of servers and the way to choose among them. See the package comment.
 type Pool struct {
-	log *slog.Logger
-	now func() time.Time
+	log  *slog.Logger
+	now  func() time.Time
+	dial func(ctx context.Context, network, address string) (net.Conn, error)
 
 	mu      sync.Mutex
 	spec    PoolSpec
@@ -125,6 +126,13 @@ type Pool struct {
 	rng     *rand.Rand
 	cands   []candidate // Pick's scratch space, reused under mu
 	dns     dnsState
+
+	// Background work (Start, Close).
+	wakeHealth chan struct{}
+	started    bool
+	closed     bool
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
 }
 
 // dnsState is DNS discovery's outcome so far.
@@ -140,13 +148,17 @@ func New(spec PoolSpec, opts Options) (*Pool, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, fmt.Errorf("pool %q: %w", spec.Name, err)
 	}
-	p := &Pool{log: opts.Logger, now: opts.Now, rng: opts.Rand}
+	p := &Pool{log: opts.Logger, now: opts.Now, dial: opts.Dial, rng: opts.Rand, wakeHealth: make(chan struct{}, 1)}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
 	p.log = p.log.With("pool", spec.Name)
 	if p.now == nil {
 		p.now = time.Now
+	}
+	if p.dial == nil {
+		var d net.Dialer
+		p.dial = d.DialContext
 	}
 	if p.rng == nil {
 		p.rng = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))

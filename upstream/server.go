@@ -48,10 +48,13 @@ type Server struct {
 
 	// Active health: consecutive results and the verdict they led to.
 	activeDown bool
+	okStreak   int
+	failStreak int
 	lastCheck  time.Time
 	checkErr   string
 
 	// Passive health: recent failures reported by the relay and the end of a passive down period.
+	fails     []time.Time
 	downUntil time.Time
 	failures  uint64 // all reported failures, for Snapshot
 
