@@ -65,7 +65,26 @@ func (p *Pool) Start(ctx context.Context) error {
 	}
 	p.started = true
 	ctx, p.cancel = context.WithCancel(ctx)
-	p.wg.Go(func() { p.healthLoop(ctx) })
+	p.wg.Go(func() {
+		every(ctx, p.wakeHealth, func() time.Duration {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if p.spec.Active == nil {
+				return 0
+			}
+			return p.spec.Active.Interval
+		}, p.checkAll)
+	})
+	p.wg.Go(func() {
+		every(ctx, p.wakeDNS, func() time.Duration {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if p.spec.DNS == nil {
+				return 0
+			}
+			return p.spec.DNS.Interval
+		}, func(ctx context.Context) { p.refreshDNS(ctx) })
+	})
 	return nil
 }
 
@@ -87,27 +106,30 @@ func (p *Pool) Close() error {
 	return nil
 }
 
-// healthLoop checks every server at once, then waits Interval, for as long as ctx lasts. Without an
-// active spec it waits for Update to bring one.
-func (p *Pool) healthLoop(ctx context.Context) {
+// wake nudges a background loop to read the spec again (after Update), without blocking.
+func wake(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// every runs work, then waits interval (read afresh from the spec each time), until ctx ends; a nudge
+// on wakeup runs it again at once. While interval says 0 (the spec has no such work) it only waits for
+// a nudge. Health checks and DNS discovery each run in one such loop.
+func every(ctx context.Context, wakeup <-chan struct{}, interval func() time.Duration, work func(context.Context)) {
 	for {
-		p.mu.Lock()
-		var interval time.Duration
-		if p.spec.Active != nil {
-			interval = p.spec.Active.Interval
-		}
-		p.mu.Unlock()
 		var timer *time.Timer
 		var tick <-chan time.Time
-		if interval > 0 {
-			p.checkAll(ctx)
-			timer = time.NewTimer(interval)
+		if d := interval(); d > 0 {
+			work(ctx)
+			timer = time.NewTimer(d)
 			tick = timer.C
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-p.wakeHealth:
+		case <-wakeup:
 		case <-tick:
 		}
 		if timer != nil {

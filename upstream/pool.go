@@ -116,9 +116,11 @@ type Options struct {
 
 // Pool is a named set of servers and the way to choose among them. See the package comment.
 type Pool struct {
-	log  *slog.Logger
-	now  func() time.Time
-	dial func(ctx context.Context, network, address string) (net.Conn, error)
+	log       *slog.Logger
+	now       func() time.Time
+	dial      func(ctx context.Context, network, address string) (net.Conn, error)
+	resolver  Resolver
+	onRemoved func([]*Server)
 
 	mu      sync.Mutex
 	spec    PoolSpec
@@ -126,9 +128,11 @@ type Pool struct {
 	rng     *rand.Rand
 	cands   []candidate // Pick's scratch space, reused under mu
 	dns     dnsState
+	dnsGen  uint64 // bumped when Update changes the DNS spec, so that a resolution begun before is dropped
 
 	// Background work (Start, Close).
 	wakeHealth chan struct{}
+	wakeDNS    chan struct{}
 	started    bool
 	closed     bool
 	cancel     context.CancelFunc
@@ -148,13 +152,25 @@ func New(spec PoolSpec, opts Options) (*Pool, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, fmt.Errorf("pool %q: %w", spec.Name, err)
 	}
-	p := &Pool{log: opts.Logger, now: opts.Now, dial: opts.Dial, rng: opts.Rand, wakeHealth: make(chan struct{}, 1)}
+	p := &Pool{
+		log:        opts.Logger,
+		now:        opts.Now,
+		dial:       opts.Dial,
+		resolver:   opts.Resolver,
+		onRemoved:  opts.OnRemoved,
+		rng:        opts.Rand,
+		wakeHealth: make(chan struct{}, 1),
+		wakeDNS:    make(chan struct{}, 1),
+	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
 	p.log = p.log.With("pool", spec.Name)
 	if p.now == nil {
 		p.now = time.Now
+	}
+	if p.resolver == nil {
+		p.resolver = net.DefaultResolver
 	}
 	if p.dial == nil {
 		var d net.Dialer

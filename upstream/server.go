@@ -86,7 +86,7 @@ func (s *Server) Live() int64 { return s.live.Load() }
 
 // Acquire counts one more live tunnel on s, refusing with ErrMaxTunnels when s is at its max_tunnels.
 // It checks neither health nor drain: Pool.Pick does, and is how a server should normally be chosen;
-// Acquire is for a caller that must use this very server (a tunnel adopted after a reload, say).
+// Acquire is for a caller that has already settled on this very server (stickiness it keeps itself).
 func (s *Server) Acquire() (*Lease, error) {
 	if !s.tryAcquire() {
 		return nil, fmt.Errorf("server %s: %w (%d)", s.addr, ErrMaxTunnels, s.maxTunnels.Load())
