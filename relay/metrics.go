@@ -2,6 +2,8 @@ package relay
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sockrelay/sockrelay/upstream"
 )
 
 // Metrics are the relay's Prometheus metrics. Each Server registers its own on the registerer it is given,
@@ -17,6 +19,7 @@ type Metrics struct {
 	kernelDemotions   prometheus.Counter
 	kernelResumes     prometheus.Counter
 	kernelRepeatsCut  prometheus.Counter
+	upstreamRetries   prometheus.Counter
 }
 
 // Handshake failure reasons, the values of sockrelay_handshakes_failed_total{reason}.
@@ -30,9 +33,11 @@ const (
 	FailUpstreamBadSwitch   = "upstream_bad_switch"  // a 101 that is not a valid WebSocket accept
 	FailClientGone          = "client_gone"          // the client connection could not be taken over or failed
 	FailShuttingDown        = "shutting_down"        // the handshake finished after the relay closed its tunnels
+	FailNoRoute             = "no_route"             // no route of the listener matches the request's host and path
+	FailNoUpstream          = "no_upstream"          // every server of the route's pool is down, draining or full
 )
 
-func newMetrics(reg prometheus.Registerer, tunnels *Registry) *Metrics {
+func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {
 	m := &Metrics{
 		tunnelsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sockrelay_tunnels_total",
@@ -71,13 +76,18 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry) *Metrics {
 			Name: "sockrelay_kernel_repeats_cut_total",
 			Help: "Skbs whose head repeated bytes already delivered, which the kernel datapath cut off (counted when their tunnel ends).",
 		}),
+		upstreamRetries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sockrelay_upstream_retries_total",
+			Help: "Handshakes sent to another server after one failed to connect or to answer (before any byte reached the client).",
+		}),
 		kernelResumes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sockrelay_kernel_resumes_total",
 			Help: "Times a demoted kernel tunnel direction went back to being redirected in the kernel.",
 		}),
 	}
 	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.kernelRepeatsCut, m.datapathFallbacks, m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
-		m.handshakeDuration, m.httpRequests, &bytesCollector{tunnels: tunnels})
+		m.handshakeDuration, m.httpRequests, m.upstreamRetries, &bytesCollector{tunnels: tunnels},
+		&upstreamCollector{router: router})
 	return m
 }
 
@@ -94,4 +104,33 @@ func (c *bytesCollector) Collect(ch chan<- prometheus.Metric) {
 	up, down := c.tunnels.BytesRelayed()
 	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(up), "client_to_upstream")
 	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(down), "upstream_to_client")
+}
+
+// upstreamCollector reports each upstream server's live tunnels and state from the pools at scrape time.
+type upstreamCollector struct{ router func() Router }
+
+var (
+	upstreamTunnelsDesc = prometheus.NewDesc("sockrelay_upstream_tunnels",
+		"Live tunnels (and plain requests in flight) per upstream server.", []string{"pool", "server"}, nil)
+	upstreamUpDesc = prometheus.NewDesc("sockrelay_upstream_up",
+		"1 when the upstream server takes new tunnels, 0 when it is down, forced down or draining.", []string{"pool", "server", "state"}, nil)
+)
+
+func (c *upstreamCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- upstreamTunnelsDesc
+	ch <- upstreamUpDesc
+}
+
+func (c *upstreamCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, p := range c.router().Pools() {
+		snap := p.Snapshot()
+		for _, srv := range snap.Servers {
+			ch <- prometheus.MustNewConstMetric(upstreamTunnelsDesc, prometheus.GaugeValue, float64(srv.LiveTunnels), snap.Name, srv.Address)
+			up := 0.0
+			if srv.State == upstream.StateUp {
+				up = 1
+			}
+			ch <- prometheus.MustNewConstMetric(upstreamUpDesc, prometheus.GaugeValue, up, snap.Name, srv.Address, string(srv.State))
+		}
+	}
 }

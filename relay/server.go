@@ -21,12 +21,18 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sockrelay/sockrelay/upstream"
+
 	"github.com/sockrelay/sockrelay/loader"
 )
 
 // Config is what a Server needs. Zero durations and sizes take the defaults below.
 type Config struct {
+	// Upstreams is a single round-robin pool for every request, when Router is nil (`--upstream`).
 	Upstreams []string
+	// Router, when set, chooses the pool per listener, host and path (a configuration file); SetRouter
+	// replaces it at run time.
+	Router Router
 	// Datapath is the datapath tunnels use. Auto is resolved by NewServer: sockmap when this kernel passes
 	// the probe and the self-test, else splice, else copy; each step down is logged and counted.
 	Datapath Datapath
@@ -45,6 +51,10 @@ type Config struct {
 	// KernelHeldLimit bounds, on the sockmap datapath, the bytes the kernel holds per tunnel direction for
 	// a reader slower than its sender; past it the direction is relayed by userspace until it catches up.
 	KernelHeldLimit int
+
+	// Reload, when set, re-reads the configuration file: POST /admin/reload calls it. It returns why a
+	// configuration was refused; the one in force then stays.
+	Reload func() error
 
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -78,13 +88,15 @@ const (
 type Server struct {
 	cfg     Config
 	log     *slog.Logger
-	pool    *Pool
+	router  atomic.Pointer[routerBox]
 	tunnels *Registry
 	metrics *Metrics
 	dialer  net.Dialer
 	proxy   *httputil.ReverseProxy
-	http    *http.Server
-	kernel  *kernelPath // nil unless the datapath is sockmap
+	// listeners are the HTTP servers of Serve and ServeListener, one per listener; Shutdown stops them all.
+	listenersMu sync.Mutex
+	listeners   []*http.Server
+	kernel      *kernelPath // nil unless the datapath is sockmap
 
 	draining atomic.Bool
 	stop     chan struct{} // closed by Shutdown: ends the server's own goroutines
@@ -93,9 +105,12 @@ type Server struct {
 
 // NewServer checks cfg and returns a Server ready to Serve.
 func NewServer(cfg Config) (*Server, error) {
-	pool, err := NewPool(cfg.Upstreams)
-	if err != nil {
-		return nil, err
+	router := cfg.Router
+	if router == nil {
+		var err error
+		if router, err = NewSinglePoolRouter(cfg.Upstreams); err != nil {
+			return nil, err
+		}
 	}
 	switch cfg.Datapath {
 	case DatapathAuto, DatapathCopy, DatapathSplice, DatapathSockmap:
@@ -123,23 +138,16 @@ func NewServer(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg:     cfg,
 		log:     cfg.Logger,
-		pool:    pool,
 		tunnels: NewRegistry(),
 		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout},
 		stop:    make(chan struct{}),
 	}
-	s.metrics = newMetrics(cfg.Registerer, s.tunnels)
+	s.SetRouter(router)
+	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router)
 	if err := s.setUpDatapath(); err != nil {
 		return nil, err
 	}
 	s.proxy = s.newReverseProxy()
-	s.http = &http.Server{
-		Handler:           s,
-		ReadHeaderTimeout: cfg.ClientHeaderTimeout,
-		MaxHeaderBytes:    cfg.MaxHeaderBytes,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
-	}
 	if cfg.TunnelLogInterval > 0 {
 		go s.logLongLivedTunnels(cfg.TunnelLogInterval, s.stop)
 	}
@@ -157,17 +165,80 @@ func orDefault[T comparable](v, def T) T {
 // Tunnels returns the registry of live tunnels.
 func (s *Server) Tunnels() *Registry { return s.tunnels }
 
-// Serve accepts clients on l until Shutdown. It returns http.ErrServerClosed after Shutdown.
-func (s *Server) Serve(l net.Listener) error { return s.http.Serve(l) }
+// Serve accepts clients on l, as the listener named DefaultListener with the server's datapath, until
+// Shutdown. It returns http.ErrServerClosed after Shutdown.
+func (s *Server) Serve(l net.Listener) error {
+	return s.ServeListener(DefaultListener, l, DatapathAuto)
+}
+
+// ServeListener accepts clients on l until Shutdown; the Router sees name as the listener of their
+// requests, and their tunnels use dp (auto: the server's datapath, which NewServer resolved). It fails at
+// once when dp is sockmap and the server did not load the kernel datapath. It returns
+// http.ErrServerClosed after Shutdown.
+func (s *Server) ServeListener(name string, l net.Listener, dp Datapath) error {
+	info, err := s.listenerInfo(name, dp)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	hs := &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: s.cfg.ClientHeaderTimeout,
+		MaxHeaderBytes:    s.cfg.MaxHeaderBytes,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		BaseContext: func(net.Listener) context.Context {
+			return context.WithValue(context.Background(), listenerKey{}, info)
+		},
+	}
+	s.listenersMu.Lock()
+	if s.draining.Load() {
+		s.listenersMu.Unlock()
+		l.Close()
+		return http.ErrServerClosed
+	}
+	s.listeners = append(s.listeners, hs)
+	s.listenersMu.Unlock()
+	return hs.Serve(l)
+}
+
+// CheckListenerDatapath says whether ServeListener would accept dp: it refuses sockmap on a server whose
+// own datapath is not sockmap, since only that loads the kernel datapath.
+func (s *Server) CheckListenerDatapath(dp Datapath) error {
+	_, err := s.listenerInfo("", dp)
+	return err
+}
+
+func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
+	switch dp {
+	case DatapathAuto:
+		dp = s.cfg.Datapath
+	case DatapathCopy, DatapathSplice:
+	case DatapathSockmap:
+		if s.kernel == nil {
+			return listenerInfo{}, fmt.Errorf("listener %q: datapath sockmap: %w: the relay's datapath is %s, and only sockmap or auto load the kernel datapath",
+				name, ErrDatapathUnavailable, s.cfg.Datapath)
+		}
+	default:
+		return listenerInfo{}, fmt.Errorf("listener %q: datapath %q: %w", name, dp, ErrDatapathUnavailable)
+	}
+	return listenerInfo{name: name, datapath: dp}, nil
+}
 
 // Shutdown stops accepting clients, lets handshakes in progress and live tunnels finish until ctx is done,
 // then resets the tunnels that are left. It returns ctx's error if it had to close tunnels.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.listenersMu.Lock()
 	s.draining.Store(true)
-	err := s.http.Shutdown(ctx)
-	if err != nil {
-		// Handshakes still in progress: cut them off, so none opens a tunnel after the drain.
-		_ = s.http.Close()
+	listeners := s.listeners
+	s.listenersMu.Unlock()
+	var err error
+	for _, hs := range listeners {
+		if herr := hs.Shutdown(ctx); herr != nil {
+			// Handshakes still in progress: cut them off, so none opens a tunnel after the drain.
+			_ = hs.Close()
+			err = herr
+		}
 	}
 	if werr := s.tunnels.Wait(ctx); werr != nil {
 		err = werr
@@ -187,13 +258,41 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.serveUpgrade(w, r)
 		return
 	}
-	s.proxy.ServeHTTP(w, r)
+	s.serveRequest(w, r)
+}
+
+// upstreamAddrKey carries the server that serveRequest chose to the reverse proxy's Rewrite.
+type upstreamAddrKey struct{}
+
+// serveRequest reverse-proxies a plain HTTP request to a server of its route's pool, holding a lease on
+// the server while the request runs, so that least_tunnels and max_tunnels see it.
+func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
+	status := 0
+	pool, ok := s.Router().Route(s.listenerOf(r).name, r)
+	var lease *upstream.Lease
+	if !ok {
+		status = http.StatusNotFound
+	} else {
+		var err error
+		if lease, err = pool.Pick(pool.Key(clientIP(r), r), nil); err != nil {
+			status = http.StatusServiceUnavailable
+			s.log.Warn("proxy request failed", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,
+				"status", status, "err", err)
+		}
+	}
+	if status != 0 {
+		s.metrics.httpRequests.WithLabelValues(strconv.Itoa(status)).Inc()
+		http.Error(w, http.StatusText(status), status)
+		return
+	}
+	defer lease.Release()
+	s.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), upstreamAddrKey{}, lease.Server.Address())))
 }
 
 func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(&url.URL{Scheme: "http", Host: s.pool.Next()})
+			pr.SetURL(&url.URL{Scheme: "http", Host: pr.In.Context().Value(upstreamAddrKey{}).(string)})
 			pr.Out.Host = pr.In.Host // as in the WebSocket path: the upstream sees the Host the client asked for
 			pr.SetXForwarded()
 		},
@@ -252,35 +351,28 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	addr := s.pool.Next()
-	conn, err := s.dialer.DialContext(r.Context(), "tcp", addr)
-	if err != nil {
-		s.refuse(w, r, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
-			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)})
+	pool := s.routeOrRefuse(w, r)
+	if pool == nil {
 		return
 	}
-	upstream := conn.(*net.TCPConn)
+	up, herr, err := s.openUpstream(r, pool, key)
+	if err != nil {
+		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
+		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
+		return
+	}
+	if herr != nil {
+		s.refuse(w, r, herr)
+		return
+	}
+	upstream, resp, upstreamPrefix := up.conn, up.resp, up.prefix
 	opened := false
 	defer func() {
 		if !opened {
 			upstream.Close()
+			up.lease.Release()
 		}
 	}()
-
-	// A client that leaves while the upstream thinks (net/http cancels the request's context when it sees
-	// the connection close) releases the upstream at once instead of at the response timeout.
-	stopWatch := context.AfterFunc(r.Context(), func() { _ = upstream.SetDeadline(time.Unix(1, 0)) })
-	resp, upstreamPrefix, herr := s.forwardHandshake(upstream, r, key)
-	if !stopWatch() {
-		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
-		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", "client closed during the handshake")
-		return
-	}
-	if herr != nil {
-		herr.msg = fmt.Sprintf("upstream %s: %s", addr, herr.msg)
-		s.refuse(w, r, herr)
-		return
-	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		s.passResponse(w, r, upstream, resp)
 		return
@@ -297,10 +389,12 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	t := &Tunnel{
 		Client:         client,
 		Upstream:       upstream,
-		datapath:       s.cfg.Datapath,
+		datapath:       s.listenerOf(r).datapath,
 		Started:        time.Now(),
 		ClientAddr:     r.RemoteAddr,
-		UpstreamAddr:   addr,
+		UpstreamAddr:   up.lease.Server.Address(),
+		Pool:           pool.Name(),
+		lease:          up.lease,
 		clientPrefix:   clientPrefix,
 		upstreamPrefix: upstreamPrefix,
 		ended:          make(chan struct{}),
@@ -540,6 +634,9 @@ func (s *Server) tunnelEnded(t *Tunnel) {
 	up, down := t.Bytes()
 	s.metrics.tunnelsActive.WithLabelValues(string(dp)).Dec()
 	s.metrics.tunnelsClosed.WithLabelValues(t.reason).Inc()
+	if t.lease != nil {
+		t.lease.Release()
+	}
 	s.log.Info("tunnel closed", "id", t.ID, "client", t.ClientAddr, "upstream", t.UpstreamAddr,
 		"datapath", dp, "bytes_to_upstream", up, "bytes_to_client", down,
 		"duration", time.Since(t.Started).Round(time.Millisecond), "reason", t.reason)

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/sockrelay/sockrelay/upstream"
 )
 
 // Tunnel is one relayed WebSocket after its handshake: a client socket, an upstream socket, and the bytes
@@ -20,6 +22,11 @@ type Tunnel struct {
 	// ClientAddr and UpstreamAddr are the remote addresses, kept as strings so they survive Close.
 	ClientAddr   string
 	UpstreamAddr string
+	// Pool names the upstream pool the tunnel's server was chosen from.
+	Pool string
+
+	// lease holds the tunnel's slot on its upstream server; tunnelEnded releases it.
+	lease *upstream.Lease
 
 	// clientPrefix holds bytes the client sent after its request and net/http already read: they go to the
 	// upstream before anything else. upstreamPrefix is the same for bytes that came with the 101.
@@ -55,6 +62,11 @@ const (
 	ReasonUpstreamError = "upstream_error" // reading from or writing to the upstream failed
 	ReasonShutdown      = "shutdown"       // the relay closed it when its drain time ran out
 	ReasonStalled       = "stalled"        // kernel tunnel whose bytes stopped reaching the peer
+	// ReasonUpstreamRemoved: a reload removed the tunnel's server from its pool, whose
+	// close_tunnels_on_removal is set.
+	ReasonUpstreamRemoved = "upstream_removed"
+	// ReasonAdmin: an operator closed the tunnel through the admin API.
+	ReasonAdmin = "admin"
 	// ReasonOverflow: a kernel tunnel whose peers both stopped reading while both kept sending; the kernel
 	// would otherwise hold their bytes without bound (relay/sockmap_backpressure.go).
 	ReasonOverflow = "overflow"

@@ -41,6 +41,8 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -212,6 +214,25 @@ func (p *Pool) Retry() RetrySpec {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.spec.Retry
+}
+
+// Key is the hash key of r for this pool: what its hash spec hashes (see HashSpec.Key), or "" when the
+// pool does not balance by hash, so that the caller computes nothing it will not use.
+func (p *Pool) Key(clientIP string, r *http.Request) string {
+	p.mu.Lock()
+	balance, hash := p.spec.Balance, p.spec.Hash
+	p.mu.Unlock()
+	if balance != Hash {
+		return ""
+	}
+	return hash.Key(clientIP, r)
+}
+
+// Servers returns the pool's servers now, backups included.
+func (p *Pool) Servers() []*Server {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.servers)
 }
 
 // Pick chooses a server for a new tunnel and reserves a slot on it; the caller releases the Lease when

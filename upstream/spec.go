@@ -410,6 +410,10 @@ func joinAlgorithms() string {
 
 // checkHostPort accepts HOST:PORT with a non-empty host and a port from 1 to 65535 (the same rule as
 // the relay's --upstream flag).
+// CheckAddress says what is wrong with a, when it is not HOST:PORT with a port from 1 to 65535, as a
+// server's address must be.
+func CheckAddress(a string) error { return checkHostPort(a) }
+
 func checkHostPort(a string) error {
 	host, port, err := net.SplitHostPort(a)
 	if err != nil {

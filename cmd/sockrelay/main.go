@@ -14,8 +14,11 @@ import (
 const usage = `sockrelay relays WebSockets between clients and upstream servers.
 
 Usage:
+  sockrelay run --config FILE [flags that override the file: sockrelay run -h]
   sockrelay run --listen ADDR --upstream HOST:PORT [--upstream HOST:PORT ...]
                 [--datapath auto|sockmap|splice|copy] [--admin ADDR] [more flags: sockrelay run -h]
+  sockrelay check --config FILE     validate a configuration file without starting
+  sockrelay reload [--admin ADDR]   make a running relay re-read its file (as SIGHUP does)
   sockrelay doctor     which datapaths this host can use, and why not
   sockrelay version
   sockrelay help
@@ -37,6 +40,10 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	switch args[0] {
 	case "run":
 		return runCommand(ctx, args[1:], stderr, nil)
+	case "check":
+		return checkCommand(args[1:], stdout, stderr)
+	case "reload":
+		return reloadCommand(ctx, args[1:], stdout, stderr)
 	case "doctor":
 		return doctorCommand(stdout)
 	case "version", "--version", "-version":

@@ -9,17 +9,23 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/sockrelay/sockrelay/config"
 	"github.com/sockrelay/sockrelay/relay"
 )
 
 // runOptions are the flags of `sockrelay run`.
 type runOptions struct {
+	configPath          string
+	set                 map[string]bool // the flags given on the command line, which override the file
 	listen              string
 	upstreams           []string
 	datapath            string
@@ -30,8 +36,23 @@ type runOptions struct {
 	upstreamTimeout     time.Duration
 	maxHeaderBytes      int
 	kernelHeldLimit     int
+	tunnelLogInterval   time.Duration
 	logLevel            string
 	logFormat           string
+
+	file configFile // what --config FILE holds; zero without --config
+}
+
+// configFile is a loaded configuration file.
+type configFile struct {
+	cfg *config.Config
+}
+
+func (f configFile) warnings() []string {
+	if f.cfg == nil {
+		return nil
+	}
+	return f.cfg.Warnings
 }
 
 // listFlag collects a repeatable flag.
@@ -53,8 +74,9 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	o := &runOptions{}
 	fs := flag.NewFlagSet("sockrelay run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.listen, "listen", "", "client-facing `ADDR` to listen on, e.g. 127.0.0.1:8080 or :80 (required)")
-	fs.Var(listFlag{&o.upstreams}, "upstream", "upstream `HOST:PORT`; repeat for several, chosen round-robin (at least one)")
+	fs.StringVar(&o.configPath, "config", "", "configuration `FILE` (YAML): listeners, routes, pools; other flags override its settings")
+	fs.StringVar(&o.listen, "listen", "", "client-facing `ADDR` to listen on, e.g. 127.0.0.1:8080 or :80 (required without --config)")
+	fs.Var(listFlag{&o.upstreams}, "upstream", "upstream `HOST:PORT`; repeat for several, chosen round-robin (at least one without --config)")
 	fs.StringVar(&o.datapath, "datapath", "auto", "how tunnel bytes move: auto, sockmap, splice or copy")
 	fs.StringVar(&o.admin, "admin", "", "`ADDR` for /metrics, /healthz and /debug/tunnels (off when empty)")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long live tunnels may run before they are closed")
@@ -63,6 +85,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", relay.DefaultUpstreamResponseTimeout, "how long an upstream may take to answer a handshake or request")
 	fs.IntVar(&o.maxHeaderBytes, "max-header-bytes", relay.DefaultMaxHeaderBytes, "largest request line and headers a client may send, in bytes")
 	fs.IntVar(&o.kernelHeldLimit, "kernel-held-limit", relay.DefaultKernelHeldLimit, "sockmap: most `BYTES` the kernel may hold per tunnel direction for a slow reader before userspace takes over the direction")
+	fs.DurationVar(&o.tunnelLogInterval, "tunnel-log-interval", 0, "log each tunnel that lives longer than this again at this interval, with its bytes so far (0: off; else at least 1s)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -71,8 +94,18 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q: every setting is a flag, e.g. --upstream %s", fs.Arg(0), fs.Arg(0))
 	}
-	if o.listen == "" {
-		return nil, errors.New("--listen is required: the address clients connect to, e.g. --listen 127.0.0.1:8080")
+	o.set = map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { o.set[f.Name] = true })
+	if o.configPath != "" {
+		// The file's listeners and pools say where clients come in and where tunnels go; a flag that
+		// replaced them would leave routes pointing nowhere.
+		for _, f := range []string{"listen", "upstream"} {
+			if o.set[f] {
+				return nil, fmt.Errorf("--%s cannot be combined with --config: the file's listeners and pools say where clients come in and where tunnels go", f)
+			}
+		}
+	} else if o.listen == "" {
+		return nil, errors.New("--listen is required: the address clients connect to, e.g. --listen 127.0.0.1:8080 (or give --config FILE)")
 	}
 	// Checked here, not left to net.Listen, so that a malformed address is a usage error (exit 2) that says
 	// what is accepted, found before the kernel datapath is loaded.
@@ -91,11 +124,13 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 			return nil, fmt.Errorf("%s: %q is not HOST:PORT (%v); e.g. %s", a.name, a.addr, err, a.example)
 		}
 	}
-	if len(o.upstreams) == 0 {
-		return nil, errors.New("--upstream is required: at least one HOST:PORT, e.g. --upstream 127.0.0.1:9000")
-	}
-	if _, err := relay.NewPool(o.upstreams); err != nil {
-		return nil, fmt.Errorf("--upstream: %w", err)
+	if o.configPath == "" {
+		if len(o.upstreams) == 0 {
+			return nil, errors.New("--upstream is required: at least one HOST:PORT, e.g. --upstream 127.0.0.1:9000 (or give --config FILE)")
+		}
+		if _, err := relay.NewSinglePoolRouter(o.upstreams); err != nil {
+			return nil, fmt.Errorf("--upstream: %w", err)
+		}
 	}
 	if _, err := relay.ParseDatapath(o.datapath); err != nil {
 		return nil, fmt.Errorf("--datapath: %w", err)
@@ -113,6 +148,9 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 			return nil, fmt.Errorf("%s: %s is not a positive duration, e.g. 10s or 500ms", d.name, d.v)
 		}
 	}
+	if o.tunnelLogInterval < 0 || (o.tunnelLogInterval > 0 && o.tunnelLogInterval < relay.MinTunnelLogInterval) {
+		return nil, fmt.Errorf("--tunnel-log-interval: %s; accepted 0 (off) or at least %s", o.tunnelLogInterval, relay.MinTunnelLogInterval)
+	}
 	if o.maxHeaderBytes < 1024 {
 		return nil, fmt.Errorf("--max-header-bytes: %d is too small; the least accepted is 1024", o.maxHeaderBytes)
 	}
@@ -124,6 +162,39 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 		return nil, err
 	}
 	return o, nil
+}
+
+// loadConfig reads --config, when given, into o: the file's settings apply except where a flag was given.
+func (o *runOptions) loadConfig() error {
+	if o.configPath == "" {
+		return nil
+	}
+	cfg, err := config.Load(o.configPath)
+	if err != nil {
+		return err
+	}
+	o.file = configFile{cfg: cfg}
+	o.applyFile(cfg)
+	return nil
+}
+
+// applyFile sets o's settings from cfg, except those given as flags, which override the file.
+func (o *runOptions) applyFile(cfg *config.Config) {
+	set := func(flag string, apply func()) {
+		if !o.set[flag] {
+			apply()
+		}
+	}
+	set("admin", func() { o.admin = cfg.Admin })
+	set("datapath", func() { o.datapath = cfg.Datapath })
+	set("log-level", func() { o.logLevel = cfg.LogLevel })
+	set("drain-timeout", func() { o.drainTimeout = cfg.Timeouts.Shutdown })
+	set("client-header-timeout", func() { o.clientHeaderTimeout = cfg.Timeouts.ClientHeader })
+	set("connect-timeout", func() { o.connectTimeout = cfg.Timeouts.Connect })
+	set("upstream-timeout", func() { o.upstreamTimeout = cfg.Timeouts.UpstreamResponse })
+	set("max-header-bytes", func() { o.maxHeaderBytes = cfg.MaxHeaderBytes })
+	set("kernel-held-limit", func() { o.kernelHeldLimit = cfg.KernelHeldLimit })
+	set("tunnel-log-interval", func() { o.tunnelLogInterval = cfg.TunnelLogInterval })
 }
 
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
@@ -142,7 +213,8 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	}
 }
 
-// readyFunc, when not nil, is told the addresses the relay listens on once it serves; tests use it.
+// readyFunc, when not nil, is told the addresses the relay listens on once it serves (the first
+// listener's, and the admin listener's or nil); tests use it.
 type readyFunc func(listen, admin net.Addr)
 
 // runCommand runs the relay until ctx is done, then drains it. It returns the exit code.
@@ -151,11 +223,17 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
+	if err == nil {
+		err = o.loadConfig()
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "sockrelay run: %v\n", err)
 		return 2
 	}
 	log, _ := newLogger(stderr, o.logLevel, o.logFormat)
+	for _, w := range o.file.warnings() {
+		log.Warn("configuration", "warning", w)
+	}
 	if err := serve(ctx, o, log, ready); err != nil {
 		log.Error("sockrelay stopped", "err", err)
 		return 1
@@ -163,11 +241,35 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 	return 0
 }
 
+// listenerSetting is one client-facing listener the relay binds.
+type listenerSetting struct {
+	name, address string
+	datapath      relay.Datapath
+	flag          string // how an error names it: --listen, or the file's listener
+}
+
+// listenerSettings are the listeners to bind: the file's, or the one of --listen.
+func (o *runOptions) listenerSettings() []listenerSetting {
+	if o.file.cfg == nil {
+		return []listenerSetting{{name: relay.DefaultListener, address: o.listen, datapath: relay.DatapathAuto, flag: "--listen"}}
+	}
+	var out []listenerSetting
+	for _, l := range o.file.cfg.Listeners {
+		dp, _ := relay.ParseDatapath(l.Datapath) // checked by the config package
+		if o.set["datapath"] {
+			dp = relay.DatapathAuto // --datapath overrides the file, listeners' own settings included
+		}
+		out = append(out, listenerSetting{name: l.Name, address: l.Address, datapath: dp,
+			flag: fmt.Sprintf("%s: listener %q", o.configPath, l.Name)})
+	}
+	return out
+}
+
 func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc) error {
 	datapath, _ := relay.ParseDatapath(o.datapath) // NewServer resolves auto and logs its choice
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	srv, err := relay.NewServer(relay.Config{
+	rcfg := relay.Config{
 		Upstreams:               o.upstreams,
 		Datapath:                datapath,
 		ClientHeaderTimeout:     o.clientHeaderTimeout,
@@ -175,25 +277,56 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		UpstreamResponseTimeout: o.upstreamTimeout,
 		MaxHeaderBytes:          o.maxHeaderBytes,
 		KernelHeldLimit:         o.kernelHeldLimit,
+		TunnelLogInterval:       o.tunnelLogInterval,
 		Logger:                  log,
 		Registerer:              reg,
-	})
+	}
+	var rl *reloader
+	if o.file.cfg != nil {
+		ps := newPools(ctx, log)
+		defer ps.closeAll()
+		router, err := ps.apply(o.file.cfg)
+		if err != nil {
+			return fmt.Errorf("%s: %w", o.configPath, err)
+		}
+		rl = &reloader{o: o, pools: ps, log: log}
+		rcfg.Router, rcfg.Reload = router, rl.reload
+	}
+	srv, err := relay.NewServer(rcfg)
 	if err != nil {
 		return fmt.Errorf("--datapath %s: %w", datapath, err)
 	}
+	if rl != nil {
+		rl.srv = srv
+		rl.pools.setServer(srv)
+	}
 
-	ln, err := net.Listen("tcp", o.listen)
-	if err != nil {
+	var lns []net.Listener
+	closeAll := func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
 		srv.Shutdown(context.Background()) // releases the kernel datapath, if it was loaded
-		return fmt.Errorf("--listen: %w", err)
+	}
+	listeners := o.listenerSettings()
+	for _, l := range listeners {
+		if err := srv.CheckListenerDatapath(l.datapath); err != nil {
+			closeAll()
+			return fmt.Errorf("%s: %w", l.flag, err)
+		}
+		ln, err := net.Listen("tcp", l.address)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("%s: %w", l.flag, err)
+		}
+		lns = append(lns, ln)
 	}
 	var adminAddr net.Addr
 	var adminSrv *http.Server
 	if o.admin != "" {
 		al, err := net.Listen("tcp", o.admin)
 		if err != nil {
-			ln.Close()
-			srv.Shutdown(context.Background())
+			closeAll()
 			return fmt.Errorf("--admin: %w", err)
 		}
 		adminAddr = al.Addr()
@@ -206,22 +339,40 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		defer adminSrv.Close()
 	}
 
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	served := make(chan error, len(lns))
+	for i, ln := range lns {
+		go func() {
+			if err := srv.ServeListener(listeners[i].name, ln, listeners[i].datapath); err != nil {
+				served <- fmt.Errorf("serve %s: %w", ln.Addr(), err)
+			}
+		}()
+	}
 	adminLogged := o.admin // the bound address, so that --admin :0 says which port it got, as --listen does
 	if adminAddr != nil {
 		adminLogged = adminAddr.String()
 	}
-	log.Info("sockrelay listening", "listen", ln.Addr().String(), "upstreams", strings.Join(o.upstreams, ","),
-		"admin", adminLogged, "version", versionString())
+	for i, ln := range lns {
+		log.Info("sockrelay listening", "listener", listeners[i].name, "listen", ln.Addr().String(),
+			"datapath", listeners[i].datapath, "upstreams", o.upstreamsLogged(), "admin", adminLogged, "version", versionString())
+	}
 	if ready != nil {
-		ready(ln.Addr(), adminAddr)
+		ready(lns[0].Addr(), adminAddr)
 	}
 
-	select {
-	case err := <-served:
-		return fmt.Errorf("serve %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
+	hup := make(chan os.Signal, 1)
+	if rl != nil {
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+	}
+	for done := false; !done; {
+		select {
+		case err := <-served:
+			return err
+		case <-hup:
+			_ = rl.reload() // logged there; the configuration in force stays on error
+		case <-ctx.Done():
+			done = true
+		}
 	}
 	log.Info("shutting down: no new clients; draining tunnels", "tunnels", srv.Tunnels().Len(), "drain_timeout", o.drainTimeout)
 	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
@@ -231,4 +382,16 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	}
 	log.Info("sockrelay stopped")
 	return nil
+}
+
+// upstreamsLogged says where tunnels go, for the start-up line.
+func (o *runOptions) upstreamsLogged() string {
+	if o.file.cfg == nil {
+		return strings.Join(o.upstreams, ",")
+	}
+	var names []string
+	for _, p := range o.file.cfg.Pools {
+		names = append(names, "pool "+p.Name)
+	}
+	return strings.Join(names, ",")
 }

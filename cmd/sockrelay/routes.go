@@ -1,0 +1,263 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/sockrelay/sockrelay/config"
+	"github.com/sockrelay/sockrelay/relay"
+	"github.com/sockrelay/sockrelay/upstream"
+)
+
+// poolSpec translates a configuration file's pool into what package upstream runs.
+func poolSpec(p config.Pool) upstream.PoolSpec {
+	spec := upstream.PoolSpec{
+		Name:    p.Name,
+		Balance: upstream.Algorithm(p.Balance),
+		Hash:    upstream.HashSpec{By: upstream.HashBy(p.Hash.By), Name: p.Hash.Name, LoadFactor: p.Hash.LoadFactor},
+		Retry:   upstream.RetrySpec{Tries: p.Retry.Tries, Timeout: p.Retry.Timeout},
+		Passive: upstream.PassiveHealthSpec{Failures: p.PassiveHealth.Failures, Window: p.PassiveHealth.Window,
+			DownFor: p.PassiveHealth.DownFor},
+	}
+	for _, s := range p.Servers {
+		spec.Servers = append(spec.Servers, upstream.ServerSpec{Address: s.Address, Weight: s.Weight,
+			MaxTunnels: s.MaxTunnels, Backup: s.Backup, Drain: s.Drain})
+	}
+	if p.DNS != nil {
+		spec.DNS = &upstream.DNSSpec{Name: p.DNS.Name, Type: upstream.DNSType(p.DNS.Type), Port: p.DNS.Port,
+			Interval: p.DNS.Interval}
+	}
+	if c := p.HealthCheck; c != nil {
+		spec.Active = &upstream.ActiveHealthSpec{Type: upstream.CheckType(c.Type), Path: c.Path,
+			ExpectStatus: c.ExpectStatus, Interval: c.Interval, Timeout: c.Timeout, Rise: c.Rise, Fall: c.Fall,
+			SlowStart: c.SlowStart}
+	}
+	return spec.WithDefaults()
+}
+
+// configRouter routes by a configuration file's listeners and routes to its pools. It is immutable: a
+// reload builds a new one around the same *upstream.Pool values, so pools keep their servers' state.
+type configRouter struct {
+	listeners map[string]config.Listener
+	pools     map[string]*upstream.Pool
+	order     []*upstream.Pool // the file's order, for the admin API
+}
+
+func (c *configRouter) Route(listener string, r *http.Request) (*upstream.Pool, bool) {
+	l, ok := c.listeners[listener]
+	if !ok {
+		return nil, false
+	}
+	route, ok := l.Match(r.Host, r.URL.Path)
+	if !ok {
+		return nil, false
+	}
+	return c.pools[route.Pool], true
+}
+
+func (c *configRouter) Pools() []*upstream.Pool { return c.order }
+
+// pools owns the running pools across reloads: their health checks and DNS discovery, and which of them
+// closes the tunnels of servers a reload removes.
+type pools struct {
+	log *slog.Logger
+	ctx context.Context // the pools' health checks and DNS discovery run until it ends
+
+	mu      sync.Mutex
+	running map[string]*upstream.Pool
+	srv     *relay.Server // set once the server exists; removed servers' tunnels are closed through it
+	// closeOnRemoval says, per pool, whether its removed servers' tunnels are closed (the setting in
+	// force when they are removed).
+	closeOnRemoval map[string]bool
+}
+
+func newPools(ctx context.Context, log *slog.Logger) *pools {
+	return &pools{log: log, ctx: ctx, running: map[string]*upstream.Pool{}, closeOnRemoval: map[string]bool{}}
+}
+
+// apply makes the running pools match cfg and returns the router for it. It first builds or checks
+// every pool, and changes nothing if one fails; then it updates the pools that stay, starts the new
+// ones, and stops those cfg no longer has. Servers a reload removes lose their tunnels when their pool
+// says close_tunnels_on_removal (a removed pool: its last setting).
+func (ps *pools) apply(cfg *config.Config) (relay.Router, error) {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	specs := make(map[string]upstream.PoolSpec, len(cfg.Pools))
+	fresh := map[string]*upstream.Pool{}
+	for _, p := range cfg.Pools {
+		spec := poolSpec(p)
+		specs[p.Name] = spec
+		if _, ok := ps.running[p.Name]; ok {
+			if err := spec.Validate(); err != nil {
+				return nil, fmt.Errorf("pool %q: %w", p.Name, err)
+			}
+			continue
+		}
+		np, err := upstream.New(spec, upstream.Options{Logger: ps.log, OnRemoved: ps.onRemoved(p.Name)})
+		if err != nil {
+			return nil, err
+		}
+		fresh[p.Name] = np
+	}
+	// Nothing can fail from here on.
+	var removed []*upstream.Server
+	for name, p := range ps.running {
+		spec, ok := specs[name]
+		if !ok {
+			if ps.closeOnRemoval[name] {
+				removed = append(removed, p.Servers()...)
+			}
+			p.Close()
+			delete(ps.running, name)
+			ps.log.Info("pool removed", "pool", name)
+			continue
+		}
+		gone, err := p.Update(spec)
+		if err != nil { // validated above
+			ps.log.Error("pool update failed after validation", "pool", name, "err", err)
+			continue
+		}
+		if len(gone) > 0 && cfg.Pool(name).CloseTunnelsOnRemoval {
+			removed = append(removed, gone...)
+		}
+	}
+	for name, p := range fresh {
+		p.Start(ps.ctx)
+		ps.running[name] = p
+	}
+	rt := &configRouter{listeners: map[string]config.Listener{}, pools: map[string]*upstream.Pool{}}
+	for _, l := range cfg.Listeners {
+		rt.listeners[l.Name] = l
+	}
+	for _, p := range cfg.Pools {
+		ps.closeOnRemoval[p.Name] = p.CloseTunnelsOnRemoval
+		rt.pools[p.Name] = ps.running[p.Name]
+		rt.order = append(rt.order, ps.running[p.Name])
+	}
+	if len(removed) > 0 && ps.srv != nil {
+		n := ps.srv.CloseTunnelsTo(removed)
+		ps.log.Info("closed the tunnels of removed upstream servers", "servers", len(removed), "tunnels", n)
+	}
+	return rt, nil
+}
+
+// onRemoved closes, when the pool says so, the tunnels of servers that DNS discovery removed.
+func (ps *pools) onRemoved(pool string) func([]*upstream.Server) {
+	return func(gone []*upstream.Server) {
+		ps.mu.Lock()
+		close, srv := ps.closeOnRemoval[pool], ps.srv
+		ps.mu.Unlock()
+		if close && srv != nil {
+			n := srv.CloseTunnelsTo(gone)
+			ps.log.Info("closed the tunnels of servers DNS no longer lists", "pool", pool, "servers", len(gone), "tunnels", n)
+		}
+	}
+}
+
+func (ps *pools) setServer(srv *relay.Server) {
+	ps.mu.Lock()
+	ps.srv = srv
+	ps.mu.Unlock()
+}
+
+// closeAll stops every pool's health checks and DNS discovery.
+func (ps *pools) closeAll() {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	for name, p := range ps.running {
+		p.Close()
+		delete(ps.running, name)
+	}
+}
+
+// listenerChange says why cfg cannot be reloaded into a relay that listens as old does: listeners are
+// bound once, at start. "" when it can.
+func listenerChange(old, cfg *config.Config) string {
+	key := func(l config.Listener) string { return l.Name + "@" + l.Address + "/" + l.Datapath }
+	a, b := make([]string, len(old.Listeners)), make([]string, len(cfg.Listeners))
+	for i, l := range old.Listeners {
+		a[i] = key(l)
+	}
+	for i, l := range cfg.Listeners {
+		b[i] = key(l)
+	}
+	if slices.Equal(a, b) {
+		return ""
+	}
+	return fmt.Sprintf("listeners changed (%v to %v): names, addresses and datapaths of listeners take a restart; routes and pools reload", a, b)
+}
+
+// reloader re-reads the configuration file on SIGHUP and POST /admin/reload. A file that does not parse,
+// or that changes what only a restart can change, is refused with the reason and the configuration in
+// force stays.
+type reloader struct {
+	o     *runOptions
+	pools *pools
+	srv   *relay.Server
+	log   *slog.Logger
+	mu    sync.Mutex // one reload at a time
+}
+
+func (rl *reloader) reload() error {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	err := rl.reloadLocked()
+	if err != nil {
+		rl.log.Error("configuration reload refused; the configuration in force is unchanged", "file", rl.o.configPath, "err", err)
+	}
+	return err
+}
+
+func (rl *reloader) reloadLocked() error {
+	cfg, err := config.Load(rl.o.configPath)
+	if err != nil {
+		return err
+	}
+	old := rl.o.file.cfg
+	if why := listenerChange(old, cfg); why != "" {
+		return errors.New(why)
+	}
+	router, err := rl.pools.apply(cfg)
+	if err != nil {
+		return fmt.Errorf("%s: %w", rl.o.configPath, err)
+	}
+	rl.srv.SetRouter(router)
+	for _, w := range cfg.Warnings {
+		rl.log.Warn("configuration", "warning", w)
+	}
+	if restart := restartOnly(old, cfg); len(restart) > 0 {
+		rl.log.Warn("configuration reloaded, but these settings take a restart and keep their old values",
+			"settings", strings.Join(restart, ", "))
+	}
+	rl.o.file.cfg = cfg
+	rl.log.Info("configuration reloaded", "file", rl.o.configPath, "pools", len(cfg.Pools), "listeners", len(cfg.Listeners))
+	return nil
+}
+
+// restartOnly names the settings that differ between old and cfg and that only a restart applies.
+func restartOnly(old, cfg *config.Config) []string {
+	var out []string
+	for _, c := range []struct {
+		name    string
+		changed bool
+	}{
+		{"admin", old.Admin != cfg.Admin},
+		{"log_level", old.LogLevel != cfg.LogLevel},
+		{"datapath", old.Datapath != cfg.Datapath},
+		{"kernel_held_limit", old.KernelHeldLimit != cfg.KernelHeldLimit},
+		{"tunnel_log_interval", old.TunnelLogInterval != cfg.TunnelLogInterval},
+		{"timeouts", old.Timeouts != cfg.Timeouts},
+		{"max_header_bytes", old.MaxHeaderBytes != cfg.MaxHeaderBytes},
+	} {
+		if c.changed {
+			out = append(out, c.name)
+		}
+	}
+	return out
+}

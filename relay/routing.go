@@ -1,0 +1,199 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/sockrelay/sockrelay/upstream"
+)
+
+// Router chooses the upstream pool for a request that came in on a listener. A configuration reload
+// swaps the Router (SetRouter); tunnels already open keep their server.
+type Router interface {
+	// Route returns the pool for r, which arrived on the listener named listener, or false when no route
+	// matches it (the client gets a 404).
+	Route(listener string, r *http.Request) (*upstream.Pool, bool)
+	// Pools lists every pool, for the admin API.
+	Pools() []*upstream.Pool
+}
+
+// DefaultListener names the listener of Serve, which has no name of its own.
+const DefaultListener = "default"
+
+// singlePool routes every request to one pool: the relay configured by flags (--upstream).
+type singlePool struct{ pool *upstream.Pool }
+
+func (s singlePool) Route(string, *http.Request) (*upstream.Pool, bool) { return s.pool, true }
+func (s singlePool) Pools() []*upstream.Pool                            { return []*upstream.Pool{s.pool} }
+
+// NewSinglePoolRouter returns a Router that sends everything to one round-robin pool over addrs, as
+// `sockrelay run --upstream` does. It checks every address.
+func NewSinglePoolRouter(addrs []string) (Router, error) {
+	if len(addrs) == 0 {
+		return nil, errors.New("no upstream: give at least one HOST:PORT")
+	}
+	spec := upstream.PoolSpec{Name: "default", Balance: upstream.RoundRobin}
+	for _, a := range addrs {
+		if err := upstream.CheckAddress(a); err != nil {
+			return nil, fmt.Errorf("upstream %q: %w", a, err)
+		}
+		spec.Servers = append(spec.Servers, upstream.ServerSpec{Address: a})
+	}
+	p, err := upstream.New(spec.WithDefaults(), upstream.Options{})
+	if err != nil {
+		return nil, err
+	}
+	return singlePool{p}, nil
+}
+
+// routerBox lets an interface value live in an atomic.Pointer.
+type routerBox struct{ Router }
+
+// SetRouter makes r route every new tunnel and request from now on.
+func (s *Server) SetRouter(r Router) { s.router.Store(&routerBox{r}) }
+
+// Router returns the Router in force.
+func (s *Server) Router() Router { return s.router.Load().Router }
+
+// listenerKey carries the listenerInfo of the listener a request came in on.
+type listenerKey struct{}
+
+// listenerInfo is what a request needs to know of its listener.
+type listenerInfo struct {
+	name     string
+	datapath Datapath // resolved: never auto
+}
+
+// listenerOf returns the listener r came in on; a request served other than by ServeListener (a test
+// calling ServeHTTP) is on the default listener.
+func (s *Server) listenerOf(r *http.Request) listenerInfo {
+	if info, ok := r.Context().Value(listenerKey{}).(listenerInfo); ok {
+		return info
+	}
+	return listenerInfo{name: DefaultListener, datapath: s.cfg.Datapath}
+}
+
+// clientIP is the client's address without its port, the hash key of balance: hash by client_ip.
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// dialedUpstream is an upstream that accepted the forwarded handshake with a well-formed response.
+type dialedUpstream struct {
+	lease  *upstream.Lease
+	conn   *net.TCPConn
+	resp   *http.Response
+	prefix []byte // bytes the upstream sent after its response head
+}
+
+// errClientGone says the client left while an upstream was being tried.
+var errClientGone = errors.New("client closed during the handshake")
+
+// openUpstream forwards the client's upgrade request to a server of pool and reads its answer. When the
+// connect or the handshake fails, which is always before any byte of a response reached the client, it
+// reports the failure to the pool (passive health) and tries another server, within the pool's retry
+// tries and time. A well-formed answer, 101 or not, ends the tries: an upstream's refusal is passed on.
+func (s *Server) openUpstream(r *http.Request, pool *upstream.Pool, wsKey string) (*dialedUpstream, *handshakeError, error) {
+	retry := pool.Retry()
+	deadline := time.Now().Add(retry.Timeout)
+	hashKey := pool.Key(clientIP(r), r)
+	var (
+		tried []*upstream.Server
+		last  *handshakeError
+	)
+	for try := 1; ; try++ {
+		lease, err := pool.Pick(hashKey, tried)
+		if err != nil {
+			if last != nil {
+				// Every server was tried: the last failure says more than "none left".
+				return nil, last, nil
+			}
+			return nil, &handshakeError{status: http.StatusServiceUnavailable, reason: FailNoUpstream, msg: err.Error()}, nil
+		}
+		up, herr, err := s.tryUpstream(r, lease.Server.Address(), wsKey, deadline)
+		if err != nil {
+			lease.Release()
+			return nil, nil, err
+		}
+		if herr == nil {
+			pool.ReportSuccess(lease.Server)
+			up.lease = lease
+			return up, nil, nil
+		}
+		pool.ReportFailure(lease.Server)
+		lease.Release()
+		tried = append(tried, lease.Server)
+		last = herr
+		if try >= retry.Tries || !time.Now().Before(deadline) {
+			return nil, last, nil
+		}
+		s.metrics.upstreamRetries.Inc()
+		s.log.Info("upstream failed, trying another", "client", r.RemoteAddr, "pool", pool.Name(),
+			"upstream", lease.Server.Address(), "try", try, "reason", herr.reason, "err", herr.msg)
+	}
+}
+
+// tryUpstream connects to addr and forwards the handshake there. It returns a handshake error for a
+// failure of the upstream, and an error only when the client left meanwhile.
+func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
+	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline.Add(s.cfg.ConnectTimeout))
+	defer cancel()
+	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return nil, nil, errClientGone
+		}
+		return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
+			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}, nil
+	}
+	tc := conn.(*net.TCPConn)
+	// A client that leaves while the upstream thinks (net/http cancels the request's context when it sees
+	// the connection close) releases the upstream at once instead of at the response timeout.
+	stopWatch := context.AfterFunc(r.Context(), func() { _ = tc.SetDeadline(time.Unix(1, 0)) })
+	resp, prefix, herr := s.forwardHandshake(tc, r, wsKey)
+	if !stopWatch() {
+		tc.Close()
+		return nil, nil, errClientGone
+	}
+	if herr != nil {
+		tc.Close()
+		herr.msg = fmt.Sprintf("upstream %s: %s", addr, herr.msg)
+		return nil, herr, nil
+	}
+	return &dialedUpstream{conn: tc, resp: resp, prefix: prefix}, nil, nil
+}
+
+// CloseTunnelsTo ends every tunnel whose upstream is one of servers, for a reload that removed them from
+// their pool with close_tunnels_on_removal. It returns how many it closed.
+func (s *Server) CloseTunnelsTo(servers []*upstream.Server) int {
+	n := 0
+	for _, t := range s.tunnels.Tunnels() {
+		for _, srv := range servers {
+			if t.lease != nil && t.lease.Server == srv {
+				t.end(ReasonUpstreamRemoved, true)
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
+
+// routeOrRefuse finds the pool for r, or answers 404 and returns nil.
+func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) *upstream.Pool {
+	pool, ok := s.Router().Route(s.listenerOf(r).name, r)
+	if !ok {
+		s.refuse(w, r, &handshakeError{status: http.StatusNotFound, reason: FailNoRoute,
+			msg: fmt.Sprintf("no route for host %q and path %q on listener %q", r.Host, r.URL.Path, s.listenerOf(r).name)})
+		return nil
+	}
+	return pool
+}
