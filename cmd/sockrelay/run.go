@@ -355,20 +355,23 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		log.Info("sockrelay listening", "listener", listeners[i].name, "listen", ln.Addr().String(),
 			"datapath", listeners[i].datapath, "upstreams", o.upstreamsLogged(), "admin", adminLogged, "version", versionString())
 	}
+	// SIGHUP is caught before the relay says it is ready: one sent just after must reload, not kill it.
+	// Without a file it is caught too, so that a stray hang-up does not stop a relay full of tunnels.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	if ready != nil {
 		ready(lns[0].Addr(), adminAddr)
-	}
-
-	hup := make(chan os.Signal, 1)
-	if rl != nil {
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
 	}
 	for done := false; !done; {
 		select {
 		case err := <-served:
 			return err
 		case <-hup:
+			if rl == nil {
+				log.Warn("SIGHUP: nothing to reload, this relay runs without --config")
+				continue
+			}
 			_ = rl.reload() // logged there; the configuration in force stays on error
 		case <-ctx.Done():
 			done = true
