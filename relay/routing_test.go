@@ -271,7 +271,7 @@ func TestListenersRouteApart(t *testing.T) {
 	if c := dialRelay(t, r.Addr, upgradeRequest("/"), nil); c.Resp.StatusCode != http.StatusNotFound {
 		t.Errorf("default listener: status %d, want 404", c.Resp.StatusCode)
 	}
-	if err := r.CheckListenerDatapath(DatapathSockmap); err == nil {
+	if _, err := r.ListenerDatapath(DatapathSockmap); err == nil {
 		t.Error("a copy server accepted a sockmap listener; it has no kernel datapath loaded")
 	}
 }

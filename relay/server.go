@@ -202,11 +202,12 @@ func (s *Server) ServeListener(name string, l net.Listener, dp Datapath) error {
 	return hs.Serve(l)
 }
 
-// CheckListenerDatapath says whether ServeListener would accept dp: it refuses sockmap on a server whose
-// own datapath is not sockmap, since only that loads the kernel datapath.
-func (s *Server) CheckListenerDatapath(dp Datapath) error {
-	_, err := s.listenerInfo("", dp)
-	return err
+// ListenerDatapath returns the datapath ServeListener would give a listener that asks for dp (auto: the
+// server's), or why it would refuse it: sockmap on a server whose own datapath is not sockmap, since only
+// that loads the kernel datapath.
+func (s *Server) ListenerDatapath(dp Datapath) (Datapath, error) {
+	info, err := s.listenerInfo("", dp)
+	return info.datapath, err
 }
 
 func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: builds sockrelay and the bundled echo upstream, starts the echo server on
-# 127.0.0.1:9000 and the relay on 127.0.0.1:8080 in front of it (admin on 127.0.0.1:9090), and stops both
-# on Ctrl-C. Extra arguments go to `sockrelay run` (e.g. --datapath copy).
+# 127.0.0.1:9000 and the relay on 127.0.0.1:8080 in front of it (admin on 127.0.0.1:9090), configured by
+# the commented example file config/example.yaml, and stops both on Ctrl-C. Extra arguments go to
+# `sockrelay run` and override the file (e.g. --datapath copy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,8 @@ cat <<MSG >&2
   relay:    ws://127.0.0.1:8080/ (a page at http://127.0.0.1:8080/ opens a WebSocket through it)
   metrics:  http://127.0.0.1:9090/metrics   tunnels: http://127.0.0.1:9090/debug/tunnels
   try:      /usr/bin/python3 -m websockets ws://127.0.0.1:8080/   (Debian's python3-websockets)
+  pools:    http://127.0.0.1:9090/admin/pools   reload after editing config/example.yaml: kill -HUP, or
+            bin/sockrelay reload
 
 MSG
-bin/sockrelay run --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000 --admin 127.0.0.1:9090 "$@"
+bin/sockrelay run --config config/example.yaml "$@"

@@ -309,8 +309,8 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		srv.Shutdown(context.Background()) // releases the kernel datapath, if it was loaded
 	}
 	listeners := o.listenerSettings()
-	for _, l := range listeners {
-		if err := srv.CheckListenerDatapath(l.datapath); err != nil {
+	for i, l := range listeners {
+		if listeners[i].datapath, err = srv.ListenerDatapath(l.datapath); err != nil {
 			closeAll()
 			return fmt.Errorf("%s: %w", l.flag, err)
 		}
