@@ -112,7 +112,13 @@ func (u *fakeUpstream) Accepted() int {
 // test answers it.
 func startUpstream(t testing.TB) *fakeUpstream {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return startUpstreamOn(t, "127.0.0.1:0")
+}
+
+// startUpstreamOn is startUpstream on a given address.
+func startUpstreamOn(t testing.TB, addr string) *fakeUpstream {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

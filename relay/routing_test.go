@@ -116,14 +116,24 @@ func serverState(t testing.TB, p *upstream.Pool, addr string) upstream.ServerSta
 
 // TestFailoverNoClientSeesAnError: of three upstreams one refuses connections and one never answers
 // its handshake; with retries every client still gets its tunnel, and passive health takes the two bad
-// servers out of the pool, so that later clients no longer wait for them.
+// servers out of the pool, so that later clients no longer wait for them. When the refusing server comes
+// back, the active health check brings it back up and it takes tunnels again.
 func TestFailoverNoClientSeesAnError(t *testing.T) {
 	good := startUpstream(t)
 	acceptAll(t, good)
 	refused, silent := closedPort(t), silentUpstream(t)
 	pool := newPool(t, "p", []string{refused, silent, good.Addr}, func(s *upstream.PoolSpec) {
 		s.Passive = upstream.DefaultPassiveHealth()
+		// Fall is high so that passive health, not the check, takes the servers down here. A websocket
+		// check, since the silent server accepts connections: a tcp check would bring it back.
+		s.Active = &upstream.ActiveHealthSpec{Type: upstream.CheckWebSocket, Path: "/", ExpectStatus: 101,
+			Interval: 100 * time.Millisecond, Timeout: 50 * time.Millisecond, Rise: 2, Fall: 100}
 	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := pool.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
 	r := startRelay(t, DatapathCopy, nil, func(c *Config) {
 		c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool}}, pools: []*upstream.Pool{pool}}
 		c.UpstreamResponseTimeout = 200 * time.Millisecond
@@ -146,6 +156,33 @@ func TestFailoverNoClientSeesAnError(t *testing.T) {
 	if m := scrape(t, r); !strings.Contains(m, "sockrelay_upstream_retries_total ") || strings.Contains(m, "sockrelay_upstream_retries_total 0") {
 		t.Errorf("retries not counted:\n%s", grepLines(m, "retries"))
 	}
+
+	// The refusing server comes back: the check passes Rise times, and it is up before its passive
+	// down time (30 s) would have ended.
+	back := serveUpgradesOn(t, refused)
+	for deadline := time.Now().Add(5 * time.Second); serverState(t, pool, refused).State != upstream.StateUp; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("server %s still %s 5 s after it came back", refused, serverState(t, pool, refused).State)
+		}
+	}
+	for range 4 {
+		c := dialRelay(t, r.Addr, upgradeRequest("/chat"), nil)
+		if c.Resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("status %d after the server came back, want 101", c.Resp.StatusCode)
+		}
+		c.Close()
+	}
+	if st := serverState(t, pool, refused); st.TotalTunnels == 0 || back.Accepted() == 0 {
+		t.Errorf("the server that came back got no tunnel: %+v", st)
+	}
+}
+
+// serveUpgradesOn listens on addr and answers every handshake with a 101.
+func serveUpgradesOn(t testing.TB, addr string) *fakeUpstream {
+	t.Helper()
+	up := startUpstreamOn(t, addr)
+	acceptAll(t, up)
+	return up
 }
 
 // TestRetryBounded: with tries: 1 a refused connection is the client's 502 at once, and when every

@@ -38,6 +38,8 @@ func (p *Pool) ReportFailure(s *Server) {
 	if len(s.fails) >= ph.Failures {
 		s.fails = s.fails[:0]
 		s.downUntil = now.Add(ph.DownFor)
+		// With active checks, Rise passes from now on end the period early (recordCheckLocked).
+		s.okStreak = 0
 		p.log.Warn("server down: passive failures", "server", s.addr,
 			"failures", ph.Failures, "window", ph.Window, "down_for", ph.DownFor)
 	}
@@ -188,6 +190,14 @@ func (p *Pool) recordCheckLocked(s *Server, spec ActiveHealthSpec, err error, no
 			s.activeDown = false
 			s.rampFrom = now
 			p.log.Info("server up: health checks pass", "server", s.addr, "rise", spec.Rise)
+		}
+		// A server passive health took down comes back as soon as Rise checks pass after it went down,
+		// rather than at the end of DownFor: the checks are the better evidence. What a check proves is
+		// its type's: a tcp check passes for a server that accepts connections but hangs handshakes.
+		if now.Before(s.downUntil) && s.okStreak >= spec.Rise {
+			s.downUntil = time.Time{}
+			s.rampFrom = now
+			p.log.Info("server up: health checks pass after passive failures", "server", s.addr, "rise", spec.Rise)
 		}
 		return
 	}

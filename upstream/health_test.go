@@ -188,6 +188,27 @@ func TestActiveHTTP(t *testing.T) {
 	}
 }
 
+// TestActiveRiseEndsPassiveDown: a server passive health took down for DownFor is back as soon as Rise
+// checks pass after it went down; checks that passed before do not count.
+func TestActiveRiseEndsPassiveDown(t *testing.T) {
+	addr, _, _ := statusServer(t, http.StatusOK)
+	p := activePool(t, ActiveHealthSpec{Type: CheckHTTP, Path: "/", ExpectStatus: 200, Rise: 2, Fall: 2}, nil, addr)
+	p.mu.Lock()
+	p.spec.Passive = DefaultPassiveHealth()
+	p.mu.Unlock()
+	runChecks(t, p, 3, addr) // passes before the failures must not count toward Rise
+	s := server(t, p, addr)
+	for range 3 {
+		p.ReportFailure(s)
+	}
+	if st := runChecks(t, p, 1, addr); st.State != StateDown {
+		t.Fatalf("after passive failures and 1 passing check of Rise 2: %+v; want down", st)
+	}
+	if st := runChecks(t, p, 1, addr); st.State != StateUp || !st.DownUntil.IsZero() {
+		t.Fatalf("after 2 passing checks: %+v; want up, the passive period ended", st)
+	}
+}
+
 // wsServer answers the WebSocket upgrade at /ws with gorilla's Upgrader while ok holds true, and 403
 // otherwise; it counts the upgrades that completed with a clean close from the checker.
 func wsServer(t *testing.T, ok *atomic.Bool, cleanCloses *atomic.Int64) string {
