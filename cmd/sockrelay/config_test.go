@@ -230,20 +230,28 @@ func TestRunConfigRoutes(t *testing.T) {
 	}
 }
 
-// TestReloadUnderLoad: 1000 tunnels stay open, and new clients keep arriving, while the configuration is
+// TestReloadUnderLoad: 1000 tunnels (200 on splice and copy) stay open, and new clients keep arriving, while the configuration is
 // reloaded ten times (SIGHUP, the admin API and `sockrelay reload` in turn), every other time moving pool
 // b between servers; an invalid file in the middle is refused and changes nothing. No tunnel is dropped,
 // no new client fails, and new clients follow the configuration in force.
 func TestReloadUnderLoad(t *testing.T) {
+	// auto is sockmap where the kernel runs it (CI), so every datapath keeps its tunnels through reloads.
+	for _, tc := range []struct {
+		datapath string
+		open     int
+	}{{"auto", 1000}, {"splice", 200}, {"copy", 200}} {
+		t.Run(tc.datapath, func(t *testing.T) { reloadUnderLoad(t, tc.datapath, tc.open) })
+	}
+}
+
+func reloadUnderLoad(t *testing.T, datapath string, open int) {
 	a, b1, b2 := startCountingEcho(t), startCountingEcho(t), startCountingEcho(t)
 	listen, admin := freeAddr(t), freeAddr(t)
 	configs := []string{
 		routesConfig(listen, admin, a.addr(), []string{b1.addr()}, false),
 		routesConfig(listen, admin, a.addr(), []string{b1.addr(), b2.addr()}, false),
 	}
-	r := startConfigRelay(t, configs[0])
-
-	const open = 1000
+	r := startConfigRelay(t, configs[0], "--datapath", datapath)
 	tunnels := make([]*websocket.Conn, open)
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 32)
