@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"time"
 
 	"github.com/sockrelay/sockrelay/upstream"
@@ -66,6 +67,7 @@ type listenerKey struct{}
 type listenerInfo struct {
 	name     string
 	datapath Datapath // resolved: never auto
+	trusted  []netip.Prefix
 }
 
 // listenerOf returns the listener r came in on; a request served other than by ServeListener (a test
@@ -75,15 +77,6 @@ func (s *Server) listenerOf(r *http.Request) listenerInfo {
 		return info
 	}
 	return listenerInfo{name: DefaultListener, datapath: s.cfg.Datapath}
-}
-
-// clientIP is the client's address without its port, the hash key of balance: hash by client_ip.
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
-	return host
 }
 
 // dialedUpstream is an upstream that accepted the forwarded handshake with a well-formed response.
@@ -104,7 +97,7 @@ var errClientGone = errors.New("client closed during the handshake")
 func (s *Server) openUpstream(r *http.Request, pool *upstream.Pool, wsKey string) (*dialedUpstream, *handshakeError, error) {
 	retry := pool.Retry()
 	deadline := time.Now().Add(retry.Timeout)
-	hashKey := pool.Key(clientIP(r), r)
+	hashKey := pool.Key(s.clientOf(r).ip, r)
 	var (
 		tried []*upstream.Server
 		last  *handshakeError

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/netip"
 	"net/url"
 	"os"
 	"strconv"
@@ -45,6 +46,10 @@ type Config struct {
 	UpstreamResponseTimeout time.Duration
 	// MaxHeaderBytes bounds a client's request line and headers.
 	MaxHeaderBytes int
+	// TunnelIdleTimeout, when positive, closes a tunnel with no byte either way for that long (HAProxy's
+	// `timeout tunnel`); TunnelLifetime, when positive, closes tunnels that old. At least MinTunnelTimeout.
+	TunnelIdleTimeout time.Duration
+	TunnelLifetime    time.Duration
 	// TunnelLogInterval, when positive, logs every tunnel that has lived that long again at that interval,
 	// with its bytes so far (see logLongLivedTunnels); at least MinTunnelLogInterval.
 	TunnelLogInterval time.Duration
@@ -77,6 +82,9 @@ const (
 	// MinKernelHeldLimit is the least KernelHeldLimit accepted: below a few segments, a direction would
 	// be demoted by every burst.
 	MinKernelHeldLimit = 64 << 10
+	// MinTunnelTimeout is the least tunnel idle timeout and lifetime: shorter ones would close tunnels
+	// between two scans' worth of noise.
+	MinTunnelTimeout = time.Second
 	// MinTunnelLogInterval keeps "tunnel alive" records from flooding the log.
 	MinTunnelLogInterval = time.Second
 	// MaxKernelHeldLimit: the verdict compares what it holds as a signed 32-bit count (bpf/sockrelay.c).
@@ -128,6 +136,14 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.TunnelLogInterval != 0 && cfg.TunnelLogInterval < MinTunnelLogInterval {
 		return nil, fmt.Errorf("tunnel log interval %v: 0 (off) or at least %v", cfg.TunnelLogInterval, MinTunnelLogInterval)
 	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"tunnel idle timeout", cfg.TunnelIdleTimeout}, {"tunnel lifetime", cfg.TunnelLifetime}} {
+		if d.v != 0 && d.v < MinTunnelTimeout {
+			return nil, fmt.Errorf("%s %v: 0 (off) or at least %v", d.name, d.v, MinTunnelTimeout)
+		}
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -150,6 +166,10 @@ func NewServer(cfg Config) (*Server, error) {
 	s.proxy = s.newReverseProxy()
 	if cfg.TunnelLogInterval > 0 {
 		go s.logLongLivedTunnels(cfg.TunnelLogInterval, s.stop)
+	}
+	if cfg.TunnelIdleTimeout > 0 || cfg.TunnelLifetime > 0 {
+		go s.enforceTunnelTimeouts(cfg.TunnelIdleTimeout, cfg.TunnelLifetime,
+			timeoutTick(cfg.TunnelIdleTimeout, cfg.TunnelLifetime), s.stop)
 	}
 	return s, nil
 }
@@ -176,7 +196,23 @@ func (s *Server) Serve(l net.Listener) error {
 // once when dp is sockmap and the server did not load the kernel datapath. It returns
 // http.ErrServerClosed after Shutdown.
 func (s *Server) ServeListener(name string, l net.Listener, dp Datapath) error {
-	info, err := s.listenerInfo(name, dp)
+	return s.ServeListenerWith(l, ListenerOptions{Name: name, Datapath: dp})
+}
+
+// ListenerOptions are one listener's settings.
+type ListenerOptions struct {
+	// Name is what the Router sees as the listener of its requests.
+	Name string
+	// Datapath of the listener's tunnels; auto (or empty) is the server's.
+	Datapath Datapath
+	// TrustedProxies are the peers whose X-Forwarded-For and X-Real-IP are believed (see clientOf).
+	TrustedProxies []netip.Prefix
+}
+
+// ServeListenerWith is ServeListener with every listener setting.
+func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
+	info, err := s.listenerInfo(opts.Name, opts.Datapath)
+	info.trusted = opts.TrustedProxies
 	if err != nil {
 		l.Close()
 		return err
@@ -212,7 +248,7 @@ func (s *Server) ListenerDatapath(dp Datapath) (Datapath, error) {
 
 func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
 	switch dp {
-	case DatapathAuto:
+	case DatapathAuto, "":
 		dp = s.cfg.Datapath
 	case DatapathCopy, DatapathSplice:
 	case DatapathSockmap:
@@ -275,7 +311,7 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusNotFound
 	} else {
 		var err error
-		if lease, err = pool.Pick(pool.Key(clientIP(r), r), nil); err != nil {
+		if lease, err = pool.Pick(pool.Key(s.clientOf(r).ip, r), nil); err != nil {
 			status = http.StatusServiceUnavailable
 			s.log.Warn("proxy request failed", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,
 				"status", status, "err", err)
@@ -295,7 +331,7 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(&url.URL{Scheme: "http", Host: pr.In.Context().Value(upstreamAddrKey{}).(string)})
 			pr.Out.Host = pr.In.Host // as in the WebSocket path: the upstream sees the Host the client asked for
-			pr.SetXForwarded()
+			setForwarded(pr.Out.Header, pr.In, s.clientOf(pr.In))
 		},
 		Transport: &http.Transport{
 			DialContext:           s.dialer.DialContext,
@@ -517,7 +553,7 @@ func (s *Server) forwardHandshake(upstream *net.TCPConn, r *http.Request, key st
 		}
 		return &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
 	}
-	if _, err := upstream.Write(upstreamRequest(r)); err != nil {
+	if _, err := upstream.Write(upstreamRequest(r, s.clientOf(r))); err != nil {
 		return nil, nil, fail("send handshake", err)
 	}
 	br := bufio.NewReader(upstream)
@@ -545,35 +581,17 @@ func (s *Server) forwardHandshake(upstream *net.TCPConn, r *http.Request, key st
 
 // upstreamRequest is the client's handshake as the upstream gets it: origin-form target, the client's Host,
 // its end-to-end headers, no hop-by-hop headers but the upgrade itself, and X-Forwarded-* describing the client.
-func upstreamRequest(r *http.Request) []byte {
+func upstreamRequest(r *http.Request, client clientIdentity) []byte {
 	h := r.Header.Clone()
 	removeHopHeaders(h)
 	h.Set("Connection", "Upgrade")
 	h.Set("Upgrade", "websocket")
-	setForwarded(h, r)
+	setForwarded(h, r, client)
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "GET %s HTTP/1.1\r\nHost: %s\r\n", r.URL.RequestURI(), r.Host)
 	_ = h.Write(&b)
 	b.WriteString("\r\n")
 	return b.Bytes()
-}
-
-// setForwarded sets X-Forwarded-For to the client's address, replacing what the client sent (until trusted
-// proxies can be configured, no client may claim another address), and X-Forwarded-Host and -Proto, as
-// httputil.ProxyRequest.SetXForwarded does for plain requests.
-func setForwarded(h http.Header, r *http.Request) {
-	h.Del("Forwarded")
-	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
-		h.Set("X-Forwarded-For", ip)
-	} else {
-		h.Del("X-Forwarded-For")
-	}
-	h.Set("X-Forwarded-Host", r.Host)
-	if r.TLS != nil {
-		h.Set("X-Forwarded-Proto", "https")
-	} else {
-		h.Set("X-Forwarded-Proto", "http")
-	}
 }
 
 // passResponse gives the client the upstream's refusal (a 401, a 403, a redirect, ...) as an ordinary response.

@@ -268,6 +268,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		k.bySrc[kt.up.cookie] = &kt.dirs[1]
 		t.release = func() { k.release(kt) }
 		t.live = func() (uint64, uint64) { return k.counters(kt) }
+		t.lastSkb = func() time.Time { return k.lastSkb(kt) }
 	}
 	k.mu.Unlock()
 	t.mu.Unlock()
@@ -360,6 +361,22 @@ func (k *kernelPath) counters(kt *kernelTunnel) (toUpstream, toClient uint64) {
 		toClient = st.Bytes
 	}
 	return toUpstream, toClient
+}
+
+// lastSkb returns when kt's verdict last saw a segment either way, from the BPF program's per-socket
+// last_ns (CLOCK_MONOTONIC), as wall time; zero before the first segment.
+func (k *kernelPath) lastSkb(kt *kernelTunnel) time.Time {
+	var last uint64
+	for _, c := range []uint64{kt.client.cookie, kt.up.cookie} {
+		if st, err := k.maps.Stats(c); err == nil {
+			last = max(last, st.LastNs)
+		}
+	}
+	var now unix.Timespec
+	if last == 0 || unix.ClockGettime(unix.CLOCK_MONOTONIC, &now) != nil {
+		return time.Time{}
+	}
+	return time.Now().Add(-time.Duration(now.Nano() - int64(last)))
 }
 
 // release takes kt out of epoll and the maps, folding its final counters into the tunnel. Tunnel.end calls

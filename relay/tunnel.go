@@ -46,6 +46,9 @@ type Tunnel struct {
 	// live, set by the kernel datapath while the tunnel is in the maps, returns the kernel's counters
 	// that are not yet in toUpstream and toClient.
 	live func() (toUpstream, toClient uint64)
+	// lastSkb, set by the kernel datapath while the tunnel is in the maps, returns when the BPF verdict last
+	// saw a segment either way (zero before the first).
+	lastSkb func() time.Time
 
 	endOnce sync.Once
 	ended   chan struct{}
@@ -73,6 +76,11 @@ const (
 	// ReasonKernelError: the kernel datapath could not keep a tunnel's stream exact (bpf/sockrelay.c,
 	// trim_head), so the tunnel is reset rather than corrupted.
 	ReasonKernelError = "kernel_error"
+	// ReasonIdleTimeout: no byte either way for the tunnel idle timeout; both sides are closed with FIN.
+	ReasonIdleTimeout = "idle_timeout"
+	// ReasonLifetime: the tunnel reached the maximum tunnel lifetime; both sides are reset, since bytes
+	// may have been in flight and a peer must not take the cut for a clean end.
+	ReasonLifetime = "lifetime"
 )
 
 // Datapath is the datapath carrying the tunnel.
@@ -93,6 +101,18 @@ func (t *Tunnel) Bytes() (toUpstream, toClient uint64) {
 		toClient += down
 	}
 	return toUpstream, toClient
+}
+
+// kernelLastActive is, for a tunnel the kernel datapath carries, when its verdict last saw a segment
+// either way; false for other tunnels and before the first segment.
+func (t *Tunnel) kernelLastActive() (time.Time, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.lastSkb == nil {
+		return time.Time{}, false
+	}
+	at := t.lastSkb()
+	return at, !at.IsZero()
 }
 
 // Done is closed when the tunnel has ended and both sockets are closed.
@@ -117,7 +137,7 @@ func (t *Tunnel) end(reason string, abort bool) {
 		t.ending = true
 		if t.release != nil {
 			t.release()
-			t.release, t.live = nil, nil
+			t.release, t.live, t.lastSkb = nil, nil, nil
 		}
 		t.mu.Unlock()
 		if abort {
