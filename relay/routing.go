@@ -68,6 +68,15 @@ type listenerInfo struct {
 	name     string
 	datapath Datapath // resolved: never auto
 	trusted  []netip.Prefix
+	limiter  *limiter // the listener's own Limits; nil without
+}
+
+// limitersFor returns the limiters a handshake on r's listener passes: the server's, then the listener's.
+func (s *Server) limitersFor(r *http.Request) []*limiter {
+	if l := s.listenerOf(r).limiter; l != nil {
+		return []*limiter{s.limiter, l}
+	}
+	return []*limiter{s.limiter}
 }
 
 // listenerOf returns the listener r came in on; a request served other than by ServeListener (a test

@@ -46,6 +46,8 @@ type Config struct {
 	UpstreamResponseTimeout time.Duration
 	// MaxHeaderBytes bounds a client's request line and headers.
 	MaxHeaderBytes int
+	// Limits apply to every handshake and tunnel of the server; a listener may add its own.
+	Limits Limits
 	// TunnelIdleTimeout, when positive, closes a tunnel with no byte either way for that long (HAProxy's
 	// `timeout tunnel`); TunnelLifetime, when positive, closes tunnels that old. At least MinTunnelTimeout.
 	TunnelIdleTimeout time.Duration
@@ -107,6 +109,7 @@ type Server struct {
 	kernel      *kernelPath // nil unless the datapath is sockmap
 
 	draining atomic.Bool
+	limiter  *limiter      // Config.Limits
 	stop     chan struct{} // closed by Shutdown: ends the server's own goroutines
 	stopOnce sync.Once
 }
@@ -144,6 +147,9 @@ func NewServer(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("%s %v: 0 (off) or at least %v", d.name, d.v, MinTunnelTimeout)
 		}
 	}
+	if err := cfg.Limits.Validate(); err != nil {
+		return nil, err
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -157,6 +163,7 @@ func NewServer(cfg Config) (*Server, error) {
 		tunnels: NewRegistry(),
 		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout},
 		stop:    make(chan struct{}),
+		limiter: newLimiter(cfg.Limits),
 	}
 	s.SetRouter(router)
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router)
@@ -207,12 +214,20 @@ type ListenerOptions struct {
 	Datapath Datapath
 	// TrustedProxies are the peers whose X-Forwarded-For and X-Real-IP are believed (see clientOf).
 	TrustedProxies []netip.Prefix
+	// Limits apply to this listener's handshakes and tunnels, besides the server's Config.Limits.
+	Limits Limits
 }
 
 // ServeListenerWith is ServeListener with every listener setting.
 func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 	info, err := s.listenerInfo(opts.Name, opts.Datapath)
 	info.trusted = opts.TrustedProxies
+	if err == nil {
+		err = opts.Limits.Validate()
+	}
+	if opts.Limits != (Limits{}) {
+		info.limiter = newLimiter(opts.Limits)
+	}
 	if err != nil {
 		l.Close()
 		return err
@@ -388,6 +403,19 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	endHandshake, releaseSlot, lerr := admit(s.limitersFor(r), s.clientOf(r).ip)
+	if lerr != nil {
+		s.refuse(w, r, lerr.handshakeError())
+		return
+	}
+	defer endHandshake()
+	slotTaken := true // until a tunnel holds it
+	defer func() {
+		if slotTaken {
+			releaseSlot()
+		}
+	}()
+
 	pool := s.routeOrRefuse(w, r)
 	if pool == nil {
 		return
@@ -432,6 +460,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		UpstreamAddr:   up.lease.Server.Address(),
 		Pool:           pool.Name(),
 		lease:          up.lease,
+		releaseSlot:    releaseSlot,
 		clientPrefix:   clientPrefix,
 		upstreamPrefix: upstreamPrefix,
 		ended:          make(chan struct{}),
@@ -442,7 +471,8 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		s.metrics.handshakesFailed.WithLabelValues(FailShuttingDown).Inc()
 		return
 	}
-	opened = true // from here on the tunnel owns both sockets
+	opened = true // from here on the tunnel owns both sockets, its lease and its slot
+	slotTaken = false
 	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
 	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
 	if err := writeSwitch(client, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
@@ -655,6 +685,9 @@ func (s *Server) tunnelEnded(t *Tunnel) {
 	s.metrics.tunnelsClosed.WithLabelValues(t.reason).Inc()
 	if t.lease != nil {
 		t.lease.Release()
+	}
+	if t.releaseSlot != nil {
+		t.releaseSlot()
 	}
 	s.log.Info("tunnel closed", "id", t.ID, "client", t.ClientAddr, "upstream", t.UpstreamAddr,
 		"datapath", dp, "bytes_to_upstream", up, "bytes_to_client", down,

@@ -27,6 +27,8 @@ type Tunnel struct {
 
 	// lease holds the tunnel's slot on its upstream server; tunnelEnded releases it.
 	lease *upstream.Lease
+	// releaseSlot gives back the tunnel's place under the limits; tunnelEnded calls it.
+	releaseSlot func()
 
 	// clientPrefix holds bytes the client sent after its request and net/http already read: they go to the
 	// upstream before anything else. upstreamPrefix is the same for bytes that came with the 101.
