@@ -35,6 +35,7 @@ const (
 	FailShuttingDown        = "shutting_down"        // the handshake finished after the relay closed its tunnels
 	FailNoRoute             = "no_route"             // no route of the listener matches the request's host and path
 	FailNoUpstream          = "no_upstream"          // every server of the route's pool is down, draining or full
+	FailOrigin              = "origin"               // the Origin header is not in the route's allow-list
 )
 
 func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {

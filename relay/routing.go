@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/sockrelay/sockrelay/upstream"
@@ -15,11 +17,20 @@ import (
 // Router chooses the upstream pool for a request that came in on a listener. A configuration reload
 // swaps the Router (SetRouter); tunnels already open keep their server.
 type Router interface {
-	// Route returns the pool for r, which arrived on the listener named listener, or false when no route
+	// Route returns where r, which arrived on the listener named listener, goes, or false when no route
 	// matches it (the client gets a 404).
-	Route(listener string, r *http.Request) (*upstream.Pool, bool)
+	Route(listener string, r *http.Request) (Route, bool)
 	// Pools lists every pool, for the admin API.
 	Pools() []*upstream.Pool
+}
+
+// Route is where the requests a route matches go.
+type Route struct {
+	Pool *upstream.Pool
+	// Origins, when not empty, are the only Origin header values a WebSocket handshake may carry
+	// (exact, lower-case scheme://host[:port]); others get 403. Browsers always send Origin, so this keeps
+	// other sites' pages from opening WebSockets with the user's cookies (cross-site WebSocket hijacking).
+	Origins []string
 }
 
 // DefaultListener names the listener of Serve, which has no name of its own.
@@ -28,8 +39,8 @@ const DefaultListener = "default"
 // singlePool routes every request to one pool: the relay configured by flags (--upstream).
 type singlePool struct{ pool *upstream.Pool }
 
-func (s singlePool) Route(string, *http.Request) (*upstream.Pool, bool) { return s.pool, true }
-func (s singlePool) Pools() []*upstream.Pool                            { return []*upstream.Pool{s.pool} }
+func (s singlePool) Route(string, *http.Request) (Route, bool) { return Route{Pool: s.pool}, true }
+func (s singlePool) Pools() []*upstream.Pool                   { return []*upstream.Pool{s.pool} }
 
 // NewSinglePoolRouter returns a Router that sends everything to one round-robin pool over addrs, as
 // `sockrelay run --upstream` does. It checks every address.
@@ -189,13 +200,22 @@ func (s *Server) CloseTunnelsTo(servers []*upstream.Server) int {
 	return n
 }
 
-// routeOrRefuse finds the pool for r, or answers 404 and returns nil.
+// routeOrRefuse finds the pool for a handshake, or answers 404 (no route) or 403 (an Origin the route
+// does not allow) and returns nil.
 func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) *upstream.Pool {
-	pool, ok := s.Router().Route(s.listenerOf(r).name, r)
+	route, ok := s.Router().Route(s.listenerOf(r).name, r)
 	if !ok {
 		s.refuse(w, r, &handshakeError{status: http.StatusNotFound, reason: FailNoRoute,
 			msg: fmt.Sprintf("no route for host %q and path %q on listener %q", r.Host, r.URL.Path, s.listenerOf(r).name)})
 		return nil
 	}
-	return pool
+	if len(route.Origins) > 0 {
+		origin := strings.ToLower(r.Header.Get("Origin"))
+		if !slices.Contains(route.Origins, origin) {
+			s.refuse(w, r, &handshakeError{status: http.StatusForbidden, reason: FailOrigin,
+				msg: fmt.Sprintf("origin %q is not allowed here", r.Header.Get("Origin"))})
+			return nil
+		}
+	}
+	return route.Pool
 }

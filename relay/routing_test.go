@@ -25,15 +25,16 @@ type pathRouter struct {
 type pathRoute struct {
 	listener, prefix string
 	pool             *upstream.Pool
+	origins          []string
 }
 
-func (p *pathRouter) Route(listener string, r *http.Request) (*upstream.Pool, bool) {
+func (p *pathRouter) Route(listener string, r *http.Request) (Route, bool) {
 	for _, rt := range p.routes {
 		if (rt.listener == "" || rt.listener == listener) && strings.HasPrefix(r.URL.Path, rt.prefix) {
-			return rt.pool, true
+			return Route{Pool: rt.pool, Origins: rt.origins}, true
 		}
 	}
-	return nil, false
+	return Route{}, false
 }
 
 func (p *pathRouter) Pools() []*upstream.Pool { return p.pools }
@@ -413,4 +414,45 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestOriginAllowList: a route with origins refuses a handshake from any other Origin (or none) with 403,
+// before any upstream is dialed.
+func TestOriginAllowList(t *testing.T) {
+	up := startUpstream(t)
+	acceptAll(t, up)
+	pool := newPool(t, "p", []string{up.Addr}, nil)
+	r := startRelay(t, DatapathCopy, nil, func(c *Config) {
+		c.Router = &pathRouter{routes: []pathRoute{
+			{prefix: "/app", pool: pool, origins: []string{"https://app.example.com"}},
+			{prefix: "/", pool: pool},
+		}, pools: []*upstream.Pool{pool}}
+	})
+	for _, tc := range []struct {
+		path, origin string
+		status       int
+	}{
+		{"/app", "https://app.example.com", http.StatusSwitchingProtocols},
+		{"/app", "HTTPS://APP.example.com", http.StatusSwitchingProtocols},
+		{"/app", "https://evil.example", http.StatusForbidden},
+		{"/app", "", http.StatusForbidden},
+		{"/other", "https://evil.example", http.StatusSwitchingProtocols},
+	} {
+		req := upgradeRequest(tc.path)
+		if tc.origin != "" {
+			req = strings.Replace(req, "\r\n\r\n", "\r\nOrigin: "+tc.origin+"\r\n\r\n", 1)
+		}
+		before := up.Accepted()
+		c := dialRelay(t, r.Addr, req, nil)
+		if c.Resp.StatusCode != tc.status {
+			t.Errorf("%s from origin %q: status %d, want %d", tc.path, tc.origin, c.Resp.StatusCode, tc.status)
+		}
+		if tc.status == http.StatusForbidden && up.Accepted() != before {
+			t.Errorf("%s from origin %q: refused, but the upstream was dialed", tc.path, tc.origin)
+		}
+		c.Close()
+	}
+	if m := scrape(t, r); !strings.Contains(m, `sockrelay_handshakes_failed_total{reason="origin"} 2`) {
+		t.Errorf("origin refusals not counted:\n%s", grepLines(m, "handshakes_failed"))
+	}
 }

@@ -320,7 +320,8 @@ type upstreamAddrKey struct{}
 // the server while the request runs, so that least_tunnels and max_tunnels see it.
 func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 	status := 0
-	pool, ok := s.Router().Route(s.listenerOf(r).name, r)
+	route, ok := s.Router().Route(s.listenerOf(r).name, r)
+	pool := route.Pool
 	var lease *upstream.Lease
 	if !ok {
 		status = http.StatusNotFound

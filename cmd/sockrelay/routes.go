@@ -49,16 +49,16 @@ type configRouter struct {
 	order     []*upstream.Pool // the file's order, for the admin API
 }
 
-func (c *configRouter) Route(listener string, r *http.Request) (*upstream.Pool, bool) {
+func (c *configRouter) Route(listener string, r *http.Request) (relay.Route, bool) {
 	l, ok := c.listeners[listener]
 	if !ok {
-		return nil, false
+		return relay.Route{}, false
 	}
 	route, ok := l.Match(r.Host, r.URL.Path)
 	if !ok {
-		return nil, false
+		return relay.Route{}, false
 	}
-	return c.pools[route.Pool], true
+	return relay.Route{Pool: c.pools[route.Pool]}, true
 }
 
 func (c *configRouter) Pools() []*upstream.Pool { return c.order }
