@@ -10,6 +10,10 @@
 //
 // Every problem in the file is reported at once (see ErrorList). A parsed Config has every default filled
 // in, so that its users never apply defaults themselves, and never disagree about them.
+//
+// Paths in the file (TLS certificates, keys and CA files) are absolute, or relative to the directory of
+// the configuration file, not to the relay's working directory; a parsed Config holds them joined to that
+// directory. Whether the files exist is checked where they are loaded, not here.
 package config
 
 import (
@@ -17,6 +21,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"os"
 	"regexp"
 	"strconv"
@@ -43,6 +49,8 @@ type Config struct {
 	Timeouts          Timeouts
 	// MaxHeaderBytes bounds a client's request line and headers. Default 16 KiB.
 	MaxHeaderBytes int
+	// Limits apply to the whole relay; each listener's Limits apply in addition. Default none.
+	Limits Limits
 	// Listeners, at least one, in the file's order.
 	Listeners []Listener
 	// Pools, at least one, in the file's order (a YAML mapping has an order; Go's maps do not keep it).
@@ -62,6 +70,38 @@ type Timeouts struct {
 	UpstreamResponse time.Duration
 	// Shutdown is how long live tunnels may drain on SIGTERM before they are closed. Default 30s.
 	Shutdown time.Duration
+	// TunnelIdle, when not 0, closes a tunnel through which no byte has passed in either direction for
+	// this long (HAProxy's timeout tunnel). Default 0 (never); otherwise at least 1s.
+	TunnelIdle time.Duration
+	// TunnelLifetime, when not 0, closes a tunnel this long after it was opened, however busy. Default 0
+	// (no limit); otherwise at least 1s.
+	TunnelLifetime time.Duration
+}
+
+// Limits bound what clients may open, on the whole relay (Config.Limits) or on one listener
+// (Listener.Limits); both apply. Their zero value limits nothing. Counts are at most 10,000,000.
+type Limits struct {
+	// MaxTunnels caps live tunnels. 0 (default) is unlimited.
+	MaxTunnels int
+	// MaxTunnelsPerIP caps the live tunnels of one client IP address. 0 (default) is unlimited.
+	MaxTunnelsPerIP int
+	// HandshakesPerIP limits how fast one client IP address may start handshakes. Off by default.
+	HandshakesPerIP RateLimit
+	// MaxConcurrentHandshakes caps the handshakes in progress at once, all clients together. 0 (default)
+	// is unlimited.
+	//
+	// A handshake is a client's HTTP upgrade on an http listener; on a tcp listener it is the opening of
+	// a connection (up to its ClientHello with TLS passthrough).
+	MaxConcurrentHandshakes int
+}
+
+// RateLimit is a token bucket: Rate events a second on average, up to Burst at once.
+type RateLimit struct {
+	// Rate is in events a second, fractions allowed; 0 (default) turns the limit off. At most 1,000,000.
+	Rate float64
+	// Burst is how many events may come at once. Default max(1, ceil(Rate)), accepted 1 to 10,000,000;
+	// 0 when Rate is 0.
+	Burst int
 }
 
 // Listener is a client-facing address and the routes that pick a pool for each request on it.
@@ -70,18 +110,70 @@ type Listener struct {
 	Name string
 	// Address is HOST:PORT; an empty host listens on every address, port 0 on any free port.
 	Address string
+	// Type is http (default: WebSocket and other HTTP upgrades, routed by host and path) or tcp (any TCP
+	// stream, relayed without reading it; routed by TLS SNI with TLSPassthrough, else to its one route).
+	Type string
 	// Datapath is auto, sockmap, splice or copy; default the top-level Datapath.
 	Datapath string
-	// Routes, at least one, tried in order: the first that matches wins (see Match).
+	// ProxyProtocol expects a PROXY protocol header, v1 or v2, at the start of every connection, as a
+	// layer 4 balancer in front sends it, and takes the client's address from it. Default false.
+	ProxyProtocol bool
+	// TrustedProxies are the peers whose X-Forwarded-For and X-Real-IP headers are believed; an IP
+	// address given alone is a /32 or /128. http listeners only; nil (default) believes no one.
+	TrustedProxies []netip.Prefix
+	// TLS, when not nil, terminates TLS on the listener. http listeners only.
+	TLS *ListenerTLS
+	// TLSPassthrough routes a tcp listener's connections by the server name (SNI) of the client's TLS
+	// ClientHello, and relays them without terminating TLS. tcp listeners only; default false.
+	TLSPassthrough bool
+	// Limits apply to this listener, in addition to Config.Limits. Default none.
+	Limits Limits
+	// Routes, at least one, tried in order: the first that matches wins (see Match). A tcp listener
+	// without TLSPassthrough has exactly one, without host.
 	Routes []Route
+}
+
+// Listener types.
+const (
+	ListenerHTTP = "http"
+	ListenerTCP  = "tcp"
+)
+
+// ListenerTLS is how a listener terminates TLS.
+type ListenerTLS struct {
+	// Certificates, at least one; the one offered to a client is picked by its SNI, as crypto/tls does.
+	Certificates []Certificate
+	// MinVersion is the lowest TLS version accepted: "1.2" (default) or "1.3".
+	MinVersion string
+	// ReloadInterval, when not 0, is how often the certificate and key files are checked for changes,
+	// and reloaded when changed. Default 0 (never); otherwise at least 1s.
+	ReloadInterval time.Duration
+}
+
+// TLS versions of ListenerTLS.MinVersion.
+const (
+	TLS12 = "1.2"
+	TLS13 = "1.3"
+)
+
+// Certificate is a certificate chain and its private key, each a PEM file. The paths are absolute, or
+// relative to the directory of the configuration file, to which Parse has joined them; they are not
+// checked to exist here, but where they are loaded, which names the file that fails.
+type Certificate struct {
+	Cert, Key string
 }
 
 // Route sends the requests it matches to a pool.
 type Route struct {
-	// Host is "" (any host), an exact host, or "*.example.com"; lower-cased, without a trailing dot.
+	// Host is "" (any host), an exact host, or "*.example.com"; lower-cased, without a trailing dot. On a
+	// tcp listener it is given only with TLSPassthrough, and matched against the TLS SNI (never an IP).
 	Host string
-	// PathPrefix starts with "/"; default "/".
+	// PathPrefix starts with "/"; default "/". Always "/" on a tcp listener.
 	PathPrefix string
+	// Origins, when not empty, are the only Origin header values whose requests the route accepts, as
+	// scheme://host[:port], lower-cased and without the scheme's default port, as browsers send them.
+	// Empty (nil, the default) accepts any Origin and none. http listeners only.
+	Origins []string
 	// Pool is the name of a pool in Config.Pools.
 	Pool string
 }
@@ -104,6 +196,48 @@ type Pool struct {
 	Servers []Server
 	// DNS is nil unless the servers are found by DNS; then Servers is empty.
 	DNS *DNS
+	// TLS is how the relay speaks TLS to the servers (wss); off unless the file gives tls.
+	TLS PoolTLS
+	// ProxyProtocol is the PROXY protocol header sent to the servers at the start of each connection,
+	// to pass on the client's address: off (default), v1 or v2.
+	ProxyProtocol string
+}
+
+// ProxyProtocol versions of Pool.ProxyProtocol.
+const (
+	ProxyProtocolOff = "off"
+	ProxyProtocolV1  = "v1"
+	ProxyProtocolV2  = "v2"
+)
+
+// PoolTLS is how the relay connects to a pool's servers over TLS. Paths are absolute, or relative to the
+// directory of the configuration file, to which Parse has joined them.
+type PoolTLS struct {
+	// Enabled connects to the servers over TLS. Default true when the file gives tls, false otherwise.
+	Enabled bool
+	// ServerName is the name sent as SNI and verified in the servers' certificates; "" (default) is each
+	// server's own host (see ServerNameFor).
+	ServerName string
+	// CAFile is a PEM file of the certificates that the servers' are verified against; "" (default) is
+	// the system's roots.
+	CAFile string
+	// Cert and Key are the relay's client certificate and key, PEM files, both or neither; "" (default)
+	// sends none.
+	Cert, Key string
+	// InsecureSkipVerify does not verify the servers' certificates at all. Default false.
+	InsecureSkipVerify bool
+}
+
+// ServerNameFor returns the name to send as SNI and verify the certificate of the server at address
+// (HOST:PORT) against: ServerName when set, else the server's host.
+func (t PoolTLS) ServerNameFor(address string) string {
+	if t.ServerName != "" {
+		return t.ServerName
+	}
+	if host, _, err := net.SplitHostPort(address); err == nil {
+		return host
+	}
+	return address
 }
 
 // Balance methods.

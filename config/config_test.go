@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -21,6 +22,14 @@ pools:
     servers: [127.0.0.1:9000]
 `
 
+// Starts of files for the cases of listeners: an http listener and a tcp listener, whose keys follow
+// from line 3 and 4, before their routes; then the pool their routes lead to.
+const (
+	listener8080 = "listeners:\n  - address: 127.0.0.1:8080\n"
+	tcpListener  = "listeners:\n  - address: 127.0.0.1:8443\n    type: tcp\n"
+	onePool      = "pools: {echo: {servers: [127.0.0.1:9000]}}\n"
+)
+
 func TestBrokenFiles(t *testing.T) {
 	for _, tc := range []struct {
 		name, file, want string
@@ -30,7 +39,7 @@ func TestBrokenFiles(t *testing.T) {
 		{"only comments", "# nothing yet\n",
 			`sockrelay.yaml: empty file; accepted: a mapping with at least listeners and pools`},
 		{"not a mapping", "- listeners\n",
-			`sockrelay.yaml:1: got a list; accepted: a configuration, a mapping with keys admin, datapath, kernel_held_limit, listeners, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
+			`sockrelay.yaml:1: got a list; accepted: a configuration, a mapping with keys admin, datapath, kernel_held_limit, limits, listeners, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
 		{"invalid YAML", "listeners:\n  - address: 127.0.0.1:8080\n  routes\n",
 			`sockrelay.yaml:3: invalid YAML: could not find expected ':'`},
 		{"unclosed flow list", "pools: {echo: [\n",
@@ -40,9 +49,9 @@ func TestBrokenFiles(t *testing.T) {
 		{"two documents", minimal + "---\nadmin: \"\"\n",
 			`sockrelay.yaml:8: a second YAML document; accepted: one document per file`},
 		{"unknown top-level key", minimal + "datapth: copy\n",
-			`sockrelay.yaml:8: datapth: unknown key; accepted: admin, datapath, kernel_held_limit, listeners, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
+			`sockrelay.yaml:8: datapth: unknown key; accepted: admin, datapath, kernel_held_limit, limits, listeners, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
 		{"unknown nested key", "listeners:\n  - address: 127.0.0.1:8080\n    datapth: copy\n    routes: [{pool: echo}]\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
-			`sockrelay.yaml:3: listeners[0].datapth: unknown key; accepted: address, datapath, name, routes`},
+			`sockrelay.yaml:3: listeners[0].datapth: unknown key; accepted: address, datapath, limits, name, proxy_protocol, routes, tls, tls_passthrough, trusted_proxies, type`},
 		{"unknown key in a server", minimal + "  chat:\n    servers:\n      - {address: 127.0.0.1:9001, weigth: 2}\n",
 			`sockrelay.yaml:10: pools.chat.servers[0].weigth: unknown key; accepted: address, backup, drain, max_tunnels, weight`},
 		{"duplicate key", minimal + "log_level: info\nlog_level: debug\n",
@@ -50,7 +59,7 @@ func TestBrokenFiles(t *testing.T) {
 		{"duplicate pool", minimal + "  echo:\n    servers: [127.0.0.1:9001]\n",
 			`sockrelay.yaml:8: pools.echo: duplicate key; first given at line 6`},
 		{"mapping where a scalar goes", minimal + "timeouts: 5s\n",
-			`sockrelay.yaml:8: timeouts: got "5s"; accepted: the timeouts, a mapping with keys client_header, connect, shutdown, upstream_response`},
+			`sockrelay.yaml:8: timeouts: got "5s"; accepted: the timeouts, a mapping with keys client_header, connect, shutdown, tunnel_idle, tunnel_lifetime, upstream_response`},
 		{"list where a mapping goes", "listeners:\n  address: 127.0.0.1:8080\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
 			`sockrelay.yaml:2: listeners: got a mapping; accepted: a list of listeners, at least one`},
 		{"no value", minimal + "admin:\n",
@@ -148,6 +157,90 @@ func TestBrokenFiles(t *testing.T) {
 			`sockrelay.yaml:9: pools.chat.<<: got "3"; accepted: a mapping, or a list of mappings, to merge`},
 		{"alias inside itself", "listeners: &l [*l]\n",
 			`sockrelay.yaml:1: alias *l is used inside the value it names; accepted: an alias to a value defined before it`},
+		// The edge settings of listeners, routes, limits and pools.
+		{"bad listener type", listener8080 + "    type: udp\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].type: "udp" is not a listener type; accepted: http, tcp`},
+		{"bad listener type checks no more", listener8080 + "    type: udp\n    tls_passthrough: true\n    trusted_proxies: [10.0.0.1]\n    routes: [{host: 10.0.0.1, pool: echo}, {pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].type: "udp" is not a listener type; accepted: http, tcp`},
+		{"path prefix on a tcp listener", tcpListener + "    routes: [{path_prefix: /ws, pool: echo}]\n" + onePool,
+			`sockrelay.yaml:4: listeners[0].routes[0].path_prefix: given on a tcp listener; accepted only with type: http (tcp listeners route by SNI host only)`},
+		{"origins on a tcp listener", tcpListener + "    tls_passthrough: true\n    routes:\n      - {host: a.example.com, origins: [\"https://a.example.com\"], pool: echo}\n" + onePool,
+			`sockrelay.yaml:6: listeners[0].routes[0].origins: given on a tcp listener; accepted only with type: http (tcp listeners route by SNI host only)`},
+		{"host on a tcp listener without passthrough", tcpListener + "    routes: [{host: a.example.com, pool: echo}]\n" + onePool,
+			`sockrelay.yaml:4: listeners[0].routes[0].host: given on a tcp listener without tls_passthrough; accepted only with tls_passthrough: true, which matches it against the TLS SNI`},
+		{"two routes on a tcp listener without passthrough", tcpListener + "    routes: [{pool: echo}, {pool: echo}]\n" + onePool,
+			`sockrelay.yaml:4: listeners[0].routes: 2 routes on a tcp listener without tls_passthrough; accepted: exactly one route, with a pool and no host (a plain TCP stream has nothing to route by)`},
+		{"IP address as an SNI host", tcpListener + "    tls_passthrough: true\n    routes: [{host: 10.0.0.1, pool: echo}]\n" + onePool,
+			`sockrelay.yaml:5: listeners[0].routes[0].host: "10.0.0.1" is an IP address, which TLS SNI never is; accepted: a host name such as chat.example.com or *.example.com, or no host for any`},
+		{"tls passthrough on an http listener", listener8080 + "    tls_passthrough: true\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].tls_passthrough: given with type: http; accepted only with type: tcp (an http listener terminates TLS with tls)`},
+		{"trusted proxies on a tcp listener", tcpListener + "    trusted_proxies: [10.0.0.0/8]\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:4: listeners[0].trusted_proxies: given with type: tcp; accepted only with type: http (a tcp listener reads no X-Forwarded-For)`},
+		{"tls on a tcp listener", tcpListener + "    tls: {certificates: [{cert: a.pem, key: a-key.pem}]}\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:4: listeners[0].tls: given with type: tcp; accepted only with type: http (a tcp listener relays TLS as it comes, routed by SNI with tls_passthrough)`},
+		{"bad trusted proxies", listener8080 + "    trusted_proxies: [10.0.0.256, 10.0.0.1/8, \"fe80::1%eth0\", 10.0.0.0/33, [10.0.0.1]]\n    routes: [{pool: echo}]\n" + onePool,
+			"sockrelay.yaml:3: listeners[0].trusted_proxies[0]: \"10.0.0.256\" is not an IP address or a CIDR; accepted: an IP address such as 192.0.2.1 or ::1, or a CIDR such as 10.0.0.0/8\n" +
+				"sockrelay.yaml:3: listeners[0].trusted_proxies[1]: \"10.0.0.1/8\" has bits set past its prefix length; accepted: 10.0.0.0/8, or 10.0.0.1 alone\n" +
+				"sockrelay.yaml:3: listeners[0].trusted_proxies[2]: \"fe80::1%eth0\" is not an IP address or a CIDR; accepted: an IP address such as 192.0.2.1 or ::1, or a CIDR such as 10.0.0.0/8\n" +
+				"sockrelay.yaml:3: listeners[0].trusted_proxies[3]: \"10.0.0.0/33\" is not an IP address or a CIDR; accepted: an IP address such as 192.0.2.1 or ::1, or a CIDR such as 10.0.0.0/8\n" +
+				"sockrelay.yaml:3: listeners[0].trusted_proxies[4]: got a list; accepted: an IP address such as 192.0.2.1 or ::1, or a CIDR such as 10.0.0.0/8"},
+		{"trusted proxies not a list", listener8080 + "    trusted_proxies: 10.0.0.0/8\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].trusted_proxies: got "10.0.0.0/8"; accepted: a list of IP addresses and CIDRs such as 10.0.0.0/8`},
+		{"tls without certificates", listener8080 + "    tls: {min_version: \"1.3\"}\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].tls.certificates: required; accepted: a list of certificates, at least one, each {cert: PATH, key: PATH}`},
+		{"tls with no certificates", listener8080 + "    tls: {certificates: []}\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].tls.certificates: empty list; accepted: a list of certificates, at least one, each {cert: PATH, key: PATH}`},
+		{"tls certificate without a path", listener8080 + "    tls:\n      certificates:\n        - {cert: \"\", key: a-key.pem}\n        - {cert: b.pem}\n    routes: [{pool: echo}]\n" + onePool,
+			"sockrelay.yaml:5: listeners[0].tls.certificates[0].cert: empty path; accepted: the path of a PEM certificate chain, absolute or relative to the configuration file's directory\n" +
+				"sockrelay.yaml:6: listeners[0].tls.certificates[1].key: required; accepted: the path of the PEM private key of cert, absolute or relative to the configuration file's directory"},
+		{"tls version", listener8080 + "    tls: {certificates: [{cert: a.pem, key: a-key.pem}], min_version: 1.1}\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].tls.min_version: "1.1" is not a TLS version; accepted: 1.2, 1.3`},
+		{"tls reload interval under 1s", listener8080 + "    tls: {certificates: [{cert: a.pem, key: a-key.pem}], reload_interval: 500ms}\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].tls.reload_interval: 500ms is out of range; accepted 0s (off) or 1s or more`},
+		{"listener proxy protocol not a boolean", listener8080 + "    proxy_protocol: v2\n    routes: [{pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].proxy_protocol: "v2" is not a boolean; accepted: true or false`},
+		{"origin *", listener8080 + "    routes: [{origins: [\"*\"], pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].routes[0].origins[0]: "*" is not an origin; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com (omit origins to allow any)`},
+		{"bad origins", listener8080 + "    routes: [{origins: [\"https://app.example.com/\", \"ftp://a.com\", \"https://a.com:99999\", \"http://::1\", \"null\", [x]], pool: echo}]\n" + onePool,
+			"sockrelay.yaml:3: listeners[0].routes[0].origins[0]: \"https://app.example.com/\" is not an origin; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com\n" +
+				"sockrelay.yaml:3: listeners[0].routes[0].origins[1]: \"ftp://a.com\" is not an origin; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com\n" +
+				"sockrelay.yaml:3: listeners[0].routes[0].origins[2]: \"https://a.com:99999\" is not an origin; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com\n" +
+				"sockrelay.yaml:3: listeners[0].routes[0].origins[3]: \"http://::1\" is not an origin; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com\n" +
+				"sockrelay.yaml:3: listeners[0].routes[0].origins[4]: \"null\" is not an origin; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com\n" +
+				"sockrelay.yaml:3: listeners[0].routes[0].origins[5]: got a list; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com"},
+		{"origins not a list", listener8080 + "    routes: [{origins: \"https://a.com\", pool: echo}]\n" + onePool,
+			`sockrelay.yaml:3: listeners[0].routes[0].origins: got "https://a.com"; accepted: a list of origins such as https://app.example.com; omit origins to allow any`},
+		{"tunnel timeouts under 1s", minimal + "timeouts: {tunnel_idle: 500ms, tunnel_lifetime: -1s}\n",
+			"sockrelay.yaml:8: timeouts.tunnel_idle: 500ms is out of range; accepted 0s (off) or 1s or more\n" +
+				"sockrelay.yaml:8: timeouts.tunnel_lifetime: -1s is out of range; accepted 0s (off) or 1s or more"},
+		{"limit out of range", minimal + "limits: {max_tunnels: 10000001}\n",
+			`sockrelay.yaml:8: limits.max_tunnels: 10000001 is out of range; accepted 0 to 10000000`},
+		{"unknown key in limits", minimal + "limits: {max_connections: 10}\n",
+			`sockrelay.yaml:8: limits.max_connections: unknown key; accepted: handshakes_per_ip, max_concurrent_handshakes, max_tunnels, max_tunnels_per_ip`},
+		{"listener limits out of range", listener8080 + "    limits: {max_concurrent_handshakes: -1, max_tunnels_per_ip: 1.5}\n    routes: [{pool: echo}]\n" + onePool,
+			"sockrelay.yaml:3: listeners[0].limits.max_tunnels_per_ip: \"1.5\" is not an integer; accepted 0 to 10000000\n" +
+				"sockrelay.yaml:3: listeners[0].limits.max_concurrent_handshakes: -1 is out of range; accepted 0 to 10000000"},
+		{"rate out of range", minimal + "limits: {handshakes_per_ip: {rate: 2000000}}\n",
+			`sockrelay.yaml:8: limits.handshakes_per_ip.rate: 2000000 is out of range; accepted 0 to 1000000`},
+		{"rate not a number", minimal + "limits: {handshakes_per_ip: {rate: fast, burst: -1}}\n",
+			`sockrelay.yaml:8: limits.handshakes_per_ip.rate: "fast" is not a number; accepted 0 to 1000000`},
+		{"burst without rate", minimal + "limits: {handshakes_per_ip: {burst: 5}}\n",
+			`sockrelay.yaml:8: limits.handshakes_per_ip.burst: given with rate: 0, which is off; accepted only with a rate more than 0`},
+		{"burst out of range", minimal + "limits: {handshakes_per_ip: {rate: 5, burst: 0}}\n",
+			`sockrelay.yaml:8: limits.handshakes_per_ip.burst: 0 is out of range; accepted 1 to 10000000`},
+		{"pool client cert without key", minimal + "    tls: {cert: c.pem}\n",
+			`sockrelay.yaml:8: pools.echo.tls.key: required with cert; accepted: the path of the PEM private key of cert, absolute or relative to the configuration file's directory`},
+		{"pool client key without cert", minimal + "    tls: {cert: \"\", key: k.pem}\n",
+			`sockrelay.yaml:8: pools.echo.tls.cert: required with key; accepted: the path of a PEM client certificate chain, absolute or relative to the configuration file's directory`},
+		{"pool tls server name and enabled", minimal + "    tls: {server_name: \"*.example.com\", enabled: yes}\n",
+			"sockrelay.yaml:8: pools.echo.tls.enabled: \"yes\" is not a boolean; accepted: true or false\n" +
+				"sockrelay.yaml:8: pools.echo.tls.server_name: \"*.example.com\" is not a server name; accepted: a DNS name such as chat.internal, or an IP address; \"\" for each server's host"},
+		{"unknown key in pool tls", minimal + "    tls: {verify: false}\n",
+			`sockrelay.yaml:8: pools.echo.tls.verify: unknown key; accepted: ca_file, cert, enabled, insecure_skip_verify, key, server_name`},
+		{"pool proxy protocol", minimal + "    proxy_protocol: v3\n",
+			`sockrelay.yaml:8: pools.echo.proxy_protocol: "v3" is not a PROXY protocol version; accepted: off, v1, v2`},
+		{"pool proxy protocol as a boolean", minimal + "    proxy_protocol: false\n",
+			`sockrelay.yaml:8: pools.echo.proxy_protocol: "false" is not a PROXY protocol version; accepted: off, v1, v2`},
 		{"several errors, sorted by line", "pools:\n  echo:\n    servers:\n      - address: 127.0.0.1:9000\n        weight: 0\nlisteners:\n  - address: 127.0.0.1:8080\n    routes: [{pool: nope}]\nlog_level: loud\ntimeouts: {connect: soon}\n",
 			"sockrelay.yaml:5: pools.echo.servers[0].weight: 0 is out of range; accepted 1 to 1000\n" +
 				"sockrelay.yaml:8: listeners[0].routes[0].pool: \"nope\" is not a pool; accepted: echo\n" +
@@ -216,7 +309,7 @@ func TestDefaults(t *testing.T) {
 		},
 		MaxHeaderBytes: 16 << 10,
 		Listeners: []Listener{{
-			Name: "listener0", Address: "127.0.0.1:8080", Datapath: "auto",
+			Name: "listener0", Address: "127.0.0.1:8080", Type: "http", Datapath: "auto",
 			Routes: []Route{{Host: "", PathPrefix: "/", Pool: "echo"}},
 		}},
 		Pools: []Pool{{
@@ -225,6 +318,7 @@ func TestDefaults(t *testing.T) {
 			Retry:         RetrySpec{Tries: 3, Timeout: 10 * time.Second},
 			PassiveHealth: PassiveHealth{Failures: 3, Window: 10 * time.Second, DownFor: 30 * time.Second},
 			Servers:       []Server{{Address: "127.0.0.1:9000", Weight: 1}},
+			ProxyProtocol: "off",
 		}},
 	}
 	if !reflect.DeepEqual(c, want) {
@@ -274,11 +368,11 @@ pools:
 		t.Errorf("top level: %+v", c)
 	}
 	want := []Listener{
-		{Name: "public", Address: ":0", Datapath: "splice", Routes: []Route{
+		{Name: "public", Address: ":0", Type: "http", Datapath: "splice", Routes: []Route{
 			{Host: "*.example.com", PathPrefix: "/ws", Pool: "chat"},
 			{Host: "::1", PathPrefix: "/", Pool: "chat"},
 		}},
-		{Name: "listener1", Address: "127.0.0.1:0", Datapath: "copy", Routes: []Route{{PathPrefix: "/", Pool: "users"}}},
+		{Name: "listener1", Address: "127.0.0.1:0", Type: "http", Datapath: "copy", Routes: []Route{{PathPrefix: "/", Pool: "users"}}},
 	}
 	if !reflect.DeepEqual(c.Listeners, want) {
 		t.Errorf("listeners:\n%+v\nwant\n%+v", c.Listeners, want)
@@ -411,6 +505,12 @@ pools:
 			"sockrelay.yaml:5: listeners[0].routes[1]: never matched: routes[0] (line 4) matches every request it would",
 			"sockrelay.yaml:7: listeners[0].routes[3]: never matched: routes[2] (line 6) matches every request it would",
 		}},
+		{"shadowed SNI routes", tcpListener + "    tls_passthrough: true\n    routes: [{pool: echo}, {host: a.example.com, pool: echo}]\n" + onePool,
+			[]string{"sockrelay.yaml:5: listeners[0].routes[1]: never matched: routes[0] (line 5) matches every request it would"}},
+		{"per-IP limit past the limit", minimal + "limits:\n  max_tunnels: 10\n  max_tunnels_per_ip: 20\n",
+			[]string{"sockrelay.yaml:10: limits.max_tunnels_per_ip: never reached: max_tunnels, 10, is lower"}},
+		{"CA file not used", minimal + "    tls:\n      ca_file: ca.pem\n      insecure_skip_verify: true\n",
+			[]string{"sockrelay.yaml:9: pools.echo.tls.ca_file: not used: insecure_skip_verify is true, which verifies no certificate"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := Parse("sockrelay.yaml", []byte(tc.file))
@@ -437,5 +537,247 @@ func TestLoad(t *testing.T) {
 	_, err = Load(filepath.Join(dir, "missing.yaml"))
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("Load of a missing file: %v, want an error that is os.ErrNotExist", err)
+	}
+}
+
+// TestEdgeValues parses a file that gives every edge setting (TLS, PROXY protocol, trusted proxies,
+// limits, origins, tunnel timeouts) and checks that each comes through, with the defaults that depend
+// on other keys.
+func TestEdgeValues(t *testing.T) {
+	c, err := Parse("/etc/sockrelay/sockrelay.yaml", []byte(`
+timeouts: {tunnel_idle: 5m, tunnel_lifetime: 24h}
+limits:
+  max_tunnels: 100000
+  max_tunnels_per_ip: 100
+  handshakes_per_ip: {rate: 2.5}
+  max_concurrent_handshakes: 1000
+listeners:
+  - name: public
+    address: ":443"
+    type: http
+    proxy_protocol: true
+    trusted_proxies: [10.0.0.0/8, 192.0.2.1, "::1", "2001:db8::/32", "::ffff:172.16.0.0/108"]
+    tls:
+      certificates:
+        - {cert: certs/chat.pem, key: certs/chat-key.pem}
+        - {cert: /etc/ssl/other.pem, key: ../keys/other.key}
+      min_version: 1.3
+      reload_interval: 1m
+    limits:
+      max_tunnels: 5000
+      handshakes_per_ip: {rate: 0.2}
+    routes:
+      - host: chat.example.com
+        path_prefix: /ws
+        origins: ["https://Chat.Example.com:443", "http://localhost:3000", "http://[0:0::1]:80"]
+        pool: chat
+      - {pool: chat, origins: []}
+  - name: sni
+    address: ":8443"
+    type: tcp
+    proxy_protocol: true
+    tls_passthrough: true
+    limits: {handshakes_per_ip: {rate: 10, burst: 50}}
+    routes:
+      - {host: "*.example.com", pool: raw}
+      - {pool: raw}
+  - name: plain
+    address: ":2222"
+    type: tcp
+    routes: [{pool: raw}]
+pools:
+  chat:
+    proxy_protocol: v2
+    tls:
+      server_name: Chat.Internal.
+      ca_file: ca.pem
+      cert: client.pem
+      key: client-key.pem
+    servers: [10.0.1.1:443]
+  raw:
+    proxy_protocol: v1
+    tls: {enabled: false, insecure_skip_verify: true}
+    servers: [10.0.1.2:22]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Warnings) > 0 {
+		t.Errorf("warnings: %q", c.Warnings)
+	}
+	if c.Timeouts.TunnelIdle != 5*time.Minute || c.Timeouts.TunnelLifetime != 24*time.Hour {
+		t.Errorf("timeouts %+v", c.Timeouts)
+	}
+	if want := (Limits{MaxTunnels: 100000, MaxTunnelsPerIP: 100, HandshakesPerIP: RateLimit{Rate: 2.5, Burst: 3},
+		MaxConcurrentHandshakes: 1000}); c.Limits != want {
+		t.Errorf("limits %+v, want %+v", c.Limits, want)
+	}
+	want := []Listener{
+		{
+			Name: "public", Address: ":443", Type: "http", Datapath: "auto", ProxyProtocol: true,
+			TrustedProxies: []netip.Prefix{
+				netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.0.2.1/32"),
+				netip.MustParsePrefix("::1/128"), netip.MustParsePrefix("2001:db8::/32"),
+				netip.MustParsePrefix("172.16.0.0/12"),
+			},
+			TLS: &ListenerTLS{
+				Certificates: []Certificate{
+					{Cert: "/etc/sockrelay/certs/chat.pem", Key: "/etc/sockrelay/certs/chat-key.pem"},
+					{Cert: "/etc/ssl/other.pem", Key: "/etc/keys/other.key"},
+				},
+				MinVersion: "1.3", ReloadInterval: time.Minute,
+			},
+			Limits: Limits{MaxTunnels: 5000, HandshakesPerIP: RateLimit{Rate: 0.2, Burst: 1}},
+			Routes: []Route{
+				{Host: "chat.example.com", PathPrefix: "/ws", Pool: "chat",
+					Origins: []string{"https://chat.example.com", "http://localhost:3000", "http://[::1]"}},
+				{PathPrefix: "/", Pool: "chat"},
+			},
+		},
+		{
+			Name: "sni", Address: ":8443", Type: "tcp", Datapath: "auto", ProxyProtocol: true, TLSPassthrough: true,
+			Limits: Limits{HandshakesPerIP: RateLimit{Rate: 10, Burst: 50}},
+			Routes: []Route{{Host: "*.example.com", PathPrefix: "/", Pool: "raw"}, {PathPrefix: "/", Pool: "raw"}},
+		},
+		{Name: "plain", Address: ":2222", Type: "tcp", Datapath: "auto", Routes: []Route{{PathPrefix: "/", Pool: "raw"}}},
+	}
+	if !reflect.DeepEqual(c.Listeners, want) {
+		t.Errorf("listeners:\n%+v\nwant\n%+v", c.Listeners, want)
+	}
+	chat := c.Pool("chat")
+	if want := (PoolTLS{Enabled: true, ServerName: "chat.internal", CAFile: "/etc/sockrelay/ca.pem",
+		Cert: "/etc/sockrelay/client.pem", Key: "/etc/sockrelay/client-key.pem"}); chat.TLS != want || chat.ProxyProtocol != "v2" {
+		t.Errorf("chat tls %+v proxy_protocol %s, want %+v and v2", chat.TLS, chat.ProxyProtocol, want)
+	}
+	raw := c.Pool("raw")
+	if want := (PoolTLS{InsecureSkipVerify: true}); raw.TLS != want || raw.ProxyProtocol != "v1" {
+		t.Errorf("raw tls %+v proxy_protocol %s, want %+v and v1", raw.TLS, raw.ProxyProtocol, want)
+	}
+	// A tcp listener with passthrough routes by SNI: Match with the server name and no path.
+	if r, ok := c.Listeners[1].Match("a.example.com", ""); !ok || r != &c.Listeners[1].Routes[0] {
+		t.Errorf("Match by SNI a.example.com: %v %v, want routes[0]", r, ok)
+	}
+	if r, ok := c.Listeners[1].Match("", ""); !ok || r != &c.Listeners[1].Routes[1] {
+		t.Errorf("Match without SNI: %v %v, want routes[1]", r, ok)
+	}
+}
+
+// TestPathsRelativeToFile checks that the paths of TLS files are taken relative to the directory of the
+// configuration file, whatever it is named, and absolute paths as given.
+func TestPathsRelativeToFile(t *testing.T) {
+	file := listener8080 + "    tls: {certificates: [{cert: c.pem, key: ./keys/../k.pem}]}\n    routes: [{pool: echo}]\n" +
+		"pools:\n  echo:\n    tls: {ca_file: /etc/ssl//ca.pem, cert: ../client.pem, key: sub/client.key}\n    servers: [127.0.0.1:9000]\n"
+	for _, tc := range []struct {
+		name                      string
+		cert, key                 string // the listener's
+		ca, clientCert, clientKey string // the pool's
+	}{
+		{"sockrelay.yaml", "c.pem", "k.pem", "/etc/ssl/ca.pem", "../client.pem", "sub/client.key"},
+		{"conf/sockrelay.yaml", "conf/c.pem", "conf/k.pem", "/etc/ssl/ca.pem", "client.pem", "conf/sub/client.key"},
+		{"/etc/sockrelay/sockrelay.yaml", "/etc/sockrelay/c.pem", "/etc/sockrelay/k.pem", "/etc/ssl/ca.pem", "/etc/client.pem", "/etc/sockrelay/sub/client.key"},
+	} {
+		c, err := Parse(tc.name, []byte(file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := c.Listeners[0].TLS.Certificates[0], (Certificate{tc.cert, tc.key}); got != want {
+			t.Errorf("%s: certificate %+v, want %+v", tc.name, got, want)
+		}
+		p := c.Pool("echo").TLS
+		if p.CAFile != tc.ca || p.Cert != tc.clientCert || p.Key != tc.clientKey {
+			t.Errorf("%s: pool tls %+v, want ca_file %s, cert %s, key %s", tc.name, p, tc.ca, tc.clientCert, tc.clientKey)
+		}
+	}
+
+	// Load names the file as given, so that its directory is the file's, not the working directory.
+	dir := t.TempDir()
+	path := filepath.Join(dir, "sockrelay.yaml")
+	if err := os.WriteFile(path, []byte(file), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := c.Listeners[0].TLS.Certificates[0].Cert, filepath.Join(dir, "c.pem"); got != want {
+		t.Errorf("Load: cert %s, want %s", got, want)
+	}
+}
+
+// TestBurstDefault checks that a rate limit's burst defaults to its rate rounded up, at least 1.
+func TestBurstDefault(t *testing.T) {
+	for _, tc := range []struct {
+		limit string
+		want  RateLimit
+	}{
+		{"{}", RateLimit{}},
+		{"{rate: 0}", RateLimit{}},
+		{"{rate: 0.01}", RateLimit{Rate: 0.01, Burst: 1}},
+		{"{rate: 1}", RateLimit{Rate: 1, Burst: 1}},
+		{"{rate: 2.5}", RateLimit{Rate: 2.5, Burst: 3}},
+		{"{rate: 1000000}", RateLimit{Rate: 1e6, Burst: 1e6}},
+		{"{rate: 100, burst: 1}", RateLimit{Rate: 100, Burst: 1}},
+	} {
+		c, err := Parse("sockrelay.yaml", []byte(minimal+"limits: {handshakes_per_ip: "+tc.limit+"}\n"))
+		if err != nil {
+			t.Errorf("%s: %v", tc.limit, err)
+			continue
+		}
+		if got := c.Limits.HandshakesPerIP; got != tc.want {
+			t.Errorf("%s: %+v, want %+v", tc.limit, got, tc.want)
+		}
+	}
+}
+
+// TestParseOrigin checks that origins are written as browsers send them, so that comparing them with
+// an Origin header byte for byte is right.
+func TestParseOrigin(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"https://app.example.com", "https://app.example.com"},
+		{"HTTPS://App.Example.COM", "https://app.example.com"},
+		{"https://app.example.com:443", "https://app.example.com"},
+		{"http://app.example.com:443", "http://app.example.com:443"},
+		{"http://app.example.com:80", "http://app.example.com"},
+		{"https://app.example.com:8443", "https://app.example.com:8443"},
+		{"http://127.0.0.1:3000", "http://127.0.0.1:3000"},
+		{"http://[0:0::1]:3000", "http://[::1]:3000"},
+		{"http://[::1]", "http://[::1]"},
+		{"https://app.example.com/", ""},
+		{"https://app.example.com/app", ""},
+		{"https://app.example.com?x", ""},
+		{"https://app.example.com#", ""},
+		{"https://user@app.example.com", ""},
+		{"https://app.example.com:", ""},
+		{"https://app.example.com:+1", ""},
+		{"https://app.example.com:0", ""},
+		{"https://", ""},
+		{"app.example.com", ""},
+		{"ws://app.example.com", ""},
+		{"https://*.example.com", ""},
+		{"http://::1", ""},
+		{"http://[::1", ""},
+		{"http://[127.0.0.1]", ""},
+		{"http://[fe80::1%25eth0]", ""},
+		{"null", ""},
+	} {
+		got, ok := parseOrigin(tc.in)
+		if got != tc.want || ok != (tc.want != "") {
+			t.Errorf("parseOrigin(%q) = %q, %v; want %q", tc.in, got, ok, tc.want)
+		}
+	}
+}
+
+func TestServerNameFor(t *testing.T) {
+	for _, tc := range []struct {
+		tls           PoolTLS
+		address, want string
+	}{
+		{PoolTLS{Enabled: true}, "chat.internal:443", "chat.internal"},
+		{PoolTLS{Enabled: true}, "[::1]:443", "::1"},
+		{PoolTLS{Enabled: true, ServerName: "chat.example.com"}, "10.0.0.1:443", "chat.example.com"},
+	} {
+		if got := tc.tls.ServerNameFor(tc.address); got != tc.want {
+			t.Errorf("%+v.ServerNameFor(%s) = %s, want %s", tc.tls, tc.address, got, tc.want)
+		}
 	}
 }

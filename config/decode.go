@@ -298,7 +298,7 @@ func (d *decoder) integer(f *fields, key string, dst *int, lo, hi int) bool {
 
 // number sets *dst to key's value, a number from lo to hi.
 func (d *decoder) number(f *fields, key string, dst *float64, lo, hi float64) bool {
-	accepted := fmt.Sprintf("%g to %g", lo, hi)
+	accepted := formatNumber(lo) + " to " + formatNumber(hi)
 	n, path, ok := d.scalar(f, key, "a number from "+accepted)
 	if !ok {
 		return false
@@ -315,6 +315,9 @@ func (d *decoder) number(f *fields, key string, dst *float64, lo, hi float64) bo
 	*dst = v
 	return true
 }
+
+// formatNumber writes v in plain decimals, 1000000 rather than %g's 1e+06.
+func formatNumber(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
 
 func (d *decoder) boolean(f *fields, key string, dst *bool) bool {
 	n, path, ok := d.scalar(f, key, "true or false")
@@ -335,6 +338,10 @@ type durationRange struct {
 }
 
 var positive = durationRange{func(v time.Duration) bool { return v > 0 }, "more than 0s"}
+
+// offOrAtLeastSecond is for intervals and timeouts that 0 turns off, and that are pointless, or a mistake
+// in the unit, under a second.
+var offOrAtLeastSecond = durationRange{func(v time.Duration) bool { return v == 0 || v >= time.Second }, "0s (off) or 1s or more"}
 
 func atLeast(lo time.Duration) durationRange {
 	return durationRange{func(v time.Duration) bool { return v >= lo }, formatDuration(lo) + " or more"}

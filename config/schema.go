@@ -30,6 +30,7 @@ const (
 	maxMaxTunnels     = 10_000_000 // upstream.MaxMaxTunnels
 	maxTries          = 10         // upstream.MaxTries
 	maxFailures       = 100        // passive_health.failures, health_check.rise and fall
+	maxRate           = 1e6        // limits: a rate a second
 )
 
 var (
@@ -39,6 +40,10 @@ var (
 	hashBys    = []string{HashByClientIP, HashByHeader, HashByCookie, HashByPath}
 	checkTypes = []string{CheckTCP, CheckHTTP, CheckWebSocket}
 	dnsTypes   = []string{"A", "AAAA", "SRV"}
+
+	listenerTypes  = []string{ListenerHTTP, ListenerTCP}
+	tlsVersions    = []string{TLS12, TLS13}
+	proxyProtocols = []string{ProxyProtocolOff, ProxyProtocolV1, ProxyProtocolV2}
 )
 
 func defaults() *Config {
@@ -81,7 +86,7 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	c := defaults()
 	d.refs.pools = map[string]*yaml.Node{}
 	f := d.mapping(root, "", "a configuration", "admin", "log_level", "datapath", "kernel_held_limit",
-		"tunnel_log_interval", "timeouts", "max_header_bytes", "listeners", "pools")
+		"tunnel_log_interval", "timeouts", "max_header_bytes", "limits", "listeners", "pools")
 	if f == nil {
 		return c
 	}
@@ -93,17 +98,22 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	d.oneOf(f, "log_level", "a log level", &c.LogLevel, logLevels...)
 	d.oneOf(f, "datapath", "a datapath", &c.Datapath, datapaths...)
 	d.size(f, "kernel_held_limit", &c.KernelHeldLimit, minKernelHeldLimit, maxKernelHeldLimit)
-	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval,
-		durationRange{func(v time.Duration) bool { return v == 0 || v >= time.Second }, "0s (off) or 1s or more"})
+	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval, offOrAtLeastSecond)
 	if n, path := f.get("timeouts"); n != nil {
-		if t := d.mapping(n, path, "the timeouts", "client_header", "connect", "upstream_response", "shutdown"); t != nil {
+		if t := d.mapping(n, path, "the timeouts", "client_header", "connect", "upstream_response", "shutdown",
+			"tunnel_idle", "tunnel_lifetime"); t != nil {
 			d.duration(t, "client_header", &c.Timeouts.ClientHeader, positive)
 			d.duration(t, "connect", &c.Timeouts.Connect, positive)
 			d.duration(t, "upstream_response", &c.Timeouts.UpstreamResponse, positive)
 			d.duration(t, "shutdown", &c.Timeouts.Shutdown, positive)
+			d.duration(t, "tunnel_idle", &c.Timeouts.TunnelIdle, offOrAtLeastSecond)
+			d.duration(t, "tunnel_lifetime", &c.Timeouts.TunnelLifetime, offOrAtLeastSecond)
 		}
 	}
 	d.size(f, "max_header_bytes", &c.MaxHeaderBytes, minMaxHeaderBytes, maxMaxHeaderBytes)
+	if n, path := f.get("limits"); n != nil {
+		d.limits(n, path, &c.Limits)
+	}
 
 	if f.has("pools") {
 		c.Pools = d.pools(f)
@@ -131,10 +141,11 @@ const (
 )
 
 func (d *decoder) listener(item *yaml.Node, path string, i int, datapath string) Listener {
-	l := Listener{Name: "listener" + strconv.Itoa(i), Datapath: datapath, Routes: []Route{}}
+	l := Listener{Name: "listener" + strconv.Itoa(i), Type: ListenerHTTP, Datapath: datapath, Routes: []Route{}}
 	ref := listenerRef{node: resolve(item)}
 	defer func() { d.refs.listeners = append(d.refs.listeners, ref) }()
-	f := d.mapping(item, path, "a listener", "name", "address", "datapath", "routes")
+	f := d.mapping(item, path, "a listener", "name", "address", "type", "datapath", "proxy_protocol",
+		"trusted_proxies", "tls", "tls_passthrough", "limits", "routes")
 	if f == nil {
 		return l
 	}
@@ -151,6 +162,41 @@ func (d *decoder) listener(item *yaml.Node, path string, i int, datapath string)
 		d.required(f, "address", listenerAddress)
 	}
 	d.oneOf(f, "datapath", "a datapath", &l.Datapath, datapaths...)
+	// What the other keys accept depends on type: when it is wrong, only what every type accepts is checked.
+	typeOK := !f.has("type") || d.oneOf(f, "type", "a listener type", &l.Type, listenerTypes...)
+	kind := routeKind{typ: l.Type}
+	if !typeOK {
+		kind.typ = ""
+	}
+	d.boolean(f, "proxy_protocol", &l.ProxyProtocol)
+	if d.boolean(f, "tls_passthrough", &l.TLSPassthrough) {
+		if l.TLSPassthrough && kind.typ == ListenerHTTP {
+			d.errorf(f.line("tls_passthrough"), join(path, "tls_passthrough"),
+				"given with type: http; accepted only with type: tcp (an http listener terminates TLS with tls)")
+		}
+	} else if f.has("tls_passthrough") {
+		kind.typ = "" // whether routes may have hosts depends on it
+	}
+	kind.passthrough = l.TLSPassthrough
+	if n, tpath := f.get("trusted_proxies"); n != nil {
+		if kind.typ == ListenerTCP {
+			d.errorf(f.line("trusted_proxies"), tpath,
+				"given with type: tcp; accepted only with type: http (a tcp listener reads no X-Forwarded-For)")
+		} else {
+			l.TrustedProxies = d.trustedProxies(f)
+		}
+	}
+	if n, tpath := f.get("tls"); n != nil {
+		if kind.typ == ListenerTCP {
+			d.errorf(f.line("tls"), tpath,
+				"given with type: tcp; accepted only with type: http (a tcp listener relays TLS as it comes, routed by SNI with tls_passthrough)")
+		} else {
+			l.TLS = d.listenerTLS(n, tpath)
+		}
+	}
+	if n, lpath := f.get("limits"); n != nil {
+		d.limits(n, lpath, &l.Limits)
+	}
 	items, rpath, ok := d.list(f, "routes", "a list of routes, at least one")
 	if !ok {
 		if !f.has("routes") {
@@ -160,29 +206,57 @@ func (d *decoder) listener(item *yaml.Node, path string, i int, datapath string)
 	}
 	if len(items) == 0 {
 		d.errorf(f.line("routes"), rpath, "empty list; accepted: a list of routes, at least one, each with a pool")
+	} else if kind.typ == ListenerTCP && !kind.passthrough && len(items) > 1 {
+		d.errorf(f.line("routes"), rpath,
+			"%d routes on a tcp listener without tls_passthrough; accepted: exactly one route, with a pool and no host (a plain TCP stream has nothing to route by)",
+			len(items))
 	}
 	for j, item := range items {
 		ref.routes = append(ref.routes, resolve(item))
-		l.Routes = append(l.Routes, d.route(item, index(rpath, j)))
+		l.Routes = append(l.Routes, d.route(item, index(rpath, j), kind))
 	}
 	return l
 }
 
+// routeKind is what a route's listener allows it: typ is "" when the listener's type or tls_passthrough
+// was wrong, and then the keys that depend on them are not checked.
+type routeKind struct {
+	typ         string
+	passthrough bool
+}
+
 const hostSyntax = "a host name without port such as chat.example.com, *.example.com for every name under it, or no host for any"
 
-func (d *decoder) route(item *yaml.Node, path string) Route {
+func (d *decoder) route(item *yaml.Node, path string, kind routeKind) Route {
 	r := Route{PathPrefix: "/"}
-	f := d.mapping(item, path, "a route", "host", "path_prefix", "pool")
+	f := d.mapping(item, path, "a route", "host", "path_prefix", "origins", "pool")
 	if f == nil {
 		return r
 	}
-	if d.str(f, "host", &r.Host, hostSyntax) {
-		n, hpath := f.get("host")
-		if h, ok := routeHost(r.Host); ok {
-			r.Host = h
-		} else {
-			d.errorf(n, hpath, "%q is not a host; accepted: %s", r.Host, hostSyntax)
+	tcp := kind.typ == ListenerTCP
+	for _, key := range []string{"path_prefix", "origins"} {
+		if tcp && f.has(key) {
+			d.errorf(f.line(key), join(path, key),
+				"given on a tcp listener; accepted only with type: http (tcp listeners route by SNI host only)")
 		}
+	}
+	switch {
+	case tcp && !kind.passthrough && f.has("host"):
+		d.errorf(f.line("host"), join(path, "host"),
+			"given on a tcp listener without tls_passthrough; accepted only with tls_passthrough: true, which matches it against the TLS SNI")
+	case d.str(f, "host", &r.Host, hostSyntax):
+		n, hpath := f.get("host")
+		switch h, ok := routeHost(r.Host); {
+		case !ok:
+			d.errorf(n, hpath, "%q is not a host; accepted: %s", r.Host, hostSyntax)
+		case tcp && isIP(h):
+			d.errorf(n, hpath, "%q is an IP address, which TLS SNI never is; accepted: a host name such as chat.example.com or *.example.com, or no host for any", r.Host)
+		default:
+			r.Host = h
+		}
+	}
+	if tcp {
+		return d.routePool(f, path, r)
 	}
 	if d.str(f, "path_prefix", &r.PathPrefix, "a path starting with /") {
 		n, ppath := f.get("path_prefix")
@@ -190,6 +264,11 @@ func (d *decoder) route(item *yaml.Node, path string) Route {
 			d.errorf(n, ppath, "%q is not a path prefix; accepted: a path starting with / such as /ws, without query or spaces", r.PathPrefix)
 		}
 	}
+	r.Origins = d.origins(f)
+	return d.routePool(f, path, r)
+}
+
+func (d *decoder) routePool(f *fields, path string, r Route) Route {
 	if d.str(f, "pool", &r.Pool, "the name of a pool") {
 		n, _ := f.get("pool")
 		d.refs.routes = append(d.refs.routes, routeRef{path: path, pool: n})
@@ -324,9 +403,10 @@ func (d *decoder) pool(n *yaml.Node, path, name string) Pool {
 		Retry:         RetrySpec{Tries: 3, Timeout: 10 * time.Second},
 		PassiveHealth: PassiveHealth{Failures: 3, Window: 10 * time.Second, DownFor: 30 * time.Second},
 		Servers:       []Server{},
+		ProxyProtocol: ProxyProtocolOff,
 	}
 	f := d.mapping(n, path, "a pool", "balance", "hash", "close_tunnels_on_removal", "retry", "passive_health",
-		"health_check", "servers", "dns")
+		"health_check", "servers", "dns", "tls", "proxy_protocol")
 	if f == nil {
 		return p
 	}
@@ -358,6 +438,10 @@ func (d *decoder) pool(n *yaml.Node, path, name string) Pool {
 	if n, cpath := f.get("health_check"); n != nil {
 		p.HealthCheck = d.healthCheck(n, cpath)
 	}
+	if n, tpath := f.get("tls"); n != nil {
+		p.TLS = d.poolTLS(n, tpath)
+	}
+	d.oneOf(f, "proxy_protocol", "a PROXY protocol version", &p.ProxyProtocol, proxyProtocols...)
 	hasServers := f.has("servers")
 	dnsNode, dnsPath := f.get("dns")
 	switch {
