@@ -1,6 +1,6 @@
 // Package tlsconf builds the crypto/tls configurations the relay uses:
 // Server for TLS-terminating listeners (certificates chosen by SNI, reloaded
-// without a restart).
+// without a restart) and Client for wss:// upstreams.
 //
 // Every configuration offers only "http/1.1" by ALPN: the relay carries
 // WebSocket, whose upgrade is an HTTP/1.1 mechanism (RFC 6455 §4). A client
