@@ -300,19 +300,26 @@ func (h *Header) checkAddrs() error {
 
 // SourceAddr returns the client's address as a *net.TCPAddr (IPv4-mapped
 // IPv6 addresses unmapped to IPv4), or nil when the header carries none
-// (Local, Unknown): the caller then uses the connection's RemoteAddr.
+// (Local, Unknown) and for a nil h: the caller then uses the connection's
+// RemoteAddr.
 func (h *Header) SourceAddr() net.Addr {
+	if h == nil {
+		return nil
+	}
 	return h.tcpAddr(h.Source)
 }
 
 // DestinationAddr is like [Header.SourceAddr] for the address the client
 // connected to; nil means the connection's LocalAddr applies.
 func (h *Header) DestinationAddr() net.Addr {
+	if h == nil {
+		return nil
+	}
 	return h.tcpAddr(h.Destination)
 }
 
 func (h *Header) tcpAddr(ap netip.AddrPort) net.Addr {
-	if h == nil || h.Command != Proxy || h.Protocol == Unknown || !ap.IsValid() {
+	if h.Command != Proxy || h.Protocol == Unknown || !ap.IsValid() {
 		return nil // an untyped nil, not a nil *net.TCPAddr
 	}
 	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
