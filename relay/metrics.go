@@ -36,6 +36,8 @@ const (
 	FailNoRoute             = "no_route"             // no route of the listener matches the request's host and path
 	FailNoUpstream          = "no_upstream"          // every server of the route's pool is down, draining or full
 	FailOrigin              = "origin"               // the Origin header is not in the route's allow-list
+	FailUpstreamRemoved     = "upstream_removed"     // a reload removed the chosen server, closing its tunnels, during the handshake
+	FailBadPath             = "bad_path"             // the path has . or .. segments
 )
 
 func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {

@@ -115,9 +115,19 @@ var errClientGone = errors.New("client closed during the handshake")
 // reports the failure to the pool (passive health) and tries another server, within the pool's retry
 // tries and time. A well-formed answer, 101 or not, ends the tries: an upstream's refusal is passed on.
 func (s *Server) openUpstream(r *http.Request, pool *upstream.Pool, wsKey string) (*dialedUpstream, *handshakeError, error) {
+	return s.withRetries(r.RemoteAddr, pool, pool.Key(s.clientOf(r).ip, r),
+		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
+			return s.tryUpstream(r, addr, wsKey, deadline)
+		})
+}
+
+// withRetries runs attempt on servers of pool until one succeeds, within the pool's retry tries and time,
+// reporting each outcome to the pool's passive health. attempt returns a handshake error for a failure
+// of the server, and an error to stop trying (the client left).
+func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
+	attempt func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error)) (*dialedUpstream, *handshakeError, error) {
 	retry := pool.Retry()
 	deadline := time.Now().Add(retry.Timeout)
-	hashKey := pool.Key(s.clientOf(r).ip, r)
 	var (
 		tried []*upstream.Server
 		last  *handshakeError
@@ -131,7 +141,14 @@ func (s *Server) openUpstream(r *http.Request, pool *upstream.Pool, wsKey string
 			}
 			return nil, &handshakeError{status: http.StatusServiceUnavailable, reason: FailNoUpstream, msg: err.Error()}, nil
 		}
-		up, herr, err := s.tryUpstream(r, lease.Server.Address(), wsKey, deadline)
+		if last != nil {
+			// Counted once another server is really tried, not when there is none left.
+			s.metrics.upstreamRetries.Inc()
+			s.log.Info("upstream failed, trying another", "client", client, "pool", pool.Name(),
+				"failed", tried[len(tried)-1].Address(), "next", lease.Server.Address(), "try", try,
+				"reason", last.reason, "err", last.msg)
+		}
+		up, herr, err := attempt(lease.Server.Address(), deadline)
 		if err != nil {
 			lease.Release()
 			return nil, nil, err
@@ -148,16 +165,14 @@ func (s *Server) openUpstream(r *http.Request, pool *upstream.Pool, wsKey string
 		if try >= retry.Tries || !time.Now().Before(deadline) {
 			return nil, last, nil
 		}
-		s.metrics.upstreamRetries.Inc()
-		s.log.Info("upstream failed, trying another", "client", r.RemoteAddr, "pool", pool.Name(),
-			"upstream", lease.Server.Address(), "try", try, "reason", herr.reason, "err", herr.msg)
 	}
 }
 
-// tryUpstream connects to addr and forwards the handshake there. It returns a handshake error for a
-// failure of the upstream, and an error only when the client left meanwhile.
+// tryUpstream connects to addr and forwards the handshake there, within the connect and response
+// timeouts and never past retryDeadline, which bounds all tries together. It returns a handshake error for
+// a failure of the upstream, and an error only when the client left meanwhile.
 func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
-	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline.Add(s.cfg.ConnectTimeout))
+	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline)
 	defer cancel()
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -171,7 +186,7 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, retryDeadline 
 	// A client that leaves while the upstream thinks (net/http cancels the request's context when it sees
 	// the connection close) releases the upstream at once instead of at the response timeout.
 	stopWatch := context.AfterFunc(r.Context(), func() { _ = tc.SetDeadline(time.Unix(1, 0)) })
-	resp, prefix, herr := s.forwardHandshake(tc, r, wsKey)
+	resp, prefix, herr := s.forwardHandshake(tc, r, wsKey, retryDeadline)
 	if !stopWatch() {
 		tc.Close()
 		return nil, nil, errClientGone
@@ -186,7 +201,24 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, retryDeadline 
 
 // CloseTunnelsTo ends every tunnel whose upstream is one of servers, for a reload that removed them from
 // their pool with close_tunnels_on_removal. It returns how many it closed.
+//
+// A handshake that picked one of servers before the reload and ends after it must not open a tunnel
+// either: the servers are remembered (until they return to a pool), and a tunnel registered to one of them
+// is closed at once (see evicted).
 func (s *Server) CloseTunnelsTo(servers []*upstream.Server) int {
+	s.evictMu.Lock()
+	if s.evictedServers == nil {
+		s.evictedServers = map[*upstream.Server]bool{}
+	}
+	for srv := range s.evictedServers {
+		if !srv.Removed() {
+			delete(s.evictedServers, srv) // back in a pool: its tunnels are welcome again
+		}
+	}
+	for _, srv := range servers {
+		s.evictedServers[srv] = true
+	}
+	s.evictMu.Unlock()
 	n := 0
 	for _, t := range s.tunnels.Tunnels() {
 		for _, srv := range servers {
@@ -198,6 +230,14 @@ func (s *Server) CloseTunnelsTo(servers []*upstream.Server) int {
 		}
 	}
 	return n
+}
+
+// evicted says whether srv was removed from its pool with its tunnels closed (CloseTunnelsTo), and is
+// still out of it.
+func (s *Server) evicted(srv *upstream.Server) bool {
+	s.evictMu.Lock()
+	defer s.evictMu.Unlock()
+	return s.evictedServers[srv] && srv.Removed()
 }
 
 // routeOrRefuse finds the pool for a handshake, or answers 404 (no route) or 403 (an Origin the route

@@ -456,3 +456,25 @@ func TestOriginAllowList(t *testing.T) {
 		t.Errorf("origin refusals not counted:\n%s", grepLines(m, "handshakes_failed"))
 	}
 }
+
+// TestDotSegmentsRefused: "/ws/../admin", however encoded, never matches the route of "/ws": it is a 400
+// before routing, for handshakes and plain requests, and reaches no upstream.
+func TestDotSegmentsRefused(t *testing.T) {
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr})
+	for _, path := range []string{"/ws/../admin", "/ws/%2e%2e/admin", "/ws/./x", "/..", "/ws/%2E%2E"} {
+		c := dialRelay(t, r.Addr, upgradeRequest(path), nil)
+		if c.Resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("handshake for %s: status %d, want 400", path, c.Resp.StatusCode)
+		}
+		c.Close()
+		c = dialRelay(t, r.Addr, "GET "+path+" HTTP/1.1\r\nHost: relay.test\r\n\r\n", nil)
+		if c.Resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("GET %s: status %d, want 400", path, c.Resp.StatusCode)
+		}
+		c.Close()
+	}
+	if n := up.Accepted(); n != 0 {
+		t.Errorf("the upstream got %d connections", n)
+	}
+}

@@ -104,14 +104,18 @@ type Server struct {
 	dialer  net.Dialer
 	proxy   *httputil.ReverseProxy
 	// listeners are the HTTP servers of Serve and ServeListener, one per listener; Shutdown stops them all.
-	listenersMu sync.Mutex
-	listeners   []*http.Server
-	kernel      *kernelPath // nil unless the datapath is sockmap
+	listenersMu  sync.Mutex
+	listeners    []*http.Server
+	tcpListeners []net.Listener // of ServeTCP
+	kernel       *kernelPath    // nil unless the datapath is sockmap
 
 	draining atomic.Bool
-	limiter  *limiter      // Config.Limits
-	stop     chan struct{} // closed by Shutdown: ends the server's own goroutines
-	stopOnce sync.Once
+	limiter  *limiter // Config.Limits
+	// evictedServers are servers whose tunnels CloseTunnelsTo closed (see evicted).
+	evictMu        sync.Mutex
+	evictedServers map[*upstream.Server]bool
+	stop           chan struct{} // closed by Shutdown: ends the server's own goroutines
+	stopOnce       sync.Once
 }
 
 // NewServer checks cfg and returns a Server ready to Serve.
@@ -282,13 +286,27 @@ func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.listenersMu.Lock()
 	s.draining.Store(true)
-	listeners := s.listeners
+	listeners, tcpListeners := s.listeners, s.tcpListeners
 	s.listenersMu.Unlock()
-	var err error
+	for _, l := range tcpListeners {
+		l.Close()
+	}
+	// Every listener stops accepting at once; then each waits for its handshakes in progress. One after
+	// the other, a listener would keep accepting while an earlier one waited.
+	errs := make(chan error, len(listeners))
 	for _, hs := range listeners {
-		if herr := hs.Shutdown(ctx); herr != nil {
-			// Handshakes still in progress: cut them off, so none opens a tunnel after the drain.
-			_ = hs.Close()
+		go func() {
+			herr := hs.Shutdown(ctx)
+			if herr != nil {
+				// Handshakes still in progress: cut them off, so none opens a tunnel after the drain.
+				_ = hs.Close()
+			}
+			errs <- herr
+		}()
+	}
+	var err error
+	for range listeners {
+		if herr := <-errs; herr != nil {
 			err = herr
 		}
 	}
@@ -305,12 +323,34 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // ServeHTTP sends upgrade requests through the WebSocket handshake and every other request to the reverse proxy.
+//
+// A path with "." or ".." segments (after percent-decoding) is refused with 400 before routing: routes
+// match on the path as sent, and "/ws/../admin" must not pass as "/ws" to an upstream that resolves it.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if hasDotSegment(r.URL.Path) {
+		const msg = "the path has . or .. segments"
+		if isUpgradeRequest(r) {
+			s.refuse(w, r, &handshakeError{status: http.StatusBadRequest, reason: FailBadPath, msg: msg})
+			return
+		}
+		s.metrics.httpRequests.WithLabelValues(strconv.Itoa(http.StatusBadRequest)).Inc()
+		http.Error(w, msg, http.StatusBadRequest)
+		return
+	}
 	if isUpgradeRequest(r) {
 		s.serveUpgrade(w, r)
 		return
 	}
 	s.serveRequest(w, r)
+}
+
+func hasDotSegment(path string) bool {
+	for seg := range strings.SplitSeq(path, "/") {
+		if seg == "." || seg == ".." {
+			return true
+		}
+	}
+	return false
 }
 
 // upstreamAddrKey carries the server that serveRequest chose to the reverse proxy's Rewrite.
@@ -444,6 +484,11 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if s.evicted(up.lease.Server) {
+		s.refuse(w, r, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamRemoved,
+			msg: fmt.Sprintf("upstream %s was removed by a reload during the handshake", up.lease.Server.Address())})
+		return
+	}
 	client, clientPrefix, err := hijack(w)
 	if err != nil {
 		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
@@ -476,12 +521,25 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	slotTaken = false
 	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
 	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
+	// After add, so that a CloseTunnelsTo running now either finds the tunnel or has marked the server.
+	if s.evicted(up.lease.Server) {
+		s.metrics.handshakesFailed.WithLabelValues(FailUpstreamRemoved).Inc()
+		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailUpstreamRemoved,
+			"err", "a reload removed the upstream server during the handshake")
+		t.end(ReasonUpstreamRemoved, true)
+		return
+	}
 	if err := writeSwitch(client, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		t.end(ReasonClientError, true)
 		return
 	}
 	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
+	s.startTunnel(t)
+}
+
+// startTunnel hands an open, registered tunnel to its datapath.
+func (s *Server) startTunnel(t *Tunnel) {
 	switch t.datapath {
 	case DatapathSockmap:
 		s.kernel.start(t)
@@ -575,12 +633,17 @@ func (s *Server) kernelFallback(t *Tunnel, reason string) {
 // forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
 // upstream response timeout. A 101 comes back with the bytes the upstream sent behind it (they belong to the
 // tunnel); any other complete response comes back for passResponse.
-func (s *Server) forwardHandshake(upstream *net.TCPConn, r *http.Request, key string) (*http.Response, []byte, *handshakeError) {
-	_ = upstream.SetDeadline(time.Now().Add(s.cfg.UpstreamResponseTimeout))
+func (s *Server) forwardHandshake(upstream *net.TCPConn, r *http.Request, key string, notAfter time.Time) (*http.Response, []byte, *handshakeError) {
+	start := time.Now()
+	deadline := start.Add(s.cfg.UpstreamResponseTimeout)
+	if !notAfter.IsZero() && notAfter.Before(deadline) {
+		deadline = notAfter
+	}
+	_ = upstream.SetDeadline(deadline)
 	fail := func(op string, err error) *handshakeError {
 		if isTimeout(err) {
 			return &handshakeError{status: http.StatusGatewayTimeout, reason: FailUpstreamTimeout,
-				msg: fmt.Sprintf("%s: no answer within %s", op, s.cfg.UpstreamResponseTimeout)}
+				msg: fmt.Sprintf("%s: no answer within %s", op, deadline.Sub(start).Round(time.Millisecond))}
 		}
 		return &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
 	}

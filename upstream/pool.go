@@ -127,6 +127,9 @@ type Pool struct {
 	mu      sync.Mutex
 	spec    PoolSpec
 	servers []*Server
+	// retired are servers a reload or DNS removed while they still carried tunnels, by address, kept
+	// until those end so that an address that comes back gets its live count back.
+	retired map[string]*Server
 	rng     *rand.Rand
 	cands   []candidate // Pick's scratch space, reused under mu
 	dns     dnsState
@@ -351,7 +354,7 @@ func (p *Pool) SetWeight(addr string, weight int) error {
 	if err != nil {
 		return err
 	}
-	s.weight = weight
+	s.weight, s.weightOverride = weight, weight
 	return nil
 }
 
@@ -367,7 +370,7 @@ func (p *Pool) SetDrain(addr string, drain bool) error {
 	if s.drain != drain {
 		p.log.Info("server drain changed", "server", addr, "drain", drain)
 	}
-	s.drain = drain
+	s.drain, s.drainOverride = drain, &drain
 	return nil
 }
 

@@ -39,12 +39,18 @@ type Server struct {
 	live       atomic.Int64
 	total      atomic.Uint64
 	maxTunnels atomic.Int64
+	// removed is set while the server is out of its pool (a reload or DNS took it out).
+	removed atomic.Bool
 
 	// Everything below is guarded by the owning pool's mu.
 	weight int
 	backup bool
 	drain  bool
 	forced bool // MarkDown
+	// An operator's SetWeight and SetDrain outlive DNS refreshes, which re-apply the discovered spec;
+	// a configuration reload (Update) clears them. 0 and nil: no override.
+	weightOverride int
+	drainOverride  *bool
 
 	// Active health: consecutive results and the verdict they led to.
 	activeDown bool
@@ -73,8 +79,14 @@ func newServer(spec ServerSpec) *Server {
 // apply sets what a config may change on a kept server; live state stays. Called under the pool's mu.
 func (s *Server) apply(spec ServerSpec) {
 	s.weight = spec.Weight
+	if s.weightOverride > 0 {
+		s.weight = s.weightOverride
+	}
 	s.backup = spec.Backup
 	s.drain = spec.Drain
+	if s.drainOverride != nil {
+		s.drain = *s.drainOverride
+	}
 	s.maxTunnels.Store(int64(spec.MaxTunnels))
 }
 
@@ -83,6 +95,10 @@ func (s *Server) Address() string { return s.addr }
 
 // Live is the number of tunnels to the server open now (leases not yet released).
 func (s *Server) Live() int64 { return s.live.Load() }
+
+// Removed says whether a reload or DNS discovery has taken the server out of its pool (and not put it
+// back since).
+func (s *Server) Removed() bool { return s.removed.Load() }
 
 // Acquire counts one more live tunnel on s, refusing with ErrMaxTunnels when s is at its max_tunnels.
 // It checks neither health nor drain: Pool.Pick does, and is how a server should normally be chosen;

@@ -31,6 +31,18 @@ func (p *Pool) Update(spec PoolSpec) (removed []*Server, err error) {
 		p.dnsGen++
 		p.dns = dnsState{}
 	}
+	// A reload says afresh what weights and drains are: an operator's run-time changes end here.
+	for _, s := range p.servers {
+		s.weightOverride, s.drainOverride = 0, nil
+	}
+	if old.Active != nil && (spec.Active == nil || spec.Active.Type != old.Active.Type || spec.Active.Path != old.Active.Path ||
+		spec.Active.ExpectStatus != old.Active.ExpectStatus) {
+		// What the old check found says nothing under another check, and with none left nothing would
+		// ever bring a server it took down back up.
+		for _, s := range p.servers {
+			s.activeDown, s.okStreak, s.failStreak, s.checkErr = false, 0, 0, ""
+		}
+	}
 	if spec.DNS == nil {
 		removed = p.setServersLocked(spec.Servers)
 	} else {
@@ -60,14 +72,32 @@ func (p *Pool) setServersLocked(specs []ServerSpec) (removed []*Server) {
 		if ok {
 			delete(kept, spec.Address)
 			s.apply(spec)
+		} else if s, ok = p.retired[spec.Address]; ok {
+			// Back while it still carries tunnels from before: the same *Server, so that its live
+			// count (max_tunnels, least_tunnels, bounded hashing) includes them.
+			delete(p.retired, spec.Address)
+			s.removed.Store(false)
+			s.apply(spec)
 		} else {
 			s = newServer(spec)
 		}
 		next = append(next, s)
 	}
+	for addr, s := range p.retired {
+		if s.live.Load() == 0 {
+			delete(p.retired, addr)
+		}
+	}
 	for _, s := range p.servers {
 		if _, gone := kept[s.addr]; gone {
 			removed = append(removed, s)
+			s.removed.Store(true)
+			if s.live.Load() > 0 {
+				if p.retired == nil {
+					p.retired = map[string]*Server{}
+				}
+				p.retired[s.addr] = s
+			}
 		}
 	}
 	p.servers = next

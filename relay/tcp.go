@@ -1,0 +1,162 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"time"
+)
+
+// SNIReader, when set on a TCP listener, reads the server name a client's TLS ClientHello asks for, and
+// returns the bytes it read so that they reach the upstream first (TLS passthrough: routing by SNI
+// without terminating). An error ends the connection.
+type SNIReader func(conn net.Conn, timeout time.Duration) (serverName string, replay []byte, err error)
+
+// ServeTCP relays every connection accepted on l, as a raw TCP stream with no HTTP, to a server of the
+// pool its listener's route names, until Shutdown: the relay for databases, MQTT or game servers. The
+// Router sees each connection as a request with no path and, with opts.SNI, the ClientHello's server name
+// as its host. Tunnels use the listener's datapath, half-close and limits as WebSocket tunnels do; a
+// connection refused by a limit is closed at once (there is no protocol to answer in).
+func (s *Server) ServeTCP(l net.Listener, opts ListenerOptions, sni SNIReader) error {
+	info, err := s.listenerInfo(opts.Name, opts.Datapath)
+	if err == nil {
+		err = opts.Limits.Validate()
+	}
+	if err != nil {
+		l.Close()
+		return err
+	}
+	info.trusted = nil // no headers to believe
+	if opts.Limits != (Limits{}) {
+		info.limiter = newLimiter(opts.Limits)
+	}
+	s.listenersMu.Lock()
+	if s.draining.Load() {
+		s.listenersMu.Unlock()
+		l.Close()
+		return http.ErrServerClosed
+	}
+	s.tcpListeners = append(s.tcpListeners, l)
+	s.listenersMu.Unlock()
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			if s.draining.Load() {
+				return http.ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond) // out of descriptors: let some close, as net/http does
+				continue
+			}
+			return err
+		}
+		tc, ok := conn.(*net.TCPConn)
+		if !ok {
+			conn.Close()
+			continue
+		}
+		go s.serveTCPConn(tc, info, sni)
+	}
+}
+
+// serveTCPConn opens one TCP tunnel.
+func (s *Server) serveTCPConn(client *net.TCPConn, info listenerInfo, sni SNIReader) {
+	start := time.Now()
+	peer := client.RemoteAddr().String()
+	ip := peer
+	if host, _, err := net.SplitHostPort(peer); err == nil {
+		ip = host
+	}
+	refuse := func(reason string, err error) {
+		s.metrics.handshakesFailed.WithLabelValues(reason).Inc()
+		s.log.Info("tcp connection refused", "listener", info.name, "client", peer, "reason", reason, "err", err)
+		_ = client.SetLinger(0)
+		client.Close()
+	}
+	limiters := []*limiter{s.limiter}
+	if info.limiter != nil {
+		limiters = append(limiters, info.limiter)
+	}
+	endHandshake, releaseSlot, lerr := admit(limiters, ip)
+	if lerr != nil {
+		refuse(lerr.reason, errors.New(lerr.msg))
+		return
+	}
+	defer endHandshake()
+	opened := false
+	defer func() {
+		if !opened {
+			releaseSlot()
+		}
+	}()
+
+	// The route: a request with no path, and the SNI as its host when the listener routes by it.
+	var host string
+	var clientPrefix []byte
+	if sni != nil {
+		var err error
+		if host, clientPrefix, err = sni(client, s.cfg.ClientHeaderTimeout); err != nil {
+			refuse(FailBadRequest, fmt.Errorf("read TLS ClientHello: %w", err))
+			return
+		}
+	}
+	req := (&http.Request{Method: "CONNECT", Host: host, URL: &url.URL{Path: "/"}, RemoteAddr: peer,
+		Header: http.Header{}}).WithContext(context.WithValue(context.Background(), listenerKey{}, info))
+	route, ok := s.Router().Route(info.name, req)
+	if !ok {
+		refuse(FailNoRoute, fmt.Errorf("no route for server name %q on listener %q", host, info.name))
+		return
+	}
+	pool := route.Pool
+	up, herr, err := s.withRetries(peer, pool, pool.Key(ip, req),
+		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
+			ctx, cancel := context.WithDeadline(context.Background(), deadline.Add(s.cfg.ConnectTimeout))
+			defer cancel()
+			conn, err := s.dialer.DialContext(ctx, "tcp", addr)
+			if err != nil {
+				return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
+					msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}, nil
+			}
+			return &dialedUpstream{conn: conn.(*net.TCPConn)}, nil, nil
+		})
+	if err == nil && herr != nil {
+		err = errors.New(herr.msg)
+	}
+	if err != nil {
+		reason := FailUpstreamUnreachable
+		if herr != nil {
+			reason = herr.reason
+		}
+		refuse(reason, err)
+		return
+	}
+	t := &Tunnel{
+		Client:       client,
+		Upstream:     up.conn,
+		datapath:     info.datapath,
+		Started:      time.Now(),
+		ClientAddr:   peer,
+		UpstreamAddr: up.lease.Server.Address(),
+		Pool:         pool.Name(),
+		lease:        up.lease,
+		releaseSlot:  releaseSlot,
+		clientPrefix: clientPrefix,
+		ended:        make(chan struct{}),
+		onEnd:        s.tunnelEnded,
+	}
+	if err := s.tunnels.add(t); err != nil {
+		up.conn.Close()
+		up.lease.Release()
+		refuse(FailShuttingDown, err)
+		return
+	}
+	opened = true
+	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
+	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
+	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
+	s.startTunnel(t)
+}
