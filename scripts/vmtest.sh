@@ -79,6 +79,10 @@ expect_for() {
 	local major minor
 	IFS=. read -r major minor _ <<<"$1"
 	minor=${minor%%[!0-9]*}
+	if ! [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]]; then
+		echo "no kernel version in '$1': set VMTEST_EXPECT to sockmap or no-sockmap" >&2
+		return 1
+	fi
 	if [ "$major" -gt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -ge 2 ]; }; then echo sockmap; else echo no-sockmap; fi
 }
 
@@ -88,7 +92,7 @@ resolve() {
 	pkg='' image='' expect=''
 	if [ -f "$arg" ]; then
 		image=$arg
-		expect=$(expect_for "$(basename "$arg" | sed 's/^vmlinuz-//')")
+		expect=$(expect_for "$(basename "$arg" | sed 's/^vmlinuz-//')") || return 1
 		return
 	fi
 	case "$arg" in
@@ -107,7 +111,7 @@ resolve() {
 		fi
 		;;
 	esac
-	expect=${VMTEST_EXPECT:-$(expect_for "${pkg#linux-image-}")}
+	expect=$(expect_for "${pkg#linux-image-}") || return 1
 	if [ -n "${want:-}" ] && [ -z "${VMTEST_EXPECT:-}" ] && [ "$want" != "$expect" ]; then
 		echo "kernel $arg: the table expects $want but $pkg's version says $expect; fix kernel_table" >&2
 		return 1
@@ -176,7 +180,8 @@ show() {
 
 # boot NAME: runs guest.sh in a VM on $image; sets version and verdict.
 boot() {
-	local name=$1 log=$logs/${1//\//_}.log accel cmdline rc
+	local name=$1 log accel cmdline rc
+	log=$logs/$(basename "$1").log
 	if [ "${VMTEST_KVM:-}" = 1 ]; then
 		accel=(-enable-kvm -cpu "${VMTEST_CPU:-host}")
 	else
