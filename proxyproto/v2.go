@@ -87,6 +87,10 @@ func readV2(br *bufio.Reader) (*Header, error) {
 		case famTCP6:
 			h.Protocol, addrLen = TCP6, v2AddrLen6
 		case famUDP4, famUDP6, famUnixDgram:
+			// The spec would let a receiver fall back to UNSPEC here too,
+			// but a datagram header on a TCP stream means a misconfigured
+			// sender: say so rather than serve it with the balancer's
+			// address.
 			return nil, invalidf(2, "%s (byte 14 = 0x%02x) is not supported: the relay carries TCP streams only", famName(fam), fam)
 		default:
 			return nil, invalidf(2, "family and protocol byte 0x%02x is not a combination the spec defines (0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32)", fam)
