@@ -38,6 +38,7 @@ const (
 	FailOrigin              = "origin"               // the Origin header is not in the route's allow-list
 	FailUpstreamRemoved     = "upstream_removed"     // a reload removed the chosen server, closing its tunnels, during the handshake
 	FailBadPath             = "bad_path"             // the path has . or .. segments
+	FailProxyProtocol       = "proxy_protocol"       // a PROXY protocol listener's connection had no valid header
 )
 
 func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {

@@ -31,6 +31,9 @@ type Route struct {
 	// (exact, lower-case scheme://host[:port]); others get 403. Browsers always send Origin, so this keeps
 	// other sites' pages from opening WebSockets with the user's cookies (cross-site WebSocket hijacking).
 	Origins []string
+	// SendProxy, "v1" or "v2", starts every connection to the pool's servers with a PROXY protocol header
+	// naming the client; "" sends none.
+	SendProxy string
 }
 
 // DefaultListener names the listener of Serve, which has no name of its own.
@@ -114,10 +117,11 @@ var errClientGone = errors.New("client closed during the handshake")
 // connect or the handshake fails, which is always before any byte of a response reached the client, it
 // reports the failure to the pool (passive health) and tries another server, within the pool's retry
 // tries and time. A well-formed answer, 101 or not, ends the tries: an upstream's refusal is passed on.
-func (s *Server) openUpstream(r *http.Request, pool *upstream.Pool, wsKey string) (*dialedUpstream, *handshakeError, error) {
+func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dialedUpstream, *handshakeError, error) {
+	pool := route.Pool
 	return s.withRetries(r.RemoteAddr, pool, pool.Key(s.clientOf(r).ip, r),
 		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
-			return s.tryUpstream(r, addr, wsKey, deadline)
+			return s.tryUpstream(r, addr, wsKey, route.SendProxy, deadline)
 		})
 }
 
@@ -171,7 +175,7 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 // tryUpstream connects to addr and forwards the handshake there, within the connect and response
 // timeouts and never past retryDeadline, which bounds all tries together. It returns a handshake error for
 // a failure of the upstream, and an error only when the client left meanwhile.
-func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
+func (s *Server) tryUpstream(r *http.Request, addr, wsKey, sendProxy string, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
 	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline)
 	defer cancel()
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
@@ -186,6 +190,16 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, retryDeadline 
 	// A client that leaves while the upstream thinks (net/http cancels the request's context when it sees
 	// the connection close) releases the upstream at once instead of at the response timeout.
 	stopWatch := context.AfterFunc(r.Context(), func() { _ = tc.SetDeadline(time.Unix(1, 0)) })
+	if sendProxy != "" {
+		client, _ := net.ResolveTCPAddr("tcp", r.RemoteAddr)
+		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+		_ = tc.SetWriteDeadline(retryDeadline)
+		if _, err := tc.Write(proxyHeader(sendProxy, client, local)); err != nil {
+			tc.Close()
+			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
+				msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}, nil
+		}
+	}
 	resp, prefix, herr := s.forwardHandshake(tc, r, wsKey, retryDeadline)
 	if !stopWatch() {
 		tc.Close()
@@ -240,22 +254,22 @@ func (s *Server) evicted(srv *upstream.Server) bool {
 	return s.evictedServers[srv] && srv.Removed()
 }
 
-// routeOrRefuse finds the pool for a handshake, or answers 404 (no route) or 403 (an Origin the route
-// does not allow) and returns nil.
-func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) *upstream.Pool {
+// routeOrRefuse finds the route of a handshake, or answers 404 (no route) or 403 (an Origin the route
+// does not allow) and returns false.
+func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) (Route, bool) {
 	route, ok := s.Router().Route(s.listenerOf(r).name, r)
 	if !ok {
 		s.refuse(w, r, &handshakeError{status: http.StatusNotFound, reason: FailNoRoute,
 			msg: fmt.Sprintf("no route for host %q and path %q on listener %q", r.Host, r.URL.Path, s.listenerOf(r).name)})
-		return nil
+		return Route{}, false
 	}
 	if len(route.Origins) > 0 {
 		origin := strings.ToLower(r.Header.Get("Origin"))
 		if !slices.Contains(route.Origins, origin) {
 			s.refuse(w, r, &handshakeError{status: http.StatusForbidden, reason: FailOrigin,
 				msg: fmt.Sprintf("origin %q is not allowed here", r.Header.Get("Origin"))})
-			return nil
+			return Route{}, false
 		}
 	}
-	return route.Pool
+	return route, true
 }

@@ -26,12 +26,13 @@ type pathRoute struct {
 	listener, prefix string
 	pool             *upstream.Pool
 	origins          []string
+	sendProxy        string
 }
 
 func (p *pathRouter) Route(listener string, r *http.Request) (Route, bool) {
 	for _, rt := range p.routes {
 		if (rt.listener == "" || rt.listener == listener) && strings.HasPrefix(r.URL.Path, rt.prefix) {
-			return Route{Pool: rt.pool, Origins: rt.origins}, true
+			return Route{Pool: rt.pool, Origins: rt.origins, SendProxy: rt.sendProxy}, true
 		}
 	}
 	return Route{}, false

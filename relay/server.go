@@ -220,6 +220,18 @@ type ListenerOptions struct {
 	TrustedProxies []netip.Prefix
 	// Limits apply to this listener's handshakes and tunnels, besides the server's Config.Limits.
 	Limits Limits
+	// ProxyProtocol makes every connection start with a PROXY protocol v1 or v2 header naming the client,
+	// from an L4 balancer in front; a connection without one is refused.
+	ProxyProtocol bool
+}
+
+// wrapListener applies the listener options that change what a connection is.
+func (s *Server) wrapListener(l net.Listener, opts ListenerOptions) net.Listener {
+	if opts.ProxyProtocol {
+		return &proxyListener{Listener: l, timeout: s.cfg.ClientHeaderTimeout, log: s.log,
+			onFail: func() { s.metrics.handshakesFailed.WithLabelValues(FailProxyProtocol).Inc() }}
+	}
+	return l
 }
 
 // ServeListenerWith is ServeListener with every listener setting.
@@ -236,6 +248,7 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 		l.Close()
 		return err
 	}
+	l = s.wrapListener(l, opts)
 	hs := &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: s.cfg.ClientHeaderTimeout,
@@ -457,11 +470,12 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 
-	pool := s.routeOrRefuse(w, r)
-	if pool == nil {
+	route, ok := s.routeOrRefuse(w, r)
+	if !ok {
 		return
 	}
-	up, herr, err := s.openUpstream(r, pool, key)
+	pool := route.Pool
+	up, herr, err := s.openUpstream(r, route, key)
 	if err != nil {
 		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
@@ -714,13 +728,19 @@ func hijack(w http.ResponseWriter) (*net.TCPConn, []byte, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("hijack client connection: %w", err)
 	}
+	prefix, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	prefix = bytes.Clone(prefix)
+	if pc, ok := conn.(*proxiedConn); ok {
+		// net/http read through the PROXY header reader: what it holds comes first, then what that
+		// reader holds, then the socket.
+		return pc.TCPConn, append(prefix, pc.leftover()...), nil
+	}
 	tc, ok := conn.(*net.TCPConn)
 	if !ok {
 		conn.Close()
 		return nil, nil, fmt.Errorf("client connection is a %T, not TCP", conn)
 	}
-	prefix, _ := brw.Reader.Peek(brw.Reader.Buffered())
-	return tc, bytes.Clone(prefix), nil
+	return tc, prefix, nil
 }
 
 // writeSwitch sends the client the upstream's 101 with the upstream's end-to-end headers

@@ -41,6 +41,7 @@ func (s *Server) ServeTCP(l net.Listener, opts ListenerOptions, sni SNIReader) e
 	}
 	s.tcpListeners = append(s.tcpListeners, l)
 	s.listenersMu.Unlock()
+	l = s.wrapListener(l, opts)
 	for {
 		conn, err := l.Accept()
 		if err != nil {
@@ -54,19 +55,26 @@ func (s *Server) ServeTCP(l net.Listener, opts ListenerOptions, sni SNIReader) e
 			}
 			return err
 		}
-		tc, ok := conn.(*net.TCPConn)
-		if !ok {
-			conn.Close()
-			continue
-		}
-		go s.serveTCPConn(tc, info, sni)
+		go s.serveTCPConn(conn, info, sni)
 	}
 }
 
-// serveTCPConn opens one TCP tunnel.
-func (s *Server) serveTCPConn(client *net.TCPConn, info listenerInfo, sni SNIReader) {
+// serveTCPConn opens one TCP tunnel. conn is a *net.TCPConn, or a *proxiedConn whose header names the
+// client.
+func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 	start := time.Now()
-	peer := client.RemoteAddr().String()
+	peerAddr := conn.RemoteAddr() // reads the PROXY header, if any
+	pc, proxied := conn.(*proxiedConn)
+	if proxied && pc.err != nil {
+		return // refused and closed by the header read
+	}
+	var client *net.TCPConn
+	if proxied {
+		client = pc.TCPConn
+	} else {
+		client = conn.(*net.TCPConn)
+	}
+	peer := peerAddr.String()
 	ip := peer
 	if host, _, err := net.SplitHostPort(peer); err == nil {
 		ip = host
@@ -99,7 +107,7 @@ func (s *Server) serveTCPConn(client *net.TCPConn, info listenerInfo, sni SNIRea
 	var clientPrefix []byte
 	if sni != nil {
 		var err error
-		if host, clientPrefix, err = sni(client, s.cfg.ClientHeaderTimeout); err != nil {
+		if host, clientPrefix, err = sni(conn, s.cfg.ClientHeaderTimeout); err != nil {
 			refuse(FailBadRequest, fmt.Errorf("read TLS ClientHello: %w", err))
 			return
 		}
@@ -112,6 +120,10 @@ func (s *Server) serveTCPConn(client *net.TCPConn, info listenerInfo, sni SNIRea
 		return
 	}
 	pool := route.Pool
+	if proxied {
+		// Bytes read past the header (and past the ClientHello, when peeked) go to the upstream first.
+		clientPrefix = append(clientPrefix, pc.leftover()...)
+	}
 	up, herr, err := s.withRetries(peer, pool, pool.Key(ip, req),
 		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
 			ctx, cancel := context.WithDeadline(context.Background(), deadline.Add(s.cfg.ConnectTimeout))
@@ -121,7 +133,19 @@ func (s *Server) serveTCPConn(client *net.TCPConn, info listenerInfo, sni SNIRea
 				return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
 					msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}, nil
 			}
-			return &dialedUpstream{conn: conn.(*net.TCPConn)}, nil, nil
+			tc := conn.(*net.TCPConn)
+			if route.SendProxy != "" {
+				// The upstream learns who the client is before any of its bytes.
+				_ = tc.SetWriteDeadline(deadline)
+				_, err := tc.Write(proxyHeader(route.SendProxy, peerAddr, client.LocalAddr()))
+				_ = tc.SetWriteDeadline(time.Time{})
+				if err != nil {
+					tc.Close()
+					return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
+						msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}, nil
+				}
+			}
+			return &dialedUpstream{conn: tc}, nil, nil
 		})
 	if err == nil && herr != nil {
 		err = errors.New(herr.msg)
