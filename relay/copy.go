@@ -2,6 +2,7 @@ package relay
 
 import (
 	"fmt"
+	"io"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -20,6 +21,9 @@ var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize);
 // is taken from the pool only once a read has bytes to return, so an idle tunnel holds none (a blocked
 // net.Conn.Read would pin 32 KiB per direction for the tunnel's whole life).
 func copyPump(d *direction) error {
+	if d.srcTLS != nil || d.dstTLS != nil {
+		return streamPump(d)
+	}
 	src, err := d.src.SyscallConn()
 	if err != nil {
 		return readErr(fmt.Errorf("raw source conn: %w", err))
@@ -59,6 +63,33 @@ func copyPump(d *direction) error {
 		d.counter.Add(uint64(w))
 		if werr != nil {
 			return writeErr(werr)
+		}
+	}
+}
+
+// tlsBufferSize is the read size of a TLS direction: one TLS record's plaintext at most.
+const tlsBufferSize = 16 << 10
+
+// streamPump moves bytes from d's reader to its writer, for a direction with TLS on either side. A
+// blocked TLS read cannot be made to wait without a buffer the way a raw read can, so such a direction
+// holds 16 KiB for its life.
+func streamPump(d *direction) error {
+	buf := make([]byte, tlsBufferSize)
+	r, w := d.reader(), d.writer()
+	for {
+		n, rerr := r.Read(buf)
+		if n > 0 {
+			m, werr := w.Write(buf[:n])
+			d.counter.Add(uint64(m))
+			if werr != nil {
+				return writeErr(werr)
+			}
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return readErr(rerr)
 		}
 	}
 }

@@ -39,6 +39,7 @@ const (
 	FailUpstreamRemoved     = "upstream_removed"     // a reload removed the chosen server, closing its tunnels, during the handshake
 	FailBadPath             = "bad_path"             // the path has . or .. segments
 	FailProxyProtocol       = "proxy_protocol"       // a PROXY protocol listener's connection had no valid header
+	FailUpstreamTLS         = "upstream_tls"         // the TLS handshake with a wss upstream failed
 )
 
 func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {

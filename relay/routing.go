@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -34,6 +35,9 @@ type Route struct {
 	// SendProxy, "v1" or "v2", starts every connection to the pool's servers with a PROXY protocol header
 	// naming the client; "" sends none.
 	SendProxy string
+	// UpstreamTLS, when set, makes the pool's servers wss upstreams: it gives the TLS client settings for
+	// a server's address (tlsconf.Client.Config). Their tunnels use the copy datapath.
+	UpstreamTLS func(serverAddr string) *tls.Config
 }
 
 // DefaultListener names the listener of Serve, which has no name of its own.
@@ -106,6 +110,7 @@ func (s *Server) listenerOf(r *http.Request) listenerInfo {
 type dialedUpstream struct {
 	lease  *upstream.Lease
 	conn   *net.TCPConn
+	tls    *tls.Conn // over conn, for a wss upstream
 	resp   *http.Response
 	prefix []byte // bytes the upstream sent after its response head
 }
@@ -121,7 +126,7 @@ func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dial
 	pool := route.Pool
 	return s.withRetries(r.RemoteAddr, pool, pool.Key(s.clientOf(r).ip, r),
 		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
-			return s.tryUpstream(r, addr, wsKey, route.SendProxy, deadline)
+			return s.tryUpstream(r, addr, wsKey, route, deadline)
 		})
 }
 
@@ -175,7 +180,7 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 // tryUpstream connects to addr and forwards the handshake there, within the connect and response
 // timeouts and never past retryDeadline, which bounds all tries together. It returns a handshake error for
 // a failure of the upstream, and an error only when the client left meanwhile.
-func (s *Server) tryUpstream(r *http.Request, addr, wsKey, sendProxy string, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
+func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
 	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline)
 	defer cancel()
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
@@ -190,17 +195,34 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey, sendProxy string, ret
 	// A client that leaves while the upstream thinks (net/http cancels the request's context when it sees
 	// the connection close) releases the upstream at once instead of at the response timeout.
 	stopWatch := context.AfterFunc(r.Context(), func() { _ = tc.SetDeadline(time.Unix(1, 0)) })
-	if sendProxy != "" {
+	if route.SendProxy != "" {
 		client, _ := net.ResolveTCPAddr("tcp", r.RemoteAddr)
 		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 		_ = tc.SetWriteDeadline(retryDeadline)
-		if _, err := tc.Write(proxyHeader(sendProxy, client, local)); err != nil {
+		if _, err := tc.Write(proxyHeader(route.SendProxy, client, local)); err != nil {
 			tc.Close()
 			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
 				msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}, nil
 		}
 	}
-	resp, prefix, herr := s.forwardHandshake(tc, r, wsKey, retryDeadline)
+	var stream net.Conn = tc
+	var tlsConn *tls.Conn
+	if route.UpstreamTLS != nil {
+		tlsConn = tls.Client(tc, route.UpstreamTLS(addr))
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.UpstreamResponseTimeout)
+		err := tlsConn.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			tc.Close()
+			if r.Context().Err() != nil {
+				return nil, nil, errClientGone
+			}
+			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamTLS,
+				msg: fmt.Sprintf("TLS handshake with upstream %s: %v", addr, err)}, nil
+		}
+		stream = tlsConn
+	}
+	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey, retryDeadline)
 	if !stopWatch() {
 		tc.Close()
 		return nil, nil, errClientGone
@@ -210,7 +232,7 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey, sendProxy string, ret
 		herr.msg = fmt.Sprintf("upstream %s: %s", addr, herr.msg)
 		return nil, herr, nil
 	}
-	return &dialedUpstream{conn: tc, resp: resp, prefix: prefix}, nil, nil
+	return &dialedUpstream{conn: tc, tls: tlsConn, resp: resp, prefix: prefix}, nil, nil
 }
 
 // CloseTunnelsTo ends every tunnel whose upstream is one of servers, for a reload that removed them from

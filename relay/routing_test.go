@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -27,12 +28,13 @@ type pathRoute struct {
 	pool             *upstream.Pool
 	origins          []string
 	sendProxy        string
+	upstreamTLS      func(string) *tls.Config
 }
 
 func (p *pathRouter) Route(listener string, r *http.Request) (Route, bool) {
 	for _, rt := range p.routes {
 		if (rt.listener == "" || rt.listener == listener) && strings.HasPrefix(r.URL.Path, rt.prefix) {
-			return Route{Pool: rt.pool, Origins: rt.origins, SendProxy: rt.sendProxy}, true
+			return Route{Pool: rt.pool, Origins: rt.origins, SendProxy: rt.sendProxy, UpstreamTLS: rt.upstreamTLS}, true
 		}
 	}
 	return Route{}, false

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -220,6 +221,9 @@ type ListenerOptions struct {
 	TrustedProxies []netip.Prefix
 	// Limits apply to this listener's handshakes and tunnels, besides the server's Config.Limits.
 	Limits Limits
+	// TLS, when set, terminates TLS on the listener (tlsconf.Server.Config); its tunnels use the copy
+	// datapath.
+	TLS *tls.Config
 	// ProxyProtocol makes every connection start with a PROXY protocol v1 or v2 header naming the client,
 	// from an L4 balancer in front; a connection without one is refused.
 	ProxyProtocol bool
@@ -228,8 +232,11 @@ type ListenerOptions struct {
 // wrapListener applies the listener options that change what a connection is.
 func (s *Server) wrapListener(l net.Listener, opts ListenerOptions) net.Listener {
 	if opts.ProxyProtocol {
-		return &proxyListener{Listener: l, timeout: s.cfg.ClientHeaderTimeout, log: s.log,
+		l = &proxyListener{Listener: l, timeout: s.cfg.ClientHeaderTimeout, log: s.log,
 			onFail: func() { s.metrics.handshakesFailed.WithLabelValues(FailProxyProtocol).Inc() }}
+	}
+	if opts.TLS != nil {
+		l = tls.NewListener(l, opts.TLS) // under the PROXY header reader: the header is not encrypted
 	}
 	return l
 }
@@ -366,8 +373,12 @@ func hasDotSegment(path string) bool {
 	return false
 }
 
-// upstreamAddrKey carries the server that serveRequest chose to the reverse proxy's Rewrite.
-type upstreamAddrKey struct{}
+// upstreamAddrKey carries the server that serveRequest chose to the reverse proxy's Rewrite, and
+// upstreamTLSKey its route's TLS settings (for a wss pool) to the transport's dialer.
+type (
+	upstreamAddrKey struct{}
+	upstreamTLSKey  struct{}
+)
 
 // serveRequest reverse-proxies a plain HTTP request to a server of its route's pool, holding a lease on
 // the server while the request runs, so that least_tunnels and max_tunnels see it.
@@ -392,18 +403,43 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer lease.Release()
-	s.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), upstreamAddrKey{}, lease.Server.Address())))
+	ctx := context.WithValue(r.Context(), upstreamAddrKey{}, lease.Server.Address())
+	if route.UpstreamTLS != nil {
+		ctx = context.WithValue(ctx, upstreamTLSKey{}, route.UpstreamTLS)
+	}
+	s.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
 
 func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(&url.URL{Scheme: "http", Host: pr.In.Context().Value(upstreamAddrKey{}).(string)})
+			scheme := "http"
+			if pr.In.Context().Value(upstreamTLSKey{}) != nil {
+				scheme = "https"
+			}
+			pr.SetURL(&url.URL{Scheme: scheme, Host: pr.In.Context().Value(upstreamAddrKey{}).(string)})
 			pr.Out.Host = pr.In.Host // as in the WebSocket path: the upstream sees the Host the client asked for
 			setForwarded(pr.Out.Header, pr.In, s.clientOf(pr.In))
 		},
 		Transport: &http.Transport{
-			DialContext:           s.dialer.DialContext,
+			DialContext: s.dialer.DialContext,
+			// A wss pool's plain requests: its TLS settings come with the request.
+			DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				cfgFor, _ := ctx.Value(upstreamTLSKey{}).(func(string) *tls.Config)
+				if cfgFor == nil {
+					return nil, fmt.Errorf("https to %s without the pool's TLS settings", addr)
+				}
+				conn, err := s.dialer.DialContext(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				tc := tls.Client(conn, cfgFor(addr))
+				if err := tc.HandshakeContext(ctx); err != nil {
+					conn.Close()
+					return nil, fmt.Errorf("TLS handshake with upstream %s: %w", addr, err)
+				}
+				return tc, nil
+			},
 			ResponseHeaderTimeout: s.cfg.UpstreamResponseTimeout,
 			MaxIdleConnsPerHost:   64,
 			IdleConnTimeout:       90 * time.Second,
@@ -503,18 +539,27 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 			msg: fmt.Sprintf("upstream %s was removed by a reload during the handshake", up.lease.Server.Address())})
 		return
 	}
-	client, clientPrefix, err := hijack(w)
+	client, clientTLS, clientPrefix, err := hijack(w)
 	if err != nil {
 		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		return
+	}
+	datapath := s.listenerOf(r).datapath
+	if (clientTLS != nil || up.tls != nil) && datapath != DatapathCopy {
+		// Without kernel TLS the bytes must be decrypted in userspace: neither splice nor sockmap can
+		// carry them. Counted as a step down, so that it shows.
+		datapath = DatapathCopy
+		s.metrics.datapathFallbacks.WithLabelValues("tls").Inc()
 	}
 	// The tunnel is registered before the client sees its 101: a shutdown that races this handshake then
 	// either refuses it here or finds it live and closes it; it never misses it.
 	t := &Tunnel{
 		Client:         client,
 		Upstream:       upstream,
-		datapath:       s.listenerOf(r).datapath,
+		datapath:       datapath,
+		clientTLS:      clientTLS,
+		upstreamTLS:    up.tls,
 		Started:        time.Now(),
 		ClientAddr:     r.RemoteAddr,
 		UpstreamAddr:   up.lease.Server.Address(),
@@ -543,7 +588,11 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		t.end(ReasonUpstreamRemoved, true)
 		return
 	}
-	if err := writeSwitch(client, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
+	var switchTo net.Conn = client
+	if clientTLS != nil {
+		switchTo = clientTLS
+	}
+	if err := writeSwitch(switchTo, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		t.end(ReasonClientError, true)
 		return
@@ -647,7 +696,7 @@ func (s *Server) kernelFallback(t *Tunnel, reason string) {
 // forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
 // upstream response timeout. A 101 comes back with the bytes the upstream sent behind it (they belong to the
 // tunnel); any other complete response comes back for passResponse.
-func (s *Server) forwardHandshake(upstream *net.TCPConn, r *http.Request, key string, notAfter time.Time) (*http.Response, []byte, *handshakeError) {
+func (s *Server) forwardHandshake(upstream net.Conn, r *http.Request, key string, notAfter time.Time) (*http.Response, []byte, *handshakeError) {
 	start := time.Now()
 	deadline := start.Add(s.cfg.UpstreamResponseTimeout)
 	if !notAfter.IsZero() && notAfter.Before(deadline) {
@@ -703,7 +752,7 @@ func upstreamRequest(r *http.Request, client clientIdentity) []byte {
 }
 
 // passResponse gives the client the upstream's refusal (a 401, a 403, a redirect, ...) as an ordinary response.
-func (s *Server) passResponse(w http.ResponseWriter, r *http.Request, upstream *net.TCPConn, resp *http.Response) {
+func (s *Server) passResponse(w http.ResponseWriter, r *http.Request, upstream net.Conn, resp *http.Response) {
 	defer resp.Body.Close()
 	s.metrics.handshakesFailed.WithLabelValues(FailUpstreamRefused).Inc()
 	s.log.Info("handshake refused by upstream", "client", r.RemoteAddr, "uri", r.RequestURI,
@@ -722,30 +771,40 @@ func (s *Server) passResponse(w http.ResponseWriter, r *http.Request, upstream *
 }
 
 // hijack takes the client's connection from net/http, with the bytes net/http had already read past the
-// request: the client's pipelined first tunnel bytes.
-func hijack(w http.ResponseWriter) (*net.TCPConn, []byte, error) {
+// request: the client's pipelined first tunnel bytes. On a TLS listener it also returns the TLS
+// connection, which the tunnel's bytes go through; the socket is still returned, for closing it.
+func hijack(w http.ResponseWriter) (*net.TCPConn, *tls.Conn, []byte, error) {
 	conn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
-		return nil, nil, fmt.Errorf("hijack client connection: %w", err)
+		return nil, nil, nil, fmt.Errorf("hijack client connection: %w", err)
 	}
 	prefix, _ := brw.Reader.Peek(brw.Reader.Buffered())
 	prefix = bytes.Clone(prefix)
+	tlsConn, isTLS := conn.(*tls.Conn)
+	if isTLS {
+		// Ciphertext the TLS connection has not read yet stays where it is, in a PROXY header reader
+		// or the socket: the TLS connection goes on reading through what it was given.
+		conn = tlsConn.NetConn()
+	}
 	if pc, ok := conn.(*proxiedConn); ok {
+		if isTLS {
+			return pc.TCPConn, tlsConn, prefix, nil
+		}
 		// net/http read through the PROXY header reader: what it holds comes first, then what that
 		// reader holds, then the socket.
-		return pc.TCPConn, append(prefix, pc.leftover()...), nil
+		return pc.TCPConn, nil, append(prefix, pc.leftover()...), nil
 	}
 	tc, ok := conn.(*net.TCPConn)
 	if !ok {
 		conn.Close()
-		return nil, nil, fmt.Errorf("client connection is a %T, not TCP", conn)
+		return nil, nil, nil, fmt.Errorf("client connection is a %T, not TCP", conn)
 	}
-	return tc, prefix, nil
+	return tc, tlsConn, prefix, nil
 }
 
 // writeSwitch sends the client the upstream's 101 with the upstream's end-to-end headers
 // (Sec-WebSocket-Accept, -Protocol, -Extensions, cookies) and this hop's Upgrade and Connection.
-func writeSwitch(client *net.TCPConn, upstreamHeader http.Header, timeout time.Duration) error {
+func writeSwitch(client net.Conn, upstreamHeader http.Header, timeout time.Duration) error {
 	h := upstreamHeader.Clone()
 	removeHopHeaders(h)
 	h.Set("Upgrade", "websocket")

@@ -1,8 +1,10 @@
 package relay
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -17,7 +19,11 @@ type Tunnel struct {
 	ID       uint64
 	Client   *net.TCPConn
 	Upstream *net.TCPConn
-	Started  time.Time
+	// clientTLS and upstreamTLS, when set, are the TLS connections over Client and Upstream (a TLS
+	// listener, a wss upstream): the tunnel's bytes are read from and written to them, on the copy
+	// datapath, since without kernel TLS neither splice nor sockmap can carry them.
+	clientTLS, upstreamTLS *tls.Conn
+	Started                time.Time
 
 	// ClientAddr and UpstreamAddr are the remote addresses, kept as strings so they survive Close.
 	ClientAddr   string
@@ -162,6 +168,8 @@ func (t *Tunnel) Close() { t.end(ReasonShutdown, true) }
 // direction is one way through a tunnel: bytes read from src are written to dst.
 type direction struct {
 	src, dst *net.TCPConn
+	// srcTLS and dstTLS, when set, are what bytes are read from and written to instead of the sockets.
+	srcTLS, dstTLS *tls.Conn
 	// prefix points at the tunnel's own field, so bytes written once are never written again, even when a
 	// tunnel that could not enter the kernel datapath falls back to a userspace one.
 	prefix  *[]byte
@@ -172,8 +180,10 @@ type direction struct {
 
 func (t *Tunnel) directions() [2]*direction {
 	return [2]*direction{
-		{src: t.Client, dst: t.Upstream, prefix: &t.clientPrefix, counter: &t.toUpstream, fromClient: true},
-		{src: t.Upstream, dst: t.Client, prefix: &t.upstreamPrefix, counter: &t.toClient},
+		{src: t.Client, dst: t.Upstream, srcTLS: t.clientTLS, dstTLS: t.upstreamTLS, prefix: &t.clientPrefix,
+			counter: &t.toUpstream, fromClient: true},
+		{src: t.Upstream, dst: t.Client, srcTLS: t.upstreamTLS, dstTLS: t.clientTLS, prefix: &t.upstreamPrefix,
+			counter: &t.toClient},
 	}
 }
 
@@ -208,6 +218,22 @@ func (d *direction) reasonFor(err error) string {
 	}
 }
 
+// reader is what the direction reads bytes from: the source socket, or its TLS connection.
+func (d *direction) reader() io.Reader {
+	if d.srcTLS != nil {
+		return d.srcTLS
+	}
+	return d.src
+}
+
+// writer is what the direction writes bytes to: the destination socket, or its TLS connection.
+func (d *direction) writer() io.Writer {
+	if d.dstTLS != nil {
+		return d.dstTLS
+	}
+	return d.dst
+}
+
 // writePrefix sends the bytes userspace already holds for dst, before any byte the datapath moves.
 func (d *direction) writePrefix() error {
 	p := *d.prefix
@@ -215,7 +241,7 @@ func (d *direction) writePrefix() error {
 		return nil
 	}
 	*d.prefix = nil
-	n, err := d.dst.Write(p)
+	n, err := d.writer().Write(p)
 	d.counter.Add(uint64(n))
 	if err != nil {
 		return writeErr(err)
@@ -225,6 +251,12 @@ func (d *direction) writePrefix() error {
 
 // finish carries the source's FIN to the destination, after every byte before it has been written.
 func (d *direction) finish() error {
+	if d.dstTLS != nil {
+		// close_notify first, so that the peer can tell the end from a truncation; then the FIN.
+		if err := d.dstTLS.CloseWrite(); err != nil {
+			return writeErr(fmt.Errorf("TLS close_notify: %w", err))
+		}
+	}
 	if err := d.dst.CloseWrite(); err != nil {
 		return writeErr(fmt.Errorf("shutdown write: %w", err))
 	}
