@@ -17,11 +17,13 @@ import (
 
 // TunnelInfo is one live tunnel as /debug/tunnels shows it.
 type TunnelInfo struct {
-	ID              uint64    `json:"id"`
-	Client          string    `json:"client"`
-	Upstream        string    `json:"upstream"`
-	Pool            string    `json:"pool"`
-	Datapath        Datapath  `json:"datapath"`
+	ID       uint64   `json:"id"`
+	Client   string   `json:"client"`
+	Upstream string   `json:"upstream"`
+	Pool     string   `json:"pool"`
+	Datapath Datapath `json:"datapath"`
+	// TLS says the tunnel has TLS on a side (a TLS listener, a wss upstream), which keeps it on copy.
+	TLS             bool      `json:"tls,omitempty"`
 	BytesToUpstream uint64    `json:"bytes_to_upstream"`
 	BytesToClient   uint64    `json:"bytes_to_client"`
 	Started         time.Time `json:"started"`
@@ -36,6 +38,7 @@ func (t *Tunnel) Info() TunnelInfo {
 		Upstream:        t.UpstreamAddr,
 		Pool:            t.Pool,
 		Datapath:        t.Datapath(),
+		TLS:             t.clientTLS != nil || t.upstreamTLS != nil,
 		BytesToUpstream: up,
 		BytesToClient:   down,
 		Started:         t.Started,

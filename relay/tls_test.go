@@ -68,8 +68,8 @@ func TestTLSListener(t *testing.T) {
 		t.Fatalf("client first bytes %q, %v", got, err)
 	}
 	ts := r.Tunnels().Tunnels()
-	if len(ts) != 1 || ts[0].Datapath() != DatapathCopy {
-		t.Fatalf("tunnels %v; want one on copy", ts)
+	if len(ts) != 1 || ts[0].Datapath() != DatapathCopy || !ts[0].Info().TLS {
+		t.Fatalf("tunnels %v; want one on copy, shown with TLS", ts)
 	}
 	if dp := r.Server.cfg.Datapath; dp != DatapathCopy {
 		if m := scrape(t, r); !strings.Contains(m, `sockrelay_datapath_fallbacks_total{reason="tls"} 1`) {
