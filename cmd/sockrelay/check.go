@@ -34,12 +34,9 @@ func checkCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
-	// The pools are built as at start, so that nothing the config package let through fails there.
-	for _, p := range cfg.Pools {
-		if err := poolSpec(p).Validate(); err != nil {
-			fmt.Fprintf(stderr, "%s: pools.%s: %v\n", *path, p.Name, err)
-			return 1
-		}
+	if err := checkRunnable(cfg); err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", *path, err)
+		return 1
 	}
 	for _, w := range cfg.Warnings {
 		fmt.Fprintln(stderr, "warning:", w)

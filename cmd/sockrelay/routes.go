@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"slices"
 	"strings"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/config"
 	"github.com/sockrelay/sockrelay/relay"
+	"github.com/sockrelay/sockrelay/tlsconf"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -31,7 +34,7 @@ func poolSpec(p config.Pool) upstream.PoolSpec {
 	}
 	if p.DNS != nil {
 		spec.DNS = &upstream.DNSSpec{Name: p.DNS.Name, Type: upstream.DNSType(p.DNS.Type), Port: p.DNS.Port,
-			Interval: p.DNS.Interval}
+			Interval: p.DNS.Interval, MaxTunnels: p.DNS.MaxTunnels}
 	}
 	if c := p.HealthCheck; c != nil {
 		spec.Active = &upstream.ActiveHealthSpec{Type: upstream.CheckType(c.Type), Path: c.Path,
@@ -46,7 +49,10 @@ func poolSpec(p config.Pool) upstream.PoolSpec {
 type configRouter struct {
 	listeners map[string]config.Listener
 	pools     map[string]*upstream.Pool
-	order     []*upstream.Pool // the file's order, for the admin API
+	sendProxy map[string]string // per pool: "", "v1" or "v2"
+	// upstreamTLS is, per wss pool, the TLS client settings for a server's address.
+	upstreamTLS map[string]func(string) *tls.Config
+	order       []*upstream.Pool // the file's order, for the admin API
 }
 
 func (c *configRouter) Route(listener string, r *http.Request) (relay.Route, bool) {
@@ -58,7 +64,27 @@ func (c *configRouter) Route(listener string, r *http.Request) (relay.Route, boo
 	if !ok {
 		return relay.Route{}, false
 	}
-	return relay.Route{Pool: c.pools[route.Pool]}, true
+	return relay.Route{Pool: c.pools[route.Pool], Origins: route.Origins, SendProxy: c.sendProxy[route.Pool],
+		UpstreamTLS: c.upstreamTLS[route.Pool]}, true
+}
+
+// checkRunnable finds what the config package cannot know and run would refuse on every host, so that
+// check, run and reload agree.
+func checkRunnable(cfg *config.Config) error {
+	var errs []error
+	for i, l := range cfg.Listeners {
+		if l.Datapath == "sockmap" && (cfg.Datapath == "copy" || cfg.Datapath == "splice") {
+			errs = append(errs, fmt.Errorf("listeners[%d] (%q): datapath sockmap under the top-level datapath %s; "+
+				"accepted: copy, splice or auto here, or a top-level datapath of sockmap or auto, which loads the kernel datapath",
+				i, l.Name, cfg.Datapath))
+		}
+	}
+	for _, p := range cfg.Pools {
+		if err := poolSpec(p).Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("pools.%s: %w", p.Name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (c *configRouter) Pools() []*upstream.Pool { return c.order }
@@ -69,9 +95,13 @@ type pools struct {
 	log *slog.Logger
 	ctx context.Context // the pools' health checks and DNS discovery run until it ends
 
-	mu      sync.Mutex
+	mu      sync.Mutex // one apply at a time; guards running
 	running map[string]*upstream.Pool
-	srv     *relay.Server // set once the server exists; removed servers' tunnels are closed through it
+
+	// flagMu guards what a pool's DNS goroutine reads when it removes servers (onRemoved). It is never
+	// held while a pool is closed, since Close waits for that goroutine.
+	flagMu sync.Mutex
+	srv    *relay.Server // set once the server exists; removed servers' tunnels are closed through it
 	// closeOnRemoval says, per pool, whether its removed servers' tunnels are closed (the setting in
 	// force when they are removed).
 	closeOnRemoval map[string]bool
@@ -90,7 +120,17 @@ func (ps *pools) apply(cfg *config.Config) (relay.Router, error) {
 	defer ps.mu.Unlock()
 	specs := make(map[string]upstream.PoolSpec, len(cfg.Pools))
 	fresh := map[string]*upstream.Pool{}
+	upstreamTLS := map[string]func(string) *tls.Config{}
 	for _, p := range cfg.Pools {
+		if p.TLS.Enabled {
+			// Files are read now, so that a bad CA or key refuses the whole configuration.
+			client, err := tlsconf.NewClient(tlsconf.ClientSpec{ServerName: p.TLS.ServerName, CAFile: p.TLS.CAFile,
+				CertFile: p.TLS.Cert, KeyFile: p.TLS.Key, InsecureSkipVerify: p.TLS.InsecureSkipVerify})
+			if err != nil {
+				return nil, fmt.Errorf("pools.%s.tls: %w", p.Name, err)
+			}
+			upstreamTLS[p.Name] = client.Config
+		}
 		spec := poolSpec(p)
 		specs[p.Name] = spec
 		if _, ok := ps.running[p.Name]; ok {
@@ -107,13 +147,17 @@ func (ps *pools) apply(cfg *config.Config) (relay.Router, error) {
 	}
 	// Nothing can fail from here on.
 	var removed []*upstream.Server
+	var closing []*upstream.Pool
+	ps.flagMu.Lock()
+	closeOnRemoval, srv := maps.Clone(ps.closeOnRemoval), ps.srv
+	ps.flagMu.Unlock()
 	for name, p := range ps.running {
 		spec, ok := specs[name]
 		if !ok {
-			if ps.closeOnRemoval[name] {
+			if closeOnRemoval[name] {
 				removed = append(removed, p.Servers()...)
 			}
-			p.Close()
+			closing = append(closing, p)
 			delete(ps.running, name)
 			ps.log.Info("pool removed", "pool", name)
 			continue
@@ -131,17 +175,26 @@ func (ps *pools) apply(cfg *config.Config) (relay.Router, error) {
 		p.Start(ps.ctx)
 		ps.running[name] = p
 	}
-	rt := &configRouter{listeners: map[string]config.Listener{}, pools: map[string]*upstream.Pool{}}
+	rt := &configRouter{listeners: map[string]config.Listener{}, pools: map[string]*upstream.Pool{},
+		sendProxy: map[string]string{}, upstreamTLS: upstreamTLS}
 	for _, l := range cfg.Listeners {
 		rt.listeners[l.Name] = l
 	}
+	ps.flagMu.Lock()
 	for _, p := range cfg.Pools {
 		ps.closeOnRemoval[p.Name] = p.CloseTunnelsOnRemoval
 		rt.pools[p.Name] = ps.running[p.Name]
+		if p.ProxyProtocol != config.ProxyProtocolOff {
+			rt.sendProxy[p.Name] = p.ProxyProtocol
+		}
 		rt.order = append(rt.order, ps.running[p.Name])
 	}
-	if len(removed) > 0 && ps.srv != nil {
-		n := ps.srv.CloseTunnelsTo(removed)
+	ps.flagMu.Unlock()
+	for _, p := range closing {
+		p.Close() // waits for its DNS goroutine, which may be in onRemoved: flagMu is free
+	}
+	if len(removed) > 0 && srv != nil {
+		n := srv.CloseTunnelsTo(removed)
 		ps.log.Info("closed the tunnels of removed upstream servers", "servers", len(removed), "tunnels", n)
 	}
 	return rt, nil
@@ -150,9 +203,9 @@ func (ps *pools) apply(cfg *config.Config) (relay.Router, error) {
 // onRemoved closes, when the pool says so, the tunnels of servers that DNS discovery removed.
 func (ps *pools) onRemoved(pool string) func([]*upstream.Server) {
 	return func(gone []*upstream.Server) {
-		ps.mu.Lock()
+		ps.flagMu.Lock()
 		close, srv := ps.closeOnRemoval[pool], ps.srv
-		ps.mu.Unlock()
+		ps.flagMu.Unlock()
 		if close && srv != nil {
 			n := srv.CloseTunnelsTo(gone)
 			ps.log.Info("closed the tunnels of servers DNS no longer lists", "pool", pool, "servers", len(gone), "tunnels", n)
@@ -161,9 +214,9 @@ func (ps *pools) onRemoved(pool string) func([]*upstream.Server) {
 }
 
 func (ps *pools) setServer(srv *relay.Server) {
-	ps.mu.Lock()
+	ps.flagMu.Lock()
 	ps.srv = srv
-	ps.mu.Unlock()
+	ps.flagMu.Unlock()
 }
 
 // closeAll stops every pool's health checks and DNS discovery.
@@ -171,7 +224,7 @@ func (ps *pools) closeAll() {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	for name, p := range ps.running {
-		p.Close()
+		p.Close() // under mu, not flagMu: onRemoved does not wait for mu
 		delete(ps.running, name)
 	}
 }
@@ -179,7 +232,10 @@ func (ps *pools) closeAll() {
 // listenerChange says why cfg cannot be reloaded into a relay that listens as old does: listeners are
 // bound once, at start. "" when it can.
 func listenerChange(old, cfg *config.Config) string {
-	key := func(l config.Listener) string { return l.Name + "@" + l.Address + "/" + l.Datapath }
+	key := func(l config.Listener) string {
+		return fmt.Sprintf("%s@%s/%s tls=%v passthrough=%v proxy_protocol=%v", l.Name, l.Address, l.Type,
+			l.TLS != nil, l.TLSPassthrough, l.ProxyProtocol)
+	}
 	a, b := make([]string, len(old.Listeners)), make([]string, len(cfg.Listeners))
 	for i, l := range old.Listeners {
 		a[i] = key(l)
@@ -190,18 +246,20 @@ func listenerChange(old, cfg *config.Config) string {
 	if slices.Equal(a, b) {
 		return ""
 	}
-	return fmt.Sprintf("listeners changed (%v to %v): names, addresses and datapaths of listeners take a restart; routes and pools reload", a, b)
+	return fmt.Sprintf("listeners changed (%v to %v): names, addresses, types, TLS and PROXY protocol of listeners take a restart; routes and pools reload", a, b)
 }
 
 // reloader re-reads the configuration file on SIGHUP and POST /admin/reload. A file that does not parse,
 // or that changes what only a restart can change, is refused with the reason and the configuration in
 // force stays.
 type reloader struct {
-	o     *runOptions
-	pools *pools
-	srv   *relay.Server
-	log   *slog.Logger
-	mu    sync.Mutex // one reload at a time
+	o          *runOptions
+	tlsServers []*tlsconf.Server // the TLS listeners' certificates
+	started    *config.Config    // the file as the relay started with it
+	pools      *pools
+	srv        *relay.Server
+	log        *slog.Logger
+	mu         sync.Mutex // one reload at a time
 }
 
 func (rl *reloader) reload() error {
@@ -219,7 +277,18 @@ func (rl *reloader) reloadLocked() error {
 	if err != nil {
 		return err
 	}
-	old := rl.o.file.cfg
+	// Certificates of TLS listeners are re-read too; a bad file keeps the old ones and refuses the reload.
+	for _, ts := range rl.tlsServers {
+		if err := ts.Reload(); err != nil {
+			return err
+		}
+	}
+	// Listeners and restart-only settings are compared with what the relay started with, which is what
+	// is still in force for them whatever reloads came between.
+	old := rl.started
+	if err := checkRunnable(cfg); err != nil {
+		return err
+	}
 	if why := listenerChange(old, cfg); why != "" {
 		return errors.New(why)
 	}
@@ -249,7 +318,13 @@ func restartOnly(old, cfg *config.Config) []string {
 	}{
 		{"admin", old.Admin != cfg.Admin},
 		{"log_level", old.LogLevel != cfg.LogLevel},
-		{"datapath", old.Datapath != cfg.Datapath},
+		{"datapath", old.Datapath != cfg.Datapath || !slices.EqualFunc(old.Listeners, cfg.Listeners,
+			func(a, b config.Listener) bool { return a.Datapath == b.Datapath })},
+		{"listeners' limits and trusted_proxies", !slices.EqualFunc(old.Listeners, cfg.Listeners,
+			func(a, b config.Listener) bool {
+				return a.Limits == b.Limits && slices.Equal(a.TrustedProxies, b.TrustedProxies)
+			})},
+		{"limits", old.Limits != cfg.Limits},
 		{"kernel_held_limit", old.KernelHeldLimit != cfg.KernelHeldLimit},
 		{"tunnel_log_interval", old.TunnelLogInterval != cfg.TunnelLogInterval},
 		{"timeouts", old.Timeouts != cfg.Timeouts},

@@ -20,6 +20,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/config"
 	"github.com/sockrelay/sockrelay/relay"
+	"github.com/sockrelay/sockrelay/tlsconf"
 )
 
 // runOptions are the flags of `sockrelay run`.
@@ -37,6 +38,8 @@ type runOptions struct {
 	maxHeaderBytes      int
 	kernelHeldLimit     int
 	tunnelLogInterval   time.Duration
+	tunnelIdleTimeout   time.Duration
+	tunnelLifetime      time.Duration
 	logLevel            string
 	logFormat           string
 
@@ -86,6 +89,8 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.IntVar(&o.maxHeaderBytes, "max-header-bytes", relay.DefaultMaxHeaderBytes, "largest request line and headers a client may send, in bytes")
 	fs.IntVar(&o.kernelHeldLimit, "kernel-held-limit", relay.DefaultKernelHeldLimit, "sockmap: most `BYTES` the kernel may hold per tunnel direction for a slow reader before userspace takes over the direction")
 	fs.DurationVar(&o.tunnelLogInterval, "tunnel-log-interval", 0, "log each tunnel that lives longer than this again at this interval, with its bytes so far (0: off; else at least 1s)")
+	fs.DurationVar(&o.tunnelIdleTimeout, "tunnel-idle-timeout", 0, "close a tunnel with no byte either way for this long, FIN to both sides (0: never; else at least 1s)")
+	fs.DurationVar(&o.tunnelLifetime, "tunnel-lifetime", 0, "reset tunnels that have lived this long (0: no limit; else at least 1s)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -151,6 +156,14 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	if o.tunnelLogInterval < 0 || (o.tunnelLogInterval > 0 && o.tunnelLogInterval < relay.MinTunnelLogInterval) {
 		return nil, fmt.Errorf("--tunnel-log-interval: %s; accepted 0 (off) or at least %s", o.tunnelLogInterval, relay.MinTunnelLogInterval)
 	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"--tunnel-idle-timeout", o.tunnelIdleTimeout}, {"--tunnel-lifetime", o.tunnelLifetime}} {
+		if d.v < 0 || (d.v > 0 && d.v < relay.MinTunnelTimeout) {
+			return nil, fmt.Errorf("%s: %s; accepted 0 (off) or at least %s", d.name, d.v, relay.MinTunnelTimeout)
+		}
+	}
 	if o.maxHeaderBytes < 1024 {
 		return nil, fmt.Errorf("--max-header-bytes: %d is too small; the least accepted is 1024", o.maxHeaderBytes)
 	}
@@ -172,6 +185,9 @@ func (o *runOptions) loadConfig() error {
 	cfg, err := config.Load(o.configPath)
 	if err != nil {
 		return err
+	}
+	if err := checkRunnable(cfg); err != nil {
+		return fmt.Errorf("%s: %w", o.configPath, err)
 	}
 	o.file = configFile{cfg: cfg}
 	o.applyFile(cfg)
@@ -195,6 +211,8 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 	set("max-header-bytes", func() { o.maxHeaderBytes = cfg.MaxHeaderBytes })
 	set("kernel-held-limit", func() { o.kernelHeldLimit = cfg.KernelHeldLimit })
 	set("tunnel-log-interval", func() { o.tunnelLogInterval = cfg.TunnelLogInterval })
+	set("tunnel-idle-timeout", func() { o.tunnelIdleTimeout = cfg.Timeouts.TunnelIdle })
+	set("tunnel-lifetime", func() { o.tunnelLifetime = cfg.Timeouts.TunnelLifetime })
 }
 
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
@@ -245,7 +263,30 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 type listenerSetting struct {
 	name, address string
 	datapath      relay.Datapath
-	flag          string // how an error names it: --listen, or the file's listener
+	flag          string           // how an error names it: --listen, or the file's listener
+	file          *config.Listener // nil for --listen
+	tls           *tlsconf.Server  // the TLS listener's certificates; nil without TLS
+}
+
+// options are the relay's settings of the listener.
+func (l listenerSetting) options() relay.ListenerOptions {
+	opts := relay.ListenerOptions{Name: l.name, Datapath: l.datapath}
+	if l.file != nil {
+		opts.TrustedProxies = l.file.TrustedProxies
+		opts.Limits = relayLimits(l.file.Limits)
+		opts.ProxyProtocol = l.file.ProxyProtocol
+	}
+	if l.tls != nil {
+		opts.TLS = l.tls.Config()
+	}
+	return opts
+}
+
+// relayLimits translates a configuration file's limits.
+func relayLimits(l config.Limits) relay.Limits {
+	return relay.Limits{MaxTunnels: l.MaxTunnels, MaxTunnelsPerIP: l.MaxTunnelsPerIP,
+		HandshakesPerIP: l.HandshakesPerIP.Rate, HandshakeBurstPerIP: l.HandshakesPerIP.Burst,
+		MaxConcurrentHandshakes: l.MaxConcurrentHandshakes}
 }
 
 // listenerSettings are the listeners to bind: the file's, or the one of --listen.
@@ -260,7 +301,7 @@ func (o *runOptions) listenerSettings() []listenerSetting {
 			dp = relay.DatapathAuto // --datapath overrides the file, listeners' own settings included
 		}
 		out = append(out, listenerSetting{name: l.Name, address: l.Address, datapath: dp,
-			flag: fmt.Sprintf("%s: listener %q", o.configPath, l.Name)})
+			flag: fmt.Sprintf("%s: listener %q", o.configPath, l.Name), file: &l})
 	}
 	return out
 }
@@ -278,19 +319,23 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		MaxHeaderBytes:          o.maxHeaderBytes,
 		KernelHeldLimit:         o.kernelHeldLimit,
 		TunnelLogInterval:       o.tunnelLogInterval,
+		TunnelIdleTimeout:       o.tunnelIdleTimeout,
+		TunnelLifetime:          o.tunnelLifetime,
 		Logger:                  log,
 		Registerer:              reg,
 	}
 	var rl *reloader
 	if o.file.cfg != nil {
-		ps := newPools(ctx, log)
+		// Health checks and DNS go on while tunnels drain after SIGTERM; closeAll stops them at the end.
+		ps := newPools(context.Background(), log)
 		defer ps.closeAll()
 		router, err := ps.apply(o.file.cfg)
 		if err != nil {
 			return fmt.Errorf("%s: %w", o.configPath, err)
 		}
-		rl = &reloader{o: o, pools: ps, log: log}
+		rl = &reloader{o: o, started: o.file.cfg, pools: ps, log: log}
 		rcfg.Router, rcfg.Reload = router, rl.reload
+		rcfg.Limits = relayLimits(o.file.cfg.Limits)
 	}
 	srv, err := relay.NewServer(rcfg)
 	if err != nil {
@@ -310,6 +355,24 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	}
 	listeners := o.listenerSettings()
 	for i, l := range listeners {
+		if l.file != nil && l.file.TLS != nil {
+			spec := tlsconf.ServerSpec{MinVersion: l.file.TLS.MinVersion}
+			for _, c := range l.file.TLS.Certificates {
+				spec.Certificates = append(spec.Certificates, tlsconf.CertFiles{Cert: c.Cert, Key: c.Key})
+			}
+			ts, err := tlsconf.NewServer(spec, log.With("listener", l.name))
+			if err != nil {
+				closeAll()
+				return fmt.Errorf("%s: tls: %w", l.flag, err)
+			}
+			listeners[i].tls = ts
+			if rl != nil {
+				rl.tlsServers = append(rl.tlsServers, ts)
+			}
+			if l.file.TLS.ReloadInterval > 0 {
+				go ts.WatchFiles(ctx, l.file.TLS.ReloadInterval)
+			}
+		}
 		if listeners[i].datapath, err = srv.ListenerDatapath(l.datapath); err != nil {
 			closeAll()
 			return fmt.Errorf("%s: %w", l.flag, err)
@@ -342,7 +405,17 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	served := make(chan error, len(lns))
 	for i, ln := range lns {
 		go func() {
-			if err := srv.ServeListener(listeners[i].name, ln, listeners[i].datapath); err != nil {
+			var err error
+			if l := listeners[i]; l.file != nil && l.file.Type == config.ListenerTCP {
+				var sni relay.SNIReader
+				if l.file.TLSPassthrough {
+					sni = tlsconf.PeekClientHello
+				}
+				err = srv.ServeTCP(ln, l.options(), sni)
+			} else {
+				err = srv.ServeListenerWith(ln, l.options())
+			}
+			if err != nil {
 				served <- fmt.Errorf("serve %s: %w", ln.Addr(), err)
 			}
 		}()
