@@ -5,7 +5,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X main.version=$(VERSION)
 
-.PHONY: build run test lint generate check-generate bench clean
+.PHONY: build run test test-vm lint generate check-generate bench clean
 
 build:
 	mkdir -p bin
@@ -18,6 +18,10 @@ run:
 
 test:
 	scripts/test.sh
+
+# The privileged tests on Debian's 6.1 and 6.12 kernels under qemu (docs/kernels.md); CI runs it too.
+test-vm:
+	scripts/vmtest.sh 6.1 6.12
 
 # sockrelay against nginx and HAProxy on this machine; writes docs/bench/RESULTS.md (scripts/bench.sh full
 # for the long run).

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -85,5 +86,49 @@ func TestProbeLive(t *testing.T) {
 	}
 	if err := r.Err(); err != nil {
 		requireBPF(t, err)
+	}
+}
+
+// TestProbeDecisionsPerKernel: the probe's verdict on each kernel the project is tested on, from the facts
+// recorded there (docs/kernels.md, scripts/vmtest.sh): Debian 12's 6.1 has sockhash, sk_skb and BTF but
+// not the kfunc the verdict needs to cut repeated bytes, so sockmap is refused there and only there.
+func TestProbeDecisionsPerKernel(t *testing.T) {
+	const all = 1<<capBPF | 1<<capNetAdmin | 1<<capPerfmon
+	ok := func() error { return nil }
+	for _, tc := range []struct {
+		release string
+		kfuncs  []string // the kfuncs the kernel's BTF has, of those the probe asks about
+		wantErr string   // "" when sockmap is available
+	}{
+		{"6.1.0-56-amd64", nil, "repeat cut: kernel has no bpf_cast_to_kern_ctx"},
+		{"6.12.117+deb12-amd64", []string{"bpf_cast_to_kern_ctx"}, ""},
+		{"6.18.44-fc-v595", []string{"bpf_cast_to_kern_ctx"}, ""},
+	} {
+		t.Run(tc.release, func(t *testing.T) {
+			h := hostFacts{
+				kernel:       func() string { return tc.release },
+				effective:    func() (uint64, error) { return all, nil },
+				btf:          ok,
+				removeMemlck: ok,
+				haveSockhash: ok,
+				haveSkSKB:    ok,
+				haveKfunc: func(name string) error {
+					if slices.Contains(tc.kfuncs, name) {
+						return nil
+					}
+					return errors.New("kernel has no " + name)
+				},
+				load: ok,
+			}
+			err := probe(h).Err()
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Errorf("probe refused sockmap: %v", err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Errorf("probe error %v, want one saying %q", err, tc.wantErr)
+			case err != nil && !strings.Contains(err.Error(), "kernel "+tc.release):
+				t.Errorf("probe error %q does not name the kernel", err)
+			}
+		})
 	}
 }
