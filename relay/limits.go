@@ -92,6 +92,9 @@ const (
 // beginHandshake admits one handshake from ip, or says which limit refuses it. The returned function
 // ends the handshake (for the concurrency limit); call it once the handshake is over, either way.
 func (l *limiter) beginHandshake(ip string) (func(), *limitError) {
+	if l.lim.MaxConcurrentHandshakes == 0 && l.lim.HandshakesPerIP == 0 {
+		return noop, nil // nothing to count: no lock, no allocation per handshake
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.lim.MaxConcurrentHandshakes > 0 && l.handshakes >= l.lim.MaxConcurrentHandshakes {
@@ -150,6 +153,9 @@ func (l *limiter) sweepLocked(now time.Time, burst float64) {
 // reserveTunnel holds a tunnel slot for ip, or says which limit refuses it. The returned function gives
 // the slot back; call it once, when the tunnel ends or the handshake fails.
 func (l *limiter) reserveTunnel(ip string) (func(), *limitError) {
+	if l.lim.MaxTunnels == 0 && l.lim.MaxTunnelsPerIP == 0 {
+		return noop, nil // nothing held per tunnel when nothing is limited
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.lim.MaxTunnels > 0 && l.tunnels >= l.lim.MaxTunnels {
@@ -175,10 +181,25 @@ func (l *limiter) reserveTunnel(ip string) (func(), *limitError) {
 	}, nil
 }
 
+func noop() {}
+
 // admit runs a handshake from ip through every limiter in order (the relay's, then the listener's): it
 // returns the functions that end the handshake and release the tunnel slots, or the first refusal, having
 // released whatever it took before it.
 func admit(limiters []*limiter, ip string) (endHandshake, releaseTunnel func(), refused *limitError) {
+	if len(limiters) == 1 {
+		// The common case: only the relay's limits. No slices or closures around the limiter's own.
+		end, err := limiters[0].beginHandshake(ip)
+		if err != nil {
+			return nil, nil, err
+		}
+		release, err := limiters[0].reserveTunnel(ip)
+		if err != nil {
+			end()
+			return nil, nil, err
+		}
+		return end, release, nil
+	}
 	var ends, releases []func()
 	undo := func() {
 		for _, f := range ends {
