@@ -218,10 +218,12 @@ func closeAll(conns []*websocket.Conn) {
 }
 
 // reportProgress prints what status says once a second until the returned function is called or ctx ends.
+// The function returns once the printing has stopped, so that the next report never writes beside it.
 func reportProgress(ctx context.Context, w io.Writer, status func() string) (stop func()) {
-	done := make(chan struct{})
+	done, exited := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	go func() {
+		defer close(exited)
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
 		start := time.Now()
@@ -236,5 +238,8 @@ func reportProgress(ctx context.Context, w io.Writer, status func() string) (sto
 			}
 		}
 	}()
-	return func() { once.Do(func() { close(done) }) }
+	return func() {
+		once.Do(func() { close(done) })
+		<-exited
+	}
 }
