@@ -40,7 +40,7 @@ var ErrNoCertificates = errors.New("no TLS certificates configured: a TLS listen
 // handshakes use new certificates at once while established connections,
 // which no longer consult the set, are untouched.
 type Server struct {
-	files      []CertFiles
+	files      atomic.Pointer[[]CertFiles] // replaced by Staged.Install
 	minVersion uint16
 	log        *slog.Logger
 
@@ -76,8 +76,10 @@ func NewServer(spec ServerSpec, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{files: slices.Clone(spec.Certificates), minVersion: minVersion, log: log}
-	set, err := s.load()
+	s := &Server{minVersion: minVersion, log: log}
+	files := slices.Clone(spec.Certificates)
+	s.files.Store(&files)
+	set, err := s.load(files)
 	if err != nil {
 		return nil, err
 	}
@@ -95,15 +97,15 @@ func parseMinVersion(v string) (uint16, error) {
 	return 0, fmt.Errorf("TLS minimum version %q is not supported: use \"1.2\" or \"1.3\"", v)
 }
 
-// load reads every pair into a new set; it does not install it.
-func (s *Server) load() (*certSet, error) {
+// load reads every pair of files into a new set; it does not install it.
+func (s *Server) load(files []CertFiles) (*certSet, error) {
 	set := &certSet{
 		exact:    make(map[string][]*tls.Certificate),
 		wildcard: make(map[string][]*tls.Certificate),
-		stamps:   stampFiles(s.files),
+		stamps:   stampFiles(files),
 	}
 	now := time.Now()
-	for _, f := range s.files {
+	for _, f := range files {
 		cert, err := loadPair(f.Cert, f.Key)
 		if err != nil {
 			return nil, fmt.Errorf("load certificate: %w", err)
@@ -191,13 +193,46 @@ func pick(hello *tls.ClientHelloInfo, certs []*tls.Certificate) *tls.Certificate
 func (s *Server) Reload() error {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
-	set, err := s.load()
+	set, err := s.load(*s.files.Load())
 	if err != nil {
 		return err
 	}
 	s.set.Store(set)
 	s.log.Info("tls certificates reloaded", "certificates", len(set.certs), "names", set.names)
 	return nil
+}
+
+// Staged is a set of certificates loaded from files but not yet served: a configuration reload stages
+// every listener's certificates first and installs them only once nothing else can fail, so that a
+// refused reload changes no certificate.
+type Staged struct {
+	s     *Server
+	files []CertFiles
+	set   *certSet
+}
+
+// Stage loads the certificates of files (which may name other files than the server's so far) without
+// serving them. The error names the file that failed.
+func (s *Server) Stage(files []CertFiles) (*Staged, error) {
+	if len(files) == 0 {
+		return nil, ErrNoCertificates
+	}
+	files = slices.Clone(files)
+	set, err := s.load(files)
+	if err != nil {
+		return nil, err
+	}
+	return &Staged{s: s, files: files, set: set}, nil
+}
+
+// Install serves the staged certificates from now on, and makes their files the ones Reload and
+// WatchFiles read.
+func (st *Staged) Install() {
+	st.s.reloadMu.Lock()
+	defer st.s.reloadMu.Unlock()
+	st.s.files.Store(&st.files)
+	st.s.set.Store(st.set)
+	st.s.log.Info("tls certificates reloaded", "certificates", len(st.set.certs), "names", st.set.names)
 }
 
 // Names returns the DNS names of the loaded certificates (wildcards as

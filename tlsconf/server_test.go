@@ -437,3 +437,50 @@ func sec1PEM(t *testing.T, pkcs8PEM []byte) []byte {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
 }
+
+// TestStageInstall: staged certificates are not served until installed; installing them switches the
+// files Reload reads; staging a broken file fails, naming it, and changes nothing.
+func TestStageInstall(t *testing.T) {
+	dir := t.TempDir()
+	ca := tlstest.NewCA(t, "test CA")
+	oldLeaf := ca.Issue(t, tlstest.LeafOptions{DNSNames: []string{"a.example.com"}})
+	newLeaf := ca.Issue(t, tlstest.LeafOptions{DNSNames: []string{"a.example.com"}})
+	oldCert, oldKey := oldLeaf.WriteFiles(t, dir, "old")
+	newCert, newKey := newLeaf.WriteFiles(t, dir, "new")
+	s, err := NewServer(ServerSpec{Certificates: []CertFiles{{oldCert, oldKey}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := s.Config()
+	served := func() []byte {
+		t.Helper()
+		res := handshake(t, cfg, &tls.Config{ServerName: "a.example.com", RootCAs: ca.Pool()})
+		if res.clientErr != nil {
+			t.Fatal(res.clientErr)
+		}
+		return leafOf(res.client)
+	}
+	if _, err := s.Stage([]CertFiles{{newCert, dir + "/missing.key"}}); err == nil || !strings.Contains(err.Error(), "missing.key") {
+		t.Errorf("staging a missing key: %v; want an error naming it", err)
+	}
+	st, err := s.Stage([]CertFiles{{newCert, newKey}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(served(), oldLeaf.Cert.Raw) {
+		t.Fatal("staged certificates served before Install")
+	}
+	st.Install()
+	if !bytes.Equal(served(), newLeaf.Cert.Raw) {
+		t.Fatal("installed certificates not served")
+	}
+	// Reload now reads the new files: rewriting them is picked up.
+	newer := ca.Issue(t, tlstest.LeafOptions{DNSNames: []string{"a.example.com"}})
+	newer.WriteFiles(t, dir, "new")
+	if err := s.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(served(), newer.Cert.Raw) {
+		t.Error("Reload after Install did not read the installed files")
+	}
+}

@@ -62,7 +62,7 @@ func (s *Server) WatchFiles(ctx context.Context, interval time.Duration) {
 			return
 		case <-tick.C:
 		}
-		now := stampFiles(s.files)
+		now := stampFiles(*s.files.Load())
 		if slices.Equal(now, last) {
 			continue
 		}

@@ -254,8 +254,8 @@ func listenerChange(old, cfg *config.Config) string {
 // force stays.
 type reloader struct {
 	o          *runOptions
-	tlsServers []*tlsconf.Server // the TLS listeners' certificates
-	started    *config.Config    // the file as the relay started with it
+	tlsServers map[string]*tlsconf.Server // the TLS listeners' certificates, by listener name
+	started    *config.Config             // the file as the relay started with it
 	pools      *pools
 	srv        *relay.Server
 	log        *slog.Logger
@@ -277,12 +277,6 @@ func (rl *reloader) reloadLocked() error {
 	if err != nil {
 		return err
 	}
-	// Certificates of TLS listeners are re-read too; a bad file keeps the old ones and refuses the reload.
-	for _, ts := range rl.tlsServers {
-		if err := ts.Reload(); err != nil {
-			return err
-		}
-	}
 	// Listeners and restart-only settings are compared with what the relay started with, which is what
 	// is still in force for them whatever reloads came between.
 	old := rl.started
@@ -292,11 +286,32 @@ func (rl *reloader) reloadLocked() error {
 	if why := listenerChange(old, cfg); why != "" {
 		return errors.New(why)
 	}
+	// TLS listeners' certificates are read again, from the files the new file names, but served only
+	// once the whole reload has succeeded: a refused reload changes no certificate.
+	var staged []*tlsconf.Staged
+	for _, l := range cfg.Listeners {
+		ts := rl.tlsServers[l.Name]
+		if ts == nil || l.TLS == nil {
+			continue
+		}
+		var files []tlsconf.CertFiles
+		for _, c := range l.TLS.Certificates {
+			files = append(files, tlsconf.CertFiles{Cert: c.Cert, Key: c.Key})
+		}
+		st, err := ts.Stage(files)
+		if err != nil {
+			return fmt.Errorf("listener %q: tls: %w", l.Name, err)
+		}
+		staged = append(staged, st)
+	}
 	router, err := rl.pools.apply(cfg)
 	if err != nil {
 		return fmt.Errorf("%s: %w", rl.o.configPath, err)
 	}
 	rl.srv.SetRouter(router)
+	for _, st := range staged {
+		st.Install()
+	}
 	for _, w := range cfg.Warnings {
 		rl.log.Warn("configuration", "warning", w)
 	}
@@ -325,6 +340,11 @@ func restartOnly(old, cfg *config.Config) []string {
 				return a.Limits == b.Limits && slices.Equal(a.TrustedProxies, b.TrustedProxies)
 			})},
 		{"limits", old.Limits != cfg.Limits},
+		{"listeners' tls.min_version and tls.reload_interval", !slices.EqualFunc(old.Listeners, cfg.Listeners,
+			func(a, b config.Listener) bool {
+				return (a.TLS == nil) == (b.TLS == nil) && (a.TLS == nil ||
+					a.TLS.MinVersion == b.TLS.MinVersion && a.TLS.ReloadInterval == b.TLS.ReloadInterval)
+			})},
 		{"kernel_held_limit", old.KernelHeldLimit != cfg.KernelHeldLimit},
 		{"tunnel_log_interval", old.TunnelLogInterval != cfg.TunnelLogInterval},
 		{"timeouts", old.Timeouts != cfg.Timeouts},

@@ -367,7 +367,10 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 			}
 			listeners[i].tls = ts
 			if rl != nil {
-				rl.tlsServers = append(rl.tlsServers, ts)
+				if rl.tlsServers == nil {
+					rl.tlsServers = map[string]*tlsconf.Server{}
+				}
+				rl.tlsServers[l.name] = ts
 			}
 			if l.file.TLS.ReloadInterval > 0 {
 				go ts.WatchFiles(ctx, l.file.TLS.ReloadInterval)
