@@ -378,6 +378,7 @@ func hasDotSegment(path string) bool {
 type (
 	upstreamAddrKey struct{}
 	upstreamTLSKey  struct{}
+	proxyHeaderKey  struct{} // the PROXY header a pool with proxy_protocol gets first on each connection
 )
 
 // serveRequest reverse-proxies a plain HTTP request to a server of its route's pool, holding a lease on
@@ -407,6 +408,11 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 	if route.UpstreamTLS != nil {
 		ctx = context.WithValue(ctx, upstreamTLSKey{}, route.UpstreamTLS)
 	}
+	if route.SendProxy != "" {
+		client, _ := net.ResolveTCPAddr("tcp", r.RemoteAddr)
+		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+		ctx = context.WithValue(ctx, proxyHeaderKey{}, proxyHeader(route.SendProxy, client, local))
+	}
 	s.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
 
@@ -418,18 +424,22 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 				scheme = "https"
 			}
 			pr.SetURL(&url.URL{Scheme: scheme, Host: pr.In.Context().Value(upstreamAddrKey{}).(string)})
+			if pr.In.Context().Value(proxyHeaderKey{}) != nil {
+				// The connection's PROXY header names this client: it must carry no other's request.
+				pr.Out.Close = true
+			}
 			pr.Out.Host = pr.In.Host // as in the WebSocket path: the upstream sees the Host the client asked for
 			setForwarded(pr.Out.Header, pr.In, s.clientOf(pr.In))
 		},
 		Transport: &http.Transport{
-			DialContext: s.dialer.DialContext,
+			DialContext: s.dialUpstream,
 			// A wss pool's plain requests: its TLS settings come with the request.
 			DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 				cfgFor, _ := ctx.Value(upstreamTLSKey{}).(func(string) *tls.Config)
 				if cfgFor == nil {
 					return nil, fmt.Errorf("https to %s without the pool's TLS settings", addr)
 				}
-				conn, err := s.dialer.DialContext(ctx, network, addr)
+				conn, err := s.dialUpstream(ctx, network, addr)
 				if err != nil {
 					return nil, err
 				}
@@ -460,6 +470,27 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 		},
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
+}
+
+// dialUpstream connects the reverse proxy to a server, first sending the PROXY header that the request's
+// pool asks for (set by serveRequest).
+func (s *Server) dialUpstream(ctx context.Context, network, addr string) (net.Conn, error) {
+	conn, err := s.dialer.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	if header, ok := ctx.Value(proxyHeaderKey{}).([]byte); ok {
+		if dl, ok := ctx.Deadline(); ok {
+			_ = conn.SetWriteDeadline(dl)
+		}
+		_, err := conn.Write(header)
+		_ = conn.SetWriteDeadline(time.Time{})
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("send PROXY header to upstream %s: %w", addr, err)
+		}
+	}
+	return conn, nil
 }
 
 func isTimeout(err error) bool {

@@ -2,11 +2,13 @@ package relay
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/url"
+	"syscall"
 	"time"
 )
 
@@ -42,21 +44,34 @@ func (s *Server) ServeTCP(l net.Listener, opts ListenerOptions, sni SNIReader) e
 	s.tcpListeners = append(s.tcpListeners, l)
 	s.listenersMu.Unlock()
 	l = s.wrapListener(l, opts)
+	var backoff time.Duration
 	for {
 		conn, err := l.Accept()
 		if err != nil {
-			if s.draining.Load() {
+			if s.draining.Load() || errors.Is(err, net.ErrClosed) {
 				return http.ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond) // out of descriptors: let some close, as net/http does
+			if temporaryAcceptError(err) {
+				// Out of descriptors, or a connection reset before it was accepted: wait for some to
+				// close and go on, backing off as net/http does, rather than end the listener.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("tcp listener: accept failed, retrying", "listener", info.name, "err", err, "in", backoff)
+				time.Sleep(backoff)
 				continue
 			}
 			return err
 		}
+		backoff = 0
 		go s.serveTCPConn(conn, info, sni)
 	}
+}
+
+// temporaryAcceptError says whether Accept may succeed again after err: descriptor exhaustion, memory
+// pressure, a connection aborted in the queue, a timeout.
+func temporaryAcceptError(err error) bool {
+	var ne net.Error
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ENOBUFS) ||
+		errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ECONNABORTED) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 // serveTCPConn opens one TCP tunnel. conn is a *net.TCPConn, or a *proxiedConn whose header names the
@@ -145,7 +160,20 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 						msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}, nil
 				}
 			}
-			return &dialedUpstream{conn: tc}, nil, nil
+			up := &dialedUpstream{conn: tc}
+			if route.UpstreamTLS != nil {
+				// A pool of TLS servers: the relay speaks TLS to them, as for wss.
+				up.tls = tls.Client(tc, route.UpstreamTLS(addr))
+				hctx, cancel := context.WithTimeout(ctx, s.cfg.UpstreamResponseTimeout)
+				err := up.tls.HandshakeContext(hctx)
+				cancel()
+				if err != nil {
+					tc.Close()
+					return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamTLS,
+						msg: fmt.Sprintf("TLS handshake with upstream %s: %v", addr, err)}, nil
+				}
+			}
+			return up, nil, nil
 		})
 	if err == nil && herr != nil {
 		err = errors.New(herr.msg)
@@ -158,10 +186,16 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		refuse(reason, err)
 		return
 	}
+	datapath := info.datapath
+	if up.tls != nil && datapath != DatapathCopy {
+		datapath = DatapathCopy
+		s.metrics.datapathFallbacks.WithLabelValues("tls").Inc()
+	}
 	t := &Tunnel{
 		Client:       client,
 		Upstream:     up.conn,
-		datapath:     info.datapath,
+		upstreamTLS:  up.tls,
+		datapath:     datapath,
 		Started:      time.Now(),
 		ClientAddr:   peer,
 		UpstreamAddr: up.lease.Server.Address(),
@@ -181,6 +215,12 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 	opened = true
 	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
 	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
+	// As for WebSockets: a reload that removed the server, closing its tunnels, while this one was dialed.
+	if s.evicted(up.lease.Server) {
+		s.metrics.handshakesFailed.WithLabelValues(FailUpstreamRemoved).Inc()
+		t.end(ReasonUpstreamRemoved, true)
+		return
+	}
 	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
 	s.startTunnel(t)
 }
