@@ -424,8 +424,10 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 				scheme = "https"
 			}
 			pr.SetURL(&url.URL{Scheme: scheme, Host: pr.In.Context().Value(upstreamAddrKey{}).(string)})
-			if pr.In.Context().Value(proxyHeaderKey{}) != nil {
-				// The connection's PROXY header names this client: it must carry no other's request.
+			if pr.In.Context().Value(proxyHeaderKey{}) != nil || scheme == "https" {
+				// A connection whose PROXY header names this client must carry no other's request; and
+				// the transport pools connections by address alone, so one opened with a wss pool's TLS
+				// settings (client certificate, server name) must not serve another pool's request.
 				pr.Out.Close = true
 			}
 			pr.Out.Host = pr.In.Host // as in the WebSocket path: the upstream sees the Host the client asked for
