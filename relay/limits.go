@@ -18,6 +18,8 @@ type Limits struct {
 	MaxTunnelsPerIP int
 	// HandshakesPerIP is one client address's sustained handshake rate, per second, with bursts of
 	// HandshakeBurstPerIP (at least 1); past it 429 with Retry-After saying when the next is allowed.
+	// Every attempt pays, even one another limit then refuses (as nginx's limit_req counts requests), so
+	// that a client hammering at its tunnel limit is slowed down too.
 	HandshakesPerIP     float64
 	HandshakeBurstPerIP int
 	// MaxConcurrentHandshakes caps handshakes in progress (a slow upstream, or a flood); past it 503.
