@@ -114,13 +114,15 @@ func (s *Server) enforceTunnelTimeouts(idle, lifetime, tick time.Duration, stop 
 	}
 }
 
-// timeoutTick is how often enforceTunnelTimeouts scans: a tenth of the shorter timeout, between 100 ms
-// and 1 s, so that a timeout fires at most 10% late and a relay with many tunnels does not scan them
-// more than once a second.
+// timeoutTick is how often enforceTunnelTimeouts scans: a tenth of the shorter timeout, so that a timeout
+// fires at most 10% late, but at least every 10 s. A scan costs a few system calls per tunnel (TCP_INFO
+// on both sockets, and the BPF counters of kernel tunnels): with an hour's idle timeout and 10 000
+// tunnels that is 4000 calls a second instead of 40 000 at a one-second tick. Never more often than
+// every 100 ms.
 func timeoutTick(idle, lifetime time.Duration) time.Duration {
 	shortest := idle
 	if shortest <= 0 || (lifetime > 0 && lifetime < shortest) {
 		shortest = lifetime
 	}
-	return min(max(shortest/10, 100*time.Millisecond), time.Second)
+	return min(max(shortest/10, 100*time.Millisecond), 10*time.Second)
 }

@@ -88,7 +88,8 @@ func TestTunnelLifetime(t *testing.T) {
 
 func TestTimeoutTickAndLimits(t *testing.T) {
 	for _, tc := range []struct{ idle, life, want time.Duration }{
-		{time.Hour, 0, time.Second},
+		{time.Hour, 0, 10 * time.Second},
+		{30 * time.Second, 0, 3 * time.Second},
 		{2 * time.Second, 0, 200 * time.Millisecond},
 		{0, 1500 * time.Millisecond, 150 * time.Millisecond},
 		{time.Second, 5 * time.Second, 100 * time.Millisecond},
