@@ -106,6 +106,15 @@ func proxyHeader(version string, client, local net.Addr) []byte {
 	return proxyproto.AppendV2(nil, src, dst)
 }
 
+// sendProxyHeader writes header to a new upstream connection before anything else, within deadline
+// (none when zero), and leaves the connection without a write deadline.
+func sendProxyHeader(conn net.Conn, header []byte, deadline time.Time) error {
+	_ = conn.SetWriteDeadline(deadline)
+	_, err := conn.Write(header)
+	_ = conn.SetWriteDeadline(time.Time{})
+	return err
+}
+
 func addrPort(a net.Addr) netip.AddrPort {
 	if ta, ok := a.(*net.TCPAddr); ok {
 		return ta.AddrPort()

@@ -89,10 +89,11 @@ type listenerInfo struct {
 	limiter  *limiter // the listener's own Limits; nil without
 }
 
-// limitersFor returns the limiters a handshake on r's listener passes: the server's, then the listener's.
-func (s *Server) limitersFor(r *http.Request) []*limiter {
-	if l := s.listenerOf(r).limiter; l != nil {
-		return []*limiter{s.limiter, l}
+// limitersFor returns the limiters a handshake or connection on listener passes: the server's, then the
+// listener's.
+func (s *Server) limitersFor(listener listenerInfo) []*limiter {
+	if listener.limiter != nil {
+		return []*limiter{s.limiter, listener.limiter}
 	}
 	return []*limiter{s.limiter}
 }
@@ -183,56 +184,75 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
 	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline)
 	defer cancel()
-	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
-	if err != nil {
+	local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	up, herr := s.connectServer(ctx, addr, route, clientAddr(r), local)
+	if herr != nil {
 		if r.Context().Err() != nil {
 			return nil, nil, errClientGone
 		}
-		return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
-			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}, nil
+		return nil, herr, nil
 	}
-	tc := conn.(*net.TCPConn)
 	// A client that leaves while the upstream thinks (net/http cancels the request's context when it sees
 	// the connection close) releases the upstream at once instead of at the response timeout.
-	stopWatch := context.AfterFunc(r.Context(), func() { _ = tc.SetDeadline(time.Unix(1, 0)) })
-	if route.SendProxy != "" {
-		client, _ := net.ResolveTCPAddr("tcp", r.RemoteAddr)
-		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
-		_ = tc.SetWriteDeadline(retryDeadline)
-		if _, err := tc.Write(proxyHeader(route.SendProxy, client, local)); err != nil {
-			tc.Close()
-			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
-				msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}, nil
-		}
-	}
-	var stream net.Conn = tc
-	var tlsConn *tls.Conn
-	if route.UpstreamTLS != nil {
-		tlsConn = tls.Client(tc, route.UpstreamTLS(addr))
-		hctx, cancel := context.WithTimeout(ctx, s.cfg.UpstreamResponseTimeout)
-		err := tlsConn.HandshakeContext(hctx)
-		cancel()
-		if err != nil {
-			tc.Close()
-			if r.Context().Err() != nil {
-				return nil, nil, errClientGone
-			}
-			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamTLS,
-				msg: fmt.Sprintf("TLS handshake with upstream %s: %v", addr, err)}, nil
-		}
-		stream = tlsConn
+	stopWatch := context.AfterFunc(r.Context(), func() { _ = up.conn.SetDeadline(time.Unix(1, 0)) })
+	var stream net.Conn = up.conn
+	if up.tls != nil {
+		stream = up.tls
 	}
 	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey, retryDeadline)
 	if !stopWatch() {
-		tc.Close()
+		up.conn.Close()
 		return nil, nil, errClientGone
 	}
 	if herr != nil {
-		tc.Close()
+		up.conn.Close()
 		herr.msg = fmt.Sprintf("upstream %s: %s", addr, herr.msg)
 		return nil, herr, nil
 	}
-	return &dialedUpstream{conn: tc, tls: tlsConn, resp: resp, prefix: prefix}, nil, nil
+	up.resp, up.prefix = resp, prefix
+	return up, nil, nil
+}
+
+// connectServer opens one tunnel's connection to the server at addr of route, for a WebSocket or a tcp
+// listener alike: TCP connect, then the PROXY header naming client (when the route sends one), then TLS
+// (for a TLS pool), all before ctx's deadline, which is the retry deadline bounding every try.
+func (s *Server) connectServer(ctx context.Context, addr string, route Route, client, local net.Addr) (*dialedUpstream, *handshakeError) {
+	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
+			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}
+	}
+	up := &dialedUpstream{conn: conn.(*net.TCPConn)}
+	if route.SendProxy != "" {
+		// The upstream learns who the client is before any of its bytes.
+		deadline, _ := ctx.Deadline()
+		if err := sendProxyHeader(up.conn, proxyHeader(route.SendProxy, client, local), deadline); err != nil {
+			up.conn.Close()
+			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
+				msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}
+		}
+	}
+	if route.UpstreamTLS != nil {
+		up.tls = tls.Client(up.conn, route.UpstreamTLS(addr))
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.UpstreamResponseTimeout)
+		err := up.tls.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			up.conn.Close()
+			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamTLS,
+				msg: fmt.Sprintf("TLS handshake with upstream %s: %v", addr, err)}
+		}
+	}
+	return up, nil
+}
+
+// clientAddr is r's client as a TCP address (the PROXY header's, on a PROXY protocol listener), for the
+// PROXY header an upstream gets; nil when it is not IP:port.
+func clientAddr(r *http.Request) net.Addr {
+	if a, err := net.ResolveTCPAddr("tcp", r.RemoteAddr); err == nil {
+		return a
+	}
+	return nil
 }
 
 // CloseTunnelsTo ends every tunnel whose upstream is one of servers, for a reload that removed them from

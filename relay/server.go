@@ -243,18 +243,12 @@ func (s *Server) wrapListener(l net.Listener, opts ListenerOptions) net.Listener
 
 // ServeListenerWith is ServeListener with every listener setting.
 func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
-	info, err := s.listenerInfo(opts.Name, opts.Datapath)
-	info.trusted = opts.TrustedProxies
-	if err == nil {
-		err = opts.Limits.Validate()
-	}
-	if opts.Limits != (Limits{}) {
-		info.limiter = newLimiter(opts.Limits)
-	}
+	info, err := s.listenerSetup(opts)
 	if err != nil {
 		l.Close()
 		return err
 	}
+	info.trusted = opts.TrustedProxies
 	l = s.wrapListener(l, opts)
 	hs := &http.Server{
 		Handler:           s,
@@ -266,14 +260,10 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 			return context.WithValue(context.Background(), listenerKey{}, info)
 		},
 	}
-	s.listenersMu.Lock()
-	if s.draining.Load() {
-		s.listenersMu.Unlock()
+	if !s.track(func() { s.listeners = append(s.listeners, hs) }) {
 		l.Close()
 		return http.ErrServerClosed
 	}
-	s.listeners = append(s.listeners, hs)
-	s.listenersMu.Unlock()
 	return hs.Serve(l)
 }
 
@@ -283,6 +273,32 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 func (s *Server) ListenerDatapath(dp Datapath) (Datapath, error) {
 	info, err := s.listenerInfo("", dp)
 	return info.datapath, err
+}
+
+// listenerSetup checks a listener's options and makes what its requests and connections carry.
+func (s *Server) listenerSetup(opts ListenerOptions) (listenerInfo, error) {
+	info, err := s.listenerInfo(opts.Name, opts.Datapath)
+	if err == nil {
+		err = opts.Limits.Validate()
+	}
+	if err != nil {
+		return listenerInfo{}, err
+	}
+	if opts.Limits != (Limits{}) {
+		info.limiter = newLimiter(opts.Limits)
+	}
+	return info, nil
+}
+
+// track registers a listener for Shutdown to stop, or says that the server is already shutting down.
+func (s *Server) track(add func()) bool {
+	s.listenersMu.Lock()
+	defer s.listenersMu.Unlock()
+	if s.draining.Load() {
+		return false
+	}
+	add()
+	return true
 }
 
 func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
@@ -409,9 +425,8 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		ctx = context.WithValue(ctx, upstreamTLSKey{}, route.UpstreamTLS)
 	}
 	if route.SendProxy != "" {
-		client, _ := net.ResolveTCPAddr("tcp", r.RemoteAddr)
 		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
-		ctx = context.WithValue(ctx, proxyHeaderKey{}, proxyHeader(route.SendProxy, client, local))
+		ctx = context.WithValue(ctx, proxyHeaderKey{}, proxyHeader(route.SendProxy, clientAddr(r), local))
 	}
 	s.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
@@ -482,12 +497,8 @@ func (s *Server) dialUpstream(ctx context.Context, network, addr string) (net.Co
 		return nil, err
 	}
 	if header, ok := ctx.Value(proxyHeaderKey{}).([]byte); ok {
-		if dl, ok := ctx.Deadline(); ok {
-			_ = conn.SetWriteDeadline(dl)
-		}
-		_, err := conn.Write(header)
-		_ = conn.SetWriteDeadline(time.Time{})
-		if err != nil {
+		deadline, _ := ctx.Deadline()
+		if err := sendProxyHeader(conn, header, deadline); err != nil {
 			conn.Close()
 			return nil, fmt.Errorf("send PROXY header to upstream %s: %w", addr, err)
 		}
@@ -526,7 +537,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	endHandshake, releaseSlot, lerr := admit(s.limitersFor(r), s.clientOf(r).ip)
+	endHandshake, releaseSlot, lerr := admit(s.limitersFor(s.listenerOf(r)), s.clientOf(r).ip)
 	if lerr != nil {
 		s.refuse(w, r, lerr.handshakeError())
 		return

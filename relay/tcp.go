@@ -2,7 +2,6 @@ package relay
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -23,26 +22,15 @@ type SNIReader func(conn net.Conn, timeout time.Duration) (serverName string, re
 // as its host. Tunnels use the listener's datapath, half-close and limits as WebSocket tunnels do; a
 // connection refused by a limit is closed at once (there is no protocol to answer in).
 func (s *Server) ServeTCP(l net.Listener, opts ListenerOptions, sni SNIReader) error {
-	info, err := s.listenerInfo(opts.Name, opts.Datapath)
-	if err == nil {
-		err = opts.Limits.Validate()
-	}
+	info, err := s.listenerSetup(opts) // no trusted proxies: there are no headers to believe
 	if err != nil {
 		l.Close()
 		return err
 	}
-	info.trusted = nil // no headers to believe
-	if opts.Limits != (Limits{}) {
-		info.limiter = newLimiter(opts.Limits)
-	}
-	s.listenersMu.Lock()
-	if s.draining.Load() {
-		s.listenersMu.Unlock()
+	if !s.track(func() { s.tcpListeners = append(s.tcpListeners, l) }) {
 		l.Close()
 		return http.ErrServerClosed
 	}
-	s.tcpListeners = append(s.tcpListeners, l)
-	s.listenersMu.Unlock()
 	l = s.wrapListener(l, opts)
 	var backoff time.Duration
 	for {
@@ -100,11 +88,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		_ = client.SetLinger(0)
 		client.Close()
 	}
-	limiters := []*limiter{s.limiter}
-	if info.limiter != nil {
-		limiters = append(limiters, info.limiter)
-	}
-	endHandshake, releaseSlot, lerr := admit(limiters, ip)
+	endHandshake, releaseSlot, lerr := admit(s.limitersFor(info), ip)
 	if lerr != nil {
 		refuse(lerr.reason, errors.New(lerr.msg))
 		return
@@ -141,39 +125,10 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 	}
 	up, herr, err := s.withRetries(peer, pool, pool.Key(ip, req),
 		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
-			ctx, cancel := context.WithDeadline(context.Background(), deadline.Add(s.cfg.ConnectTimeout))
+			ctx, cancel := context.WithDeadline(context.Background(), deadline)
 			defer cancel()
-			conn, err := s.dialer.DialContext(ctx, "tcp", addr)
-			if err != nil {
-				return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
-					msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}, nil
-			}
-			tc := conn.(*net.TCPConn)
-			if route.SendProxy != "" {
-				// The upstream learns who the client is before any of its bytes.
-				_ = tc.SetWriteDeadline(deadline)
-				_, err := tc.Write(proxyHeader(route.SendProxy, peerAddr, client.LocalAddr()))
-				_ = tc.SetWriteDeadline(time.Time{})
-				if err != nil {
-					tc.Close()
-					return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
-						msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}, nil
-				}
-			}
-			up := &dialedUpstream{conn: tc}
-			if route.UpstreamTLS != nil {
-				// A pool of TLS servers: the relay speaks TLS to them, as for wss.
-				up.tls = tls.Client(tc, route.UpstreamTLS(addr))
-				hctx, cancel := context.WithTimeout(ctx, s.cfg.UpstreamResponseTimeout)
-				err := up.tls.HandshakeContext(hctx)
-				cancel()
-				if err != nil {
-					tc.Close()
-					return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamTLS,
-						msg: fmt.Sprintf("TLS handshake with upstream %s: %v", addr, err)}, nil
-				}
-			}
-			return up, nil, nil
+			up, herr := s.connectServer(ctx, addr, route, peerAddr, client.LocalAddr())
+			return up, herr, nil
 		})
 	if err == nil && herr != nil {
 		err = errors.New(herr.msg)
