@@ -266,3 +266,32 @@ func readAllWithin(conn net.Conn, r io.Reader, d time.Duration) ([]byte, error) 
 	defer conn.SetReadDeadline(time.Time{})
 	return io.ReadAll(r)
 }
+
+// serveEach listens on loopback and runs handle, in its own goroutine, for every connection accepted
+// (through wrap when it is not nil, e.g. a TLS listener), until the test ends; handle's connection is
+// closed when it returns. It returns the listener's address.
+func serveEach(t testing.TB, wrap func(net.Listener) net.Listener, handle func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	addr := ln.Addr().String()
+	if wrap != nil {
+		ln = wrap(ln)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	return addr
+}

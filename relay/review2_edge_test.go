@@ -68,31 +68,17 @@ func TestReview2TCPListenerSurvivesEMFILE(t *testing.T) {
 // connection (its servers refuse connections without one, as nginx `listen ... proxy_protocol` does);
 // the reverse-proxied plain requests to the same pool must carry one too.
 func TestReview2PlainRequestSendsProxyHeader(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				if _, err := proxyproto.Read(br); err != nil {
-					return // a server behind proxy_protocol drops such a connection
-				}
-				if _, err := http.ReadRequest(br); err != nil {
-					return
-				}
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-			}()
+	addr := serveEach(t, nil, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := proxyproto.Read(br); err != nil {
+			return // a server behind proxy_protocol drops such a connection
 		}
-	}()
-	pool := newPool(t, "p", []string{ln.Addr().String()}, nil)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+	})
+	pool := newPool(t, "p", []string{addr}, nil)
 	r := startRelay(t, DatapathCopy, nil, func(c *Config) {
 		c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool, sendProxy: "v1"}}, pools: []*upstream.Pool{pool}}
 	})

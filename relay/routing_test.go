@@ -90,21 +90,7 @@ func closedPort(t testing.TB) string {
 
 // silentUpstream accepts connections and reads them, but never answers.
 func silentUpstream(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(io.Discard, c); c.Close() }()
-		}
-	}()
-	return ln.Addr().String()
+	return serveEach(t, nil, func(c net.Conn) { io.Copy(io.Discard, c) })
 }
 
 func serverState(t testing.TB, p *upstream.Pool, addr string) upstream.ServerState {

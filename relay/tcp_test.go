@@ -20,34 +20,20 @@ import (
 // echoes every byte back and half-closes after the client's FIN. It reports each header it read.
 func rawEcho(t testing.TB, proxy bool) (addr string, headers chan *proxyproto.Header) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	headers = make(chan *proxyproto.Header, 16)
-	go func() {
-		for {
-			c, err := ln.Accept()
+	addr = serveEach(t, nil, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if proxy {
+			h, err := proxyproto.Read(br)
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				if proxy {
-					h, err := proxyproto.Read(br)
-					if err != nil {
-						return
-					}
-					headers <- h
-				}
-				io.Copy(c, br)
-				c.(*net.TCPConn).CloseWrite()
-			}()
+			headers <- h
 		}
-	}()
-	return ln.Addr().String(), headers
+		io.Copy(c, br)
+		c.(*net.TCPConn).CloseWrite()
+	})
+	return addr, headers
 }
 
 // serveTCP starts a TCP listener of r with opts and sni, routed to pool.

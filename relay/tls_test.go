@@ -103,29 +103,16 @@ func TestTLSUpstream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := tls.NewListener(ln, srvTLS.Config()).Accept()
+	backend := serveEach(t, func(ln net.Listener) net.Listener { return tls.NewListener(ln, srvTLS.Config()) },
+		func(c net.Conn) {
+			br := bufio.NewReader(c)
+			req, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				req, err := http.ReadRequest(br)
-				if err != nil {
-					return
-				}
-				c.Write([]byte(switchResponse(req)))
-				io.Copy(c, br) // echo
-			}()
-		}
-	}()
+			c.Write([]byte(switchResponse(req)))
+			io.Copy(c, br) // echo
+		})
 	caFile := ca.WriteFile(t, t.TempDir(), "ca.pem")
 	for _, tc := range []struct {
 		name   string
@@ -140,7 +127,7 @@ func TestTLSUpstream(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			pool := newPool(t, "wss", []string{ln.Addr().String()}, nil)
+			pool := newPool(t, "wss", []string{backend}, nil)
 			r := startRelay(t, DatapathAuto, nil, func(c *Config) {
 				c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool, upstreamTLS: client.Config}},
 					pools: []*upstream.Pool{pool}}
