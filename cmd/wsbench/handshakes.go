@@ -9,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/gorilla/websocket"
 )
 
 // handshakesWorkload measures how fast new tunnels open: -tunnels workers each open a WebSocket (TCP
@@ -46,10 +44,9 @@ type handshakesResult struct {
 }
 
 func (r *handshakesResult) table(w io.Writer) {
-	fmt.Fprintf(w, "%-8s %-10s %-12s %-8s %-9s %-9s %-9s %-9s %-9s\n",
-		"workers", "opened", "opened/s", "failed", "p50", "p90", "p99", "p99.9", "max")
-	fmt.Fprintf(w, "%-8d %-10d %-12.0f %-8d %-9s %-9s %-9s %-9s %-9s\n", r.Concurrency, r.Latency.Count,
-		r.PerSecond, r.Failed, us(r.Latency.P50), us(r.Latency.P90), us(r.Latency.P99), us(r.Latency.P999), us(r.Latency.Max))
+	fmt.Fprintf(w, "%-8s %-10s %-12s %-8s %s\n", "workers", "opened", "opened/s", "failed", percentileHeads)
+	fmt.Fprintf(w, "%-8d %-10d %-12.0f %-8d %s\n", r.Concurrency, r.Latency.Count, r.PerSecond, r.Failed,
+		r.Latency.cells())
 	if r.FirstError != "" {
 		fmt.Fprintf(w, "first failure: %s\n", r.FirstError)
 	}
@@ -59,7 +56,6 @@ func (w *handshakesWorkload) run(ctx context.Context, progress io.Writer) (resul
 	ctx, cancel := context.WithTimeout(ctx, w.duration)
 	defer cancel()
 	deadline, _ := ctx.Deadline()
-	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024}
 	var (
 		wg       sync.WaitGroup
 		mu       sync.Mutex
@@ -77,15 +73,12 @@ func (w *handshakesWorkload) run(ctx context.Context, progress io.Writer) (resul
 			var mine []time.Duration
 			for ctx.Err() == nil {
 				t0 := time.Now()
-				c, resp, err := dialer.DialContext(ctx, w.url, nil)
+				c, err := dialTunnel(ctx, w.url)
 				if err != nil {
 					// The run ended during this handshake: neither a success nor a failure. The dialer
 					// times out at ctx's deadline by itself, a moment before ctx reports it.
 					if ctx.Err() != nil || !time.Now().Before(deadline) {
 						break
-					}
-					if resp != nil {
-						err = fmt.Errorf("%w (HTTP %d)", err, resp.StatusCode)
 					}
 					failed.Add(1)
 					mu.Lock()

@@ -55,10 +55,8 @@ type rttResult struct {
 }
 
 func (r *rttResult) table(w io.Writer) {
-	fmt.Fprintf(w, "%-8s %-6s %-10s %-10s %-9s %-9s %-9s %-9s %-9s\n",
-		"tunnels", "bytes", "trips", "trips/s", "p50", "p90", "p99", "p99.9", "max")
-	fmt.Fprintf(w, "%-8d %-6d %-10d %-10.0f %-9s %-9s %-9s %-9s %-9s\n", r.Tunnels, r.Size, r.RTT.Count,
-		r.PerSecond, us(r.RTT.P50), us(r.RTT.P90), us(r.RTT.P99), us(r.RTT.P999), us(r.RTT.Max))
+	fmt.Fprintf(w, "%-8s %-6s %-10s %-10s %s\n", "tunnels", "bytes", "trips", "trips/s", percentileHeads)
+	fmt.Fprintf(w, "%-8d %-6d %-10d %-10.0f %s\n", r.Tunnels, r.Size, r.RTT.Count, r.PerSecond, r.RTT.cells())
 }
 
 // us formats d in microseconds, the unit round trips through a relay are read in.
@@ -167,10 +165,21 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 	return out, nil
 }
 
+// tunnelDialer opens the workloads' tunnels: small buffers, as the relays' clients have.
+var tunnelDialer = websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024}
+
+// dialTunnel opens one tunnel to url; a refusal's error says the HTTP status.
+func dialTunnel(ctx context.Context, url string) (*websocket.Conn, error) {
+	c, resp, err := tunnelDialer.DialContext(ctx, url, nil)
+	if err != nil && resp != nil {
+		err = fmt.Errorf("%w (HTTP %d)", err, resp.StatusCode)
+	}
+	return c, err
+}
+
 // dialAll opens n WebSocket connections to url, 64 at a time.
 func dialAll(ctx context.Context, url string, n int, progress io.Writer) ([]*websocket.Conn, error) {
 	conns := make([]*websocket.Conn, n)
-	dialer := websocket.Dialer{HandshakeTimeout: 10 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024}
 	sem := make(chan struct{}, 64)
 	var (
 		wg     sync.WaitGroup
@@ -185,11 +194,8 @@ func dialAll(ctx context.Context, url string, n int, progress io.Writer) ([]*web
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			c, resp, err := dialer.DialContext(ctx, url, nil)
+			c, err := dialTunnel(ctx, url)
 			if err != nil {
-				if resp != nil {
-					err = fmt.Errorf("%w (HTTP %d)", err, resp.StatusCode)
-				}
 				mu.Lock()
 				if first == nil {
 					first = fmt.Errorf("open tunnel %d to %s: %w", i, url, err)

@@ -36,6 +36,14 @@ func summarize(d []time.Duration) Percentiles {
 	return Percentiles{Count: len(d), P50: rank(50), P90: rank(90), P99: rank(99), P999: rank(99.9), Max: d[len(d)-1]}
 }
 
+// percentileHeads are the column heads of Percentiles.cells.
+const percentileHeads = "p50       p90       p99       p99.9     max"
+
+// cells formats p's percentiles in microseconds, in columns under percentileHeads.
+func (p Percentiles) cells() string {
+	return fmt.Sprintf("%-9s %-9s %-9s %-9s %-9s", us(p.P50), us(p.P90), us(p.P99), us(p.P999), us(p.Max))
+}
+
 // procRSS returns the resident set size of process pid in bytes, from /proc/PID/status (VmRSS).
 func procRSS(pid int) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
