@@ -68,6 +68,15 @@ func (c *configRouter) Route(listener string, r *http.Request) (relay.Route, boo
 		UpstreamTLS: c.upstreamTLS[route.Pool]}, true
 }
 
+// certFiles translates a TLS listener's certificates from the configuration file.
+func certFiles(t *config.ListenerTLS) []tlsconf.CertFiles {
+	files := make([]tlsconf.CertFiles, len(t.Certificates))
+	for i, c := range t.Certificates {
+		files[i] = tlsconf.CertFiles{Cert: c.Cert, Key: c.Key}
+	}
+	return files
+}
+
 // checkRunnable finds what the config package cannot know and run would refuse on every host, so that
 // check, run and reload agree.
 func checkRunnable(cfg *config.Config) error {
@@ -294,11 +303,7 @@ func (rl *reloader) reloadLocked() error {
 		if ts == nil || l.TLS == nil {
 			continue
 		}
-		var files []tlsconf.CertFiles
-		for _, c := range l.TLS.Certificates {
-			files = append(files, tlsconf.CertFiles{Cert: c.Cert, Key: c.Key})
-		}
-		st, err := ts.Stage(files)
+		st, err := ts.Stage(certFiles(l.TLS))
 		if err != nil {
 			return fmt.Errorf("listener %q: tls: %w", l.Name, err)
 		}

@@ -356,10 +356,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	listeners := o.listenerSettings()
 	for i, l := range listeners {
 		if l.file != nil && l.file.TLS != nil {
-			spec := tlsconf.ServerSpec{MinVersion: l.file.TLS.MinVersion}
-			for _, c := range l.file.TLS.Certificates {
-				spec.Certificates = append(spec.Certificates, tlsconf.CertFiles{Cert: c.Cert, Key: c.Key})
-			}
+			spec := tlsconf.ServerSpec{MinVersion: l.file.TLS.MinVersion, Certificates: certFiles(l.file.TLS)}
 			ts, err := tlsconf.NewServer(spec, log.With("listener", l.name))
 			if err != nil {
 				closeAll()
