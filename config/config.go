@@ -76,6 +76,13 @@ type Timeouts struct {
 	// TunnelLifetime, when not 0, closes a tunnel this long after it was opened, however busy. Default 0
 	// (no limit); otherwise at least 1s.
 	TunnelLifetime time.Duration
+	// HalfClosed, when not 0, closes a tunnel of an http listener once one side has sent its FIN and
+	// nothing has moved either way for this long (HAProxy's client-fin and server-fin). Default 5s (a
+	// WebSocket has no meaningful half-close); 0 never; otherwise at least 1s.
+	HalfClosed time.Duration
+	// TCPHalfClosed is HalfClosed for tcp listeners' tunnels. Default 60s, since TCP protocols do
+	// half-close and then answer; 0 never; otherwise at least 1s.
+	TCPHalfClosed time.Duration
 }
 
 // Limits bound what clients may open, on the whole relay (Config.Limits) or on one listener

@@ -59,7 +59,7 @@ func TestBrokenFiles(t *testing.T) {
 		{"duplicate pool", minimal + "  echo:\n    servers: [127.0.0.1:9001]\n",
 			`sockrelay.yaml:8: pools.echo: duplicate key; first given at line 6`},
 		{"mapping where a scalar goes", minimal + "timeouts: 5s\n",
-			`sockrelay.yaml:8: timeouts: got "5s"; accepted: the timeouts, a mapping with keys client_header, connect, shutdown, tunnel_idle, tunnel_lifetime, upstream_response`},
+			`sockrelay.yaml:8: timeouts: got "5s"; accepted: the timeouts, a mapping with keys client_header, connect, half_closed, shutdown, tcp_half_closed, tunnel_idle, tunnel_lifetime, upstream_response`},
 		{"list where a mapping goes", "listeners:\n  address: 127.0.0.1:8080\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
 			`sockrelay.yaml:2: listeners: got a mapping; accepted: a list of listeners, at least one`},
 		{"no value", minimal + "admin:\n",
@@ -210,9 +210,11 @@ func TestBrokenFiles(t *testing.T) {
 				"sockrelay.yaml:3: listeners[0].routes[0].origins[5]: got a list; accepted: scheme://host[:port] with scheme http or https and no path, such as https://app.example.com"},
 		{"origins not a list", listener8080 + "    routes: [{origins: \"https://a.com\", pool: echo}]\n" + onePool,
 			`sockrelay.yaml:3: listeners[0].routes[0].origins: got "https://a.com"; accepted: a list of origins such as https://app.example.com; omit origins to allow any`},
-		{"tunnel timeouts under 1s", minimal + "timeouts: {tunnel_idle: 500ms, tunnel_lifetime: -1s}\n",
+		{"tunnel timeouts under 1s", minimal + "timeouts: {tunnel_idle: 500ms, tunnel_lifetime: -1s, half_closed: 100ms, tcp_half_closed: -5s}\n",
 			"sockrelay.yaml:8: timeouts.tunnel_idle: 500ms is out of range; accepted 0s (off) or 1s or more\n" +
-				"sockrelay.yaml:8: timeouts.tunnel_lifetime: -1s is out of range; accepted 0s (off) or 1s or more"},
+				"sockrelay.yaml:8: timeouts.tunnel_lifetime: -1s is out of range; accepted 0s (off) or 1s or more\n" +
+				"sockrelay.yaml:8: timeouts.half_closed: 100ms is out of range; accepted 0s (off) or 1s or more\n" +
+				"sockrelay.yaml:8: timeouts.tcp_half_closed: -5s is out of range; accepted 0s (off) or 1s or more"},
 		{"limit out of range", minimal + "limits: {max_tunnels: 10000001}\n",
 			`sockrelay.yaml:8: limits.max_tunnels: 10000001 is out of range; accepted 0 to 10000000`},
 		{"unknown key in limits", minimal + "limits: {max_connections: 10}\n",
@@ -306,6 +308,8 @@ func TestDefaults(t *testing.T) {
 			Connect:          5 * time.Second,
 			UpstreamResponse: 15 * time.Second,
 			Shutdown:         30 * time.Second,
+			HalfClosed:       5 * time.Second,
+			TCPHalfClosed:    time.Minute,
 		},
 		MaxHeaderBytes: 16 << 10,
 		Listeners: []Listener{{
@@ -545,7 +549,7 @@ func TestLoad(t *testing.T) {
 // on other keys.
 func TestEdgeValues(t *testing.T) {
 	c, err := Parse("/etc/sockrelay/sockrelay.yaml", []byte(`
-timeouts: {tunnel_idle: 5m, tunnel_lifetime: 24h}
+timeouts: {tunnel_idle: 5m, tunnel_lifetime: 24h, half_closed: 0s, tcp_half_closed: 10m}
 limits:
   max_tunnels: 100000
   max_tunnels_per_ip: 100
@@ -605,7 +609,8 @@ pools:
 	if len(c.Warnings) > 0 {
 		t.Errorf("warnings: %q", c.Warnings)
 	}
-	if c.Timeouts.TunnelIdle != 5*time.Minute || c.Timeouts.TunnelLifetime != 24*time.Hour {
+	if c.Timeouts.TunnelIdle != 5*time.Minute || c.Timeouts.TunnelLifetime != 24*time.Hour ||
+		c.Timeouts.HalfClosed != 0 || c.Timeouts.TCPHalfClosed != 10*time.Minute {
 		t.Errorf("timeouts %+v", c.Timeouts)
 	}
 	if want := (Limits{MaxTunnels: 100000, MaxTunnelsPerIP: 100, HandshakesPerIP: RateLimit{Rate: 2.5, Burst: 3},

@@ -53,6 +53,12 @@ type Config struct {
 	// `timeout tunnel`); TunnelLifetime, when positive, closes tunnels that old. At least MinTunnelTimeout.
 	TunnelIdleTimeout time.Duration
 	TunnelLifetime    time.Duration
+	// HalfClosedTimeout ends a WebSocket tunnel (http listeners) once one side has sent its FIN and nothing
+	// has moved either way for that long; TCPHalfClosedTimeout is the same for tcp listeners' tunnels
+	// (HAProxy's client-fin and server-fin). 0 takes the default, a negative value turns it off; else at
+	// least MinTunnelTimeout.
+	HalfClosedTimeout    time.Duration
+	TCPHalfClosedTimeout time.Duration
 	// TunnelLogInterval, when positive, logs every tunnel that has lived that long again at that interval,
 	// with its bytes so far (see logLongLivedTunnels); at least MinTunnelLogInterval.
 	TunnelLogInterval time.Duration
@@ -85,8 +91,14 @@ const (
 	// MinKernelHeldLimit is the least KernelHeldLimit accepted: below a few segments, a direction would
 	// be demoted by every burst.
 	MinKernelHeldLimit = 64 << 10
-	// MinTunnelTimeout is the least tunnel idle timeout and lifetime: shorter ones would close tunnels
-	// between two scans' worth of noise.
+	// DefaultHalfClosedTimeout: a WebSocket has no meaningful half-close (RFC 6455 closes both ways
+	// with close frames), so a tunnel one side has finished is a dead one; nginx and HAProxy had closed
+	// such tunnels within 3 s.
+	DefaultHalfClosedTimeout = 5 * time.Second
+	// DefaultTCPHalfClosedTimeout is longer: raw TCP protocols do half-close and then answer.
+	DefaultTCPHalfClosedTimeout = 60 * time.Second
+	// MinTunnelTimeout is the least tunnel idle timeout, lifetime and half-close timeout: shorter ones
+	// would close tunnels between two scans' worth of noise.
 	MinTunnelTimeout = time.Second
 	// MinTunnelLogInterval keeps "tunnel alive" records from flooding the log.
 	MinTunnelLogInterval = time.Second
@@ -138,6 +150,8 @@ func NewServer(cfg Config) (*Server, error) {
 	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
 	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	cfg.KernelHeldLimit = orDefault(cfg.KernelHeldLimit, DefaultKernelHeldLimit)
+	cfg.HalfClosedTimeout = orDefault(cfg.HalfClosedTimeout, DefaultHalfClosedTimeout)
+	cfg.TCPHalfClosedTimeout = orDefault(cfg.TCPHalfClosedTimeout, DefaultTCPHalfClosedTimeout)
 	if cfg.KernelHeldLimit < MinKernelHeldLimit || cfg.KernelHeldLimit > MaxKernelHeldLimit {
 		return nil, fmt.Errorf("kernel held limit %d: accepted %d to %d", cfg.KernelHeldLimit, MinKernelHeldLimit, MaxKernelHeldLimit)
 	}
@@ -147,8 +161,9 @@ func NewServer(cfg Config) (*Server, error) {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"tunnel idle timeout", cfg.TunnelIdleTimeout}, {"tunnel lifetime", cfg.TunnelLifetime}} {
-		if d.v != 0 && d.v < MinTunnelTimeout {
+	}{{"tunnel idle timeout", cfg.TunnelIdleTimeout}, {"tunnel lifetime", cfg.TunnelLifetime},
+		{"half-close timeout", cfg.HalfClosedTimeout}, {"tcp half-close timeout", cfg.TCPHalfClosedTimeout}} {
+		if d.v > 0 && d.v < MinTunnelTimeout {
 			return nil, fmt.Errorf("%s %v: 0 (off) or at least %v", d.name, d.v, MinTunnelTimeout)
 		}
 	}
@@ -179,9 +194,9 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.TunnelLogInterval > 0 {
 		go s.logLongLivedTunnels(cfg.TunnelLogInterval, s.stop)
 	}
-	if cfg.TunnelIdleTimeout > 0 || cfg.TunnelLifetime > 0 {
-		go s.enforceTunnelTimeouts(cfg.TunnelIdleTimeout, cfg.TunnelLifetime,
-			timeoutTick(cfg.TunnelIdleTimeout, cfg.TunnelLifetime), s.stop)
+	if max(cfg.TunnelIdleTimeout, cfg.TunnelLifetime, cfg.HalfClosedTimeout, cfg.TCPHalfClosedTimeout) > 0 {
+		go s.enforceTunnelTimeouts(cfg.TunnelIdleTimeout, cfg.TunnelLifetime, timeoutTick(cfg.TunnelIdleTimeout,
+			cfg.TunnelLifetime, cfg.HalfClosedTimeout, cfg.TCPHalfClosedTimeout), s.stop)
 	}
 	return s, nil
 }
@@ -615,6 +630,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		ended:          make(chan struct{}),
 		onEnd:          s.tunnelEnded,
 	}
+	t.halfClosedTimeout = s.cfg.HalfClosedTimeout
 	if err := s.tunnels.add(t); err != nil {
 		client.Close()
 		s.metrics.handshakesFailed.WithLabelValues(FailShuttingDown).Inc()

@@ -576,6 +576,7 @@ func (k *kernelPath) checkDrains() {
 				continue
 			}
 			d.finDone = true
+			d.kt.t.markHalfClosed()
 			if d.kt.dirs[0].finDone && d.kt.dirs[1].finDone {
 				finished = append(finished, d.kt)
 			}

@@ -352,6 +352,7 @@ func (k *kernelPath) finishRelayed(d *kernelDir) {
 		return
 	}
 	d.finSeen, d.finDone = true, true
+	t.markHalfClosed()
 	k.drain = slices.DeleteFunc(k.drain, func(x *kernelDir) bool { return x == d })
 	both := d.kt.dirs[0].finDone && d.kt.dirs[1].finDone
 	k.mu.Unlock()

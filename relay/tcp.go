@@ -161,6 +161,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		ended:        make(chan struct{}),
 		onEnd:        s.tunnelEnded,
 	}
+	t.halfClosedTimeout = s.cfg.TCPHalfClosedTimeout
 	if err := s.tunnels.add(t); err != nil {
 		up.conn.Close()
 		up.lease.Release()

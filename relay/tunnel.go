@@ -58,6 +58,12 @@ type Tunnel struct {
 	// saw a segment either way (zero before the first).
 	lastSkb func() time.Time
 
+	// halfClosedTimeout, when positive, ends the tunnel once one direction has carried its FIN and nothing
+	// has moved either way for that long (enforceTunnelTimeouts); halfClosedAt is when the first FIN was
+	// carried (UnixNano), 0 until then.
+	halfClosedTimeout time.Duration
+	halfClosedAt      atomic.Int64
+
 	endOnce sync.Once
 	ended   chan struct{}
 	reason  string // why the tunnel ended; written once, before ended is closed
@@ -89,6 +95,9 @@ const (
 	// ReasonLifetime: the tunnel reached the maximum tunnel lifetime; both sides are reset, since bytes
 	// may have been in flight and a peer must not take the cut for a clean end.
 	ReasonLifetime = "lifetime"
+	// ReasonHalfClosed: one side sent its FIN and the other did not finish within the half-close timeout;
+	// both sides are closed (reset if bytes are still unsent), as HAProxy's client-fin and server-fin do.
+	ReasonHalfClosed = "half_closed"
 )
 
 // Datapath is the datapath carrying the tunnel.
@@ -121,6 +130,20 @@ func (t *Tunnel) kernelLastActive() (time.Time, bool) {
 	}
 	at := t.lastSkb()
 	return at, !at.IsZero()
+}
+
+// markHalfClosed records that a direction has carried its FIN; only the first call counts.
+func (t *Tunnel) markHalfClosed() {
+	t.halfClosedAt.CompareAndSwap(0, time.Now().UnixNano())
+}
+
+// halfClosedSince is when the tunnel's first FIN was carried; false while neither direction has finished.
+func (t *Tunnel) halfClosedSince() (time.Time, bool) {
+	ns := t.halfClosedAt.Load()
+	if ns == 0 {
+		return time.Time{}, false
+	}
+	return time.Unix(0, ns), true
 }
 
 // Done is closed when the tunnel has ended and both sockets are closed.
@@ -278,6 +301,9 @@ func runDirections(t *Tunnel, pump func(*direction) error) {
 			}
 			if err == nil {
 				err = d.finish()
+			}
+			if err == nil {
+				t.markHalfClosed()
 			}
 			if err != nil {
 				// The first failure ends the tunnel; the other direction then fails on the closed

@@ -40,6 +40,8 @@ type runOptions struct {
 	tunnelLogInterval   time.Duration
 	tunnelIdleTimeout   time.Duration
 	tunnelLifetime      time.Duration
+	halfClosedTimeout   time.Duration
+	tcpHalfClosed       time.Duration
 	logLevel            string
 	logFormat           string
 
@@ -91,6 +93,8 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.DurationVar(&o.tunnelLogInterval, "tunnel-log-interval", 0, "log each tunnel that lives longer than this again at this interval, with its bytes so far (0: off; else at least 1s)")
 	fs.DurationVar(&o.tunnelIdleTimeout, "tunnel-idle-timeout", 0, "close a tunnel with no byte either way for this long, FIN to both sides (0: never; else at least 1s)")
 	fs.DurationVar(&o.tunnelLifetime, "tunnel-lifetime", 0, "reset tunnels that have lived this long (0: no limit; else at least 1s)")
+	fs.DurationVar(&o.halfClosedTimeout, "tunnel-half-closed-timeout", relay.DefaultHalfClosedTimeout, "close a WebSocket tunnel once one side has sent its FIN and nothing has moved for this long (0: never; else at least 1s)")
+	fs.DurationVar(&o.tcpHalfClosed, "tcp-half-closed-timeout", relay.DefaultTCPHalfClosedTimeout, "the same for tcp listeners' tunnels (0: never; else at least 1s)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -159,7 +163,8 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"--tunnel-idle-timeout", o.tunnelIdleTimeout}, {"--tunnel-lifetime", o.tunnelLifetime}} {
+	}{{"--tunnel-idle-timeout", o.tunnelIdleTimeout}, {"--tunnel-lifetime", o.tunnelLifetime},
+		{"--tunnel-half-closed-timeout", o.halfClosedTimeout}, {"--tcp-half-closed-timeout", o.tcpHalfClosed}} {
 		if d.v < 0 || (d.v > 0 && d.v < relay.MinTunnelTimeout) {
 			return nil, fmt.Errorf("%s: %s; accepted 0 (off) or at least %s", d.name, d.v, relay.MinTunnelTimeout)
 		}
@@ -213,6 +218,8 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 	set("tunnel-log-interval", func() { o.tunnelLogInterval = cfg.TunnelLogInterval })
 	set("tunnel-idle-timeout", func() { o.tunnelIdleTimeout = cfg.Timeouts.TunnelIdle })
 	set("tunnel-lifetime", func() { o.tunnelLifetime = cfg.Timeouts.TunnelLifetime })
+	set("tunnel-half-closed-timeout", func() { o.halfClosedTimeout = cfg.Timeouts.HalfClosed })
+	set("tcp-half-closed-timeout", func() { o.tcpHalfClosed = cfg.Timeouts.TCPHalfClosed })
 }
 
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
@@ -321,6 +328,8 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		TunnelLogInterval:       o.tunnelLogInterval,
 		TunnelIdleTimeout:       o.tunnelIdleTimeout,
 		TunnelLifetime:          o.tunnelLifetime,
+		HalfClosedTimeout:       offIfZero(o.halfClosedTimeout),
+		TCPHalfClosedTimeout:    offIfZero(o.tcpHalfClosed),
 		Logger:                  log,
 		Registerer:              reg,
 	}
@@ -458,6 +467,15 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	}
 	log.Info("sockrelay stopped")
 	return nil
+}
+
+// offIfZero turns a timeout that 0 turns off into relay.Config's way of saying off (negative): there 0
+// takes the default.
+func offIfZero(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
 
 // upstreamsLogged says where tunnels go, for the start-up line.

@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -481,3 +482,49 @@ var autoChoice = sync.OnceValue(func() string {
 	}
 	return "splice"
 })
+
+// TestHalfClosedTimeoutSettings: the half-close timeouts default to 5s (WebSocket) and 60s (tcp), come
+// from the file's timeouts.half_closed and tcp_half_closed, yield to their flags, are refused under 1s,
+// and 0 reaches the relay as off, not as "take the default".
+func TestHalfClosedTimeoutSettings(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "sockrelay.yaml")
+	writeFile(t, file, "timeouts: {half_closed: 0s, tcp_half_closed: 2m}\n"+
+		"listeners: [{address: \"127.0.0.1:0\", routes: [{pool: p}]}]\npools: {p: {servers: [\"127.0.0.1:9000\"]}}\n")
+	for _, tc := range []struct {
+		name       string
+		args       []string
+		ws, tcp    time.Duration
+		wantRelay  [2]time.Duration // what relay.Config gets
+		wantErrSub string
+	}{
+		{"defaults", []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9000"},
+			5 * time.Second, time.Minute, [2]time.Duration{5 * time.Second, time.Minute}, ""},
+		{"file", []string{"--config", file}, 0, 2 * time.Minute, [2]time.Duration{-1, 2 * time.Minute}, ""},
+		{"flag over file", []string{"--config", file, "--tcp-half-closed-timeout", "30s"},
+			0, 30 * time.Second, [2]time.Duration{-1, 30 * time.Second}, ""},
+		{"under 1s", []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9000", "--tunnel-half-closed-timeout", "500ms"},
+			0, 0, [2]time.Duration{}, "--tunnel-half-closed-timeout: 500ms; accepted 0 (off) or at least 1s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o, err := parseRunFlags(tc.args, io.Discard)
+			if err == nil {
+				err = o.loadConfig()
+			}
+			if tc.wantErrSub != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErrSub) {
+					t.Fatalf("error %v, want one with %q", err, tc.wantErrSub)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.halfClosedTimeout != tc.ws || o.tcpHalfClosed != tc.tcp {
+				t.Errorf("half-close timeouts %v and %v (tcp), want %v and %v", o.halfClosedTimeout, o.tcpHalfClosed, tc.ws, tc.tcp)
+			}
+			if got := [2]time.Duration{offIfZero(o.halfClosedTimeout), offIfZero(o.tcpHalfClosed)}; got != tc.wantRelay {
+				t.Errorf("relay gets %v, want %v", got, tc.wantRelay)
+			}
+		})
+	}
+}
