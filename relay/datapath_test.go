@@ -1,9 +1,17 @@
 package relay
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
+	"net"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/upstream"
 )
 
 func TestParseDatapath(t *testing.T) {
@@ -47,5 +55,80 @@ func TestNewServerResolvesDatapath(t *testing.T) {
 func TestNewServerRefusesUnknownDatapath(t *testing.T) {
 	if _, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: "bogus"}); !errors.Is(err, ErrDatapathUnavailable) {
 		t.Errorf("NewServer with datapath bogus: %v, want ErrDatapathUnavailable", err)
+	}
+}
+
+// TestSplicePipesUnavailable: when a splice tunnel cannot have its pipes (the relay is out of
+// descriptors: EMFILE), it runs on copy instead, byte-exact, with the cause in the log and a fallback
+// counted (pipe_unavailable), on http and tcp listeners alike; a pipe made before the failing one is
+// closed. Before, such a tunnel was reset right after its 101 and blamed on a peer (client_error), the
+// cause logged nowhere.
+func TestSplicePipesUnavailable(t *testing.T) {
+	for _, kind := range []string{"websocket", "tcp"} {
+		for _, failAt := range []int{1, 2} { // which pipe of the tunnel's two cannot be had
+			t.Run(fmt.Sprintf("%s/pipe%d", kind, failAt), func(t *testing.T) {
+				var made []*pipe
+				stub := func(size int) (*pipe, error) {
+					if len(made)+1 == failAt {
+						return nil, fmt.Errorf("pipe2: %w", unix.EMFILE)
+					}
+					p, err := newPipe(size)
+					if err == nil {
+						made = append(made, p)
+					}
+					return p, err
+				}
+				var upAddr string
+				var up *fakeUpstream
+				if kind == "tcp" {
+					upAddr, _ = rawEcho(t, false)
+				} else {
+					up = startUpstream(t)
+					upAddr = up.Addr
+				}
+				pool := newPool(t, "p", []string{upAddr}, nil)
+				r := startRelay(t, DatapathSplice, nil, func(c *Config) {
+					c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool}}, pools: []*upstream.Pool{pool}}
+					c.newPipe = stub
+				})
+				if kind == "tcp" {
+					c, err := net.Dial("tcp", serveTCP(t, r, ListenerOptions{Name: "tcp"}, nil))
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer c.Close()
+					want := stream(3, 1<<20)
+					go func() {
+						c.Write(want)
+						c.(*net.TCPConn).CloseWrite()
+					}()
+					if got, err := readAllWithin(c, c, 20*time.Second); err != nil || !bytes.Equal(got, want) {
+						t.Fatalf("echo through the tcp listener: %d bytes, %v; want the 1 MiB sent, then EOF", len(got), err)
+					}
+				} else {
+					runDuplex(t, r, up, duplexCase{toUpstream: 1 << 20, toClient: 1 << 20, pipelined: 100, with101: 100}, 5)
+				}
+				waitTunnelsGone(t, r)
+				for i, p := range made {
+					if p.r >= 0 {
+						t.Errorf("pipe %d, made before the one that failed, is still open", i+1)
+					}
+				}
+				m := scrape(t, r)
+				for _, w := range []string{`sockrelay_datapath_fallbacks_total{reason="pipe_unavailable"} 1`,
+					`sockrelay_tunnels_closed_total{reason="closed"} 1`} {
+					if !strings.Contains(m, w) {
+						t.Errorf("metrics lack %s:\n%s", w, grepLines(m, "sockrelay_"))
+					}
+				}
+				logs := r.Log.String()
+				for _, w := range []string{"splice pipes unavailable, the tunnel runs on the copy datapath",
+					"pipe2: too many open files", "datapath=copy"} {
+					if !strings.Contains(logs, w) {
+						t.Errorf("log lacks %q:\n%s", w, logs)
+					}
+				}
+			})
+		}
 	}
 }

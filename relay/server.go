@@ -75,6 +75,8 @@ type Config struct {
 
 	// alterKernelPath, set only by tests and benchmarks, alters the kernel datapath before its self-test.
 	alterKernelPath func(*kernelPath)
+	// newPipe, set only by tests, stands in for newPipe when splice tunnels get their pipes.
+	newPipe func(size int) (*pipe, error)
 }
 
 // Defaults for Config's zero values.
@@ -638,6 +640,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	}
 	opened = true // from here on the tunnel owns both sockets, its lease and its slot
 	slotTaken = false
+	s.reservePipes(t) // before the 101: a splice tunnel short of descriptors runs on copy
 	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
 	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
 	// After add, so that a CloseTunnelsTo running now either finds the tunnel or has marked the server.
@@ -667,7 +670,9 @@ func (s *Server) startTunnel(t *Tunnel) {
 	case DatapathSockmap:
 		s.kernel.start(t)
 	case DatapathSplice:
-		runDirections(t, splicePump)
+		if t.usePipes() {
+			runDirections(t, splicePump)
+		}
 	default:
 		runDirections(t, copyPump)
 	}

@@ -64,11 +64,10 @@ func splicePump(d *direction) error {
 	if err != nil {
 		return writeErr(fmt.Errorf("raw destination conn: %w", err))
 	}
-	p, err := newPipe(splicePipeSize)
-	if err != nil {
-		return readErr(fmt.Errorf("splice pipe: %w", err))
+	p := d.pipe // made before the tunnel opened (reservePipes); closed by runDirections
+	if p == nil {
+		return readErr(errors.New("splice direction without a pipe"))
 	}
-	defer p.Close()
 	for {
 		n, err := spliceIn(src, p)
 		if err != nil {
@@ -139,4 +138,39 @@ func spliceOut(p *pipe, dst syscall.RawConn, n int) (int, error) {
 		return int(m), fmt.Errorf("splice to socket: %w", err)
 	}
 	return int(m), nil
+}
+
+// reservePipes makes a splice tunnel's two pipes before its client is told the tunnel is open: a tunnel
+// that cannot have them (out of descriptors: splice needs 6 a tunnel, copy 2) runs on copy instead, said
+// in the log with the cause and counted as a fallback, rather than being reset after its 101 and blamed
+// on a peer.
+func (s *Server) reservePipes(t *Tunnel) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.datapath != DatapathSplice || t.ending {
+		return
+	}
+	var err error
+	for i := range t.pipes {
+		if t.pipes[i], err = s.makePipe(splicePipeSize); err != nil {
+			t.closePipes()
+			t.pipes = [2]*pipe{}
+			break
+		}
+	}
+	if err == nil {
+		return
+	}
+	t.datapath = DatapathCopy
+	s.metrics.datapathFallbacks.WithLabelValues("pipe_unavailable").Inc()
+	s.log.Warn("splice pipes unavailable, the tunnel runs on the copy datapath", "client", t.ClientAddr,
+		"upstream", t.UpstreamAddr, "err", err)
+}
+
+// makePipe is newPipe, or the test's stand-in for it.
+func (s *Server) makePipe(size int) (*pipe, error) {
+	if s.cfg.newPipe != nil {
+		return s.cfg.newPipe(size)
+	}
+	return newPipe(size)
 }

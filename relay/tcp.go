@@ -169,6 +169,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		return
 	}
 	opened = true
+	s.reservePipes(t) // as for WebSockets: short of descriptors, the tunnel runs on copy
 	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
 	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
 	// As for WebSockets: a reload that removed the server, closing its tunnels, while this one was dialed.

@@ -58,6 +58,13 @@ type Tunnel struct {
 	// saw a segment either way (zero before the first).
 	lastSkb func() time.Time
 
+	// pipes are a splice tunnel's pipes, client → upstream and upstream → client, made before the client
+	// sees its 101 (reservePipes), so that running out of descriptors never fails a tunnel already
+	// promised. Until the directions run (pipesInUse), end closes them; after, runDirections does once
+	// both directions have returned.
+	pipes      [2]*pipe
+	pipesInUse bool // guarded by mu
+
 	// halfClosedTimeout, when positive, ends the tunnel once one direction has carried its FIN and nothing
 	// has moved either way for that long (enforceTunnelTimeouts); halfClosedAt is when the first FIN was
 	// carried (UnixNano), 0 until then.
@@ -170,6 +177,9 @@ func (t *Tunnel) end(reason string, abort bool) {
 			t.release()
 			t.release, t.live, t.lastSkb = nil, nil, nil
 		}
+		if !t.pipesInUse {
+			t.closePipes()
+		}
 		t.mu.Unlock()
 		if abort {
 			_ = t.Client.SetLinger(0)
@@ -199,14 +209,16 @@ type direction struct {
 	counter *atomic.Uint64
 	// fromClient is true for client → upstream; it decides which side an error is blamed on.
 	fromClient bool
+	// pipe is the direction's splice pipe; nil on other datapaths.
+	pipe *pipe
 }
 
 func (t *Tunnel) directions() [2]*direction {
 	return [2]*direction{
 		{src: t.Client, dst: t.Upstream, srcTLS: t.clientTLS, dstTLS: t.upstreamTLS, prefix: &t.clientPrefix,
-			counter: &t.toUpstream, fromClient: true},
+			counter: &t.toUpstream, fromClient: true, pipe: t.pipes[0]},
 		{src: t.Upstream, dst: t.Client, srcTLS: t.upstreamTLS, dstTLS: t.clientTLS, prefix: &t.upstreamPrefix,
-			counter: &t.toClient},
+			counter: &t.toClient, pipe: t.pipes[1]},
 	}
 }
 
@@ -314,6 +326,30 @@ func runDirections(t *Tunnel, pump func(*direction) error) {
 	}
 	go func() {
 		wg.Wait()
+		t.mu.Lock()
+		t.closePipes() // no direction uses them any more
+		t.mu.Unlock()
 		t.end(ReasonClosed, false)
 	}()
+}
+
+// usePipes hands the tunnel's splice pipes to its directions; false when the tunnel has already ended
+// (and end closed them).
+func (t *Tunnel) usePipes() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.ending {
+		return false
+	}
+	t.pipesInUse = true
+	return true
+}
+
+// closePipes closes the tunnel's splice pipes, if any. The caller holds t.mu.
+func (t *Tunnel) closePipes() {
+	for _, p := range t.pipes {
+		if p != nil {
+			p.Close()
+		}
+	}
 }
