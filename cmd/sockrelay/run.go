@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -244,6 +245,11 @@ type readyFunc func(listen, admin net.Addr)
 
 // runCommand runs the relay until ctx is done, then drains it. It returns the exit code.
 func runCommand(ctx context.Context, args []string, stderr io.Writer, ready readyFunc) int {
+	// First of all: SIGHUP's default action ends the process, and the start (the sockmap self-test, the
+	// pools, the listeners) takes a while. A reload asked for then is held until the relay serves.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	o, err := parseRunFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -259,7 +265,7 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 	for _, w := range o.file.warnings() {
 		log.Warn("configuration", "warning", w)
 	}
-	if err := serve(ctx, o, log, ready); err != nil {
+	if err := serve(ctx, o, log, ready, hup); err != nil {
 		log.Error("sockrelay stopped", "err", err)
 		return 1
 	}
@@ -313,7 +319,10 @@ func (o *runOptions) listenerSettings() []listenerSetting {
 	return out
 }
 
-func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc) error {
+func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc, hup chan os.Signal) error {
+	reloadDue := holdReloadsDuringStart(hup, log)
+	defer reloadDue() // a start that fails stops holding them too
+
 	datapath, _ := relay.ParseDatapath(o.datapath) // NewServer resolves auto and logs its choice
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -437,24 +446,20 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		log.Info("sockrelay listening", "listener", listeners[i].name, "listen", ln.Addr().String(),
 			"datapath", listeners[i].datapath, "upstreams", o.upstreamsLogged(), "admin", adminLogged, "version", versionString())
 	}
-	// SIGHUP is caught before the relay says it is ready: one sent just after must reload, not kill it.
-	// Without a file it is caught too, so that a stray hang-up does not stop a relay full of tunnels.
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	// SIGHUP has been caught since the start (runCommand). Without a file it is caught too, so that a stray
+	// hang-up does not stop a relay full of tunnels.
 	if ready != nil {
 		ready(lns[0].Addr(), adminAddr)
+	}
+	if reloadDue() {
+		hangup(rl, log)
 	}
 	for done := false; !done; {
 		select {
 		case err := <-served:
 			return err
 		case <-hup:
-			if rl == nil {
-				log.Warn("SIGHUP: nothing to reload, this relay runs without --config")
-				continue
-			}
-			_ = rl.reload() // logged there; the configuration in force stays on error
+			hangup(rl, log)
 		case <-ctx.Done():
 			done = true
 		}
@@ -467,6 +472,46 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	}
 	log.Info("sockrelay stopped")
 	return nil
+}
+
+// holdReloadsDuringStart takes the SIGHUPs that come while the relay starts, logs the first, and keeps
+// them as one reload. The returned function stops holding them and says whether a reload is due; later
+// SIGHUPs stay in hup for the serving loop.
+func holdReloadsDuringStart(hup <-chan os.Signal, log *slog.Logger) (reloadDue func() bool) {
+	stop, due := make(chan struct{}), make(chan bool, 1)
+	go func() {
+		pending := false
+		for {
+			select {
+			case <-hup:
+				if !pending {
+					log.Info("reload requested during start; will apply once serving")
+				}
+				pending = true
+			case <-stop:
+				due <- pending
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	var result bool
+	return func() bool {
+		once.Do(func() {
+			close(stop)
+			result = <-due
+		})
+		return result
+	}
+}
+
+// hangup answers a SIGHUP: reload the configuration file, if there is one.
+func hangup(rl *reloader, log *slog.Logger) {
+	if rl == nil {
+		log.Warn("SIGHUP: nothing to reload, this relay runs without --config")
+		return
+	}
+	_ = rl.reload() // logged there; the configuration in force stays on error
 }
 
 // offIfZero turns a timeout that 0 turns off into relay.Config's way of saying off (negative): there 0

@@ -5,13 +5,17 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sockrelay/sockrelay/loader"
 )
 
 // runMainEnv, set in a child's environment, makes the test binary run main() with the child's arguments
@@ -114,5 +118,74 @@ func TestSignalDrainsAndExits0(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSIGHUPDuringStart: a SIGHUP that comes while the relay starts (here during the sockmap self-test,
+// some 100-300 ms) neither kills it (SIGHUP's default action, exit 129 with nothing logged) nor is lost:
+// it is logged as held, applied as one reload once the relay serves, and the relay serves.
+func TestSIGHUPDuringStart(t *testing.T) {
+	if err := loader.Probe().Err(); err != nil {
+		t.Skipf("the start is long enough to aim a signal at only with the sockmap self-test: %v", err)
+	}
+	path := filepath.Join(t.TempDir(), "sockrelay.yaml")
+	// The unused pool makes the relay log a warning as soon as its logger exists: the mark that it runs.
+	writeFile(t, path, fmt.Sprintf(`admin: 127.0.0.1:0
+datapath: sockmap
+listeners: [{address: "127.0.0.1:0", routes: [{pool: echo}]}]
+pools:
+  echo: {servers: [%q]}
+  spare: {servers: ["127.0.0.1:9"]}
+`, newEchoUpstream(t)))
+	logs := &syncBuffer{}
+	cmd := mainCommand(t, "run", "--config", path, "--log-format", "json", "--drain-timeout", "300ms")
+	cmd.Stderr = logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	waitFor(t, "the relay's first log line", func() bool { return strings.Contains(logs.String(), `"msg":"configuration"`) })
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	var listen string
+	if !poll(func() bool {
+		select {
+		case err := <-exited:
+			t.Fatalf("the relay ended (%v) after a SIGHUP during its start:\n%s", err, logs)
+		default:
+		}
+		for _, l := range strings.Split(logs.String(), "\n") {
+			var line struct{ Msg, Listen string }
+			if json.Unmarshal([]byte(l), &line) == nil && line.Msg == "sockrelay listening" {
+				listen = line.Listen
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("the relay did not serve within 5s:\n%s", logs)
+	}
+	waitFor(t, "the held reload", func() bool { return strings.Contains(logs.String(), `"msg":"configuration reloaded"`) })
+	out := logs.String()
+	held := strings.Index(out, `"msg":"reload requested during start; will apply once serving"`)
+	if held < 0 || held > strings.Index(out, `"msg":"sockrelay listening"`) {
+		t.Errorf("the SIGHUP was not logged as held during the start:\n%s", out)
+	}
+	if n := strings.Count(out, `"msg":"configuration reloaded"`); n != 1 {
+		t.Errorf("%d reloads, want the one held", n)
+	}
+	echoThrough(t, dialWS(t, listen), "after the early hang-up")
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("after SIGTERM the relay ended with %v, want exit status 0:\n%s", err, logs)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the relay had not exited 10s after SIGTERM:\n%s", logs)
 	}
 }
