@@ -163,10 +163,12 @@ func NewServer(cfg Config) (*Server, error) {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"tunnel idle timeout", cfg.TunnelIdleTimeout}, {"tunnel lifetime", cfg.TunnelLifetime},
-		{"half-close timeout", cfg.HalfClosedTimeout}, {"tcp half-close timeout", cfg.TCPHalfClosedTimeout}} {
+		off  string
+	}{{"tunnel idle timeout", cfg.TunnelIdleTimeout, "0 (off)"}, {"tunnel lifetime", cfg.TunnelLifetime, "0 (off)"},
+		{"half-close timeout", cfg.HalfClosedTimeout, "negative (off)"},
+		{"tcp half-close timeout", cfg.TCPHalfClosedTimeout, "negative (off)"}} {
 		if d.v > 0 && d.v < MinTunnelTimeout {
-			return nil, fmt.Errorf("%s %v: 0 (off) or at least %v", d.name, d.v, MinTunnelTimeout)
+			return nil, fmt.Errorf("%s %v: %s or at least %v", d.name, d.v, d.off, MinTunnelTimeout)
 		}
 	}
 	if err := cfg.Limits.Validate(); err != nil {

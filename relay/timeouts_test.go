@@ -113,8 +113,8 @@ func TestTimeoutTickAndLimits(t *testing.T) {
 		want string
 	}{
 		{func(c *Config) { c.TunnelIdleTimeout = 500 * time.Millisecond }, "tunnel idle timeout 500ms: 0 (off) or at least 1s"},
-		{func(c *Config) { c.HalfClosedTimeout = 500 * time.Millisecond }, "half-close timeout 500ms: 0 (off) or at least 1s"},
-		{func(c *Config) { c.TCPHalfClosedTimeout = 10 * time.Millisecond }, "tcp half-close timeout 10ms: 0 (off) or at least 1s"},
+		{func(c *Config) { c.HalfClosedTimeout = 500 * time.Millisecond }, "half-close timeout 500ms: negative (off) or at least 1s"},
+		{func(c *Config) { c.TCPHalfClosedTimeout = 10 * time.Millisecond }, "tcp half-close timeout 10ms: negative (off) or at least 1s"},
 	} {
 		cfg := Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathCopy}
 		tc.edit(&cfg)
