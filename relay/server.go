@@ -360,11 +360,25 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // ServeHTTP sends upgrade requests through the WebSocket handshake and every other request to the reverse proxy.
 //
-// A path with "." or ".." segments (after percent-decoding) is refused with 400 before routing: routes
-// match on the path as sent, and "/ws/../admin" must not pass as "/ws" to an upstream that resolves it.
+// A path that could name another route to the upstream than to the relay is refused with 400 before
+// routing (see pathProblem): routes match on the path as sent, and "/ws/../admin" must not pass as "/ws" to
+// an upstream that resolves it.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if hasDotSegment(r.URL.Path) {
-		const msg = "the path has . or .. segments"
+	if r.Method == http.MethodConnect {
+		// A reverse proxy has no tunnel to open to the authority a CONNECT names: proxying it would send
+		// the upstream a request for "/" and the client's tunnel bytes after it.
+		s.metrics.httpRequests.WithLabelValues(strconv.Itoa(http.StatusNotImplemented)).Inc()
+		w.Header().Set("Connection", "close")
+		http.Error(w, "CONNECT is not supported: this is a reverse proxy, not a forward proxy", http.StatusNotImplemented)
+		return
+	}
+	if len(r.TransferEncoding) > 0 {
+		// net/http reads a chunked body and drops any Content-Length beside it without saying so. With both,
+		// a proxy in front may have framed the body by Content-Length, and what follows on this connection
+		// is not what it thinks: RFC 9112 section 6.1 says close the connection after responding.
+		w.Header().Set("Connection", "close")
+	}
+	if msg := pathProblem(r.URL.Path); msg != "" {
 		if isUpgradeRequest(r) {
 			s.refuse(w, r, &handshakeError{status: http.StatusBadRequest, reason: FailBadPath, msg: msg})
 			return
@@ -380,13 +394,24 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.serveRequest(w, r)
 }
 
-func hasDotSegment(path string) bool {
-	for seg := range strings.SplitSeq(path, "/") {
-		if seg == "." || seg == ".." {
-			return true
+// pathProblem says why a (percent-decoded) path is refused, or "" when it is not: a "." or ".." segment,
+// or an empty segment ("//") anywhere but at the end. Servers merge or resolve these ("//admin" is
+// "/admin" to nginx and most frameworks), so the route chosen for the path as sent would not be the one
+// for the path the upstream serves. A segment's ";parameters" are left out first, as servlet containers
+// do: "/..;/admin" is "/../admin" to Tomcat. "%2F" decodes to "/" before this check, so "/%2fadmin" is
+// "//admin".
+func pathProblem(path string) string {
+	segs := strings.Split(path, "/")
+	for i, seg := range segs {
+		seg, _, _ = strings.Cut(seg, ";")
+		switch {
+		case seg == "." || seg == "..":
+			return "the path has . or .. segments"
+		case seg == "" && i > 0 && i < len(segs)-1:
+			return "the path has an empty segment (//)"
 		}
 	}
-	return false
+	return ""
 }
 
 // upstreamAddrKey carries the server that serveRequest chose to the reverse proxy's Rewrite, and
@@ -401,7 +426,7 @@ type (
 // the server while the request runs, so that least_tunnels and max_tunnels see it.
 func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 	status := 0
-	route, ok := s.Router().Route(s.listenerOf(r).name, r)
+	route, ok := s.route(r)
 	pool := route.Pool
 	var lease *upstream.Lease
 	if !ok {
