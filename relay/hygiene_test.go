@@ -1,9 +1,12 @@
 package relay
 
 import (
+	"bufio"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -224,5 +227,126 @@ func TestPathVariantsKeepTheirRoute(t *testing.T) {
 				t.Errorf("GET %s: status %d, reached %q; want %q (400 when none)", tc.path, c.Resp.StatusCode, got, tc.plainsTo)
 			}
 		})
+	}
+}
+
+// TestPlainRequestIdleCut: a plain request through which nothing moves for the HTTP idle timeout is cut,
+// and both its connections are closed: a POST whose body stops coming (408), a client that stops
+// reading a large response, an upstream that stops sending one. Before, each held the client and the
+// upstream connection for ever.
+func TestPlainRequestIdleCut(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	for _, tc := range []struct {
+		name    string
+		request string
+		// upstream answers u; it returns when its connection is closed, or fails after 10 s.
+		upstream func(t *testing.T, u *upstreamConn) error
+		status   int // 0: any, or none (net/http drops a response head it has not flushed when the copy fails)
+	}{
+		{name: "stalled body", request: "POST /upload HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 1000\r\n\r\nfirst bytes",
+			upstream: func(t *testing.T, u *upstreamConn) error {
+				_, err := readAllWithin(u.TCPConn, u.R, 10*time.Second)
+				return err
+			}, status: http.StatusRequestTimeout},
+		{name: "client stops reading", request: "GET /big HTTP/1.1\r\nHost: relay.test\r\n\r\n",
+			upstream: func(t *testing.T, u *upstreamConn) error {
+				u.SetWriteDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.WriteString(u, "HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n"); err != nil {
+					return err
+				}
+				chunk := make([]byte, 64<<10)
+				for {
+					if _, err := u.Write(chunk); err != nil {
+						if isTimeout(err) {
+							return err
+						}
+						return nil // the relay closed it
+					}
+				}
+			}, status: http.StatusOK},
+		{name: "upstream stops sending", request: "GET /partial HTTP/1.1\r\nHost: relay.test\r\n\r\n",
+			upstream: func(t *testing.T, u *upstreamConn) error {
+				if _, err := io.WriteString(u, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial"); err != nil {
+					return err
+				}
+				_, err := readAllWithin(u.TCPConn, u.R, 10*time.Second)
+				return err
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := startUpstream(t)
+			r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.HTTPIdleTimeout = idle })
+			upstreamDone := make(chan error, 1)
+			go func() { upstreamDone <- tc.upstream(t, up.next(t)) }()
+			c, err := net.Dial("tcp", r.Addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			io.WriteString(c, tc.request)
+			br := bufio.NewReader(c)
+			if tc.status != 0 {
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("read response: %v", err)
+				}
+				if resp.StatusCode != tc.status {
+					t.Errorf("status %d, want %d", resp.StatusCode, tc.status)
+				}
+			}
+			// The client reads nothing more until the upstream connection is over.
+			select {
+			case err := <-upstreamDone:
+				if err != nil {
+					t.Errorf("upstream connection not closed by the relay: %v", err)
+				}
+			case <-time.After(15 * time.Second):
+				t.Fatal("upstream still busy after 15 s")
+			}
+			if _, err := readAllWithin(c, br, 10*time.Second); err != nil && !isReset(err) {
+				t.Errorf("client connection not closed by the relay: %v", err)
+			}
+			if !strings.Contains(r.Log.String(), "plain request cut") {
+				t.Errorf("the cut is not logged")
+			}
+		})
+	}
+}
+
+// TestPlainRequestSlowBodyNotCut: a body that keeps coming, slowly, is not idle, however long it takes.
+func TestPlainRequestSlowBodyNotCut(t *testing.T) {
+	const idle = 500 * time.Millisecond
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.HTTPIdleTimeout = idle })
+	const pieces, piece = 12, "0123456789"
+	go func() {
+		u := up.next(t)
+		body, err := io.ReadAll(u.Req.Body)
+		if err != nil {
+			u.Close()
+			return
+		}
+		io.WriteString(u, "HTTP/1.1 200 OK\r\nContent-Length: "+strconv.Itoa(len(body))+"\r\n\r\n"+string(body))
+	}()
+	c, err := net.Dial("tcp", r.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "POST /slow HTTP/1.1\r\nHost: relay.test\r\nContent-Length: "+strconv.Itoa(pieces*len(piece))+"\r\n\r\n")
+	for range pieces { // 1.2 s in all, more than twice the idle timeout
+		time.Sleep(idle / 5)
+		if _, err := io.WriteString(c, piece); err != nil {
+			t.Fatalf("sending the body: %v", err)
+		}
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	if body := readBody(t, resp); resp.StatusCode != http.StatusOK || body != strings.Repeat(piece, pieces) {
+		t.Errorf("status %d, body %q: the slow body was cut", resp.StatusCode, body)
 	}
 }

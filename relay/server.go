@@ -45,6 +45,9 @@ type Config struct {
 	ConnectTimeout time.Duration
 	// UpstreamResponseTimeout bounds how long an upstream may take to answer a forwarded request.
 	UpstreamResponseTimeout time.Duration
+	// HTTPIdleTimeout cuts a plain (reverse-proxied) request through which no byte moved for that long:
+	// its body from the client or to the upstream, its response from the upstream or to the client.
+	HTTPIdleTimeout time.Duration
 	// MaxHeaderBytes bounds a client's request line and headers.
 	MaxHeaderBytes int
 	// Limits apply to every handshake and tunnel of the server; a listener may add its own.
@@ -76,6 +79,7 @@ const (
 	DefaultClientHeaderTimeout     = 10 * time.Second
 	DefaultConnectTimeout          = 5 * time.Second
 	DefaultUpstreamResponseTimeout = 15 * time.Second
+	DefaultHTTPIdleTimeout         = 60 * time.Second // nginx's client_body_timeout and send_timeout
 	DefaultMaxHeaderBytes          = 16 << 10
 	// DefaultKernelHeldLimit: the prototype of hazard 5 demoted at 4 MiB. The kernel also holds up to a send
 	// buffer in the destination (tcp_wmem, 4 MiB at most by default) and a receive buffer in the source,
@@ -136,6 +140,7 @@ func NewServer(cfg Config) (*Server, error) {
 	cfg.ClientHeaderTimeout = orDefault(cfg.ClientHeaderTimeout, DefaultClientHeaderTimeout)
 	cfg.ConnectTimeout = orDefault(cfg.ConnectTimeout, DefaultConnectTimeout)
 	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
+	cfg.HTTPIdleTimeout = orDefault(cfg.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
 	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	cfg.KernelHeldLimit = orDefault(cfg.KernelHeldLimit, DefaultKernelHeldLimit)
 	if cfg.KernelHeldLimit < MinKernelHeldLimit || cfg.KernelHeldLimit > MaxKernelHeldLimit {
@@ -445,7 +450,15 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer lease.Release()
-	ctx := context.WithValue(r.Context(), upstreamAddrKey{}, lease.Server.Address())
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	iw := newIdleWatch(w, s.cfg.HTTPIdleTimeout, s.cfg.UpstreamResponseTimeout, cancel, func(waitingFor string) {
+		s.log.Info("plain request cut: nothing moved", "client", r.RemoteAddr, "method", r.Method,
+			"uri", r.RequestURI, "upstream", lease.Server.Address(), "idle", s.cfg.HTTPIdleTimeout, "waiting_for", waitingFor)
+	})
+	defer iw.stop()
+	ctx = context.WithValue(ctx, idleWatchKey{}, iw)
+	ctx = context.WithValue(ctx, upstreamAddrKey{}, lease.Server.Address())
 	if route.UpstreamTLS != nil {
 		ctx = context.WithValue(ctx, upstreamTLSKey{}, route.UpstreamTLS)
 	}
@@ -453,7 +466,13 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 		ctx = context.WithValue(ctx, proxyHeaderKey{}, proxyHeader(route.SendProxy, clientAddr(r), local))
 	}
-	s.proxy.ServeHTTP(w, r.WithContext(ctx))
+	r = r.WithContext(ctx)
+	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
+		r.Body = &watchedBody{ReadCloser: r.Body, iw: iw}
+	} else {
+		iw.upstreamsTurn()
+	}
+	s.proxy.ServeHTTP(&watchedWriter{ResponseWriter: w, iw: iw}, r)
 }
 
 func (s *Server) newReverseProxy() *httputil.ReverseProxy {
@@ -497,6 +516,9 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 			IdleConnTimeout:       90 * time.Second,
 		},
 		ModifyResponse: func(resp *http.Response) error {
+			if iw, _ := resp.Request.Context().Value(idleWatchKey{}).(*idleWatch); iw != nil {
+				iw.progress() // the answer's head came: from here on, its bytes must keep moving
+			}
 			s.metrics.httpRequests.WithLabelValues(strconv.Itoa(resp.StatusCode)).Inc()
 			return nil
 		},
@@ -504,6 +526,16 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 			status := http.StatusBadGateway
 			if isTimeout(err) {
 				status = http.StatusGatewayTimeout
+			}
+			if iw, _ := r.Context().Value(idleWatchKey{}).(*idleWatch); iw != nil {
+				switch iw.cutFor() {
+				case cutClientBody:
+					status = http.StatusRequestTimeout
+					w.Header().Set("Connection", "close")
+				case cutOther:
+					status = http.StatusGatewayTimeout
+					w.Header().Set("Connection", "close")
+				}
 			}
 			s.metrics.httpRequests.WithLabelValues(strconv.Itoa(status)).Inc()
 			s.log.Warn("proxy request failed", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,
