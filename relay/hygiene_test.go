@@ -350,3 +350,11 @@ func TestPlainRequestSlowBodyNotCut(t *testing.T) {
 		t.Errorf("status %d, body %q: the slow body was cut", resp.StatusCode, body)
 	}
 }
+
+// TestHTTPIdleTimeoutValidated: a negative HTTP idle timeout is refused with the accepted range.
+func TestHTTPIdleTimeoutValidated(t *testing.T) {
+	_, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathCopy, HTTPIdleTimeout: -time.Second})
+	if err == nil || !strings.Contains(err.Error(), "http idle timeout -1s: accepted a positive duration") {
+		t.Errorf("NewServer with a negative HTTP idle timeout: %v; want the accepted range", err)
+	}
+}

@@ -141,6 +141,9 @@ func NewServer(cfg Config) (*Server, error) {
 	cfg.ConnectTimeout = orDefault(cfg.ConnectTimeout, DefaultConnectTimeout)
 	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
 	cfg.HTTPIdleTimeout = orDefault(cfg.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
+	if cfg.HTTPIdleTimeout < 0 {
+		return nil, fmt.Errorf("http idle timeout %v: accepted a positive duration (0 for the default %v)", cfg.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
+	}
 	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	cfg.KernelHeldLimit = orDefault(cfg.KernelHeldLimit, DefaultKernelHeldLimit)
 	if cfg.KernelHeldLimit < MinKernelHeldLimit || cfg.KernelHeldLimit > MaxKernelHeldLimit {
@@ -365,9 +368,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // ServeHTTP sends upgrade requests through the WebSocket handshake and every other request to the reverse proxy.
 //
-// A path that could name another route to the upstream than to the relay is refused with 400 before
-// routing (see pathProblem): routes match on the path as sent, and "/ws/../admin" must not pass as "/ws" to
-// an upstream that resolves it.
+// A path that could take another route to the upstream than it takes here is refused with 400 before
+// routing (see pathProblem): routes match the path unresolved, and "/ws/../admin" must not pass as "/ws"
+// to an upstream that resolves it.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodConnect {
 		// A reverse proxy has no tunnel to open to the authority a CONNECT names: proxying it would send
@@ -378,9 +381,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if len(r.TransferEncoding) > 0 {
-		// net/http reads a chunked body and drops any Content-Length beside it without saying so. With both,
-		// a proxy in front may have framed the body by Content-Length, and what follows on this connection
-		// is not what it thinks: RFC 9112 section 6.1 says close the connection after responding.
+		// With Transfer-Encoding and Content-Length both, a proxy in front may have framed the body by the
+		// latter, and then what follows on this connection is not what it thinks: RFC 9112 section 6.1 says
+		// close after responding. net/http drops the Content-Length before a handler sees it, so every
+		// chunked request closes its connection (a cost only to clients that send chunked bodies).
 		w.Header().Set("Connection", "close")
 	}
 	if msg := pathProblem(r.URL.Path); msg != "" {
