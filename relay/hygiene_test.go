@@ -358,3 +358,28 @@ func TestHTTPIdleTimeoutValidated(t *testing.T) {
 		t.Errorf("NewServer with a negative HTTP idle timeout: %v; want the accepted range", err)
 	}
 }
+
+// TestPlainRequestUpstreamNotReadingCut: an upstream that reads none of a large request body (nginx's
+// proxy_send_timeout) stops the request as surely as a client that sends none: it is cut, and both
+// connections are closed.
+func TestPlainRequestUpstreamNotReadingCut(t *testing.T) {
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.HTTPIdleTimeout = 300 * time.Millisecond })
+	c, err := net.Dial("tcp", r.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const size = 64 << 20 // far more than the socket buffers on the way hold
+	go func() {
+		io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: relay.test\r\nContent-Length: "+strconv.Itoa(size)+"\r\n\r\n")
+		c.Write(make([]byte, size)) // fails once the relay closes the connection
+	}()
+	u := up.next(t) // it reads the request head, then no byte of the body
+	if _, err := readAllWithin(c, c, 10*time.Second); err != nil && !isReset(err) {
+		t.Errorf("client connection not closed by the relay: %v", err)
+	}
+	if _, err := readAllWithin(u.TCPConn, u.R, 10*time.Second); err != nil && !isReset(err) {
+		t.Errorf("upstream connection not closed by the relay: %v", err)
+	}
+}
