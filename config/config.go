@@ -70,6 +70,9 @@ type Timeouts struct {
 	UpstreamResponse time.Duration
 	// Shutdown is how long live tunnels may drain on SIGTERM before they are closed. Default 30s.
 	Shutdown time.Duration
+	// HTTPIdle cuts a plain (not upgraded) request through which no byte moved for this long, either way,
+	// on either connection. Default 60s (nginx's client_body_timeout and send_timeout).
+	HTTPIdle time.Duration
 	// TunnelIdle, when not 0, closes a tunnel through which no byte has passed in either direction for
 	// this long (HAProxy's timeout tunnel). Default 0 (never); otherwise at least 1s.
 	TunnelIdle time.Duration

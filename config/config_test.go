@@ -59,7 +59,7 @@ func TestBrokenFiles(t *testing.T) {
 		{"duplicate pool", minimal + "  echo:\n    servers: [127.0.0.1:9001]\n",
 			`sockrelay.yaml:8: pools.echo: duplicate key; first given at line 6`},
 		{"mapping where a scalar goes", minimal + "timeouts: 5s\n",
-			`sockrelay.yaml:8: timeouts: got "5s"; accepted: the timeouts, a mapping with keys client_header, connect, half_closed, shutdown, tcp_half_closed, tunnel_idle, tunnel_lifetime, upstream_response`},
+			`sockrelay.yaml:8: timeouts: got "5s"; accepted: the timeouts, a mapping with keys client_header, connect, half_closed, http_idle, shutdown, tcp_half_closed, tunnel_idle, tunnel_lifetime, upstream_response`},
 		{"list where a mapping goes", "listeners:\n  address: 127.0.0.1:8080\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
 			`sockrelay.yaml:2: listeners: got a mapping; accepted: a list of listeners, at least one`},
 		{"no value", minimal + "admin:\n",
@@ -310,6 +310,7 @@ func TestDefaults(t *testing.T) {
 			Shutdown:         30 * time.Second,
 			HalfClosed:       5 * time.Second,
 			TCPHalfClosed:    time.Minute,
+			HTTPIdle:         60 * time.Second,
 		},
 		MaxHeaderBytes: 16 << 10,
 		Listeners: []Listener{{
@@ -549,7 +550,7 @@ func TestLoad(t *testing.T) {
 // on other keys.
 func TestEdgeValues(t *testing.T) {
 	c, err := Parse("/etc/sockrelay/sockrelay.yaml", []byte(`
-timeouts: {tunnel_idle: 5m, tunnel_lifetime: 24h, half_closed: 0s, tcp_half_closed: 10m}
+timeouts: {tunnel_idle: 5m, tunnel_lifetime: 24h, half_closed: 0s, tcp_half_closed: 10m, http_idle: 30s}
 limits:
   max_tunnels: 100000
   max_tunnels_per_ip: 100
@@ -610,7 +611,8 @@ pools:
 		t.Errorf("warnings: %q", c.Warnings)
 	}
 	if c.Timeouts.TunnelIdle != 5*time.Minute || c.Timeouts.TunnelLifetime != 24*time.Hour ||
-		c.Timeouts.HalfClosed != 0 || c.Timeouts.TCPHalfClosed != 10*time.Minute {
+		c.Timeouts.HalfClosed != 0 || c.Timeouts.TCPHalfClosed != 10*time.Minute ||
+		c.Timeouts.HTTPIdle != 30*time.Second {
 		t.Errorf("timeouts %+v", c.Timeouts)
 	}
 	if want := (Limits{MaxTunnels: 100000, MaxTunnelsPerIP: 100, HandshakesPerIP: RateLimit{Rate: 2.5, Burst: 3},

@@ -59,6 +59,7 @@ func defaults() *Config {
 			Shutdown:         30 * time.Second,
 			HalfClosed:       5 * time.Second,
 			TCPHalfClosed:    60 * time.Second,
+			HTTPIdle:         60 * time.Second,
 		},
 		MaxHeaderBytes: defaultMaxHeaderBytes,
 	}
@@ -103,11 +104,12 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval, offOrAtLeastSecond)
 	if n, path := f.get("timeouts"); n != nil {
 		if t := d.mapping(n, path, "the timeouts", "client_header", "connect", "upstream_response", "shutdown",
-			"tunnel_idle", "tunnel_lifetime", "half_closed", "tcp_half_closed"); t != nil {
+			"tunnel_idle", "tunnel_lifetime", "half_closed", "tcp_half_closed", "http_idle"); t != nil {
 			d.duration(t, "client_header", &c.Timeouts.ClientHeader, positive)
 			d.duration(t, "connect", &c.Timeouts.Connect, positive)
 			d.duration(t, "upstream_response", &c.Timeouts.UpstreamResponse, positive)
 			d.duration(t, "shutdown", &c.Timeouts.Shutdown, positive)
+			d.duration(t, "http_idle", &c.Timeouts.HTTPIdle, positive)
 			d.duration(t, "tunnel_idle", &c.Timeouts.TunnelIdle, offOrAtLeastSecond)
 			d.duration(t, "tunnel_lifetime", &c.Timeouts.TunnelLifetime, offOrAtLeastSecond)
 			d.duration(t, "half_closed", &c.Timeouts.HalfClosed, offOrAtLeastSecond)

@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -87,11 +88,27 @@ func isTrusted(ip string, trusted []netip.Prefix) bool {
 
 // setForwarded describes the client to the upstream: X-Forwarded-For, X-Real-IP, X-Forwarded-Host and
 // X-Forwarded-Proto replace whatever the request carried, and Forwarded is dropped, so that an upstream
-// reads only what the relay vouches for.
+// reads only what the relay vouches for. Their spellings with "_" for "-" (X_Forwarded_For) are dropped
+// too: CGI and the servers that follow it (PHP's $_SERVER, WSGI) turn both into HTTP_X_FORWARDED_FOR,
+// and which one wins there is not the relay's to decide.
 func setForwarded(h http.Header, r *http.Request, client clientIdentity) {
+	for name := range h {
+		if strings.Contains(name, "_") && isIdentityHeader(name) {
+			delete(h, name)
+		}
+	}
 	h.Del("Forwarded")
 	h.Set("X-Forwarded-For", client.forwardedFor)
 	h.Set("X-Real-IP", client.ip)
 	h.Set("X-Forwarded-Host", r.Host)
 	h.Set("X-Forwarded-Proto", client.proto)
+}
+
+// identityHeaders are the headers setForwarded replaces or drops.
+var identityHeaders = []string{"Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Proto"}
+
+// isIdentityHeader says whether name is one of identityHeaders in any case, with "_" for any "-".
+func isIdentityHeader(name string) bool {
+	dashed := strings.ReplaceAll(name, "_", "-")
+	return slices.ContainsFunc(identityHeaders, func(id string) bool { return strings.EqualFold(id, dashed) })
 }

@@ -33,7 +33,7 @@ func FuzzHandshake(f *testing.F) {
 		}
 		r.RemoteAddr = "10.1.2.3:4000"
 		r = r.WithContext(context.WithValue(context.Background(), listenerKey{}, listenerInfo{name: "f", trusted: trusted}))
-		hasDotSegment(r.URL.Path)
+		pathProblem(r.URL.Path)
 		if !isUpgradeRequest(r) {
 			return
 		}

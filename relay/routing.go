@@ -299,19 +299,65 @@ func (s *Server) evicted(srv *upstream.Server) bool {
 // routeOrRefuse finds the route of a handshake, or answers 404 (no route) or 403 (an Origin the route
 // does not allow) and returns false.
 func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) (Route, bool) {
-	route, ok := s.Router().Route(s.listenerOf(r).name, r)
+	route, ok := s.route(r)
 	if !ok {
 		s.refuse(w, r, &handshakeError{status: http.StatusNotFound, reason: FailNoRoute,
 			msg: fmt.Sprintf("no route for host %q and path %q on listener %q", r.Host, r.URL.Path, s.listenerOf(r).name)})
 		return Route{}, false
 	}
-	if len(route.Origins) > 0 {
-		origin := strings.ToLower(r.Header.Get("Origin"))
-		if !slices.Contains(route.Origins, origin) {
-			s.refuse(w, r, &handshakeError{status: http.StatusForbidden, reason: FailOrigin,
-				msg: fmt.Sprintf("origin %q is not allowed here", r.Header.Get("Origin"))})
-			return Route{}, false
-		}
+	if !s.originAllowed(r, route) {
+		s.refuse(w, r, &handshakeError{status: http.StatusForbidden, reason: FailOrigin,
+			msg: fmt.Sprintf("origin %q is not allowed here", r.Header.Get("Origin"))})
+		return Route{}, false
 	}
 	return route, true
+}
+
+// route finds r's route on its listener. Routes match the path with each segment's ";parameters" left
+// out, as servlet containers (Tomcat, Jetty, Spring) resolve "/admin;jsessionid=1" to "/admin": matched as
+// sent, "/admin;x" would miss the route of "/admin", and its origins, for a catch-all, while such an
+// upstream serves /admin. The upstream still gets the path as sent.
+func (s *Server) route(r *http.Request) (Route, bool) {
+	return s.routeFor(r, withoutSegmentParams(r.URL.Path))
+}
+
+// routeFor finds the route r would have with path instead of its own.
+func (s *Server) routeFor(r *http.Request, path string) (Route, bool) {
+	if path != r.URL.Path {
+		u := *r.URL
+		u.Path, u.RawPath = path, ""
+		r = r.WithContext(r.Context()) // a shallow copy, for the Router to see path
+		r.URL = &u
+	}
+	return s.Router().Route(s.listenerOf(r).name, r)
+}
+
+// withoutSegmentParams is path with each segment's ";parameters" removed.
+func withoutSegmentParams(path string) string {
+	if !strings.Contains(path, ";") {
+		return path
+	}
+	segs := strings.Split(path, "/")
+	for i, seg := range segs {
+		segs[i], _, _ = strings.Cut(seg, ";")
+	}
+	return strings.Join(segs, "/")
+}
+
+// originAllowed says whether r's Origin passes route's allow-list, and also the allow-list of the route
+// its path has in lower case. Routes match paths case-sensitively, as nginx's do, so "/Admin" is not the
+// route of "/admin"; but an upstream that ignores case serves /admin for it, and a cross-site page must
+// not reach that through a catch-all route without the allow-list.
+func (s *Server) originAllowed(r *http.Request, route Route) bool {
+	origin := strings.ToLower(r.Header.Get("Origin"))
+	if len(route.Origins) > 0 && !slices.Contains(route.Origins, origin) {
+		return false
+	}
+	path := withoutSegmentParams(r.URL.Path)
+	if lower := strings.ToLower(path); lower != path {
+		if folded, ok := s.routeFor(r, lower); ok && len(folded.Origins) > 0 && !slices.Contains(folded.Origins, origin) {
+			return false
+		}
+	}
+	return true
 }

@@ -45,6 +45,9 @@ type Config struct {
 	ConnectTimeout time.Duration
 	// UpstreamResponseTimeout bounds how long an upstream may take to answer a forwarded request.
 	UpstreamResponseTimeout time.Duration
+	// HTTPIdleTimeout cuts a plain (reverse-proxied) request through which no byte moved for that long:
+	// its body from the client or to the upstream, its response from the upstream or to the client.
+	HTTPIdleTimeout time.Duration
 	// MaxHeaderBytes bounds a client's request line and headers.
 	MaxHeaderBytes int
 	// Limits apply to every handshake and tunnel of the server; a listener may add its own.
@@ -84,6 +87,7 @@ const (
 	DefaultClientHeaderTimeout     = 10 * time.Second
 	DefaultConnectTimeout          = 5 * time.Second
 	DefaultUpstreamResponseTimeout = 15 * time.Second
+	DefaultHTTPIdleTimeout         = 60 * time.Second // nginx's client_body_timeout and send_timeout
 	DefaultMaxHeaderBytes          = 16 << 10
 	// DefaultKernelHeldLimit: the prototype of hazard 5 demoted at 4 MiB. The kernel also holds up to a send
 	// buffer in the destination (tcp_wmem, 4 MiB at most by default) and a receive buffer in the source,
@@ -150,6 +154,10 @@ func NewServer(cfg Config) (*Server, error) {
 	cfg.ClientHeaderTimeout = orDefault(cfg.ClientHeaderTimeout, DefaultClientHeaderTimeout)
 	cfg.ConnectTimeout = orDefault(cfg.ConnectTimeout, DefaultConnectTimeout)
 	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
+	cfg.HTTPIdleTimeout = orDefault(cfg.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
+	if cfg.HTTPIdleTimeout < 0 {
+		return nil, fmt.Errorf("http idle timeout %v: accepted a positive duration (0 for the default %v)", cfg.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
+	}
 	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	cfg.KernelHeldLimit = orDefault(cfg.KernelHeldLimit, DefaultKernelHeldLimit)
 	cfg.HalfClosedTimeout = orDefault(cfg.HalfClosedTimeout, DefaultHalfClosedTimeout)
@@ -379,11 +387,26 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // ServeHTTP sends upgrade requests through the WebSocket handshake and every other request to the reverse proxy.
 //
-// A path with "." or ".." segments (after percent-decoding) is refused with 400 before routing: routes
-// match on the path as sent, and "/ws/../admin" must not pass as "/ws" to an upstream that resolves it.
+// A path that could take another route to the upstream than it takes here is refused with 400 before
+// routing (see pathProblem): routes match the path unresolved, and "/ws/../admin" must not pass as "/ws"
+// to an upstream that resolves it.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if hasDotSegment(r.URL.Path) {
-		const msg = "the path has . or .. segments"
+	if r.Method == http.MethodConnect {
+		// A reverse proxy has no tunnel to open to the authority a CONNECT names: proxying it would send
+		// the upstream a request for "/" and the client's tunnel bytes after it.
+		s.metrics.httpRequests.WithLabelValues(strconv.Itoa(http.StatusNotImplemented)).Inc()
+		w.Header().Set("Connection", "close")
+		http.Error(w, "CONNECT is not supported: this is a reverse proxy, not a forward proxy", http.StatusNotImplemented)
+		return
+	}
+	if len(r.TransferEncoding) > 0 {
+		// With Transfer-Encoding and Content-Length both, a proxy in front may have framed the body by the
+		// latter, and then what follows on this connection is not what it thinks: RFC 9112 section 6.1 says
+		// close after responding. net/http drops the Content-Length before a handler sees it, so every
+		// chunked request closes its connection (a cost only to clients that send chunked bodies).
+		w.Header().Set("Connection", "close")
+	}
+	if msg := pathProblem(r.URL.Path); msg != "" {
 		if isUpgradeRequest(r) {
 			s.refuse(w, r, &handshakeError{status: http.StatusBadRequest, reason: FailBadPath, msg: msg})
 			return
@@ -399,13 +422,24 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.serveRequest(w, r)
 }
 
-func hasDotSegment(path string) bool {
-	for seg := range strings.SplitSeq(path, "/") {
-		if seg == "." || seg == ".." {
-			return true
+// pathProblem says why a (percent-decoded) path is refused, or "" when it is not: a "." or ".." segment,
+// or an empty segment ("//") anywhere but at the end. Servers merge or resolve these ("//admin" is
+// "/admin" to nginx and most frameworks), so the route chosen for the path as sent would not be the one
+// for the path the upstream serves. A segment's ";parameters" are left out first, as servlet containers
+// do: "/..;/admin" is "/../admin" to Tomcat. "%2F" decodes to "/" before this check, so "/%2fadmin" is
+// "//admin".
+func pathProblem(path string) string {
+	segs := strings.Split(path, "/")
+	for i, seg := range segs {
+		seg, _, _ = strings.Cut(seg, ";")
+		switch {
+		case seg == "." || seg == "..":
+			return "the path has . or .. segments"
+		case seg == "" && i > 0 && i < len(segs)-1:
+			return "the path has an empty segment (//)"
 		}
 	}
-	return false
+	return ""
 }
 
 // upstreamAddrKey carries the server that serveRequest chose to the reverse proxy's Rewrite, and
@@ -420,7 +454,7 @@ type (
 // the server while the request runs, so that least_tunnels and max_tunnels see it.
 func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 	status := 0
-	route, ok := s.Router().Route(s.listenerOf(r).name, r)
+	route, ok := s.route(r)
 	pool := route.Pool
 	var lease *upstream.Lease
 	if !ok {
@@ -439,7 +473,15 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer lease.Release()
-	ctx := context.WithValue(r.Context(), upstreamAddrKey{}, lease.Server.Address())
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	iw := newIdleWatch(w, s.cfg.HTTPIdleTimeout, s.cfg.UpstreamResponseTimeout, cancel, func(waitingFor string) {
+		s.log.Info("plain request cut: nothing moved", "client", r.RemoteAddr, "method", r.Method,
+			"uri", r.RequestURI, "upstream", lease.Server.Address(), "idle", s.cfg.HTTPIdleTimeout, "waiting_for", waitingFor)
+	})
+	defer iw.stop()
+	ctx = context.WithValue(ctx, idleWatchKey{}, iw)
+	ctx = context.WithValue(ctx, upstreamAddrKey{}, lease.Server.Address())
 	if route.UpstreamTLS != nil {
 		ctx = context.WithValue(ctx, upstreamTLSKey{}, route.UpstreamTLS)
 	}
@@ -447,7 +489,13 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 		ctx = context.WithValue(ctx, proxyHeaderKey{}, proxyHeader(route.SendProxy, clientAddr(r), local))
 	}
-	s.proxy.ServeHTTP(w, r.WithContext(ctx))
+	r = r.WithContext(ctx)
+	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
+		r.Body = &watchedBody{ReadCloser: r.Body, iw: iw}
+	} else {
+		iw.upstreamsTurn()
+	}
+	s.proxy.ServeHTTP(&watchedWriter{ResponseWriter: w, iw: iw}, r)
 }
 
 func (s *Server) newReverseProxy() *httputil.ReverseProxy {
@@ -491,6 +539,9 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 			IdleConnTimeout:       90 * time.Second,
 		},
 		ModifyResponse: func(resp *http.Response) error {
+			if iw, _ := resp.Request.Context().Value(idleWatchKey{}).(*idleWatch); iw != nil {
+				iw.progress() // the answer's head came: from here on, its bytes must keep moving
+			}
 			s.metrics.httpRequests.WithLabelValues(strconv.Itoa(resp.StatusCode)).Inc()
 			return nil
 		},
@@ -498,6 +549,16 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 			status := http.StatusBadGateway
 			if isTimeout(err) {
 				status = http.StatusGatewayTimeout
+			}
+			if iw, _ := r.Context().Value(idleWatchKey{}).(*idleWatch); iw != nil {
+				switch iw.cutFor() {
+				case cutClientBody:
+					status = http.StatusRequestTimeout
+					w.Header().Set("Connection", "close")
+				case cutOther:
+					status = http.StatusGatewayTimeout
+					w.Header().Set("Connection", "close")
+				}
 			}
 			s.metrics.httpRequests.WithLabelValues(strconv.Itoa(status)).Inc()
 			s.log.Warn("proxy request failed", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,

@@ -82,6 +82,7 @@ func TestRunRejectsBadFlags(t *testing.T) {
 		{"zero drain", append(ok, "--drain-timeout", "0s"), []string{"--drain-timeout", "positive duration"}},
 		{"negative connect timeout", append(ok, "--connect-timeout", "-1s"), []string{"--connect-timeout", "positive duration"}},
 		{"bad duration", append(ok, "--upstream-timeout", "ten"), []string{"upstream-timeout", "invalid"}},
+		{"zero http idle", append(ok, "--http-idle-timeout", "0s"), []string{"--http-idle-timeout", "positive duration"}},
 		{"tiny header limit", append(ok, "--max-header-bytes", "10"), []string{"--max-header-bytes", "1024"}},
 		{"tiny held limit", append(ok, "--kernel-held-limit", "1000"), []string{"--kernel-held-limit", "1000", "65536"}},
 		{"huge held limit", append(ok, "--kernel-held-limit", "4294967296"), []string{"--kernel-held-limit", "4294967296", "1073741824"}},

@@ -36,6 +36,7 @@ type runOptions struct {
 	clientHeaderTimeout time.Duration
 	connectTimeout      time.Duration
 	upstreamTimeout     time.Duration
+	httpIdleTimeout     time.Duration
 	maxHeaderBytes      int
 	kernelHeldLimit     int
 	tunnelLogInterval   time.Duration
@@ -89,6 +90,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.DurationVar(&o.clientHeaderTimeout, "client-header-timeout", relay.DefaultClientHeaderTimeout, "how long a client may take to send its request headers")
 	fs.DurationVar(&o.connectTimeout, "connect-timeout", relay.DefaultConnectTimeout, "how long connecting to an upstream may take")
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", relay.DefaultUpstreamResponseTimeout, "how long an upstream may take to answer a handshake or request")
+	fs.DurationVar(&o.httpIdleTimeout, "http-idle-timeout", relay.DefaultHTTPIdleTimeout, "cut a plain (not upgraded) request when no byte of it moved for this long")
 	fs.IntVar(&o.maxHeaderBytes, "max-header-bytes", relay.DefaultMaxHeaderBytes, "largest request line and headers a client may send, in bytes")
 	fs.IntVar(&o.kernelHeldLimit, "kernel-held-limit", relay.DefaultKernelHeldLimit, "sockmap: most `BYTES` the kernel may hold per tunnel direction for a slow reader before userspace takes over the direction")
 	fs.DurationVar(&o.tunnelLogInterval, "tunnel-log-interval", 0, "log each tunnel that lives longer than this again at this interval, with its bytes so far (0: off; else at least 1s)")
@@ -153,6 +155,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 		{"--client-header-timeout", o.clientHeaderTimeout},
 		{"--connect-timeout", o.connectTimeout},
 		{"--upstream-timeout", o.upstreamTimeout},
+		{"--http-idle-timeout", o.httpIdleTimeout},
 	} {
 		if d.v <= 0 {
 			return nil, fmt.Errorf("%s: %s is not a positive duration, e.g. 10s or 500ms", d.name, d.v)
@@ -214,6 +217,7 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 	set("client-header-timeout", func() { o.clientHeaderTimeout = cfg.Timeouts.ClientHeader })
 	set("connect-timeout", func() { o.connectTimeout = cfg.Timeouts.Connect })
 	set("upstream-timeout", func() { o.upstreamTimeout = cfg.Timeouts.UpstreamResponse })
+	set("http-idle-timeout", func() { o.httpIdleTimeout = cfg.Timeouts.HTTPIdle })
 	set("max-header-bytes", func() { o.maxHeaderBytes = cfg.MaxHeaderBytes })
 	set("kernel-held-limit", func() { o.kernelHeldLimit = cfg.KernelHeldLimit })
 	set("tunnel-log-interval", func() { o.tunnelLogInterval = cfg.TunnelLogInterval })
@@ -332,6 +336,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		ClientHeaderTimeout:     o.clientHeaderTimeout,
 		ConnectTimeout:          o.connectTimeout,
 		UpstreamResponseTimeout: o.upstreamTimeout,
+		HTTPIdleTimeout:         o.httpIdleTimeout,
 		MaxHeaderBytes:          o.maxHeaderBytes,
 		KernelHeldLimit:         o.kernelHeldLimit,
 		TunnelLogInterval:       o.tunnelLogInterval,

@@ -87,7 +87,7 @@ func TestRunHelp(t *testing.T) {
 				t.Errorf("exit code %d, want 0", code)
 			}
 			for _, f := range []string{"-listen ADDR", "-upstream HOST:PORT", "-datapath", "auto, sockmap, splice or copy",
-				"-admin ADDR", "-drain-timeout", "-client-header-timeout", "-connect-timeout", "-upstream-timeout",
+				"-admin ADDR", "-drain-timeout", "-client-header-timeout", "-connect-timeout", "-upstream-timeout", "-http-idle-timeout",
 				"-max-header-bytes", "-log-level", "-log-format"} {
 				if !strings.Contains(stderr.String(), f) {
 					t.Errorf("help lacks %q:\n%s", f, stderr.String())
