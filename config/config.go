@@ -410,6 +410,10 @@ func (d *decoder) document(data []byte) *yaml.Node {
 		if m := yamlErrorLine.FindStringSubmatch(err.Error()); m != nil {
 			e.Line, _ = strconv.Atoi(m[1])
 			e.Msg = "invalid YAML: " + m[2]
+			if line := problemLine(data, e.Line, err.Error()); line != e.Line {
+				e.Msg += fmt.Sprintf(" (in the block that starts at line %d)", e.Line)
+				e.Line = line
+			}
 			// The parser's word for a tab in the indentation is "found character that cannot start any
 			// token", which does not say what to change.
 			lines := bytes.Split(data, []byte("\n"))
@@ -421,6 +425,28 @@ func (d *decoder) document(data []byte) *yaml.Node {
 		return nil
 	}
 	return doc.Content[0]
+}
+
+// maxProblemScan bounds how many lines past its block problemLine looks for a syntax error.
+const maxProblemScan = 2000
+
+// problemLine finds the line a YAML syntax error is on. The parser's message gives the line where the
+// enclosing block starts (blockLine), which can be far above the mistake; the mistake is on the first line
+// at which the file, cut after that line, fails to parse with the same message. blockLine when none does
+// within maxProblemScan lines (each try parses the file again).
+func problemLine(data []byte, blockLine int, msg string) int {
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	for n := max(blockLine, 1); n <= min(len(lines), blockLine+maxProblemScan); n++ {
+		var doc yaml.Node
+		err := yaml.Unmarshal(bytes.Join(lines[:n], nil), &doc)
+		if err == nil {
+			continue
+		}
+		if yamlErrorLine.ReplaceAllString(err.Error(), "$2") == yamlErrorLine.ReplaceAllString(msg, "$2") {
+			return n
+		}
+	}
+	return blockLine
 }
 
 func indentation(line []byte) []byte {
