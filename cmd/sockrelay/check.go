@@ -17,12 +17,12 @@ import (
 // without starting anything, and prints every problem and warning. Exit 0 valid, 1 invalid, 2 bad usage.
 func checkCommand(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("sockrelay check", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	path := fs.String("config", "", "configuration `FILE` to check (required)")
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlags(fs, args, stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
+		fmt.Fprintf(stderr, "%s: %v\n%s\n", fs.Name(), err, err.(*usageError).hint())
 		return 2
 	}
 	if *path == "" || fs.NArg() > 0 {

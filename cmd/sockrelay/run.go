@@ -76,7 +76,6 @@ func (f listFlag) Set(v string) error {
 func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	o := &runOptions{}
 	fs := flag.NewFlagSet("sockrelay run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	fs.StringVar(&o.configPath, "config", "", "configuration `FILE` (YAML): listeners, routes, pools; other flags override its settings")
 	fs.StringVar(&o.listen, "listen", "", "client-facing `ADDR` to listen on, e.g. 127.0.0.1:8080 or :80 (required without --config)")
 	fs.Var(listFlag{&o.upstreams}, "upstream", "upstream `HOST:PORT`; repeat for several, chosen round-robin (at least one without --config)")
@@ -93,7 +92,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.DurationVar(&o.tunnelLifetime, "tunnel-lifetime", 0, "reset tunnels that have lived this long (0: no limit; else at least 1s)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "text or json")
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlags(fs, args, stderr); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -246,6 +245,9 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "sockrelay run: %v\n", err)
+		if ue := (*usageError)(nil); errors.As(err, &ue) {
+			fmt.Fprintln(stderr, ue.hint())
+		}
 		return 2
 	}
 	log, _ := newLogger(stderr, o.logLevel, o.logFormat)
