@@ -58,6 +58,29 @@ type Config struct {
 	// Warnings are findings that do not stop the relay but are likely mistakes, such as a pool no route
 	// uses, formatted as errors are (FILE:LINE: PATH: MSG) and sorted by line.
 	Warnings []string
+
+	file  string         // the file's name as errors show it
+	lines map[string]int // key path (listeners[0].tls) to the line it was given at
+}
+
+// ErrorAt is a problem with the value at path, found after parsing (a certificate that does not load, a
+// host that does not resolve), as an *Error that names the file and the line the key was given at, or
+// the line of the nearest enclosing key recorded.
+func (c *Config) ErrorAt(path string, err error) *Error {
+	line := 0
+	for p := path; p != "" && line == 0; p = parent(p) {
+		line = c.lines[p]
+	}
+	return &Error{File: c.file, Line: line, Path: path, Msg: err.Error()}
+}
+
+// parent is the path that encloses path: pools.echo.servers for pools.echo.servers[0], pools.echo for
+// pools.echo.servers; "" at the top.
+func parent(path string) string {
+	if i := strings.LastIndexAny(path, ".["); i >= 0 {
+		return path[:i]
+	}
+	return ""
 }
 
 // Timeouts are the relay's deadlines. Each is more than 0.
@@ -374,6 +397,7 @@ func Parse(name string, data []byte) (*Config, error) {
 		return nil, sortErrors(d.errs)
 	}
 	c := d.config(root)
+	c.file, c.lines = name, d.lines
 	if len(d.errs) > 0 {
 		return nil, sortErrors(d.errs)
 	}

@@ -327,6 +327,7 @@ func TestDefaults(t *testing.T) {
 			ProxyProtocol: "off",
 		}},
 	}
+	c.file, c.lines = "", nil // where the keys were, for ErrorAt; cmd/sockrelay's check tests cover it
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Parse(minimal) =\n%+v\nwant\n%+v", c, want)
 	}

@@ -391,6 +391,7 @@ func (d *decoder) pools(f *fields) []Pool {
 		d.name(p.key, ppath)
 		// Known even when misspelt, so that its routes are not also reported as leading nowhere.
 		d.refs.pools[p.key.Value] = p.key
+		d.at(ppath, p.key)
 		pools = append(pools, d.pool(p.val, ppath, p.key.Value))
 	}
 	return pools

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -38,7 +39,12 @@ func checkCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s: %v\n", *path, err)
 		return 1
 	}
-	for _, w := range cfg.Warnings {
+	errs, warnings := checkFiles(context.Background(), cfg, net.DefaultResolver)
+	if len(errs) > 0 {
+		fmt.Fprintln(stderr, errs)
+		return 1
+	}
+	for _, w := range append(cfg.Warnings, warnings...) {
 		fmt.Fprintln(stderr, "warning:", w)
 	}
 	fmt.Fprintf(stdout, "%s: ok: %d listeners, %d pools\n", *path, len(cfg.Listeners), len(cfg.Pools))
