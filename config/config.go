@@ -39,6 +39,8 @@ type Config struct {
 	Admin string
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string
+	// LogFormat is text (key=value) or json, one object per line. Default text.
+	LogFormat string
 	// Datapath is the default of the listeners' datapaths: auto, sockmap, splice or copy. Default auto.
 	Datapath string
 	// KernelHeldLimit is, on sockmap, the most bytes the kernel holds per tunnel direction for a slow

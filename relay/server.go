@@ -251,7 +251,7 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 	info.trusted = opts.TrustedProxies
 	l = s.wrapListener(l, opts)
 	hs := &http.Server{
-		Handler:           s,
+		Handler:           s.withAccessLog(s),
 		ReadHeaderTimeout: s.cfg.ClientHeaderTimeout,
 		MaxHeaderBytes:    s.cfg.MaxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
@@ -408,6 +408,7 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusNotFound
 	} else {
 		var err error
+		noteUpstream(r, pool.Name(), "")
 		if lease, err = pool.Pick(pool.Key(s.clientOf(r).ip, r), nil); err != nil {
 			status = http.StatusServiceUnavailable
 			s.log.Warn("proxy request failed", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,
@@ -420,6 +421,7 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer lease.Release()
+	noteUpstream(r, pool.Name(), lease.Server.Address())
 	ctx := context.WithValue(r.Context(), upstreamAddrKey{}, lease.Server.Address())
 	if route.UpstreamTLS != nil {
 		ctx = context.WithValue(ctx, upstreamTLSKey{}, route.UpstreamTLS)
@@ -608,6 +610,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		ClientAddr:     r.RemoteAddr,
 		UpstreamAddr:   up.lease.Server.Address(),
 		Pool:           pool.Name(),
+		req:            describeRequest(r, s.listenerOf(r).name),
 		lease:          up.lease,
 		releaseSlot:    releaseSlot,
 		clientPrefix:   clientPrefix,
@@ -647,6 +650,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 
 // startTunnel hands an open, registered tunnel to its datapath.
 func (s *Server) startTunnel(t *Tunnel) {
+	s.logOpened(t)
 	switch t.datapath {
 	case DatapathSockmap:
 		s.kernel.start(t)
@@ -876,9 +880,7 @@ func (s *Server) tunnelEnded(t *Tunnel) {
 	if t.releaseSlot != nil {
 		t.releaseSlot()
 	}
-	s.log.Info("tunnel closed", "id", t.ID, "client", t.ClientAddr, "upstream", t.UpstreamAddr,
-		"datapath", dp, "bytes_to_upstream", up, "bytes_to_client", down,
-		"duration", time.Since(t.Started).Round(time.Millisecond), "reason", t.reason)
+	s.logClosed(t, up, down)
 	// Last: removing the last tunnel lets a draining Shutdown return, and the process may exit at once;
 	// the tunnel's log line and counters must be out before that.
 	s.tunnels.remove(t)

@@ -343,6 +343,7 @@ func restartOnly(old, cfg *config.Config) []string {
 	}{
 		{"admin", old.Admin != cfg.Admin},
 		{"log_level", old.LogLevel != cfg.LogLevel},
+		{"log_format", old.LogFormat != cfg.LogFormat},
 		{"datapath", old.Datapath != cfg.Datapath || !slices.EqualFunc(old.Listeners, cfg.Listeners,
 			func(a, b config.Listener) bool { return a.Datapath == b.Datapath })},
 		{"listeners' limits and trusted_proxies", !slices.EqualFunc(old.Listeners, cfg.Listeners,

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -203,6 +204,7 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 	set("admin", func() { o.admin = cfg.Admin })
 	set("datapath", func() { o.datapath = cfg.Datapath })
 	set("log-level", func() { o.logLevel = cfg.LogLevel })
+	set("log-format", func() { o.logFormat = cfg.LogFormat })
 	set("drain-timeout", func() { o.drainTimeout = cfg.Timeouts.Shutdown })
 	set("client-header-timeout", func() { o.clientHeaderTimeout = cfg.Timeouts.ClientHeader })
 	set("connect-timeout", func() { o.connectTimeout = cfg.Timeouts.Connect })
@@ -224,10 +226,20 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	case "text":
 		return slog.New(slog.NewTextHandler(w, opts)), nil
 	case "json":
+		opts.ReplaceAttr = durationWithUnit
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	default:
 		return nil, fmt.Errorf("--log-format: %q is not one of text, json", format)
 	}
+}
+
+// durationWithUnit writes a time.Duration in a JSON log as text with its unit ("30s"), not as slog's
+// bare count of nanoseconds; the relay's own durations are logged with the unit in the key (duration_ms).
+func durationWithUnit(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		a.Value = slog.StringValue(a.Value.Duration().String())
+	}
+	return a
 }
 
 // readyFunc, when not nil, is told the addresses the relay listens on once it serves (the first
@@ -282,6 +294,29 @@ func (l listenerSetting) options() relay.ListenerOptions {
 		opts.TLS = l.tls.Config()
 	}
 	return opts
+}
+
+// tunnelsDatapath is what the listener's tunnels run on: a TLS listener's bytes are decrypted in
+// userspace, so its tunnels run on copy whatever the datapath it was given.
+func (l listenerSetting) tunnelsDatapath() relay.Datapath {
+	if l.tls != nil {
+		return relay.DatapathCopy
+	}
+	return l.datapath
+}
+
+// tlsPools names the pools with tls that the listener's routes lead to: tunnels to them run on copy too.
+func (l listenerSetting) tlsPools(cfg *config.Config) []string {
+	var out []string
+	if l.file == nil {
+		return nil
+	}
+	for _, r := range l.file.Routes {
+		if p := cfg.Pool(r.Pool); p != nil && p.TLS.Enabled && !slices.Contains(out, p.Name) {
+			out = append(out, p.Name)
+		}
+	}
+	return out
 }
 
 // relayLimits translates a configuration file's limits.
@@ -427,8 +462,12 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		adminLogged = adminAddr.String()
 	}
 	for i, ln := range lns {
-		log.Info("sockrelay listening", "listener", listeners[i].name, "listen", ln.Addr().String(),
-			"datapath", listeners[i].datapath, "upstreams", o.upstreamsLogged(), "admin", adminLogged, "version", versionString())
+		attrs := []any{"listener", listeners[i].name, "listen", ln.Addr().String(), "datapath", listeners[i].tunnelsDatapath(),
+			"upstreams", o.upstreamsLogged(), "admin", adminLogged, "version", versionString()}
+		if pools := listeners[i].tlsPools(o.file.cfg); len(pools) > 0 && listeners[i].tunnelsDatapath() != relay.DatapathCopy {
+			attrs = append(attrs, "copy_for_tls_pools", strings.Join(pools, ","))
+		}
+		log.Info("sockrelay listening", attrs...)
 	}
 	// SIGHUP is caught before the relay says it is ready: one sent just after must reload, not kill it.
 	// Without a file it is caught too, so that a stray hang-up does not stop a relay full of tunnels.
