@@ -641,7 +641,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := writeSwitch(switchTo, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
-		t.end(ReasonClientError, true)
+		t.fail(ReasonClientError, err, true)
 		return
 	}
 	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())

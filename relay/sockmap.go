@@ -216,7 +216,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		kt.up, err = k.newSide(kt, t.Upstream, false)
 	}
 	if err != nil {
-		t.end(ReasonClientError, true)
+		t.fail(ReasonClientError, err, true)
 		return
 	}
 	tdirs := t.directions()
@@ -247,7 +247,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 			_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, k.sndbuf)
 		}
 		if s.sentBase, err = sentBytes(s.fd); err != nil {
-			t.end(ReasonClientError, true)
+			t.fail(ReasonClientError, err, true)
 			return
 		}
 	}
@@ -288,7 +288,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		// Edge-triggered: each FIN, hang-up or error is reported once.
 		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET, Fd: int32(s.fd)}
 		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
-			t.end(ReasonClientError, true)
+			t.fail(ReasonClientError, err, true)
 			return
 		}
 	}

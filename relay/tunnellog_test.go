@@ -143,7 +143,7 @@ func TestDebugLogSaysHowTheHandshakeWent(t *testing.T) {
 // EPIPE (a reset in CLOSE_WAIT). That is the client resetting, logged as client_reset with the error
 // text, not a bare client_error.
 func TestClientGoneAfterCloseIsAReset(t *testing.T) {
-	for _, dp := range userspaceDatapaths {
+	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {
 			up := startUpstream(t)
 			withJSON, log := jsonLogger()
