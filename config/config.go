@@ -39,6 +39,8 @@ type Config struct {
 	Admin string
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string
+	// LogFormat is text (key=value) or json, one object per line. Default text.
+	LogFormat string
 	// Datapath is the default of the listeners' datapaths: auto, sockmap, splice or copy. Default auto.
 	Datapath string
 	// KernelHeldLimit is, on sockmap, the most bytes the kernel holds per tunnel direction for a slow
@@ -58,6 +60,29 @@ type Config struct {
 	// Warnings are findings that do not stop the relay but are likely mistakes, such as a pool no route
 	// uses, formatted as errors are (FILE:LINE: PATH: MSG) and sorted by line.
 	Warnings []string
+
+	file  string         // the file's name as errors show it
+	lines map[string]int // key path (listeners[0].tls) to the line it was given at
+}
+
+// ErrorAt is a problem with the value at path, found after parsing (a certificate that does not load, a
+// host that does not resolve), as an *Error that names the file and the line the key was given at, or
+// the line of the nearest enclosing key recorded.
+func (c *Config) ErrorAt(path string, err error) *Error {
+	line := 0
+	for p := path; p != "" && line == 0; p = parent(p) {
+		line = c.lines[p]
+	}
+	return &Error{File: c.file, Line: line, Path: path, Msg: err.Error()}
+}
+
+// parent is the path that encloses path: pools.echo.servers for pools.echo.servers[0], pools.echo for
+// pools.echo.servers; "" at the top.
+func parent(path string) string {
+	if i := strings.LastIndexAny(path, ".["); i >= 0 {
+		return path[:i]
+	}
+	return ""
 }
 
 // Timeouts are the relay's deadlines. Each is more than 0.
@@ -384,6 +409,7 @@ func Parse(name string, data []byte) (*Config, error) {
 		return nil, sortErrors(d.errs)
 	}
 	c := d.config(root)
+	c.file, c.lines = name, d.lines
 	if len(d.errs) > 0 {
 		return nil, sortErrors(d.errs)
 	}
@@ -420,6 +446,10 @@ func (d *decoder) document(data []byte) *yaml.Node {
 		if m := yamlErrorLine.FindStringSubmatch(err.Error()); m != nil {
 			e.Line, _ = strconv.Atoi(m[1])
 			e.Msg = "invalid YAML: " + m[2]
+			if line := problemLine(data, e.Line, err.Error()); line != e.Line {
+				e.Msg += fmt.Sprintf(" (in the block that starts at line %d)", e.Line)
+				e.Line = line
+			}
 			// The parser's word for a tab in the indentation is "found character that cannot start any
 			// token", which does not say what to change.
 			lines := bytes.Split(data, []byte("\n"))
@@ -431,6 +461,28 @@ func (d *decoder) document(data []byte) *yaml.Node {
 		return nil
 	}
 	return doc.Content[0]
+}
+
+// maxProblemScan bounds how many lines past its block problemLine looks for a syntax error.
+const maxProblemScan = 2000
+
+// problemLine finds the line a YAML syntax error is on. The parser's message gives the line where the
+// enclosing block starts (blockLine), which can be far above the mistake; the mistake is on the first line
+// at which the file, cut after that line, fails to parse with the same message. blockLine when none does
+// within maxProblemScan lines (each try parses the file again).
+func problemLine(data []byte, blockLine int, msg string) int {
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	for n := max(blockLine, 1); n <= min(len(lines), blockLine+maxProblemScan); n++ {
+		var doc yaml.Node
+		err := yaml.Unmarshal(bytes.Join(lines[:n], nil), &doc)
+		if err == nil {
+			continue
+		}
+		if yamlErrorLine.ReplaceAllString(err.Error(), "$2") == yamlErrorLine.ReplaceAllString(msg, "$2") {
+			return n
+		}
+	}
+	return blockLine
 }
 
 func indentation(line []byte) []byte {

@@ -39,17 +39,23 @@ func TestBrokenFiles(t *testing.T) {
 		{"only comments", "# nothing yet\n",
 			`sockrelay.yaml: empty file; accepted: a mapping with at least listeners and pools`},
 		{"not a mapping", "- listeners\n",
-			`sockrelay.yaml:1: got a list; accepted: a configuration, a mapping with keys admin, datapath, kernel_held_limit, limits, listeners, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
+			`sockrelay.yaml:1: got a list; accepted: a configuration, a mapping with keys admin, datapath, kernel_held_limit, limits, listeners, log_format, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
 		{"invalid YAML", "listeners:\n  - address: 127.0.0.1:8080\n  routes\n",
 			`sockrelay.yaml:3: invalid YAML: could not find expected ':'`},
 		{"unclosed flow list", "pools: {echo: [\n",
 			`sockrelay.yaml:1: invalid YAML: did not find expected node content`},
+		{"list item indented less than its siblings", "pools:\n  echo:\n    servers:\n      - 127.0.0.1:9000\n     - 127.0.0.1:9001\n",
+			`sockrelay.yaml:5: invalid YAML: did not find expected key (in the block that starts at line 2)`},
+		{"key indented less than its siblings", "listeners:\n  - address: 127.0.0.1:8080\n    routes: [{pool: echo}]\n   name: x\n" + onePool,
+			`sockrelay.yaml:4: invalid YAML: did not find expected '-' indicator (in the block that starts at line 1)`},
+		{"a bracket too many", "pools:\n  echo:\n    servers: [127.0.0.1:9000]]\n",
+			`sockrelay.yaml:3: invalid YAML: did not find expected key (in the block that starts at line 2)`},
 		{"tab indentation", "listeners:\n\t- address: 127.0.0.1:8080\n",
 			`sockrelay.yaml:2: invalid YAML: found character that cannot start any token; indent with spaces, not tabs`},
 		{"two documents", minimal + "---\nadmin: \"\"\n",
 			`sockrelay.yaml:8: a second YAML document; accepted: one document per file`},
 		{"unknown top-level key", minimal + "datapth: copy\n",
-			`sockrelay.yaml:8: datapth: unknown key; accepted: admin, datapath, kernel_held_limit, limits, listeners, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
+			`sockrelay.yaml:8: datapth: unknown key; accepted: admin, datapath, kernel_held_limit, limits, listeners, log_format, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
 		{"unknown nested key", "listeners:\n  - address: 127.0.0.1:8080\n    datapth: copy\n    routes: [{pool: echo}]\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
 			`sockrelay.yaml:3: listeners[0].datapth: unknown key; accepted: address, datapath, limits, name, proxy_protocol, routes, tls, tls_passthrough, trusted_proxies, type`},
 		{"unknown key in a server", minimal + "  chat:\n    servers:\n      - {address: 127.0.0.1:9001, weigth: 2}\n",
@@ -78,6 +84,8 @@ func TestBrokenFiles(t *testing.T) {
 			`sockrelay.yaml:8: kernel_held_limit: 32KiB is out of range; accepted 64KiB to 1GiB`},
 		{"size past int64", minimal + "kernel_held_limit: 99999999999999999999GiB\n",
 			`sockrelay.yaml:8: kernel_held_limit: 99999999999999999999GiB is out of range; accepted 64KiB to 1GiB`},
+		{"bad log format", minimal + "log_format: logfmt\n",
+			`sockrelay.yaml:8: log_format: "logfmt" is not a log format; accepted: text, json`},
 		{"bad enum", minimal + "log_level: verbose\n",
 			`sockrelay.yaml:8: log_level: "verbose" is not a log level; accepted: debug, info, warn, error`},
 		{"weight out of range", minimal + "  chat:\n    servers:\n      - 127.0.0.1:9001\n      - address: 127.0.0.1:9002\n        weight: 0\n",
@@ -301,6 +309,7 @@ func TestDefaults(t *testing.T) {
 	want := &Config{
 		Admin:           "127.0.0.1:9090",
 		LogLevel:        "info",
+		LogFormat:       "text",
 		Datapath:        "auto",
 		KernelHeldLimit: 4 << 20,
 		Timeouts: Timeouts{
@@ -326,6 +335,7 @@ func TestDefaults(t *testing.T) {
 			ProxyProtocol: "off",
 		}},
 	}
+	c.file, c.lines = "", nil // where the keys were, for ErrorAt; cmd/sockrelay's check tests cover it
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("Parse(minimal) =\n%+v\nwant\n%+v", c, want)
 	}

@@ -19,6 +19,15 @@ type decoder struct {
 	errs     []*Error
 	warnings []*Error
 	refs     refs
+	lines    map[string]int // key path to its line, for Config.ErrorAt
+}
+
+// at records that the value at path was given at n's line.
+func (d *decoder) at(path string, n *yaml.Node) {
+	if d.lines == nil {
+		d.lines = map[string]int{}
+	}
+	d.lines[path] = n.Line
 }
 
 func (d *decoder) errorf(n *yaml.Node, path, format string, args ...any) {
@@ -193,6 +202,7 @@ func (d *decoder) mapping(n *yaml.Node, path, what string, keys ...string) *fiel
 			continue
 		}
 		f.vals[p.key.Value] = p
+		d.at(join(path, p.key.Value), p.key)
 	}
 	return f
 }
@@ -451,6 +461,9 @@ func (d *decoder) list(f *fields, key, accepted string) ([]*yaml.Node, string, b
 	if n.Kind != yaml.SequenceNode {
 		d.errorf(n, path, "got %s; accepted: %s", describe(n), accepted)
 		return nil, "", false
+	}
+	for i, item := range n.Content {
+		d.at(index(path, i), item)
 	}
 	return n.Content, path, true
 }

@@ -35,6 +35,7 @@ const (
 
 var (
 	logLevels  = []string{"debug", "info", "warn", "error"}
+	logFormats = []string{"text", "json"}
 	datapaths  = []string{"auto", "sockmap", "splice", "copy"}
 	balances   = []string{BalanceRoundRobin, BalanceLeastTunnels, BalanceHash, BalanceRandomTwo}
 	hashBys    = []string{HashByClientIP, HashByHeader, HashByCookie, HashByPath}
@@ -50,6 +51,7 @@ func defaults() *Config {
 	return &Config{
 		Admin:           defaultAdmin,
 		LogLevel:        "info",
+		LogFormat:       "text",
 		Datapath:        "auto",
 		KernelHeldLimit: defaultKernelHeldLimit,
 		Timeouts: Timeouts{
@@ -88,7 +90,7 @@ type routeRef struct {
 func (d *decoder) config(root *yaml.Node) *Config {
 	c := defaults()
 	d.refs.pools = map[string]*yaml.Node{}
-	f := d.mapping(root, "", "a configuration", "admin", "log_level", "datapath", "kernel_held_limit",
+	f := d.mapping(root, "", "a configuration", "admin", "log_level", "log_format", "datapath", "kernel_held_limit",
 		"tunnel_log_interval", "timeouts", "max_header_bytes", "limits", "listeners", "pools")
 	if f == nil {
 		return c
@@ -99,6 +101,7 @@ func (d *decoder) config(root *yaml.Node) *Config {
 		}
 	}
 	d.oneOf(f, "log_level", "a log level", &c.LogLevel, logLevels...)
+	d.oneOf(f, "log_format", "a log format", &c.LogFormat, logFormats...)
 	d.oneOf(f, "datapath", "a datapath", &c.Datapath, datapaths...)
 	d.size(f, "kernel_held_limit", &c.KernelHeldLimit, minKernelHeldLimit, maxKernelHeldLimit)
 	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval, offOrAtLeastSecond)
@@ -397,6 +400,7 @@ func (d *decoder) pools(f *fields) []Pool {
 		d.name(p.key, ppath)
 		// Known even when misspelt, so that its routes are not also reported as leading nowhere.
 		d.refs.pools[p.key.Value] = p.key
+		d.at(ppath, p.key)
 		pools = append(pools, d.pool(p.val, ppath, p.key.Value))
 	}
 	return pools

@@ -70,7 +70,10 @@ func probeSplice() error {
 	return nil
 }
 
-// isReset reports whether err says the peer reset the connection.
+// isReset reports whether err says the peer reset the connection. EPIPE is a reset too: a reset that
+// arrives after the peer's FIN (CLOSE_WAIT) is reported by Linux as EPIPE, not ECONNRESET (tcp_reset), and
+// that is how a browser tab that closes a WebSocket ends it: close frame, FIN, then a reset for the bytes
+// that still come.
 func isReset(err error) bool {
-	return errors.Is(err, unix.ECONNRESET)
+	return errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
 }

@@ -231,6 +231,12 @@ func dialRelay(t testing.TB, addr, request string, pipelined []byte) *clientConn
 // bytes ride with the request and the 101. It fails the test unless the client gets a valid 101.
 func openTunnel(t testing.TB, relayAddr string, up *fakeUpstream, pipelined, first []byte) (*clientConn, *upstreamConn) {
 	t.Helper()
+	return openTunnelWith(t, relayAddr, up, upgradeRequest("/tunnel"), pipelined, first)
+}
+
+// openTunnelWith is openTunnel with the client's handshake request given.
+func openTunnelWith(t testing.TB, relayAddr string, up *fakeUpstream, request string, pipelined, first []byte) (*clientConn, *upstreamConn) {
+	t.Helper()
 	uc := make(chan *upstreamConn, 1)
 	go func() {
 		// The upstream answers beside the client, whose read of the response waits for it.
@@ -245,7 +251,7 @@ func openTunnel(t testing.TB, relayAddr string, up *fakeUpstream, pipelined, fir
 			uc <- nil
 		}
 	}()
-	c := dialRelay(t, relayAddr, upgradeRequest("/tunnel"), pipelined)
+	c := dialRelay(t, relayAddr, request, pipelined)
 	u := <-uc
 	if u == nil {
 		t.Fatal("upstream: no connection, or writing its 101 failed")

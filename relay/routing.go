@@ -158,6 +158,7 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 				"failed", tried[len(tried)-1].Address(), "next", lease.Server.Address(), "try", try,
 				"reason", last.reason, "err", last.msg)
 		}
+		s.log.Debug("trying upstream server", "client", client, "pool", pool.Name(), "server", lease.Server.Address(), "try", try)
 		up, herr, err := attempt(lease.Server.Address(), deadline)
 		if err != nil {
 			lease.Release()
@@ -310,6 +311,8 @@ func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) (Route, b
 			msg: fmt.Sprintf("origin %q is not allowed here", r.Header.Get("Origin"))})
 		return Route{}, false
 	}
+	s.log.Debug("route chosen", "client", r.RemoteAddr, "listener", s.listenerOf(r).name, "host", r.Host,
+		"uri", r.RequestURI, "pool", route.Pool.Name())
 	return route, true
 }
 

@@ -278,7 +278,7 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 	info.trusted = opts.TrustedProxies
 	l = s.wrapListener(l, opts)
 	hs := &http.Server{
-		Handler:           s,
+		Handler:           s.withAccessLog(s),
 		ReadHeaderTimeout: s.cfg.ClientHeaderTimeout,
 		MaxHeaderBytes:    s.cfg.MaxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
@@ -461,6 +461,7 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusNotFound
 	} else {
 		var err error
+		noteUpstream(r, pool.Name(), "")
 		if lease, err = pool.Pick(pool.Key(s.clientOf(r).ip, r), nil); err != nil {
 			status = http.StatusServiceUnavailable
 			s.log.Warn("proxy request failed", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,
@@ -473,6 +474,7 @@ func (s *Server) serveRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer lease.Release()
+	noteUpstream(r, pool.Name(), lease.Server.Address())
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	iw := newIdleWatch(w, s.cfg.HTTPIdleTimeout, s.cfg.UpstreamResponseTimeout, cancel, func(waitingFor string) {
@@ -688,6 +690,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		ClientAddr:     r.RemoteAddr,
 		UpstreamAddr:   up.lease.Server.Address(),
 		Pool:           pool.Name(),
+		req:            describeRequest(r, s.listenerOf(r).name),
 		lease:          up.lease,
 		releaseSlot:    releaseSlot,
 		clientPrefix:   clientPrefix,
@@ -720,7 +723,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := writeSwitch(switchTo, resp.Header, s.cfg.UpstreamResponseTimeout); err != nil {
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
-		t.end(ReasonClientError, true)
+		t.fail(ReasonClientError, err, true)
 		return
 	}
 	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
@@ -729,6 +732,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 
 // startTunnel hands an open, registered tunnel to its datapath.
 func (s *Server) startTunnel(t *Tunnel) {
+	s.logOpened(t)
 	switch t.datapath {
 	case DatapathSockmap:
 		s.kernel.start(t)
@@ -960,9 +964,7 @@ func (s *Server) tunnelEnded(t *Tunnel) {
 	if t.releaseSlot != nil {
 		t.releaseSlot()
 	}
-	s.log.Info("tunnel closed", "id", t.ID, "client", t.ClientAddr, "upstream", t.UpstreamAddr,
-		"datapath", dp, "bytes_to_upstream", up, "bytes_to_client", down,
-		"duration", time.Since(t.Started).Round(time.Millisecond), "reason", t.reason)
+	s.logClosed(t, up, down)
 	// Last: removing the last tunnel lets a draining Shutdown return, and the process may exit at once;
 	// the tunnel's log line and counters must be out before that.
 	s.tunnels.remove(t)

@@ -216,7 +216,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		kt.up, err = k.newSide(kt, t.Upstream, false)
 	}
 	if err != nil {
-		t.end(ReasonClientError, true)
+		t.fail(ReasonClientError, err, true)
 		return
 	}
 	tdirs := t.directions()
@@ -224,7 +224,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit, counter: tdirs[1].counter}
 	for i, d := range tdirs {
 		if err := d.writePrefix(); err != nil {
-			t.end(d.reasonFor(err), true)
+			t.fail(d.reasonFor(err), err, true)
 			return
 		}
 		switch err := drainQueued(d, kt.dirs[i].src.fd); {
@@ -236,7 +236,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 			k.runInUserspace(t, "busy_at_handoff")
 			return
 		case err != nil:
-			t.end(d.reasonFor(err), true)
+			t.fail(d.reasonFor(err), err, true)
 			return
 		}
 	}
@@ -247,7 +247,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 			_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, k.sndbuf)
 		}
 		if s.sentBase, err = sentBytes(s.fd); err != nil {
-			t.end(ReasonClientError, true)
+			t.fail(ReasonClientError, err, true)
 			return
 		}
 	}
@@ -288,7 +288,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		// Edge-triggered: each FIN, hang-up or error is reported once.
 		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET, Fd: int32(s.fd)}
 		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
-			t.end(ReasonClientError, true)
+			t.fail(ReasonClientError, err, true)
 			return
 		}
 	}
@@ -503,7 +503,7 @@ func (k *kernelPath) handle(ev unix.EpollEvent) {
 	if ev.Events&unix.EPOLLERR != 0 {
 		k.mu.Unlock()
 		soErr, _ := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		kt.t.end(sideReason(s.isClient, unix.Errno(soErr)), true)
+		kt.t.fail(sideReason(s.isClient, unix.Errno(soErr)), unix.Errno(soErr), true)
 		return
 	}
 	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {

@@ -348,7 +348,7 @@ func (k *kernelPath) finishRelayed(d *kernelDir) {
 	}
 	if err := unix.Shutdown(d.dst.fd, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
 		k.mu.Unlock()
-		t.end(sideReason(d.dst.isClient, err), true)
+		t.fail(sideReason(d.dst.isClient, err), err, true)
 		return
 	}
 	d.finSeen, d.finDone = true, true

@@ -155,6 +155,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		ClientAddr:   peer,
 		UpstreamAddr: up.lease.Server.Address(),
 		Pool:         pool.Name(),
+		req:          requestInfo{listener: info.name, host: host}, // host: the SNI name, when peeked
 		lease:        up.lease,
 		releaseSlot:  releaseSlot,
 		clientPrefix: clientPrefix,

@@ -30,6 +30,8 @@ type Tunnel struct {
 	UpstreamAddr string
 	// Pool names the upstream pool the tunnel's server was chosen from.
 	Pool string
+	// req is what the tunnel's log lines say about the request that opened it and its listener.
+	req requestInfo
 
 	// lease holds the tunnel's slot on its upstream server; tunnelEnded releases it.
 	lease *upstream.Lease
@@ -74,6 +76,7 @@ type Tunnel struct {
 	endOnce sync.Once
 	ended   chan struct{}
 	reason  string // why the tunnel ended; written once, before ended is closed
+	err     error  // the failure that ended it, if one did; written with reason
 	onEnd   func(*Tunnel)
 }
 
@@ -169,7 +172,10 @@ func (t *Tunnel) Reason() string {
 // end closes both sockets and reports the tunnel's end once. With abort, both sockets are reset (SO_LINGER 0)
 // rather than closed: an error in one direction means the stream is incomplete, and a peer must not mistake
 // it for a clean end.
-func (t *Tunnel) end(reason string, abort bool) {
+func (t *Tunnel) end(reason string, abort bool) { t.fail(reason, nil, abort) }
+
+// fail is end with the error that ended the tunnel, which its close line says.
+func (t *Tunnel) fail(reason string, err error, abort bool) {
 	t.endOnce.Do(func() {
 		t.mu.Lock()
 		t.ending = true
@@ -187,7 +193,7 @@ func (t *Tunnel) end(reason string, abort bool) {
 		}
 		_ = t.Client.Close()
 		_ = t.Upstream.Close()
-		t.reason = reason
+		t.reason, t.err = reason, err
 		close(t.ended)
 		if t.onEnd != nil {
 			t.onEnd(t)
@@ -320,7 +326,7 @@ func runDirections(t *Tunnel, pump func(*direction) error) {
 			if err != nil {
 				// The first failure ends the tunnel; the other direction then fails on the closed
 				// socket, and its error is ignored because end runs once.
-				t.end(d.reasonFor(err), true)
+				t.fail(d.reasonFor(err), err, true)
 			}
 		}()
 	}

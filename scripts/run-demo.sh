@@ -6,6 +6,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Go 1.26 or newer builds the binaries: the one on PATH, else /usr/local/go's (where scripts/install-go.sh
+# puts it). Without one, root gets it installed as CI does; anyone else is told how.
+go_ok() {
+	[[ "$("$1" env GOVERSION 2>/dev/null)" =~ ^go([0-9]+)\.([0-9]+) ]] &&
+		{ [ "${BASH_REMATCH[1]}" -gt 1 ] || [ "${BASH_REMATCH[2]}" -ge 26 ]; }
+}
+if ! go_ok go; then
+	if go_ok /usr/local/go/bin/go; then
+		PATH="/usr/local/go/bin:$PATH"
+	elif [ "$(id -u)" = 0 ]; then
+		echo "make run: no Go 1.26 or newer on PATH or in /usr/local/go; installing it with scripts/install-go.sh" >&2
+		PATH="$(scripts/install-go.sh):$PATH"
+	else
+		cat >&2 <<'MSG'
+make run: sockrelay is built from source and needs Go 1.26 or newer; none is on PATH or in /usr/local/go.
+  Install it with   sudo scripts/install-go.sh   (go1.26.8 into /usr/local/go, from the Go module proxy)
+  or from https://go.dev/dl/, then run make run again.
+MSG
+		exit 1
+	fi
+fi
+
 mkdir -p bin
 go build -o bin/sockrelay ./cmd/sockrelay
 go build -o bin/wsecho ./cmd/wsecho

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -17,12 +18,12 @@ import (
 // without starting anything, and prints every problem and warning. Exit 0 valid, 1 invalid, 2 bad usage.
 func checkCommand(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("sockrelay check", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	path := fs.String("config", "", "configuration `FILE` to check (required)")
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlags(fs, args, stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
+		fmt.Fprintf(stderr, "%s: %v\n%s\n", fs.Name(), err, err.(*usageError).hint())
 		return 2
 	}
 	if *path == "" || fs.NArg() > 0 {
@@ -38,7 +39,12 @@ func checkCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s: %v\n", *path, err)
 		return 1
 	}
-	for _, w := range cfg.Warnings {
+	errs, warnings := checkFiles(context.Background(), cfg, net.DefaultResolver)
+	if len(errs) > 0 {
+		fmt.Fprintln(stderr, errs)
+		return 1
+	}
+	for _, w := range append(cfg.Warnings, warnings...) {
 		fmt.Fprintln(stderr, "warning:", w)
 	}
 	fmt.Fprintf(stdout, "%s: ok: %d listeners, %d pools\n", *path, len(cfg.Listeners), len(cfg.Pools))

@@ -77,11 +77,11 @@ func TestRunRejectsBadFlags(t *testing.T) {
 		{"upstream port 0", append(ok, "--upstream", "127.0.0.1:0"), []string{"--upstream", "1 to 65535"}},
 		{"upstream empty host", append(ok, "--upstream", ":9000"), []string{"--upstream", "empty host"}},
 		{"unknown datapath", append(ok, "--datapath", "kernel"), []string{"--datapath", `"kernel"`, "auto, sockmap, splice, copy"}},
-		{"unknown flag", append(ok, "--listne", ":1"), []string{"flag provided but not defined: -listne"}},
+		{"unknown flag", append(ok, "--listne", ":1"), []string{"--listne: unknown flag"}},
 		{"stray argument", append(ok, "127.0.0.1:9001"), []string{`unexpected argument "127.0.0.1:9001"`}},
 		{"zero drain", append(ok, "--drain-timeout", "0s"), []string{"--drain-timeout", "positive duration"}},
 		{"negative connect timeout", append(ok, "--connect-timeout", "-1s"), []string{"--connect-timeout", "positive duration"}},
-		{"bad duration", append(ok, "--upstream-timeout", "ten"), []string{"upstream-timeout", "invalid"}},
+		{"bad duration", append(ok, "--upstream-timeout", "ten"), []string{"--upstream-timeout", `"ten" is not a duration`, "10s"}},
 		{"zero http idle", append(ok, "--http-idle-timeout", "0s"), []string{"--http-idle-timeout", "positive duration"}},
 		{"tiny header limit", append(ok, "--max-header-bytes", "10"), []string{"--max-header-bytes", "1024"}},
 		{"tiny held limit", append(ok, "--kernel-held-limit", "1000"), []string{"--kernel-held-limit", "1000", "65536"}},
@@ -100,6 +100,32 @@ func TestRunRejectsBadFlags(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestFlagErrorsAreOneLine: a flag the flag package refuses is told in one line that names the flag, the
+// value and what is accepted, and a hint to --help, not the forty lines of the usage.
+func TestFlagErrorsAreOneLine(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"run", "--listen", ":0", "--connect-timeout", "5"},
+			"sockrelay run: --connect-timeout: \"5\" is not a duration; use a unit, e.g. 5s\nsockrelay run --help lists every flag\n"},
+		{[]string{"run", "--max-header-bytes", "16KiB"},
+			"sockrelay run: --max-header-bytes: \"16KiB\" is not a whole number; accepted: digits only, e.g. 65536\nsockrelay run --help lists every flag\n"},
+		{[]string{"run", "--listen"},
+			"sockrelay run: --listen: needs a value, e.g. --listen VALUE\nsockrelay run --help lists every flag\n"},
+		{[]string{"check", "--confg", "x.yaml"},
+			"sockrelay check: --confg: unknown flag\nsockrelay check --help lists every flag\n"},
+	} {
+		var stdout, stderr bytes.Buffer
+		if code := dispatch(context.Background(), tc.args, &stdout, &stderr); code != 2 {
+			t.Errorf("%v: exit %d, want 2", tc.args, code)
+		}
+		if stderr.String() != tc.want {
+			t.Errorf("%v: stderr:\n%s\nwant:\n%s", tc.args, stderr.String(), tc.want)
+		}
 	}
 }
 

@@ -77,6 +77,12 @@ func certFiles(t *config.ListenerTLS) []tlsconf.CertFiles {
 	return files
 }
 
+// upstreamTLSSpec translates a pool's TLS settings from the configuration file.
+func upstreamTLSSpec(t config.PoolTLS) tlsconf.ClientSpec {
+	return tlsconf.ClientSpec{ServerName: t.ServerName, CAFile: t.CAFile, CertFile: t.Cert, KeyFile: t.Key,
+		InsecureSkipVerify: t.InsecureSkipVerify}
+}
+
 // checkRunnable finds what the config package cannot know and run would refuse on every host, so that
 // check, run and reload agree.
 func checkRunnable(cfg *config.Config) error {
@@ -133,8 +139,7 @@ func (ps *pools) apply(cfg *config.Config) (relay.Router, error) {
 	for _, p := range cfg.Pools {
 		if p.TLS.Enabled {
 			// Files are read now, so that a bad CA or key refuses the whole configuration.
-			client, err := tlsconf.NewClient(tlsconf.ClientSpec{ServerName: p.TLS.ServerName, CAFile: p.TLS.CAFile,
-				CertFile: p.TLS.Cert, KeyFile: p.TLS.Key, InsecureSkipVerify: p.TLS.InsecureSkipVerify})
+			client, err := tlsconf.NewClient(upstreamTLSSpec(p.TLS))
 			if err != nil {
 				return nil, fmt.Errorf("pools.%s.tls: %w", p.Name, err)
 			}
@@ -338,6 +343,7 @@ func restartOnly(old, cfg *config.Config) []string {
 	}{
 		{"admin", old.Admin != cfg.Admin},
 		{"log_level", old.LogLevel != cfg.LogLevel},
+		{"log_format", old.LogFormat != cfg.LogFormat},
 		{"datapath", old.Datapath != cfg.Datapath || !slices.EqualFunc(old.Listeners, cfg.Listeners,
 			func(a, b config.Listener) bool { return a.Datapath == b.Datapath })},
 		{"listeners' limits and trusted_proxies", !slices.EqualFunc(old.Listeners, cfg.Listeners,

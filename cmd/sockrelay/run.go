@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -80,7 +81,6 @@ func (f listFlag) Set(v string) error {
 func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	o := &runOptions{}
 	fs := flag.NewFlagSet("sockrelay run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	fs.StringVar(&o.configPath, "config", "", "configuration `FILE` (YAML): listeners, routes, pools; other flags override its settings")
 	fs.StringVar(&o.listen, "listen", "", "client-facing `ADDR` to listen on, e.g. 127.0.0.1:8080 or :80 (required without --config)")
 	fs.Var(listFlag{&o.upstreams}, "upstream", "upstream `HOST:PORT`; repeat for several, chosen round-robin (at least one without --config)")
@@ -100,7 +100,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.DurationVar(&o.tcpHalfClosed, "tcp-half-closed-timeout", relay.DefaultTCPHalfClosedTimeout, "the same for tcp listeners' tunnels (0: never; else at least 1s)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "text or json")
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlags(fs, args, stderr); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -213,6 +213,7 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 	set("admin", func() { o.admin = cfg.Admin })
 	set("datapath", func() { o.datapath = cfg.Datapath })
 	set("log-level", func() { o.logLevel = cfg.LogLevel })
+	set("log-format", func() { o.logFormat = cfg.LogFormat })
 	set("drain-timeout", func() { o.drainTimeout = cfg.Timeouts.Shutdown })
 	set("client-header-timeout", func() { o.clientHeaderTimeout = cfg.Timeouts.ClientHeader })
 	set("connect-timeout", func() { o.connectTimeout = cfg.Timeouts.Connect })
@@ -237,10 +238,20 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	case "text":
 		return slog.New(slog.NewTextHandler(w, opts)), nil
 	case "json":
+		opts.ReplaceAttr = durationWithUnit
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	default:
 		return nil, fmt.Errorf("--log-format: %q is not one of text, json", format)
 	}
+}
+
+// durationWithUnit writes a time.Duration in a JSON log as text with its unit ("30s"), not as slog's
+// bare count of nanoseconds; the relay's own durations are logged with the unit in the key (duration_ms).
+func durationWithUnit(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		a.Value = slog.StringValue(a.Value.Duration().String())
+	}
+	return a
 }
 
 // readyFunc, when not nil, is told the addresses the relay listens on once it serves (the first
@@ -263,6 +274,9 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "sockrelay run: %v\n", err)
+		if ue := (*usageError)(nil); errors.As(err, &ue) {
+			fmt.Fprintln(stderr, ue.hint())
+		}
 		return 2
 	}
 	log, _ := newLogger(stderr, o.logLevel, o.logFormat)
@@ -297,6 +311,29 @@ func (l listenerSetting) options() relay.ListenerOptions {
 		opts.TLS = l.tls.Config()
 	}
 	return opts
+}
+
+// tunnelsDatapath is what the listener's tunnels run on: a TLS listener's bytes are decrypted in
+// userspace, so its tunnels run on copy whatever the datapath it was given.
+func (l listenerSetting) tunnelsDatapath() relay.Datapath {
+	if l.tls != nil {
+		return relay.DatapathCopy
+	}
+	return l.datapath
+}
+
+// tlsPools names the pools with tls that the listener's routes lead to: tunnels to them run on copy too.
+func (l listenerSetting) tlsPools(cfg *config.Config) []string {
+	var out []string
+	if l.file == nil {
+		return nil
+	}
+	for _, r := range l.file.Routes {
+		if p := cfg.Pool(r.Pool); p != nil && p.TLS.Enabled && !slices.Contains(out, p.Name) {
+			out = append(out, p.Name)
+		}
+	}
+	return out
 }
 
 // relayLimits translates a configuration file's limits.
@@ -448,8 +485,12 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		adminLogged = adminAddr.String()
 	}
 	for i, ln := range lns {
-		log.Info("sockrelay listening", "listener", listeners[i].name, "listen", ln.Addr().String(),
-			"datapath", listeners[i].datapath, "upstreams", o.upstreamsLogged(), "admin", adminLogged, "version", versionString())
+		attrs := []any{"listener", listeners[i].name, "listen", ln.Addr().String(), "datapath", listeners[i].tunnelsDatapath(),
+			"upstreams", o.upstreamsLogged(), "admin", adminLogged, "version", versionString()}
+		if pools := listeners[i].tlsPools(o.file.cfg); len(pools) > 0 && listeners[i].tunnelsDatapath() != relay.DatapathCopy {
+			attrs = append(attrs, "copy_for_tls_pools", strings.Join(pools, ","))
+		}
+		log.Info("sockrelay listening", attrs...)
 	}
 	// SIGHUP has been caught since the start (runCommand). Without a file it is caught too, so that a stray
 	// hang-up does not stop a relay full of tunnels.

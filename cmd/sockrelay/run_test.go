@@ -225,7 +225,7 @@ func TestRunDrain(t *testing.T) {
 					t.Fatalf("%d tunnel-end log lines, want 1:\n%s", len(ends), r.logs)
 				}
 				end := ends[0]
-				for _, k := range []string{"id", "client", "upstream", "datapath", "bytes_to_upstream", "bytes_to_client", "duration", "reason"} {
+				for _, k := range []string{"id", "client", "upstream", "datapath", "bytes_to_upstream", "bytes_to_client", "duration_ms", "reason"} {
 					if _, ok := end[k]; !ok {
 						t.Errorf("tunnel-end log line lacks %q: %v", k, end)
 					}
