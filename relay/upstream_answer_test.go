@@ -1,0 +1,119 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// TestUpstreamEndlessHeadRefused: an upstream whose response head never ends is refused with 502 once
+// the relay has read max header bytes of it, instead of being read until the response timeout (and grown
+// into the relay's memory all that time).
+func TestUpstreamEndlessHeadRefused(t *testing.T) {
+	const sendAtMost = 64 << 20 // the fake stops here; unbounded, the relay would read all of it
+	written := make(chan int64, 1)
+	addr := serveEach(t, nil, func(c net.Conn) {
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+			return
+		}
+		_ = c.(*net.TCPConn).SetWriteBuffer(64 << 10) // so that what it wrote is close to what the relay read
+		n, _ := c.Write([]byte("HTTP/1.1 101 Switching Protocols\r\nX-Endless: "))
+		total := int64(n)
+		chunk := bytes.Repeat([]byte("a"), 32<<10)
+		for total < sendAtMost {
+			n, err := c.Write(chunk)
+			total += int64(n)
+			if err != nil {
+				break
+			}
+		}
+		written <- total
+		if total >= sendAtMost {
+			_, _ = c.Read(make([]byte, 1)) // hold the connection: the relay must give up by itself
+		}
+	})
+	r := startRelay(t, DatapathCopy, []string{addr}, func(c *Config) {
+		c.MaxHeaderBytes = 16 << 10
+		c.UpstreamResponseTimeout = 3 * time.Second
+	})
+	c := dialRelay(t, r.Addr, upgradeRequest("/"), nil)
+	if c.Resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("status %d, want 502", c.Resp.StatusCode)
+	}
+	if body := readBody(t, c.Resp); !strings.Contains(body, "larger than 16384 bytes") {
+		t.Errorf("body %q should say the response head passed 16384 bytes", body)
+	}
+	if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailUpstreamError)); got != 1 {
+		t.Errorf("handshakes_failed{reason=upstream_error} = %v, want 1", got)
+	}
+	select {
+	case n := <-written:
+		// What the relay did not read sits in socket buffers: its receive buffer, which never grew past
+		// its start since the relay stopped reading, and the fake's 64 KiB send buffer.
+		t.Logf("the upstream wrote %d bytes before the relay closed", n)
+		if n > 1<<20 {
+			t.Errorf("the upstream wrote %d bytes before the relay closed; the cap is 16 KiB", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upstream's writes never failed: the relay kept its connection open")
+	}
+}
+
+// TestUpstreamInterimResponsesSkipped: interim responses (100 Continue, 103 Early Hints) before the 101
+// are skipped, and the tunnel behind them carries both streams exactly; too many of them, or heads past
+// max header bytes together, are a 502.
+func TestUpstreamInterimResponsesSkipped(t *testing.T) {
+	const (
+		continue100 = "HTTP/1.1 100 Continue\r\n\r\n"
+		hints103    = "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
+	)
+	bigHints := "HTTP/1.1 103 Early Hints\r\nLink: </" + strings.Repeat("x", 3000) + ">; rel=preload\r\n\r\n"
+	cases := []struct {
+		name    string
+		interim string
+		status  int
+	}{
+		{"100 continue", continue100, http.StatusSwitchingProtocols},
+		{"103 early hints", hints103, http.StatusSwitchingProtocols},
+		{"100 then 103", continue100 + hints103, http.StatusSwitchingProtocols},
+		{"as many as allowed", strings.Repeat(continue100, maxInterimResponses), http.StatusSwitchingProtocols},
+		{"one too many", strings.Repeat(continue100, maxInterimResponses+1), http.StatusBadGateway},
+		{"heads past the cap together", strings.Repeat(bigHints, 3), http.StatusBadGateway},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			up := startUpstream(t)
+			r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.MaxHeaderBytes = 8 << 10 })
+			tr := newTransfer(duplexCase{toUpstream: 100_000, toClient: 100_000, pipelined: 1000, with101: 1000}, 7)
+			uc := make(chan *upstreamConn, 1)
+			go func() {
+				u := <-up.Conns
+				// Interim responses, the 101 and the first tunnel bytes in one write: the relay must
+				// find the tunnel's bytes behind all the heads.
+				_, _ = u.Write([]byte(tc.interim + switchResponse(u.Req) + string(tr.toClient[:1000])))
+				uc <- u
+			}()
+			c := dialRelay(t, r.Addr, upgradeRequest("/"), tr.toUpstream[:1000])
+			u := <-uc
+			t.Cleanup(func() { u.Close() })
+			if c.Resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d", c.Resp.StatusCode, tc.status)
+			}
+			if tc.status != http.StatusSwitchingProtocols {
+				if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailUpstreamError)); got != 1 {
+					t.Errorf("handshakes_failed{reason=upstream_error} = %v, want 1", got)
+				}
+				return
+			}
+			for _, err := range tr.run(c, u) {
+				t.Error(err)
+			}
+		})
+	}
+}
