@@ -134,6 +134,11 @@ func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dial
 // withRetries runs attempt on servers of pool until one succeeds, within the pool's retry tries and time,
 // reporting each outcome to the pool's passive health. attempt returns a handshake error for a failure
 // of the server, and an error to stop trying (the client left).
+//
+// The retry timeout bounds when another try may start, not the try under way: each try gets its own
+// deadline, the connect timeout plus the upstream response timeout, so that an upstream is always given
+// --upstream-timeout to answer (as nginx's proxy_next_upstream_timeout). A handshake therefore lasts at most
+// retry timeout + connect timeout + upstream timeout.
 func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 	attempt func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error)) (*dialedUpstream, *handshakeError, error) {
 	retry := pool.Retry()
@@ -158,7 +163,7 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 				"failed", tried[len(tried)-1].Address(), "next", lease.Server.Address(), "try", try,
 				"reason", last.reason, "err", last.msg)
 		}
-		up, herr, err := attempt(lease.Server.Address(), deadline)
+		up, herr, err := attempt(lease.Server.Address(), time.Now().Add(s.cfg.ConnectTimeout+s.cfg.UpstreamResponseTimeout))
 		if err != nil {
 			lease.Release()
 			return nil, nil, err
@@ -179,10 +184,10 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 }
 
 // tryUpstream connects to addr and forwards the handshake there, within the connect and response
-// timeouts and never past retryDeadline, which bounds all tries together. It returns a handshake error for
-// a failure of the upstream, and an error only when the client left meanwhile.
-func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
-	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline)
+// timeouts and never past tryDeadline (see withRetries). It returns a handshake error for a failure of the
+// upstream, and an error only when the client left meanwhile.
+func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, tryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
+	ctx, cancel := context.WithDeadline(r.Context(), tryDeadline)
 	defer cancel()
 	local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 	up, herr := s.connectServer(ctx, addr, route, clientAddr(r), local)
@@ -199,7 +204,7 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, r
 	if up.tls != nil {
 		stream = up.tls
 	}
-	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey, retryDeadline)
+	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey, tryDeadline)
 	if !stopWatch() {
 		up.conn.Close()
 		return nil, nil, errClientGone

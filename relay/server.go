@@ -254,7 +254,7 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 	hs := &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: s.cfg.ClientHeaderTimeout,
-		MaxHeaderBytes:    s.cfg.MaxHeaderBytes,
+		MaxHeaderBytes:    httpServerHeaderBytes(s.cfg.MaxHeaderBytes),
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 		BaseContext: func(net.Listener) context.Context {
@@ -266,6 +266,19 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 		return http.ErrServerClosed
 	}
 	return hs.Serve(l)
+}
+
+// netHTTPHeaderSlop is what net/http reads of a request head past http.Server.MaxHeaderBytes before it
+// answers 431 (net/http's initialReadLimitSize: "bufio slop").
+const netHTTPHeaderSlop = 4096
+
+// httpServerHeaderBytes is the http.Server.MaxHeaderBytes under which net/http refuses a request head
+// (request line, header lines and the blank line) longer than maxHeaderBytes, and not one byte shorter.
+// net/http has no limit below 4097 bytes (0 is its 1 MiB default): a smaller maxHeaderBytes acts as 4097.
+// The limit counts bytes read from the connection for the head, so a request pipelined behind another may
+// pass by what net/http's reader had already buffered (at most 4 KiB).
+func httpServerHeaderBytes(maxHeaderBytes int) int {
+	return max(maxHeaderBytes-netHTTPHeaderSlop, 1)
 }
 
 // ListenerDatapath returns the datapath ServeListener would give a listener that asks for dp (auto: the

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/sockrelay/sockrelay/upstream"
 )
 
 // TestUpstreamEndlessHeadRefused: an upstream whose response head never ends is refused with 502 once
@@ -116,4 +118,86 @@ func TestUpstreamInterimResponsesSkipped(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSlowUpstreamGetsItsUpstreamTimeout: a retry timeout shorter than the upstream timeout does not cut
+// the try under way: an upstream answering after the retry timeout, within its upstream timeout, opens
+// the tunnel (--upstream-timeout 30s with an upstream answering after 20s, scaled down). The retry
+// timeout still stops further tries: a silent server is not followed by another.
+func TestSlowUpstreamGetsItsUpstreamTimeout(t *testing.T) {
+	const retryTimeout, answerAfter, upstreamTimeout = 200 * time.Millisecond, 600 * time.Millisecond, 3 * time.Second
+	t.Run("slow answer", func(t *testing.T) {
+		up := startUpstream(t)
+		go func() {
+			u := <-up.Conns
+			time.Sleep(answerAfter)
+			_, _ = u.Write([]byte(switchResponse(u.Req))) // fails, past the test, where the relay gave up
+		}()
+		pool := newPool(t, "p", []string{up.Addr}, func(s *upstream.PoolSpec) { s.Retry.Timeout = retryTimeout })
+		r := startRelay(t, DatapathCopy, nil, func(c *Config) {
+			c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool}}, pools: []*upstream.Pool{pool}}
+			c.UpstreamResponseTimeout = upstreamTimeout
+		})
+		if c := dialRelay(t, r.Addr, upgradeRequest("/"), nil); c.Resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("status %d, want 101 from an upstream answering after %v with a %v upstream timeout",
+				c.Resp.StatusCode, answerAfter, upstreamTimeout)
+		}
+	})
+	t.Run("no try after the retry timeout", func(t *testing.T) {
+		silent, other := startUpstream(t), startUpstream(t)
+		pool := newPool(t, "p", []string{silent.Addr, other.Addr}, func(s *upstream.PoolSpec) {
+			s.Retry.Timeout = retryTimeout
+			s.Passive.Failures = 0
+		})
+		r := startRelay(t, DatapathCopy, nil, func(c *Config) {
+			c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool}}, pools: []*upstream.Pool{pool}}
+			c.UpstreamResponseTimeout = answerAfter // the silent server's try ends past the retry timeout
+		})
+		c := dialRelay(t, r.Addr, upgradeRequest("/"), nil)
+		if c.Resp.StatusCode != http.StatusGatewayTimeout {
+			t.Fatalf("status %d, want 504", c.Resp.StatusCode)
+		}
+		if n := silent.Accepted() + other.Accepted(); n != 1 {
+			t.Errorf("%d servers tried, want 1: the first try ended past the retry timeout", n)
+		}
+	})
+}
+
+// TestMaxHeaderBytesExact: a request head of exactly max header bytes passes; one byte more is a 431
+// (net/http alone would let 4096 more through).
+func TestMaxHeaderBytesExact(t *testing.T) {
+	for _, limit := range []int{8 << 10, DefaultMaxHeaderBytes} {
+		up := startUpstream(t)
+		acceptAll(t, up)
+		r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.MaxHeaderBytes = limit })
+		for _, tc := range []struct {
+			size   int
+			status int
+		}{
+			{limit, http.StatusSwitchingProtocols},
+			{limit + 1, http.StatusRequestHeaderFieldsTooLarge},
+			{limit + 4096, http.StatusRequestHeaderFieldsTooLarge},
+		} {
+			req := requestOfSize(t, tc.size)
+			if c := dialRelay(t, r.Addr, req, nil); c.Resp.StatusCode != tc.status {
+				t.Errorf("max header bytes %d, head of %d bytes: status %d, want %d", limit, len(req), c.Resp.StatusCode, tc.status)
+			}
+		}
+	}
+}
+
+// requestOfSize is a valid handshake whose head (request line to blank line) is exactly size bytes.
+func requestOfSize(t *testing.T, size int) string {
+	t.Helper()
+	base := upgradeRequest("/")
+	const pad = "X-Pad: \r\n"
+	n := size - len(base) - len(pad)
+	if n < 0 {
+		t.Fatalf("no handshake is as short as %d bytes", size)
+	}
+	req := strings.TrimSuffix(base, "\r\n") + "X-Pad: " + strings.Repeat("p", n) + "\r\n\r\n"
+	if len(req) != size {
+		t.Fatalf("built a %d-byte head, want %d", len(req), size)
+	}
+	return req
 }
