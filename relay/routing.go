@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/sockrelay/sockrelay/upstream"
@@ -173,6 +174,14 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 			up.lease = lease
 			return up, nil, nil
 		}
+		if herr.local {
+			// The relay, not the server, failed: the server keeps its health, and another one would
+			// fail alike.
+			lease.Release()
+			s.log.Warn("relay out of local resources connecting to an upstream", "client", client,
+				"pool", pool.Name(), "server", lease.Server.Address(), "err", herr.msg)
+			return nil, herr, nil
+		}
 		pool.ReportFailure(lease.Server)
 		lease.Release()
 		tried = append(tried, lease.Server)
@@ -220,10 +229,14 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, t
 
 // connectServer opens one tunnel's connection to the server at addr of route, for a WebSocket or a tcp
 // listener alike: TCP connect, then the PROXY header naming client (when the route sends one), then TLS
-// (for a TLS pool), all before ctx's deadline, which is the retry deadline bounding every try.
+// (for a TLS pool), all before ctx's deadline, the try's (see withRetries).
 func (s *Server) connectServer(ctx context.Context, addr string, route Route, client, local net.Addr) (*dialedUpstream, *handshakeError) {
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
+		if isLocalResourceError(err) {
+			return nil, &handshakeError{status: http.StatusServiceUnavailable, reason: FailLocalResources, local: true,
+				msg: fmt.Sprintf("connect to upstream %s: the relay is out of resources: %v", addr, err)}
+		}
 		return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
 			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}
 	}
@@ -249,6 +262,17 @@ func (s *Server) connectServer(ctx context.Context, addr string, route Route, cl
 		}
 	}
 	return up, nil
+}
+
+// isLocalResourceError says whether a connect failed for want of the relay's own resources (descriptors,
+// socket buffers, memory, local ports) rather than because of the server it was for.
+func isLocalResourceError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // clientAddr is r's client as a TCP address (the PROXY header's, on a PROXY protocol listener), for the

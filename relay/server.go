@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,6 +71,9 @@ type Config struct {
 
 	// alterKernelPath, set only by tests and benchmarks, alters the kernel datapath before its self-test.
 	alterKernelPath func(*kernelPath)
+	// dialControl, set only by tests, runs on each upstream socket before its connect (net.Dialer.Control):
+	// an error from it is the relay's own socket failing.
+	dialControl func(network, address string, c syscall.RawConn) error
 }
 
 // Defaults for Config's zero values.
@@ -167,7 +171,7 @@ func NewServer(cfg Config) (*Server, error) {
 		cfg:     cfg,
 		log:     cfg.Logger,
 		tunnels: NewRegistry(),
-		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout},
+		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, Control: cfg.dialControl},
 		stop:    make(chan struct{}),
 		limiter: newLimiter(cfg.Limits),
 	}

@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -115,6 +117,56 @@ func TestUpstreamInterimResponsesSkipped(t *testing.T) {
 			}
 			for _, err := range tr.run(c, u) {
 				t.Error(err)
+			}
+		})
+	}
+}
+
+// TestLocalResourceErrorsNotBlamedOnServer: when the relay's own socket calls fail (out of descriptors,
+// buffers, memory or local ports), the client gets 503 local_resources and the server is not marked
+// down: once the relay recovers, the server takes tunnels at once.
+func TestLocalResourceErrorsNotBlamedOnServer(t *testing.T) {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL} {
+		t.Run(errno.Error(), func(t *testing.T) {
+			up := startUpstream(t)
+			acceptAll(t, up)
+			pool := newPool(t, "p", []string{up.Addr}, func(s *upstream.PoolSpec) {
+				s.Passive = upstream.DefaultPassiveHealth()
+			})
+			var failing atomic.Bool
+			failing.Store(true)
+			r := startRelay(t, DatapathCopy, nil, func(c *Config) {
+				c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool}}, pools: []*upstream.Pool{pool}}
+				c.dialControl = func(string, string, syscall.RawConn) error {
+					if failing.Load() {
+						return errno
+					}
+					return nil
+				}
+			})
+			tries := upstream.DefaultPassiveHealth().Failures + 1 // enough to take the server down if blamed
+			for i := range tries {
+				c := dialRelay(t, r.Addr, upgradeRequest("/"), nil)
+				if c.Resp.StatusCode != http.StatusServiceUnavailable {
+					t.Fatalf("handshake %d: status %d, want 503", i, c.Resp.StatusCode)
+				}
+				if body := readBody(t, c.Resp); !strings.Contains(body, "out of resources") {
+					t.Errorf("handshake %d: body %q should say the relay is out of resources", i, body)
+				}
+			}
+			if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailLocalResources)); got != float64(tries) {
+				t.Errorf("handshakes_failed{reason=local_resources} = %v, want %d", got, tries)
+			}
+			if !strings.Contains(r.Log.String(), errno.Error()) {
+				t.Errorf("the log does not give the cause %q", errno.Error())
+			}
+			if st := serverState(t, pool, up.Addr); st.State != upstream.StateUp || st.Failures != 0 {
+				t.Errorf("server after the relay's own failures: state %s, %d failures; want up with none", st.State, st.Failures)
+			}
+			failing.Store(false)
+			c := dialRelay(t, r.Addr, upgradeRequest("/"), nil)
+			if c.Resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("after the relay recovered: status %d, want 101", c.Resp.StatusCode)
 			}
 		})
 	}
