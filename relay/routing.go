@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/sockrelay/sockrelay/upstream"
@@ -233,7 +232,7 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, t
 func (s *Server) connectServer(ctx context.Context, addr string, route Route, client, local net.Addr) (*dialedUpstream, *handshakeError) {
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		if isLocalResourceError(err) {
+		if upstream.IsLocalResourceError(err) {
 			return nil, &handshakeError{status: http.StatusServiceUnavailable, reason: FailLocalResources, local: true,
 				msg: fmt.Sprintf("connect to upstream %s: the relay is out of resources: %v", addr, err)}
 		}
@@ -262,17 +261,6 @@ func (s *Server) connectServer(ctx context.Context, addr string, route Route, cl
 		}
 	}
 	return up, nil
-}
-
-// isLocalResourceError says whether a connect failed for want of the relay's own resources (descriptors,
-// socket buffers, memory, local ports) rather than because of the server it was for.
-func isLocalResourceError(err error) bool {
-	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL} {
-		if errors.Is(err, errno) {
-			return true
-		}
-	}
-	return false
 }
 
 // clientAddr is r's client as a TCP address (the PROXY header's, on a PROXY protocol listener), for the

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha1"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -43,6 +45,18 @@ func (p *Pool) ReportFailure(s *Server) {
 		p.log.Warn("server down: passive failures", "server", s.addr,
 			"failures", ph.Failures, "window", ph.Window, "down_for", ph.DownFor)
 	}
+}
+
+// IsLocalResourceError says whether a connect failed for want of this process's or host's own resources
+// (descriptors, socket buffers, memory, local ports) rather than because of the server it was for: such
+// a failure must not count against the server.
+func IsLocalResourceError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // ReportSuccess tells the pool that s opened a tunnel or answered a request. It clears the failures
@@ -174,6 +188,13 @@ func (p *Pool) checkAll(ctx context.Context) {
 	defer p.mu.Unlock()
 	now := p.now()
 	for i, s := range targets {
+		if IsLocalResourceError(results[i]) {
+			// The check could not get a socket: that says nothing about the server, so it neither
+			// passes nor fails; the error shows in the snapshot.
+			s.checkErr = results[i].Error()
+			p.log.Warn("health check skipped: out of local resources", "server", s.addr, "err", results[i])
+			continue
+		}
 		p.recordCheckLocked(s, spec, results[i], now)
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -371,5 +373,39 @@ func TestStartRunsChecks(t *testing.T) {
 	mustOK(t, p.Close())
 	if err := p.Start(context.Background()); !errors.Is(err, ErrClosed) {
 		t.Errorf("Start after Close: %v; want ErrClosed", err)
+	}
+}
+
+// TestActiveCheckLocalResourceErrors: a check whose own socket could not be had (the relay out of
+// descriptors, buffers, memory or local ports) says nothing about the server: it neither takes the server
+// down nor counts towards its Fall, and the error still shows.
+func TestActiveCheckLocalResourceErrors(t *testing.T) {
+	addr := closedAddr(t) // real checks fail: refused
+	var failing atomic.Bool
+	failing.Store(true)
+	dial := func(ctx context.Context, network, address string) (net.Conn, error) {
+		if failing.Load() {
+			return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("socket", syscall.EMFILE)}
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, address)
+	}
+	a := ActiveHealthSpec{Type: CheckTCP, Interval: 10 * time.Second, Timeout: 5 * time.Second, Rise: 1, Fall: 2}
+	p := newTestPool(t, PoolSpec{Servers: []ServerSpec{{Address: addr}}, Active: &a}, nil,
+		func(o *Options) { o.Dial = dial })
+	st := runChecks(t, p, 3, addr)
+	if st.State != StateUp {
+		t.Errorf("after 3 checks that could not open a socket: %s; want up", st.State)
+	}
+	if !strings.Contains(st.LastCheckError, "too many open files") {
+		t.Errorf("last check error %q should give the cause", st.LastCheckError)
+	}
+	// The refused checks that follow count from the first: fall 2 takes the second.
+	failing.Store(false)
+	if st := runChecks(t, p, 1, addr); st.State != StateUp {
+		t.Errorf("after one refused check, with fall 2: %s; want up", st.State)
+	}
+	if st := runChecks(t, p, 1, addr); st.State != StateDown {
+		t.Errorf("after two refused checks, with fall 2: %s; want down", st.State)
 	}
 }
