@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -9,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -758,13 +756,13 @@ func (s *Server) kernelFallback(t *Tunnel, reason string) {
 // forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
 // upstream response timeout. A 101 comes back with the bytes the upstream sent behind it (they belong to the
 // tunnel); any other complete response comes back for passResponse.
-func (s *Server) forwardHandshake(upstream net.Conn, r *http.Request, key string, notAfter time.Time) (*http.Response, []byte, *handshakeError) {
+func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string, notAfter time.Time) (*http.Response, []byte, *handshakeError) {
 	start := time.Now()
 	deadline := start.Add(s.cfg.UpstreamResponseTimeout)
 	if !notAfter.IsZero() && notAfter.Before(deadline) {
 		deadline = notAfter
 	}
-	_ = upstream.SetDeadline(deadline)
+	_ = conn.SetDeadline(deadline)
 	fail := func(op string, err error) *handshakeError {
 		if isTimeout(err) {
 			return &handshakeError{status: http.StatusGatewayTimeout, reason: FailUpstreamTimeout,
@@ -772,21 +770,14 @@ func (s *Server) forwardHandshake(upstream net.Conn, r *http.Request, key string
 		}
 		return &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
 	}
-	if _, err := upstream.Write(upstreamRequest(r, s.clientOf(r))); err != nil {
+	if _, err := conn.Write(upstreamRequest(r, s.clientOf(r))); err != nil {
 		return nil, nil, fail("send handshake", err)
 	}
-	// The response heads, interim ones included, are read through a limit of MaxHeaderBytes together: an
-	// upstream that never ends its head costs the relay that much memory, not all it can send.
-	head := &io.LimitedReader{R: upstream, N: int64(s.cfg.MaxHeaderBytes)}
-	br := bufio.NewReader(head)
-	resp, err := s.readFinalResponse(br, r)
+	// Interim responses are skipped; the heads may take MaxHeaderBytes together.
+	resp, br, err := upstream.ReadAnswer(conn, &http.Request{Method: http.MethodGet}, s.cfg.MaxHeaderBytes)
 	if err != nil {
-		if head.N <= 0 {
-			err = fmt.Errorf("response head larger than %d bytes (max header bytes)", s.cfg.MaxHeaderBytes)
-		}
 		return nil, nil, fail("read handshake response", err)
 	}
-	head.N = math.MaxInt64 // the body of a refusal, or the tunnel's first bytes, are not part of the head
 	switch {
 	case resp.StatusCode == http.StatusSwitchingProtocols:
 		if err := validateSwitch(resp, key); err != nil {
@@ -799,33 +790,10 @@ func (s *Server) forwardHandshake(upstream net.Conn, r *http.Request, key string
 	default:
 		return resp, nil, nil
 	}
-	_ = upstream.SetDeadline(time.Time{})
+	_ = conn.SetDeadline(time.Time{})
 	// A 101 has no body, so everything buffered past its header is the upstream's first tunnel bytes.
 	prefix, _ := br.Peek(br.Buffered())
 	return resp, bytes.Clone(prefix), nil
-}
-
-// maxInterimResponses bounds the interim (1xx) responses an upstream may send before its answer to one
-// handshake; the head bytes limit bounds them too.
-const maxInterimResponses = 8
-
-// readFinalResponse reads the upstream's answer to a forwarded handshake. Interim responses (1xx other than
-// 101: 100 Continue, 103 Early Hints) come before the answer (RFC 9110 section 15.2); they carry nothing a
-// WebSocket client needs, so they are skipped, not forwarded, and the answer after them is returned.
-func (s *Server) readFinalResponse(br *bufio.Reader, r *http.Request) (*http.Response, error) {
-	for interim := 0; ; interim++ {
-		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodGet})
-		if err != nil {
-			return nil, err
-		}
-		if resp.StatusCode < 100 || resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
-			return resp, nil
-		}
-		if interim == maxInterimResponses {
-			return nil, fmt.Errorf("more than %d interim responses", maxInterimResponses)
-		}
-		s.log.Debug("upstream interim response skipped", "client", r.RemoteAddr, "status", resp.StatusCode)
-	}
 }
 
 // upstreamRequest is the client's handshake as the upstream gets it: origin-form target, the client's Host,

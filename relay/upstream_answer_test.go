@@ -86,8 +86,8 @@ func TestUpstreamInterimResponsesSkipped(t *testing.T) {
 		{"100 continue", continue100, http.StatusSwitchingProtocols},
 		{"103 early hints", hints103, http.StatusSwitchingProtocols},
 		{"100 then 103", continue100 + hints103, http.StatusSwitchingProtocols},
-		{"as many as allowed", strings.Repeat(continue100, maxInterimResponses), http.StatusSwitchingProtocols},
-		{"one too many", strings.Repeat(continue100, maxInterimResponses+1), http.StatusBadGateway},
+		{"as many as allowed", strings.Repeat(continue100, upstream.MaxInterimResponses), http.StatusSwitchingProtocols},
+		{"one too many", strings.Repeat(continue100, upstream.MaxInterimResponses+1), http.StatusBadGateway},
 		{"heads past the cap together", strings.Repeat(bigHints, 3), http.StatusBadGateway},
 	}
 	for _, tc := range cases {

@@ -1,7 +1,6 @@
 package upstream
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/sha1"
@@ -255,6 +254,11 @@ func (p *Pool) check(ctx context.Context, spec ActiveHealthSpec, addr string) er
 	return nil
 }
 
+// maxCheckHeadBytes bounds the response heads of one check. A check is not told the relay's max header
+// bytes, which also bound a server's heads to a handshake: this is the largest a configuration file takes,
+// so that no server whose answer the relay accepts fails its check for its size.
+const maxCheckHeadBytes = 1 << 20
+
 // websocketGUID is RFC 6455's constant for Sec-WebSocket-Accept.
 const websocketGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -282,7 +286,7 @@ func (p *Pool) checkRequest(conn net.Conn, spec ActiveHealthSpec, addr string) e
 	if err := req.Write(conn); err != nil {
 		return fmt.Errorf("send: %w", err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	resp, _, err := ReadAnswer(conn, req, maxCheckHeadBytes)
 	if err != nil {
 		return fmt.Errorf("read answer: %w", err)
 	}
