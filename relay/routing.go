@@ -135,10 +135,11 @@ func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dial
 // reporting each outcome to the pool's passive health. attempt returns a handshake error for a failure
 // of the server, and an error to stop trying (the client left).
 //
-// The retry timeout bounds when another try may start, not the try under way: each try gets its own
-// deadline, the connect timeout plus the upstream response timeout, so that an upstream is always given
-// --upstream-timeout to answer (as nginx's proxy_next_upstream_timeout). A handshake therefore lasts at most
-// retry timeout + connect timeout + upstream timeout.
+// The retry timeout bounds when another try may start, not the try under way (as nginx's
+// proxy_next_upstream_timeout), so that an upstream is always given --upstream-timeout to answer. A try
+// connects within the deadline attempt gets, the connect timeout plus the upstream response timeout (TCP
+// within the first, a wss pool's TLS handshake within the second), and then the upstream has the upstream
+// response timeout to answer: a handshake lasts at most the retry timeout plus one try.
 func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 	attempt func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error)) (*dialedUpstream, *handshakeError, error) {
 	retry := pool.Retry()
@@ -191,11 +192,11 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 	}
 }
 
-// tryUpstream connects to addr and forwards the handshake there, within the connect and response
-// timeouts and never past tryDeadline (see withRetries). It returns a handshake error for a failure of the
-// upstream, and an error only when the client left meanwhile.
-func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, tryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
-	ctx, cancel := context.WithDeadline(r.Context(), tryDeadline)
+// tryUpstream connects to addr before connectDeadline (see withRetries) and forwards the handshake there,
+// which the upstream must answer within the response timeout. It returns a handshake error for a failure
+// of the upstream, and an error only when the client left meanwhile.
+func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, connectDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
+	ctx, cancel := context.WithDeadline(r.Context(), connectDeadline)
 	defer cancel()
 	local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 	up, herr := s.connectServer(ctx, addr, route, clientAddr(r), local)
@@ -212,7 +213,7 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, t
 	if up.tls != nil {
 		stream = up.tls
 	}
-	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey, tryDeadline)
+	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey)
 	if !stopWatch() {
 		up.conn.Close()
 		return nil, nil, errClientGone
@@ -228,7 +229,7 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, t
 
 // connectServer opens one tunnel's connection to the server at addr of route, for a WebSocket or a tcp
 // listener alike: TCP connect, then the PROXY header naming client (when the route sends one), then TLS
-// (for a TLS pool), all before ctx's deadline, the try's (see withRetries).
+// (for a TLS pool), all before ctx's deadline (see withRetries).
 func (s *Server) connectServer(ctx context.Context, addr string, route Route, client, local net.Addr) (*dialedUpstream, *handshakeError) {
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {

@@ -756,12 +756,9 @@ func (s *Server) kernelFallback(t *Tunnel, reason string) {
 // forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
 // upstream response timeout. A 101 comes back with the bytes the upstream sent behind it (they belong to the
 // tunnel); any other complete response comes back for passResponse.
-func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string, notAfter time.Time) (*http.Response, []byte, *handshakeError) {
+func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string) (*http.Response, []byte, *handshakeError) {
 	start := time.Now()
 	deadline := start.Add(s.cfg.UpstreamResponseTimeout)
-	if !notAfter.IsZero() && notAfter.Before(deadline) {
-		deadline = notAfter
-	}
 	_ = conn.SetDeadline(deadline)
 	fail := func(op string, err error) *handshakeError {
 		if isTimeout(err) {
