@@ -308,7 +308,8 @@ const (
 type RetrySpec struct {
 	// Tries counts the first attempt: 1 never retries. Default 3, accepted 1 to 10.
 	Tries int
-	// Timeout bounds all tries of one request together. Default 10s, accepted 100ms to 10m.
+	// Timeout is how long after the first try another may start (a try under way keeps its connect and
+	// upstream timeouts). Default 10s, accepted 100ms to 10m.
 	Timeout time.Duration
 }
 

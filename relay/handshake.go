@@ -62,6 +62,9 @@ type handshakeError struct {
 	reason string
 	msg    string
 	header http.Header
+	// local says the relay itself failed (out of descriptors, memory or ports), not the upstream: passive
+	// health is not told, and no other server is tried.
+	local bool
 }
 
 func (e *handshakeError) Error() string { return e.msg }

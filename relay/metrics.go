@@ -40,6 +40,7 @@ const (
 	FailBadPath             = "bad_path"             // the path has . or .. segments
 	FailProxyProtocol       = "proxy_protocol"       // a PROXY protocol listener's connection had no valid header
 	FailUpstreamTLS         = "upstream_tls"         // the TLS handshake with a wss upstream failed
+	FailLocalResources      = "local_resources"      // the relay ran out of descriptors, memory or ports connecting to an upstream
 )
 
 func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {

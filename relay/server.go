@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -19,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -80,6 +80,9 @@ type Config struct {
 	alterKernelPath func(*kernelPath)
 	// newPipe, set only by tests, stands in for newPipe when splice tunnels get their pipes.
 	newPipe func(size int) (*pipe, error)
+	// dialControl, set only by tests, runs on each upstream socket before its connect (net.Dialer.Control):
+	// an error from it is the relay's own socket failing.
+	dialControl func(network, address string, c syscall.RawConn) error
 }
 
 // Defaults for Config's zero values.
@@ -193,7 +196,7 @@ func NewServer(cfg Config) (*Server, error) {
 		cfg:     cfg,
 		log:     cfg.Logger,
 		tunnels: NewRegistry(),
-		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout},
+		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, Control: cfg.dialControl},
 		stop:    make(chan struct{}),
 		limiter: newLimiter(cfg.Limits),
 	}
@@ -280,7 +283,7 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 	hs := &http.Server{
 		Handler:           s.withAccessLog(s),
 		ReadHeaderTimeout: s.cfg.ClientHeaderTimeout,
-		MaxHeaderBytes:    s.cfg.MaxHeaderBytes,
+		MaxHeaderBytes:    httpServerHeaderBytes(s.cfg.MaxHeaderBytes),
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 		BaseContext: func(net.Listener) context.Context {
@@ -292,6 +295,19 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 		return http.ErrServerClosed
 	}
 	return hs.Serve(l)
+}
+
+// netHTTPHeaderSlop is what net/http reads of a request head past http.Server.MaxHeaderBytes before it
+// answers 431 (net/http's initialReadLimitSize: "bufio slop").
+const netHTTPHeaderSlop = 4096
+
+// httpServerHeaderBytes is the http.Server.MaxHeaderBytes under which net/http refuses a request head
+// (request line, header lines and the blank line) longer than maxHeaderBytes, and not one byte shorter.
+// net/http has no limit below 4097 bytes (0 is its 1 MiB default): a smaller maxHeaderBytes acts as 4097.
+// The limit counts bytes read from the connection for the head, so a request pipelined behind another may
+// pass by what net/http's reader had already buffered (at most 4 KiB).
+func httpServerHeaderBytes(maxHeaderBytes int) int {
+	return max(maxHeaderBytes-netHTTPHeaderSlop, 1)
 }
 
 // ListenerDatapath returns the datapath ServeListener would give a listener that asks for dp (auto: the
@@ -828,13 +844,10 @@ func (s *Server) kernelFallback(t *Tunnel, reason string) {
 // forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
 // upstream response timeout. A 101 comes back with the bytes the upstream sent behind it (they belong to the
 // tunnel); any other complete response comes back for passResponse.
-func (s *Server) forwardHandshake(upstream net.Conn, r *http.Request, key string, notAfter time.Time) (*http.Response, []byte, *handshakeError) {
+func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string) (*http.Response, []byte, *handshakeError) {
 	start := time.Now()
 	deadline := start.Add(s.cfg.UpstreamResponseTimeout)
-	if !notAfter.IsZero() && notAfter.Before(deadline) {
-		deadline = notAfter
-	}
-	_ = upstream.SetDeadline(deadline)
+	_ = conn.SetDeadline(deadline)
 	fail := func(op string, err error) *handshakeError {
 		if isTimeout(err) {
 			return &handshakeError{status: http.StatusGatewayTimeout, reason: FailUpstreamTimeout,
@@ -842,11 +855,11 @@ func (s *Server) forwardHandshake(upstream net.Conn, r *http.Request, key string
 		}
 		return &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
 	}
-	if _, err := upstream.Write(upstreamRequest(r, s.clientOf(r))); err != nil {
+	if _, err := conn.Write(upstreamRequest(r, s.clientOf(r))); err != nil {
 		return nil, nil, fail("send handshake", err)
 	}
-	br := bufio.NewReader(upstream)
-	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodGet})
+	// Interim responses are skipped; the heads may take MaxHeaderBytes together.
+	resp, br, err := upstream.ReadAnswer(conn, &http.Request{Method: http.MethodGet}, s.cfg.MaxHeaderBytes)
 	if err != nil {
 		return nil, nil, fail("read handshake response", err)
 	}
@@ -856,13 +869,13 @@ func (s *Server) forwardHandshake(upstream net.Conn, r *http.Request, key string
 			return nil, nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamBadSwitch, msg: err.Error()}
 		}
 	case resp.StatusCode < 200:
-		// net/http cannot pass another informational status on as a final answer.
+		// Not a status HTTP has (interim ones were skipped): it cannot be passed on as an answer.
 		return nil, nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
-			msg: fmt.Sprintf("informational status %d in answer to a websocket handshake", resp.StatusCode)}
+			msg: fmt.Sprintf("status %d in answer to a websocket handshake", resp.StatusCode)}
 	default:
 		return resp, nil, nil
 	}
-	_ = upstream.SetDeadline(time.Time{})
+	_ = conn.SetDeadline(time.Time{})
 	// A 101 has no body, so everything buffered past its header is the upstream's first tunnel bytes.
 	prefix, _ := br.Peek(br.Buffered())
 	return resp, bytes.Clone(prefix), nil

@@ -51,9 +51,9 @@ func TestNoBytesToUpstreamThatRefused(t *testing.T) {
 			return "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: " +
 				AcceptKey(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
 		}, status: 502, reason: FailUpstreamBadSwitch, bodyHas: "Connection: upgrade"},
-		{name: "100 continue", answer: func(*http.Request) string {
-			return "HTTP/1.1 100 Continue\r\n\r\n"
-		}, status: 502, reason: FailUpstreamError, bodyHas: "informational"},
+		{name: "100 continue then 403", answer: func(*http.Request) string {
+			return "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nforbidden"
+		}, status: 403, reason: FailUpstreamRefused, bodyHas: "forbidden"},
 		{name: "not http", answer: func(*http.Request) string {
 			return "SSH-2.0-OpenSSH_9.2\r\n"
 		}, status: 502, reason: FailUpstreamError, bodyHas: "malformed"},

@@ -1,11 +1,11 @@
 package upstream
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/sha1"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -43,6 +44,18 @@ func (p *Pool) ReportFailure(s *Server) {
 		p.log.Warn("server down: passive failures", "server", s.addr,
 			"failures", ph.Failures, "window", ph.Window, "down_for", ph.DownFor)
 	}
+}
+
+// IsLocalResourceError says whether a connect failed for want of this process's or host's own resources
+// (descriptors, socket buffers, memory, local ports) rather than because of the server it was for: such
+// a failure must not count against the server.
+func IsLocalResourceError(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.EADDRNOTAVAIL} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // ReportSuccess tells the pool that s opened a tunnel or answered a request. It clears the failures
@@ -174,6 +187,13 @@ func (p *Pool) checkAll(ctx context.Context) {
 	defer p.mu.Unlock()
 	now := p.now()
 	for i, s := range targets {
+		if IsLocalResourceError(results[i]) {
+			// The check could not get a socket: that says nothing about the server, so it neither
+			// passes nor fails; the error shows in the snapshot.
+			s.checkErr = results[i].Error()
+			p.log.Warn("health check skipped: out of local resources", "server", s.addr, "err", results[i])
+			continue
+		}
 		p.recordCheckLocked(s, spec, results[i], now)
 	}
 }
@@ -234,6 +254,11 @@ func (p *Pool) check(ctx context.Context, spec ActiveHealthSpec, addr string) er
 	return nil
 }
 
+// maxCheckHeadBytes bounds the response heads of one check. A check is not told the relay's max header
+// bytes, which also bound a server's heads to a handshake: this is the largest a configuration file takes,
+// so that no server whose answer the relay accepts fails its check for its size.
+const maxCheckHeadBytes = 1 << 20
+
 // websocketGUID is RFC 6455's constant for Sec-WebSocket-Accept.
 const websocketGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -261,7 +286,7 @@ func (p *Pool) checkRequest(conn net.Conn, spec ActiveHealthSpec, addr string) e
 	if err := req.Write(conn); err != nil {
 		return fmt.Errorf("send: %w", err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+	resp, _, err := ReadAnswer(conn, req, maxCheckHeadBytes)
 	if err != nil {
 		return fmt.Errorf("read answer: %w", err)
 	}

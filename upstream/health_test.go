@@ -1,13 +1,20 @@
 package upstream
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"crypto/sha1"
+	"encoding/base64"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -372,4 +379,99 @@ func TestStartRunsChecks(t *testing.T) {
 	if err := p.Start(context.Background()); !errors.Is(err, ErrClosed) {
 		t.Errorf("Start after Close: %v; want ErrClosed", err)
 	}
+}
+
+// TestActiveCheckLocalResourceErrors: a check whose own socket could not be had (the relay out of
+// descriptors, buffers, memory or local ports) says nothing about the server: it neither takes the server
+// down nor counts towards its Fall, and the error still shows.
+func TestActiveCheckLocalResourceErrors(t *testing.T) {
+	addr := closedAddr(t) // real checks fail: refused
+	var failing atomic.Bool
+	failing.Store(true)
+	dial := func(ctx context.Context, network, address string) (net.Conn, error) {
+		if failing.Load() {
+			return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("socket", syscall.EMFILE)}
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, address)
+	}
+	a := ActiveHealthSpec{Type: CheckTCP, Interval: 10 * time.Second, Timeout: 5 * time.Second, Rise: 1, Fall: 2}
+	p := newTestPool(t, PoolSpec{Servers: []ServerSpec{{Address: addr}}, Active: &a}, nil,
+		func(o *Options) { o.Dial = dial })
+	st := runChecks(t, p, 3, addr)
+	if st.State != StateUp {
+		t.Errorf("after 3 checks that could not open a socket: %s; want up", st.State)
+	}
+	if !strings.Contains(st.LastCheckError, "too many open files") {
+		t.Errorf("last check error %q should give the cause", st.LastCheckError)
+	}
+	// The refused checks that follow count from the first: fall 2 takes the second.
+	failing.Store(false)
+	if st := runChecks(t, p, 1, addr); st.State != StateUp {
+		t.Errorf("after one refused check, with fall 2: %s; want up", st.State)
+	}
+	if st := runChecks(t, p, 1, addr); st.State != StateDown {
+		t.Errorf("after two refused checks, with fall 2: %s; want down", st.State)
+	}
+}
+
+// rawServer answers each request it reads with what answer writes on the connection.
+func rawServer(t *testing.T, answer func(c net.Conn, req *http.Request)) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if req, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+					answer(c, req)
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// TestActiveWebSocketAnswerRead: the websocket check skips interim responses before the 101, as the
+// relay does, and gives up on a head that never ends once it passed its cap.
+func TestActiveWebSocketAnswerRead(t *testing.T) {
+	switched := func(req *http.Request) string {
+		sum := sha1.Sum([]byte(req.Header.Get("Sec-WebSocket-Key") + websocketGUID))
+		return "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " +
+			base64.StdEncoding.EncodeToString(sum[:]) + "\r\n\r\n"
+	}
+	t.Run("interim responses first", func(t *testing.T) {
+		addr := rawServer(t, func(c net.Conn, req *http.Request) {
+			c.Write([]byte("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + switched(req)))
+			io.Copy(io.Discard, c)
+		})
+		p := activePool(t, ActiveHealthSpec{Type: CheckWebSocket, Path: "/", ExpectStatus: 101, Rise: 1, Fall: 1}, nil, addr)
+		if st := runChecks(t, p, 1, addr); st.State != StateUp || st.LastCheckError != "" {
+			t.Fatalf("101 after 100 and 103: %+v; want up", st)
+		}
+	})
+	t.Run("endless head", func(t *testing.T) {
+		addr := rawServer(t, func(c net.Conn, req *http.Request) {
+			c.Write([]byte("HTTP/1.1 101 Switching Protocols\r\nX-Endless: "))
+			chunk := bytes.Repeat([]byte("a"), 32<<10)
+			for range 1024 { // 32 MiB, then it holds the connection until the check gives up
+				if _, err := c.Write(chunk); err != nil {
+					return
+				}
+			}
+			io.Copy(io.Discard, c)
+		})
+		p := activePool(t, ActiveHealthSpec{Type: CheckWebSocket, Path: "/", ExpectStatus: 101, Rise: 1, Fall: 1}, nil, addr)
+		st := runChecks(t, p, 1, addr)
+		if st.State != StateDown || !strings.Contains(st.LastCheckError, "larger than") {
+			t.Fatalf("endless head: %+v; want down, the head too large", st)
+		}
+	})
 }

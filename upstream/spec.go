@@ -150,7 +150,8 @@ type ActiveHealthSpec struct {
 type RetrySpec struct {
 	// Tries is the number of servers tried for one tunnel, 1 to 10; WithDefaults makes 0 into 3.
 	Tries int
-	// Timeout bounds all tries of one tunnel together; WithDefaults makes 0 into 10s.
+	// Timeout is how long after the first try another may start; a try under way runs to its own connect
+	// and response timeouts. WithDefaults makes 0 into 10s.
 	Timeout time.Duration
 }
 
