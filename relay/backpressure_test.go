@@ -19,17 +19,12 @@ import (
 // backpressure lets the sender push gigabytes in the same time (DATAPATH.md, hazard 5).
 const heldBound = 48 << 20
 
-// countingWriter writes src to c in 64 KiB chunks until it is all sent or a write fails, counting what
+// countingStreamWriter writes src to c in 64 KiB chunks until it ends or a write fails, counting what
 // the kernel accepted, then half-closes c.
-func countingWriter(c *net.TCPConn, src []byte, sent *atomic.Int64, done chan<- error) {
-	for off := 0; off < len(src); {
-		n, err := c.Write(src[off:min(off+64<<10, len(src))])
-		off += n
-		sent.Add(int64(n))
-		if err != nil {
-			done <- err
-			return
-		}
+func countingStreamWriter(c *net.TCPConn, src io.Reader, sent *atomic.Int64, done chan<- error) {
+	if err := writeStream(c, src, sent); err != nil {
+		done <- err
+		return
 	}
 	done <- c.CloseWrite()
 }
@@ -55,16 +50,15 @@ func TestBackpressureSlowReader(t *testing.T) {
 				up := startUpstream(t)
 				r := startRelay(t, dp, []string{up.Addr})
 				c, u := openTunnel(t, r.Addr, up, nil, nil)
-				size := 512 << 20
+				size := int64(512 << 20)
 				if p.on > 0 {
 					size = 128 << 20
 				}
-				want := stream(7, size)
 				var sent atomic.Int64
 				wrote := make(chan error, 1)
-				go countingWriter(u.TCPConn, want, &sent, wrote)
+				go countingStreamWriter(u.TCPConn, streamReader(7, size), &sent, wrote)
 
-				got := make([]byte, 0, size)
+				got := newStreamCheck(7, size) // what the client read, checked as it comes
 				buf := make([]byte, 256<<10)
 				var maxHeld int64
 				phaseEnd := time.Now().Add(p.off)
@@ -82,16 +76,16 @@ func TestBackpressureSlowReader(t *testing.T) {
 				for {
 					if !reading {
 						time.Sleep(p.off)
-						maxHeld = max(maxHeld, sent.Load()-int64(len(got)))
+						maxHeld = max(maxHeld, sent.Load()-got.Len())
 						reading, phaseEnd = true, time.Now().Add(p.on)
 					}
 					n, err := c.R.Read(buf)
-					got = append(got, buf[:n]...)
+					got.Write(buf[:n])
 					if errors.Is(err, io.EOF) {
 						break
 					}
 					if err != nil {
-						t.Fatalf("client read %d of %d bytes, then: %v", len(got), size, err)
+						t.Fatalf("client read %d of %d bytes, then: %v", got.Len(), size, err)
 					}
 					if p.on > 0 && time.Now().After(phaseEnd) {
 						reading = false
@@ -100,7 +94,7 @@ func TestBackpressureSlowReader(t *testing.T) {
 				if err := <-wrote; err != nil {
 					t.Fatalf("upstream write: %v", err)
 				}
-				if d := diffStreams(got, want); d != "" {
+				if d := got.Diff(); d != "" {
 					t.Fatalf("stream to the client: %s", d)
 				}
 				t.Logf("most in flight while the reader paused: %.1f MiB", float64(maxHeld)/(1<<20))
@@ -135,7 +129,7 @@ func TestBackpressureBothStopReading(t *testing.T) {
 			go func() { io.Copy(u, u.R) }() // the echo blocks once the client's receive buffer is full
 			var sent atomic.Int64
 			wrote := make(chan error, 1)
-			go countingWriter(c.TCPConn, stream(9, 1<<30), &sent, wrote)
+			go countingStreamWriter(c.TCPConn, streamReader(9, 1<<30), &sent, wrote)
 			var err error
 			select {
 			case err = <-wrote:
@@ -162,19 +156,19 @@ func TestBackpressureFINWhileDemoted(t *testing.T) {
 	r := startRelay(t, DatapathSockmap, []string{up.Addr})
 	for i := range 3 {
 		c, u := openTunnel(t, r.Addr, up, nil, nil)
-		want := stream(uint64(20+i), 48<<20)
+		const size = 48 << 20
 		var sent atomic.Int64
 		wrote := make(chan error, 1)
-		go countingWriter(u.TCPConn, want, &sent, wrote)
+		go countingStreamWriter(u.TCPConn, streamReader(uint64(20+i), size), &sent, wrote)
 		time.Sleep(500 * time.Millisecond) // the upstream fills the path and the direction is demoted
-		got, err := readAllWithin(c, c.R, time.Minute)
-		if err != nil {
-			t.Fatalf("tunnel %d: client read %d bytes, then: %v", i, len(got), err)
+		got := newStreamCheck(uint64(20+i), size)
+		if n, err := copyWithin(c, got, c.R, time.Minute); err != nil {
+			t.Fatalf("tunnel %d: client read %d bytes, then: %v", i, n, err)
 		}
 		if werr := <-wrote; werr != nil {
 			t.Fatalf("tunnel %d: upstream write: %v", i, werr)
 		}
-		if d := diffStreams(got, want); d != "" {
+		if d := got.Diff(); d != "" {
 			t.Fatalf("tunnel %d: stream to the client: %s", i, d)
 		}
 		// The other direction still flows after the FIN, then closes.
@@ -201,15 +195,15 @@ func TestBackpressureResumes(t *testing.T) {
 	up := startUpstream(t)
 	r := startRelay(t, DatapathSockmap, []string{up.Addr})
 	c, u := openTunnel(t, r.Addr, up, nil, nil)
-	want := stream(30, 32<<20)
-	go u.Write(want)
+	const size = 32 << 20
+	go writeStream(u, streamReader(30, size), nil)
 	time.Sleep(300 * time.Millisecond) // the client does not read: the direction is demoted
-	got := make([]byte, len(want))
+	got := newStreamCheck(30, size)
 	_ = c.SetReadDeadline(time.Now().Add(time.Minute))
-	if _, err := io.ReadFull(c.R, got); err != nil {
+	if _, err := io.CopyN(got, c.R, size); err != nil {
 		t.Fatalf("client read: %v", err)
 	}
-	if d := diffStreams(got, want); d != "" {
+	if d := got.Diff(); d != "" {
 		t.Fatalf("stream to the client: %s", d)
 	}
 	if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
@@ -287,10 +281,10 @@ func TestBackpressureLostEvents(t *testing.T) {
 	r := startRelay(t, DatapathSockmap, []string{up.Addr})
 	r.kernel.dropModeEvents.Store(true) // after the self-test, which needs them
 	c, u := openTunnel(t, r.Addr, up, nil, nil)
-	want := stream(40, 64<<20)
+	const size = 64 << 20
 	var sent atomic.Int64
 	wrote := make(chan error, 1)
-	go countingWriter(u.TCPConn, want, &sent, wrote)
+	go countingStreamWriter(u.TCPConn, streamReader(40, size), &sent, wrote)
 	d := kernelDirOf(t, r, false)
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if st, err := r.kernel.maps.Stats(d.src.cookie); err == nil && st.Demoted {
@@ -307,14 +301,14 @@ func TestBackpressureLostEvents(t *testing.T) {
 		t.Fatal("a goroutine relays the direction although its demotion event was dropped")
 	}
 	r.kernel.pretendLostEvents.Store(true)
-	got, err := readAllWithin(c, c.R, time.Minute)
-	if err != nil {
-		t.Fatalf("client read %d of %d bytes, then: %v", len(got), len(want), err)
+	got := newStreamCheck(40, size)
+	if n, err := copyWithin(c, got, c.R, time.Minute); err != nil {
+		t.Fatalf("client read %d of %d bytes, then: %v", n, size, err)
 	}
 	if werr := <-wrote; werr != nil {
 		t.Fatalf("upstream write: %v", werr)
 	}
-	if d := diffStreams(got, want); d != "" {
+	if d := got.Diff(); d != "" {
 		t.Fatalf("stream to the client: %s", d)
 	}
 	if !strings.Contains(r.Log.String(), "mode events were lost") {

@@ -52,14 +52,18 @@ func runDuplex(t *testing.T, r *testRelay, up *fakeUpstream, tc duplexCase, seed
 	}
 }
 
-// transfer is the pair of streams of one duplexCase.
+// transfer is the pair of streams of one duplexCase, generated as they are sent and checked as they are
+// received, so that a test holds none of them whole.
 type transfer struct {
-	tc                   duplexCase
+	tc   duplexCase
+	seed uint64 // of the stream to the upstream; seed+1 is that of the stream to the client
+	// toUpstream and toClient are the first bytes of each stream, those that ride with the handshake:
+	// tc.pipelined behind the request, tc.with101 in the 101's segment.
 	toUpstream, toClient []byte
 }
 
 func newTransfer(tc duplexCase, seed uint64) *transfer {
-	return &transfer{tc: tc, toUpstream: stream(seed, tc.toUpstream), toClient: stream(seed+1, tc.toClient)}
+	return &transfer{tc: tc, seed: seed, toUpstream: streamPrefix(seed, tc.pipelined), toClient: streamPrefix(seed+1, tc.with101)}
 }
 
 // run sends both streams (less what rode with the handshake) and half-closes in the case's order. Each end
@@ -67,16 +71,20 @@ func newTransfer(tc duplexCase, seed uint64) *transfer {
 // that one direction kept flowing after the other's FIN.
 func (tr *transfer) run(c *clientConn, u *upstreamConn) []error {
 	type end struct {
-		name      string
-		conn      *net.TCPConn
-		rd        io.Reader
-		send, exp []byte
-		sent      int // bytes of send already on their way with the handshake
-		waitEOF   bool
+		name              string
+		conn              *net.TCPConn
+		rd                io.Reader
+		sendSeed, expSeed uint64
+		sendSize, expSize int
+		sent              int // bytes of the stream it sends already on their way with the handshake
+		waitEOF           bool
 	}
+	up, down := tr.seed, tr.seed+1
 	ends := []end{
-		{name: "client", conn: c.TCPConn, rd: c.R, send: tr.toUpstream, exp: tr.toClient, sent: tr.tc.pipelined, waitEOF: tr.tc.order == upstreamFirst},
-		{name: "upstream", conn: u.TCPConn, rd: u.R, send: tr.toClient, exp: tr.toUpstream, sent: tr.tc.with101, waitEOF: tr.tc.order == clientFirst},
+		{name: "client", conn: c.TCPConn, rd: c.R, sendSeed: up, sendSize: tr.tc.toUpstream, expSeed: down, expSize: tr.tc.toClient,
+			sent: tr.tc.pipelined, waitEOF: tr.tc.order == upstreamFirst},
+		{name: "upstream", conn: u.TCPConn, rd: u.R, sendSeed: down, sendSize: tr.tc.toClient, expSeed: up, expSize: tr.tc.toUpstream,
+			sent: tr.tc.with101, waitEOF: tr.tc.order == clientFirst},
 	}
 	var wg sync.WaitGroup
 	errs := make(chan error, 4)
@@ -85,13 +93,14 @@ func (tr *transfer) run(c *clientConn, u *upstreamConn) []error {
 		wg.Add(2)
 		go func() { // reader
 			defer wg.Done()
-			got, err := readAllWithin(e.conn, e.rd, 60*time.Second)
+			got := newStreamCheck(e.expSeed, int64(e.expSize))
+			n, err := copyWithin(e.conn, got, e.rd, 60*time.Second)
 			close(gotEOF)
 			if err != nil {
-				errs <- fmt.Errorf("%s: read: %v (after %d bytes)", e.name, err, len(got))
+				errs <- fmt.Errorf("%s: read: %v (after %d bytes)", e.name, err, n)
 				return
 			}
-			if d := diffStreams(got, e.exp); d != "" {
+			if d := got.Diff(); d != "" {
 				errs <- fmt.Errorf("%s received a wrong stream: %s", e.name, d)
 			}
 		}()
@@ -100,7 +109,9 @@ func (tr *transfer) run(c *clientConn, u *upstreamConn) []error {
 			if e.waitEOF {
 				<-gotEOF
 			}
-			if _, err := e.conn.Write(e.send[e.sent:]); err != nil {
+			src := streamReader(e.sendSeed, int64(e.sendSize))
+			_, _ = io.CopyN(io.Discard, src, int64(e.sent))
+			if err := writeStream(e.conn, src, nil); err != nil {
 				errs <- fmt.Errorf("%s: write: %v", e.name, err)
 				return
 			}
@@ -362,10 +373,9 @@ func TestHalfCloseWhileBehind(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
 			c, u := openTunnel(t, r.Addr, up, nil, nil)
-			want := stream(42, size)
 			sent := make(chan error, 1)
 			go func() {
-				_, err := u.Write(want)
+				err := writeStream(u, streamReader(42, size), nil)
 				if err == nil {
 					err = u.CloseWrite()
 				}
@@ -378,11 +388,11 @@ func TestHalfCloseWhileBehind(t *testing.T) {
 			if got, err := readAllWithin(u.TCPConn, u.R, 10*time.Second); err != nil || len(got) != 0 {
 				t.Fatalf("upstream read %d bytes, %v; want EOF at once", len(got), err)
 			}
-			got, err := readAllWithin(c.TCPConn, c.R, 30*time.Second)
-			if err != nil {
-				t.Fatalf("client read %d of %d bytes, then %v", len(got), size, err)
+			got := newStreamCheck(42, size)
+			if n, err := copyWithin(c.TCPConn, got, c.R, 30*time.Second); err != nil {
+				t.Fatalf("client read %d of %d bytes, then %v", n, size, err)
 			}
-			if d := diffStreams(got, want); d != "" {
+			if d := got.Diff(); d != "" {
 				t.Fatal(d)
 			}
 			if err := <-sent; err != nil {
