@@ -30,6 +30,8 @@ type Tunnel struct {
 	UpstreamAddr string
 	// Pool names the upstream pool the tunnel's server was chosen from.
 	Pool string
+	// Listener names the listener the client came in on.
+	Listener string
 
 	// lease holds the tunnel's slot on its upstream server; tunnelEnded releases it.
 	lease *upstream.Lease

@@ -309,7 +309,7 @@ func (o *runOptions) listenerSettings() []listenerSetting {
 func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc) error {
 	datapath, _ := relay.ParseDatapath(o.datapath) // NewServer resolves auto and logs its choice
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo())
 	rcfg := relay.Config{
 		Upstreams:               o.upstreams,
 		Datapath:                datapath,

@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -182,7 +183,8 @@ func TestRunDrain(t *testing.T) {
 				}
 				metrics := r.get(t, "/metrics", 200)
 				for _, m := range []string{
-					fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q} 1`, want),
+					fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q,listener="default",pool="default"} 1`, want),
+					`sockrelay_build_info{commit="",goversion="` + runtime.Version() + `",version="dev"} 1`,
 					fmt.Sprintf(`sockrelay_tunnels_active{datapath=%q} 1`, want),
 					`sockrelay_bytes_relayed_total{direction="client_to_upstream"} 11`,
 					`sockrelay_bytes_relayed_total{direction="upstream_to_client"} 7`,
