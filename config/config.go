@@ -34,9 +34,11 @@ import (
 
 // Config is one configuration file, checked, with its defaults filled in.
 type Config struct {
-	// Admin is the address of the admin listener (metrics, /debug/tunnels, the admin API); "" disables it.
-	// Default 127.0.0.1:9090.
+	// Admin is the address of the admin listener (metrics, /debug/tunnels, the admin API): HOST:PORT, on
+	// loopback unless AdminAccess.AllowRemote, or unix:/PATH; "" disables it. Default 127.0.0.1:9180.
 	Admin string
+	// AdminAccess says who may use the admin listener. Default: no token, loopback only, no host names.
+	AdminAccess AdminAccess
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string
 	// Datapath is the default of the listeners' datapaths: auto, sockmap, splice or copy. Default auto.
