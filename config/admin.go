@@ -54,6 +54,15 @@ func CheckAdminAddress(addr string, allowRemote bool) error {
 		"to serve it on a network, where changes need the token of token_file (--admin-token-file)", addr)
 }
 
+// AdminHost returns a host name that admin requests may give as Host (admin.hosts, --admin-host) in
+// the spelling that they are compared in, or what is wrong with it.
+func AdminHost(s string) (string, error) {
+	if !isDNSName(s) || isIP(s) {
+		return "", fmt.Errorf("%q is not a host name; accepted: %s (IP addresses and localhost are always accepted)", s, adminHost)
+	}
+	return strings.ToLower(strings.TrimSuffix(s, ".")), nil
+}
+
 // adminOnLoopback reports whether a HOST:PORT can only be reached from this host.
 func adminOnLoopback(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
@@ -94,11 +103,16 @@ func (d *decoder) admin(f *fields, c *Config) {
 	if items, hpath, ok := d.list(m, "hosts", "a list of "+adminHost+"s"); ok {
 		for i, item := range items {
 			h := resolve(item)
-			if h.Kind != yaml.ScalarNode || !isDNSName(h.Value) || isIP(h.Value) {
-				d.errorf(h, index(hpath, i), "%s is not a host name; accepted: %s (IP addresses and localhost are always accepted)", describe(h), adminHost)
+			if h.Kind != yaml.ScalarNode || isNull(h) {
+				d.errorf(h, index(hpath, i), "got %s; accepted: %s", describe(h), adminHost)
 				continue
 			}
-			c.AdminAccess.Hosts = append(c.AdminAccess.Hosts, strings.ToLower(strings.TrimSuffix(h.Value, ".")))
+			name, err := AdminHost(h.Value)
+			if err != nil {
+				d.errorf(h, index(hpath, i), "%v", err)
+				continue
+			}
+			c.AdminAccess.Hosts = append(c.AdminAccess.Hosts, name)
 		}
 	}
 	if d.str(m, "address", &c.Admin, adminAddress) {

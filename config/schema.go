@@ -17,7 +17,7 @@ import (
 // They are repeated rather than imported so that this package does not pull in the relay and its kernel
 // datapath, and the relay and upstream packages can import it.
 const (
-	defaultAdmin           = "127.0.0.1:9180" // not 9090, Prometheus's own port
+	defaultAdmin           = "127.0.0.1:9180"
 	defaultKernelHeldLimit = 4 << 20  // relay.DefaultKernelHeldLimit
 	minKernelHeldLimit     = 64 << 10 // relay.MinKernelHeldLimit: below a few segments, every burst demotes
 	maxKernelHeldLimit     = 1 << 30  // relay.MaxKernelHeldLimit: the verdict counts in a signed 32-bit int

@@ -44,7 +44,7 @@ func TestRunRejectsBadAddresses(t *testing.T) {
 		{"listen IPv6 without brackets", append([]string{"--listen", "::1"}, up...),
 			[]string{"--listen", `"::1"`, "HOST:PORT"}},
 		{"admin without port", append([]string{"--listen", "127.0.0.1:0", "--admin", "metrics"}, up...),
-			[]string{"--admin", `"metrics"`, "missing port", "HOST:PORT", "e.g. 127.0.0.1:9090"}},
+			[]string{"--admin", `"metrics"`, "missing port", "HOST:PORT", "e.g. 127.0.0.1:9180"}},
 		{"admin port not a number", append([]string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:nope"}, up...),
 			[]string{"--admin", `"127.0.0.1:nope"`, "HOST:PORT"}},
 		{"upstream port too big", []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:65536"},
