@@ -53,12 +53,15 @@ const (
 	FailUpstreamTLS         = "upstream_tls"         // the TLS handshake with a wss upstream failed
 )
 
-// handshakeFailReasons are every reason a handshake fails for, whose counters start at 0. A new reason
-// belongs here too.
-var handshakeFailReasons = []string{FailBadRequest, FailBadVersion, FailUpstreamUnreachable, FailUpstreamTimeout,
-	FailUpstreamError, FailUpstreamRefused, FailUpstreamBadSwitch, FailClientGone, FailShuttingDown, FailNoRoute,
-	FailNoUpstream, FailOrigin, FailUpstreamRemoved, FailBadPath, FailProxyProtocol, FailUpstreamTLS,
-	FailLimitTunnels, FailLimitTunnelsPerIP, FailLimitRate, FailLimitHandshakes}
+// The reasons a handshake fails for, whose counters start at 0: those before a route chose a pool (counted
+// with pool ""), and those after. A new reason belongs in one of them.
+var (
+	unroutedFailReasons = []string{FailBadRequest, FailBadVersion, FailBadPath, FailNoRoute, FailProxyProtocol,
+		FailLimitTunnels, FailLimitTunnelsPerIP, FailLimitRate, FailLimitHandshakes}
+	routedFailReasons = []string{FailUpstreamUnreachable, FailUpstreamTimeout, FailUpstreamError, FailUpstreamRefused,
+		FailUpstreamBadSwitch, FailClientGone, FailShuttingDown, FailNoUpstream, FailOrigin, FailUpstreamRemoved,
+		FailUpstreamTLS}
+)
 
 // tunnelEndReasons are every reason a tunnel ends for (see Tunnel.Reason), whose counters start at 0.
 var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamReset, ReasonClientError,
@@ -156,11 +159,14 @@ func (m *Metrics) knowPools(pools []*upstream.Pool) {
 }
 
 func (m *Metrics) initSeries(listener string, dp Datapath, pool string) {
-	for _, reason := range handshakeFailReasons {
-		m.handshakeFailures.WithLabelValues(listener, pool, reason)
-	}
 	if pool == "" {
+		for _, reason := range unroutedFailReasons {
+			m.handshakeFailures.WithLabelValues(listener, pool, reason)
+		}
 		return // tunnels always have a pool
+	}
+	for _, reason := range routedFailReasons {
+		m.handshakeFailures.WithLabelValues(listener, pool, reason)
 	}
 	for _, d := range []Datapath{dp, DatapathCopy} {
 		m.tunnelsOpened.WithLabelValues(listener, pool, string(d))

@@ -70,8 +70,12 @@ func TestCountersStartAtZero(t *testing.T) {
 		`sockrelay_tunnels_active{datapath="sockmap"} 0`,
 		`sockrelay_datapath_fallbacks_total{reason="sockmap_unavailable"} 0`,
 	)
-	if m := scrape(t, r); strings.Contains(m, `sockrelay_tunnels_total{datapath="copy",listener="default",pool=""}`) {
+	m := scrape(t, r)
+	if strings.Contains(m, `sockrelay_tunnels_total{datapath="copy",listener="default",pool=""}`) {
 		t.Errorf("tunnels counted for no pool; every tunnel has one:\n%s", grepLines(m, "tunnels_total"))
+	}
+	if strings.Contains(m, `pool="a",reason="no_route"`) || strings.Contains(m, `pool="",reason="upstream_timeout"`) {
+		t.Errorf("series for failures that cannot happen with (or without) a pool:\n%s", grepLines(m, "handshakes_failed"))
 	}
 
 	poolC := newPool(t, "c", []string{closedPort(t)}, nil)
