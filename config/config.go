@@ -34,9 +34,12 @@ import (
 
 // Config is one configuration file, checked, with its defaults filled in.
 type Config struct {
-	// Admin is the address of the admin listener (metrics, /debug/tunnels, the admin API); "" disables it.
-	// Default 127.0.0.1:9090.
+	// Admin is the address of the admin listener (metrics, /debug/tunnels, the admin API): HOST:PORT, on
+	// loopback unless AdminAccess.AllowRemote, or unix:/PATH; "" disables it. Default 127.0.0.1:9180 (not
+	// 9090, which is Prometheus's).
 	Admin string
+	// AdminAccess says who may use the admin listener. Default: no token, loopback only, no host names.
+	AdminAccess AdminAccess
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string
 	// LogFormat is text (key=value) or json, one object per line. Default text.

@@ -69,7 +69,15 @@ func TestBrokenFiles(t *testing.T) {
 		{"list where a mapping goes", "listeners:\n  address: 127.0.0.1:8080\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
 			`sockrelay.yaml:2: listeners: got a mapping; accepted: a list of listeners, at least one`},
 		{"no value", minimal + "admin:\n",
-			`sockrelay.yaml:8: admin: got no value; accepted: HOST:PORT such as 127.0.0.1:9090, or :9090 for every address; "" disables`},
+			`sockrelay.yaml:8: admin: got no value; accepted: HOST:PORT such as 127.0.0.1:9180 (loopback; others need allow_remote), unix:/PATH for a Unix socket, or "" to disable; or the admin listener, a mapping with keys address, allow_remote, hosts, token_file`},
+		{"admin on every address", minimal + "admin: :9180\n",
+			`sockrelay.yaml:8: admin: ":9180" can be reached from other hosts, and the admin API can force servers down and reload the configuration; accepted: a loopback address such as 127.0.0.1:9180, unix:/PATH, or allow_remote: true (flag --admin-allow-remote) to serve it on a network, where changes need the token of token_file (--admin-token-file)`},
+		{"admin on a host name", minimal + "admin:\n  address: relay.example.com:9180\n  allow_remote: false\n",
+			`sockrelay.yaml:9: admin.address: "relay.example.com:9180" can be reached from other hosts, and the admin API can force servers down and reload the configuration; accepted: a loopback address such as 127.0.0.1:9180, unix:/PATH, or allow_remote: true (flag --admin-allow-remote) to serve it on a network, where changes need the token of token_file (--admin-token-file)`},
+		{"admin socket path relative", minimal + "admin: unix:admin.sock\n",
+			`sockrelay.yaml:8: admin: "unix:admin.sock": a Unix socket's path must be absolute, e.g. unix:/run/sockrelay/admin.sock`},
+		{"admin host an IP address", minimal + "admin:\n  hosts: [10.0.0.1]\n",
+			`sockrelay.yaml:9: admin.hosts[0]: "10.0.0.1" is not a host name; accepted: a DNS name such as relay-admin.example.com (IP addresses and localhost are always accepted)`},
 		{"bad duration", minimal + "timeouts:\n  connect: 5\n",
 			`sockrelay.yaml:9: timeouts.connect: "5" is not a duration; accepted: a number with a unit (ms, s, m, h) such as 500ms, 10s or 1h30m`},
 		{"zero timeout", minimal + "timeouts:\n  shutdown: 0s\n",
@@ -307,7 +315,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := &Config{
-		Admin:           "127.0.0.1:9090",
+		Admin:           "127.0.0.1:9180",
 		LogLevel:        "info",
 		LogFormat:       "text",
 		Datapath:        "auto",
@@ -795,6 +803,29 @@ func TestServerNameFor(t *testing.T) {
 	} {
 		if got := tc.tls.ServerNameFor(tc.address); got != tc.want {
 			t.Errorf("%+v.ServerNameFor(%s) = %s, want %s", tc.tls, tc.address, got, tc.want)
+		}
+	}
+}
+
+// TestAdminMapping: admin as a mapping gives the address and who may use it; the token file is relative
+// to the file's directory, and allow_remote lets the address be one other hosts reach.
+func TestAdminMapping(t *testing.T) {
+	c, err := Parse("/etc/sockrelay/sockrelay.yaml", []byte(minimal+`admin:
+  address: 0.0.0.0:9180
+  token_file: admin.token
+  allow_remote: true
+  hosts: [Relay-Admin.example.com.]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := AdminAccess{TokenFile: "/etc/sockrelay/admin.token", AllowRemote: true, Hosts: []string{"relay-admin.example.com"}}
+	if c.Admin != "0.0.0.0:9180" || !reflect.DeepEqual(c.AdminAccess, want) {
+		t.Errorf("admin %q, %+v; want 0.0.0.0:9180, %+v", c.Admin, c.AdminAccess, want)
+	}
+	for _, ok := range []string{"admin: unix:/run/sockrelay/admin.sock\n", "admin: localhost:9180\n", "admin: '[::1]:9180'\n", `admin: ""` + "\n"} {
+		if _, err := Parse("sockrelay.yaml", []byte(minimal+ok)); err != nil {
+			t.Errorf("%s: %v", strings.TrimSpace(ok), err)
 		}
 	}
 }

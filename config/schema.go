@@ -17,7 +17,7 @@ import (
 // They are repeated rather than imported so that this package does not pull in the relay and its kernel
 // datapath, and the relay and upstream packages can import it.
 const (
-	defaultAdmin           = "127.0.0.1:9090"
+	defaultAdmin           = "127.0.0.1:9180"
 	defaultKernelHeldLimit = 4 << 20  // relay.DefaultKernelHeldLimit
 	minKernelHeldLimit     = 64 << 10 // relay.MinKernelHeldLimit: below a few segments, every burst demotes
 	maxKernelHeldLimit     = 1 << 30  // relay.MaxKernelHeldLimit: the verdict counts in a signed 32-bit int
@@ -95,11 +95,7 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	if f == nil {
 		return c
 	}
-	if d.str(f, "admin", &c.Admin, adminAddress) && c.Admin != "" {
-		if n, path := f.get("admin"); d.address(n, path, true) {
-			d.refs.admin = n
-		}
-	}
+	d.admin(f, c)
 	d.oneOf(f, "log_level", "a log level", &c.LogLevel, logLevels...)
 	d.oneOf(f, "log_format", "a log format", &c.LogFormat, logFormats...)
 	d.oneOf(f, "datapath", "a datapath", &c.Datapath, datapaths...)
@@ -144,7 +140,6 @@ func (d *decoder) config(root *yaml.Node) *Config {
 }
 
 const (
-	adminAddress    = `HOST:PORT such as 127.0.0.1:9090, or :9090 for every address; "" disables`
 	listenerAddress = "HOST:PORT such as 127.0.0.1:8080, or :8080 for every address"
 	serverAddress   = "HOST:PORT such as 127.0.0.1:9001 or [::1]:9001"
 )

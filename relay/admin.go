@@ -1,9 +1,14 @@
 package relay
 
 import (
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/json"
 	"fmt"
+	"log/slog"
+	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,6 +26,7 @@ type TunnelInfo struct {
 	Client   string   `json:"client"`
 	Upstream string   `json:"upstream"`
 	Pool     string   `json:"pool"`
+	Listener string   `json:"listener"`
 	Datapath Datapath `json:"datapath"`
 	// TLS says the tunnel has TLS on a side (a TLS listener, a wss upstream), which keeps it on copy.
 	TLS             bool      `json:"tls,omitempty"`
@@ -37,6 +43,7 @@ func (t *Tunnel) Info() TunnelInfo {
 		Client:          t.ClientAddr,
 		Upstream:        t.UpstreamAddr,
 		Pool:            t.Pool,
+		Listener:        t.Listener,
 		Datapath:        t.Datapath(),
 		TLS:             t.clientTLS != nil || t.upstreamTLS != nil,
 		BytesToUpstream: up,
@@ -45,11 +52,32 @@ func (t *Tunnel) Info() TunnelInfo {
 	}
 }
 
-// AdminHandler serves the operator's endpoints: /metrics from gatherer, /healthz (503 once the server is
-// draining, so a balancer in front stops sending clients), /debug/tunnels (JSON, one object per live
-// tunnel), and the admin API under /admin/ (see adminAPI). The admin listener is for operators only:
-// bind it to loopback or a management network.
+// AdminAccess says who may use the admin endpoints. Whatever it says, a request whose Origin header is
+// not the admin's own (a page of another site, in a browser) is refused with 403, and one whose Host is
+// neither an IP address, localhost nor one of Hosts (a DNS name rebound to the admin's address) with 421.
+type AdminAccess struct {
+	// Token, when not empty, must come as "Authorization: Bearer TOKEN" with every request that changes
+	// something (any method but GET and HEAD); others get 401.
+	Token string
+	// Unauthenticated lets requests that change something through without a token: for a listener whose
+	// clients are authenticated otherwise, such as a Unix socket only its owner can connect to. Without
+	// it (and without Token) they get 403.
+	Unauthenticated bool
+	// Hosts are the host names, besides IP addresses and localhost, that the Host header may give.
+	Hosts []string
+}
+
+// AdminHandler is AdminHandlerWith with AdminAccess{Unauthenticated: true}: for a listener that only
+// operators can reach. A TCP admin listener needs AdminHandlerWith and a token.
 func (s *Server) AdminHandler(gatherer prometheus.Gatherer) http.Handler {
+	return s.AdminHandlerWith(gatherer, AdminAccess{Unauthenticated: true})
+}
+
+// AdminHandlerWith serves the operator's endpoints: /metrics from gatherer, /healthz (503 once the server
+// is draining, so a balancer in front stops sending clients), /debug/tunnels (JSON, one object per live
+// tunnel), and the admin API under /admin/ (see adminAPI), to the requests access lets through. The admin
+// listener is for operators only: bind it to loopback, a Unix socket or a management network.
+func (s *Server) AdminHandlerWith(gatherer prometheus.Gatherer, access AdminAccess) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -61,7 +89,68 @@ func (s *Server) AdminHandler(gatherer prometheus.Gatherer) http.Handler {
 	})
 	mux.HandleFunc("GET /debug/tunnels", s.listTunnels)
 	s.adminAPI(mux)
-	return mux
+	return &adminGuard{next: mux, access: access, tokenSum: sha256.Sum256([]byte(access.Token)), log: s.log}
+}
+
+// adminGuard lets through the admin requests its AdminAccess allows.
+type adminGuard struct {
+	next     http.Handler
+	access   AdminAccess
+	tokenSum [sha256.Size]byte // of access.Token: compared in constant time, whatever the lengths
+	log      *slog.Logger
+}
+
+func (g *adminGuard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if status, why := g.refusal(r); status != 0 {
+		g.log.Warn("admin request refused", "client", r.RemoteAddr, "method", r.Method, "uri", r.RequestURI,
+			"host", r.Host, "origin", r.Header.Get("Origin"), "status", status, "why", why)
+		if status == http.StatusUnauthorized {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="sockrelay admin"`)
+		}
+		adminError(w, status, "%s", why)
+		return
+	}
+	g.next.ServeHTTP(w, r)
+}
+
+// refusal returns the status and the reason to refuse r with, or 0.
+func (g *adminGuard) refusal(r *http.Request) (int, string) {
+	if !g.hostAllowed(r.Host) {
+		return http.StatusMisdirectedRequest, fmt.Sprintf("host %q is not this admin's: use its IP address or localhost, or configure the name (admin.hosts, --admin-host)", r.Host)
+	}
+	// Browsers send Origin with every cross-origin request but simple GETs; the admin has no page of its
+	// own, so any Origin but its own is another site's page acting with the user's access to it.
+	if origin := r.Header.Get("Origin"); origin != "" && !strings.EqualFold(origin, "http://"+r.Host) {
+		return http.StatusForbidden, fmt.Sprintf("origin %q is not this admin's: the admin API does not serve other sites' pages", origin)
+	}
+	if r.Method == http.MethodGet || r.Method == http.MethodHead {
+		return 0, ""
+	}
+	switch {
+	case g.access.Token != "":
+		given, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		sum := sha256.Sum256([]byte(given))
+		if !ok || subtle.ConstantTimeCompare(sum[:], g.tokenSum[:]) != 1 {
+			return http.StatusUnauthorized, "this request changes the relay: send the admin token as Authorization: Bearer TOKEN (sockrelay reload reads it from --admin-token-file or the file's admin.token_file)"
+		}
+	case !g.access.Unauthenticated:
+		return http.StatusForbidden, "this request changes the relay, and the admin has no token to authenticate it: give the relay --admin-token-file (admin.token_file), or serve the admin on a Unix socket (--admin unix:/PATH)"
+	}
+	return 0, ""
+}
+
+// hostAllowed says whether a request's Host names this admin: an IP address, localhost, or a configured
+// name (with any port). Another name may be one an attacker's DNS points at 127.0.0.1 for a browser.
+func (g *adminGuard) hostAllowed(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	if _, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
+		return true
+	}
+	return host == "" || host == "localhost" || slices.Contains(g.access.Hosts, host)
 }
 
 func (s *Server) listTunnels(w http.ResponseWriter, r *http.Request) {

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -88,7 +87,7 @@ func TestUnreachableUpstream(t *testing.T) {
 	if body := readBody(t, c.Resp); !strings.Contains(body, dead) || !strings.Contains(body, "refused") {
 		t.Errorf("body %q should name the upstream and say the connection was refused", body)
 	}
-	if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailUpstreamUnreachable)); got != 1 {
+	if got := r.failures(FailUpstreamUnreachable); got != 1 {
 		t.Errorf("handshakes_failed{reason=upstream_unreachable} = %v, want 1", got)
 	}
 }
@@ -136,7 +135,7 @@ func TestConnectTimeout(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("502 came after %v with a 300ms connect timeout", d)
 	}
-	if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailUpstreamUnreachable)); got != 1 {
+	if got := r.failures(FailUpstreamUnreachable); got != 1 {
 		t.Errorf("handshakes_failed{reason=upstream_unreachable} = %v, want 1", got)
 	}
 }
@@ -152,7 +151,7 @@ func TestUpstreamNeverAnswers(t *testing.T) {
 	if c.Resp.StatusCode != http.StatusGatewayTimeout {
 		t.Fatalf("status %d, want 504", c.Resp.StatusCode)
 	}
-	if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailUpstreamTimeout)); got != 1 {
+	if got := r.failures(FailUpstreamTimeout); got != 1 {
 		t.Errorf("handshakes_failed{reason=upstream_timeout} = %v, want 1", got)
 	}
 	checkStillServes(t, r, up)

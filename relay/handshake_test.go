@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestAcceptKey(t *testing.T) {
@@ -50,7 +48,7 @@ func TestUpgradeValidation(t *testing.T) {
 	r := startRelay(t, DatapathCopy, []string{up.Addr})
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			before := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(tc.reason))
+			before := r.failures(tc.reason)
 			c := dialRelay(t, r.Addr, tc.request, nil)
 			if c.Resp.StatusCode != tc.status {
 				t.Fatalf("status %d, want %d", c.Resp.StatusCode, tc.status)
@@ -65,7 +63,7 @@ func TestUpgradeValidation(t *testing.T) {
 			if !c.Resp.Close {
 				t.Errorf("refused handshake left the client connection open")
 			}
-			if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(tc.reason)); got != before+1 {
+			if got := r.failures(tc.reason); got != before+1 {
 				t.Errorf("handshakes_failed{reason=%q} = %v, want %v", tc.reason, got, before+1)
 			}
 		})

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -300,4 +301,38 @@ func serveEach(t testing.TB, wrap func(net.Listener) net.Listener, handle func(n
 		}
 	}()
 	return addr
+}
+
+// failures is how many handshakes the relay failed for reason, over every listener and pool.
+func (r *testRelay) failures(reason string) float64 {
+	return metricSum(r.Reg, "sockrelay_handshakes_failed_total", map[string]string{"reason": reason})
+}
+
+// metricSum adds up the values of the gathered series of the metric name whose labels include want; it
+// panics when the registry cannot be gathered.
+func metricSum(reg prometheus.Gatherer, name string, want map[string]string) float64 {
+	families, err := reg.Gather()
+	if err != nil {
+		panic(fmt.Sprintf("gather metrics: %v", err))
+	}
+	sum := 0.0
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if labels[k] != v {
+					continue series
+				}
+			}
+			sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	return sum
 }

@@ -33,7 +33,7 @@ func TestClientLeavesWhileUpstreamThinks(t *testing.T) {
 		t.Fatalf("upstream connection still open 10s after the client left: %v", err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailClientGone)) != 1 {
+	for r.failures(FailClientGone) != 1 {
 		if time.Now().After(deadline) {
 			t.Fatal("handshakes_failed{reason=client_gone} not counted")
 		}
@@ -223,7 +223,7 @@ func TestAdminEndpoints(t *testing.T) {
 			}
 			metrics := get(t, admin.URL+"/metrics", 200)
 			for _, want := range []string{
-				`sockrelay_tunnels_total{datapath="` + string(dp) + `"} 1`,
+				`sockrelay_tunnels_total{datapath="` + string(dp) + `",listener="default",pool="default"} 1`,
 				`sockrelay_tunnels_active{datapath="` + string(dp) + `"} 1`,
 				`sockrelay_bytes_relayed_total{direction="client_to_upstream"} 8`,
 				`sockrelay_bytes_relayed_total{direction="upstream_to_client"} 3`,
@@ -242,7 +242,7 @@ func TestAdminEndpoints(t *testing.T) {
 			for _, want := range []string{
 				`sockrelay_tunnels_active{datapath="` + string(dp) + `"} 0`,
 				`sockrelay_bytes_relayed_total{direction="client_to_upstream"} 8`,
-				`sockrelay_tunnels_closed_total{reason="closed"} 1`,
+				`sockrelay_tunnels_closed_total{listener="default",pool="default",reason="closed"} 1`,
 			} {
 				if !strings.Contains(metrics, want) {
 					t.Errorf("/metrics after the tunnel ended lacks %q", want)

@@ -1,6 +1,10 @@
 package relay
 
 import (
+	"context"
+	"net/http"
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sockrelay/sockrelay/upstream"
@@ -8,11 +12,15 @@ import (
 
 // Metrics are the relay's Prometheus metrics. Each Server registers its own on the registerer it is given,
 // so that tests and several servers in one process do not share counters.
+//
+// The counters by listener and pool start at 0 for every listener served and every pool of the Router in
+// force (see knowListener), so that an alert on a rate sees 0, not "no data", before the first event.
+// Listener and pool names come from the configuration, which keeps the number of series bounded.
 type Metrics struct {
-	tunnelsTotal      *prometheus.CounterVec
+	tunnelsOpened     *prometheus.CounterVec // by listener, pool, datapath; count with tunnelOpened
 	tunnelsActive     *prometheus.GaugeVec
-	tunnelsClosed     *prometheus.CounterVec
-	handshakesFailed  *prometheus.CounterVec
+	tunnelsEnded      *prometheus.CounterVec // by listener, pool, reason; count with tunnelEnded
+	handshakeFailures *prometheus.CounterVec // by listener, pool, reason; count with handshakeFailed
 	handshakeDuration prometheus.Histogram
 	httpRequests      *prometheus.CounterVec
 	datapathFallbacks *prometheus.CounterVec
@@ -20,6 +28,9 @@ type Metrics struct {
 	kernelResumes     prometheus.Counter
 	kernelRepeatsCut  prometheus.Counter
 	upstreamRetries   prometheus.Counter
+
+	mu        sync.Mutex
+	listeners map[string]Datapath // served so far, by name: their series start at 0 for each new pool
 }
 
 // Handshake failure reasons, the values of sockrelay_handshakes_failed_total{reason}.
@@ -43,24 +54,45 @@ const (
 	FailLocalResources      = "local_resources"      // the relay ran out of descriptors, memory or ports connecting to an upstream
 )
 
+// The reasons a handshake fails for, whose counters start at 0: those before a route chose a pool (counted
+// with pool ""), and those after. A new reason belongs in one of them.
+var (
+	unroutedFailReasons = []string{FailBadRequest, FailBadVersion, FailBadPath, FailNoRoute, FailProxyProtocol,
+		FailLimitTunnels, FailLimitTunnelsPerIP, FailLimitRate, FailLimitHandshakes}
+	routedFailReasons = []string{FailUpstreamUnreachable, FailUpstreamTimeout, FailUpstreamError, FailUpstreamRefused,
+		FailUpstreamBadSwitch, FailClientGone, FailShuttingDown, FailNoUpstream, FailOrigin, FailUpstreamRemoved,
+		FailUpstreamTLS}
+)
+
+// tunnelEndReasons are every reason a tunnel ends for (see Tunnel.Reason), whose counters start at 0.
+var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamReset, ReasonClientError,
+	ReasonUpstreamError, ReasonShutdown, ReasonStalled, ReasonUpstreamRemoved, ReasonAdmin, ReasonOverflow,
+	ReasonKernelError, ReasonIdleTimeout, ReasonLifetime}
+
+// fallbackReasons are the values of sockrelay_datapath_fallbacks_total{reason}: the kernel datapath could
+// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see kernelPath.start). A
+// tunnel with TLS on a side runs on copy by design and is not one of them.
+var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
+	"socket_closing", "busy_at_handoff"}
+
 func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {
 	m := &Metrics{
-		tunnelsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+		tunnelsOpened: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sockrelay_tunnels_total",
-			Help: "Tunnels established, by datapath.",
-		}, []string{"datapath"}),
+			Help: "Tunnels established, by listener, pool and datapath (copy for tunnels with TLS on a side).",
+		}, []string{"listener", "pool", "datapath"}),
 		tunnelsActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "sockrelay_tunnels_active",
 			Help: "Tunnels open now, by datapath.",
 		}, []string{"datapath"}),
-		tunnelsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
+		tunnelsEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sockrelay_tunnels_closed_total",
-			Help: "Tunnels ended, by why they ended.",
-		}, []string{"reason"}),
-		handshakesFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Help: "Tunnels ended, by listener, pool and why they ended.",
+		}, []string{"listener", "pool", "reason"}),
+		handshakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sockrelay_handshakes_failed_total",
-			Help: "WebSocket handshakes that did not open a tunnel, by reason.",
-		}, []string{"reason"}),
+			Help: `WebSocket handshakes (and tcp listener connections) that did not open a tunnel, by listener, pool and reason; pool is "" when the relay failed them before choosing one.`,
+		}, []string{"listener", "pool", "reason"}),
 		handshakeDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "sockrelay_handshake_duration_seconds",
 			Help:    "Time from a client's upgrade request to its tunnel being open, successful handshakes only.",
@@ -72,7 +104,7 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Rout
 		}, []string{"code"}),
 		datapathFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sockrelay_datapath_fallbacks_total",
-			Help: "Times the kernel datapath could not be used and a userspace one was, by reason.",
+			Help: "Times the kernel datapath could not be used and a userspace one was, by reason (TLS tunnels run on copy by design and are not counted here).",
 		}, []string{"reason"}),
 		kernelDemotions: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sockrelay_kernel_demotions_total",
@@ -90,11 +122,77 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Rout
 			Name: "sockrelay_kernel_resumes_total",
 			Help: "Times a demoted kernel tunnel direction went back to being redirected in the kernel.",
 		}),
+		listeners: map[string]Datapath{},
 	}
-	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.kernelRepeatsCut, m.datapathFallbacks, m.tunnelsTotal, m.tunnelsActive, m.tunnelsClosed, m.handshakesFailed,
+	for _, d := range []Datapath{DatapathSockmap, DatapathSplice, DatapathCopy} {
+		m.tunnelsActive.WithLabelValues(string(d))
+	}
+	for _, reason := range fallbackReasons {
+		m.datapathFallbacks.WithLabelValues(reason)
+	}
+	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.kernelRepeatsCut, m.datapathFallbacks, m.tunnelsOpened, m.tunnelsActive, m.tunnelsEnded, m.handshakeFailures,
 		m.handshakeDuration, m.httpRequests, m.upstreamRetries, &bytesCollector{tunnels: tunnels},
 		&upstreamCollector{router: router})
 	return m
+}
+
+// knowListener starts the listener's counters at 0 for no pool (handshakes failed before a route was
+// chosen) and for each of pools; dp is the listener's datapath, on which its tunnels run, or on copy.
+func (m *Metrics) knowListener(listener string, dp Datapath, pools []*upstream.Pool) {
+	m.mu.Lock()
+	m.listeners[listener] = dp
+	m.mu.Unlock()
+	m.initSeries(listener, dp, "")
+	for _, p := range pools {
+		m.initSeries(listener, dp, p.Name())
+	}
+}
+
+// knowPools starts every known listener's counters at 0 for each of pools (after a reload added some).
+func (m *Metrics) knowPools(pools []*upstream.Pool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for listener, dp := range m.listeners {
+		for _, p := range pools {
+			m.initSeries(listener, dp, p.Name())
+		}
+	}
+}
+
+func (m *Metrics) initSeries(listener string, dp Datapath, pool string) {
+	if pool == "" {
+		for _, reason := range unroutedFailReasons {
+			m.handshakeFailures.WithLabelValues(listener, pool, reason)
+		}
+		return // tunnels always have a pool
+	}
+	for _, reason := range routedFailReasons {
+		m.handshakeFailures.WithLabelValues(listener, pool, reason)
+	}
+	for _, d := range []Datapath{dp, DatapathCopy} {
+		m.tunnelsOpened.WithLabelValues(listener, pool, string(d))
+	}
+	for _, reason := range tunnelEndReasons {
+		m.tunnelsEnded.WithLabelValues(listener, pool, reason)
+	}
+}
+
+// handshakeFailed counts a handshake (or tcp connection) on listener that opened no tunnel; pool is ""
+// when none was chosen.
+func (m *Metrics) handshakeFailed(listener, pool, reason string) {
+	m.handshakeFailures.WithLabelValues(listener, pool, reason).Inc()
+}
+
+// tunnelOpened counts a tunnel that was registered.
+func (m *Metrics) tunnelOpened(t *Tunnel) {
+	m.tunnelsOpened.WithLabelValues(t.Listener, t.Pool, string(t.datapath)).Inc()
+	m.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
+}
+
+// tunnelEnded counts a tunnel that ended, on dp, the datapath it ran on last.
+func (m *Metrics) tunnelEnded(t *Tunnel, dp Datapath) {
+	m.tunnelsActive.WithLabelValues(string(dp)).Dec()
+	m.tunnelsEnded.WithLabelValues(t.Listener, t.Pool, t.reason).Inc()
 }
 
 // bytesCollector reports bytes relayed from the tunnel registry at scrape time, so that live tunnels count
@@ -113,30 +211,66 @@ func (c *bytesCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // upstreamCollector reports each upstream server's live tunnels and state from the pools at scrape time.
+// Each server has the same series whatever its state, so that a state change is a value change, not a
+// series that disappears.
 type upstreamCollector struct{ router func() Router }
+
+// upstreamStates are the values of sockrelay_upstream_state{state}.
+var upstreamStates = []upstream.State{upstream.StateUp, upstream.StateDown, upstream.StateDraining, upstream.StateForcedDown}
+
+const (
+	upstreamUpHelp      = "1 when the upstream server takes new tunnels, 0 when it is down, forced down or draining. In a pool without an active health check (sockrelay_upstream_health_checked 0) the state is passive only: a dead server shows 1 until handshakes to it fail."
+	upstreamStateHelp   = "1 for the upstream server's state (up, down, draining, forced_down), 0 for the others."
+	upstreamCheckedHelp = "1 when the pool has an active health check, 0 when its servers' state comes from handshake failures only."
+)
 
 var (
 	upstreamTunnelsDesc = prometheus.NewDesc("sockrelay_upstream_tunnels",
 		"Live tunnels (and plain requests in flight) per upstream server.", []string{"pool", "server"}, nil)
-	upstreamUpDesc = prometheus.NewDesc("sockrelay_upstream_up",
-		"1 when the upstream server takes new tunnels, 0 when it is down, forced down or draining.", []string{"pool", "server", "state"}, nil)
+	upstreamUpDesc      = prometheus.NewDesc("sockrelay_upstream_up", upstreamUpHelp, []string{"pool", "server"}, nil)
+	upstreamStateDesc   = prometheus.NewDesc("sockrelay_upstream_state", upstreamStateHelp, []string{"pool", "server", "state"}, nil)
+	upstreamCheckedDesc = prometheus.NewDesc("sockrelay_upstream_health_checked", upstreamCheckedHelp, []string{"pool"}, nil)
 )
 
 func (c *upstreamCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- upstreamTunnelsDesc
 	ch <- upstreamUpDesc
+	ch <- upstreamStateDesc
+	ch <- upstreamCheckedDesc
 }
 
 func (c *upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, p := range c.router().Pools() {
 		snap := p.Snapshot()
+		ch <- prometheus.MustNewConstMetric(upstreamCheckedDesc, prometheus.GaugeValue, oneIf(snap.Checked), snap.Name)
 		for _, srv := range snap.Servers {
 			ch <- prometheus.MustNewConstMetric(upstreamTunnelsDesc, prometheus.GaugeValue, float64(srv.LiveTunnels), snap.Name, srv.Address)
-			up := 0.0
-			if srv.State == upstream.StateUp {
-				up = 1
+			ch <- prometheus.MustNewConstMetric(upstreamUpDesc, prometheus.GaugeValue, oneIf(srv.State == upstream.StateUp), snap.Name, srv.Address)
+			for _, state := range upstreamStates {
+				ch <- prometheus.MustNewConstMetric(upstreamStateDesc, prometheus.GaugeValue, oneIf(srv.State == state),
+					snap.Name, srv.Address, string(state))
 			}
-			ch <- prometheus.MustNewConstMetric(upstreamUpDesc, prometheus.GaugeValue, up, snap.Name, srv.Address, string(srv.State))
 		}
 	}
+}
+
+func oneIf(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// poolKey carries the name of the pool a handshake's route chose, for the counters of its failures.
+type poolKey struct{}
+
+// withPool is r once its route has chosen pool.
+func withPool(r *http.Request, pool *upstream.Pool) *http.Request {
+	return r.WithContext(context.WithValue(r.Context(), poolKey{}, pool.Name()))
+}
+
+// handshakeFailed counts a failed handshake of r on its listener and, once chosen, pool.
+func (s *Server) handshakeFailed(r *http.Request, reason string) {
+	pool, _ := r.Context().Value(poolKey{}).(string)
+	s.metrics.handshakeFailed(s.listenerOf(r).name, pool, reason)
 }

@@ -73,7 +73,12 @@ func NewSinglePoolRouter(addrs []string) (Router, error) {
 type routerBox struct{ Router }
 
 // SetRouter makes r route every new tunnel and request from now on.
-func (s *Server) SetRouter(r Router) { s.router.Store(&routerBox{r}) }
+func (s *Server) SetRouter(r Router) {
+	s.router.Store(&routerBox{r})
+	if s.metrics != nil { // nil while NewServer sets the first Router
+		s.metrics.knowPools(r.Pools())
+	}
+}
 
 // Router returns the Router in force.
 func (s *Server) Router() Router { return s.router.Load().Router }
@@ -325,7 +330,7 @@ func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) (Route, b
 		return Route{}, false
 	}
 	if !s.originAllowed(r, route) {
-		s.refuse(w, r, &handshakeError{status: http.StatusForbidden, reason: FailOrigin,
+		s.refuse(w, withPool(r, route.Pool), &handshakeError{status: http.StatusForbidden, reason: FailOrigin,
 			msg: fmt.Sprintf("origin %q is not allowed here", r.Header.Get("Origin"))})
 		return Route{}, false
 	}

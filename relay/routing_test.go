@@ -232,8 +232,8 @@ func TestNoRouteAndNoServer(t *testing.T) {
 		if c.Resp.StatusCode != tc.status {
 			t.Errorf("%s: status %d, want %d", tc.path, c.Resp.StatusCode, tc.status)
 		}
-		if m := scrape(t, r); !strings.Contains(m, fmt.Sprintf(`sockrelay_handshakes_failed_total{reason=%q} 1`, tc.reason)) {
-			t.Errorf("%s: reason %s not counted:\n%s", tc.path, tc.reason, grepLines(m, "handshakes_failed"))
+		if n := r.failures(tc.reason); n != 1 {
+			t.Errorf("%s: reason %s counted %v times, want 1:\n%s", tc.path, tc.reason, n, grepLines(scrape(t, r), "handshakes_failed"))
 		}
 		// A plain request is routed the same way.
 		resp, err := http.Get("http://" + r.Addr + tc.path)
@@ -375,7 +375,7 @@ func TestAdminAPI(t *testing.T) {
 		t.Errorf("client after the admin closed its tunnel: %v; want the connection closed", err)
 	}
 	waitTunnelsGone(t, r)
-	if m := scrape(t, r); !strings.Contains(m, `sockrelay_tunnels_closed_total{reason="admin"} 1`) {
+	if m := scrape(t, r); !strings.Contains(m, `sockrelay_tunnels_closed_total{listener="default",pool="chat",reason="admin"} 1`) {
 		t.Errorf("admin close not counted:\n%s", grepLines(m, "closed_total"))
 	}
 	req, _ = http.NewRequest(http.MethodDelete, admin.URL+"/admin/tunnels/999", nil)
@@ -441,8 +441,9 @@ func TestOriginAllowList(t *testing.T) {
 		}
 		c.Close()
 	}
-	if m := scrape(t, r); !strings.Contains(m, `sockrelay_handshakes_failed_total{reason="origin"} 2`) {
-		t.Errorf("origin refusals not counted:\n%s", grepLines(m, "handshakes_failed"))
+	// Counted with the pool of the route that refused them.
+	if n := metricSum(r.Reg, "sockrelay_handshakes_failed_total", map[string]string{"reason": FailOrigin, "pool": "p"}); n != 2 {
+		t.Errorf("origin refusals of pool p counted %v times, want 2:\n%s", n, grepLines(scrape(t, r), "handshakes_failed"))
 	}
 }
 

@@ -263,7 +263,7 @@ type ListenerOptions struct {
 func (s *Server) wrapListener(l net.Listener, opts ListenerOptions) net.Listener {
 	if opts.ProxyProtocol {
 		l = &proxyListener{Listener: l, timeout: s.cfg.ClientHeaderTimeout, log: s.log,
-			onFail: func() { s.metrics.handshakesFailed.WithLabelValues(FailProxyProtocol).Inc() }}
+			onFail: func() { s.metrics.handshakeFailed(opts.Name, "", FailProxyProtocol) }}
 	}
 	if opts.TLS != nil {
 		l = tls.NewListener(l, opts.TLS) // under the PROXY header reader: the header is not encrypted
@@ -330,6 +330,7 @@ func (s *Server) listenerSetup(opts ListenerOptions) (listenerInfo, error) {
 	if opts.Limits != (Limits{}) {
 		info.limiter = newLimiter(opts.Limits)
 	}
+	s.metrics.knowListener(info.name, info.datapath, s.Router().Pools())
 	return info, nil
 }
 
@@ -614,7 +615,7 @@ func isTimeout(err error) bool {
 // connection is closed after the answer: a client that sent an upgrade may have pipelined WebSocket frames
 // behind it, and those must never be read as HTTP.
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError) {
-	s.metrics.handshakesFailed.WithLabelValues(e.reason).Inc()
+	s.handshakeFailed(r, e.reason)
 	s.log.Info("handshake refused", "client", r.RemoteAddr, "uri", r.RequestURI, "status", e.status,
 		"reason", e.reason, "err", e.msg)
 	for k, v := range e.header {
@@ -653,9 +654,10 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pool := route.Pool
+	r = withPool(r, pool)
 	up, herr, err := s.openUpstream(r, route, key)
 	if err != nil {
-		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
+		s.handshakeFailed(r, FailClientGone)
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		return
 	}
@@ -683,16 +685,15 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	}
 	client, clientTLS, clientPrefix, err := hijack(w)
 	if err != nil {
-		s.metrics.handshakesFailed.WithLabelValues(FailClientGone).Inc()
+		s.handshakeFailed(r, FailClientGone)
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		return
 	}
 	datapath := s.listenerOf(r).datapath
 	if (clientTLS != nil || up.tls != nil) && datapath != DatapathCopy {
 		// Without kernel TLS the bytes must be decrypted in userspace: neither splice nor sockmap can
-		// carry them. Counted as a step down, so that it shows.
+		// carry them. By design, not a fallback: it counts in sockrelay_tunnels_total{datapath="copy"}.
 		datapath = DatapathCopy
-		s.metrics.datapathFallbacks.WithLabelValues("tls").Inc()
 	}
 	// The tunnel is registered before the client sees its 101: a shutdown that races this handshake then
 	// either refuses it here or finds it live and closes it; it never misses it.
@@ -707,6 +708,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		UpstreamAddr:   up.lease.Server.Address(),
 		Pool:           pool.Name(),
 		req:            describeRequest(r, s.listenerOf(r).name),
+		Listener:       s.listenerOf(r).name,
 		lease:          up.lease,
 		releaseSlot:    releaseSlot,
 		clientPrefix:   clientPrefix,
@@ -717,17 +719,16 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	t.halfClosedTimeout = s.cfg.HalfClosedTimeout
 	if err := s.tunnels.add(t); err != nil {
 		client.Close()
-		s.metrics.handshakesFailed.WithLabelValues(FailShuttingDown).Inc()
+		s.handshakeFailed(r, FailShuttingDown)
 		return
 	}
 	opened = true // from here on the tunnel owns both sockets, its lease and its slot
 	slotTaken = false
 	s.reservePipes(t) // before the 101: a splice tunnel short of descriptors runs on copy
-	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
-	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
+	s.metrics.tunnelOpened(t)
 	// After add, so that a CloseTunnelsTo running now either finds the tunnel or has marked the server.
 	if s.evicted(up.lease.Server) {
-		s.metrics.handshakesFailed.WithLabelValues(FailUpstreamRemoved).Inc()
+		s.handshakeFailed(r, FailUpstreamRemoved)
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailUpstreamRemoved,
 			"err", "a reload removed the upstream server during the handshake")
 		t.end(ReasonUpstreamRemoved, true)
@@ -899,7 +900,7 @@ func upstreamRequest(r *http.Request, client clientIdentity) []byte {
 // passResponse gives the client the upstream's refusal (a 401, a 403, a redirect, ...) as an ordinary response.
 func (s *Server) passResponse(w http.ResponseWriter, r *http.Request, upstream net.Conn, resp *http.Response) {
 	defer resp.Body.Close()
-	s.metrics.handshakesFailed.WithLabelValues(FailUpstreamRefused).Inc()
+	s.handshakeFailed(r, FailUpstreamRefused)
 	s.log.Info("handshake refused by upstream", "client", r.RemoteAddr, "uri", r.RequestURI,
 		"upstream", upstream.RemoteAddr().String(), "status", resp.StatusCode)
 	removeHopHeaders(resp.Header)
@@ -969,8 +970,7 @@ func writeSwitch(client net.Conn, upstreamHeader http.Header, timeout time.Durat
 func (s *Server) tunnelEnded(t *Tunnel) {
 	dp := t.Datapath()
 	up, down := t.Bytes()
-	s.metrics.tunnelsActive.WithLabelValues(string(dp)).Dec()
-	s.metrics.tunnelsClosed.WithLabelValues(t.reason).Inc()
+	s.metrics.tunnelEnded(t, dp)
 	if t.lease != nil {
 		t.lease.Release()
 	}

@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestNoBytesToUpstreamThatRefused is the WebSocket request smuggling case: a client sends its upgrade with
@@ -65,7 +63,7 @@ func TestNoBytesToUpstreamThatRefused(t *testing.T) {
 			t.Run(string(dp)+"/"+tc.name, func(t *testing.T) {
 				up := startUpstream(t)
 				r := startRelay(t, dp, []string{up.Addr})
-				before := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(tc.reason))
+				before := r.failures(tc.reason)
 
 				// The upstream answers, then records every byte it gets until the relay closes.
 				extra := make(chan string, 1)
@@ -111,7 +109,7 @@ func TestNoBytesToUpstreamThatRefused(t *testing.T) {
 				if up.Accepted() != 1 {
 					t.Errorf("upstream saw %d connections, want 1", up.Accepted())
 				}
-				if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(tc.reason)); got != before+1 {
+				if got := r.failures(tc.reason); got != before+1 {
 					t.Errorf("handshakes_failed{reason=%q} = %v, want %v", tc.reason, got, before+1)
 				}
 				if n := r.Tunnels().Len(); n != 0 {

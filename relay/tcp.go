@@ -82,8 +82,9 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 	if host, _, err := net.SplitHostPort(peer); err == nil {
 		ip = host
 	}
+	var poolName string // once routed
 	refuse := func(reason string, err error) {
-		s.metrics.handshakesFailed.WithLabelValues(reason).Inc()
+		s.metrics.handshakeFailed(info.name, poolName, reason)
 		s.log.Info("tcp connection refused", "listener", info.name, "client", peer, "reason", reason, "err", err)
 		_ = client.SetLinger(0)
 		client.Close()
@@ -119,6 +120,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		return
 	}
 	pool := route.Pool
+	poolName = pool.Name()
 	if proxied {
 		// Bytes read past the header (and past the ClientHello, when peeked) go to the upstream first.
 		clientPrefix = append(clientPrefix, pc.leftover()...)
@@ -143,8 +145,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 	}
 	datapath := info.datapath
 	if up.tls != nil && datapath != DatapathCopy {
-		datapath = DatapathCopy
-		s.metrics.datapathFallbacks.WithLabelValues("tls").Inc()
+		datapath = DatapathCopy // by design, not a fallback
 	}
 	t := &Tunnel{
 		Client:       client,
@@ -156,6 +157,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		UpstreamAddr: up.lease.Server.Address(),
 		Pool:         pool.Name(),
 		req:          requestInfo{listener: info.name, host: host}, // host: the SNI name, when peeked
+		Listener:     info.name,
 		lease:        up.lease,
 		releaseSlot:  releaseSlot,
 		clientPrefix: clientPrefix,
@@ -171,11 +173,10 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 	}
 	opened = true
 	s.reservePipes(t) // as for WebSockets: short of descriptors, the tunnel runs on copy
-	s.metrics.tunnelsTotal.WithLabelValues(string(t.datapath)).Inc()
-	s.metrics.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
+	s.metrics.tunnelOpened(t)
 	// As for WebSockets: a reload that removed the server, closing its tunnels, while this one was dialed.
 	if s.evicted(up.lease.Server) {
-		s.metrics.handshakesFailed.WithLabelValues(FailUpstreamRemoved).Inc()
+		s.metrics.handshakeFailed(info.name, poolName, FailUpstreamRemoved)
 		t.end(ReasonUpstreamRemoved, true)
 		return
 	}

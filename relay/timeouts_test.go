@@ -58,7 +58,7 @@ func TestIdleTimeout(t *testing.T) {
 			if len(r.Tunnels().Tunnels()) != 1 {
 				t.Errorf("%d tunnels live, want only the busy one", len(r.Tunnels().Tunnels()))
 			}
-			if m := scrape(t, r); !strings.Contains(m, `sockrelay_tunnels_closed_total{reason="idle_timeout"} 1`) {
+			if m := scrape(t, r); !strings.Contains(m, `sockrelay_tunnels_closed_total{listener="default",pool="default",reason="idle_timeout"} 1`) {
 				t.Errorf("idle close not counted:\n%s", grepLines(m, "closed_total"))
 			}
 			if !strings.Contains(r.Log.String(), `msg="tunnel idle, closing it"`) {
@@ -84,7 +84,7 @@ func TestTunnelLifetime(t *testing.T) {
 				t.Errorf("client read after the lifetime: %v; want a reset", err)
 			}
 			waitTunnelsGone(t, r)
-			if m := scrape(t, r); !strings.Contains(m, `sockrelay_tunnels_closed_total{reason="lifetime"} 1`) {
+			if m := scrape(t, r); !strings.Contains(m, `sockrelay_tunnels_closed_total{listener="default",pool="default",reason="lifetime"} 1`) {
 				t.Errorf("lifetime close not counted:\n%s", grepLines(m, "closed_total"))
 			}
 		})

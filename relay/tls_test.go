@@ -71,10 +71,13 @@ func TestTLSListener(t *testing.T) {
 	if len(ts) != 1 || ts[0].Datapath() != DatapathCopy || !ts[0].Info().TLS {
 		t.Fatalf("tunnels %v; want one on copy, shown with TLS", ts)
 	}
-	if dp := r.Server.cfg.Datapath; dp != DatapathCopy {
-		if m := scrape(t, r); !strings.Contains(m, `sockrelay_datapath_fallbacks_total{reason="tls"} 1`) {
-			t.Errorf("TLS tunnel on copy under datapath %s not counted:\n%s", dp, grepLines(m, "fallbacks"))
-		}
+	// Copy is the TLS listener's datapath by design: the tunnel counts by datapath, not as a fallback.
+	m := scrape(t, r)
+	if !strings.Contains(m, `sockrelay_tunnels_total{datapath="copy",listener="tls",pool="default"} 1`) {
+		t.Errorf("TLS tunnel not counted on copy:\n%s", grepLines(m, "tunnels_total"))
+	}
+	if n := metricSum(r.Reg, "sockrelay_datapath_fallbacks_total", nil); n != 0 {
+		t.Errorf("TLS tunnel under datapath %s counted as %v fallbacks, want 0:\n%s", r.Server.cfg.Datapath, n, grepLines(m, "fallbacks"))
 	}
 
 	// 256 KiB each way, then half-close from the client: the upstream sees EOF after every byte, and its

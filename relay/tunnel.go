@@ -30,6 +30,8 @@ type Tunnel struct {
 	UpstreamAddr string
 	// Pool names the upstream pool the tunnel's server was chosen from.
 	Pool string
+	// Listener names the listener the client came in on.
+	Listener string
 	// req is what the tunnel's log lines say about the request that opened it and its listener.
 	req requestInfo
 

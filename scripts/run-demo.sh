@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's first command: builds sockrelay and the bundled echo upstream, starts the echo server on
-# 127.0.0.1:9000 and the relay on 127.0.0.1:8080 in front of it (admin on 127.0.0.1:9090), configured by
-# the commented example file config/example.yaml, and stops both on Ctrl-C. Extra arguments go to
-# `sockrelay run` and override the file (e.g. --datapath copy).
+# 127.0.0.1:9000 and the relay on 127.0.0.1:8080 in front of it (admin on 127.0.0.1:9180, with the admin
+# token in bin/admin.token, made at the first run), configured by the commented example file
+# config/example.yaml, and stops both on Ctrl-C. Extra arguments go to `sockrelay run` and override the
+# file (e.g. --datapath copy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,11 @@ mkdir -p bin
 go build -o bin/sockrelay ./cmd/sockrelay
 go build -o bin/wsecho ./cmd/wsecho
 
+# The admin API's changes (reload included) need a token; the demo keeps one beside its binaries.
+if [ ! -s bin/admin.token ]; then
+  (umask 077 && head -c 32 /dev/urandom | base64 > bin/admin.token)
+fi
+
 bin/wsecho --listen 127.0.0.1:9000 &
 echo_pid=$!
 trap 'kill $echo_pid 2>/dev/null || true' EXIT
@@ -39,10 +45,10 @@ trap 'kill $echo_pid 2>/dev/null || true' EXIT
 cat <<MSG >&2
 
   relay:    ws://127.0.0.1:8080/ (a page at http://127.0.0.1:8080/ opens a WebSocket through it)
-  metrics:  http://127.0.0.1:9090/metrics   tunnels: http://127.0.0.1:9090/debug/tunnels
+  metrics:  http://127.0.0.1:9180/metrics   tunnels: http://127.0.0.1:9180/debug/tunnels
   try:      /usr/bin/python3 -m websockets ws://127.0.0.1:8080/   (Debian's python3-websockets)
-  pools:    http://127.0.0.1:9090/admin/pools   reload after editing config/example.yaml: kill -HUP, or
-            bin/sockrelay reload
+  pools:    http://127.0.0.1:9180/admin/pools   reload after editing config/example.yaml: kill -HUP, or
+            bin/sockrelay reload --config config/example.yaml --admin-token-file bin/admin.token
 
 MSG
-bin/sockrelay run --config config/example.yaml "$@"
+bin/sockrelay run --config config/example.yaml --admin-token-file bin/admin.token "$@"

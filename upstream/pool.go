@@ -398,6 +398,9 @@ type Snapshot struct {
 	Name    string        `json:"name"`
 	Balance Algorithm     `json:"balance"`
 	Servers []ServerState `json:"servers"`
+	// Checked says the pool has an active health check. Without one, a server's state comes from handshake
+	// failures only: a dead server in a quiet pool stays up until clients fail on it.
+	Checked bool `json:"checked"`
 	// DNS is set for a pool whose servers DNS discovers.
 	DNS *DNSState `json:"dns,omitempty"`
 }
@@ -441,7 +444,8 @@ func (p *Pool) Snapshot() Snapshot {
 	if p.spec.Active != nil {
 		slow = p.spec.Active.SlowStart
 	}
-	snap := Snapshot{Name: p.spec.Name, Balance: p.spec.Balance, Servers: make([]ServerState, 0, len(p.servers))}
+	snap := Snapshot{Name: p.spec.Name, Balance: p.spec.Balance, Servers: make([]ServerState, 0, len(p.servers)),
+		Checked: p.spec.Active != nil}
 	for _, s := range p.servers {
 		st := ServerState{
 			Address:        s.addr,

@@ -139,16 +139,23 @@ func TestRunConfigRejected(t *testing.T) {
 // configRelay is a relay run from a configuration file the test can rewrite and reload.
 type configRelay struct {
 	*relayRun
-	path string
+	path      string
+	tokenFile string // the admin token's, which changes through the admin need
 }
 
-// startConfigRelay writes text to a file and runs `sockrelay run --config FILE extra...`.
+// testAdminToken is the admin token of the relays of startConfigRelay.
+const testAdminToken = "test-admin-token-0123456789"
+
+// startConfigRelay writes text to a file and runs `sockrelay run --config FILE --admin-token-file TOKEN
+// extra...`.
 func startConfigRelay(t *testing.T, text string, extra ...string) *configRelay {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "sockrelay.yaml")
+	dir := t.TempDir()
+	path, tokenFile := filepath.Join(dir, "sockrelay.yaml"), filepath.Join(dir, "admin.token")
 	writeFile(t, path, text)
-	r := startRelay(t, append([]string{"--config", path, "--log-format", "json"}, extra...)...)
-	return &configRelay{relayRun: r, path: path}
+	writeFile(t, tokenFile, testAdminToken+"\n")
+	r := startRelay(t, append([]string{"--config", path, "--admin-token-file", tokenFile, "--log-format", "json"}, extra...)...)
+	return &configRelay{relayRun: r, path: path, tokenFile: tokenFile}
 }
 
 // reloadVia rewrites the file and reloads it the way how says: "sighup", "api" (POST /admin/reload) or
@@ -173,7 +180,9 @@ func (r *configRelay) reloadVia(t *testing.T, how, text string) bool {
 		}
 		t.Fatal("no reload logged 10 s after SIGHUP")
 	case "api":
-		resp, err := http.Post("http://"+r.admin+"/admin/reload", "", nil)
+		req, _ := http.NewRequest(http.MethodPost, "http://"+r.admin+"/admin/reload", nil)
+		req.Header.Set("Authorization", "Bearer "+testAdminToken)
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -181,7 +190,7 @@ func (r *configRelay) reloadVia(t *testing.T, how, text string) bool {
 		return resp.StatusCode == http.StatusOK
 	case "command":
 		var stdout, stderr bytes.Buffer
-		return dispatch(context.Background(), []string{"reload", "--admin", r.admin}, &stdout, &stderr) == 0
+		return dispatch(context.Background(), []string{"reload", "--admin", r.admin, "--admin-token-file", r.tokenFile}, &stdout, &stderr) == 0
 	}
 	t.Fatalf("unknown reload %q", how)
 	return false

@@ -18,7 +18,8 @@ Usage:
   sockrelay run --listen ADDR --upstream HOST:PORT [--upstream HOST:PORT ...]
                 [--datapath auto|sockmap|splice|copy] [--admin ADDR] [more flags: sockrelay run -h]
   sockrelay check --config FILE     validate a configuration file without starting
-  sockrelay reload [--admin ADDR]   make a running relay re-read its file (as SIGHUP does)
+  sockrelay reload [--config FILE] [--admin ADDR] [--admin-token-file FILE]
+                                    make a running relay re-read its file (as SIGHUP does)
   sockrelay doctor     which datapaths this host can use, and why not
   sockrelay version
   sockrelay help

@@ -225,8 +225,8 @@ func TestRunEndToEnd(t *testing.T) {
 			if dp == "auto" {
 				want = autoChoice()
 			}
-			if _, body := httpGet(t, admin+"/metrics"); !strings.Contains(body, fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q} 2`, want)) {
-				t.Errorf("/metrics lacks sockrelay_tunnels_total{datapath=%q} 2", want)
+			if _, body := httpGet(t, admin+"/metrics"); !strings.Contains(body, fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q,listener="default",pool="default"} 2`, want)) {
+				t.Errorf("/metrics lacks sockrelay_tunnels_total{datapath=%q,listener=\"default\",pool=\"default\"} 2", want)
 			}
 			var tunnels []map[string]any
 			if _, body := httpGet(t, admin+"/debug/tunnels"); json.Unmarshal([]byte(body), &tunnels) != nil || len(tunnels) != 2 {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -33,6 +34,9 @@ type runOptions struct {
 	upstreams           []string
 	datapath            string
 	admin               string
+	adminTokenFile      string
+	adminAllowRemote    bool
+	adminHosts          []string
 	drainTimeout        time.Duration
 	clientHeaderTimeout time.Duration
 	connectTimeout      time.Duration
@@ -48,7 +52,8 @@ type runOptions struct {
 	logLevel            string
 	logFormat           string
 
-	file configFile // what --config FILE holds; zero without --config
+	file       configFile // what --config FILE holds; zero without --config
+	adminToken string     // read from adminTokenFile by loadAdminToken
 }
 
 // configFile is a loaded configuration file.
@@ -85,7 +90,10 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.StringVar(&o.listen, "listen", "", "client-facing `ADDR` to listen on, e.g. 127.0.0.1:8080 or :80 (required without --config)")
 	fs.Var(listFlag{&o.upstreams}, "upstream", "upstream `HOST:PORT`; repeat for several, chosen round-robin (at least one without --config)")
 	fs.StringVar(&o.datapath, "datapath", "auto", "how tunnel bytes move: auto, sockmap, splice or copy")
-	fs.StringVar(&o.admin, "admin", "", "`ADDR` for /metrics, /healthz and /debug/tunnels (off when empty)")
+	fs.StringVar(&o.admin, "admin", "", "`ADDR` of the admin listener (/metrics, /healthz, /debug/tunnels, the admin API): HOST:PORT on loopback, e.g. 127.0.0.1:9180, or unix:/PATH (off when empty)")
+	fs.StringVar(&o.adminTokenFile, "admin-token-file", "", "`FILE` holding the token that admin requests which change something must send as Authorization: Bearer TOKEN")
+	fs.BoolVar(&o.adminAllowRemote, "admin-allow-remote", false, "let --admin be an address other hosts can reach (logged as a warning); changes still need the token")
+	fs.Var(listFlag{&o.adminHosts}, "admin-host", "host `NAME`, besides IP addresses and localhost, that admin requests may give as Host; repeat for several")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long live tunnels may run before they are closed")
 	fs.DurationVar(&o.clientHeaderTimeout, "client-header-timeout", relay.DefaultClientHeaderTimeout, "how long a client may take to send its request headers")
 	fs.DurationVar(&o.connectTimeout, "connect-timeout", relay.DefaultConnectTimeout, "how long connecting to an upstream may take")
@@ -123,8 +131,14 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	// what is accepted, found before the kernel datapath is loaded.
 	for _, a := range []struct{ name, addr, example string }{
 		{"--listen", o.listen, "127.0.0.1:8080, or :8080 for every address"},
-		{"--admin", o.admin, "127.0.0.1:9090"},
+		{"--admin", o.admin, "127.0.0.1:9180, or unix:/run/sockrelay/admin.sock"},
 	} {
+		if path, unix := config.AdminSocket(a.addr); a.name == "--admin" && unix {
+			if !filepath.IsAbs(path) {
+				return nil, fmt.Errorf("--admin: %q: a Unix socket's path must be absolute, e.g. unix:/run/sockrelay/admin.sock", a.addr)
+			}
+			continue
+		}
 		if a.addr == "" {
 			continue
 		}
@@ -203,6 +217,46 @@ func (o *runOptions) loadConfig() error {
 	return nil
 }
 
+// checkAdmin checks the admin settings that flags and the file give together, and reads the token.
+func (o *runOptions) checkAdmin() error {
+	if err := config.CheckAdminAddress(o.admin, o.adminAllowRemote); err != nil {
+		return fmt.Errorf("--admin: %w", err)
+	}
+	for i, h := range o.adminHosts {
+		name, err := config.AdminHost(h)
+		if err != nil {
+			return fmt.Errorf("--admin-host: %w", err)
+		}
+		o.adminHosts[i] = name
+	}
+	if o.adminTokenFile == "" {
+		return nil
+	}
+	token, err := readAdminToken(o.adminTokenFile)
+	if err != nil {
+		return fmt.Errorf("--admin-token-file: %w", err)
+	}
+	o.adminToken = token
+	return nil
+}
+
+// minAdminToken is the shortest admin token accepted: shorter ones can be guessed.
+const minAdminToken = 16
+
+// readAdminToken reads the admin token from path: the file's text, without surrounding white space.
+func readAdminToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("read the admin token: %w", err)
+	}
+	token := strings.TrimSpace(string(b))
+	if len(token) < minAdminToken || strings.ContainsAny(token, " \t\r\n") {
+		return "", fmt.Errorf("%s: not a token (%d characters); accepted: one word of at least %d characters, e.g. made by head -c 32 /dev/urandom | base64 > %s",
+			path, len(token), minAdminToken, path)
+	}
+	return token, nil
+}
+
 // applyFile sets o's settings from cfg, except those given as flags, which override the file.
 func (o *runOptions) applyFile(cfg *config.Config) {
 	set := func(flag string, apply func()) {
@@ -211,6 +265,9 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 		}
 	}
 	set("admin", func() { o.admin = cfg.Admin })
+	set("admin-token-file", func() { o.adminTokenFile = cfg.AdminAccess.TokenFile })
+	set("admin-allow-remote", func() { o.adminAllowRemote = cfg.AdminAccess.AllowRemote })
+	set("admin-host", func() { o.adminHosts = cfg.AdminAccess.Hosts })
 	set("datapath", func() { o.datapath = cfg.Datapath })
 	set("log-level", func() { o.logLevel = cfg.LogLevel })
 	set("log-format", func() { o.logFormat = cfg.LogFormat })
@@ -271,6 +328,9 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 	}
 	if err == nil {
 		err = o.loadConfig()
+	}
+	if err == nil {
+		err = o.checkAdmin()
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "sockrelay run: %v\n", err)
@@ -366,7 +426,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 
 	datapath, _ := relay.ParseDatapath(o.datapath) // NewServer resolves auto and logs its choice
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo())
 	rcfg := relay.Config{
 		Upstreams:               o.upstreams,
 		Datapath:                datapath,
@@ -447,13 +507,13 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	var adminAddr net.Addr
 	var adminSrv *http.Server
 	if o.admin != "" {
-		al, err := net.Listen("tcp", o.admin)
+		al, err := listenAdmin(o.admin)
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("--admin: %w", err)
 		}
 		adminAddr = al.Addr()
-		adminSrv = &http.Server{Handler: srv.AdminHandler(reg), ReadHeaderTimeout: 10 * time.Second}
+		adminSrv = &http.Server{Handler: srv.AdminHandlerWith(reg, o.adminAccess(log)), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := adminSrv.Serve(al); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				log.Error("admin server stopped", "err", err)
@@ -567,6 +627,51 @@ func offIfZero(d time.Duration) time.Duration {
 		return -1
 	}
 	return d
+}
+
+// listenAdmin binds the admin address: HOST:PORT, or unix:/PATH, a socket only its owner may connect
+// to. A socket file left by a relay that did not stop cleanly is replaced; one that a process serves is not.
+func listenAdmin(addr string) (net.Listener, error) {
+	path, unix := config.AdminSocket(addr)
+	if !unix {
+		return net.Listen("tcp", addr)
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: another process serves this socket", path)
+		}
+		_ = os.Remove(path)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	// Until this chmod the socket has the umask's mode; connecting needs write permission, which the
+	// usual umask (022) gives only to the owner.
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("restrict %s to its owner: %w", path, err)
+	}
+	return ln, nil
+}
+
+// adminAccess says who may use the admin listener, and warns of an admin that other hosts can reach.
+func (o *runOptions) adminAccess(log *slog.Logger) relay.AdminAccess {
+	access := relay.AdminAccess{Token: o.adminToken, Hosts: o.adminHosts}
+	if _, unix := config.AdminSocket(o.admin); unix {
+		access.Unauthenticated = true // the socket's permissions say who connects
+	}
+	changes := "need the admin token"
+	if access.Token == "" && !access.Unauthenticated {
+		changes = "refused: no --admin-token-file (admin.token_file) given"
+	}
+	if config.CheckAdminAddress(o.admin, false) != nil {
+		log.Warn("THE ADMIN LISTENER CAN BE REACHED FROM OTHER HOSTS (--admin-allow-remote, admin.allow_remote): "+
+			"/metrics, /debug/tunnels with client addresses and GET /admin/pools are open to anyone who can connect; "+
+			"keep it behind a firewall or on a management network", "admin", o.admin, "changes", changes)
+	}
+	return access
 }
 
 // upstreamsLogged says where tunnels go, for the start-up line.

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -44,7 +45,7 @@ func TestRunRejectsBadAddresses(t *testing.T) {
 		{"listen IPv6 without brackets", append([]string{"--listen", "::1"}, up...),
 			[]string{"--listen", `"::1"`, "HOST:PORT"}},
 		{"admin without port", append([]string{"--listen", "127.0.0.1:0", "--admin", "metrics"}, up...),
-			[]string{"--admin", `"metrics"`, "missing port", "HOST:PORT", "e.g. 127.0.0.1:9090"}},
+			[]string{"--admin", `"metrics"`, "missing port", "HOST:PORT", "e.g. 127.0.0.1:9180"}},
 		{"admin port not a number", append([]string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:nope"}, up...),
 			[]string{"--admin", `"127.0.0.1:nope"`, "HOST:PORT"}},
 		{"upstream port too big", []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:65536"},
@@ -183,7 +184,8 @@ func TestRunDrain(t *testing.T) {
 				}
 				metrics := r.get(t, "/metrics", 200)
 				for _, m := range []string{
-					fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q} 1`, want),
+					fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q,listener="default",pool="default"} 1`, want),
+					`sockrelay_build_info{commit="",goversion="` + runtime.Version() + `",version="dev"} 1`,
 					fmt.Sprintf(`sockrelay_tunnels_active{datapath=%q} 1`, want),
 					`sockrelay_bytes_relayed_total{direction="client_to_upstream"} 11`,
 					`sockrelay_bytes_relayed_total{direction="upstream_to_client"} 7`,

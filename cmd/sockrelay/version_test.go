@@ -6,6 +6,9 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestVersion: every spelling of the version command prints one line: the version set at build time
@@ -37,5 +40,23 @@ func TestVersion(t *testing.T) {
 				t.Errorf("wrote to stderr: %q", stderr.String())
 			}
 		})
+	}
+}
+
+// TestBuildInfoMetric: sockrelay_build_info is 1 with the version the version command prints, the
+// commit and the Go version as labels.
+func TestBuildInfoMetric(t *testing.T) {
+	old := version
+	version = "v1.2.3"
+	t.Cleanup(func() { version = old })
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(buildInfo())
+	want := `# HELP sockrelay_build_info ` + buildInfoHelp + `
+# TYPE sockrelay_build_info gauge
+sockrelay_build_info{commit="",goversion="` + runtime.Version() + `",version="v1.2.3"} 1
+`
+	// A test binary has no VCS stamp: the commit is empty.
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "sockrelay_build_info"); err != nil {
+		t.Error(err)
 	}
 }
