@@ -61,19 +61,19 @@ var (
 		FailLimitTunnels, FailLimitTunnelsPerIP, FailLimitRate, FailLimitHandshakes}
 	routedFailReasons = []string{FailUpstreamUnreachable, FailUpstreamTimeout, FailUpstreamError, FailUpstreamRefused,
 		FailUpstreamBadSwitch, FailClientGone, FailShuttingDown, FailNoUpstream, FailOrigin, FailUpstreamRemoved,
-		FailUpstreamTLS}
+		FailUpstreamTLS, FailLocalResources}
 )
 
 // tunnelEndReasons are every reason a tunnel ends for (see Tunnel.Reason), whose counters start at 0.
 var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamReset, ReasonClientError,
 	ReasonUpstreamError, ReasonShutdown, ReasonStalled, ReasonUpstreamRemoved, ReasonAdmin, ReasonOverflow,
-	ReasonKernelError, ReasonIdleTimeout, ReasonLifetime}
+	ReasonKernelError, ReasonIdleTimeout, ReasonLifetime, ReasonHalfClosed}
 
 // fallbackReasons are the values of sockrelay_datapath_fallbacks_total{reason}: the kernel datapath could
-// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see kernelPath.start). A
-// tunnel with TLS on a side runs on copy by design and is not one of them.
+// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see kernelPath.start), or a
+// splice tunnel could not have its pipes (pipe_unavailable, see reservePipes). A tunnel with TLS on a side runs on copy by design and is not one of them.
 var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
-	"socket_closing", "busy_at_handoff"}
+	"socket_closing", "busy_at_handoff", "pipe_unavailable"}
 
 func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {
 	m := &Metrics{

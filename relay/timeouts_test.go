@@ -206,8 +206,8 @@ func TestHalfClosedTimeout(t *testing.T) {
 				if st := serverState(t, pool, upAddr); st.LiveTunnels != 0 {
 					t.Errorf("the server still counts %d live tunnels: the lease was kept", st.LiveTunnels)
 				}
-				if m := scrape(t, r); !strings.Contains(m, `sockrelay_tunnels_closed_total{reason="half_closed"} 1`) {
-					t.Errorf("half-close end not counted:\n%s", grepLines(m, "closed_total"))
+				if n := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": ReasonHalfClosed}); n != 1 {
+					t.Errorf("sockrelay_tunnels_closed_total{reason=%q} = %v, want 1", ReasonHalfClosed, n)
 				}
 				if !strings.Contains(r.Log.String(), `msg="tunnel half-closed and quiet, closing it"`) {
 					t.Error("half-close end not logged")

@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
-
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -53,7 +51,7 @@ func TestUpstreamEndlessHeadRefused(t *testing.T) {
 	if body := readBody(t, c.Resp); !strings.Contains(body, "larger than 16384 bytes") {
 		t.Errorf("body %q should say the response head passed 16384 bytes", body)
 	}
-	if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailUpstreamError)); got != 1 {
+	if got := r.failures(FailUpstreamError); got != 1 {
 		t.Errorf("handshakes_failed{reason=upstream_error} = %v, want 1", got)
 	}
 	select {
@@ -110,7 +108,7 @@ func TestUpstreamInterimResponsesSkipped(t *testing.T) {
 				t.Fatalf("status %d, want %d", c.Resp.StatusCode, tc.status)
 			}
 			if tc.status != http.StatusSwitchingProtocols {
-				if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailUpstreamError)); got != 1 {
+				if got := r.failures(FailUpstreamError); got != 1 {
 					t.Errorf("handshakes_failed{reason=upstream_error} = %v, want 1", got)
 				}
 				return
@@ -154,7 +152,7 @@ func TestLocalResourceErrorsNotBlamedOnServer(t *testing.T) {
 					t.Errorf("handshake %d: body %q should say the relay is out of resources", i, body)
 				}
 			}
-			if got := promtest.ToFloat64(r.metrics.handshakesFailed.WithLabelValues(FailLocalResources)); got != float64(tries) {
+			if got := r.failures(FailLocalResources); got != float64(tries) {
 				t.Errorf("handshakes_failed{reason=local_resources} = %v, want %d", got, tries)
 			}
 			if !strings.Contains(r.Log.String(), errno.Error()) {
