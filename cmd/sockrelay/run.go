@@ -326,6 +326,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	datapath, _ := relay.ParseDatapath(o.datapath) // NewServer resolves auto and logs its choice
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(buildInfo())
 	rcfg := relay.Config{
 		Upstreams:               o.upstreams,
 		Datapath:                datapath,
