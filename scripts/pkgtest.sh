@@ -75,15 +75,29 @@ grep -Eq '^ +sockmap +available' "$tmp/doctor.txt" && grep -q '^sockmap self-tes
 go build -o "$tmp/wsecho" ./cmd/wsecho
 "$tmp/wsecho" -listen 127.0.0.1:9000 >"$tmp/wsecho.log" 2>&1 &
 pids+=($!)
-"${as_unit[@]}" /usr/bin/sockrelay run --config /etc/sockrelay/sockrelay.yaml >"$tmp/relay.log" 2>&1 &
+notify=sockrelay-pkgtest-$$
+/usr/bin/python3 -u -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("\0" + sys.argv[1])
+print("bound", flush=True)
+while True:
+    print(s.recv(4096).decode(), flush=True)
+' "$notify" >"$tmp/notify.log" &
+pids+=($!)
+for _ in $(seq 50); do grep -q bound "$tmp/notify.log" && break; sleep 0.1; done
+grep -q bound "$tmp/notify.log" || fail "no notify socket to listen on"
+NOTIFY_SOCKET=@$notify "${as_unit[@]}" /usr/bin/sockrelay run --config /etc/sockrelay/sockrelay.yaml >"$tmp/relay.log" 2>&1 &
 relay=$!
 pids+=("$relay")
+# Readiness as the unit's Type=notify gets it: READY=1 on $NOTIFY_SOCKET, here an abstract socket (which
+# the user sockrelay may write to), once the listeners accept.
 for _ in $(seq 100); do
-	grep -q 'msg="sockrelay listening"' "$tmp/relay.log" && break
+	grep -qx 'READY=1' "$tmp/notify.log" && break
 	kill -0 "$relay" 2>/dev/null || { cat "$tmp/relay.log"; fail "sockrelay run exited before serving"; }
 	sleep 0.1
 done
-grep -q 'msg="sockrelay listening"' "$tmp/relay.log" || { cat "$tmp/relay.log"; fail "sockrelay run not serving after 10s"; }
+grep -qx 'READY=1' "$tmp/notify.log" || { cat "$tmp/relay.log"; fail "no READY=1 on NOTIFY_SOCKET 10s after the start"; }
 grep -q 'msg="datapath chosen" datapath=sockmap' "$tmp/relay.log" ||
 	{ cat "$tmp/relay.log"; fail "sockrelay run did not choose sockmap"; }
 status=/proc/$relay/status
@@ -117,6 +131,7 @@ PY
 kill -TERM "$relay"
 wait "$relay" || fail "sockrelay run exited $? on SIGTERM:\n$(cat "$tmp/relay.log")"
 grep -q 'reason=closed' "$tmp/relay.log" || { cat "$tmp/relay.log"; fail "the tunnel did not end cleanly"; }
+grep -qx 'STOPPING=1' "$tmp/notify.log" || fail "no STOPPING=1 on NOTIFY_SOCKET when the relay drained"
 
 step "dpkg --purge sockrelay"
 dpkg --purge sockrelay || fail "dpkg --purge"

@@ -12,7 +12,7 @@ import (
 
 // TestSystemdNotify: under a Type=notify unit (NOTIFY_SOCKET set, as a file path or an abstract "@name"),
 // `sockrelay run` sends READY=1 only once its listener accepts connections, and STOPPING=1 when it is
-// told to stop, before it exits.
+// told to stop, before run returns (a quick drain must not end the process before it is sent).
 func TestSystemdNotify(t *testing.T) {
 	for _, tc := range []struct{ name, socket string }{
 		{"path", filepath.Join(t.TempDir(), "notify")},
@@ -45,9 +45,6 @@ func TestSystemdNotify(t *testing.T) {
 			c.Close()
 
 			stop()
-			if msg := readNotify(t, notify, logs); msg != "STOPPING=1" {
-				t.Errorf("notification after SIGTERM %q, want STOPPING=1", msg)
-			}
 			select {
 			case code := <-done:
 				if code != 0 {
@@ -56,6 +53,10 @@ func TestSystemdNotify(t *testing.T) {
 			case <-time.After(10 * time.Second):
 				t.Fatalf("sockrelay still running 10s after it was stopped:\n%s", logs)
 			}
+			// Sent before run returned (so before the process exits), hence waiting in the socket now.
+			if msg := readNotifyWithin(t, notify, logs, time.Millisecond); msg != "STOPPING=1" {
+				t.Errorf("notification after SIGTERM %q, want STOPPING=1", msg)
+			}
 		})
 	}
 }
@@ -63,8 +64,13 @@ func TestSystemdNotify(t *testing.T) {
 // readNotify returns the next datagram sent to the notify socket, failing after 10 s.
 func readNotify(t *testing.T, notify *net.UnixConn, logs *syncBuffer) string {
 	t.Helper()
+	return readNotifyWithin(t, notify, logs, 10*time.Second)
+}
+
+func readNotifyWithin(t *testing.T, notify *net.UnixConn, logs *syncBuffer, d time.Duration) string {
+	t.Helper()
 	buf := make([]byte, 4096)
-	notify.SetReadDeadline(time.Now().Add(10 * time.Second))
+	notify.SetReadDeadline(time.Now().Add(d))
 	n, err := notify.Read(buf)
 	if err != nil {
 		t.Fatalf("no notification on NOTIFY_SOCKET: %v\nlogs:\n%s", err, logs)
