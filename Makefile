@@ -3,15 +3,21 @@
 
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS     := -X main.version=$(VERSION)
+COMMIT      ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS     := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: build run test test-vm lint generate check-generate bench clean
+.PHONY: build release run test test-vm lint generate check-generate bench clean
 
 build:
 	mkdir -p bin
 	go build -ldflags '$(LDFLAGS)' -o bin/sockrelay ./cmd/sockrelay
 	go build -o bin/wsecho ./cmd/wsecho
 	go build -o bin/wsbench ./cmd/wsbench
+
+# Static binaries for linux/amd64 and linux/arm64 (ARCHES=amd64 for one), a .deb for each and SHA256SUMS,
+# under dist/; the version comes from git describe --tags.
+release:
+	scripts/release.sh
 
 run:
 	scripts/run-demo.sh
@@ -43,4 +49,4 @@ check-generate: generate
 	@git diff --exit-code --stat -- bpf/ || { echo "bpf/: generated files are stale; run make generate and commit them"; exit 1; }
 
 clean:
-	rm -rf bin
+	rm -rf bin dist

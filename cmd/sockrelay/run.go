@@ -340,6 +340,8 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 		return 2
 	}
 	log, _ := newLogger(stderr, o.logLevel, o.logFormat)
+	ready, notified := notifySystemd(ctx, ready, log) // READY=1 and STOPPING=1 under a systemd unit of Type=notify
+	defer notified()
 	for _, w := range o.file.warnings() {
 		log.Warn("configuration", "warning", w)
 	}

@@ -9,34 +9,41 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// version is set at build time with -ldflags "-X main.version=v1.2.3"; builds without it report the module
-// version or "dev".
-var version = ""
+// version and commit are set at build time with -ldflags "-X main.version=v1.2.3 -X main.commit=abc…"
+// (make build and make release take them from git describe and git rev-parse). Builds without them report
+// the module version or "dev", and the revision Go stamped from the checkout, if any.
+var (
+	version = ""
+	commit  = ""
+)
 
-// buildVersion is the version of this binary ("dev" when neither -X main.version nor the module says) and
-// the VCS commit it was built from ("" when the build has no VCS stamp).
-func buildVersion() (v, commit string) {
-	v = version
+// buildVersion is what this binary says it is: its version and its commit ("" when unknown, shortened to
+// 12 hex digits).
+func buildVersion() (v, rev string) {
+	v, rev = version, commit
 	if info, ok := debug.ReadBuildInfo(); ok {
 		if v == "" && info.Main.Version != "" && info.Main.Version != "(devel)" {
 			v = info.Main.Version
 		}
 		for _, s := range info.Settings {
-			if s.Key == "vcs.revision" {
-				commit = s.Value
+			if rev == "" && s.Key == "vcs.revision" {
+				rev = s.Value
 			}
 		}
 	}
 	if v == "" {
 		v = "dev"
 	}
-	return v, commit
+	if len(rev) > 12 {
+		rev = rev[:12]
+	}
+	return v, rev
 }
 
 func versionString() string {
-	v, commit := buildVersion()
-	if len(commit) >= 12 {
-		v += " (" + commit[:12] + ")"
+	v, rev := buildVersion()
+	if rev != "" {
+		v += " (" + rev + ")"
 	}
 	return fmt.Sprintf("sockrelay %s %s %s/%s", v, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
@@ -46,17 +53,14 @@ func versionCommand(stdout io.Writer) int {
 	return 0
 }
 
-// buildInfoHelp is the help text of sockrelay_build_info.
-const buildInfoHelp = "Always 1; the labels say which build of sockrelay runs: its version, VCS commit and Go version."
-
-// buildInfo is the metric sockrelay_build_info{version,commit,goversion} 1, by which dashboards tell
-// which build each relay runs.
+// buildInfo is the sockrelay_build_info metric: always 1, with the same version and commit as `sockrelay
+// version` as labels, so that a fleet's dashboards can tell which build each relay runs.
 func buildInfo() prometheus.Collector {
-	v, commit := buildVersion()
+	v, rev := buildVersion()
 	g := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "sockrelay_build_info",
-		Help:        buildInfoHelp,
-		ConstLabels: prometheus.Labels{"version": v, "commit": commit, "goversion": runtime.Version()},
+		Help:        "The build of this relay: its version, commit and Go version as labels; always 1.",
+		ConstLabels: prometheus.Labels{"version": v, "commit": rev, "goversion": runtime.Version()},
 	})
 	g.Set(1)
 	return g

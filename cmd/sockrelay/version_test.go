@@ -3,12 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"runtime"
 	"strings"
 	"testing"
-
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestVersion: every spelling of the version command prints one line: the version set at build time
@@ -16,23 +14,23 @@ import (
 func TestVersion(t *testing.T) {
 	platform := " " + runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH + "\n"
 	for _, tc := range []struct {
-		arg, built, want string // built is what -X main.version set; want is the line's start
+		arg, built, commit, want string // built and commit are what -X set; want is the line's start
 	}{
-		{"version", "", "sockrelay dev"},
-		{"--version", "", "sockrelay dev"},
-		{"-version", "", "sockrelay dev"},
-		{"version", "v1.2.3", "sockrelay v1.2.3"},
+		{"version", "", "", "sockrelay dev"},
+		{"--version", "", "", "sockrelay dev"},
+		{"-version", "", "", "sockrelay dev"},
+		{"version", "v1.2.3", "", "sockrelay v1.2.3"},
+		{"version", "v1.2.3-4-g0123456789ab", "0123456789abcdef0123", "sockrelay v1.2.3-4-g0123456789ab (0123456789ab)"},
 	} {
 		t.Run(tc.arg+" "+tc.built, func(t *testing.T) {
-			old := version
-			version = tc.built
-			t.Cleanup(func() { version = old })
+			stamp(t, tc.built, tc.commit)
 			var stdout, stderr bytes.Buffer
 			if code := dispatch(context.Background(), []string{tc.arg}, &stdout, &stderr); code != 0 {
 				t.Errorf("exit code %d, want 0", code)
 			}
 			out := stdout.String()
-			// A test binary has no VCS stamp, so nothing stands between the version and the Go version.
+			// A test binary has no VCS stamp, so only a stamped commit stands between the version and the Go
+			// version.
 			if !strings.HasPrefix(out, tc.want+" ") || !strings.HasSuffix(out, platform) || strings.Count(out, "\n") != 1 {
 				t.Errorf("printed %q, want one line %q...%q", out, tc.want, platform)
 			}
@@ -43,20 +41,25 @@ func TestVersion(t *testing.T) {
 	}
 }
 
-// TestBuildInfoMetric: sockrelay_build_info is 1 with the version the version command prints, the
-// commit and the Go version as labels.
+// TestBuildInfoMetric: the relay's /metrics has sockrelay_build_info with the version and commit that
+// `sockrelay version` prints.
 func TestBuildInfoMetric(t *testing.T) {
-	old := version
-	version = "v1.2.3"
-	t.Cleanup(func() { version = old })
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(buildInfo())
-	want := `# HELP sockrelay_build_info ` + buildInfoHelp + `
-# TYPE sockrelay_build_info gauge
-sockrelay_build_info{commit="",goversion="` + runtime.Version() + `",version="v1.2.3"} 1
-`
-	// A test binary has no VCS stamp: the commit is empty.
-	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "sockrelay_build_info"); err != nil {
-		t.Error(err)
+	stamp(t, "v1.2.3-4-g0123456789ab", "0123456789abcdef0123")
+	var out bytes.Buffer
+	versionCommand(&out)
+	if !strings.HasPrefix(out.String(), "sockrelay v1.2.3-4-g0123456789ab (0123456789ab) ") {
+		t.Fatalf("sockrelay version printed %q", out.String())
 	}
+	r := startRelay(t, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--datapath", "copy")
+	want := fmt.Sprintf(`sockrelay_build_info{commit="0123456789ab",goversion=%q,version="v1.2.3-4-g0123456789ab"} 1`, runtime.Version())
+	if metrics := r.get(t, "/metrics", 200); !strings.Contains(metrics, want+"\n") {
+		t.Errorf("/metrics lacks %s", want)
+	}
+}
+
+// stamp sets what -ldflags -X would have set, for the test.
+func stamp(t *testing.T, v, rev string) {
+	oldVersion, oldCommit := version, commit
+	version, commit = v, rev
+	t.Cleanup(func() { version, commit = oldVersion, oldCommit })
 }

@@ -1,0 +1,61 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+)
+
+// notifySystemd wraps ready so that, under a systemd unit of Type=notify, the relay tells systemd itself
+// that it serves ("READY=1", once every listener is bound and accepting) and, when ctx ends, that it is
+// stopping to drain ("STOPPING=1"). It speaks the notify protocol directly (one datagram to the unixgram
+// socket $NOTIFY_SOCKET names) rather than through libsystemd, which would need cgo. Without
+// $NOTIFY_SOCKET it returns ready unchanged. The relay calls sent before it exits, so that STOPPING=1 is
+// not lost to a drain quicker than the goroutine that sends it.
+func notifySystemd(ctx context.Context, ready readyFunc, log *slog.Logger) (_ readyFunc, sent func()) {
+	socket := os.Getenv("NOTIFY_SOCKET")
+	if socket == "" {
+		return ready, func() {}
+	}
+	// ready and sent are called by the goroutine that runs the relay, one after the other.
+	started, stopping := false, make(chan struct{}) // stopping is closed once STOPPING=1 is sent, or failed
+	wrapped := func(listen, admin net.Addr) {
+		if ready != nil {
+			ready(listen, admin)
+		}
+		if err := sdNotify(socket, "READY=1"); err != nil {
+			log.Warn("systemd readiness not sent", "err", err)
+		}
+		started = true
+		go func() {
+			defer close(stopping)
+			<-ctx.Done()
+			if err := sdNotify(socket, "STOPPING=1"); err != nil {
+				log.Warn("systemd stopping state not sent", "err", err)
+			}
+		}()
+	}
+	sent = func() {
+		// Not for a relay that never served, or one that stops on an error instead of being asked to.
+		if started && ctx.Err() != nil {
+			<-stopping
+		}
+	}
+	return wrapped, sent
+}
+
+// sdNotify sends one notify message to socket: a file path, or an abstract socket written "@name" (Go's
+// net package maps a leading '@' to the abstract namespace's leading NUL, as systemd means it).
+func sdNotify(socket, state string) error {
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: socket, Net: "unixgram"})
+	if err != nil {
+		return fmt.Errorf("NOTIFY_SOCKET %s: %w", socket, err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte(state)); err != nil {
+		return fmt.Errorf("NOTIFY_SOCKET %s: send %s: %w", socket, state, err)
+	}
+	return nil
+}
