@@ -281,11 +281,13 @@ func TestBackpressureLostEvents(t *testing.T) {
 	r := startRelay(t, DatapathSockmap, []string{up.Addr})
 	r.kernel.dropModeEvents.Store(true) // after the self-test, which needs them
 	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	// Into the kernel before the stream starts: a source already pouring bytes at the handoff is left on
+	// copy (busy_at_handoff), and this test is about the kernel's demotion.
+	d := kernelDirOf(t, r, false)
 	const size = 64 << 20
 	var sent atomic.Int64
 	wrote := make(chan error, 1)
 	go countingStreamWriter(u.TCPConn, streamReader(40, size), &sent, wrote)
-	d := kernelDirOf(t, r, false)
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if st, err := r.kernel.maps.Stats(d.src.cookie); err == nil && st.Demoted {
 			break

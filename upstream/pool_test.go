@@ -296,7 +296,7 @@ func TestSnapshotJSON(t *testing.T) {
 		`{"address":"10.0.0.1:9000","weight":1,"effective_weight":0,"state":"forced_down","backup":false,"max_tunnels":0,"live_tunnels":0,"total_tunnels":0,"failures":0},` +
 		`{"address":"10.0.0.2:9000","weight":2,"effective_weight":2,"state":"up","backup":false,"max_tunnels":10,"live_tunnels":1,"total_tunnels":1,"failures":0},` +
 		`{"address":"10.0.0.3:9000","weight":1,"effective_weight":0,"state":"draining","backup":false,"max_tunnels":0,"live_tunnels":0,"total_tunnels":0,"failures":0},` +
-		`{"address":"10.0.0.4:9000","weight":1,"effective_weight":1,"state":"up","backup":true,"max_tunnels":0,"live_tunnels":0,"total_tunnels":0,"failures":0}]}`
+		`{"address":"10.0.0.4:9000","weight":1,"effective_weight":1,"state":"up","backup":true,"max_tunnels":0,"live_tunnels":0,"total_tunnels":0,"failures":0}],"checked":false}`
 	if string(b) != want {
 		t.Errorf("snapshot JSON:\n got %s\nwant %s", b, want)
 	}
