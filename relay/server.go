@@ -554,8 +554,11 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 				return tc, nil
 			},
 			ResponseHeaderTimeout: s.cfg.UpstreamResponseTimeout,
-			MaxIdleConnsPerHost:   64,
-			IdleConnTimeout:       90 * time.Second,
+			// As for a handshake's answer: an upstream's response head costs at most this much, not
+			// the transport's default 10 MB.
+			MaxResponseHeaderBytes: int64(s.cfg.MaxHeaderBytes),
+			MaxIdleConnsPerHost:    64,
+			IdleConnTimeout:        90 * time.Second,
 		},
 		ModifyResponse: func(resp *http.Response) error {
 			if iw, _ := resp.Request.Context().Value(idleWatchKey{}).(*idleWatch); iw != nil {

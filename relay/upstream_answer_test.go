@@ -14,18 +14,22 @@ import (
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
-// TestUpstreamEndlessHeadRefused: an upstream whose response head never ends is refused with 502 once
-// the relay has read max header bytes of it, instead of being read until the response timeout (and grown
-// into the relay's memory all that time).
-func TestUpstreamEndlessHeadRefused(t *testing.T) {
+// endlessHeadUpstream is an upstream that answers every request with a response head that never ends
+// (up to 64 MiB); written receives how much it wrote before its writes failed.
+func endlessHeadUpstream(t *testing.T) (addr string, written <-chan int64) {
 	const sendAtMost = 64 << 20 // the fake stops here; unbounded, the relay would read all of it
-	written := make(chan int64, 1)
-	addr := serveEach(t, nil, func(c net.Conn) {
-		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+	w := make(chan int64, 1)
+	addr = serveEach(t, nil, func(c net.Conn) {
+		req, err := http.ReadRequest(bufio.NewReader(c))
+		if err != nil {
 			return
 		}
 		_ = c.(*net.TCPConn).SetWriteBuffer(64 << 10) // so that what it wrote is close to what the relay read
-		n, _ := c.Write([]byte("HTTP/1.1 101 Switching Protocols\r\nX-Endless: "))
+		status := "200 OK"
+		if req.Header.Get("Upgrade") != "" {
+			status = "101 Switching Protocols"
+		}
+		n, _ := c.Write([]byte("HTTP/1.1 " + status + "\r\nX-Endless: "))
 		total := int64(n)
 		chunk := bytes.Repeat([]byte("a"), 32<<10)
 		for total < sendAtMost {
@@ -35,11 +39,35 @@ func TestUpstreamEndlessHeadRefused(t *testing.T) {
 				break
 			}
 		}
-		written <- total
+		w <- total
 		if total >= sendAtMost {
 			_, _ = c.Read(make([]byte, 1)) // hold the connection: the relay must give up by itself
 		}
 	})
+	return addr, w
+}
+
+// checkEndlessHeadCut: the endless upstream's writes failed soon after the relay had read its cap of 16 KiB.
+func checkEndlessHeadCut(t *testing.T, written <-chan int64) {
+	t.Helper()
+	select {
+	case n := <-written:
+		// What the relay did not read sits in socket buffers: its receive buffer, which never grew past
+		// its start since the relay stopped reading, and the fake's 64 KiB send buffer.
+		t.Logf("the upstream wrote %d bytes before the relay closed", n)
+		if n > 1<<20 {
+			t.Errorf("the upstream wrote %d bytes before the relay closed; the cap is 16 KiB", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upstream's writes never failed: the relay kept its connection open")
+	}
+}
+
+// TestUpstreamEndlessHeadRefused: an upstream whose response head never ends is refused with 502 once
+// the relay has read max header bytes of it, instead of being read until the response timeout (and grown
+// into the relay's memory all that time).
+func TestUpstreamEndlessHeadRefused(t *testing.T) {
+	addr, written := endlessHeadUpstream(t)
 	r := startRelay(t, DatapathCopy, []string{addr}, func(c *Config) {
 		c.MaxHeaderBytes = 16 << 10
 		c.UpstreamResponseTimeout = 3 * time.Second
@@ -54,17 +82,29 @@ func TestUpstreamEndlessHeadRefused(t *testing.T) {
 	if got := r.failures(FailUpstreamError); got != 1 {
 		t.Errorf("handshakes_failed{reason=upstream_error} = %v, want 1", got)
 	}
-	select {
-	case n := <-written:
-		// What the relay did not read sits in socket buffers: its receive buffer, which never grew past
-		// its start since the relay stopped reading, and the fake's 64 KiB send buffer.
-		t.Logf("the upstream wrote %d bytes before the relay closed", n)
-		if n > 1<<20 {
-			t.Errorf("the upstream wrote %d bytes before the relay closed; the cap is 16 KiB", n)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the upstream's writes never failed: the relay kept its connection open")
+	checkEndlessHeadCut(t, written)
+}
+
+// TestPlainEndlessHeadRefused: the same cap holds for a plain (reverse-proxied) request's response head,
+// which net/http's transport would otherwise read up to 10 MB of.
+func TestPlainEndlessHeadRefused(t *testing.T) {
+	addr, written := endlessHeadUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{addr}, func(c *Config) {
+		c.MaxHeaderBytes = 16 << 10
+		c.UpstreamResponseTimeout = 3 * time.Second
+	})
+	resp, err := http.Get("http://" + r.Addr + "/page")
+	if err != nil {
+		t.Fatal(err)
 	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("status %d, want 502", resp.StatusCode)
+	}
+	if !strings.Contains(r.Log.String(), "exceeded 16384 bytes") {
+		t.Errorf("the log does not say the response head passed 16384 bytes:\n%s", r.Log)
+	}
+	checkEndlessHeadCut(t, written)
 }
 
 // TestUpstreamInterimResponsesSkipped: interim responses (100 Continue, 103 Early Hints) before the 101
