@@ -569,8 +569,11 @@ func (s *Server) newReverseProxy() *httputil.ReverseProxy {
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			status := http.StatusBadGateway
-			if isTimeout(err) {
+			switch {
+			case isTimeout(err):
 				status = http.StatusGatewayTimeout
+			case upstream.IsLocalResourceError(err):
+				status = http.StatusServiceUnavailable // the relay's own shortage, as for handshakes
 			}
 			if iw, _ := r.Context().Value(idleWatchKey{}).(*idleWatch); iw != nil {
 				switch iw.cutFor() {

@@ -294,3 +294,23 @@ func requestOfSize(t *testing.T, size int) string {
 	}
 	return req
 }
+
+// TestPlainLocalResourceErrors: a plain request whose connect fails for want of the relay's own resources
+// is a 503, as a handshake is, not a 502 that blames the upstream; the log gives the cause.
+func TestPlainLocalResourceErrors(t *testing.T) {
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) {
+		c.dialControl = func(string, string, syscall.RawConn) error { return syscall.EMFILE }
+	})
+	resp, err := http.Get("http://" + r.Addr + "/page")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("status %d, want 503", resp.StatusCode)
+	}
+	if !strings.Contains(r.Log.String(), syscall.EMFILE.Error()) {
+		t.Errorf("the log does not give the cause %q:\n%s", syscall.EMFILE.Error(), r.Log)
+	}
+}
