@@ -3,4 +3,4 @@
 // `make generate` regenerates them and CI checks that they are current.
 package bpf
 
-//go:generate go tool bpf2go -tags linux -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -target bpfel -output-stem sockrelay Sockrelay sockrelay.c
+//go:generate go tool bpf2go -tags linux -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -target bpfel -output-stem sockrelay -type control_args -type sock_info -type sock_stats Sockrelay sockrelay.c

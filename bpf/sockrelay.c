@@ -17,6 +17,11 @@
 // reads the passed bytes and writes them on with ordinary backpressure, and asks to resume; the verdict
 // returns to redirecting at the first skb that finds every passed byte consumed, so no byte overtakes one
 // that userspace still holds.
+//
+// Cost. The verdict runs once per skb, so it does as little as it can: one hash lookup for the socket's
+// whole state (`socks`, keyed by cookie; sk_skb programs cannot use socket-local storage, and userspace
+// must reach the state by cookie), the peer's send sequence read only when what is held could be near the
+// limit, and the coarse clock (tick resolution) for the time of the last skb.
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -35,7 +40,10 @@ struct tcp_sock {
 	__u32 write_seq;  // sequence number after the last byte queued for sending
 } __attribute__((preserve_access_index));
 
-// sock_info is written by userspace (a whole new value each time) and only read here.
+// sock_info is what userspace tells the verdict about a socket. Userspace writes it through set_control,
+// field by field in place, and the verdict reads each field once per run. A run may see some fields of an
+// update and not others; that is safe because each field alone is true: peer never changes, user_read and
+// user_written only grow, and each counts bytes userspace has already written to the peer.
 struct sock_info {
 	__u64 peer;         // cookie of the socket this one's bytes go to
 	__u64 limit;        // most bytes held in the kernel for this direction before demotion; 0: no limit
@@ -49,13 +57,13 @@ enum {
 	MODE_PASS = 1, // demoted: skbs go to the socket's own receive queue, for userspace to relay
 };
 
-// sock_stats is created zeroed by userspace before insertion and then written only here, in place, so
-// userspace can read live counters. Runs of the verdict for one socket are serialized by the socket's
-// receive path, so plain adds do not race with each other.
+// sock_stats is created zeroed by userspace before insertion and then written only by the verdict, in
+// place, so userspace can read live counters. Runs of the verdict for one socket are serialized by the
+// socket's receive path, so plain adds do not race with each other.
 struct sock_stats {
 	__u64 bytes;     // bytes redirected to the peer
 	__u64 skbs;      // skbs redirected
-	__u64 last_ns;   // bpf_ktime_get_ns() of the last skb, for idle timeouts
+	__u64 last_ns;   // CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns) of the last skb, for idle timeouts
 	__u64 dropped;   // skbs whose redirect failed (peer gone): the verdict dropped them
 	__u64 passed;    // bytes passed to this socket's own receive queue while demoted
 	__u64 demotions; // times this socket was demoted
@@ -67,6 +75,22 @@ struct sock_stats {
 	__u32 broken;   // a repeated head could not be cut off: every later skb is dropped, userspace resets
 	__u64 overlaps;      // skbs that began with bytes already delivered
 	__u64 overlap_bytes; // bytes cut off them
+	__u32 handed;        // bytes of this direction that had entered the peer's send queue at its last read
+	__u32 pad;
+	__u64 peer_reads;    // reads of the peer's send sequence
+};
+
+// tunnel_sock is a socket's entry in `socks`: userspace's part and the verdict's, under one key so that
+// the verdict finds both with one lookup.
+struct tunnel_sock {
+	struct sock_info ctl;
+	struct sock_stats st;
+};
+
+// control_args is set_control's input: which socket, and its new sock_info.
+struct control_args {
+	__u64 cookie;
+	struct sock_info ctl;
 };
 
 // A change of mode: a demotion, for userspace to start relaying the socket's passed bytes, or a resume, for
@@ -86,6 +110,9 @@ struct mode_event {
 // Events that did not fit in the ring buffer; userspace reports them, they must stay 0.
 volatile __u64 events_lost = 0;
 
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 1 << 17);
@@ -100,24 +127,15 @@ struct {
 	__type(value, __u64);
 } verdict_map SEC(".maps");
 
-// The two hash maps are not preallocated: a deleted element is then freed only after an RCU grace period,
-// so a verdict still running on another CPU when its tunnel is removed writes into memory no other socket
-// owns yet.
+// Not preallocated: a deleted element is then freed only after an RCU grace period, so a verdict still
+// running on another CPU when its tunnel is removed writes into memory no other socket owns yet.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1 << 17);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
-	__type(value, struct sock_info);
+	__type(value, struct tunnel_sock);
 } socks SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 17);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u64);
-	__type(value, struct sock_stats);
-} stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -176,10 +194,11 @@ int sockrelay_verdict(struct __sk_buff *skb)
 		return SK_DROP;
 
 	__u64 cookie = bpf_get_socket_cookie(skb);
-	struct sock_info *info = bpf_map_lookup_elem(&socks, &cookie);
-	struct sock_stats *st = bpf_map_lookup_elem(&stats, &cookie);
-	if (!info || !st)
+	struct tunnel_sock *ts = bpf_map_lookup_elem(&socks, &cookie);
+	if (!ts)
 		return SK_PASS; // not a tunnel socket (or being torn down): leave the bytes with it
+	struct sock_info *info = &ts->ctl;
+	struct sock_stats *st = &ts->st;
 
 	// TCP can queue a segment that begins before bytes it already delivered: a retransmission cut
 	// differently from the original (tcp_data_queue, "partial packet"), or an out-of-order skb that
@@ -227,20 +246,26 @@ int sockrelay_verdict(struct __sk_buff *skb)
 	if (st->broken)
 		return SK_DROP;
 
-	__u64 peer = info->peer;
+	__u64 peer = READ_ONCE(info->peer);
 	if (st->mode == MODE_PASS) {
 		// Resume only when userspace holds none of the passed bytes: they are all in the peer's send
 		// queue, so this skb, redirected behind them, keeps its place in the stream.
-		if (info->resume_gen != st->demotions || info->user_read != st->passed) {
+		if (READ_ONCE(info->resume_gen) != st->demotions || READ_ONCE(info->user_read) != st->passed) {
 			st->passed += skb->len;
-			st->last_ns = bpf_ktime_get_ns();
+			st->last_ns = bpf_ktime_get_coarse_ns();
 			return SK_PASS;
 		}
 		st->mode = MODE_REDIRECT;
 		notify(cookie, st->demotions, EVENT_RESUMED);
 	}
 
-	if (info->limit) {
+	__u64 limit = READ_ONCE(info->limit);
+	// What the kernel holds for this direction is at most what it redirected minus what had entered the
+	// peer's send queue when that was last read (that only grows). Only when this bound passes the limit
+	// is the peer read again: the read takes and drops a reference on a socket another CPU is sending on.
+	// Modulo 2^32, as TCP sequence numbers: what is held is far below 2 GiB.
+	__s32 bound = (__s32)((__u32)st->bytes - st->handed);
+	if (limit && (!st->seq0_set || (bound > 0 && (__u64)bound > limit))) {
 		__u32 copied, seq;
 		if (tcp_seqs(&peer, &copied, &seq)) {
 			if (!st->seq0_set) {
@@ -249,15 +274,16 @@ int sockrelay_verdict(struct __sk_buff *skb)
 				st->peer_seq0 = seq;
 				st->seq0_set = 1;
 			}
-			// Modulo 2^32, as TCP sequence numbers: what is held is far below 2 GiB.
-			__u32 handed = seq - st->peer_seq0 - (__u32)info->user_written;
+			st->peer_reads++;
+			__u32 handed = seq - st->peer_seq0 - (__u32)READ_ONCE(info->user_written);
+			st->handed = handed;
 			__s32 held = (__s32)((__u32)st->bytes - handed);
-			if (held > 0 && (__u64)held > info->limit) {
+			if (held > 0 && (__u64)held > limit) {
 				st->mode = MODE_PASS;
 				st->demotions++;
 				notify(cookie, st->demotions, EVENT_DEMOTED);
 				st->passed += skb->len;
-				st->last_ns = bpf_ktime_get_ns();
+				st->last_ns = bpf_ktime_get_coarse_ns();
 				return SK_PASS;
 			}
 		}
@@ -267,9 +293,30 @@ int sockrelay_verdict(struct __sk_buff *skb)
 	if (verdict == SK_PASS) {
 		st->bytes += skb->len;
 		st->skbs++;
-		st->last_ns = bpf_ktime_get_ns();
+		st->last_ns = bpf_ktime_get_coarse_ns();
 	} else {
 		st->dropped++;
 	}
 	return verdict;
+}
+
+// set_control replaces the sock_info of a socket in `socks` in place, leaving the verdict's part alone;
+// userspace runs it (BPF_PROG_RUN) instead of updating the map, which would replace the whole entry. It
+// returns 1 when the socket is not in the map. Fields are written in this order so that a verdict that
+// sees the new user_read (and may resume) also sees the new user_written on x86, whose stores and loads
+// are not reordered. Elsewhere a run may see an older user_written: it then takes userspace's last write
+// into the peer for bytes the verdict handed over, and demotes at most that write's size late.
+SEC("syscall")
+int set_control(struct control_args *args)
+{
+	__u64 cookie = args->cookie;
+	struct tunnel_sock *ts = bpf_map_lookup_elem(&socks, &cookie);
+	if (!ts)
+		return 1;
+	WRITE_ONCE(ts->ctl.peer, args->ctl.peer);
+	WRITE_ONCE(ts->ctl.limit, args->ctl.limit);
+	WRITE_ONCE(ts->ctl.user_written, args->ctl.user_written);
+	WRITE_ONCE(ts->ctl.user_read, args->ctl.user_read);
+	WRITE_ONCE(ts->ctl.resume_gen, args->ctl.resume_gen);
+	return 0;
 }

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type SockrelayControlArgs struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Ctl    SockrelaySockInfo
+}
+
 type SockrelaySockInfo struct {
 	_           structs.HostLayout
 	Peer        uint64
@@ -38,6 +44,15 @@ type SockrelaySockStats struct {
 	Broken       uint32
 	Overlaps     uint64
 	OverlapBytes uint64
+	Handed       uint32
+	Pad          uint32
+	PeerReads    uint64
+}
+
+type SockrelayTunnelSock struct {
+	_   structs.HostLayout
+	Ctl SockrelaySockInfo
+	St  SockrelaySockStats
 }
 
 // Names of all BPF objects in the ELF.
@@ -46,9 +61,9 @@ type SockrelaySockStats struct {
 const (
 	SockrelayMapEvents            = "events"
 	SockrelayMapSocks             = "socks"
-	SockrelayMapStats             = "stats"
 	SockrelayMapTargets           = "targets"
 	SockrelayMapVerdictMap        = "verdict_map"
+	SockrelayProgSetControl       = "set_control"
 	SockrelayProgSockrelayVerdict = "sockrelay_verdict"
 	SockrelayVarEventsLost        = "events_lost"
 )
@@ -95,6 +110,7 @@ type SockrelaySpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockrelayProgramSpecs struct {
+	SetControl       *ebpf.ProgramSpec `ebpf:"set_control"`
 	SockrelayVerdict *ebpf.ProgramSpec `ebpf:"sockrelay_verdict"`
 }
 
@@ -104,7 +120,6 @@ type SockrelayProgramSpecs struct {
 type SockrelayMapSpecs struct {
 	Events     *ebpf.MapSpec `ebpf:"events"`
 	Socks      *ebpf.MapSpec `ebpf:"socks"`
-	Stats      *ebpf.MapSpec `ebpf:"stats"`
 	Targets    *ebpf.MapSpec `ebpf:"targets"`
 	VerdictMap *ebpf.MapSpec `ebpf:"verdict_map"`
 }
@@ -138,7 +153,6 @@ func (o *SockrelayObjects) Close() error {
 type SockrelayMaps struct {
 	Events     *ebpf.Map `ebpf:"events"`
 	Socks      *ebpf.Map `ebpf:"socks"`
-	Stats      *ebpf.Map `ebpf:"stats"`
 	Targets    *ebpf.Map `ebpf:"targets"`
 	VerdictMap *ebpf.Map `ebpf:"verdict_map"`
 }
@@ -147,7 +161,6 @@ func (m *SockrelayMaps) Close() error {
 	return _SockrelayClose(
 		m.Events,
 		m.Socks,
-		m.Stats,
 		m.Targets,
 		m.VerdictMap,
 	)
@@ -164,11 +177,13 @@ type SockrelayVariables struct {
 //
 // It can be passed to LoadSockrelayObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockrelayPrograms struct {
+	SetControl       *ebpf.Program `ebpf:"set_control"`
 	SockrelayVerdict *ebpf.Program `ebpf:"sockrelay_verdict"`
 }
 
 func (p *SockrelayPrograms) Close() error {
 	return _SockrelayClose(
+		p.SetControl,
 		p.SockrelayVerdict,
 	)
 }

@@ -25,9 +25,10 @@ type Options struct {
 	PinPath string
 }
 
-// Sockmap is the loaded kernel datapath: two sockhashes, the per-socket info and counter maps, the ring
-// buffer of demotion events, and the verdict program attached to one of the sockhashes. One Sockmap serves
-// every kernel tunnel of a process.
+// Sockmap is the loaded kernel datapath: two sockhashes, the per-socket state map (what userspace tells the
+// verdict and the verdict's counters, one entry per socket), the ring buffer of demotion events, the
+// verdict program attached to one of the sockhashes, and the program that updates a socket's control. One
+// Sockmap serves every kernel tunnel of a process.
 type Sockmap struct {
 	objs     bpf.SockrelayObjects
 	attached bool
@@ -92,7 +93,6 @@ func (s *Sockmap) maps() map[string]*ebpf.Map {
 		bpf.SockrelayMapTargets:    s.objs.Targets,
 		bpf.SockrelayMapVerdictMap: s.objs.VerdictMap,
 		bpf.SockrelayMapSocks:      s.objs.Socks,
-		bpf.SockrelayMapStats:      s.objs.Stats,
 		bpf.SockrelayMapEvents:     s.objs.Events,
 	}
 }
@@ -157,9 +157,9 @@ type Control struct {
 }
 
 // Insert hands a tunnel's two sockets to the kernel. Order matters (shared/DATAPATH.md, hazard 3): each
-// socket's info and zeroed counters first, then both sockets into the program-less target map, and only then
-// into the verdict map, so that no verdict runs before its peer can be redirected to. On failure everything
-// inserted is removed again.
+// socket's state (its info and zeroed counters) first, then both sockets into the program-less target map,
+// and only then into the verdict map, so that no verdict runs before its peer can be redirected to. On
+// failure everything inserted is removed again.
 func (s *Sockmap) Insert(a, b Socket) (err error) {
 	defer func() {
 		if err != nil {
@@ -167,12 +167,9 @@ func (s *Sockmap) Insert(a, b Socket) (err error) {
 		}
 	}()
 	for _, p := range [][2]Socket{{a, b}, {b, a}} {
-		info := bpf.SockrelaySockInfo{Peer: p[1].Cookie, Limit: p[0].HeldLimit}
-		if err := s.objs.Socks.Update(p[0].Cookie, info, ebpf.UpdateNoExist); err != nil {
-			return fmt.Errorf("add socket %d to info map: %w", p[0].Cookie, err)
-		}
-		if err := s.objs.Stats.Update(p[0].Cookie, bpf.SockrelaySockStats{}, ebpf.UpdateNoExist); err != nil {
-			return fmt.Errorf("add socket %d to counter map: %w", p[0].Cookie, err)
+		state := bpf.SockrelayTunnelSock{Ctl: bpf.SockrelaySockInfo{Peer: p[1].Cookie, Limit: p[0].HeldLimit}}
+		if err := s.objs.Socks.Update(p[0].Cookie, state, ebpf.UpdateNoExist); err != nil {
+			return fmt.Errorf("add socket %d to state map: %w", p[0].Cookie, err)
 		}
 	}
 	for _, m := range []struct {
@@ -192,7 +189,7 @@ func (s *Sockmap) Insert(a, b Socket) (err error) {
 // while their targets go. Entries that are already gone are not an error.
 func (s *Sockmap) Remove(socks ...Socket) error {
 	var errs []error
-	for _, m := range []*ebpf.Map{s.objs.VerdictMap, s.objs.Targets, s.objs.Socks, s.objs.Stats} {
+	for _, m := range []*ebpf.Map{s.objs.VerdictMap, s.objs.Targets, s.objs.Socks} {
 		for _, sk := range socks {
 			if err := m.Delete(sk.Cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				errs = append(errs, fmt.Errorf("remove socket %d from %s: %w", sk.Cookie, m, err))
@@ -206,24 +203,31 @@ func (s *Sockmap) Remove(socks ...Socket) error {
 var ErrNotInMaps = errors.New("socket not in the maps")
 
 // SetControl replaces what the verdict reads about a socket in the maps. It fails with ErrNotInMaps once
-// the socket has left them, and never puts it back.
+// the socket has left them, and never puts it back. The socket's entry also holds the verdict's counters,
+// which a map update would overwrite, so the set_control program writes the control fields in place.
 func (s *Sockmap) SetControl(cookie uint64, c Control) error {
-	info := bpf.SockrelaySockInfo{Peer: c.Peer, Limit: c.HeldLimit, UserRead: c.UserRead,
-		UserWritten: c.UserWritten, ResumeGen: c.ResumeGen}
-	if err := s.objs.Socks.Update(cookie, info, ebpf.UpdateExist); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			err = ErrNotInMaps
-		}
-		return fmt.Errorf("update info of socket %d: %w", cookie, err)
+	args := bpf.SockrelayControlArgs{Cookie: cookie, Ctl: bpf.SockrelaySockInfo{Peer: c.Peer,
+		Limit: c.HeldLimit, UserRead: c.UserRead, UserWritten: c.UserWritten, ResumeGen: c.ResumeGen}}
+	ret, err := s.objs.SetControl.Run(&ebpf.RunOptions{Context: args})
+	switch {
+	case err != nil:
+		return fmt.Errorf("update info of socket %d: run set_control: %w", cookie, err)
+	case ret == controlNotInMap:
+		return fmt.Errorf("update info of socket %d: %w", cookie, ErrNotInMaps)
+	case ret != 0:
+		return fmt.Errorf("update info of socket %d: set_control returned %d", cookie, ret)
 	}
 	return nil
 }
+
+// controlNotInMap is what set_control returns for a socket that is not in the state map.
+const controlNotInMap = 1
 
 // Stats are a socket's counters as the verdict program keeps them.
 type Stats struct {
 	Bytes     uint64 // bytes redirected to the peer
 	Skbs      uint64 // skbs redirected
-	LastNs    uint64 // CLOCK_MONOTONIC time of the last skb, in ns
+	LastNs    uint64 // CLOCK_MONOTONIC time of the last skb in ns, from the coarse clock (≤ 1 tick early)
 	Dropped   uint64 // skbs dropped because the peer was not a target
 	Passed    uint64 // bytes passed to the socket's own receive queue while demoted
 	Demotions uint64 // times the socket was demoted
@@ -238,10 +242,11 @@ type Stats struct {
 
 // Stats reads the counters of a socket.
 func (s *Sockmap) Stats(cookie uint64) (Stats, error) {
-	var v bpf.SockrelaySockStats
-	if err := s.objs.Stats.Lookup(cookie, &v); err != nil {
+	var state bpf.SockrelayTunnelSock
+	if err := s.objs.Socks.Lookup(cookie, &state); err != nil {
 		return Stats{}, fmt.Errorf("read counters of socket %d: %w", cookie, err)
 	}
+	v := state.St
 	return Stats{Bytes: v.Bytes, Skbs: v.Skbs, LastNs: v.LastNs, Dropped: v.Dropped, Passed: v.Passed,
 		Demotions: v.Demotions, Demoted: v.Mode != 0, Broken: v.Broken != 0, Overlaps: v.Overlaps,
 		OverlapBytes: v.OverlapBytes}, nil
