@@ -195,6 +195,7 @@ func TestBackpressureResumes(t *testing.T) {
 	up := startUpstream(t)
 	r := startRelay(t, DatapathSockmap, []string{up.Addr})
 	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	d := kernelDirOf(t, r, false) // in the kernel before the stream starts (see TestBackpressureLostEvents)
 	const size = 32 << 20
 	go writeStream(u, streamReader(30, size), nil)
 	time.Sleep(300 * time.Millisecond) // the client does not read: the direction is demoted
@@ -209,7 +210,6 @@ func TestBackpressureResumes(t *testing.T) {
 	if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
 		t.Fatalf("sockrelay_kernel_demotions_total = %v after the client paused, want at least 1", n)
 	}
-	d := kernelDirOf(t, r, false)
 
 	// Small messages now, each read before the next: the first one finds the client caught up and resumes.
 	msg, back := make([]byte, 1024), make([]byte, 1024)
