@@ -18,15 +18,17 @@ func TestParseProcStat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Idle != 1367738+1589 || got.CPUs != 2 {
-		t.Errorf("parseProcStat = %+v; want idle %d (idle+iowait), 2 CPUs", got, 1367738+1589)
+	if got.Idle != 1367738+1589 || got.Softirq != 54885 || got.Ctxt != 987 || got.CPUs != 2 {
+		t.Errorf("parseProcStat = %+v; want idle %d (idle+iowait), softirq 54885, ctxt 987, 2 CPUs", got, 1367738+1589)
 	}
 	for _, bad := range []struct{ name, stat, want string }{
 		{"empty", "", "is not \"cpu user"},
 		{"not cpu first", "intr 1 2\ncpu 1 2 3 4 5\n", "is not \"cpu user"},
-		{"short", "cpu 1 2 3 4\ncpu0 1 2 3 4\n", "is not \"cpu user"},
+		{"short", "cpu 1 2 3 4 5 6\ncpu0 1 2 3 4\n", "is not \"cpu user"},
 		{"not a number", "cpu 1 2 3 x 5 6 7 8\ncpu0 1\n", `"x"`},
 		{"negative", "cpu 1 2 3 4 -5 6 7 8\ncpu0 1\n", `"-5"`},
+		{"bad softirq", "cpu 1 2 3 4 5 6 y 8\ncpu0 1\n", `"y"`},
+		{"bad ctxt", "cpu 1 2 3 4 5 6 7 8\ncpu0 1\nctxt many\n", `ctxt "many"`},
 		{"no per-cpu line", "cpu 1 2 3 4 5 6 7 8\nintr 1\n", "no cpuN line"},
 	} {
 		if _, err := parseProcStat(bad.stat); err == nil || !strings.Contains(err.Error(), bad.want) {

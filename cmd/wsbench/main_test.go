@@ -109,9 +109,10 @@ func TestWorkloadsSmoke(t *testing.T) {
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"throughput", "-duration", "1s", "-url", url + "sink"}, "Gbit/s", "gbit_per_second"},
-		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000"}, "Gbit/s", "gbit_per_second"},
+		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
+		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-size", "65536", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
 		{[]string{"handshakes", "-duration", "1s", "-tunnels", "2"}, "opened/s", "handshakes_per_second"},
-		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-direct", "DIRECT"}, "relay µs/msg", "relay_cpu_us_per_message"},
+		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-rounds", "2", "-direct", "DIRECT", "-pid", fmt.Sprint(os.Getpid())}, "relay adds: machine µs", "relay_cpu_us_per_message"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			jsonPath := filepath.Join(t.TempDir(), "out.json")
@@ -155,12 +156,22 @@ func TestWorkloadsSmoke(t *testing.T) {
 				}
 			}
 			if tc.args[0] == "cpu" {
-				target, _ := out.Result["target"].(map[string]any)
-				if msgs, _ := target["messages"].(float64); msgs <= 0 {
-					t.Errorf("no message measured: %s", b)
+				// -rounds 2 with -direct: D,T,D,T, each with messages, and the relay's spread over 2 pairs.
+				for _, side := range []string{"target", "direct"} {
+					rounds, _ := out.Result[side].([]any)
+					if len(rounds) != 2 {
+						t.Fatalf("%s: %d rounds, want 2: %s", side, len(rounds), b)
+					}
+					for _, r := range rounds {
+						if msgs, _ := r.(map[string]any)["messages"].(float64); msgs <= 0 {
+							t.Errorf("%s: a round without messages: %s", side, b)
+						}
+					}
 				}
-				if _, ok := out.Result["direct"]; !ok {
-					t.Errorf("no direct baseline with -direct: %s", b)
+				for _, key := range []string{"relay_ctxt_per_message", "process_cpu_us_per_message", "process_voluntary_switches_per_message"} {
+					if n, _ := out.Result[key].(map[string]any)["n"].(float64); n != 2 {
+						t.Errorf("%s over %v rounds, want 2: %s", key, n, b)
+					}
 				}
 			}
 			if tc.args[0] == "throughput" {

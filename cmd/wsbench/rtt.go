@@ -21,6 +21,10 @@ type rttWorkload struct {
 	size     int
 	rate     float64
 	duration time.Duration
+	// drain, when positive, lets the round trip in flight when the run ends finish within drain, so that
+	// the tunnel can run again (cpu reuses its tunnels round after round; gorilla gives up on a connection
+	// whose read was cut by a deadline). At zero that read is cut at once.
+	drain time.Duration
 }
 
 func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
@@ -134,7 +138,18 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 		tick = time.NewTicker(time.Duration(float64(time.Second) / w.rate))
 		defer tick.Stop()
 	}
-	stop := context.AfterFunc(ctx, func() { _ = c.SetReadDeadline(time.Unix(1, 0)) })
+	cut := time.Unix(1, 0)
+	if w.drain > 0 {
+		if err := c.SetReadDeadline(time.Time{}); err != nil {
+			return nil, fmt.Errorf("clear read deadline: %w", err)
+		}
+	}
+	stop := context.AfterFunc(ctx, func() {
+		if w.drain > 0 {
+			cut = time.Now().Add(w.drain)
+		}
+		_ = c.SetReadDeadline(cut)
+	})
 	defer stop()
 	for n := 0; ctx.Err() == nil; n++ {
 		if tick != nil {
@@ -151,7 +166,7 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 		}
 		_, got, err := c.ReadMessage()
 		if err != nil {
-			if ctx.Err() != nil {
+			if ctx.Err() != nil && w.drain == 0 {
 				return out, nil // the deadline set when the run ended
 			}
 			return out, fmt.Errorf("read echo %d: %w", n, err)
