@@ -5,7 +5,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS     := -X main.version=$(VERSION)
 
-.PHONY: build run test test-vm lint generate check-generate bench clean
+.PHONY: build run test test-vm lint generate check-generate bench bench-update clean
 
 build:
 	mkdir -p bin
@@ -23,10 +23,14 @@ test:
 test-vm:
 	scripts/vmtest.sh 6.1 6.12
 
-# sockrelay against nginx and HAProxy on this machine; writes docs/bench/RESULTS.md (scripts/bench.sh full
+# sockrelay against nginx and HAProxy on this machine. bench writes its report into a new temporary folder
+# and prints where, leaving the work tree clean; bench-update rewrites docs/bench/ (scripts/bench.sh full
 # for the long run).
 bench:
 	scripts/bench.sh quick
+
+bench-update:
+	scripts/bench.sh quick docs/bench
 
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"slices"
 )
@@ -34,10 +35,20 @@ type boundsViolation struct {
 }
 
 func (v boundsViolation) String() string {
+	way := "below"
 	if v.Better == "higher" {
-		return fmt.Sprintf("%s: %s %.4g is above direct %.4g", v.Row, v.Target, v.Value, v.Direct)
+		way = "above"
 	}
-	return fmt.Sprintf("%s: %s %.4g is below direct %.4g", v.Row, v.Target, v.Value, v.Direct)
+	return fmt.Sprintf("%s: %s %s is %s direct %s", v.Row, v.Target, figure(v.Value), way, figure(v.Direct))
+}
+
+// figure formats a figure of a row: whole numbers from 100 up (µs, handshakes/s), three significant digits
+// below (Gbit/s).
+func figure(v float64) string {
+	if math.Abs(v) >= 100 {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.3g", v)
 }
 
 // checkBounds returns every (row, relay) where the relay did better than direct, in row order and, within a

@@ -24,6 +24,8 @@ func TestCheckBounds(t *testing.T) {
 			[]string{"bulk: nginx 1.5 is above direct 0.69", "bulk: splice 1.25 is above direct 0.69"}, ""},
 		{"relay lower in latency", []boundsRow{down(map[string]float64{"direct": 58, "sockmap": 54, "nginx": 106})},
 			[]string{"p99: sockmap 54 is below direct 58"}, ""},
+		{"large figures in whole numbers", []boundsRow{down(map[string]float64{"direct": 110935.4, "auto": 68626.2})},
+			[]string{"p99: auto 68626 is below direct 110935"}, ""},
 		{"rows keep their order", []boundsRow{down(map[string]float64{"direct": 9, "a": 1}), up(map[string]float64{"direct": 1, "b": 9})},
 			[]string{"p99: a 1 is below direct 9", "bulk: b 9 is above direct 1"}, ""},
 		{"no direct", []boundsRow{up(map[string]float64{"copy": 1})}, nil, `row "bulk" has no direct figure`},

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -135,7 +136,15 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 	var out []time.Duration
 	var tick *time.Ticker
 	if w.rate > 0 {
-		tick = time.NewTicker(time.Duration(float64(time.Second) / w.rate))
+		// Start each tunnel at a random point of its period, so that many tunnels at a fixed rate send
+		// evenly spread messages, not a burst of all of them every period.
+		period := time.Duration(float64(time.Second) / w.rate)
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-time.After(rand.N(period)):
+		}
+		tick = time.NewTicker(period)
 		defer tick.Stop()
 	}
 	cut := time.Unix(1, 0)
