@@ -218,10 +218,10 @@ for t in "${targets[@]}"; do
 	fi
 	bin/wsbench idle -url "$target_url" -tunnels "$n" "${idle_pid_flag[@]}" -settle 2s \
 		-json "$out/json/$t-idle.json" >&2
-	bin/wsbench rtt -url "$target_url" -tunnels 1 -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
+	bin/wsbench rtt -url "$target_url" -tunnels 1 -warmup 500ms -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
 	# 1000 busy tunnels at a fixed rate, 10 messages/s each: below every target's capacity, so p99 is
 	# latency, not queueing behind a closed loop's backlog (where a slower target sends fewer messages).
-	bin/wsbench rtt -url "$target_url" -tunnels 1000 -rate 10 -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
+	bin/wsbench rtt -url "$target_url" -tunnels 1000 -rate 10 -warmup 1s -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
 	bulk bulk64k-sink 65536 sink sink
 	bulk bulk64k-echo 65536 echo bulk
 	bulk bulk1k-sink 1024 sink sink

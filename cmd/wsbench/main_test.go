@@ -105,6 +105,7 @@ func TestWorkloadsSmoke(t *testing.T) {
 	}{
 		{[]string{"rtt", "-tunnels", "4", "-duration", "1s"}, "p99.9", "round_trips_per_second"},
 		{[]string{"rtt", "-tunnels", "2", "-duration", "1s", "-rate", "50", "-size", "1000"}, "p99.9", "rtt"},
+		{[]string{"rtt", "-tunnels", "2", "-duration", "500ms", "-warmup", "500ms", "-rate", "100"}, "p99.9", "rtt"},
 		{[]string{"idle", "-tunnels", "50", "-settle", "200ms"}, "slab/tunnel", "kernel_slab_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
@@ -148,6 +149,14 @@ func TestWorkloadsSmoke(t *testing.T) {
 			if tc.args[0] == "rtt" {
 				if trips, _ := out.Result["round_trips_per_second"].(float64); trips <= 0 {
 					t.Errorf("no round trips measured: %s", b)
+				}
+				// With -warmup, the warm-up's round trips are not counted: 2 tunnels at 100/s for 0.5 s
+				// measured are about 100, not the 200 of the whole second.
+				if slices.Contains(tc.args, "-warmup") {
+					count, _ := out.Result["rtt"].(map[string]any)["count"].(float64)
+					if count < 50 || count > 150 {
+						t.Errorf("%v round trips counted with a 500ms warm-up and 500ms measured; want about 100: %s", count, b)
+					}
 				}
 			}
 			if tc.args[0] == "handshakes" {
@@ -195,6 +204,10 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"rtt", "-url", "ws://x/", "-size", "0"}, "-size: 0; accepted 1 to"},
 		{[]string{"rtt", "-url", "ws://x/", "-rate", "-1"}, "-rate: -1"},
 		{[]string{"rtt", "-url", "ws://x/", "-duration", "0s"}, "-duration: 0s"},
+		{[]string{"rtt", "-url", "ws://x/", "-warmup", "-1s"}, "-warmup: -1s"},
+		{[]string{"cpu", "-url", "ws://x/", "-rounds", "0"}, "-rounds: 0; at least 1"},
+		{[]string{"cpu", "-url", "ws://x/", "-pid", "x"}, `"x" is not a process id`},
+		{[]string{"throughput", "-url", "ws://x/", "-mode", "echo"}, "-mode echo needs an upstream that echoes whole frames"},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, `-pid: "-3" is not a process id`},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "1,x"}, `-pid: "x" is not a process id`},
 		{[]string{"idle", "-url", "ws://x/", "extra"}, `unexpected argument "extra"`},
