@@ -15,7 +15,8 @@
 # stream of whole 64 KiB frames and one of 1 KiB frames, each one way into a sink and both ways through an
 # echo, with the relay's demotions, resumes and fallbacks during each), handshakes (new tunnels per second)
 # and cpu (whole-machine CPU per message at 10 000 messages/s, alternating with the same load sent directly,
-# D,T,D,T,D,T, with the counts that say why). bench_report.py checks that direct bounds every relay and
+# D,T,D,T,D,T, with the counts that say why) and mixed (the idle tunnels, 100 chatty ones and two bulk
+# streams at once). bench_report.py checks that direct bounds every relay and
 # writes the report and the charts from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +48,7 @@ make build >/dev/null
 
 work=$(mktemp -d)
 mkdir -p "$out/json"
-rm -f "$out"/json/*.json # a rerun into the same folder keeps no figure of an earlier run
+rm -f "$out"/json/*.json "$out"/logs/*.log "$out/RESULTS.md" # a rerun into the same folder keeps nothing of an earlier run
 cat /proc/loadavg >"$out/json/loadavg-start.txt"
 pids=()
 cleanup() {
@@ -178,11 +179,16 @@ relay_counts() {
 		}' "$1" "$2"
 }
 
-# bulk NAME SIZE MODE PATH streams one tunnel of SIZE-byte frames for bulk_duration.
+# bulk NAME SIZE MODE PATH streams one tunnel of SIZE-byte frames for bulk_duration. A stream the target
+# cuts (a reset) is a result, not the end of the run: the report shows the row as failed, with the error.
 bulk() {
 	metrics >"$work/before.txt"
-	bin/wsbench throughput -url "${target_url}$4" -size "$2" -mode "$3" -duration "$bulk_duration" \
-		-json "$out/json/$t-$1.json" >&2
+	if ! bin/wsbench throughput -url "${target_url}$4" -size "$2" -mode "$3" -duration "$bulk_duration" \
+		-json "$out/json/$t-$1.json" 2>"$work/bulk.err" >&2; then
+		cat "$work/bulk.err" >&2
+		/usr/bin/python3 -c 'import json, sys; print(json.dumps({"workload": "throughput", "result": {"failed": sys.argv[1]}}))' \
+			"$(grep -m1 'wsbench throughput' "$work/bulk.err" || tail -n1 "$work/bulk.err")" >"$out/json/$t-$1.json"
+	fi
 	if [ -s "$work/before.txt" ]; then
 		metrics >"$work/after.txt"
 		relay_counts "$work/before.txt" "$work/after.txt" >"$out/json/$t-$1-relay.json"
@@ -234,7 +240,18 @@ for t in "${targets[@]}"; do
 		bin/wsbench cpu -url "$target_url" -direct "ws://$upstream/" "${cpu_pid_flag[@]}" -rounds "$cpu_rounds" \
 			-tunnels 100 -rate 10000 -duration "$cpu_duration" -json "$out/json/$t-cpu.json" >&2
 	fi
+	# An edge node's mix at once: the idle tunnels again, 100 chatty ones at 10 messages/s each and two bulk
+	# streams of whole 64 KiB frames.
+	mixed_pid_flag=()
+	[ -n "$target_pids" ] && mixed_pid_flag=(-pid "$target_pids")
+	bin/wsbench mixed -url "$target_url" -tunnels "$n" -chatty 100 -rate 10 -bulk 2 "${mixed_pid_flag[@]}" \
+		-warmup 1s -duration "$duration" -json "$out/json/$t-mixed.json" >&2
 	stop_target "$t"
+	# Keep what a relay logged (at warn level: nothing when all went well), e.g. why it cut a stream.
+	if [ -s "$work/$t.log" ]; then
+		mkdir -p "$out/logs"
+		cp "$work/$t.log" "$out/logs/"
+	fi
 done
 
 /usr/bin/python3 scripts/bench_report.py "$out" "$mode" "${targets[@]}"

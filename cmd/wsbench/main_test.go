@@ -113,6 +113,7 @@ func TestWorkloadsSmoke(t *testing.T) {
 		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
 		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-size", "65536", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
 		{[]string{"handshakes", "-duration", "1s", "-tunnels", "2"}, "opened/s", "handshakes_per_second"},
+		{[]string{"mixed", "-duration", "1s", "-warmup", "200ms", "-tunnels", "20", "-chatty", "4", "-rate", "50", "-pid", fmt.Sprint(os.Getpid())}, "chatty p99", "bulk_gbit_per_second"},
 		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-rounds", "2", "-direct", "DIRECT", "-pid", fmt.Sprint(os.Getpid())}, "relay adds: machine µs", "relay_cpu_us_per_message"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
@@ -183,6 +184,17 @@ func TestWorkloadsSmoke(t *testing.T) {
 					}
 				}
 			}
+			if tc.args[0] == "mixed" {
+				if rtt, _ := out.Result["chatty_rtt"].(map[string]any); rtt["count"].(float64) <= 0 {
+					t.Errorf("no chatty round trip measured: %s", b)
+				}
+				if g, _ := out.Result["bulk_gbit_per_second"].(float64); g <= 0 {
+					t.Errorf("no bulk moved: %s", b)
+				}
+				if rss, _ := out.Result["relay_rss_bytes"].(float64); rss <= 0 {
+					t.Errorf("no RSS with -pid: %s", b)
+				}
+			}
 			if tc.args[0] == "throughput" {
 				if moved, _ := out.Result["bytes"].(float64); moved <= 0 {
 					t.Errorf("no bytes moved: %s", b)
@@ -206,6 +218,9 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"rtt", "-url", "ws://x/", "-duration", "0s"}, "-duration: 0s"},
 		{[]string{"rtt", "-url", "ws://x/", "-warmup", "-1s"}, "-warmup: -1s"},
 		{[]string{"cpu", "-url", "ws://x/", "-rounds", "0"}, "-rounds: 0; at least 1"},
+		{[]string{"mixed", "-url", "ws://x/sink"}, "give the upstream's root"},
+		{[]string{"mixed", "-url", "ws://x/", "-chatty", "0"}, "at least 1 chatty tunnel"},
+		{[]string{"mixed", "-url", "ws://x/", "-duration", "100ms"}, "-duration: 100ms; at least 1s"},
 		{[]string{"cpu", "-url", "ws://x/", "-pid", "x"}, `"x" is not a process id`},
 		{[]string{"throughput", "-url", "ws://x/", "-mode", "echo"}, "-mode echo needs an upstream that echoes whole frames"},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, `-pid: "-3" is not a process id`},
