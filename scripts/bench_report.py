@@ -62,7 +62,11 @@ def spread(s, digits=1):
     """Formats a spread from wsbench cpu's JSON as "median (min–max)"."""
     if s is None:
         return "–"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+    def f(v):
+        text = f"{v:.{digits}f}"
+        return text.lstrip("-") if float(text) == 0 else text  # no "-0.00"
+    return f"{f(s['median'])} ({f(s['min'])}–{f(s['max'])})"
 
 
 def cmd(*args):
