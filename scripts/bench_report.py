@@ -163,9 +163,10 @@ def main():
         for q in ("p50", "p99"):
             rows.append({"name": f"round trip {q} at {label}, µs", "better": "lower",
                          "values": {t: r[t][w]["rtt"][f"{q}_ns"] / 1000 for t in targets}})
-    for q in ("p50", "p99"):
-        rows.append({"name": f"handshake latency {q}, µs", "better": "lower",
-                     "values": {t: r[t]["handshakes"]["latency"][f"{q}_ns"] / 1000 for t in targets}})
+    # Handshakes run in a closed loop that saturates the machine: their p50 follows the rate (8 workers over
+    # handshakes/s), their tail is the scheduler's, so only p50 is a latency direct must bound.
+    rows.append({"name": "handshake latency p50, µs", "better": "lower",
+                 "values": {t: r[t]["handshakes"]["latency"]["p50_ns"] / 1000 for t in targets}})
     valid, verdict = bounds_check(outdir, rows)
 
     lines = ["# sockrelay against nginx and HAProxy", ""]
