@@ -184,16 +184,25 @@ relay_counts() {
 		}' "$1" "$2"
 }
 
-# bulk NAME SIZE MODE PATH streams one tunnel of SIZE-byte frames for bulk_duration. A stream the target
-# cuts (a reset) is a result, not the end of the run: the report shows the row as failed, with the error.
+# may_fail NAME WORKLOAD FLAGS... runs bin/wsbench WORKLOAD FLAGS... -json into NAME's file. A stream the
+# target cuts (a reset) is a result, not the end of the run: the JSON then says {"failed": the error}, and
+# the report shows the row as failed.
+may_fail() {
+	local name=$1 workload=$2
+	shift 2
+	if ! bin/wsbench "$workload" "$@" -json "$out/json/$t-$name.json" 2>"$work/wsbench.err" >&2; then
+		cat "$work/wsbench.err" >&2
+		/usr/bin/python3 -c 'import json, sys; print(json.dumps({"workload": sys.argv[1], "result": {"failed": sys.argv[2]}}))' \
+			"$workload" "$(grep -m1 "wsbench $workload" "$work/wsbench.err" || tail -n1 "$work/wsbench.err")" \
+			>"$out/json/$t-$name.json"
+	fi
+}
+
+# bulk NAME SIZE MODE PATH streams one tunnel of SIZE-byte frames for bulk_duration, and keeps how the
+# relay's datapath counters grew meanwhile.
 bulk() {
 	metrics >"$work/before.txt"
-	if ! bin/wsbench throughput -url "${target_url}$4" -size "$2" -mode "$3" -duration "$bulk_duration" \
-		-json "$out/json/$t-$1.json" 2>"$work/bulk.err" >&2; then
-		cat "$work/bulk.err" >&2
-		/usr/bin/python3 -c 'import json, sys; print(json.dumps({"workload": "throughput", "result": {"failed": sys.argv[1]}}))' \
-			"$(grep -m1 'wsbench throughput' "$work/bulk.err" || tail -n1 "$work/bulk.err")" >"$out/json/$t-$1.json"
-	fi
+	may_fail "$1" throughput -url "${target_url}$4" -size "$2" -mode "$3" -duration "$bulk_duration"
 	if [ -s "$work/before.txt" ]; then
 		metrics >"$work/after.txt"
 		relay_counts "$work/before.txt" "$work/after.txt" >"$out/json/$t-$1-relay.json"
@@ -249,8 +258,8 @@ for t in "${targets[@]}"; do
 	# streams of whole 64 KiB frames.
 	mixed_pid_flag=()
 	[ -n "$target_pids" ] && mixed_pid_flag=(-pid "$target_pids")
-	bin/wsbench mixed -url "$target_url" -tunnels "$n" -chatty 100 -rate 10 -bulk 2 "${mixed_pid_flag[@]}" \
-		-warmup 1s -duration "$duration" -json "$out/json/$t-mixed.json" >&2
+	may_fail mixed mixed -url "$target_url" -tunnels "$n" -chatty 100 -rate 10 -bulk 2 "${mixed_pid_flag[@]}" \
+		-warmup 1s -duration "$duration"
 	stop_target "$t"
 	# Keep what a relay logged (at warn level: nothing when all went well), e.g. why it cut a stream.
 	if [ -s "$work/$t.log" ]; then
