@@ -84,8 +84,8 @@ type spread struct {
 	N      int     `json:"n"`
 }
 
-// spreadOf sorts nothing in place: it returns v's median (the mean of the middle two for an even count),
-// min and max. An empty v gives zeros.
+// spreadOf returns v's median (the mean of the middle two for an even count), min and max, leaving v as it
+// was. An empty v gives zeros.
 func spreadOf(v []float64) spread {
 	if len(v) == 0 {
 		return spread{}
