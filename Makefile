@@ -6,7 +6,7 @@ VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 
 COMMIT      ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS     := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: build release run test test-vm lint generate check-generate bench clean
+.PHONY: build release run test test-vm lint generate check-generate bench bench-update clean
 
 build:
 	mkdir -p bin
@@ -29,10 +29,14 @@ test:
 test-vm:
 	scripts/vmtest.sh 6.1 6.12
 
-# sockrelay against nginx and HAProxy on this machine; writes docs/bench/RESULTS.md (scripts/bench.sh full
+# sockrelay against nginx and HAProxy on this machine. bench writes its report into a new temporary folder
+# and prints where, leaving the work tree clean; bench-update rewrites docs/bench/ (scripts/bench.sh full
 # for the long run).
 bench:
 	scripts/bench.sh quick
+
+bench-update:
+	scripts/bench.sh quick docs/bench
 
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \

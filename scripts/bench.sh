@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# make bench: sockrelay on each datapath this host runs, nginx and HAProxy, and the upstream directly, all
-# on this machine in one run, with the same load generator (bin/wsbench) and the same echo upstream
-# (bin/wsecho). Writes docs/bench/RESULTS.md and the JSON of every measurement under docs/bench/json/.
+# make bench: sockrelay on each datapath this host runs (and auto), nginx and HAProxy, and the upstream
+# directly, all on this machine in one run, with the same load generator (bin/wsbench) and the same echo
+# upstream (bin/wsecho). Writes RESULTS.md, the charts and the JSON of every measurement into OUTDIR: by
+# default a new temporary folder, printed at the end, so the work tree stays clean; make bench-update passes
+# docs/bench.
 #
-#   scripts/bench.sh [quick|full]     quick (default) takes about 3 minutes on 2 cores
+#   scripts/bench.sh [quick|full|smoke] [OUTDIR]     quick (default) takes about 4 minutes on 2 cores
 #
-# Workloads: idle (memory per idle tunnel), rtt (32-byte round trips at 1 and at 1000 tunnels), throughput
-# (one stream of 64 KiB messages, one way), handshakes (new tunnels per second) and cpu (whole-machine CPU
-# per message at 10 000 messages/s, less the same load sent directly, measured just before in the same call).
-# The charts (docs/bench/*.svg) are drawn from the same JSON by bench_report.py.
+# smoke runs every workload for a second or so, to check this script and the report, not to measure;
+# BENCH_TARGETS="direct sockrelay-copy nginx" runs only those targets (direct must be among them).
+#
+# Workloads: idle (memory per idle tunnel), rtt (32-byte round trips: one tunnel in a closed loop, 1000
+# tunnels at 10 messages/s each), bulk (one
+# stream of whole 64 KiB frames and one of 1 KiB frames, each one way into a sink and both ways through an
+# echo, with the relay's demotions, resumes and fallbacks during each), handshakes (new tunnels per second)
+# and cpu (whole-machine CPU per message at 10 000 messages/s, alternating with the same load sent directly,
+# D,T,D,T,D,T, with the counts that say why) and mixed (the idle tunnels, 100 chatty ones and two bulk
+# streams at once). bench_report.py checks that direct bounds every relay and
+# writes the report and the charts from the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=${1:-quick}
 case "$mode" in
-quick) duration=3s idle_tunnels=3000 ;;
-full) duration=20s idle_tunnels=9000 ;;
+quick) duration=2s bulk_duration=2s cpu_duration=1s cpu_rounds=3 idle_tunnels=3000 ;;
+full) duration=20s bulk_duration=10s cpu_duration=5s cpu_rounds=5 idle_tunnels=9000 ;;
+smoke) duration=1s bulk_duration=1s cpu_duration=1s cpu_rounds=2 idle_tunnels=200 ;;
 *)
-	echo "usage: scripts/bench.sh [quick|full]" >&2
+	echo "usage: scripts/bench.sh [quick|full|smoke] [OUTDIR]" >&2
 	exit 2
 	;;
 esac
+out=${2:-$(mktemp -d /tmp/sockrelay-bench.XXXXXX)}
 
 if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
 	if [ "$(id -u)" -ne 0 ]; then
@@ -33,11 +44,17 @@ if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
 	# Debian starts both as services on their default ports; this benchmark runs its own.
 	systemctl stop nginx haproxy 2>/dev/null || true
 fi
+# wsbench cpu counts work-queue executions in a trace instance of its own; a machine that boots without
+# tracefs mounted gets it mounted (as root), otherwise the report says the count was left out and why.
+if [ ! -d /sys/kernel/tracing/instances ] && [ "$(id -u)" -eq 0 ] && grep -qw tracefs /proc/filesystems; then
+	mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
 make build >/dev/null
 
 work=$(mktemp -d)
-out=docs/bench
 mkdir -p "$out/json"
+rm -f "$out"/json/*.json "$out"/logs/*.log "$out/RESULTS.md" # a rerun into the same folder keeps nothing of an earlier run
+cat /proc/loadavg >"$out/json/loadavg-start.txt"
 pids=()
 cleanup() {
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -103,7 +120,7 @@ start_target() {
 	sockrelay-*)
 		local dp=${1#sockrelay-}
 		bin/sockrelay run --listen 127.0.0.1:18081 --upstream "$upstream" --datapath "$dp" --log-level warn \
-			2>"$work/$1.log" &
+			--admin "$admin" 2>"$work/$1.log" &
 		target_pid=$!
 		pids+=("$target_pid")
 		target_url="ws://127.0.0.1:18081/"
@@ -141,6 +158,57 @@ stop_target() {
 	esac
 }
 
+# metrics prints a sockrelay target's /metrics (bash's /dev/tcp: no curl needed); nothing for the others.
+admin=127.0.0.1:18091
+metrics() {
+	case "$t" in sockrelay-*) ;; *) return 0 ;; esac
+	exec 3<>"/dev/tcp/${admin%:*}/${admin##*:}"
+	printf 'GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n' "$admin" >&3
+	cat <&3
+	exec 3<&-
+}
+
+# relay_counts BEFORE AFTER prints, as JSON, how much the relay's datapath counters grew between two
+# /metrics snapshots, summed over their labels.
+relay_counts() {
+	awk -v after="$2" '
+		/^sockrelay_(kernel_demotions|kernel_resumes|kernel_repeats_cut|datapath_fallbacks)_total[{ ]/ {
+			split($1, k, "{")
+			if (FILENAME == after) a[k[1]] += $NF; else b[k[1]] += $NF
+			seen[k[1]] = 1
+		}
+		END {
+			printf "{"; sep = ""
+			for (n in seen) { printf "%s\"%s\": %d", sep, n, a[n] - b[n]; sep = ", " }
+			print "}"
+		}' "$1" "$2"
+}
+
+# may_fail NAME WORKLOAD FLAGS... runs bin/wsbench WORKLOAD FLAGS... -json into NAME's file. A stream the
+# target cuts (a reset) is a result, not the end of the run: the JSON then says {"failed": the error}, and
+# the report shows the row as failed.
+may_fail() {
+	local name=$1 workload=$2
+	shift 2
+	if ! bin/wsbench "$workload" "$@" -json "$out/json/$t-$name.json" 2>"$work/wsbench.err" >&2; then
+		cat "$work/wsbench.err" >&2
+		/usr/bin/python3 -c 'import json, sys; print(json.dumps({"workload": sys.argv[1], "result": {"failed": sys.argv[2]}}))' \
+			"$workload" "$(grep -m1 "wsbench $workload" "$work/wsbench.err" || tail -n1 "$work/wsbench.err")" \
+			>"$out/json/$t-$name.json"
+	fi
+}
+
+# bulk NAME SIZE MODE PATH streams one tunnel of SIZE-byte frames for bulk_duration, and keeps how the
+# relay's datapath counters grew meanwhile.
+bulk() {
+	metrics >"$work/before.txt"
+	may_fail "$1" throughput -url "${target_url}$4" -size "$2" -mode "$3" -duration "$bulk_duration"
+	if [ -s "$work/before.txt" ]; then
+		metrics >"$work/after.txt"
+		relay_counts "$work/before.txt" "$work/after.txt" >"$out/json/$t-$1-relay.json"
+	fi
+}
+
 targets=(direct)
 bin/sockrelay doctor >"$work/doctor.txt"
 for dp in sockmap splice copy; do
@@ -151,7 +219,10 @@ for dp in sockmap splice copy; do
 		cat "$work/doctor.txt" >&2
 	fi
 done
-targets+=(nginx haproxy)
+targets+=(sockrelay-auto nginx haproxy)
+if [ -n "${BENCH_TARGETS:-}" ]; then
+	read -ra targets <<<"$BENCH_TARGETS"
+fi
 
 for t in "${targets[@]}"; do
 	echo "== $t" >&2
@@ -160,21 +231,43 @@ for t in "${targets[@]}"; do
 	idle_pid_flag=()
 	[ -n "$target_pids" ] && idle_pid_flag=(-pid "$target_pids")
 	n=$idle_tunnels
-	# splice holds two pipes per tunnel: 6 descriptors, so at most 3000 tunnels fit a 20 000 limit.
-	[ "$t" = sockrelay-splice ] && n=$((n < 3000 ? n : 3000))
-	bin/wsbench idle -url "$target_url" -tunnels "$n" "${idle_pid_flag[@]}" -settle 3s \
+	# splice holds two pipes per tunnel: 6 descriptors, so at most 3000 tunnels fit a 20 000 limit; auto
+	# too where it cannot take sockmap.
+	if [ "$t" = sockrelay-splice ] || { [ "$t" = sockrelay-auto ] && ! grep -q "^  sockmap *available" "$work/doctor.txt"; }; then
+		n=$((n < 3000 ? n : 3000))
+	fi
+	bin/wsbench idle -url "$target_url" -tunnels "$n" "${idle_pid_flag[@]}" -settle 2s \
 		-json "$out/json/$t-idle.json" >&2
-	bin/wsbench rtt -url "$target_url" -tunnels 1 -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
-	bin/wsbench rtt -url "$target_url" -tunnels 1000 -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
-	bin/wsbench throughput -url "${target_url}sink" -duration "$duration" -json "$out/json/$t-throughput.json" >&2
+	bin/wsbench rtt -url "$target_url" -tunnels 1 -warmup 500ms -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
+	# 1000 busy tunnels at a fixed rate, 10 messages/s each: below every target's capacity, so p99 is
+	# latency, not queueing behind a closed loop's backlog (where a slower target sends fewer messages).
+	bin/wsbench rtt -url "$target_url" -tunnels 1000 -rate 10 -warmup 1s -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
+	bulk bulk64k-sink 65536 sink sink
+	bulk bulk64k-echo 65536 echo bulk
+	bulk bulk1k-sink 1024 sink sink
+	bulk bulk1k-echo 1024 echo bulk
 	bin/wsbench handshakes -url "$target_url" -duration "$duration" -json "$out/json/$t-handshakes.json" >&2
-	# The direct baseline is measured again beside each target, so both see the same machine state.
-	direct_flag=()
-	[ "$t" != direct ] && direct_flag=(-direct "ws://$upstream/")
-	bin/wsbench cpu -url "$target_url" "${direct_flag[@]}" -tunnels 100 -rate 10000 -duration "$duration" \
-		-json "$out/json/$t-cpu.json" >&2
+	# The direct baseline alternates with the target, D,T,D,T,D,T, so both see the same machine state.
+	if [ "$t" != direct ]; then
+		cpu_pid_flag=()
+		[ -n "$target_pids" ] && cpu_pid_flag=(-pid "$target_pids")
+		bin/wsbench cpu -url "$target_url" -direct "ws://$upstream/" "${cpu_pid_flag[@]}" -rounds "$cpu_rounds" \
+			-tunnels 100 -rate 10000 -duration "$cpu_duration" -json "$out/json/$t-cpu.json" >&2
+	fi
+	# An edge node's mix at once: the idle tunnels again, 100 chatty ones at 10 messages/s each and two bulk
+	# streams of whole 64 KiB frames.
+	mixed_pid_flag=()
+	[ -n "$target_pids" ] && mixed_pid_flag=(-pid "$target_pids")
+	may_fail mixed mixed -url "$target_url" -tunnels "$n" -chatty 100 -rate 10 -bulk 2 "${mixed_pid_flag[@]}" \
+		-warmup 1s -duration "$duration"
 	stop_target "$t"
+	# Keep what a relay logged (at warn level: nothing when all went well), e.g. why it cut a stream.
+	if [ -s "$work/$t.log" ]; then
+		mkdir -p "$out/logs"
+		cp "$work/$t.log" "$out/logs/"
+	fi
 done
 
 /usr/bin/python3 scripts/bench_report.py "$out" "$mode" "${targets[@]}"
-echo "wrote $out/RESULTS.md" >&2
+echo "wrote $out/RESULTS.md; its first lines say whether the run is valid:" >&2
+sed -n '3,4p' "$out/RESULTS.md" >&2

@@ -30,20 +30,29 @@ func parseIdle(args []string, stderr io.Writer) (*idleWorkload, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	for _, f := range strings.FieldsFunc(pids, func(r rune) bool { return r == ',' || r == ' ' }) {
-		pid, err := strconv.Atoi(f)
-		if err != nil || pid <= 0 {
-			return nil, "", fmt.Errorf("-pid: %q is not a process id; give one or more, comma-separated", f)
-		}
-		if _, err := procRSS(pid); err != nil {
-			return nil, "", fmt.Errorf("-pid: %w", err)
-		}
-		w.pids = append(w.pids, pid)
+	if w.pids, err = parsePIDs(pids); err != nil {
+		return nil, "", fmt.Errorf("-pid: %w", err)
 	}
 	if w.settle < 0 {
 		return nil, "", fmt.Errorf("-settle: %v; 0 or more", w.settle)
 	}
 	return w, w.jsonPath, nil
+}
+
+// parsePIDs parses a -pid flag: process ids, comma-separated, of processes that exist.
+func parsePIDs(v string) ([]int, error) {
+	var pids []int
+	for _, f := range strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' }) {
+		pid, err := strconv.Atoi(f)
+		if err != nil || pid <= 0 {
+			return nil, fmt.Errorf("%q is not a process id; give one or more, comma-separated", f)
+		}
+		if _, err := procRSS(pid); err != nil {
+			return nil, err
+		}
+		pids = append(pids, pid)
+	}
+	return pids, nil
 }
 
 // idleResult is what idle measured. The per-tunnel figures are the growth over the second half of the

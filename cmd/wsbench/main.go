@@ -5,15 +5,20 @@
 //	wsbench idle -url ws://127.0.0.1:8080/ [-tunnels 1000] [-pid PID[,PID...]] [-settle 2s]
 //	wsbench throughput -url ws://127.0.0.1:8080/sink [-tunnels 1] [-size 65536] [-mode sink|echo] [-duration 5s]
 //	wsbench handshakes -url ws://127.0.0.1:8080/ [-tunnels 8] [-duration 5s]
-//	wsbench cpu  -url ws://127.0.0.1:8080/ [-direct ws://127.0.0.1:9000/] [-tunnels 100] [-rate 10000] [-duration 5s]
+//	wsbench cpu  -url ws://127.0.0.1:8080/ [-direct ws://127.0.0.1:9000/] [-rounds 3] [-pid PID[,PID...]] [-tunnels 100] [-rate 10000] [-duration 5s]
+//	wsbench mixed -url ws://127.0.0.1:8080/ [-tunnels 1000] [-chatty 100] [-rate 10] [-bulk 2] [-pid PID[,PID...]] [-duration 5s]
+//	wsbench bounds FILE
 //
 // rtt: each tunnel sends a message and waits for its echo, in a closed loop or at -rate messages per second
 // per tunnel; it reports p50, p90, p99, p99.9 and max round trip. idle: opens and holds idle tunnels and
 // reports what each costs the relay whose processes are given (their summed RSS) and the kernel (TCP memory in
-// /proc/net/sockstat). throughput: streams large messages, one way into wsecho's /sink or both ways through
-// its echo, and reports Gbit/s. handshakes: -tunnels workers open and close tunnels one after another and
+// /proc/net/sockstat). throughput: streams messages, each one whole frame built and masked before the run and
+// written many at a time, one way into wsecho's /sink or both ways through its /bulk echo, and reports
+// Gbit/s of payload. handshakes: -tunnels workers open and close tunnels one after another and
 // it reports tunnels opened per second and handshake latency. cpu: at a fixed message rate, the whole
-// machine's CPU time per message (/proc/stat), less that of the same load sent directly with -direct. Runs longer than a few seconds print progress on stderr.
+// machine's CPU time per message (/proc/stat), less that of the same load sent directly with -direct, in
+// alternating rounds, with counts that say why (see cpuWorkload). mixed: idle, chatty and bulk tunnels at
+// once (see mixedWorkload). bounds: whether direct bounds every relay in a run (see checkBounds). Runs longer than a few seconds print progress on stderr.
 package main
 
 import (
@@ -35,6 +40,9 @@ workloads:
   throughput  large messages streamed one way (-mode sink) or both ways (-mode echo): Gbit/s
   handshakes  new tunnels per second and handshake latency
   cpu    whole-machine CPU time per message at a fixed rate, less the same load sent directly (-direct)
+  mixed  idle, chatty and bulk tunnels at once: CPU, RSS, slab, the chatty tunnels' p99, the bulk rate
+
+wsbench bounds FILE checks that direct bounds every relay in a run's rows (JSON; exit 3 when not).
 
 wsbench WORKLOAD -h lists a workload's flags.
 `
@@ -77,6 +85,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		w, jsonPath, err = parseHandshakes(args[1:], stderr)
 	case "cpu":
 		w, jsonPath, err = parseCPU(args[1:], stderr)
+	case "mixed":
+		w, jsonPath, err = parseMixed(args[1:], stderr)
+	case "bounds":
+		return runBounds(args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -105,13 +105,16 @@ func TestWorkloadsSmoke(t *testing.T) {
 	}{
 		{[]string{"rtt", "-tunnels", "4", "-duration", "1s"}, "p99.9", "round_trips_per_second"},
 		{[]string{"rtt", "-tunnels", "2", "-duration", "1s", "-rate", "50", "-size", "1000"}, "p99.9", "rtt"},
+		{[]string{"rtt", "-tunnels", "2", "-duration", "500ms", "-warmup", "500ms", "-rate", "100"}, "p99.9", "rtt"},
 		{[]string{"idle", "-tunnels", "50", "-settle", "200ms"}, "slab/tunnel", "kernel_slab_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"throughput", "-duration", "1s", "-url", url + "sink"}, "Gbit/s", "gbit_per_second"},
-		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000"}, "Gbit/s", "gbit_per_second"},
+		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
+		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-size", "65536", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
 		{[]string{"handshakes", "-duration", "1s", "-tunnels", "2"}, "opened/s", "handshakes_per_second"},
-		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-direct", "DIRECT"}, "relay µs/msg", "relay_cpu_us_per_message"},
+		{[]string{"mixed", "-duration", "1s", "-warmup", "200ms", "-tunnels", "20", "-chatty", "4", "-rate", "50", "-pid", fmt.Sprint(os.Getpid())}, "chatty p99", "bulk_gbit_per_second"},
+		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-rounds", "2", "-direct", "DIRECT", "-pid", fmt.Sprint(os.Getpid())}, "relay adds: machine µs", "relay_cpu_us_per_message"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			jsonPath := filepath.Join(t.TempDir(), "out.json")
@@ -148,6 +151,14 @@ func TestWorkloadsSmoke(t *testing.T) {
 				if trips, _ := out.Result["round_trips_per_second"].(float64); trips <= 0 {
 					t.Errorf("no round trips measured: %s", b)
 				}
+				// With -warmup, the warm-up's round trips are not counted: 2 tunnels at 100/s for 0.5 s
+				// measured are about 100, not the 200 of the whole second.
+				if slices.Contains(tc.args, "-warmup") {
+					count, _ := out.Result["rtt"].(map[string]any)["count"].(float64)
+					if count < 50 || count > 150 {
+						t.Errorf("%v round trips counted with a 500ms warm-up and 500ms measured; want about 100: %s", count, b)
+					}
+				}
 			}
 			if tc.args[0] == "handshakes" {
 				if opened, _ := out.Result["latency"].(map[string]any)["count"].(float64); opened <= 0 {
@@ -155,12 +166,33 @@ func TestWorkloadsSmoke(t *testing.T) {
 				}
 			}
 			if tc.args[0] == "cpu" {
-				target, _ := out.Result["target"].(map[string]any)
-				if msgs, _ := target["messages"].(float64); msgs <= 0 {
-					t.Errorf("no message measured: %s", b)
+				// -rounds 2 with -direct: D,T,D,T, each with messages, and the relay's spread over 2 pairs.
+				for _, side := range []string{"target", "direct"} {
+					rounds, _ := out.Result[side].([]any)
+					if len(rounds) != 2 {
+						t.Fatalf("%s: %d rounds, want 2: %s", side, len(rounds), b)
+					}
+					for _, r := range rounds {
+						if msgs, _ := r.(map[string]any)["messages"].(float64); msgs <= 0 {
+							t.Errorf("%s: a round without messages: %s", side, b)
+						}
+					}
 				}
-				if _, ok := out.Result["direct"]; !ok {
-					t.Errorf("no direct baseline with -direct: %s", b)
+				for _, key := range []string{"relay_ctxt_per_message", "process_cpu_us_per_message", "process_voluntary_switches_per_message"} {
+					if n, _ := out.Result[key].(map[string]any)["n"].(float64); n != 2 {
+						t.Errorf("%s over %v rounds, want 2: %s", key, n, b)
+					}
+				}
+			}
+			if tc.args[0] == "mixed" {
+				if rtt, _ := out.Result["chatty_rtt"].(map[string]any); rtt["count"].(float64) <= 0 {
+					t.Errorf("no chatty round trip measured: %s", b)
+				}
+				if g, _ := out.Result["bulk_gbit_per_second"].(float64); g <= 0 {
+					t.Errorf("no bulk moved: %s", b)
+				}
+				if rss, _ := out.Result["relay_rss_bytes"].(float64); rss <= 0 {
+					t.Errorf("no RSS with -pid: %s", b)
 				}
 			}
 			if tc.args[0] == "throughput" {
@@ -184,6 +216,13 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"rtt", "-url", "ws://x/", "-size", "0"}, "-size: 0; accepted 1 to"},
 		{[]string{"rtt", "-url", "ws://x/", "-rate", "-1"}, "-rate: -1"},
 		{[]string{"rtt", "-url", "ws://x/", "-duration", "0s"}, "-duration: 0s"},
+		{[]string{"rtt", "-url", "ws://x/", "-warmup", "-1s"}, "-warmup: -1s"},
+		{[]string{"cpu", "-url", "ws://x/", "-rounds", "0"}, "-rounds: 0; at least 1"},
+		{[]string{"mixed", "-url", "ws://x/sink"}, "give the upstream's root"},
+		{[]string{"mixed", "-url", "ws://x/", "-chatty", "0"}, "at least 1 chatty tunnel"},
+		{[]string{"mixed", "-url", "ws://x/", "-duration", "100ms"}, "-duration: 100ms; at least 1s"},
+		{[]string{"cpu", "-url", "ws://x/", "-pid", "x"}, `"x" is not a process id`},
+		{[]string{"throughput", "-url", "ws://x/", "-mode", "echo"}, "-mode echo needs an upstream that echoes whole frames"},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "-3"}, `-pid: "-3" is not a process id`},
 		{[]string{"idle", "-url", "ws://x/", "-pid", "1,x"}, `-pid: "x" is not a process id`},
 		{[]string{"idle", "-url", "ws://x/", "extra"}, `unexpected argument "extra"`},

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +22,16 @@ type rttWorkload struct {
 	size     int
 	rate     float64
 	duration time.Duration
+	// warmup is run before duration and not measured: just after 1000 tunnels open, the first round trips
+	// wait on the load generator's and the upstream's start-up (goroutine stacks, the collector), which put
+	// direct's p99 above a relay's in one run of two.
+	warmup time.Duration
+	// measureFrom is when round trips start to count: the end of warmup.
+	measureFrom time.Time
+	// drain, when positive, lets the round trip in flight when the run ends finish within drain, so that
+	// the tunnel can run again (cpu reuses its tunnels round after round; gorilla gives up on a connection
+	// whose read was cut by a deadline). At zero that read is cut at once.
+	drain time.Duration
 }
 
 func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
@@ -29,6 +40,7 @@ func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
 		fs.IntVar(&w.size, "size", 32, "message size in `BYTES`")
 		fs.Float64Var(&w.rate, "rate", 0, "messages per second per tunnel; 0 sends the next as soon as the echo is back")
 		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to measure")
+		fs.DurationVar(&w.warmup, "warmup", 0, "how long to run first, unmeasured")
 	})
 	if err != nil {
 		return nil, "", err
@@ -40,6 +52,8 @@ func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
 		return nil, "", fmt.Errorf("-rate: %v; 0 (closed loop) or a positive rate", w.rate)
 	case w.duration <= 0:
 		return nil, "", fmt.Errorf("-duration: %v; a positive duration, e.g. 5s", w.duration)
+	case w.warmup < 0:
+		return nil, "", fmt.Errorf("-warmup: %v; 0 or more", w.warmup)
 	}
 	return w, w.jsonPath, nil
 }
@@ -68,7 +82,13 @@ func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 		mu    sync.Mutex
 		all   []time.Duration
 	)
-	elapsed, err := runTunnels(ctx, w.url, w.tunnels, w.duration, progress,
+	conns, err := dialAll(ctx, w.url, w.tunnels, progress)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(conns)
+	w.measureFrom = time.Now().Add(w.warmup)
+	elapsed, err := runConns(ctx, conns, w.warmup+w.duration, progress,
 		func() string { return fmt.Sprintf("%d round trips", trips.Load()) },
 		func(ctx context.Context, i int, c *websocket.Conn) error {
 			d, err := w.pingPong(ctx, c, i, &trips)
@@ -80,8 +100,9 @@ func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 	if err != nil {
 		return nil, err
 	}
-	return &rttResult{Tunnels: w.tunnels, Size: w.size, Rate: w.rate, Seconds: elapsed.Seconds(),
-		PerSecond: float64(len(all)) / elapsed.Seconds(), RTT: summarize(all)}, nil
+	measured := elapsed - w.warmup
+	return &rttResult{Tunnels: w.tunnels, Size: w.size, Rate: w.rate, Seconds: measured.Seconds(),
+		PerSecond: float64(len(all)) / measured.Seconds(), RTT: summarize(all)}, nil
 }
 
 // runTunnels opens n tunnels to url, runs them with runConns and closes them.
@@ -131,10 +152,29 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 	var out []time.Duration
 	var tick *time.Ticker
 	if w.rate > 0 {
-		tick = time.NewTicker(time.Duration(float64(time.Second) / w.rate))
+		// Start each tunnel at a random point of its period, so that many tunnels at a fixed rate send
+		// evenly spread messages, not a burst of all of them every period.
+		period := time.Duration(float64(time.Second) / w.rate)
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-time.After(rand.N(period)):
+		}
+		tick = time.NewTicker(period)
 		defer tick.Stop()
 	}
-	stop := context.AfterFunc(ctx, func() { _ = c.SetReadDeadline(time.Unix(1, 0)) })
+	cut := time.Unix(1, 0)
+	if w.drain > 0 {
+		if err := c.SetReadDeadline(time.Time{}); err != nil {
+			return nil, fmt.Errorf("clear read deadline: %w", err)
+		}
+	}
+	stop := context.AfterFunc(ctx, func() {
+		if w.drain > 0 {
+			cut = time.Now().Add(w.drain)
+		}
+		_ = c.SetReadDeadline(cut)
+	})
 	defer stop()
 	for n := 0; ctx.Err() == nil; n++ {
 		if tick != nil {
@@ -151,16 +191,20 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 		}
 		_, got, err := c.ReadMessage()
 		if err != nil {
-			if ctx.Err() != nil {
+			if ctx.Err() != nil && w.drain == 0 {
 				return out, nil // the deadline set when the run ended
 			}
 			return out, fmt.Errorf("read echo %d: %w", n, err)
 		}
-		out = append(out, time.Since(t0))
-		trips.Add(1)
+		d := time.Since(t0)
 		if !bytes.Equal(got, msg) {
 			return out, fmt.Errorf("echo %d differs from the message sent", n)
 		}
+		if t0.Before(w.measureFrom) {
+			continue // warming up
+		}
+		out = append(out, d)
+		trips.Add(1)
 	}
 	return out, nil
 }

@@ -119,7 +119,8 @@ func parseMeminfoSlab(meminfo string) (int64, error) {
 const clockTicksPerSecond = 100
 
 // cpuTimes is a reading of /proc/stat: the idle time of all CPUs together (idle plus iowait, in clock
-// ticks), how many CPUs it covers, and when it was read.
+// ticks), their softirq time (ticks), the context switches since boot, how many CPUs it covers, and when it
+// was read.
 //
 // Busy time is derived as wall time × CPUs − idle, not summed from the user, system and softirq fields:
 // on a tickless kernel with tick-based accounting (this project's VMs: NO_HZ_IDLE, TICK_CPU_ACCOUNTING)
@@ -127,10 +128,13 @@ const clockTicksPerSecond = 100
 // never sampled busy, so they undercount exactly the short bursts of a relay (measured here: 0.5% busy for
 // a load that was not). Idle time is measured precisely at each idle entry and exit. Either way the
 // figure is the whole machine's, so it includes the softirq work a sockmap relay does for no process.
+// Softirq is kept anyway, sampled as it is: it says where the time went, not how much there was.
 type cpuTimes struct {
-	Idle int64
-	CPUs int
-	At   time.Time
+	Idle    int64
+	Softirq int64
+	Ctxt    int64
+	CPUs    int
+	At      time.Time
 }
 
 func readCPUTimes() (cpuTimes, error) {
@@ -143,23 +147,33 @@ func readCPUTimes() (cpuTimes, error) {
 	return t, err
 }
 
-// parseProcStat reads the total idle and iowait ticks from the "cpu" line and counts the "cpuN" lines.
+// parseProcStat reads the total idle, iowait and softirq ticks from the "cpu" line, the "ctxt" line, and
+// counts the "cpuN" lines.
 func parseProcStat(stat string) (cpuTimes, error) {
 	var t cpuTimes
 	for i, line := range strings.Split(stat, "\n") {
 		f := strings.Fields(line)
 		if i == 0 {
-			if len(f) < 6 || f[0] != "cpu" {
-				return cpuTimes{}, fmt.Errorf("/proc/stat: first line %q is not \"cpu user nice system idle iowait ...\"", line)
+			if len(f) < 8 || f[0] != "cpu" {
+				return cpuTimes{}, fmt.Errorf("/proc/stat: first line %q is not \"cpu user nice system idle iowait irq softirq ...\"", line)
 			}
-			for _, v := range f[4:6] {
+			var ticks [3]int64
+			for j, v := range []string{f[4], f[5], f[7]} {
 				n, err := strconv.ParseInt(v, 10, 64)
 				if err != nil || n < 0 {
-					return cpuTimes{}, fmt.Errorf("/proc/stat: idle or iowait %q in %q is not a tick count", v, line)
+					return cpuTimes{}, fmt.Errorf("/proc/stat: idle, iowait or softirq %q in %q is not a tick count", v, line)
 				}
-				t.Idle += n
+				ticks[j] = n
 			}
+			t.Idle, t.Softirq = ticks[0]+ticks[1], ticks[2]
 			continue
+		}
+		if len(f) == 2 && f[0] == "ctxt" {
+			n, err := strconv.ParseInt(f[1], 10, 64)
+			if err != nil || n < 0 {
+				return cpuTimes{}, fmt.Errorf("/proc/stat: ctxt %q is not a count", f[1])
+			}
+			t.Ctxt = n
 		}
 		if len(f) > 0 && strings.HasPrefix(f[0], "cpu") {
 			t.CPUs++

@@ -29,7 +29,8 @@ ws.onerror = () => { document.getElementById("out").textContent = "websocket fai
 // SinkPath is the path on which the server discards what it receives instead of echoing it.
 const SinkPath = "/sink"
 
-// Handler echoes WebSocket messages on every path but SinkPath and serves the page to plain GETs.
+// Handler echoes WebSocket messages on every path but SinkPath (which discards them) and BulkPath (which
+// echoes frames in large batches), and serves the page to plain GETs.
 func Handler(log *slog.Logger) http.Handler {
 	upgrader := websocket.Upgrader{
 		ReadBufferSize:  4096,
@@ -48,13 +49,17 @@ func Handler(log *slog.Logger) http.Handler {
 			return // Upgrade has answered the client
 		}
 		defer c.Close()
-		if r.URL.Path == SinkPath {
-			// One-way streams (wsbench throughput -mode sink): read and discard, answer nothing.
-			for {
-				if _, _, err := c.NextReader(); err != nil {
-					return
-				}
+		switch r.URL.Path {
+		case SinkPath:
+			// One-way streams (wsbench throughput -mode sink): read and discard at the socket, answer nothing.
+			// Upgrade refuses a client that sent data before the handshake ended, so gorilla holds none.
+			discard(c.NetConn())
+			return
+		case BulkPath:
+			if err := echoFrames(c.NetConn()); err != nil {
+				log.Debug("bulk echo ended", "client", r.RemoteAddr, "err", err)
 			}
+			return
 		}
 		c.SetCloseHandler(func(code int, text string) error {
 			// Echo the close code, so a client can check it crossed the relay intact.
