@@ -138,11 +138,13 @@ func TestCarryResetOnOneSideResetsTheOther(t *testing.T) {
 				resetter, other, first = r.peerB, r.peerA, SideB
 			}
 			reset(t, resetter)
-			if err := readUntilError(other); !errors.Is(err, syscall.ECONNRESET) {
-				t.Errorf("the other peer's read ended with %v, want ECONNRESET", err)
-			}
+			// The end comes before the other peer reads anything: a stalled direction must not wait for
+			// its reader to learn of the reset.
 			if e := r.end(t); e.Reason != tc.want || e.First != first {
 				t.Errorf("end = %+v, want %v, %v first", e, tc.want, first)
+			}
+			if err := readUntilError(other); !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("the other peer's read ended with %v, want ECONNRESET", err)
 			}
 		})
 	}
