@@ -13,6 +13,7 @@ type socket struct {
 	fd       int
 	readable bool // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
 	writable bool // as readable, for EPOLLOUT and writes
+	hup      bool // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
 }
 
 // direction moves bytes from one socket to the other. Direction 0 is a→b, 1 is b→a.
@@ -79,6 +80,9 @@ func (t *tunnel) ready(fd int32, events uint32) {
 	// HUP and ERR count as both: the next read or write returns the EOF or the error that ends the tunnel.
 	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		s.readable = true
+	}
+	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		s.hup = true
 	}
 	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		s.writable = true
@@ -176,6 +180,13 @@ func (t *tunnel) move(d *direction) bool {
 		}
 		d.out = (*d.buf)[:n]
 		t.unsent.Add(int64(n))
+		// A short read took all the socket held: the read that would return EAGAIN is skipped (a message
+		// costs one read, not two). Bytes arriving after it raise a new edge, since the kernel wakes epoll on
+		// every arrival. Not after a hangup edge: the FIN or error behind it was reported already and no
+		// new edge would come for it, so that socket is read until EOF or error.
+		if n < len(*d.buf) && !src.hup {
+			src.readable = false
+		}
 		// The write comes straight after the read, in the same pass: a small message crosses in one wakeup.
 	}
 }

@@ -1,0 +1,233 @@
+package eventloop
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// BenchmarkPingPong measures round trips of a 64-byte message through relayed tunnels to an echo peer: with
+// the event loops, and side by side in the same run with a goroutine pair per tunnel copying through userspace
+// buffers (what a goroutine-per-direction copy datapath does; io.Copy itself would splice between two TCP
+// sockets).
+//
+// The clients and the echo server run in a child process (this test binary, re-executed), so the
+// benchmark's process is the relay alone: besides ns/op it reports the relay's own CPU time and context
+// switches per round trip (getrusage over all its threads). With the peers in the same process, the goroutine
+// pumps and the peers would share one Go scheduler and the comparison would say little about a relay.
+func BenchmarkPingPong(b *testing.B) {
+	engines := []struct {
+		name  string
+		carry func(b *testing.B, a, c *net.TCPConn)
+	}{
+		{name: "eventloop", carry: carryOnLoops(b)},
+		{name: "goroutines", carry: carryWithGoroutines},
+	}
+	for _, tunnels := range []int{1, 100} {
+		for _, e := range engines {
+			b.Run(fmt.Sprintf("engine=%s/tunnels=%d", e.name, tunnels), func(b *testing.B) {
+				benchPingPong(b, tunnels, e.carry)
+			})
+		}
+	}
+}
+
+func carryOnLoops(b *testing.B) func(*testing.B, *net.TCPConn, *net.TCPConn) {
+	var (
+		once sync.Once
+		ls   *Loops
+	)
+	return func(sub *testing.B, a, c *net.TCPConn) {
+		once.Do(func() { ls = startLoops(b, Options{}) })
+		if _, err := ls.Carry(a, c, nil, nil, nil); err != nil {
+			sub.Fatal(err)
+		}
+	}
+}
+
+func carryWithGoroutines(b *testing.B, a, c *net.TCPConn) {
+	pump := func(dst, src *net.TCPConn) {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					break
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
+		_ = dst.CloseWrite()
+	}
+	b.Cleanup(func() { a.Close(); c.Close() })
+	go pump(c, a)
+	go pump(a, c)
+}
+
+// benchPeerEnv, set in a child's environment, makes the test binary run benchPeer instead of the tests.
+const benchPeerEnv = "EVENTLOOP_BENCH_PEER"
+
+func TestMain(m *testing.M) {
+	if front := os.Getenv(benchPeerEnv); front != "" {
+		if err := benchPeer(front); err != nil {
+			fmt.Fprintln(os.Stderr, "bench peer:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// benchPingPong starts the peer process, which dials `tunnels` clients to the relay's front listener and
+// listens for the relay's upstream connections with an echo server, carries each pair, then has the peer run
+// b.N round trips spread over its clients.
+func benchPingPong(b *testing.B, tunnels int, carry func(*testing.B, *net.TCPConn, *net.TCPConn)) {
+	front, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer front.Close()
+	self, err := os.Executable()
+	if err != nil {
+		b.Fatal(err)
+	}
+	peer := exec.Command(self, "-test.run=^$")
+	peer.Env = append(os.Environ(), benchPeerEnv+"="+front.Addr().String()+","+strconv.Itoa(tunnels))
+	peer.Stderr = os.Stderr
+	toPeer, _ := peer.StdinPipe()
+	fromPeer, _ := peer.StdoutPipe()
+	if err := peer.Start(); err != nil {
+		b.Fatalf("start bench peer: %v", err)
+	}
+	defer func() { _ = toPeer.Close(); _ = peer.Wait() }()
+	lines := bufio.NewScanner(fromPeer)
+	if !lines.Scan() {
+		b.Fatalf("bench peer gave no echo address: %v", lines.Err())
+	}
+	echoAddr := lines.Text()
+	for range tunnels {
+		a, err := front.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		c, err := net.Dial("tcp", echoAddr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		carry(b, a.(*net.TCPConn), c.(*net.TCPConn))
+	}
+	before := usage(b)
+	b.ResetTimer()
+	fmt.Fprintf(toPeer, "%d\n", b.N)
+	if !lines.Scan() || lines.Text() != "done" {
+		b.Fatalf("bench peer did not finish: %q, %v", lines.Text(), lines.Err())
+	}
+	b.StopTimer()
+	after := usage(b)
+	b.ReportMetric(float64(after.cpuNs-before.cpuNs)/float64(b.N), "relay-cpu-ns/op")
+	b.ReportMetric(float64(after.switches-before.switches)/float64(b.N), "relay-ctxsw/op")
+}
+
+// benchPeer is the child process: an echo server, and clients that run the round trips the parent asks for.
+// arg is "front-address,clients".
+func benchPeer(arg string) error {
+	frontAddr, n, _ := strings.Cut(arg, ",")
+	clients, err := strconv.Atoi(n)
+	if err != nil {
+		return err
+	}
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go echoUntilEOF(c)
+		}
+	}()
+	fmt.Println(echo.Addr())
+	conns := make([]net.Conn, clients)
+	for i := range conns {
+		if conns[i], err = net.Dial("tcp", frontAddr); err != nil {
+			return err
+		}
+	}
+	var rounds int
+	if _, err := fmt.Scanln(&rounds); err != nil {
+		return fmt.Errorf("read round count: %w", err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for i, c := range conns {
+		mine := rounds / clients
+		if i < rounds%clients {
+			mine++
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			msg, got := make([]byte, 64), make([]byte, 64)
+			for range mine {
+				if _, err := c.Write(msg); err != nil {
+					errs <- err
+					return
+				}
+				if _, err := io.ReadFull(c, got); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	fmt.Println("done")
+	return nil
+}
+
+// echoUntilEOF writes back what it reads, through a plain buffer (io.Copy from a TCP conn to itself would try
+// splice).
+func echoUntilEOF(c net.Conn) {
+	defer c.Close()
+	buf := make([]byte, 4<<10)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+type rusage struct{ cpuNs, switches int64 }
+
+// usage reads this process's CPU time and context switches (voluntary and not), all threads included.
+func usage(b *testing.B) rusage {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return rusage{cpuNs: ru.Utime.Nano() + ru.Stime.Nano(), switches: ru.Nvcsw + ru.Nivcsw}
+}
