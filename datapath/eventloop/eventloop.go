@@ -246,7 +246,8 @@ func (h *Handle) LastActive() time.Time {
 func (h *Handle) Unsent() int64 { return h.t.unsent.Load() }
 
 // Close ends the tunnel: with abort both sockets are reset (SO_LINGER 0), without it both are closed, which
-// sends FIN after what the kernel already holds. Bytes the loop itself still holds are dropped (End.Unsent).
+// sends FIN after what the kernel already holds (or RST, as close(2) does, from a socket with unread bytes in
+// its receive queue). Bytes the loop itself still holds are dropped (End.Unsent).
 // It returns before the tunnel has ended; onEnd says when. Closing an ended tunnel does nothing.
 func (h *Handle) Close(abort bool) {
 	h.t.loop.send(command{kind: cmdClose, t: h.t, abort: abort})

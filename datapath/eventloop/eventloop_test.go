@@ -405,3 +405,26 @@ func withDescriptorsLeft(t *testing.T, n int, f func()) {
 	}()
 	f()
 }
+
+// An idle tunnel holds no buffer, whatever crossed it before: the loops lend buffers only to directions
+// with bytes in flight.
+func TestIdleTunnelsHoldNoBuffers(t *testing.T) {
+	const tunnels = 200
+	ls := startLoops(t, Options{Loops: 2})
+	for i := range tunnels {
+		r := carry(t, ls, []byte("peeked"), nil, nil)
+		msg := make([]byte, 100<<10) // more than one buffer's worth, so a buffer is surely borrowed
+		go func() { _, _ = r.peerA.Write(msg) }()
+		if _, err := io.ReadFull(r.peerB, make([]byte, len(msg)+len("peeked"))); err != nil {
+			t.Fatalf("tunnel %d: %v", i, err)
+		}
+	}
+	var open, buffers int64
+	for _, st := range ls.Stats() {
+		open += st.Tunnels
+		buffers += st.BuffersInUse
+	}
+	if open != tunnels || buffers != 0 {
+		t.Errorf("loops count %d tunnels and %d buffers in use, want %d and 0", open, buffers, tunnels)
+	}
+}
