@@ -87,7 +87,8 @@ func Start(opts Options) (*Loops, error) {
 // other way. On success a and b are closed: the tunnel owns duplicates of their descriptors. On error a and b
 // are left open and untouched, and nothing Carry opened is left open.
 //
-// onEnd is called once, on the loop's thread, when the tunnel ends; it must not block.
+// onEnd is called once, on the loop's thread, when the tunnel ends; it must not block, and must not call
+// Loops.Close, which waits for that thread.
 func (ls *Loops) Carry(a, b *net.TCPConn, aPeeked, bPeeked []byte, onEnd func(End)) (*Handle, error) {
 	afd, err := detach(a)
 	if err != nil {

@@ -427,3 +427,30 @@ func TestIdleTunnelsHoldNoBuffers(t *testing.T) {
 		t.Errorf("loops count %d tunnels and %d buffers in use, want %d and 0", open, buffers, tunnels)
 	}
 }
+
+// Bytes and LastActive are live: they move while the tunnel carries, before it ends.
+func TestHandleCountersAreLive(t *testing.T) {
+	ls := startLoops(t, Options{Loops: 1})
+	r := carry(t, ls, nil, nil, nil)
+	started := r.h.LastActive()
+	if started.IsZero() || time.Since(started) > testTimeout {
+		t.Fatalf("LastActive before any byte = %v, want the tunnel's start", started)
+	}
+	time.Sleep(10 * time.Millisecond) // the loop's clock must visibly move past the start
+	msg := make([]byte, 1000)
+	if _, err := r.peerA.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(r.peerB, msg); err != nil {
+		t.Fatal(err)
+	}
+	if aToB, bToA := r.h.Bytes(); aToB != 1000 || bToA != 0 {
+		t.Errorf("Bytes = %d, %d, want 1000, 0", aToB, bToA)
+	}
+	if !r.h.LastActive().After(started) {
+		t.Errorf("LastActive = %v after bytes moved, not after the start %v", r.h.LastActive(), started)
+	}
+	if n := r.h.Unsent(); n != 0 {
+		t.Errorf("Unsent = %d with everything delivered, want 0", n)
+	}
+}

@@ -183,7 +183,6 @@ func (l *loop) runCommands() (stop bool) {
 // for backpressure is not reading it, and resuming is reading it again when the destination's EPOLLOUT edge
 // comes: no epoll_ctl per stall and resume, as level-triggered interest would need to avoid busy wakeups.
 func (l *loop) add(t *tunnel) {
-	t.lastActive.Store(l.now)
 	for i := range t.ends {
 		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
 			Fd: int32(t.ends[i].fd)}

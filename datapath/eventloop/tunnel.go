@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -48,6 +49,9 @@ func newTunnel(l *loop, afd, bfd int, aPeeked, bPeeked []byte, onEnd func(End)) 
 	t.dirs[0] = direction{src: 0, dst: 1, out: clone(aPeeked)}
 	t.dirs[1] = direction{src: 1, dst: 0, out: clone(bPeeked)}
 	t.unsent.Store(int64(len(aPeeked) + len(bPeeked)))
+	// The start counts as activity, and is set here rather than when the loop adds the tunnel, so an idle
+	// timer reading LastActive right after Carry sees the start, not the zero time.
+	t.lastActive.Store(time.Now().UnixNano())
 	return t
 }
 
