@@ -418,13 +418,19 @@ func TestIdleTunnelsHoldNoBuffers(t *testing.T) {
 			t.Fatalf("tunnel %d: %v", i, err)
 		}
 	}
-	var open, buffers int64
-	for _, st := range ls.Stats() {
-		open += st.Tunnels
-		buffers += st.BuffersInUse
-	}
-	if open != tunnels || buffers != 0 {
-		t.Errorf("loops count %d tunnels and %d buffers in use, want %d and 0", open, buffers, tunnels)
+	// The loop gives a buffer back once sendmsg returns, which may be after peerB has the bytes: wait for it.
+	for deadline := time.Now().Add(testTimeout); ; time.Sleep(time.Millisecond) {
+		var open, buffers int64
+		for _, st := range ls.Stats() {
+			open += st.Tunnels
+			buffers += st.BuffersInUse
+		}
+		if open == tunnels && buffers == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("loops count %d tunnels and %d buffers in use, want %d and 0", open, buffers, tunnels)
+		}
 	}
 }
 
@@ -444,8 +450,15 @@ func TestHandleCountersAreLive(t *testing.T) {
 	if _, err := io.ReadFull(r.peerB, msg); err != nil {
 		t.Fatal(err)
 	}
-	if aToB, bToA := r.h.Bytes(); aToB != 1000 || bToA != 0 {
-		t.Errorf("Bytes = %d, %d, want 1000, 0", aToB, bToA)
+	// The loop counts a write once sendmsg returns, which may be after peerB has the bytes.
+	for deadline := time.Now().Add(testTimeout); ; time.Sleep(time.Millisecond) {
+		aToB, bToA := r.h.Bytes()
+		if aToB == 1000 && bToA == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Bytes = %d, %d, want 1000, 0", aToB, bToA)
+		}
 	}
 	if !r.h.LastActive().After(started) {
 		t.Errorf("LastActive = %v after bytes moved, not after the start %v", r.h.LastActive(), started)
