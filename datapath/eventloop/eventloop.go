@@ -1,0 +1,255 @@
+// Package eventloop carries plain TCP tunnels on a few event loops, one per locked OS thread, each with its own
+// epoll instance, instead of two goroutines and two buffers per tunnel.
+//
+// A tunnel's two descriptors are taken out of Go's netpoller (duplicated, then the Go connections are closed),
+// so a message wakes one loop thread and no goroutine. An idle tunnel holds no buffer: a direction borrows one
+// from its loop only while it holds bytes its destination would not take, and gives it back once they are sent.
+// A direction holding bytes does not read its source, so TCP's own window stops the sender and the memory the
+// loop holds for a tunnel is bounded by one buffer per direction (2 × Options.BufSize), on top of the kernel's
+// socket buffers.
+//
+// The package imports nothing from the relay: an adapter wraps Loops.Carry into the relay's datapath interface.
+package eventloop
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrClosed is returned by Carry once Close has been called.
+var ErrClosed = errors.New("eventloop: loops are closed")
+
+// Options configures Start. Zero fields take the defaults named on each.
+type Options struct {
+	// Loops is the number of event loops, each on its own OS thread. Default runtime.NumCPU().
+	Loops int
+	// BufSize is the size of the buffer a direction borrows while it holds unsent bytes, and so the most a
+	// read takes from a socket at once. Default 64 KiB.
+	BufSize int
+	// KeepFree is how many drained buffers each loop keeps for reuse rather than handing them to the garbage
+	// collector. Default 64.
+	KeepFree int
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.Loops < 0 || o.BufSize < 0 || o.KeepFree < 0 {
+		return o, fmt.Errorf("eventloop options: Loops (%d), BufSize (%d) and KeepFree (%d) must not be negative",
+			o.Loops, o.BufSize, o.KeepFree)
+	}
+	if o.Loops == 0 {
+		o.Loops = runtime.NumCPU()
+	}
+	if o.BufSize == 0 {
+		o.BufSize = 64 << 10
+	}
+	if o.KeepFree == 0 {
+		o.KeepFree = 64
+	}
+	return o, nil
+}
+
+// Loops is a set of running event loops. Its methods are safe for concurrent use.
+type Loops struct {
+	loops  []*loop
+	next   atomic.Uint32 // round-robin choice of the loop for the next tunnel
+	mu     sync.Mutex    // guards closed against Carry racing Close
+	closed bool
+}
+
+// Start opens and starts opts.Loops event loops. On error nothing is left open.
+func Start(opts Options) (*Loops, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	ls := &Loops{}
+	for i := range opts.Loops {
+		l, err := newLoop(i, opts)
+		if err != nil {
+			ls.Close()
+			return nil, fmt.Errorf("start event loop %d: %w", i, err)
+		}
+		ls.loops = append(ls.loops, l)
+		go l.run()
+	}
+	return ls, nil
+}
+
+// Carry moves bytes between a and b until both have sent FIN, either resets or fails, or the Handle is closed.
+// aPeeked are bytes already read from a that b must get before anything else read from a; bPeeked likewise the
+// other way. On success a and b are closed: the tunnel owns duplicates of their descriptors. On error a and b
+// are left open and untouched, and nothing Carry opened is left open.
+//
+// onEnd is called once, on the loop's thread, when the tunnel ends; it must not block, and must not call
+// Loops.Close, which waits for that thread.
+func (ls *Loops) Carry(a, b *net.TCPConn, aPeeked, bPeeked []byte, onEnd func(End)) (*Handle, error) {
+	afd, err := detach(a)
+	if err != nil {
+		return nil, fmt.Errorf("carry: take side a's descriptor: %w", err)
+	}
+	bfd, err := detach(b)
+	if err != nil {
+		unix.Close(afd)
+		return nil, fmt.Errorf("carry: take side b's descriptor: %w", err)
+	}
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if ls.closed {
+		unix.Close(afd)
+		unix.Close(bfd)
+		return nil, ErrClosed
+	}
+	// Both duplicates exist, so the Go connections can go: closing them takes the original descriptors out of
+	// Go's netpoller (it deletes them from its epoll before closing), and the sockets live on in the duplicates.
+	_ = a.Close()
+	_ = b.Close()
+	l := ls.loops[int(ls.next.Add(1))%len(ls.loops)]
+	t := newTunnel(l, afd, bfd, aPeeked, bPeeked, onEnd)
+	l.send(command{kind: cmdAdd, t: t})
+	return &Handle{t: t}, nil
+}
+
+// detach returns a non-blocking duplicate of c's descriptor, which Go's netpoller does not watch.
+func detach(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("raw conn: %w", err)
+	}
+	fd := -1
+	var dupErr error
+	err = rc.Control(func(orig uintptr) {
+		fd, dupErr = unix.FcntlInt(orig, unix.F_DUPFD_CLOEXEC, 0)
+	})
+	if err == nil {
+		err = dupErr
+	}
+	if err != nil {
+		return -1, fmt.Errorf("dup: %w", err)
+	}
+	// O_NONBLOCK lives on the open file description, which the duplicate shares with Go's (already
+	// non-blocking) descriptor; set it anyway so the loop never depends on how the conn was made.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("set O_NONBLOCK: %w", err)
+	}
+	return fd, nil
+}
+
+// LoopStats is one loop's counters.
+type LoopStats struct {
+	Tunnels      int64 // tunnels the loop carries now
+	Events       int64 // readiness events handled since start
+	Wakeups      int64 // epoll_wait calls that returned since start
+	BuffersInUse int64 // buffers lent to directions holding unsent bytes
+}
+
+// Stats returns each loop's counters, in loop order.
+func (ls *Loops) Stats() []LoopStats {
+	out := make([]LoopStats, len(ls.loops))
+	for i, l := range ls.loops {
+		out[i] = LoopStats{
+			Tunnels:      l.tunnels.Load(),
+			Events:       l.events.Load(),
+			Wakeups:      l.wakeups.Load(),
+			BuffersInUse: l.buffersInUse.Load(),
+		}
+	}
+	return out
+}
+
+// Close resets every tunnel still carried (their onEnd gets ReasonLoopsClosed), stops the loops and waits for
+// their threads to finish. Draining tunnels first is the caller's job. Close is safe to call twice.
+func (ls *Loops) Close() {
+	ls.mu.Lock()
+	wasClosed := ls.closed
+	ls.closed = true
+	ls.mu.Unlock()
+	if wasClosed {
+		return
+	}
+	for _, l := range ls.loops {
+		l.send(command{kind: cmdStop})
+	}
+	for _, l := range ls.loops {
+		<-l.stopped
+	}
+}
+
+// Side names one of a tunnel's two sockets.
+type Side int8
+
+const (
+	SideNone Side = -1 // the tunnel was ended by Handle.Close or Loops.Close
+	SideA    Side = 0
+	SideB    Side = 1
+)
+
+func (s Side) String() string {
+	switch s {
+	case SideA:
+		return "a"
+	case SideB:
+		return "b"
+	}
+	return "none"
+}
+
+// Reason says how a tunnel ended.
+type Reason int8
+
+const (
+	ReasonClosed      Reason = iota // both sides sent FIN and every byte was delivered
+	ReasonResetByA                  // a reset (ECONNRESET/EPIPE on a); b was reset
+	ReasonResetByB                  // b reset; a was reset
+	ReasonError                     // another socket error; both were reset
+	ReasonLocalClose                // Handle.Close(false): both sockets closed with FIN
+	ReasonLocalAbort                // Handle.Close(true): both sockets reset
+	ReasonLoopsClosed               // Loops.Close: both sockets reset
+)
+
+func (r Reason) String() string {
+	return [...]string{"closed", "reset by a", "reset by b", "error", "local close", "local abort",
+		"loops closed"}[r]
+}
+
+// End describes how a tunnel ended.
+type End struct {
+	First  Side   // the side whose FIN, reset or error came first
+	Reason Reason // how it ended
+	Err    error  // the socket error behind ReasonResetBy*/ReasonError, wrapped with what was being done
+	AToB   int64  // bytes written to b, peeked bytes included
+	BToA   int64  // bytes written to a, peeked bytes included
+	Unsent int64  // bytes the loop held and could not deliver
+}
+
+// Handle is a carried tunnel. Its methods are safe for concurrent use and read only the loop's own counters.
+type Handle struct{ t *tunnel }
+
+// Bytes returns the bytes written so far each way.
+func (h *Handle) Bytes() (aToB, bToA int64) {
+	return h.t.written[0].Load(), h.t.written[1].Load()
+}
+
+// LastActive returns when bytes last moved, to the loop's clock (read once per epoll_wait); it is the tunnel's
+// start until then. Idle timeouts compare it with now, with no system call per tunnel.
+func (h *Handle) LastActive() time.Time {
+	return time.Unix(0, h.t.lastActive.Load())
+}
+
+// Unsent returns the bytes the loop holds for the tunnel that their destination has not yet taken.
+func (h *Handle) Unsent() int64 { return h.t.unsent.Load() }
+
+// Close ends the tunnel: with abort both sockets are reset (SO_LINGER 0), without it both are closed, which
+// sends FIN after what the kernel already holds (or RST, as close(2) does, from a socket with unread bytes in
+// its receive queue). Bytes the loop itself still holds are dropped (End.Unsent).
+// It returns before the tunnel has ended; onEnd says when. Closing an ended tunnel does nothing.
+func (h *Handle) Close(abort bool) {
+	h.t.loop.send(command{kind: cmdClose, t: h.t, abort: abort})
+}

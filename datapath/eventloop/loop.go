@@ -1,0 +1,240 @@
+package eventloop
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxEvents is how many ready descriptors one epoll_wait may return: at a thousand busy tunnels one wakeup
+// serves many of them, which is where the loop saves the scheduler hop per message.
+const maxEvents = 256
+
+// passReads bounds the reads one direction makes in a pass before the loop turns to other tunnels, so a bulk
+// tunnel cannot starve the rest; a direction stopped this way is queued to run again before the next wait.
+const passReads = 16
+
+type commandKind int8
+
+const (
+	cmdAdd commandKind = iota
+	cmdClose
+	cmdStop
+)
+
+// command is work handed to a loop from another thread.
+type command struct {
+	kind  commandKind
+	t     *tunnel
+	abort bool
+}
+
+// loop is one event loop. Everything but the atomics and the command queue belongs to its thread.
+type loop struct {
+	id       int
+	epfd     int
+	wakefd   int // eventfd: a write wakes the loop to read the command queue
+	bufSize  int
+	keepFree int
+
+	mu           sync.Mutex // guards queue and done
+	queue        []command
+	done         bool // the loop has stopped; wakefd is closed
+	stopped      chan struct{}
+	tunnels      atomic.Int64
+	events       atomic.Int64
+	wakeups      atomic.Int64
+	buffersInUse atomic.Int64
+
+	byFD  map[int32]*tunnel
+	free  []*[]byte // drained buffers kept for reuse; the loop is single-threaded, so no sync.Pool is needed
+	again []*tunnel // tunnels that stopped a pass with work left (passReads), run before the next wait
+	now   int64     // the loop's clock, read once per wakeup, in Unix nanoseconds
+}
+
+func newLoop(id int, opts Options) (*loop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	wakefd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	// The eventfd is level-triggered: the loop reads it to zero before it reads the queue, so a wakeup is never
+	// lost between the two.
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wakefd)}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakefd, &ev); err != nil {
+		unix.Close(wakefd)
+		unix.Close(epfd)
+		return nil, fmt.Errorf("add eventfd to epoll: %w", err)
+	}
+	return &loop{
+		id: id, epfd: epfd, wakefd: wakefd, bufSize: opts.BufSize, keepFree: opts.KeepFree,
+		stopped: make(chan struct{}), byFD: make(map[int32]*tunnel),
+	}, nil
+}
+
+// send queues c for the loop and wakes it. After the loop has stopped, commands are dropped: its tunnels
+// are already ended.
+func (l *loop) send(c command) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.done {
+		return
+	}
+	wake := len(l.queue) == 0 // a non-empty queue has already written to the eventfd
+	l.queue = append(l.queue, c)
+	if wake {
+		var one = [8]byte{1}
+		_, _ = unix.Write(l.wakefd, one[:]) // only EAGAIN at a counter near 2^64 can fail; the loop is awake then
+	}
+}
+
+// run is the loop's thread: wait, handle every ready descriptor, run commands, repeat until cmdStop.
+func (l *loop) run() {
+	// One OS thread per loop: epoll_wait blocks it, and the tunnels' state is touched by this thread only.
+	runtime.LockOSThread()
+	defer close(l.stopped)
+	events := make([]unix.EpollEvent, maxEvents)
+	for {
+		timeout := -1
+		if len(l.again) > 0 {
+			timeout = 0
+		}
+		n, err := unix.EpollWait(l.epfd, events, timeout)
+		if err != nil {
+			if err == unix.EINTR {
+				continue
+			}
+			// epoll_wait fails otherwise only on a bad epfd or events buffer: a bug, not a peer's doing.
+			panic(fmt.Sprintf("eventloop: epoll_wait: %v", err))
+		}
+		l.now = time.Now().UnixNano()
+		l.wakeups.Add(1)
+		l.events.Add(int64(n))
+		l.runAgain()
+		commands := false
+		for _, ev := range events[:n] {
+			if ev.Fd == int32(l.wakefd) {
+				commands = true
+				continue
+			}
+			if t := l.byFD[ev.Fd]; t != nil {
+				t.ready(ev.Fd, ev.Events)
+			}
+		}
+		// Commands run after the batch, so no event left in it can name a descriptor a command reused.
+		if commands && l.runCommands() {
+			l.stop()
+			return
+		}
+	}
+}
+
+// runAgain gives the tunnels that stopped their last pass early another pass.
+func (l *loop) runAgain() {
+	again := l.again
+	l.again = nil
+	for _, t := range again {
+		t.queued = false
+		if !t.ended {
+			t.pump()
+		}
+	}
+}
+
+// runCommands takes the queued commands and runs them; it reports whether one was cmdStop.
+func (l *loop) runCommands() (stop bool) {
+	var counter [8]byte
+	_, _ = unix.Read(l.wakefd, counter[:])
+	l.mu.Lock()
+	queue := l.queue
+	l.queue = nil
+	l.mu.Unlock()
+	for _, c := range queue {
+		switch c.kind {
+		case cmdAdd:
+			l.add(c.t)
+		case cmdClose:
+			if !c.t.ended {
+				reason := ReasonLocalClose
+				if c.abort {
+					reason = ReasonLocalAbort
+				}
+				c.t.end(SideNone, reason, nil, c.abort)
+			}
+		case cmdStop:
+			stop = true
+		}
+	}
+	return stop
+}
+
+// add registers t's descriptors and makes its first pass, which sends the peeked bytes.
+//
+// Edge-triggered (EPOLLET): each descriptor is added once with EPOLLIN|EPOLLOUT|EPOLLRDHUP and never modified.
+// The tunnel keeps its own readable/writable flags, set by an edge and cleared by EAGAIN, so stopping a source
+// for backpressure is not reading it, and resuming is reading it again when the destination's EPOLLOUT edge
+// comes: no epoll_ctl per stall and resume, as level-triggered interest would need to avoid busy wakeups.
+func (l *loop) add(t *tunnel) {
+	for i := range t.ends {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
+			Fd: int32(t.ends[i].fd)}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, t.ends[i].fd, &ev); err != nil {
+			t.end(Side(i), ReasonError, fmt.Errorf("add side %s to epoll: %w", Side(i), err), true)
+			return
+		}
+		l.byFD[int32(t.ends[i].fd)] = t
+	}
+	l.tunnels.Add(1)
+	t.added = true
+	t.pump()
+}
+
+// stop resets every tunnel the loop still carries and closes the loop's descriptors.
+func (l *loop) stop() {
+	l.mu.Lock()
+	l.done = true
+	queue := l.queue
+	l.queue = nil
+	l.mu.Unlock()
+	// Tunnels queued for adding after cmdStop were never registered; they end here like the rest.
+	for _, c := range queue {
+		if c.kind == cmdAdd {
+			c.t.end(SideNone, ReasonLoopsClosed, nil, true)
+		}
+	}
+	for _, t := range l.byFD {
+		if !t.ended {
+			t.end(SideNone, ReasonLoopsClosed, nil, true)
+		}
+	}
+	unix.Close(l.wakefd)
+	unix.Close(l.epfd)
+}
+
+// borrow lends a buffer to a direction that is about to read.
+func (l *loop) borrow() *[]byte {
+	l.buffersInUse.Add(1)
+	if n := len(l.free); n > 0 {
+		b := l.free[n-1]
+		l.free = l.free[:n-1]
+		return b
+	}
+	b := make([]byte, l.bufSize)
+	return &b
+}
+
+// giveBack takes a buffer back once its direction has sent everything it held.
+func (l *loop) giveBack(b *[]byte) {
+	l.buffersInUse.Add(-1)
+	if len(l.free) < l.keepFree {
+		l.free = append(l.free, b)
+	}
+}

@@ -1,0 +1,254 @@
+package eventloop
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// socket is one of a tunnel's descriptors with the readiness the loop last learned of it.
+type socket struct {
+	fd       int
+	readable bool // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
+	writable bool // as readable, for EPOLLOUT and writes
+	hup      bool // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
+}
+
+// direction moves bytes from one socket to the other. Direction 0 is a→b, 1 is b→a.
+type direction struct {
+	src, dst int     // indices into tunnel.ends
+	buf      *[]byte // the borrowed buffer while out lies in it; nil while idle or sending peeked bytes
+	out      []byte  // bytes read from src (or peeked) that dst has not yet taken
+	eof      bool    // src sent FIN
+	shut     bool    // the FIN was carried: dst was shut down for writing after the last byte
+}
+
+// tunnel is a carried pair of sockets. Fields other than the atomics belong to the loop's thread.
+type tunnel struct {
+	loop   *loop
+	ends   [2]socket
+	dirs   [2]direction
+	onEnd  func(End)
+	added  bool // its descriptors are registered with the loop
+	ended  bool
+	queued bool // in loop.again
+	first  Side // the side whose FIN came first, for End
+
+	written    [2]atomic.Int64 // bytes written each way (index = direction)
+	unsent     atomic.Int64
+	lastActive atomic.Int64 // Unix nanoseconds, from the loop's clock
+}
+
+func newTunnel(l *loop, afd, bfd int, aPeeked, bPeeked []byte, onEnd func(End)) *tunnel {
+	t := &tunnel{loop: l, onEnd: onEnd, first: SideNone}
+	t.ends[0] = socket{fd: afd, readable: true, writable: true}
+	t.ends[1] = socket{fd: bfd, readable: true, writable: true}
+	t.dirs[0] = direction{src: 0, dst: 1, out: clone(aPeeked)}
+	t.dirs[1] = direction{src: 1, dst: 0, out: clone(bPeeked)}
+	t.unsent.Store(int64(len(aPeeked) + len(bPeeked)))
+	// The start counts as activity, and is set here rather than when the loop adds the tunnel, so an idle
+	// timer reading LastActive right after Carry sees the start, not the zero time.
+	t.lastActive.Store(time.Now().UnixNano())
+	return t
+}
+
+// clone copies peeked bytes, which the caller may reuse once Carry returns.
+func clone(p []byte) []byte {
+	if len(p) == 0 {
+		return nil
+	}
+	return append([]byte(nil), p...)
+}
+
+// ready records the readiness epoll reported for fd and moves what it allows.
+func (t *tunnel) ready(fd int32, events uint32) {
+	s := &t.ends[0]
+	if int32(t.ends[1].fd) == fd {
+		s = &t.ends[1]
+	}
+	// A pending error (a reset, most often) ends the tunnel now: the directions may be stalled on the other
+	// socket and would not read or write this one until it drains, which may be never.
+	if events&unix.EPOLLERR != 0 {
+		if soErr, err := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
+			side := SideA
+			if s == &t.ends[1] {
+				side = SideB
+			}
+			t.fail(side, fmt.Errorf("side %s: %w", side, unix.Errno(soErr)))
+			return
+		}
+	}
+	// HUP and ERR count as both: the next read or write returns the EOF or the error that ends the tunnel.
+	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		s.readable = true
+	}
+	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		s.hup = true
+	}
+	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		s.writable = true
+	}
+	if !t.queued {
+		t.pump()
+	}
+}
+
+// pump moves what both directions can move now, then ends the tunnel if both have carried their FIN.
+func (t *tunnel) pump() {
+	for i := range t.dirs {
+		if !t.move(&t.dirs[i]) {
+			return // the tunnel ended
+		}
+	}
+	if t.dirs[0].shut && t.dirs[1].shut {
+		t.end(t.first, ReasonClosed, nil, false)
+	}
+}
+
+// move runs one direction as far as readiness allows: send what it holds, read more only once that is gone,
+// carry the FIN once everything before it is sent. It reports false when the tunnel ended.
+func (t *tunnel) move(d *direction) bool {
+	src, dst := &t.ends[d.src], &t.ends[d.dst]
+	for reads := 0; ; {
+		if len(d.out) > 0 {
+			if !dst.writable {
+				return true // dst's EPOLLOUT edge resumes this direction; src is not read meanwhile
+			}
+			n, err := unix.SendmsgN(dst.fd, d.out, nil, nil, unix.MSG_NOSIGNAL)
+			if err == unix.EAGAIN {
+				dst.writable = false
+				return true
+			}
+			if err != nil {
+				t.fail(Side(d.dst), fmt.Errorf("write to side %s: %w", Side(d.dst), err))
+				return false
+			}
+			d.out = d.out[n:]
+			t.written[d.src].Add(int64(n))
+			t.unsent.Add(-int64(n))
+			t.lastActive.Store(t.loop.now)
+			if len(d.out) > 0 {
+				continue
+			}
+			if d.buf != nil {
+				t.loop.giveBack(d.buf)
+				d.buf = nil
+			}
+		}
+		if d.eof {
+			if !d.shut {
+				d.shut = true
+				if err := unix.Shutdown(dst.fd, unix.SHUT_WR); err != nil {
+					t.fail(Side(d.dst), fmt.Errorf("carry FIN to side %s: %w", Side(d.dst), err))
+					return false
+				}
+			}
+			return true
+		}
+		if !src.readable {
+			return true
+		}
+		if reads == passReads {
+			t.runAgainLater()
+			return true
+		}
+		reads++
+		if d.buf == nil {
+			d.buf = t.loop.borrow()
+		}
+		n, err := unix.Read(src.fd, *d.buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			src.readable = false
+			t.loop.giveBack(d.buf)
+			d.buf = nil
+			return true
+		}
+		if err != nil {
+			t.fail(Side(d.src), fmt.Errorf("read from side %s: %w", Side(d.src), err))
+			return false
+		}
+		if n == 0 {
+			d.eof = true
+			if t.first == SideNone {
+				t.first = Side(d.src)
+			}
+			t.loop.giveBack(d.buf)
+			d.buf = nil
+			continue
+		}
+		d.out = (*d.buf)[:n]
+		t.unsent.Add(int64(n))
+		// A short read took all the socket held: the read that would return EAGAIN is skipped (a message
+		// costs one read, not two). Bytes arriving after it raise a new edge, since the kernel wakes epoll on
+		// every arrival. Not after a hangup edge: the FIN or error behind it was reported already and no
+		// new edge would come for it, so that socket is read until EOF or error.
+		if n < len(*d.buf) && !src.hup {
+			src.readable = false
+		}
+		// The write comes straight after the read, in the same pass: a small message crosses in one wakeup.
+	}
+}
+
+func (t *tunnel) runAgainLater() {
+	if !t.queued {
+		t.queued = true
+		t.loop.again = append(t.loop.again, t)
+	}
+}
+
+// fail ends the tunnel after a socket error on side s: both sockets are reset, so the other peer learns of
+// the failure as a reset too, not as a clean end that would pass a truncated stream for a whole one.
+func (t *tunnel) fail(s Side, err error) {
+	reason := ReasonError
+	if errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE) {
+		reason = ReasonResetByA
+		if s == SideB {
+			reason = ReasonResetByB
+		}
+	}
+	t.end(s, reason, err, true)
+}
+
+// end closes both sockets (with abort, reset them first with SO_LINGER 0), gives back the buffers and reports
+// the end once.
+func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
+	if t.ended {
+		return
+	}
+	t.ended = true
+	l := t.loop
+	for i := range t.ends {
+		fd := t.ends[i].fd
+		if l.byFD[int32(fd)] == t {
+			delete(l.byFD, int32(fd))
+			// Close alone would remove fd from the epoll set, but only once no other descriptor refers to the
+			// socket; deleting it explicitly keeps a stray duplicate from waking this loop.
+			_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+		}
+		if abort {
+			_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		}
+		unix.Close(fd)
+	}
+	for i := range t.dirs {
+		if d := &t.dirs[i]; d.buf != nil {
+			l.giveBack(d.buf)
+			d.buf = nil
+		}
+	}
+	if t.added {
+		l.tunnels.Add(-1)
+	}
+	if t.onEnd != nil {
+		t.onEnd(End{
+			First: first, Reason: reason, Err: err,
+			AToB: t.written[0].Load(), BToA: t.written[1].Load(), Unsent: t.unsent.Load(),
+		})
+	}
+}
