@@ -51,10 +51,10 @@ func SelfTestSockmap(log *slog.Logger) error {
 
 // selfTest sends tunnels through k on loopback the way real ones arrive and checks that every byte comes
 // out exactly once, in order, before its FIN: bytes pipelined behind the request and sent with the 101
-// (held by userspace at the handoff), bytes that reached the sockets just before the insertion (hazard 2),
+// (held by userspace at the handoff), bytes that reached the sockets just before the insertion (the SO_RCVLOWAT poke),
 // a socket whose first bytes userspace read only in part (the partly read skb), 1 MiB each way at once, and
 // half-close in both orders; and a third tunnel whose reader pauses past a small held limit, so that its
-// direction is demoted, relayed by userspace, and its FIN carried after it (hazard 5). A kernel or a build
+// direction is demoted, relayed by userspace, and its FIN carried after it (docs/datapath.md, "Backpressure"). A kernel or a build
 // that breaks any of them is refused.
 func (k *kernelPath) selfTest() error {
 	ctx, cancel := context.WithTimeout(context.Background(), selfTestTimeout)

@@ -92,7 +92,8 @@ const (
 	DefaultUpstreamResponseTimeout = 15 * time.Second
 	DefaultHTTPIdleTimeout         = 60 * time.Second // nginx's client_body_timeout and send_timeout
 	DefaultMaxHeaderBytes          = 16 << 10
-	// DefaultKernelHeldLimit: the prototype of hazard 5 demoted at 4 MiB. The kernel also holds up to a send
+	// DefaultKernelHeldLimit is 4 MiB, where the backpressure prototype demoted (docs/datapath.md,
+	// "Backpressure"). The kernel also holds up to a send
 	// buffer in the destination (tcp_wmem, 4 MiB at most by default) and a receive buffer in the source,
 	// so a stopped reader costs about 12 MiB per direction, the order of what the userspace paths let
 	// the socket buffers hold for them (8–10 MiB measured here).

@@ -28,10 +28,10 @@ type kernelPath struct {
 	// carried as soon as it is seen, without waiting for the bytes before it.
 	carryFINEarly bool
 	// heldLimit is the most bytes the kernel may hold per direction before the verdict demotes it and
-	// userspace relays it until it can resume (hazard 5).
+	// userspace relays it until it can resume (docs/datapath.md, "Backpressure").
 	heldLimit uint64
 	// sndbuf, when nonzero, is set as both sockets' send buffer (SO_SNDBUFFORCE) before insertion; zero
-	// leaves TCP's autotuning. Only the throughput benchmark sets it (docs/datapath.md, bulk throughput).
+	// leaves TCP's autotuning. Only the throughput benchmark sets it (docs/datapath.md, "Measured").
 	sndbuf int
 	// metrics counts demotions and resumes; nil during the self-test.
 	metrics atomic.Pointer[Metrics]
@@ -111,7 +111,7 @@ const (
 	drainMaxCheck   = 50 * time.Millisecond
 	// stallTimeout: a direction whose FIN waits on bytes the kernel redirected but that neither reach the
 	// destination's send queue nor wait there for a slow reader, for this long, is broken; the tunnel is
-	// reset rather than left hanging (hazard 6).
+	// reset rather than left hanging (docs/datapath.md, "FIN, RST and the end of a tunnel").
 	stallTimeout = 10 * time.Second
 )
 
@@ -163,7 +163,8 @@ func (k *kernelPath) Close() {
 }
 
 // rawFD returns the descriptor of c. The conn stays open and owned by the tunnel (and through it by the
-// registry), so Go never closes the descriptor under the kernel's feet (hazard 9).
+// registry), so Go never closes the descriptor under the kernel's feet (docs/datapath.md, "Go owns the
+// sockets' descriptors").
 func rawFD(c *net.TCPConn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -205,7 +206,8 @@ func (k *kernelPath) newSide(kt *kernelTunnel, c *net.TCPConn, isClient bool) (k
 
 // start hands t to the kernel. Userspace's leftovers go first: whatever the handshake read past the request
 // and past the 101 is written to the peer, then each socket's receive queue is emptied into its peer, all
-// before the sockets enter the map, so those bytes precede every byte the kernel redirects (hazard 1).
+// before the sockets enter the map, so those bytes precede every byte the kernel redirects (docs/datapath.md,
+// "How a tunnel enters the kernel").
 func (k *kernelPath) start(t *Tunnel) { k.startLimited(t, k.heldLimit) }
 
 // startLimited is start with the held limit of both directions given.
@@ -229,7 +231,8 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		}
 		switch err := drainQueued(d, kt.dirs[i].src.fd); {
 		case errors.Is(err, errSourceClosed):
-			// The source already sent its FIN: it cannot enter a sockhash (EOPNOTSUPP, hazard 12).
+			// The source already sent its FIN: it cannot enter a sockhash (EOPNOTSUPP from
+			// sock_map_sk_state_allowed).
 			k.runInUserspace(t, "socket_closing")
 			return
 		case errors.Is(err, errSourceBusy):
@@ -241,7 +244,7 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		}
 	}
 	// Baselines before insertion: a baseline taken after could already include redirected bytes, and the
-	// FIN would then never be carried (DATAPATH.md, hazard 5).
+	// FIN would then never be carried (docs/datapath.md, "What failed").
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		if k.sndbuf > 0 {
 			_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, k.sndbuf)
@@ -273,7 +276,8 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 	k.mu.Unlock()
 	t.mu.Unlock()
 	if err != nil {
-		// A socket that already got its FIN (CLOSE_WAIT) cannot enter a sockhash (EOPNOTSUPP, hazard 12);
+		// A socket that already got its FIN (CLOSE_WAIT) cannot enter a sockhash (EOPNOTSUPP from
+		// sock_map_sk_state_allowed);
 		// such a tunnel runs in userspace instead.
 		reason := "insert_failed"
 		if errors.Is(err, unix.EOPNOTSUPP) {
@@ -294,7 +298,8 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 	}
 	// Bytes that arrived between the last userspace read and the insertion sit in the receive queue, and
 	// the verdict runs only on data_ready. Setting SO_RCVLOWAT makes TCP call data_ready (tcp_set_rcvlowat),
-	// which runs the verdict over them now instead of when the sender next speaks (hazard 2).
+	// which runs the verdict over them now instead of when the sender next speaks (docs/datapath.md,
+	// "How a tunnel enters the kernel").
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
 	}
@@ -380,7 +385,8 @@ func (k *kernelPath) lastSkb(kt *kernelTunnel) time.Time {
 }
 
 // release takes kt out of epoll and the maps, folding its final counters into the tunnel. Tunnel.end calls
-// it before closing the sockets: an explicit delete before close is the clean order (hazard 12).
+// it before closing the sockets: an explicit delete before close is the clean order, though closing removes a socket from
+// every map by itself (sock_map_close).
 func (k *kernelPath) release(kt *kernelTunnel) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -537,7 +543,7 @@ func sideReason(client bool, err error) string {
 }
 
 // checkDrains carries each waiting FIN across once every byte redirected before it has entered the
-// destination's send queue (hazard 4): shutting down or removing the socket earlier drops bytes still on
+// destination's send queue (docs/datapath.md, "FIN, RST and the end of a tunnel"): shutting down or removing the socket earlier drops bytes still on
 // their way through the psock backlog.
 func (k *kernelPath) checkDrains() {
 	now := time.Now()

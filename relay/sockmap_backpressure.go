@@ -13,7 +13,7 @@ import (
 	"github.com/sockrelay/sockrelay/loader"
 )
 
-// Backpressure on the kernel datapath (shared/DATAPATH.md, hazard 5).
+// Backpressure on the kernel datapath (docs/datapath.md, "Backpressure").
 //
 // A redirected skb leaves its source's receive queue at once and waits in the destination's psock queue,
 // charged to no socket (net/core/skmsg.c, sk_psock_skb_redirect), so the source's TCP window never closes
@@ -83,10 +83,13 @@ func (k *kernelPath) startRelayLocked(d *kernelDir) {
 	d.relaying = true
 	k.relays.Add(1)
 	k.relayWG.Add(1)
-	go func() {
-		defer k.relayWG.Done()
-		k.relayPassed(d)
-	}()
+	go k.relayPassedThenDone(d)
+}
+
+// relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG.
+func (k *kernelPath) relayPassedThenDone(d *kernelDir) {
+	defer k.relayWG.Done()
+	k.relayPassed(d)
 }
 
 // relayPassed relays the bytes the verdict passed to d's source while it is demoted, and carries the FIN if
@@ -209,7 +212,7 @@ var (
 // readPassed reads bytes passed to d's source into b, waiting in Go's poller (within the source's read
 // deadline). Each time the source wakes, it first checks the verdict's counters: errResumed, without
 // reading, once the verdict redirects again and every passed byte has been read (a read then would only
-// race the verdict, DATAPATH.md hazard 5c); errOverflow when passed bytes pile up where no read can reach
+// race the verdict: tcp_bpf_recvmsg_parser); errOverflow when passed bytes pile up where no read can reach
 // them (overflowAt); errTunnelEnded once the tunnel has left the maps.
 func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int, error) {
 	var (
@@ -294,7 +297,8 @@ func (k *kernelPath) stopRelaying(d *kernelDir, force bool) bool {
 
 // waitHandedOn waits until every byte the verdict redirected from d's source has entered the
 // destination's send queue. It fails if the tunnel ends, or if the redirected bytes stop moving while the
-// destination has nothing left to send (hazard 6).
+// destination has nothing left to send (the stall guard of docs/datapath.md, "FIN, RST and the end of a
+// tunnel").
 func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 	interval := handedOnFirstCheck
 	var lastHanded uint64
