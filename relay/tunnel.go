@@ -307,38 +307,46 @@ func (d *direction) finish() error {
 }
 
 // runDirections runs pump for both directions of t, each in its own goroutine, and ends the tunnel when both
-// have carried their FIN or either has failed.
+// have carried their FIN or either has failed. The goroutines run named functions (pumpDirection,
+// awaitDirections) so that a stack dump of many tunnels says what each goroutine is.
 func runDirections(t *Tunnel, pump func(*direction) error) {
 	dirs := t.directions()
 	var wg sync.WaitGroup
+	wg.Add(len(dirs))
 	for _, d := range dirs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := d.writePrefix()
-			if err == nil {
-				err = pump(d)
-			}
-			if err == nil {
-				err = d.finish()
-			}
-			if err == nil {
-				t.markHalfClosed()
-			}
-			if err != nil {
-				// The first failure ends the tunnel; the other direction then fails on the closed
-				// socket, and its error is ignored because end runs once.
-				t.fail(d.reasonFor(err), err, true)
-			}
-		}()
+		go pumpDirection(t, d, pump, &wg)
 	}
-	go func() {
-		wg.Wait()
-		t.mu.Lock()
-		t.closePipes() // no direction uses them any more
-		t.mu.Unlock()
-		t.end(ReasonClosed, false)
-	}()
+	go awaitDirections(t, &wg)
+}
+
+// pumpDirection carries one direction of t: the bytes userspace holds for it, then pump until the
+// source's EOF, then the FIN.
+func pumpDirection(t *Tunnel, d *direction, pump func(*direction) error, wg *sync.WaitGroup) {
+	defer wg.Done()
+	err := d.writePrefix()
+	if err == nil {
+		err = pump(d)
+	}
+	if err == nil {
+		err = d.finish()
+	}
+	if err == nil {
+		t.markHalfClosed()
+	}
+	if err != nil {
+		// The first failure ends the tunnel; the other direction then fails on the closed socket, and
+		// its error is ignored because end runs once.
+		t.fail(d.reasonFor(err), err, true)
+	}
+}
+
+// awaitDirections ends t cleanly once both of its directions have returned.
+func awaitDirections(t *Tunnel, wg *sync.WaitGroup) {
+	wg.Wait()
+	t.mu.Lock()
+	t.closePipes() // no direction uses them any more
+	t.mu.Unlock()
+	t.end(ReasonClosed, false)
 }
 
 // usePipes hands the tunnel's splice pipes to its directions; false when the tunnel has already ended
