@@ -15,20 +15,23 @@
 //     then server.go (forwardHandshake, validateSwitch of handshake.go).
 //  7. Refusals (a 4xx/5xx to the client, or the upstream's own answer): server.go (refuse, passResponse).
 //  8. Take the client's socket and the bytes read past its request: server.go (hijack).
-//  9. Register the Tunnel (tunnel.go) in the Registry (registry.go), then write the 101: server.go
-//     (writeSwitch).
-//  10. Carry: server.go (startTunnel) hands the tunnel to its datapath: copy.go, splice.go, or the kernel
-//     engine in sockmap.go (handoff, event loop, FIN drain, stall guard) and sockmap_backpressure.go (a
-//     demoted direction relayed by userspace).
+//  9. Establish: open.go (establish) picks the engine the endpoints allow (engineFor: TLS runs on copy),
+//     makes the Tunnel (tunnel.go) and its datapath.Pair, registers it (registry.go) and checks for
+//     eviction; the WebSocket front then writes the 101 (server.go, writeSwitch).
+//  10. Carry: open.go (carry) hands the pair to its engine: datapath.Copier, datapath.Splicer, or the
+//     kernel engine, sockmap.go (handoff, event loop, FIN drain, stall guard) and sockmap_backpressure.go
+//     (a demoted direction relayed by userspace). A pair the kernel cannot take runs on copy.
 //  11. While it lives: timeouts.go (idle, lifetime, half-close), tunnellog.go ("tunnel alive" lines),
 //     admin.go (/debug/tunnels, closing one), routing.go (CloseTunnelsTo on a reload).
-//  12. End: tunnel.go (end: release from the datapath, close both sockets, once), then server.go
+//  12. End: datapath.Pair.End (the engine's carrier released, both sockets closed, once), then open.go
 //     (tunnelEnded: metrics, lease and limits slot given back, one log line) and registry.go (remove).
 //
-// A raw TCP tunnel (tcp.go, serveTCPConn) takes steps 4–6 without HTTP, and joins at step 9.
+// A raw TCP tunnel (tcp.go, serveTCPConn) takes steps 4–6 without HTTP, and joins at step 9: both fronts
+// end in establish and carry.
 //
 // The datapath is chosen once at start (server.go, setUpDatapath): sockmap only when this kernel passes
-// loader.Probe and the self-test (selftest.go), and per listener (ListenerOptions.Datapath). Plain HTTP
-// requests are reverse-proxied (server.go, serveRequest; httpidle.go bounds their silences). metrics.go
-// holds the Prometheus metrics, which collectors read from the registry at scrape time.
+// loader.Probe and the self-test (selftest.go), and per listener (ListenerOptions.Datapath). The engines
+// and the contract they meet are in package datapath; the kernel engine's counters are read by the
+// metrics at scrape time (kernelPath.Stats). Plain HTTP requests are reverse-proxied (server.go,
+// serveRequest; httpidle.go bounds their silences). metrics.go holds the Prometheus metrics.
 package relay

@@ -23,9 +23,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/sockrelay/sockrelay/upstream"
-
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/loader"
+	"github.com/sockrelay/sockrelay/upstream"
 )
 
 // Config is what a Server needs. Zero durations and sizes take the defaults below.
@@ -79,7 +79,7 @@ type Config struct {
 	// alterKernelPath, set only by tests and benchmarks, alters the kernel datapath before its self-test.
 	alterKernelPath func(*kernelPath)
 	// newPipe, set only by tests, stands in for newPipe when splice tunnels get their pipes.
-	newPipe func(size int) (*pipe, error)
+	newPipe func(size int) (*datapath.Pipe, error)
 	// dialControl, set only by tests, runs on each upstream socket before its connect (net.Dialer.Control):
 	// an error from it is the relay's own socket failing.
 	dialControl func(network, address string, c syscall.RawConn) error
@@ -131,6 +131,7 @@ type Server struct {
 	listeners    []*http.Server
 	tcpListeners []net.Listener // of ServeTCP
 	kernel       *kernelPath    // nil unless the datapath is sockmap
+	splicer      *datapath.Splicer
 
 	draining atomic.Bool
 	limiter  *limiter // Config.Limits
@@ -200,9 +201,10 @@ func NewServer(cfg Config) (*Server, error) {
 		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, Control: cfg.dialControl},
 		stop:    make(chan struct{}),
 		limiter: newLimiter(cfg.Limits),
+		splicer: &datapath.Splicer{NewPipe: cfg.newPipe},
 	}
 	s.SetRouter(router)
-	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router)
+	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats)
 	if err := s.setUpDatapath(); err != nil {
 		return nil, err
 	}
@@ -690,51 +692,30 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailClientGone, "err", err)
 		return
 	}
-	datapath := s.listenerOf(r).datapath
-	if (clientTLS != nil || up.tls != nil) && datapath != DatapathCopy {
-		// Without kernel TLS the bytes must be decrypted in userspace: neither splice nor sockmap can
-		// carry them. By design, not a fallback: it counts in sockrelay_tunnels_total{datapath="copy"}.
-		datapath = DatapathCopy
-	}
-	// The tunnel is registered before the client sees its 101: a shutdown that races this handshake then
-	// either refuses it here or finds it live and closes it; it never misses it.
-	t := &Tunnel{
-		Client:         client,
-		Upstream:       upstream,
-		datapath:       datapath,
-		clientTLS:      clientTLS,
-		upstreamTLS:    up.tls,
-		Started:        time.Now(),
-		ClientAddr:     r.RemoteAddr,
-		UpstreamAddr:   up.lease.Server.Address(),
-		Pool:           pool.Name(),
-		req:            describeRequest(r, s.listenerOf(r).name),
-		Listener:       s.listenerOf(r).name,
-		lease:          up.lease,
-		releaseSlot:    releaseSlot,
-		clientPrefix:   clientPrefix,
-		upstreamPrefix: upstreamPrefix,
-		ended:          make(chan struct{}),
-		onEnd:          s.tunnelEnded,
-	}
-	t.halfClosedTimeout = s.cfg.HalfClosedTimeout
-	if err := s.tunnels.add(t); err != nil {
+	t, err := s.establish(opening{
+		listener:          s.listenerOf(r),
+		client:            datapath.Endpoint{Conn: client, TLS: clientTLS, Peeked: clientPrefix},
+		upstream:          datapath.Endpoint{Conn: upstream, TLS: up.tls, Peeked: upstreamPrefix},
+		up:                up,
+		clientAddr:        r.RemoteAddr,
+		req:               describeRequest(r, s.listenerOf(r).name),
+		pool:              pool.Name(),
+		releaseSlot:       releaseSlot,
+		halfClosedTimeout: s.cfg.HalfClosedTimeout,
+	})
+	switch {
+	case errors.Is(err, errShuttingDownAtOpen):
 		client.Close()
 		s.handshakeFailed(r, FailShuttingDown)
+		return
+	case errors.Is(err, errEvictedAtOpen):
+		opened, slotTaken = true, false // the tunnel had them, and gave them back as it ended
+		s.handshakeFailed(r, FailUpstreamRemoved)
+		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailUpstreamRemoved, "err", err)
 		return
 	}
 	opened = true // from here on the tunnel owns both sockets, its lease and its slot
 	slotTaken = false
-	s.reservePipes(t) // before the 101: a splice tunnel short of descriptors runs on copy
-	s.metrics.tunnelOpened(t)
-	// After add, so that a CloseTunnelsTo running now either finds the tunnel or has marked the server.
-	if s.evicted(up.lease.Server) {
-		s.handshakeFailed(r, FailUpstreamRemoved)
-		s.log.Info("handshake failed", "client", r.RemoteAddr, "reason", FailUpstreamRemoved,
-			"err", "a reload removed the upstream server during the handshake")
-		t.end(ReasonUpstreamRemoved, true)
-		return
-	}
 	var switchTo net.Conn = client
 	if clientTLS != nil {
 		switchTo = clientTLS
@@ -745,22 +726,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
-	s.startTunnel(t)
-}
-
-// startTunnel hands an open, registered tunnel to its datapath.
-func (s *Server) startTunnel(t *Tunnel) {
-	s.logOpened(t)
-	switch t.datapath {
-	case DatapathSockmap:
-		s.kernel.start(t)
-	case DatapathSplice:
-		if t.usePipes() {
-			runDirections(t, splicePump)
-		}
-	default:
-		runDirections(t, copyPump)
-	}
+	s.carry(t)
 }
 
 // setUpDatapath resolves and prepares the configured datapath. The kernel datapath is trusted only after
@@ -790,7 +756,7 @@ func (s *Server) setUpDatapath() error {
 		s.log.Warn("kernel datapath unavailable, using a userspace one", "reason", reason, "err", err)
 		return s.chooseUserspace(requested, []string{err.Error()})
 	}
-	if err := requested.Available(); err != nil {
+	if err := DatapathAvailable(requested); err != nil {
 		return err
 	}
 	s.log.Info("datapath chosen", "datapath", requested, "requested", requested, "why", "requested by name")
@@ -800,7 +766,7 @@ func (s *Server) setUpDatapath() error {
 // chooseUserspace picks the first of splice and copy that can run, logging why.
 func (s *Server) chooseUserspace(requested Datapath, skipped []string) error {
 	for _, d := range []Datapath{DatapathSplice, DatapathCopy} {
-		err := d.Available()
+		err := DatapathAvailable(d)
 		if err == nil {
 			s.cfg.Datapath = d
 			s.log.Info("datapath chosen", "datapath", d, "requested", requested,
@@ -828,16 +794,25 @@ func (s *Server) startKernelPath() (*kernelPath, error) {
 		k.Close()
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
-	k.metrics.Store(s.metrics) // after the self-test: its demotions are not the users'
+	k.resetStats() // after the self-test: its demotions are not the users'
 	k.heldLimit = uint64(s.cfg.KernelHeldLimit)
 	return k, nil
+}
+
+// kernelStats are the kernel engine's counts, zero when the server runs no kernel engine. The engine is
+// set up in NewServer, before anything can scrape the metrics that read it.
+func (s *Server) kernelStats() kernelStats {
+	if s.kernel == nil {
+		return kernelStats{}
+	}
+	return s.kernel.Stats()
 }
 
 // Datapath is the datapath this server's tunnels use, auto resolved.
 func (s *Server) Datapath() Datapath { return s.cfg.Datapath }
 
 // kernelFallback counts a tunnel the kernel datapath handed to the copy datapath.
-func (s *Server) kernelFallback(t *Tunnel, reason string) {
+func (s *Server) kernelFallback(_ *datapath.Pair, reason string) {
 	s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
 	s.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
 	s.metrics.datapathFallbacks.WithLabelValues(reason).Inc()
@@ -965,21 +940,4 @@ func writeSwitch(client net.Conn, upstreamHeader http.Header, timeout time.Durat
 		return fmt.Errorf("send 101 to client: %w", err)
 	}
 	return client.SetWriteDeadline(time.Time{})
-}
-
-// tunnelEnded is every tunnel's last step: forget it, count it, and log one line about it.
-func (s *Server) tunnelEnded(t *Tunnel) {
-	dp := t.Datapath()
-	up, down := t.Bytes()
-	s.metrics.tunnelEnded(t, dp)
-	if t.lease != nil {
-		t.lease.Release()
-	}
-	if t.releaseSlot != nil {
-		t.releaseSlot()
-	}
-	s.logClosed(t, up, down)
-	// Last: removing the last tunnel lets a draining Shutdown return, and the process may exit at once;
-	// the tunnel's log line and counters must be out before that.
-	s.tunnels.remove(t)
 }
