@@ -49,7 +49,7 @@ var ErrPairEnded = errors.New("the pair has ended")
 // the carrier stops at a byte boundary, and to starts from the sockets as they are. It fails, leaving p
 // where it was, when to does not accept p's endpoints or p's engine cannot give it back.
 func Move(p *Pair, to Engine) error {
-	if !to.Accepts(p.client, p.upstream) {
+	if !to.Accepts(p.Client(), p.Upstream()) {
 		return fmt.Errorf("move to %s: the engine does not accept these endpoints", to.Kind())
 	}
 	p.mu.Lock()

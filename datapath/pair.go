@@ -69,9 +69,10 @@ func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
 	return &Pair{client: client, upstream: upstream, kind: kind, done: make(chan struct{}), onEnd: onEnd}
 }
 
-// Client and Upstream return the pair's endpoints, Peeked bytes not yet written included.
-func (p *Pair) Client() Endpoint   { return p.client }
-func (p *Pair) Upstream() Endpoint { return p.upstream }
+// Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
+// engine carries the pair (Direction.WritePeeked). Conn and TLS never change after NewPair.
+func (p *Pair) Client() Endpoint   { return Endpoint{Conn: p.client.Conn, TLS: p.client.TLS} }
+func (p *Pair) Upstream() Endpoint { return Endpoint{Conn: p.upstream.Conn, TLS: p.upstream.TLS} }
 
 // TLS reports whether either endpoint runs TLS.
 func (p *Pair) TLS() bool { return p.client.TLS != nil || p.upstream.TLS != nil }
