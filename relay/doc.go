@@ -6,18 +6,19 @@
 //
 // A WebSocket tunnel on the kernel (sockmap) datapath:
 //
-//  1. Accept: server.go (ServeListenerWith, wrapListener) and proxyproto.go (the PROXY header reader).
-//  2. Dispatch: server.go (ServeHTTP) sends an upgrade request to serveUpgrade.
+//  1. Accept: listen.go (ServeListenerWith, wrapListener) and proxylistener.go (the PROXY header reader).
+//  2. Dispatch: server.go (ServeHTTP) sends an upgrade request to websocket.go (serveUpgrade).
 //  3. Validate the request against RFC 6455: handshake.go (validateUpgrade).
 //  4. Admit under the limits: routing.go (listenerOf, limitersFor), clientip.go (clientOf), limits.go (admit).
 //  5. Route: routing.go (routeOrRefuse, Router.Route).
 //  6. Dial and forward the handshake, with retries: routing.go (openUpstream, withRetries, connectServer),
-//     then server.go (forwardHandshake, validateSwitch of handshake.go).
-//  7. Refusals (a 4xx/5xx to the client, or the upstream's own answer): server.go (refuse, passResponse).
-//  8. Take the client's socket and the bytes read past its request: server.go (hijack).
+//     then websocket.go (forwardHandshake, validateSwitch of handshake.go).
+//  7. Refusals (a 4xx/5xx to the client, or the upstream's own answer): websocket.go (refuse,
+//     passResponse).
+//  8. Take the client's socket and the bytes read past its request: websocket.go (hijack).
 //  9. Establish: open.go (establish) picks the engine the endpoints allow (engineFor: TLS runs on copy),
 //     makes the Tunnel (tunnel.go) and its datapath.Pair, registers it (registry.go) and checks for
-//     eviction; the WebSocket front then writes the 101 (server.go, writeSwitch).
+//     eviction; the WebSocket front then writes the 101 (websocket.go, writeSwitch).
 //  10. Carry: open.go (carry) hands the pair to its engine: datapath.Copier, datapath.Splicer, or the
 //     kernel engine, sockmap.go (handoff, event loop, FIN drain, stall guard) and sockmap_backpressure.go
 //     (a demoted direction relayed by userspace). A pair the kernel cannot take runs on copy.
@@ -29,9 +30,9 @@
 // A raw TCP tunnel (tcp.go, serveTCPConn) takes steps 4–6 without HTTP, and joins at step 9: both fronts
 // end in establish and carry.
 //
-// The datapath is chosen once at start (server.go, setUpDatapath): sockmap only when this kernel passes
+// The datapath is chosen once at start (engines.go, setUpDatapath): sockmap only when this kernel passes
 // loader.Probe and the self-test (selftest.go), and per listener (ListenerOptions.Datapath). The engines
 // and the contract they meet are in package datapath; the kernel engine's counters are read by the
-// metrics at scrape time (kernelPath.Stats). Plain HTTP requests are reverse-proxied (server.go,
+// metrics at scrape time (kernelPath.Stats). Plain HTTP requests are reverse-proxied (httpproxy.go,
 // serveRequest; httpidle.go bounds their silences). metrics.go holds the Prometheus metrics.
 package relay
