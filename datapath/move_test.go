@@ -192,8 +192,10 @@ func TestMove(t *testing.T) {
 			if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
 				t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
 			}
-			if moves < 8 {
-				t.Errorf("the pair moved %d times during the exchange, want at least 8", moves)
+			// The client's moves at 1 to 4 MiB come before the upstream sends its second half, so the
+			// pair is live for them whatever the timing; later ones may find it ended.
+			if moves < 4 {
+				t.Errorf("the pair moved %d times during the exchange, want at least 4", moves)
 			}
 		})
 	}
