@@ -45,7 +45,7 @@ func (t *Tunnel) Info() TunnelInfo {
 		Pool:            t.Pool,
 		Listener:        t.Listener,
 		Datapath:        t.Datapath(),
-		TLS:             t.clientTLS != nil || t.upstreamTLS != nil,
+		TLS:             t.pair.TLS(),
 		BytesToUpstream: up,
 		BytesToClient:   down,
 		Started:         t.Started,

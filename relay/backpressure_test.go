@@ -16,7 +16,7 @@ import (
 // heldBound is the most a stopped reader may leave in flight between the upstream's writes and the
 // client's reads, on every datapath: the socket buffers on the path (autotuned up to 4 MiB to send and
 // 6 MiB to receive on each of the four sockets) plus, on the kernel path, its held limit. A relay without
-// backpressure lets the sender push gigabytes in the same time (DATAPATH.md, hazard 5).
+// backpressure lets the sender push gigabytes in the same time (docs/datapath.md, "Backpressure").
 const heldBound = 48 << 20
 
 // countingStreamWriter writes src to c in 64 KiB chunks until it ends or a write fails, counting what

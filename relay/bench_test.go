@@ -11,7 +11,7 @@ import (
 // benchPath opens one connection pair for a benchmark: through a relay on dp, or, for "direct", a plain
 // loopback connection with no relay, as the baseline. Client, relay and upstream share this process, so
 // the figures compare datapaths side by side on one machine; they are not what a relay in its own process
-// costs (see shared/DATAPATH.md for that difference).
+// costs (`make bench` measures that: docs/bench/RESULTS.md).
 func benchPath(b *testing.B, dp string) (client, upstream net.Conn, clientR, upstreamR io.Reader) {
 	b.Helper()
 	up := startUpstream(b)
@@ -153,7 +153,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 // left to TCP's autotuning (tcp_wmem, 4 MiB at most here) or fixed larger, and with the default held limit
 // or one too large to be reached (no demotion, so no userspace relay: the kernel path alone). The psock
 // backlog that moves redirected bytes into the destination retries one jiffy later when the send buffer
-// is full, so the buffer bounds what it moves per tick (docs/datapath.md, bulk throughput). It reports how
+// is full, so the buffer bounds what it moves per tick (docs/datapath.md, "Measured"). It reports how
 // often the direction was demoted, and how many skbs repeating bytes the verdict cut (bpf/sockrelay.c).
 func BenchmarkThroughputKernelSendBuffer(b *testing.B) {
 	requireSockmap(b)

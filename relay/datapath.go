@@ -1,55 +1,43 @@
 package relay
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 
-	"golang.org/x/sys/unix"
+	"github.com/sockrelay/sockrelay/datapath"
 )
 
-// Datapath names how a tunnel's bytes move once the handshake is done.
-type Datapath string
+// Datapath names how a tunnel's bytes move once the handshake is done (datapath.Kind).
+type Datapath = datapath.Kind
 
 const (
-	// DatapathAuto picks the best datapath this host can run; see ChooseDatapath.
-	DatapathAuto Datapath = "auto"
+	// DatapathAuto picks the best datapath this host can run.
+	DatapathAuto = datapath.Auto
 	// DatapathSockmap redirects bytes inside the kernel with a BPF sockhash.
-	DatapathSockmap Datapath = "sockmap"
+	DatapathSockmap = datapath.Sockmap
 	// DatapathSplice moves bytes socket → pipe → socket with splice(2); they never enter userspace.
-	DatapathSplice Datapath = "splice"
+	DatapathSplice = datapath.Splice
 	// DatapathCopy reads and writes through a userspace buffer.
-	DatapathCopy Datapath = "copy"
+	DatapathCopy = datapath.Copy
 )
 
 // Datapaths lists every accepted --datapath value, best first.
-var Datapaths = []Datapath{DatapathAuto, DatapathSockmap, DatapathSplice, DatapathCopy}
+var Datapaths = datapath.Kinds
 
 // ErrDatapathUnavailable is returned when a datapath cannot run on this host or in this build.
-var ErrDatapathUnavailable = errors.New("datapath unavailable")
+var ErrDatapathUnavailable = datapath.ErrUnavailable
 
 // ParseDatapath accepts one of Datapaths.
-func ParseDatapath(s string) (Datapath, error) {
-	for _, d := range Datapaths {
-		if s == string(d) {
-			return d, nil
-		}
-	}
-	names := make([]string, len(Datapaths))
-	for i, d := range Datapaths {
-		names[i] = string(d)
-	}
-	return "", fmt.Errorf("unknown datapath %q: accepted values are %s", s, strings.Join(names, ", "))
-}
+func ParseDatapath(s string) (Datapath, error) { return datapath.Parse(s) }
 
-// Available reports whether d can carry tunnels on this host, and if not, why.
-func (d Datapath) Available() error {
+// DatapathAvailable reports whether d can carry tunnels on this host, and if not, why. For sockmap it
+// loads the kernel datapath and runs its self-test.
+func DatapathAvailable(d Datapath) error {
 	switch d {
 	case DatapathCopy:
 		return nil
 	case DatapathSplice:
-		return probeSplice()
+		return (&datapath.Splicer{}).Available()
 	case DatapathSockmap:
 		if err := SelfTestSockmap(slog.New(slog.DiscardHandler)); err != nil {
 			return fmt.Errorf("%w: sockmap: %v", ErrDatapathUnavailable, err)
@@ -58,22 +46,4 @@ func (d Datapath) Available() error {
 	default:
 		return fmt.Errorf("%w: %q is not a concrete datapath", ErrDatapathUnavailable, d)
 	}
-}
-
-// probeSplice checks that this process can make a pipe and size it as the splice datapath does.
-func probeSplice() error {
-	p, err := newPipe(splicePipeSize)
-	if err != nil {
-		return fmt.Errorf("%w: splice: %v", ErrDatapathUnavailable, err)
-	}
-	p.Close()
-	return nil
-}
-
-// isReset reports whether err says the peer reset the connection. EPIPE is a reset too: a reset that
-// arrives after the peer's FIN (CLOSE_WAIT) is reported by Linux as EPIPE, not ECONNRESET (tcp_reset), and
-// that is how a browser tab that closes a WebSocket ends it: close frame, FIN, then a reset for the bytes
-// that still come.
-func isReset(err error) bool {
-	return errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
 }

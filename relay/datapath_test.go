@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -67,12 +68,12 @@ func TestSplicePipesUnavailable(t *testing.T) {
 	for _, kind := range []string{"websocket", "tcp"} {
 		for _, failAt := range []int{1, 2} { // which pipe of the tunnel's two cannot be had
 			t.Run(fmt.Sprintf("%s/pipe%d", kind, failAt), func(t *testing.T) {
-				var made []*pipe
-				stub := func(size int) (*pipe, error) {
+				var made []*datapath.Pipe
+				stub := func(size int) (*datapath.Pipe, error) {
 					if len(made)+1 == failAt {
 						return nil, fmt.Errorf("pipe2: %w", unix.EMFILE)
 					}
-					p, err := newPipe(size)
+					p, err := datapath.NewPipe(size)
 					if err == nil {
 						made = append(made, p)
 					}
@@ -110,7 +111,7 @@ func TestSplicePipesUnavailable(t *testing.T) {
 				}
 				waitTunnelsGone(t, r)
 				for i, p := range made {
-					if p.r >= 0 {
+					if !p.Closed() {
 						t.Errorf("pipe %d, made before the one that failed, is still open", i+1)
 					}
 				}

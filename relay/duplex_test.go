@@ -159,7 +159,7 @@ func TestDuplexByteExact(t *testing.T) {
 		}
 	}
 	// 64 MiB each way, half-closed in both orders: on the kernel datapath most of it is still inside the
-	// kernel when the first FIN arrives (hazard 4).
+	// kernel when the first FIN arrives (docs/datapath.md, "FIN, RST and the end of a tunnel").
 	for _, order := range []finOrder{clientFirst, upstreamFirst} {
 		cases = append(cases, duplexCase{toUpstream: 64 * mb, toClient: 64 * mb, order: order, pipelined: 1000, with101: 1000})
 	}
@@ -243,7 +243,8 @@ func TestUpstreamSpeaksFirst(t *testing.T) {
 }
 
 // TestPingPongSurvivesGC runs a round-trip workload across forced garbage collections: the tunnel's sockets
-// must be owned by something reachable, or a finalizer closes them (shared/DATAPATH.md hazard 9).
+// must be owned by something reachable, or a finalizer closes them (docs/datapath.md, "Go owns the
+// sockets' descriptors").
 func TestPingPongSurvivesGC(t *testing.T) {
 	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {

@@ -14,7 +14,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sockrelay/sockrelay/datapath"
 )
+
+// isReset reports whether err says the peer reset the connection (datapath.IsReset).
+var isReset = datapath.IsReset
 
 // userspaceDatapaths are the datapaths that run anywhere.
 var userspaceDatapaths = []Datapath{DatapathCopy, DatapathSplice}

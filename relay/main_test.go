@@ -10,7 +10,7 @@ import (
 // SOCKRELAY_REQUIRE_BPF=1 (CI sets it: the kernel datapath is tested for real there) a kernel that does not
 // is a failure of the whole suite, never a silent skip.
 func TestMain(m *testing.M) {
-	if err := DatapathSockmap.Available(); err != nil {
+	if err := DatapathAvailable(DatapathSockmap); err != nil {
 		if os.Getenv("SOCKRELAY_REQUIRE_BPF") == "1" {
 			fmt.Fprintf(os.Stderr, "SOCKRELAY_REQUIRE_BPF=1 but the kernel datapath cannot run: %v\n", err)
 			os.Exit(1)

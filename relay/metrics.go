@@ -24,9 +24,9 @@ type Metrics struct {
 	handshakeDuration prometheus.Histogram
 	httpRequests      *prometheus.CounterVec
 	datapathFallbacks *prometheus.CounterVec
-	kernelDemotions   prometheus.Counter
-	kernelResumes     prometheus.Counter
-	kernelRepeatsCut  prometheus.Counter
+	kernelDemotions   prometheus.CounterFunc
+	kernelResumes     prometheus.CounterFunc
+	kernelRepeatsCut  prometheus.CounterFunc
 	upstreamRetries   prometheus.Counter
 
 	mu        sync.Mutex
@@ -70,12 +70,14 @@ var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamR
 	ReasonKernelError, ReasonIdleTimeout, ReasonLifetime, ReasonHalfClosed}
 
 // fallbackReasons are the values of sockrelay_datapath_fallbacks_total{reason}: the kernel datapath could
-// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see kernelPath.start), or a
-// splice tunnel could not have its pipes (pipe_unavailable, see reservePipes). A tunnel with TLS on a side runs on copy by design and is not one of them.
+// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see kernelPath.Carry), or a
+// splice tunnel could not have its pipes (pipe_unavailable, see Server.reserve). A tunnel with TLS on a side runs on copy by design and is not one of them.
 var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
 	"socket_closing", "busy_at_handoff", "pipe_unavailable"}
 
-func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router) *Metrics {
+// newMetrics registers the relay's metrics. kernel returns the kernel engine's counts, which the
+// sockrelay_kernel_* counters read at scrape time.
+func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router, kernel func() kernelStats) *Metrics {
 	m := &Metrics{
 		tunnelsOpened: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sockrelay_tunnels_total",
@@ -106,22 +108,22 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Rout
 			Name: "sockrelay_datapath_fallbacks_total",
 			Help: "Times the kernel datapath could not be used and a userspace one was, by reason (TLS tunnels run on copy by design and are not counted here).",
 		}, []string{"reason"}),
-		kernelDemotions: prometheus.NewCounter(prometheus.CounterOpts{
+		kernelDemotions: prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "sockrelay_kernel_demotions_total",
 			Help: "Times a kernel tunnel direction held its limit of bytes for a slow reader and was relayed by userspace until it could resume.",
-		}),
-		kernelRepeatsCut: prometheus.NewCounter(prometheus.CounterOpts{
+		}, func() float64 { return float64(kernel().Demotions) }),
+		kernelRepeatsCut: prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "sockrelay_kernel_repeats_cut_total",
 			Help: "Skbs whose head repeated bytes already delivered, which the kernel datapath cut off (counted when their tunnel ends).",
-		}),
+		}, func() float64 { return float64(kernel().RepeatsCut) }),
 		upstreamRetries: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sockrelay_upstream_retries_total",
 			Help: "Handshakes sent to another server after one failed to connect or to answer (before any byte reached the client).",
 		}),
-		kernelResumes: prometheus.NewCounter(prometheus.CounterOpts{
+		kernelResumes: prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "sockrelay_kernel_resumes_total",
 			Help: "Times a demoted kernel tunnel direction went back to being redirected in the kernel.",
-		}),
+		}, func() float64 { return float64(kernel().Resumes) }),
 		listeners: map[string]Datapath{},
 	}
 	for _, d := range []Datapath{DatapathSockmap, DatapathSplice, DatapathCopy} {
@@ -185,14 +187,14 @@ func (m *Metrics) handshakeFailed(listener, pool, reason string) {
 
 // tunnelOpened counts a tunnel that was registered.
 func (m *Metrics) tunnelOpened(t *Tunnel) {
-	m.tunnelsOpened.WithLabelValues(t.Listener, t.Pool, string(t.datapath)).Inc()
-	m.tunnelsActive.WithLabelValues(string(t.datapath)).Inc()
+	m.tunnelsOpened.WithLabelValues(t.Listener, t.Pool, string(t.Datapath())).Inc()
+	m.tunnelsActive.WithLabelValues(string(t.Datapath())).Inc()
 }
 
 // tunnelEnded counts a tunnel that ended, on dp, the datapath it ran on last.
 func (m *Metrics) tunnelEnded(t *Tunnel, dp Datapath) {
 	m.tunnelsActive.WithLabelValues(string(dp)).Dec()
-	m.tunnelsEnded.WithLabelValues(t.Listener, t.Pool, t.reason).Inc()
+	m.tunnelsEnded.WithLabelValues(t.Listener, t.Pool, t.Reason()).Inc()
 }
 
 // bytesCollector reports bytes relayed from the tunnel registry at scrape time, so that live tunnels count

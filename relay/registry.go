@@ -12,9 +12,9 @@ import (
 // ErrRegistryClosed is returned by Registry.Add once the registry has closed its tunnels for shutdown.
 var ErrRegistryClosed = errors.New("relay is shutting down")
 
-// Registry owns every live tunnel. It is what keeps a tunnel's sockets reachable (shared/DATAPATH.md
-// hazard 9: a net.Conn nobody references is closed by a finalizer), what /debug/tunnels lists, and what
-// shutdown drains and closes.
+// Registry owns every live tunnel. It is what keeps a tunnel's sockets reachable (a net.Conn nobody
+// references is closed by a finalizer: docs/datapath.md, "Go owns the sockets' descriptors"), what
+// /debug/tunnels lists, and what shutdown drains and closes.
 type Registry struct {
 	mu      sync.Mutex
 	nextID  uint64

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/loader"
 	"golang.org/x/sys/unix"
 )
@@ -51,10 +52,10 @@ func SelfTestSockmap(log *slog.Logger) error {
 
 // selfTest sends tunnels through k on loopback the way real ones arrive and checks that every byte comes
 // out exactly once, in order, before its FIN: bytes pipelined behind the request and sent with the 101
-// (held by userspace at the handoff), bytes that reached the sockets just before the insertion (hazard 2),
+// (held by userspace at the handoff), bytes that reached the sockets just before the insertion (the SO_RCVLOWAT poke),
 // a socket whose first bytes userspace read only in part (the partly read skb), 1 MiB each way at once, and
 // half-close in both orders; and a third tunnel whose reader pauses past a small held limit, so that its
-// direction is demoted, relayed by userspace, and its FIN carried after it (hazard 5). A kernel or a build
+// direction is demoted, relayed by userspace, and its FIN carried after it (docs/datapath.md, "Backpressure"). A kernel or a build
 // that breaks any of them is refused.
 func (k *kernelPath) selfTest() error {
 	ctx, cancel := context.WithTimeout(context.Background(), selfTestTimeout)
@@ -146,7 +147,7 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 	// receive queue at the handoff, then 1 MiB sent after it. Under a small held limit only the first side
 	// sends its 1 MiB: passed bytes queue behind whatever the other direction redirected into the same
 	// socket, charged to no socket, so a busy other direction would lift the bound this tunnel checks
-	// (relay/sockmap_backpressure.go, overflowAt).
+	// (sockmap_backpressure.go, overflowAt).
 	upBytes, clientBytes := selfTestBytes, selfTestBytes
 	if heldLimit < selfTestBytes {
 		if clientFINFirst {
@@ -156,24 +157,25 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 		}
 	}
 	toUp, toClient := stream(seed*2, 2000+upBytes), stream(seed*2+1, 2000+clientBytes)
-	t := &Tunnel{Client: relayClient, Upstream: relayUp, datapath: DatapathSockmap, Started: time.Now(), ended: make(chan struct{})}
-	for _, s := range []struct {
-		from   *net.TCPConn
-		at     *net.TCPConn
-		data   []byte
-		prefix *[]byte
-	}{{client, relayClient, toUp, &t.clientPrefix}, {upstream, relayUp, toClient, &t.upstreamPrefix}} {
+	var peeked [2][]byte
+	for i, s := range []struct {
+		from *net.TCPConn
+		at   *net.TCPConn
+		data []byte
+	}{{client, relayClient, toUp}, {upstream, relayUp, toClient}} {
 		if _, err := s.from.Write(s.data[:2000]); err != nil {
 			return fmt.Errorf("write before handoff: %w", err)
 		}
-		*s.prefix = make([]byte, 100)
-		if _, err := io.ReadFull(s.at, *s.prefix); err != nil {
+		peeked[i] = make([]byte, 100)
+		if _, err := io.ReadFull(s.at, peeked[i]); err != nil {
 			return fmt.Errorf("read before handoff: %w", err)
 		}
 	}
-	k.startLimited(t, heldLimit)
-	defer t.Close()
-	if t.Datapath() != DatapathSockmap {
+	t := datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient, Peeked: peeked[0]},
+		datapath.Endpoint{Conn: relayUp, Peeked: peeked[1]}, nil)
+	k.carryLimited(t, heldLimit)
+	defer t.End(ReasonShutdown, true)
+	if t.Kind() != DatapathSockmap {
 		return errors.New("the tunnel fell back to userspace at the handoff")
 	}
 

@@ -24,7 +24,7 @@ func TestSelfTestPasses(t *testing.T) {
 	assertMapsEmpty(t, k)
 }
 
-// TestSelfTestRejectsBrokenDatapath breaks the FIN drain on purpose (the naive relay of DATAPATH.md, which
+// TestSelfTestRejectsBrokenDatapath breaks the FIN drain on purpose (the naive relay of docs/datapath.md, which
 // shuts the peer down as soon as EOF is seen) and checks that the self-test refuses it: by name, sockmap
 // does not start; under auto the relay falls back to splice and says so in its log and metrics.
 func TestSelfTestRejectsBrokenDatapath(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/loader"
 )
 
@@ -22,19 +23,20 @@ import (
 type kernelPath struct {
 	maps *loader.Sockmap
 	log  *slog.Logger
-	// onFallback is told of each tunnel that could not enter the sockhash and runs on copy instead.
-	onFallback func(t *Tunnel, reason string)
+	// fallback carries each pair that could not enter the sockhash; onFallback is told of it.
+	fallback   datapath.Engine
+	onFallback func(p *datapath.Pair, reason string)
 	// carryFINEarly breaks the datapath on purpose, for the test that the self-test catches it: a FIN is
 	// carried as soon as it is seen, without waiting for the bytes before it.
 	carryFINEarly bool
 	// heldLimit is the most bytes the kernel may hold per direction before the verdict demotes it and
-	// userspace relays it until it can resume (hazard 5).
+	// userspace relays it until it can resume (docs/datapath.md, "Backpressure").
 	heldLimit uint64
 	// sndbuf, when nonzero, is set as both sockets' send buffer (SO_SNDBUFFORCE) before insertion; zero
-	// leaves TCP's autotuning. Only the throughput benchmark sets it (docs/datapath.md, bulk throughput).
+	// leaves TCP's autotuning. Only the throughput benchmark sets it (docs/datapath.md, "Measured").
 	sndbuf int
-	// metrics counts demotions and resumes; nil during the self-test.
-	metrics atomic.Pointer[Metrics]
+	// demotions, resumes and repeatsCut are what Stats reports.
+	demotions, resumes, repeatsCut atomic.Uint64
 	// lostSeen is the events_lost count last acted on; only the loop touches it.
 	lostSeen uint64
 	// dropModeEvents and pretendLostEvents are for the test of recoverLostEvents: the first makes
@@ -57,9 +59,10 @@ type kernelPath struct {
 	closeOnce sync.Once
 }
 
-// kernelTunnel is a tunnel's state on the kernel path.
+// kernelTunnel is a pair's state on the kernel path, and the engine's hold on the pair (its Carrier).
 type kernelTunnel struct {
-	t      *Tunnel
+	k      *kernelPath
+	p      *datapath.Pair
 	client kernelSide
 	up     kernelSide
 	dirs   [2]kernelDir // client → upstream, upstream → client
@@ -95,9 +98,9 @@ type kernelDir struct {
 	lastHanded uint64
 	lastMove   time.Time
 
-	// limit is src's held limit (loader.Socket.HeldLimit); counter counts the bytes userspace relays.
-	limit   uint64
-	counter *atomic.Uint64
+	// limit is src's held limit (loader.Socket.HeldLimit); dir counts the bytes userspace relays.
+	limit uint64
+	dir   *datapath.Direction
 	// relaying is set while a goroutine relays src's passed bytes (relayPassed); guarded by
 	// kernelPath.mu. userRead and userWritten belong to that goroutine while it runs, and are read by
 	// others only under kernelPath.mu while it does not.
@@ -106,21 +109,26 @@ type kernelDir struct {
 	resumeGen             uint64 // the demotion after which resuming was last asked for
 }
 
+// kernelBuffers are the buffers of the handoff's drain and of relayPassed: 32 KiB, as the copy engine's.
+var kernelBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
 const (
 	drainFirstCheck = 200 * time.Microsecond
 	drainMaxCheck   = 50 * time.Millisecond
 	// stallTimeout: a direction whose FIN waits on bytes the kernel redirected but that neither reach the
 	// destination's send queue nor wait there for a slow reader, for this long, is broken; the tunnel is
-	// reset rather than left hanging (hazard 6).
+	// reset rather than left hanging (docs/datapath.md, "FIN, RST and the end of a tunnel").
 	stallTimeout = 10 * time.Second
 )
 
-func newKernelPath(log *slog.Logger, onFallback func(*Tunnel, string)) (*kernelPath, error) {
+var _ datapath.Engine = (*kernelPath)(nil)
+
+func newKernelPath(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*kernelPath, error) {
 	maps, err := loader.Open(loader.Options{})
 	if err != nil {
 		return nil, err
 	}
-	k := &kernelPath{maps: maps, log: log, onFallback: onFallback, heldLimit: DefaultKernelHeldLimit,
+	k := &kernelPath{maps: maps, log: log, fallback: datapath.Copier{}, onFallback: onFallback, heldLimit: DefaultKernelHeldLimit,
 		socks: make(map[int32]*kernelSide), bySrc: make(map[uint64]*kernelDir),
 		done: make(chan struct{}), events: make(chan struct{})}
 	if k.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
@@ -148,9 +156,32 @@ func (k *kernelPath) closeFDs() {
 	k.maps.Close()
 }
 
+func (k *kernelPath) Kind() datapath.Kind { return datapath.Sockmap }
+
+// kernelStats are the kernel engine's counts since its last resetStats: directions demoted for a slow
+// reader and resumed, and skbs whose repeated head the verdict cut (counted as their pair ends).
+type kernelStats struct {
+	Demotions, Resumes, RepeatsCut uint64
+}
+
+// Stats returns the engine's counts, for a collector to read at scrape time.
+func (k *kernelPath) Stats() kernelStats {
+	return kernelStats{Demotions: k.demotions.Load(), Resumes: k.resumes.Load(), RepeatsCut: k.repeatsCut.Load()}
+}
+
+// resetStats starts the counts again from 0: after the self-test, whose demotions are not the users'.
+func (k *kernelPath) resetStats() {
+	k.demotions.Store(0)
+	k.resumes.Store(0)
+	k.repeatsCut.Store(0)
+}
+
+// Accepts refuses TLS endpoints: without kernel TLS the bytes must be decrypted in userspace.
+func (k *kernelPath) Accepts(a, b datapath.Endpoint) bool { return a.TLS == nil && b.TLS == nil }
+
 // Close stops the loop and unloads the BPF objects; later calls do nothing. Tunnels must have been closed
 // first.
-func (k *kernelPath) Close() {
+func (k *kernelPath) Close() error {
 	k.closeOnce.Do(func() {
 		var one [8]byte
 		one[0] = 1
@@ -160,10 +191,12 @@ func (k *kernelPath) Close() {
 		k.closeFDs()
 		<-k.events
 	})
+	return nil
 }
 
 // rawFD returns the descriptor of c. The conn stays open and owned by the tunnel (and through it by the
-// registry), so Go never closes the descriptor under the kernel's feet (hazard 9).
+// registry), so Go never closes the descriptor under the kernel's feet (docs/datapath.md, "Go owns the
+// sockets' descriptors").
 func rawFD(c *net.TCPConn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -203,84 +236,85 @@ func (k *kernelPath) newSide(kt *kernelTunnel, c *net.TCPConn, isClient bool) (k
 	return kernelSide{kt: kt, conn: c, fd: fd, cookie: cookie, isClient: isClient}, nil
 }
 
-// start hands t to the kernel. Userspace's leftovers go first: whatever the handshake read past the request
+// Carry hands p to the kernel. Userspace's leftovers go first: whatever the handshake read past the request
 // and past the 101 is written to the peer, then each socket's receive queue is emptied into its peer, all
-// before the sockets enter the map, so those bytes precede every byte the kernel redirects (hazard 1).
-func (k *kernelPath) start(t *Tunnel) { k.startLimited(t, k.heldLimit) }
+// before the sockets enter the map, so those bytes precede every byte the kernel redirects (docs/datapath.md,
+// "How a tunnel enters the kernel").
+func (k *kernelPath) Carry(p *datapath.Pair) { k.carryLimited(p, k.heldLimit) }
 
-// startLimited is start with the held limit of both directions given.
-func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
-	kt := &kernelTunnel{t: t}
+// carryLimited is Carry with the held limit of both directions given.
+func (k *kernelPath) carryLimited(p *datapath.Pair, heldLimit uint64) {
+	kt := &kernelTunnel{k: k, p: p}
 	var err error
-	if kt.client, err = k.newSide(kt, t.Client, true); err == nil {
-		kt.up, err = k.newSide(kt, t.Upstream, false)
+	if kt.client, err = k.newSide(kt, p.Client().Conn, true); err == nil {
+		kt.up, err = k.newSide(kt, p.Upstream().Conn, false)
 	}
 	if err != nil {
-		t.fail(ReasonClientError, err, true)
+		p.Fail(ReasonClientError, err, true)
 		return
 	}
-	tdirs := t.directions()
-	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up, limit: heldLimit, counter: tdirs[0].counter}
-	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit, counter: tdirs[1].counter}
-	for i, d := range tdirs {
-		if err := d.writePrefix(); err != nil {
-			t.fail(d.reasonFor(err), err, true)
+	pdirs := p.Directions()
+	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up, limit: heldLimit, dir: pdirs[0]}
+	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit, dir: pdirs[1]}
+	for i, d := range pdirs {
+		if err := d.WritePeeked(); err != nil {
+			p.Fail(d.Blame(err), err, true)
 			return
 		}
 		switch err := drainQueued(d, kt.dirs[i].src.fd); {
 		case errors.Is(err, errSourceClosed):
-			// The source already sent its FIN: it cannot enter a sockhash (EOPNOTSUPP, hazard 12).
-			k.runInUserspace(t, "socket_closing")
+			// The source already sent its FIN: it cannot enter a sockhash (EOPNOTSUPP from
+			// sock_map_sk_state_allowed).
+			k.runInUserspace(p, "socket_closing")
 			return
 		case errors.Is(err, errSourceBusy):
-			k.runInUserspace(t, "busy_at_handoff")
+			k.runInUserspace(p, "busy_at_handoff")
 			return
 		case err != nil:
-			t.fail(d.reasonFor(err), err, true)
+			p.Fail(d.Blame(err), err, true)
 			return
 		}
 	}
 	// Baselines before insertion: a baseline taken after could already include redirected bytes, and the
-	// FIN would then never be carried (DATAPATH.md, hazard 5).
+	// FIN would then never be carried (docs/datapath.md, "What failed").
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		if k.sndbuf > 0 {
 			_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, k.sndbuf)
 		}
 		if s.sentBase, err = sentBytes(s.fd); err != nil {
-			t.fail(ReasonClientError, err, true)
+			p.Fail(ReasonClientError, err, true)
 			return
 		}
 	}
 
-	// t.mu keeps a concurrent end (a shutdown) from missing the release of what is inserted here.
-	t.mu.Lock()
-	if t.ending {
-		t.mu.Unlock()
-		return
+	// Inserted under the pair's lock (Hold), so that a concurrent end (a shutdown) cannot miss the release
+	// of what is inserted here.
+	held, err := p.Hold(datapath.Sockmap, kt, func() error {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		err := k.maps.Insert(loader.Socket{FD: kt.client.fd, Cookie: kt.client.cookie, HeldLimit: heldLimit},
+			loader.Socket{FD: kt.up.fd, Cookie: kt.up.cookie, HeldLimit: heldLimit})
+		if err == nil {
+			k.socks[int32(kt.client.fd)] = &kt.client
+			k.socks[int32(kt.up.fd)] = &kt.up
+			k.bySrc[kt.client.cookie] = &kt.dirs[0]
+			k.bySrc[kt.up.cookie] = &kt.dirs[1]
+		}
+		return err
+	})
+	if !held && err == nil {
+		return // the pair ended first
 	}
-	k.mu.Lock()
-	err = k.maps.Insert(loader.Socket{FD: kt.client.fd, Cookie: kt.client.cookie, HeldLimit: heldLimit},
-		loader.Socket{FD: kt.up.fd, Cookie: kt.up.cookie, HeldLimit: heldLimit})
-	if err == nil {
-		k.socks[int32(kt.client.fd)] = &kt.client
-		k.socks[int32(kt.up.fd)] = &kt.up
-		k.bySrc[kt.client.cookie] = &kt.dirs[0]
-		k.bySrc[kt.up.cookie] = &kt.dirs[1]
-		t.release = func() { k.release(kt) }
-		t.live = func() (uint64, uint64) { return k.counters(kt) }
-		t.lastSkb = func() time.Time { return k.lastSkb(kt) }
-	}
-	k.mu.Unlock()
-	t.mu.Unlock()
 	if err != nil {
-		// A socket that already got its FIN (CLOSE_WAIT) cannot enter a sockhash (EOPNOTSUPP, hazard 12);
+		// A socket that already got its FIN (CLOSE_WAIT) cannot enter a sockhash (EOPNOTSUPP from
+		// sock_map_sk_state_allowed);
 		// such a tunnel runs in userspace instead.
 		reason := "insert_failed"
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			reason = "socket_closing"
 		}
-		k.log.Debug("tunnel cannot use the kernel datapath", "id", t.ID, "err", err)
-		k.runInUserspace(t, reason)
+		k.log.Debug("tunnel cannot use the kernel datapath", "id", p.ID, "err", err)
+		k.runInUserspace(p, reason)
 		return
 	}
 
@@ -288,29 +322,28 @@ func (k *kernelPath) startLimited(t *Tunnel, heldLimit uint64) {
 		// Edge-triggered: each FIN, hang-up or error is reported once.
 		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET, Fd: int32(s.fd)}
 		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
-			t.fail(ReasonClientError, err, true)
+			p.Fail(ReasonClientError, err, true)
 			return
 		}
 	}
 	// Bytes that arrived between the last userspace read and the insertion sit in the receive queue, and
 	// the verdict runs only on data_ready. Setting SO_RCVLOWAT makes TCP call data_ready (tcp_set_rcvlowat),
-	// which runs the verdict over them now instead of when the sender next speaks (hazard 2).
+	// which runs the verdict over them now instead of when the sender next speaks (docs/datapath.md,
+	// "How a tunnel enters the kernel").
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
 	}
 }
 
-// runInUserspace moves a tunnel that cannot use the kernel datapath to the copy datapath. Whatever the
-// handoff already wrote is not written again: the prefixes are consumed once.
-func (k *kernelPath) runInUserspace(t *Tunnel, reason string) {
-	t.mu.Lock()
-	t.datapath = DatapathCopy
-	t.mu.Unlock()
-	k.log.Info("tunnel falls back to the copy datapath", "id", t.ID, "reason", reason)
+// runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy).
+// Whatever the handoff already wrote is not written again: peeked bytes are written once.
+func (k *kernelPath) runInUserspace(p *datapath.Pair, reason string) {
+	p.SetKind(k.fallback.Kind())
+	k.log.Info("tunnel falls back to the copy datapath", "id", p.ID, "reason", reason)
 	if k.onFallback != nil {
-		k.onFallback(t, reason)
+		k.onFallback(p, reason)
 	}
-	runDirections(t, copyPump)
+	k.fallback.Carry(p)
 }
 
 var (
@@ -328,9 +361,9 @@ const handoffDrainRounds = 64
 // partly read skb would be redirected again from its start. Measured here before this existed: a client
 // received the first 1000 bytes of its stream twice. An empty queue has no partly read skb; what arrives
 // after it does arrives in fresh ones.
-func drainQueued(d *direction, srcFD int) error {
-	bp := copyBuffers.Get().(*[]byte)
-	defer copyBuffers.Put(bp)
+func drainQueued(d *datapath.Direction, srcFD int) error {
+	bp := kernelBuffers.Get().(*[]byte)
+	defer kernelBuffers.Put(bp)
 	for range handoffDrainRounds {
 		n, err := unix.Read(srcFD, *bp) // the descriptor is nonblocking: Go set it so
 		switch {
@@ -339,14 +372,14 @@ func drainQueued(d *direction, srcFD int) error {
 		case err == unix.EINTR:
 			continue
 		case err != nil:
-			return readErr(err)
+			return datapath.ReadErr(err)
 		case n == 0:
 			return errSourceClosed
 		}
-		w, werr := d.dst.Write((*bp)[:n])
-		d.counter.Add(uint64(w))
+		w, werr := d.Dst().Write((*bp)[:n])
+		d.Count(w)
 		if werr != nil {
-			return writeErr(werr)
+			return datapath.WriteErr(werr)
 		}
 	}
 	return errSourceBusy
@@ -379,27 +412,33 @@ func (k *kernelPath) lastSkb(kt *kernelTunnel) time.Time {
 	return time.Now().Add(-time.Duration(now.Nano() - int64(last)))
 }
 
-// release takes kt out of epoll and the maps, folding its final counters into the tunnel. Tunnel.end calls
-// it before closing the sockets: an explicit delete before close is the clean order (hazard 12).
+// Pending returns the bytes the kernel has redirected each way for kt that its pair does not count yet.
+func (kt *kernelTunnel) Pending() (toUpstream, toClient uint64) { return kt.k.counters(kt) }
+
+// LastActive is when kt's verdict last saw a segment either way.
+func (kt *kernelTunnel) LastActive() time.Time { return kt.k.lastSkb(kt) }
+
+// Release takes kt out of epoll and the maps; Pair.End calls it under the pair's lock.
+func (kt *kernelTunnel) Release() { kt.k.release(kt) }
+
+// release takes kt out of epoll and the maps, folding its final counters into the pair. Pair.End calls
+// it before closing the sockets: an explicit delete before close is the clean order, though closing removes a socket from
+// every map by itself (sock_map_close).
 func (k *kernelPath) release(kt *kernelTunnel) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if kt.released {
 		return
 	}
-	up, down := k.counters(kt)
-	kt.t.toUpstream.Add(up)
-	kt.t.toClient.Add(down)
+	kt.p.AddBytes(k.counters(kt))
 	kt.released = true
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		if st, err := k.maps.Stats(s.cookie); err == nil && st.Overlaps > 0 {
 			// Not an error of ours, and nothing was lost: TCP queued segments that repeated bytes
 			// already delivered, and the verdict cut them (bpf/sockrelay.c). Worth knowing how often.
 			k.log.Warn("kernel tunnel: TCP repeated bytes already delivered; the repeats were cut",
-				"id", kt.t.ID, "client_side", s.isClient, "skbs", st.Overlaps, "bytes", st.OverlapBytes)
-			if m := k.metrics.Load(); m != nil {
-				m.kernelRepeatsCut.Add(float64(st.Overlaps))
-			}
+				"id", kt.p.ID, "client_side", s.isClient, "skbs", st.Overlaps, "bytes", st.OverlapBytes)
+			k.repeatsCut.Add(st.Overlaps)
 		}
 	}
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
@@ -408,7 +447,7 @@ func (k *kernelPath) release(kt *kernelTunnel) {
 		delete(k.bySrc, s.cookie)
 	}
 	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
-		k.log.Warn("removing tunnel from BPF maps", "id", kt.t.ID, "err", err)
+		k.log.Warn("removing tunnel from BPF maps", "id", kt.p.ID, "err", err)
 	}
 	k.drain = slices.DeleteFunc(k.drain, func(d *kernelDir) bool { return d.kt == kt })
 }
@@ -469,7 +508,7 @@ func (k *kernelPath) recoverLostEvents() {
 	}
 	k.mu.Unlock()
 	for _, kt := range broken {
-		kt.t.end(ReasonKernelError, true)
+		kt.p.End(ReasonKernelError, true)
 	}
 }
 
@@ -503,7 +542,7 @@ func (k *kernelPath) handle(ev unix.EpollEvent) {
 	if ev.Events&unix.EPOLLERR != 0 {
 		k.mu.Unlock()
 		soErr, _ := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		kt.t.fail(sideReason(s.isClient, unix.Errno(soErr)), unix.Errno(soErr), true)
+		kt.p.Fail(datapath.Blame(s.isClient, unix.Errno(soErr)), unix.Errno(soErr), true)
 		return
 	}
 	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
@@ -522,22 +561,8 @@ func (k *kernelPath) handle(ev unix.EpollEvent) {
 	k.mu.Unlock()
 }
 
-// sideReason names an error on one side of a tunnel.
-func sideReason(client bool, err error) string {
-	switch {
-	case client && isReset(err):
-		return ReasonClientReset
-	case client:
-		return ReasonClientError
-	case isReset(err):
-		return ReasonUpstreamReset
-	default:
-		return ReasonUpstreamError
-	}
-}
-
 // checkDrains carries each waiting FIN across once every byte redirected before it has entered the
-// destination's send queue (hazard 4): shutting down or removing the socket earlier drops bytes still on
+// destination's send queue (docs/datapath.md, "FIN, RST and the end of a tunnel"): shutting down or removing the socket earlier drops bytes still on
 // their way through the psock backlog.
 func (k *kernelPath) checkDrains() {
 	now := time.Now()
@@ -576,7 +601,7 @@ func (k *kernelPath) checkDrains() {
 				continue
 			}
 			d.finDone = true
-			d.kt.t.markHalfClosed()
+			d.kt.p.MarkHalfClosed()
 			if d.kt.dirs[0].finDone && d.kt.dirs[1].finDone {
 				finished = append(finished, d.kt)
 			}
@@ -595,7 +620,7 @@ func (k *kernelPath) checkDrains() {
 				d.interval = drainFirstCheck
 			} else if now.Sub(d.lastMove) > stallTimeout && !k.dstBusy(d) {
 				k.log.Error("kernel tunnel stalled: redirected bytes never reached the peer; resetting it",
-					"id", d.kt.t.ID, "redirected", redirected, "handed_on", handed)
+					"id", d.kt.p.ID, "redirected", redirected, "handed_on", handed)
 				stalled = append(stalled, d.kt)
 				continue
 			} else {
@@ -608,13 +633,13 @@ func (k *kernelPath) checkDrains() {
 	k.drain = keep
 	k.mu.Unlock()
 	for _, kt := range finished {
-		kt.t.end(ReasonClosed, false)
+		kt.p.End(ReasonClosed, false)
 	}
 	for _, kt := range stalled {
-		kt.t.end(ReasonStalled, true)
+		kt.p.End(ReasonStalled, true)
 	}
 	for _, kt := range broken {
-		kt.t.end(ReasonKernelError, true)
+		kt.p.End(ReasonKernelError, true)
 	}
 }
 

@@ -10,10 +10,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/loader"
 )
 
-// Backpressure on the kernel datapath (shared/DATAPATH.md, hazard 5).
+// Backpressure on the kernel datapath (docs/datapath.md, "Backpressure").
 //
 // A redirected skb leaves its source's receive queue at once and waits in the destination's psock queue,
 // charged to no socket (net/core/skmsg.c, sk_psock_skb_redirect), so the source's TCP window never closes
@@ -52,8 +53,8 @@ func (k *kernelPath) readModeChanges() {
 		if k.dropModeEvents.Load() {
 			continue
 		}
-		if m := k.metrics.Load(); m != nil && ev.Kind == loader.Demoted {
-			m.kernelDemotions.Inc()
+		if ev.Kind == loader.Demoted {
+			k.demotions.Add(1)
 		}
 		k.mu.Lock()
 		d, ok := k.bySrc[ev.Cookie]
@@ -69,8 +70,8 @@ func (k *kernelPath) readModeChanges() {
 		k.mu.Unlock()
 		if ok && ev.Kind == loader.Broken {
 			k.log.Error("kernel tunnel reset: TCP repeated bytes already delivered and they could not be cut off",
-				"id", d.kt.t.ID)
-			d.kt.t.end(ReasonKernelError, true)
+				"id", d.kt.p.ID)
+			d.kt.p.End(ReasonKernelError, true)
 		}
 	}
 }
@@ -83,30 +84,33 @@ func (k *kernelPath) startRelayLocked(d *kernelDir) {
 	d.relaying = true
 	k.relays.Add(1)
 	k.relayWG.Add(1)
-	go func() {
-		defer k.relayWG.Done()
-		k.relayPassed(d)
-	}()
+	go k.relayPassedThenDone(d)
+}
+
+// relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG.
+func (k *kernelPath) relayPassedThenDone(d *kernelDir) {
+	defer k.relayWG.Done()
+	k.relayPassed(d)
 }
 
 // relayPassed relays the bytes the verdict passed to d's source while it is demoted, and carries the FIN if
 // it comes while demoted. It returns when the verdict redirects again and every passed byte is relayed, or
 // when the tunnel ends.
 func (k *kernelPath) relayPassed(d *kernelDir) {
-	t := d.kt.t
+	p := d.kt.p
 	fail := func(reason string) {
 		k.stopRelaying(d, true)
 		if reason != "" {
-			t.end(reason, true)
+			p.End(reason, true)
 		}
 	}
 	rc, err := d.src.conn.SyscallConn()
 	if err != nil {
-		fail(sideReason(d.src.isClient, err))
+		fail(datapath.Blame(d.src.isClient, err))
 		return
 	}
-	bp := copyBuffers.Get().(*[]byte)
-	defer copyBuffers.Put(bp)
+	bp := kernelBuffers.Get().(*[]byte)
+	defer kernelBuffers.Put(bp)
 	poll := relayPoll
 	for {
 		// Ask to resume once the destination has room again; until then stay demoted rather than flap,
@@ -133,9 +137,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			continue
 		case errors.Is(err, errResumed):
 			if k.stopRelaying(d, false) {
-				if m := k.metrics.Load(); m != nil {
-					m.kernelResumes.Inc()
-				}
+				k.resumes.Add(1)
 				return
 			}
 			continue
@@ -147,11 +149,11 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			return
 		case errors.Is(err, errOverflow):
 			k.log.Error("kernel tunnel reset: both peers stopped reading while sending, and the kernel would hold their bytes without bound",
-				"id", t.ID, "limit", d.limit)
+				"id", p.ID, "limit", d.limit)
 			fail(ReasonOverflow)
 			return
 		case err != nil:
-			fail(sideReason(d.src.isClient, err))
+			fail(datapath.Blame(d.src.isClient, err))
 			return
 		case n == 0:
 			// recvmsg reports EOF as soon as the socket's message queue is empty, which can be before
@@ -176,11 +178,11 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			return
 		}
 		w, err := d.dst.conn.Write((*bp)[:n])
-		d.counter.Add(uint64(w))
+		d.dir.Count(w)
 		d.userRead += uint64(n)
 		d.userWritten += uint64(w)
 		if err != nil {
-			fail(sideReason(d.dst.isClient, err))
+			fail(datapath.Blame(d.dst.isClient, err))
 			return
 		}
 		if err := k.setControl(d); err != nil {
@@ -209,7 +211,7 @@ var (
 // readPassed reads bytes passed to d's source into b, waiting in Go's poller (within the source's read
 // deadline). Each time the source wakes, it first checks the verdict's counters: errResumed, without
 // reading, once the verdict redirects again and every passed byte has been read (a read then would only
-// race the verdict, DATAPATH.md hazard 5c); errOverflow when passed bytes pile up where no read can reach
+// race the verdict: tcp_bpf_recvmsg_parser); errOverflow when passed bytes pile up where no read can reach
 // them (overflowAt); errTunnelEnded once the tunnel has left the maps.
 func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int, error) {
 	var (
@@ -294,7 +296,8 @@ func (k *kernelPath) stopRelaying(d *kernelDir, force bool) bool {
 
 // waitHandedOn waits until every byte the verdict redirected from d's source has entered the
 // destination's send queue. It fails if the tunnel ends, or if the redirected bytes stop moving while the
-// destination has nothing left to send (hazard 6).
+// destination has nothing left to send (the stall guard of docs/datapath.md, "FIN, RST and the end of a
+// tunnel").
 func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 	interval := handedOnFirstCheck
 	var lastHanded uint64
@@ -317,7 +320,7 @@ func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 			interval = min(2*interval, handedOnMaxCheck)
 		}
 		select {
-		case <-d.kt.t.Done():
+		case <-d.kt.p.Done():
 			return errTunnelEnded
 		case <-time.After(interval):
 		}
@@ -327,17 +330,17 @@ func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 // finishRelayed carries the FIN that d's relaying goroutine read, once every redirected byte before it is
 // handed on, and ends the tunnel if the other direction is done too.
 func (k *kernelPath) finishRelayed(d *kernelDir) {
-	t := d.kt.t
+	t := d.kt.p
 	if err := k.waitHandedOn(d); err != nil {
 		k.stopRelaying(d, true)
 		if !errors.Is(err, errTunnelEnded) {
-			t.end(ReasonStalled, true)
+			t.End(ReasonStalled, true)
 		}
 		return
 	}
 	if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Broken {
 		k.stopRelaying(d, true)
-		t.end(ReasonKernelError, true) // never a clean FIN after bytes were dropped
+		t.End(ReasonKernelError, true) // never a clean FIN after bytes were dropped
 		return
 	}
 	k.mu.Lock()
@@ -348,15 +351,15 @@ func (k *kernelPath) finishRelayed(d *kernelDir) {
 	}
 	if err := unix.Shutdown(d.dst.fd, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
 		k.mu.Unlock()
-		t.fail(sideReason(d.dst.isClient, err), err, true)
+		t.Fail(datapath.Blame(d.dst.isClient, err), err, true)
 		return
 	}
 	d.finSeen, d.finDone = true, true
-	t.markHalfClosed()
+	t.MarkHalfClosed()
 	k.drain = slices.DeleteFunc(k.drain, func(x *kernelDir) bool { return x == d })
 	both := d.kt.dirs[0].finDone && d.kt.dirs[1].finDone
 	k.mu.Unlock()
 	if both {
-		t.end(ReasonClosed, false)
+		t.End(ReasonClosed, false)
 	}
 }

@@ -13,7 +13,8 @@ import (
 )
 
 // TestNoStallPingPong keeps many tunnels doing 32-byte round trips at once for a few seconds; every round
-// trip must complete (a naive kernel datapath stalled tens of tunnels in a thousand, DATAPATH.md).
+// trip must complete (a naive kernel datapath stalled tens of tunnels in a thousand: docs/datapath.md,
+// "What a naive sockmap relay gets wrong").
 func TestNoStallPingPong(t *testing.T) {
 	for _, dp := range testDatapaths {
 		t.Run(string(dp), func(t *testing.T) {

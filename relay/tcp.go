@@ -9,6 +9,8 @@ import (
 	"net/url"
 	"syscall"
 	"time"
+
+	"github.com/sockrelay/sockrelay/datapath"
 )
 
 // SNIReader, when set on a TCP listener, reads the server name a client's TLS ClientHello asks for, and
@@ -143,43 +145,30 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		refuse(reason, err)
 		return
 	}
-	datapath := info.datapath
-	if up.tls != nil && datapath != DatapathCopy {
-		datapath = DatapathCopy // by design, not a fallback
-	}
-	t := &Tunnel{
-		Client:       client,
-		Upstream:     up.conn,
-		upstreamTLS:  up.tls,
-		datapath:     datapath,
-		Started:      time.Now(),
-		ClientAddr:   peer,
-		UpstreamAddr: up.lease.Server.Address(),
-		Pool:         pool.Name(),
-		req:          requestInfo{listener: info.name, host: host}, // host: the SNI name, when peeked
-		Listener:     info.name,
-		lease:        up.lease,
-		releaseSlot:  releaseSlot,
-		clientPrefix: clientPrefix,
-		ended:        make(chan struct{}),
-		onEnd:        s.tunnelEnded,
-	}
-	t.halfClosedTimeout = s.cfg.TCPHalfClosedTimeout
-	if err := s.tunnels.add(t); err != nil {
+	t, err := s.establish(opening{
+		listener:          info,
+		client:            datapath.Endpoint{Conn: client, Peeked: clientPrefix},
+		upstream:          datapath.Endpoint{Conn: up.conn, TLS: up.tls},
+		up:                up,
+		clientAddr:        peer,
+		req:               requestInfo{listener: info.name, host: host}, // host: the SNI name, when peeked
+		pool:              pool.Name(),
+		releaseSlot:       releaseSlot,
+		halfClosedTimeout: s.cfg.TCPHalfClosedTimeout,
+	})
+	switch {
+	case errors.Is(err, errShuttingDownAtOpen):
 		up.conn.Close()
 		up.lease.Release()
 		refuse(FailShuttingDown, err)
 		return
-	}
-	opened = true
-	s.reservePipes(t) // as for WebSockets: short of descriptors, the tunnel runs on copy
-	s.metrics.tunnelOpened(t)
-	// As for WebSockets: a reload that removed the server, closing its tunnels, while this one was dialed.
-	if s.evicted(up.lease.Server) {
+	case errors.Is(err, errEvictedAtOpen):
+		// As for WebSockets: a reload that removed the server, closing its tunnels, while this one was dialed.
+		opened = true
 		s.metrics.handshakeFailed(info.name, poolName, FailUpstreamRemoved)
-		t.end(ReasonUpstreamRemoved, true)
 		return
 	}
+	opened = true
 	s.metrics.handshakeDuration.Observe(time.Since(start).Seconds())
-	s.startTunnel(t)
+	s.carry(t)
 }

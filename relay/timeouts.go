@@ -1,61 +1,20 @@
 package relay
 
 import (
-	"net"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // tunnelActivity is what enforceTunnelTimeouts remembers of one tunnel between scans.
 type tunnelActivity struct {
-	progress uint64    // tcpProgress at the last scan
+	progress uint64    // datapath.Pair.Progress at the last scan
 	at       time.Time // when progress last changed (or the tunnel started)
-}
-
-// hasUnsentBytes says whether either socket still has bytes in its send queue (SIOCOUTQ), which a
-// clean close would hide from the peer if they never arrive.
-func (t *Tunnel) hasUnsentBytes() bool {
-	unsent := false
-	for _, c := range []*net.TCPConn{t.Client, t.Upstream} {
-		raw, err := c.SyscallConn()
-		if err != nil {
-			continue
-		}
-		_ = raw.Control(func(fd uintptr) {
-			if n, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err == nil && n > 0 {
-				unsent = true
-			}
-		})
-	}
-	return unsent
-}
-
-// tcpProgress sums what TCP has moved on the tunnel's two sockets: bytes each received and bytes each
-// sent and had acknowledged (TCP_INFO). It moves whenever a byte moves on either connection, whatever
-// the datapath: a slow reader draining a full buffer counts, although the relay's own counters move only
-// when a whole write completes.
-func (t *Tunnel) tcpProgress() uint64 {
-	var sum uint64
-	for _, c := range []*net.TCPConn{t.Client, t.Upstream} {
-		raw, err := c.SyscallConn()
-		if err != nil {
-			continue
-		}
-		_ = raw.Control(func(fd uintptr) {
-			if ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-				sum += ti.Bytes_acked + ti.Bytes_received
-			}
-		})
-	}
-	return sum
 }
 
 // enforceTunnelTimeouts closes tunnels idle for idle (no byte either way), tunnels older than lifetime,
 // and half-closed tunnels past their own half-close timeout; 0 turns idle or lifetime off. It scans every
 // tunnel every tick from one goroutine, until stop is closed: nothing wakes per tunnel, and no datapath
 // does any work for it. A tunnel is active when TCP moved a byte on either of its sockets since the last
-// scan (tcpProgress), or, for kernel tunnels, when the BPF verdict recorded a segment (last_ns), so a
+// scan (datapath.Pair.Progress), or, for kernel tunnels, when the BPF verdict recorded a segment (last_ns), so a
 // tunnel is closed between idle and idle+tick after its last byte.
 func (s *Server) enforceTunnelTimeouts(idle, lifetime, tick time.Duration, stop <-chan struct{}) {
 	t := time.NewTicker(tick)
@@ -97,7 +56,7 @@ func (s *Server) checkTunnelTimeouts(tn *Tunnel, now time.Time, idle, lifetime t
 		tn.end(ReasonLifetime, true)
 		return
 	}
-	halfClosed, isHalfClosed := tn.halfClosedSince()
+	halfClosed, isHalfClosed := tn.pair.HalfClosedSince()
 	isHalfClosed = isHalfClosed && tn.halfClosedTimeout > 0
 	if idle <= 0 && !isHalfClosed {
 		return // no timeout needs its activity: spare the system calls
@@ -108,7 +67,7 @@ func (s *Server) checkTunnelTimeouts(tn *Tunnel, now time.Time, idle, lifetime t
 		// FIN, a clean end. But a reader that stopped (or reads from its own full receive queue) leaves
 		// bytes unsent: those would be lost behind a FIN that looks clean, so such a tunnel is reset, as
 		// nginx's send timeout and HAProxy's tunnel timeout also end it.
-		unsent := tn.hasUnsentBytes()
+		unsent := tn.pair.Unsent()
 		s.log.Info("tunnel idle, closing it", "id", tn.ID, "client", tn.ClientAddr,
 			"upstream", tn.UpstreamAddr, "idle", now.Sub(lastActive).Round(time.Millisecond),
 			"unsent_bytes_reset", unsent)
@@ -119,7 +78,7 @@ func (s *Server) checkTunnelTimeouts(tn *Tunnel, now time.Time, idle, lifetime t
 	// Measured from the later of the FIN and the last byte, as HAProxy's client-fin and server-fin are
 	// inactivity timeouts: a protocol that half-closes and then streams the other way lives on.
 	if isHalfClosed && now.Sub(later(halfClosed, lastActive)) >= tn.halfClosedTimeout {
-		unsent := tn.hasUnsentBytes()
+		unsent := tn.pair.Unsent()
 		s.log.Info("tunnel half-closed and quiet, closing it", "id", tn.ID, "client", tn.ClientAddr,
 			"upstream", tn.UpstreamAddr, "half_closed_for", now.Sub(halfClosed).Round(time.Millisecond),
 			"timeout", tn.halfClosedTimeout, "unsent_bytes_reset", unsent)
@@ -129,7 +88,7 @@ func (s *Server) checkTunnelTimeouts(tn *Tunnel, now time.Time, idle, lifetime t
 
 // lastActive is when a byte last moved on tn, as far as the scans at now and before it can tell.
 func (tn *Tunnel) lastActive(now time.Time, seen map[uint64]*tunnelActivity) time.Time {
-	progress := tn.tcpProgress()
+	progress := tn.pair.Progress()
 	a := seen[tn.ID]
 	if a == nil {
 		// From zero: what moved before the first scan counts as activity now, so that no tunnel is
@@ -140,7 +99,7 @@ func (tn *Tunnel) lastActive(now time.Time, seen map[uint64]*tunnelActivity) tim
 	if progress != a.progress {
 		a.progress, a.at = progress, now
 	}
-	if k, ok := tn.kernelLastActive(); ok && k.After(a.at) {
+	if k, ok := tn.pair.LastActive(); ok && k.After(a.at) {
 		a.at = k
 	}
 	return a.at

@@ -63,11 +63,11 @@ func (s *Server) logOpened(t *Tunnel) {
 // when a failure ended it.
 func (s *Server) logClosed(t *Tunnel, toUpstream, toClient uint64) {
 	errText := ""
-	if t.err != nil {
-		errText = t.err.Error()
+	if t.pair.Err() != nil {
+		errText = t.pair.Err().Error()
 	}
 	s.log.Info("tunnel closed", append(t.logAttrs(), "bytes_to_upstream", toUpstream, "bytes_to_client", toClient,
-		"duration_ms", millis(time.Since(t.Started)), "reason", t.reason, "err", errText)...)
+		"duration_ms", millis(time.Since(t.Started)), "reason", t.Reason(), "err", errText)...)
 }
 
 // accessLogKey carries a plain request's access record from withAccessLog to serveRequest, which fills in

@@ -47,7 +47,7 @@ func doctorCommand(stdout io.Writer) int {
 				err = fmt.Errorf("self-test: %s", selfTest)
 			}
 		} else {
-			err = d.Available()
+			err = relay.DatapathAvailable(d)
 		}
 		if err != nil {
 			fmt.Fprintf(stdout, "  %-8s unavailable: %v\n", d, err)

@@ -479,7 +479,7 @@ func closeWS(t *testing.T, ws *websocket.Conn) {
 // autoChoice is what --datapath auto must choose on this host: sockmap where its probe and self-test pass,
 // else splice (which runs wherever these tests do).
 var autoChoice = sync.OnceValue(func() string {
-	if relay.DatapathSockmap.Available() == nil {
+	if relay.DatapathAvailable(relay.DatapathSockmap) == nil {
 		return "sockmap"
 	}
 	return "splice"

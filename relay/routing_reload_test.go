@@ -14,11 +14,11 @@ import (
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
-// TestReviewShutdownStopsEveryListener: once Shutdown has begun, no listener accepts new clients. With
+// TestShutdownStopsEveryListener: once Shutdown has begun, no listener accepts new clients. With
 // a handshake in flight on the first listener, Shutdown waits in that listener's http.Server.Shutdown
 // before it even closes the second one, which meanwhile keeps serving new clients (and opening tunnels)
 // for as long as the drain lasts.
-func TestReviewShutdownStopsEveryListener(t *testing.T) {
+func TestShutdownStopsEveryListener(t *testing.T) {
 	up := startUpstream(t)
 	pool := newPool(t, "p", []string{up.Addr}, nil)
 	r := startRelay(t, DatapathCopy, nil, func(c *Config) {
@@ -77,10 +77,10 @@ func TestReviewShutdownStopsEveryListener(t *testing.T) {
 	}
 }
 
-// TestReviewRemovedServerRace: a handshake that picked a server before a reload removed it (from a pool
+// TestRemovedServerRace: a handshake that picked a server before a reload removed it (from a pool
 // with close_tunnels_on_removal) registers its tunnel after CloseTunnelsTo ran, and the tunnel then
 // lives on against the removed server: CloseTunnelsTo sees only registered tunnels.
-func TestReviewRemovedServerRace(t *testing.T) {
+func TestRemovedServerRace(t *testing.T) {
 	up, other := startUpstream(t), startUpstream(t)
 	acceptAll(t, other)
 	spec := upstream.PoolSpec{Name: "p", Balance: upstream.RoundRobin,
@@ -126,10 +126,10 @@ func TestReviewRemovedServerRace(t *testing.T) {
 	}
 }
 
-// TestReviewRetriesCountedOnlyWhenSent: sockrelay_upstream_retries_total counts "handshakes sent to
+// TestRetriesCountedOnlyWhenSent: sockrelay_upstream_retries_total counts "handshakes sent to
 // another server after one failed". A pool with one server that refuses has no other server to send
 // to, so nothing was retried, yet the counter (and the "trying another" log line) go up.
-func TestReviewRetriesCountedOnlyWhenSent(t *testing.T) {
+func TestRetriesCountedOnlyWhenSent(t *testing.T) {
 	pool := newPool(t, "p", []string{closedPort(t)}, func(s *upstream.PoolSpec) {
 		s.Retry.Tries = 3
 		s.Passive.Failures = 0
@@ -149,11 +149,11 @@ func TestReviewRetriesCountedOnlyWhenSent(t *testing.T) {
 	}
 }
 
-// TestReviewReaddedServerKeepsItsTunnels: a reload (or a DNS refresh that drops an address for one
+// TestReaddedServerKeepsItsTunnels: a reload (or a DNS refresh that drops an address for one
 // interval) removes a server without closing its tunnels, and the next one adds it back. The server's
 // tunnels are still up, but the pool now counts 0 for it: a new *Server was made, so max_tunnels and
 // least_tunnels ignore every tunnel it already carries.
-func TestReviewReaddedServerKeepsItsTunnels(t *testing.T) {
+func TestReaddedServerKeepsItsTunnels(t *testing.T) {
 	up, other := startUpstream(t), startUpstream(t)
 	spec := upstream.PoolSpec{Name: "p", Balance: upstream.LeastTunnels,
 		Servers: []upstream.ServerSpec{{Address: up.Addr, MaxTunnels: 1}}}.WithDefaults()
@@ -195,10 +195,10 @@ func (fixedResolver) LookupSRV(context.Context, string, string, string) (string,
 	return "", nil, errors.New("no SRV")
 }
 
-// TestReviewAdminDrainSurvivesDNSRefresh: POST /admin/pools/{pool}/servers/{server} drain=true on a
+// TestAdminDrainSurvivesDNSRefresh: POST /admin/pools/{pool}/servers/{server} drain=true on a
 // DNS-discovered server answers 200 "draining", and the pool's next DNS refresh (every dns.interval,
 // 10s by default) silently sets drain back to false: the server takes new tunnels again.
-func TestReviewAdminDrainSurvivesDNSRefresh(t *testing.T) {
+func TestAdminDrainSurvivesDNSRefresh(t *testing.T) {
 	spec := upstream.PoolSpec{Name: "d", DNS: &upstream.DNSSpec{Name: "d.internal", Type: upstream.DNSA, Port: 9000,
 		Interval: time.Second}}.WithDefaults()
 	pool, err := upstream.New(spec, upstream.Options{Resolver: fixedResolver{[]string{"127.0.0.1", "127.0.0.2"}}})

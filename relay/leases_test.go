@@ -11,8 +11,8 @@ import (
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
-// TestReviewServeListenerAfterShutdown: a listener served after Shutdown is closed at once.
-func TestReviewServeListenerAfterShutdown(t *testing.T) {
+// TestServeListenerAfterShutdown: a listener served after Shutdown is closed at once.
+func TestServeListenerAfterShutdown(t *testing.T) {
 	r := startRelay(t, DatapathCopy, []string{"127.0.0.1:9"})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
@@ -30,10 +30,10 @@ func TestReviewServeListenerAfterShutdown(t *testing.T) {
 	}
 }
 
-// TestReviewLeaseReleasedOnEveryRefusal: a handshake that does not become a tunnel gives its server's
+// TestLeaseReleasedOnEveryRefusal: a handshake that does not become a tunnel gives its server's
 // slot back, whether the upstream refused it (its answer passed on) or the client left while the upstream
 // thought; otherwise max_tunnels and least_tunnels would count phantom tunnels for ever.
-func TestReviewLeaseReleasedOnEveryRefusal(t *testing.T) {
+func TestLeaseReleasedOnEveryRefusal(t *testing.T) {
 	up := startUpstream(t)
 	pool := newPool(t, "p", []string{up.Addr}, nil)
 	r := startRelay(t, DatapathCopy, nil, func(c *Config) {

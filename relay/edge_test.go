@@ -44,9 +44,9 @@ func (l *emfileListener) Close() error {
 	return l.Listener.Close()
 }
 
-// TestReview2TCPListenerSurvivesEMFILE: running out of descriptors is temporary; net/http sleeps and
+// TestTCPListenerSurvivesEMFILE: running out of descriptors is temporary; net/http sleeps and
 // accepts again. ServeTCP must not return (cmd/sockrelay then stops the whole relay, tunnels and all).
-func TestReview2TCPListenerSurvivesEMFILE(t *testing.T) {
+func TestTCPListenerSurvivesEMFILE(t *testing.T) {
 	up := startUpstream(t)
 	r := startRelay(t, DatapathCopy, []string{up.Addr})
 	inner, err := net.Listen("tcp", "127.0.0.1:0")
@@ -64,10 +64,10 @@ func TestReview2TCPListenerSurvivesEMFILE(t *testing.T) {
 	l.Close()
 }
 
-// TestReview2PlainRequestSendsProxyHeader: a pool with proxy_protocol gets a PROXY header on every
+// TestPlainRequestSendsProxyHeader: a pool with proxy_protocol gets a PROXY header on every
 // connection (its servers refuse connections without one, as nginx `listen ... proxy_protocol` does);
 // the reverse-proxied plain requests to the same pool must carry one too.
-func TestReview2PlainRequestSendsProxyHeader(t *testing.T) {
+func TestPlainRequestSendsProxyHeader(t *testing.T) {
 	addr := serveEach(t, nil, func(c net.Conn) {
 		br := bufio.NewReader(c)
 		if _, err := proxyproto.Read(br); err != nil {
@@ -162,10 +162,10 @@ func contains(s, sub string) bool {
 
 var _ = errors.New
 
-// TestReview2TCPListenerWssPool: a tcp listener whose route's pool is a wss pool (UpstreamTLS set) must
+// TestTCPListenerWssPool: a tcp listener whose route's pool is a wss pool (UpstreamTLS set) must
 // speak TLS to the server, or be refused by configuration; serveTCPConn ignores UpstreamTLS and sends the
 // client's bytes in the clear to a server that expects TLS.
-func TestReview2TCPListenerWssPool(t *testing.T) {
+func TestTCPListenerWssPool(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -25,9 +25,9 @@ func parseConfig(t *testing.T, text string) *config.Config {
 	return cfg
 }
 
-// TestReviewPoolSpecDNSMaxTunnels: dns.max_tunnels in the file must reach the pool; poolSpec drops it,
+// TestPoolSpecDNSMaxTunnels: dns.max_tunnels in the file must reach the pool; poolSpec drops it,
 // so every DNS-discovered server runs without a cap.
-func TestReviewPoolSpecDNSMaxTunnels(t *testing.T) {
+func TestPoolSpecDNSMaxTunnels(t *testing.T) {
 	cfg := parseConfig(t, `
 listeners:
   - address: 127.0.0.1:0
@@ -44,7 +44,7 @@ pools:
 	}
 }
 
-// TestReviewRouteDotDot: a route for /ws must not carry /ws/../admin (or its percent-encoded form) to
+// TestRouteDotDot: a route for /ws must not carry /ws/../admin (or its percent-encoded form) to
 // its pool: the upstream, or anything behind it, resolves that to /admin, which no route exposes.
 // nginx and HAProxy normalize (or reject) such a path before matching.
 
@@ -76,10 +76,10 @@ func (r *stepResolver) LookupSRV(context.Context, string, string, string) (strin
 	return "", nil, nil
 }
 
-// TestReviewReloadRacesDNSRemoval: a reload that removes a DNS pool while that pool's DNS refresh is
+// TestReloadRacesDNSRemoval: a reload that removes a DNS pool while that pool's DNS refresh is
 // handing removed servers to pools.onRemoved deadlocks: apply holds ps.mu and waits in Pool.Close for
 // the DNS goroutine, which waits for ps.mu in onRemoved. closeAll (at exit) has the same shape.
-func TestReviewReloadRacesDNSRemoval(t *testing.T) {
+func TestReloadRacesDNSRemoval(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	ps := newPools(ctx, slog.New(slog.DiscardHandler))
@@ -133,11 +133,11 @@ pools:
 	}
 }
 
-// TestReviewReloadRemovingHealthCheckFreesDownServers: a health check marks a server down; a reload that
+// TestReloadRemovingHealthCheckFreesDownServers: a health check marks a server down; a reload that
 // removes the check (the operator's fix for a check that was wrong) must not leave the server down for
 // ever. Update keeps activeDown, and with no check running nothing ever clears it: the pool answers 503
 // until a restart.
-func TestReviewReloadRemovingHealthCheckFreesDownServers(t *testing.T) {
+func TestReloadRemovingHealthCheckFreesDownServers(t *testing.T) {
 	down := closedAddr(t)
 	withCheck := `
 listeners:
@@ -183,10 +183,10 @@ func closedAddr(t *testing.T) string {
 	return addr
 }
 
-// TestReviewDatapathOverriddenByFlag: with --datapath given, the file's datapaths are not in force, yet a
+// TestDatapathOverriddenByFlag: with --datapath given, the file's datapaths are not in force, yet a
 // reload whose only change is the file's top-level datapath (which every listener without its own
 // inherits) is refused whole, as a listener change: its routes and pools are not applied.
-func TestReviewDatapathOverriddenByFlag(t *testing.T) {
+func TestDatapathOverriddenByFlag(t *testing.T) {
 	file := func(dp string) string {
 		return `
 datapath: ` + dp + `
@@ -204,10 +204,10 @@ pools:
 	}
 }
 
-// TestReviewCheckAgreesWithRun: `sockrelay check` says it validates a file "as run and a reload would";
+// TestCheckAgreesWithRun: `sockrelay check` says it validates a file "as run and a reload would";
 // a listener on sockmap under a top-level splice datapath passes check, and run refuses it at start on
 // every host (only a relay whose own datapath is sockmap or auto loads the kernel datapath).
-func TestReviewCheckAgreesWithRun(t *testing.T) {
+func TestCheckAgreesWithRun(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "c.yaml")
 	writeFile(t, path, `
 admin: ""

@@ -37,11 +37,11 @@ pools:
 `, admin, listen, cert, key, echo)
 }
 
-// TestReview2ReloadNewCertificatePaths: a reload that names other certificate files for a TLS listener
+// TestReloadNewCertificatePaths: a reload that names other certificate files for a TLS listener
 // is accepted ("configuration reloaded"); the listener must then serve the new certificate, or the reload
 // must be refused / warned about as restart-only. Today the old files are re-read and the new paths are
 // silently ignored.
-func TestReview2ReloadNewCertificatePaths(t *testing.T) {
+func TestReloadNewCertificatePaths(t *testing.T) {
 	echo := startCountingEcho(t)
 	dir := t.TempDir()
 	ca := tlstest.NewCA(t, "reload CA")
@@ -62,10 +62,10 @@ func TestReview2ReloadNewCertificatePaths(t *testing.T) {
 	}
 }
 
-// TestReview2RefusedReloadKeepsCertificates: a reload that is refused ("the configuration in force is
+// TestRefusedReloadKeepsCertificates: a reload that is refused ("the configuration in force is
 // unchanged") must not have swapped the TLS listener's certificates; reloadLocked re-reads them before it
 // checks the rest of the file.
-func TestReview2RefusedReloadKeepsCertificates(t *testing.T) {
+func TestRefusedReloadKeepsCertificates(t *testing.T) {
 	echo := startCountingEcho(t)
 	dir := t.TempDir()
 	ca := tlstest.NewCA(t, "reload CA")

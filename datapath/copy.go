@@ -1,12 +1,32 @@
-package relay
+package datapath
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 
 	"golang.org/x/sys/unix"
 )
+
+// Copier is the copy engine: a goroutine per direction reads into a userspace buffer and writes it on.
+// It carries any pair, TLS included, and holds nothing between pairs.
+type Copier struct{}
+
+var _ Engine = Copier{}
+
+func (Copier) Kind() Kind                 { return Copy }
+func (Copier) Accepts(a, b Endpoint) bool { return true }
+func (Copier) Close() error               { return nil }
+
+// Carry starts p's two directions; p ends when both have carried their FIN or either has failed.
+func (Copier) Carry(p *Pair) {
+	u := newUserspace(p, Copy)
+	if held, _ := p.Hold(Copy, u, nil); held {
+		u.run(copyPump)
+	}
+}
 
 // copyBufferSize is the read size of the copy datapath: 32 KiB, as io.Copy, moves a bulk stream in few
 // system calls.
@@ -20,13 +40,13 @@ var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize);
 // io.Copy switches to splice(2), and this is the datapath that must work where splice does not; and a buffer
 // is taken from the pool only once a read has bytes to return, so an idle tunnel holds none (a blocked
 // net.Conn.Read would pin 32 KiB per direction for the tunnel's whole life).
-func copyPump(d *direction) error {
+func copyPump(d *Direction) error {
 	if d.srcTLS != nil || d.dstTLS != nil {
 		return streamPump(d)
 	}
 	src, err := d.src.SyscallConn()
 	if err != nil {
-		return readErr(fmt.Errorf("raw source conn: %w", err))
+		return ReadErr(fmt.Errorf("raw source conn: %w", err))
 	}
 	for {
 		var (
@@ -52,17 +72,20 @@ func copyPump(d *direction) error {
 			err = rerr
 		}
 		if err != nil {
-			return readErr(err)
+			return ReadErr(err)
 		}
 		if n == 0 {
 			copyBuffers.Put(bp)
 			return nil // EOF
 		}
 		w, werr := d.dst.Write((*bp)[:n])
+		if errors.Is(werr, os.ErrDeadlineExceeded) {
+			d.holdBack((*bp)[w:n]) // stopped (Stop): these go first on whatever carries the pair next
+		}
 		copyBuffers.Put(bp)
-		d.counter.Add(uint64(w))
+		d.Count(w)
 		if werr != nil {
-			return writeErr(werr)
+			return WriteErr(werr)
 		}
 	}
 }
@@ -73,23 +96,23 @@ const tlsBufferSize = 16 << 10
 // streamPump moves bytes from d's reader to its writer, for a direction with TLS on either side. A
 // blocked TLS read cannot be made to wait without a buffer the way a raw read can, so such a direction
 // holds 16 KiB for its life.
-func streamPump(d *direction) error {
+func streamPump(d *Direction) error {
 	buf := make([]byte, tlsBufferSize)
 	r, w := d.reader(), d.writer()
 	for {
 		n, rerr := r.Read(buf)
 		if n > 0 {
 			m, werr := w.Write(buf[:n])
-			d.counter.Add(uint64(m))
+			d.Count(m)
 			if werr != nil {
-				return writeErr(werr)
+				return WriteErr(werr)
 			}
 		}
 		if rerr == io.EOF {
 			return nil
 		}
 		if rerr != nil {
-			return readErr(rerr)
+			return ReadErr(rerr)
 		}
 	}
 }

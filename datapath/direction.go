@@ -1,0 +1,158 @@
+package datapath
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// Direction is one way through a pair: bytes read from its source are written to its destination.
+type Direction struct {
+	src, dst *net.TCPConn
+	// srcTLS and dstTLS, when set, are what bytes are read from and written to instead of the sockets.
+	srcTLS, dstTLS *tls.Conn
+	// peeked points at the source endpoint's own field, so bytes written once are never written again,
+	// even when the pair moves to another engine.
+	peeked  *[]byte
+	counter *atomic.Uint64
+	// finished points at the pair's record that this direction has carried its FIN, so that an engine
+	// the pair moves to does not carry it again.
+	finished *atomic.Bool
+	// fromClient is true for client → upstream; it decides which side an error is blamed on.
+	fromClient bool
+}
+
+// Directions returns p's two directions: client → upstream, then upstream → client.
+func (p *Pair) Directions() [2]*Direction {
+	return [2]*Direction{
+		{src: p.client.Conn, dst: p.upstream.Conn, srcTLS: p.client.TLS, dstTLS: p.upstream.TLS,
+			peeked: &p.client.Peeked, counter: &p.toUpstream, finished: &p.finished[0], fromClient: true},
+		{src: p.upstream.Conn, dst: p.client.Conn, srcTLS: p.upstream.TLS, dstTLS: p.client.TLS,
+			peeked: &p.upstream.Peeked, counter: &p.toClient, finished: &p.finished[1]},
+	}
+}
+
+// Src and Dst are the direction's source and destination sockets.
+func (d *Direction) Src() *net.TCPConn { return d.src }
+func (d *Direction) Dst() *net.TCPConn { return d.dst }
+
+// FromClient reports whether the direction is client → upstream.
+func (d *Direction) FromClient() bool { return d.fromClient }
+
+// Count adds n bytes written to the destination to the pair's counter of this direction.
+func (d *Direction) Count(n int) { d.counter.Add(uint64(n)) }
+
+// ioError says which socket an operation of a direction failed on.
+type ioError struct {
+	onSrc bool // the failing socket is the direction's source (a read), not its destination (a write)
+	err   error
+}
+
+func (e *ioError) Error() string { return e.err.Error() }
+func (e *ioError) Unwrap() error { return e.err }
+
+// ReadErr and WriteErr mark err as a failure on a direction's source (a read) or destination (a write),
+// for Direction.Blame.
+func ReadErr(err error) error  { return &ioError{onSrc: true, err: err} }
+func WriteErr(err error) error { return &ioError{onSrc: false, err: err} }
+
+// Blame names a direction's failure by the side whose socket failed: the source unless err is a WriteErr.
+func (d *Direction) Blame(err error) string {
+	var ioe *ioError
+	client := d.fromClient // a failure on the source of client → upstream is the client's
+	if errors.As(err, &ioe) && !ioe.onSrc {
+		client = !client
+	}
+	return Blame(client, err)
+}
+
+// Blame names an error on one side of a pair: a reset or another error, the client's or the upstream's.
+// Every engine names its failures with it.
+func Blame(clientSide bool, err error) string {
+	switch {
+	case clientSide && IsReset(err):
+		return ReasonClientReset
+	case clientSide:
+		return ReasonClientError
+	case IsReset(err):
+		return ReasonUpstreamReset
+	default:
+		return ReasonUpstreamError
+	}
+}
+
+// IsReset reports whether err says the peer reset the connection. EPIPE is a reset too: a reset that
+// arrives after the peer's FIN (CLOSE_WAIT) is reported by Linux as EPIPE, not ECONNRESET (tcp_reset), and
+// that is how a browser tab that closes a WebSocket ends it: close frame, FIN, then a reset for the bytes
+// that still come.
+func IsReset(err error) bool {
+	return errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
+}
+
+// reader is what the direction reads bytes from: the source socket, or its TLS connection.
+func (d *Direction) reader() io.Reader {
+	if d.srcTLS != nil {
+		return d.srcTLS
+	}
+	return d.src
+}
+
+// writer is what the direction writes bytes to: the destination socket, or its TLS connection.
+func (d *Direction) writer() io.Writer {
+	if d.dstTLS != nil {
+		return d.dstTLS
+	}
+	return d.dst
+}
+
+// WritePeeked sends the bytes the handshake read from the source, before any byte an engine moves; they
+// are written once, whichever engine asks first.
+func (d *Direction) WritePeeked() error {
+	p := *d.peeked
+	if len(p) == 0 {
+		return nil
+	}
+	n, err := d.writer().Write(p)
+	*d.peeked = p[n:] // what a stopped write left goes first again, on whatever carries the pair next
+	if len(*d.peeked) == 0 {
+		*d.peeked = nil
+	}
+	d.Count(n)
+	if err != nil {
+		return WriteErr(err)
+	}
+	return nil
+}
+
+// holdBack keeps bytes read from the source but not written, when a stop interrupted their write: they
+// become the source's peeked bytes, which the next engine writes first.
+func (d *Direction) holdBack(b []byte) {
+	*d.peeked = append(*d.peeked, b...)
+}
+
+// Finished reports whether the direction has carried its FIN, whichever engine carried it.
+func (d *Direction) Finished() bool { return d.finished.Load() }
+
+// MarkFinished records that an engine carried the direction's FIN without Finish (the kernel engine
+// shuts the destination down itself).
+func (d *Direction) MarkFinished() { d.finished.Store(true) }
+
+// Finish carries the source's FIN to the destination, after every byte before it has been written.
+func (d *Direction) Finish() error {
+	if d.dstTLS != nil {
+		// close_notify first, so that the peer can tell the end from a truncation; then the FIN.
+		if err := d.dstTLS.CloseWrite(); err != nil {
+			return WriteErr(fmt.Errorf("TLS close_notify: %w", err))
+		}
+	}
+	if err := d.dst.CloseWrite(); err != nil {
+		return WriteErr(fmt.Errorf("shutdown write: %w", err))
+	}
+	d.MarkFinished()
+	return nil
+}

@@ -1,0 +1,273 @@
+package datapath
+
+import (
+	"crypto/tls"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Endpoint is one side of a tunnel after its handshake.
+type Endpoint struct {
+	Conn *net.TCPConn
+	// TLS, when set, runs over Conn: the tunnel's bytes are read from and written to it.
+	TLS *tls.Conn
+	// Peeked are bytes the handshake read from Conn past its own end (frames pipelined behind a request,
+	// bytes sent with a 101, what a PROXY header reader or a ClientHello peek held): they reach the other
+	// side before any byte an engine moves.
+	Peeked []byte
+}
+
+// Reasons a pair ends for, as engines report them; they label logs and metrics.
+const (
+	ReasonClosed        = "closed"         // both sides sent FIN
+	ReasonClientReset   = "client_reset"   // the client reset its connection
+	ReasonUpstreamReset = "upstream_reset" // the upstream reset its connection
+	ReasonClientError   = "client_error"   // reading from or writing to the client failed
+	ReasonUpstreamError = "upstream_error" // reading from or writing to the upstream failed
+	ReasonStalled       = "stalled"        // kernel pair whose bytes stopped reaching the peer
+	// ReasonOverflow: a kernel pair whose peers both stopped reading while both kept sending; the kernel
+	// would otherwise hold their bytes without bound (datapath/sockmap, backpressure).
+	ReasonOverflow = "overflow"
+	// ReasonKernelError: the kernel datapath could not keep a pair's stream exact (bpf/sockrelay.c,
+	// trim_head), so the pair is reset rather than corrupted.
+	ReasonKernelError = "kernel_error"
+)
+
+// Pair is two connected endpoints, the client's and the upstream's, and the bytes moved between them.
+type Pair struct {
+	// ID names the pair in engines' logs (the relay's tunnel id).
+	ID uint64
+
+	client, upstream Endpoint
+
+	// Bytes moved by userspace, and for kernel pairs, the kernel's final counts once folded in.
+	toUpstream, toClient atomic.Uint64
+	// finished records, per direction (client → upstream, upstream → client), that its FIN was carried.
+	finished [2]atomic.Bool
+	// halfClosedAt is when the first FIN was carried (UnixNano), 0 until then.
+	halfClosedAt atomic.Int64
+
+	mu      sync.Mutex
+	kind    Kind
+	ending  bool
+	carrier Carrier
+
+	endOnce sync.Once
+	done    chan struct{}
+	reason  string // why the pair ended; written once, before done is closed
+	err     error  // the failure that ended it, if one did; written with reason
+	onEnd   func(*Pair)
+}
+
+// NewPair returns a pair of client and upstream that kind is to carry. onEnd, when set, runs once after
+// both sockets are closed.
+func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
+	return &Pair{client: client, upstream: upstream, kind: kind, done: make(chan struct{}), onEnd: onEnd}
+}
+
+// Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
+// engine carries the pair (Direction.WritePeeked). Conn and TLS never change after NewPair.
+func (p *Pair) Client() Endpoint   { return Endpoint{Conn: p.client.Conn, TLS: p.client.TLS} }
+func (p *Pair) Upstream() Endpoint { return Endpoint{Conn: p.upstream.Conn, TLS: p.upstream.TLS} }
+
+// TLS reports whether either endpoint runs TLS.
+func (p *Pair) TLS() bool { return p.client.TLS != nil || p.upstream.TLS != nil }
+
+// Kind is the datapath that carries the pair, or is to.
+func (p *Pair) Kind() Kind {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.kind
+}
+
+// SetKind records which datapath is to carry the pair, before any carries it (a choice that changed
+// before Carry).
+func (p *Pair) SetKind(k Kind) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.kind = k
+}
+
+// Hold makes c the pair's carrier, for kind. attach, when set, runs first under the pair's lock: an engine
+// takes the sockets into its own tables there, so that an End that runs meanwhile finds them and
+// releases them. held is false when the pair is already ending, or when attach failed (its error): then
+// the engine must not carry the pair.
+func (p *Pair) Hold(kind Kind, c Carrier, attach func() error) (held bool, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ending {
+		return false, nil
+	}
+	if attach != nil {
+		if err := attach(); err != nil {
+			return false, err
+		}
+	}
+	p.kind, p.carrier = kind, c
+	return true, nil
+}
+
+// Let drops c as the pair's carrier without releasing it (the engine gave the pair back alive); false
+// when the pair is ending or c no longer holds it.
+func (p *Pair) Let(c Carrier) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ending || p.carrier != c {
+		return false
+	}
+	p.carrier = nil
+	return true
+}
+
+// Holds reports whether c holds the pair and the pair is not ending. The caller holds nothing of its own
+// engine's that Hold or End could wait on.
+func (p *Pair) Holds(c Carrier) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.ending && p.carrier == c
+}
+
+// Bytes counts bytes moved so far each way, handshake excluded, the carrier's pending counts included.
+func (p *Pair) Bytes() (toUpstream, toClient uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	toUpstream, toClient = p.toUpstream.Load(), p.toClient.Load()
+	if p.carrier != nil {
+		up, down := p.carrier.Pending()
+		toUpstream += up
+		toClient += down
+	}
+	return toUpstream, toClient
+}
+
+// AddBytes folds bytes an engine moved outside the pair's counters into them (a kernel pair's final counts).
+func (p *Pair) AddBytes(toUpstream, toClient uint64) {
+	p.toUpstream.Add(toUpstream)
+	p.toClient.Add(toClient)
+}
+
+// LastActive is when the carrier last saw a byte either way; false when it cannot tell or saw none.
+func (p *Pair) LastActive() (time.Time, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.carrier == nil {
+		return time.Time{}, false
+	}
+	at := p.carrier.LastActive()
+	return at, !at.IsZero()
+}
+
+// MarkHalfClosed records that a direction has carried its FIN; only the first call counts.
+func (p *Pair) MarkHalfClosed() {
+	p.halfClosedAt.CompareAndSwap(0, time.Now().UnixNano())
+}
+
+// HalfClosedSince is when the pair's first FIN was carried; false while neither direction has finished.
+func (p *Pair) HalfClosedSince() (time.Time, bool) {
+	ns := p.halfClosedAt.Load()
+	if ns == 0 {
+		return time.Time{}, false
+	}
+	return time.Unix(0, ns), true
+}
+
+// Done is closed when the pair has ended and both sockets are closed.
+func (p *Pair) Done() <-chan struct{} { return p.done }
+
+// Reason says why the pair ended; it is empty until Done is closed.
+func (p *Pair) Reason() string {
+	select {
+	case <-p.done:
+		return p.reason
+	default:
+		return ""
+	}
+}
+
+// Err is the failure that ended the pair, if one did; nil until Done is closed.
+func (p *Pair) Err() error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+		return nil
+	}
+}
+
+// End closes both sockets and reports the pair's end once. With abort, both sockets are reset (SO_LINGER
+// 0) rather than closed: an error in one direction means the stream is incomplete, and a peer must not
+// mistake it for a clean end.
+func (p *Pair) End(reason string, abort bool) { p.Fail(reason, nil, abort) }
+
+// Fail is End with the error that ended the pair.
+func (p *Pair) Fail(reason string, err error, abort bool) {
+	p.endOnce.Do(func() {
+		p.mu.Lock()
+		p.ending = true
+		if p.carrier != nil {
+			p.carrier.Release()
+			p.carrier = nil
+		}
+		p.mu.Unlock()
+		if abort {
+			_ = p.client.Conn.SetLinger(0)
+			_ = p.upstream.Conn.SetLinger(0)
+		}
+		_ = p.client.Conn.Close()
+		_ = p.upstream.Conn.Close()
+		p.reason, p.err = reason, err
+		close(p.done)
+		if p.onEnd != nil {
+			p.onEnd(p)
+		}
+	})
+}
+
+// Ending reports whether the pair has begun to end.
+func (p *Pair) Ending() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.ending
+}
+
+// Unsent says whether either socket still has bytes in its send queue (SIOCOUTQ), which a clean close
+// would hide from the peer if they never arrive.
+func (p *Pair) Unsent() bool {
+	unsent := false
+	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+		raw, err := c.SyscallConn()
+		if err != nil {
+			continue
+		}
+		_ = raw.Control(func(fd uintptr) {
+			if n, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err == nil && n > 0 {
+				unsent = true
+			}
+		})
+	}
+	return unsent
+}
+
+// Progress sums what TCP has moved on the pair's two sockets: bytes each received and bytes each sent and
+// had acknowledged (TCP_INFO). It moves whenever a byte moves on either connection, whatever the engine:
+// a slow reader draining a full buffer counts, although the pair's own counters move only when a whole
+// write completes.
+func (p *Pair) Progress() uint64 {
+	var sum uint64
+	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+		raw, err := c.SyscallConn()
+		if err != nil {
+			continue
+		}
+		_ = raw.Control(func(fd uintptr) {
+			if ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+				sum += ti.Bytes_acked + ti.Bytes_received
+			}
+		})
+	}
+	return sum
+}
