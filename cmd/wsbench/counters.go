@@ -1,10 +1,10 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -76,27 +76,33 @@ func parseProcPidStat(stat string) (int64, error) {
 
 // parseCtxtSwitches returns the voluntary and involuntary context switches of a /proc/PID/task/TID/status.
 func parseCtxtSwitches(status string) (voluntary, involuntary int64, err error) {
-	found := 0
-	for _, line := range strings.Split(status, "\n") {
+	n, err := parseKeyCounts(status, "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
+	if err != nil {
+		return 0, 0, err
+	}
+	return n[0], n[1], nil
+}
+
+// parseKeyCounts reads the counts of "key: count" lines (as /proc status files and tracefs stats write
+// them) for each of keys, in keys' order; a key missing or a count that is not one is an error.
+func parseKeyCounts(text string, keys ...string) ([]int64, error) {
+	counts, found := make([]int64, len(keys)), make([]bool, len(keys))
+	for _, line := range strings.Split(text, "\n") {
 		key, v, ok := strings.Cut(line, ":")
-		if !ok || (key != "voluntary_ctxt_switches" && key != "nonvoluntary_ctxt_switches") {
+		i := slices.Index(keys, key)
+		if !ok || i < 0 {
 			continue
 		}
 		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 		if err != nil || n < 0 {
-			return 0, 0, fmt.Errorf("%s %q is not a count", key, strings.TrimSpace(v))
+			return nil, fmt.Errorf("%s %q is not a count", key, strings.TrimSpace(v))
 		}
-		if key == "voluntary_ctxt_switches" {
-			voluntary = n
-		} else {
-			involuntary = n
-		}
-		found++
+		counts[i], found[i] = n, true
 	}
-	if found != 2 {
-		return 0, 0, errors.New("no voluntary_ctxt_switches and nonvoluntary_ctxt_switches lines")
+	if slices.Contains(found, false) {
+		return nil, fmt.Errorf("no %s lines", strings.Join(keys, " and "))
 	}
-	return voluntary, involuntary, nil
+	return counts, nil
 }
 
 // tracefsRoot is where tracefs is mounted on current kernels.
@@ -152,24 +158,11 @@ func (w *workqueueCounter) read() (int64, error) {
 // parseTraceStats returns entries + overrun of a tracefs per_cpu/cpuN/stats: the events a CPU recorded,
 // those still in its buffer and those overwritten.
 func parseTraceStats(stats string) (int64, error) {
-	var sum int64
-	found := 0
-	for _, line := range strings.Split(stats, "\n") {
-		key, v, ok := strings.Cut(line, ":")
-		if !ok || (key != "entries" && key != "overrun") {
-			continue
-		}
-		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-		if err != nil || n < 0 {
-			return 0, fmt.Errorf("%s %q is not a count", key, strings.TrimSpace(v))
-		}
-		sum += n
-		found++
+	n, err := parseKeyCounts(stats, "entries", "overrun")
+	if err != nil {
+		return 0, err
 	}
-	if found != 2 {
-		return 0, errors.New("no entries and overrun lines")
-	}
-	return sum, nil
+	return n[0] + n[1], nil
 }
 
 // close disables the event and removes the instance.
