@@ -5,11 +5,11 @@
 // cookie: `targets`, which carries no program and only makes a socket a redirect target, and `verdict_map`,
 // whose stream verdict program below runs on every skb a socket receives and redirects it to the egress of
 // the socket's peer. Userspace inserts both sockets into `targets` before either goes into `verdict_map`, so
-// no verdict can run before its peer is a valid target (shared/DATAPATH.md, hazard 3).
+// no verdict can run before its peer is a valid target (docs/datapath.md, "How a tunnel enters the kernel").
 //
-// Backpressure (DATAPATH.md, hazard 5). A redirected skb leaves the source's receive queue at once and waits
-// in the peer's psock queue, charged to no socket, until the peer's send buffer takes it: the source's TCP
-// window never closes, and a reader that stops would let the kernel hold without bound. So before each
+// Backpressure (docs/datapath.md, "Backpressure"). A redirected skb leaves the source's receive queue at
+// once and waits in the peer's psock queue, charged to no socket, until the peer's send buffer takes it:
+// the source's TCP window never closes, and a reader that stops would let the kernel hold without bound. So before each
 // redirect the verdict measures what it holds for this direction, bytes it redirected minus bytes that
 // entered the peer's send queue (the peer's write_seq), and past the socket's limit it demotes the socket:
 // from then on it passes skbs (SK_PASS) to the socket's own receive queue, where they are charged to its

@@ -156,8 +156,8 @@ type Control struct {
 	ResumeGen uint64
 }
 
-// Insert hands a tunnel's two sockets to the kernel. Order matters (shared/DATAPATH.md, hazard 3): each
-// socket's state (its info and zeroed counters) first, then both sockets into the program-less target map,
+// Insert hands a tunnel's two sockets to the kernel. Order matters (docs/datapath.md, "How a tunnel enters
+// the kernel"): each socket's state (its info and zeroed counters) first, then both sockets into the program-less target map,
 // and only then into the verdict map, so that no verdict runs before its peer can be redirected to. On
 // failure everything inserted is removed again.
 func (s *Sockmap) Insert(a, b Socket) (err error) {

@@ -63,7 +63,7 @@ func procRSS(pid int) (int64, error) {
 }
 
 // tcpMemBytes returns the kernel's TCP socket memory in bytes, from /proc/net/sockstat ("TCP: ... mem N",
-// N in pages). It does not count what the kernel holds in psock queues for sockmap (DATAPATH.md, hazard 5).
+// N in pages). It does not count what the kernel holds in psock queues for sockmap (docs/datapath.md, "Backpressure").
 func tcpMemBytes() (int64, error) {
 	b, err := os.ReadFile("/proc/net/sockstat")
 	if err != nil {
