@@ -151,7 +151,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		upstream:          datapath.Endpoint{Conn: up.conn, TLS: up.tls},
 		up:                up,
 		clientAddr:        peer,
-		req:               requestInfo{listener: info.name, host: host}, // host: the SNI name, when peeked
+		req:               requestInfo{host: host}, // host: the SNI name, when peeked
 		pool:              pool.Name(),
 		releaseSlot:       releaseSlot,
 		halfClosedTimeout: s.cfg.TCPHalfClosedTimeout,

@@ -24,7 +24,7 @@ type Tunnel struct {
 	Pool string
 	// Listener names the listener the client came in on.
 	Listener string
-	// req is what the tunnel's log lines say about the request that opened it and its listener.
+	// req is what the tunnel's log lines say about the request that opened it.
 	req requestInfo
 
 	// lease holds the tunnel's slot on its upstream server; tunnelEnded releases it.

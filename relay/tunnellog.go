@@ -39,16 +39,16 @@ func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // requestInfo is what a tunnel's log lines say about the request that opened it.
 type requestInfo struct {
-	listener, uri, host, userAgent string
+	uri, host, userAgent string
 }
 
-func describeRequest(r *http.Request, listener string) requestInfo {
-	return requestInfo{listener: listener, uri: r.RequestURI, host: r.Host, userAgent: r.UserAgent()}
+func describeRequest(r *http.Request) requestInfo {
+	return requestInfo{uri: r.RequestURI, host: r.Host, userAgent: r.UserAgent()}
 }
 
 // logAttrs are the attributes that name a tunnel in its "tunnel opened" and "tunnel closed" lines.
 func (t *Tunnel) logAttrs() []any {
-	return []any{"id", t.ID, "client", t.ClientAddr, "listener", t.req.listener, "uri", t.req.uri,
+	return []any{"id", t.ID, "client", t.ClientAddr, "listener", t.Listener, "uri", t.req.uri,
 		"host", t.req.host, "user_agent", t.req.userAgent, "pool", t.Pool, "upstream", t.UpstreamAddr,
 		"datapath", t.Datapath()}
 }

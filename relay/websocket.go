@@ -98,7 +98,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		upstream:          datapath.Endpoint{Conn: upstream, TLS: up.tls, Peeked: upstreamPrefix},
 		up:                up,
 		clientAddr:        r.RemoteAddr,
-		req:               describeRequest(r, s.listenerOf(r).name),
+		req:               describeRequest(r),
 		pool:              pool.Name(),
 		releaseSlot:       releaseSlot,
 		halfClosedTimeout: s.cfg.HalfClosedTimeout,
