@@ -50,6 +50,10 @@ if [ ! -d /sys/kernel/tracing/instances ] && [ "$(id -u)" -eq 0 ] && grep -qw tr
 	mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi
 make build >/dev/null
+# Round trips are measured with every CPU held out of deep idle states (wsbench rtt -cpus-awake): on a VM
+# whose idle CPU halts, waking it costs more than a relay adds, and direct came out slower than a relay.
+awake=()
+[ -w /dev/cpu_dma_latency ] && awake=(-cpus-awake)
 
 work=$(mktemp -d)
 mkdir -p "$out/json"
@@ -238,10 +242,10 @@ for t in "${targets[@]}"; do
 	fi
 	bin/wsbench idle -url "$target_url" -tunnels "$n" "${idle_pid_flag[@]}" -settle 2s \
 		-json "$out/json/$t-idle.json" >&2
-	bin/wsbench rtt -url "$target_url" -tunnels 1 -warmup 500ms -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
+	bin/wsbench rtt "${awake[@]}" -url "$target_url" -tunnels 1 -warmup 500ms -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
 	# 1000 busy tunnels at a fixed rate, 10 messages/s each: below every target's capacity, so p99 is
 	# latency, not queueing behind a closed loop's backlog (where a slower target sends fewer messages).
-	bin/wsbench rtt -url "$target_url" -tunnels 1000 -rate 10 -warmup 1s -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
+	bin/wsbench rtt "${awake[@]}" -url "$target_url" -tunnels 1000 -rate 10 -warmup 1s -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
 	bulk bulk64k-sink 65536 sink sink
 	bulk bulk64k-echo 65536 echo bulk
 	bulk bulk1k-sink 1024 sink sink

@@ -137,6 +137,15 @@ def main():
     relays = [t for t in targets if t != "direct"]
 
     p50_1 = {t: r[t]["rtt1"]["rtt"]["p50_ns"] for t in targets}
+    # wsbench rtt -cpus-awake: the CPUs were held out of deep idle states (PM QoS, 0 µs) while round trips
+    # were measured, so an idle CPU's wake-up (an exit to the host on a VM) does not swamp the relay's cost.
+    if all(r[t][w].get("cpus_awake") for t in targets for w in ("rtt1", "rtt1000")):
+        awake_note = ("Every CPU was held out of deep idle states while round trips were measured "
+                      "(`wsbench rtt -cpus-awake`, 0 µs on /dev/cpu_dma_latency), so they measure the software "
+                      "on the path, not how long an idle CPU takes to wake.")
+    else:
+        awake_note = ("The CPUs were left to their own idle states (no /dev/cpu_dma_latency to write), so a "
+                      "round trip includes waking idle CPUs, which can favour a busier path.")
     p99 = {t: r[t]["rtt1000"]["rtt"]["p99_ns"] for t in targets}
     mem = {t: (r[t]["idle"]["relay_rss_per_tunnel_bytes"] if t != "direct" else None) for t in targets}
     # A bulk row a target cut holds {"failed": why} instead of figures (scripts/bench.sh).
@@ -193,7 +202,7 @@ def main():
         "",
         "32-byte binary messages: one tunnel sending the next as soon as its echo is back, and 1000 busy tunnels "
         "each sending 10 a second (10 000 a second in all, below every target's capacity, so p99 is latency, "
-        "not queueing).",
+        "not queueing). " + awake_note,
         "",
         "![p99 round trip at 1000 tunnels](rtt1000.svg)",
         "",

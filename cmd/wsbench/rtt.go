@@ -32,6 +32,9 @@ type rttWorkload struct {
 	// the tunnel can run again (cpu reuses its tunnels round after round; gorilla gives up on a connection
 	// whose read was cut by a deadline). At zero that read is cut at once.
 	drain time.Duration
+	// cpusAwake holds every CPU out of idle states it needs time to leave while the workload runs (see
+	// holdCPUsAwake).
+	cpusAwake bool
 }
 
 func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
@@ -41,6 +44,7 @@ func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
 		fs.Float64Var(&w.rate, "rate", 0, "messages per second per tunnel; 0 sends the next as soon as the echo is back")
 		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to measure")
 		fs.DurationVar(&w.warmup, "warmup", 0, "how long to run first, unmeasured")
+		fs.BoolVar(&w.cpusAwake, "cpus-awake", false, "keep every CPU out of deep idle states while measuring (writes 0 to "+cpuLatencyPath+"; root)")
 	})
 	if err != nil {
 		return nil, "", err
@@ -66,6 +70,8 @@ type rttResult struct {
 	Seconds   float64     `json:"seconds"`
 	PerSecond float64     `json:"round_trips_per_second"`
 	RTT       Percentiles `json:"rtt"`
+	// CPUsAwake says the CPUs were held out of deep idle states during the run.
+	CPUsAwake bool `json:"cpus_awake"`
 }
 
 func (r *rttResult) table(w io.Writer) {
@@ -82,6 +88,13 @@ func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 		mu    sync.Mutex
 		all   []time.Duration
 	)
+	if w.cpusAwake {
+		release, err := holdCPUsAwake(cpuLatencyPath)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
 	conns, err := dialAll(ctx, w.url, w.tunnels, progress)
 	if err != nil {
 		return nil, err
@@ -102,7 +115,7 @@ func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 	}
 	measured := elapsed - w.warmup
 	return &rttResult{Tunnels: w.tunnels, Size: w.size, Rate: w.rate, Seconds: measured.Seconds(),
-		PerSecond: float64(len(all)) / measured.Seconds(), RTT: summarize(all)}, nil
+		PerSecond: float64(len(all)) / measured.Seconds(), RTT: summarize(all), CPUsAwake: w.cpusAwake}, nil
 }
 
 // runTunnels opens n tunnels to url, runs them with runConns and closes them.
