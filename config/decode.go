@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"github.com/sockrelay/sockrelay/internal/settings"
 	"math"
 	"slices"
 	"strconv"
@@ -341,37 +342,19 @@ func (d *decoder) boolean(f *fields, key string, dst *bool) bool {
 	return true
 }
 
-// durationRange says which durations a key accepts, and in what words.
+// durationRange says which durations a key accepts, and in what words. The relay's own settings take
+// theirs from package settings (fromSettings); pools and checks have ranges of their own.
 type durationRange struct {
 	ok   func(time.Duration) bool
 	text string
 }
 
-var positive = durationRange{func(v time.Duration) bool { return v > 0 }, "more than 0s"}
+func fromSettings(r settings.Duration) durationRange { return durationRange{r.Contains, r.String()} }
 
-// offOrAtLeastSecond is for intervals and timeouts that 0 turns off, and that are pointless, or a mistake
-// in the unit, under a second.
-var offOrAtLeastSecond = durationRange{func(v time.Duration) bool { return v == 0 || v >= time.Second }, "0s (off) or 1s or more"}
-
-func atLeast(lo time.Duration) durationRange {
-	return durationRange{func(v time.Duration) bool { return v >= lo }, formatDuration(lo) + " or more"}
-}
+func atLeast(lo time.Duration) durationRange { return fromSettings(settings.Duration{Min: lo}) }
 
 func between(lo, hi time.Duration) durationRange {
-	return durationRange{func(v time.Duration) bool { return v >= lo && v <= hi },
-		formatDuration(lo) + " to " + formatDuration(hi)}
-}
-
-// formatDuration writes d as a user would: 1h rather than Go's 1h0m0s.
-func formatDuration(d time.Duration) string {
-	s := d.String()
-	if strings.HasSuffix(s, "m0s") {
-		s = s[:len(s)-2]
-	}
-	if strings.HasSuffix(s, "h0m") {
-		s = s[:len(s)-2]
-	}
-	return s
+	return fromSettings(settings.Duration{Min: lo, Max: hi})
 }
 
 const durationSyntax = "a number with a unit (ms, s, m, h) such as 500ms, 10s or 1h30m"
@@ -397,18 +380,13 @@ func (d *decoder) duration(f *fields, key string, dst *time.Duration, r duration
 
 const sizeSyntax = "a number of bytes or a number with KiB, MiB or GiB"
 
-var sizeUnits = []struct {
-	suffix string
-	mult   int64
-}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}}
-
 // parseSize reads "16384", "64KiB", "4 MiB" or "1GiB". Only binary units: "4MB" could mean 4,000,000 or
 // 4,194,304 bytes, and a limit should not depend on which the reader assumed.
 func parseSize(s string) (int64, bool) {
 	num, mult := s, int64(1)
-	for _, u := range sizeUnits {
-		if rest, ok := strings.CutSuffix(s, u.suffix); ok {
-			num, mult = strings.TrimSuffix(rest, " "), u.mult
+	for _, u := range settings.SizeUnits {
+		if rest, ok := strings.CutSuffix(s, u.Suffix); ok {
+			num, mult = strings.TrimSuffix(rest, " "), u.Mult
 			break
 		}
 	}
@@ -422,18 +400,8 @@ func parseSize(s string) (int64, bool) {
 	return v * mult, true
 }
 
-// formatSize writes a byte count in the largest unit that divides it, as a user would write it.
-func formatSize(v int) string {
-	for i := len(sizeUnits) - 1; i >= 0; i-- {
-		if m := sizeUnits[i].mult; v != 0 && int64(v)%m == 0 {
-			return strconv.FormatInt(int64(v)/m, 10) + sizeUnits[i].suffix
-		}
-	}
-	return strconv.Itoa(v)
-}
-
-// size sets *dst to key's value, a byte count from lo to hi.
-func (d *decoder) size(f *fields, key string, dst *int, lo, hi int) bool {
+// size sets *dst to key's value, a byte count within r.
+func (d *decoder) size(f *fields, key string, dst *int, r settings.Size) bool {
 	n, path, ok := d.scalar(f, key, sizeSyntax)
 	if !ok {
 		return false
@@ -443,8 +411,8 @@ func (d *decoder) size(f *fields, key string, dst *int, lo, hi int) bool {
 		d.errorf(n, path, "%q is not a size; accepted: %s", n.Value, sizeSyntax)
 		return false
 	}
-	if v < int64(lo) || v > int64(hi) {
-		d.errorf(n, path, "%s is out of range; accepted %s to %s", n.Value, formatSize(lo), formatSize(hi))
+	if !r.Contains(v) {
+		d.errorf(n, path, "%s is out of range; accepted %s", n.Value, r)
 		return false
 	}
 	*dst = int(v)

@@ -111,7 +111,7 @@ func (d *decoder) listenerTLS(n *yaml.Node, path string) *ListenerTLS {
 		d.required(f, "certificates", certificatesSyntax)
 	}
 	d.oneOf(f, "min_version", "a TLS version", &t.MinVersion, tlsVersions...)
-	d.duration(f, "reload_interval", &t.ReloadInterval, offOrAtLeastSecond)
+	d.duration(f, "reload_interval", &t.ReloadInterval, tunnelTimeout)
 	return t
 }
 

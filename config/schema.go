@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"github.com/sockrelay/sockrelay/internal/settings"
 	"net"
 	"net/netip"
 	"regexp"
@@ -12,28 +13,23 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// Defaults and ranges. Those of the relay mirror relay/server.go and cmd/sockrelay/run.go, those of pools
-// upstream.PoolSpec.Validate, so that a file accepted here is never refused later, without a line number.
-// They are repeated rather than imported so that this package does not pull in the relay and its kernel
-// datapath, and the relay and upstream packages can import it.
+// Defaults and ranges. The relay's own come from package settings, shared with the command line and
+// relay.NewServer; those of pools mirror upstream.PoolSpec.Validate, so that a file accepted here is never
+// refused later, without a line number. They are repeated rather than imported so that this package does
+// not pull in the upstream package.
 const (
-	defaultAdmin           = "127.0.0.1:9180"
-	defaultKernelHeldLimit = 4 << 20  // relay.DefaultKernelHeldLimit
-	minKernelHeldLimit     = 64 << 10 // relay.MinKernelHeldLimit: below a few segments, every burst demotes
-	maxKernelHeldLimit     = 1 << 30  // relay.MaxKernelHeldLimit: the verdict counts in a signed 32-bit int
-	defaultMaxHeaderBytes  = 16 << 10 // relay.DefaultMaxHeaderBytes
-	minMaxHeaderBytes      = 1 << 10  // as --max-header-bytes
-	// maxMaxHeaderBytes: --max-header-bytes has no upper bound, but headers past 1 MiB are a mistake or an
-	// attack (nginx's default buffers hold 4 × 8 KiB), and the relay buffers them per connection.
-	maxMaxHeaderBytes = 1 << 20
-	maxWeight         = 1000       // upstream.MaxWeight
-	maxMaxTunnels     = 10_000_000 // upstream.MaxMaxTunnels
-	maxTries          = 10         // upstream.MaxTries
-	maxFailures       = 100        // passive_health.failures, health_check.rise and fall
-	maxRate           = 1e6        // limits: a rate a second
+	defaultAdmin  = "127.0.0.1:9180"
+	maxWeight     = 1000       // upstream.MaxWeight
+	maxMaxTunnels = 10_000_000 // upstream.MaxMaxTunnels
+	maxTries      = 10         // upstream.MaxTries
+	maxFailures   = 100        // passive_health.failures, health_check.rise and fall
+	maxRate       = 1e6        // limits: a rate a second
 )
 
 var (
+	timeout       = fromSettings(settings.Timeout)
+	tunnelTimeout = fromSettings(settings.TunnelTimeout)
+
 	logLevels  = []string{"debug", "info", "warn", "error"}
 	logFormats = []string{"text", "json"}
 	datapaths  = []string{"auto", "sockmap", "splice", "copy"}
@@ -53,17 +49,17 @@ func defaults() *Config {
 		LogLevel:        "info",
 		LogFormat:       "text",
 		Datapath:        "auto",
-		KernelHeldLimit: defaultKernelHeldLimit,
+		KernelHeldLimit: settings.DefaultKernelHeldLimit,
 		Timeouts: Timeouts{
-			ClientHeader:     10 * time.Second,
-			Connect:          5 * time.Second,
-			UpstreamResponse: 15 * time.Second,
-			Shutdown:         30 * time.Second,
-			HalfClosed:       5 * time.Second,
-			TCPHalfClosed:    60 * time.Second,
-			HTTPIdle:         60 * time.Second,
+			ClientHeader:     settings.DefaultClientHeaderTimeout,
+			Connect:          settings.DefaultConnectTimeout,
+			UpstreamResponse: settings.DefaultUpstreamResponseTimeout,
+			Shutdown:         settings.DefaultShutdownTimeout,
+			HalfClosed:       settings.DefaultHalfClosedTimeout,
+			TCPHalfClosed:    settings.DefaultTCPHalfClosedTimeout,
+			HTTPIdle:         settings.DefaultHTTPIdleTimeout,
 		},
-		MaxHeaderBytes: defaultMaxHeaderBytes,
+		MaxHeaderBytes: settings.DefaultMaxHeaderBytes,
 	}
 }
 
@@ -99,23 +95,23 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	d.oneOf(f, "log_level", "a log level", &c.LogLevel, logLevels...)
 	d.oneOf(f, "log_format", "a log format", &c.LogFormat, logFormats...)
 	d.oneOf(f, "datapath", "a datapath", &c.Datapath, datapaths...)
-	d.size(f, "kernel_held_limit", &c.KernelHeldLimit, minKernelHeldLimit, maxKernelHeldLimit)
-	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval, offOrAtLeastSecond)
+	d.size(f, "kernel_held_limit", &c.KernelHeldLimit, settings.KernelHeldLimit)
+	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval, tunnelTimeout)
 	if n, path := f.get("timeouts"); n != nil {
 		if t := d.mapping(n, path, "the timeouts", "client_header", "connect", "upstream_response", "shutdown",
 			"tunnel_idle", "tunnel_lifetime", "half_closed", "tcp_half_closed", "http_idle"); t != nil {
-			d.duration(t, "client_header", &c.Timeouts.ClientHeader, positive)
-			d.duration(t, "connect", &c.Timeouts.Connect, positive)
-			d.duration(t, "upstream_response", &c.Timeouts.UpstreamResponse, positive)
-			d.duration(t, "shutdown", &c.Timeouts.Shutdown, positive)
-			d.duration(t, "http_idle", &c.Timeouts.HTTPIdle, positive)
-			d.duration(t, "tunnel_idle", &c.Timeouts.TunnelIdle, offOrAtLeastSecond)
-			d.duration(t, "tunnel_lifetime", &c.Timeouts.TunnelLifetime, offOrAtLeastSecond)
-			d.duration(t, "half_closed", &c.Timeouts.HalfClosed, offOrAtLeastSecond)
-			d.duration(t, "tcp_half_closed", &c.Timeouts.TCPHalfClosed, offOrAtLeastSecond)
+			d.duration(t, "client_header", &c.Timeouts.ClientHeader, timeout)
+			d.duration(t, "connect", &c.Timeouts.Connect, timeout)
+			d.duration(t, "upstream_response", &c.Timeouts.UpstreamResponse, timeout)
+			d.duration(t, "shutdown", &c.Timeouts.Shutdown, timeout)
+			d.duration(t, "http_idle", &c.Timeouts.HTTPIdle, timeout)
+			d.duration(t, "tunnel_idle", &c.Timeouts.TunnelIdle, tunnelTimeout)
+			d.duration(t, "tunnel_lifetime", &c.Timeouts.TunnelLifetime, tunnelTimeout)
+			d.duration(t, "half_closed", &c.Timeouts.HalfClosed, tunnelTimeout)
+			d.duration(t, "tcp_half_closed", &c.Timeouts.TCPHalfClosed, tunnelTimeout)
 		}
 	}
-	d.size(f, "max_header_bytes", &c.MaxHeaderBytes, minMaxHeaderBytes, maxMaxHeaderBytes)
+	d.size(f, "max_header_bytes", &c.MaxHeaderBytes, settings.MaxHeaderBytes)
 	if n, path := f.get("limits"); n != nil {
 		d.limits(n, path, &c.Limits)
 	}
@@ -557,11 +553,11 @@ func (d *decoder) healthCheck(n *yaml.Node, path string) *HealthCheck {
 	} else if d.duration(f, "timeout", &c.Timeout, atLeast(10*time.Millisecond)) && intervalOK && c.Timeout > c.Interval {
 		n, tpath := f.get("timeout")
 		d.errorf(n, tpath, "%s is longer than interval %s; accepted: at most the interval, so that checks of one server do not overlap",
-			n.Value, formatDuration(c.Interval))
+			n.Value, settings.FormatDuration(c.Interval))
 	}
 	d.integer(f, "rise", &c.Rise, 1, maxFailures)
 	d.integer(f, "fall", &c.Fall, 1, maxFailures)
-	d.duration(f, "slow_start", &c.SlowStart, durationRange{func(v time.Duration) bool { return v >= 0 && v <= time.Hour }, "0s (off) to 1h"})
+	d.duration(f, "slow_start", &c.SlowStart, fromSettings(settings.Duration{Off: true, Min: time.Nanosecond, Max: time.Hour}))
 	return c
 }
 

@@ -354,7 +354,7 @@ func TestPlainRequestSlowBodyNotCut(t *testing.T) {
 // TestHTTPIdleTimeoutValidated: a negative HTTP idle timeout is refused with the accepted range.
 func TestHTTPIdleTimeoutValidated(t *testing.T) {
 	_, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathCopy, HTTPIdleTimeout: -time.Second})
-	if err == nil || !strings.Contains(err.Error(), "http idle timeout -1s: accepted a positive duration") {
+	if err == nil || !strings.Contains(err.Error(), "HTTPIdleTimeout: -1s is out of range; accepted more than 0s") {
 		t.Errorf("NewServer with a negative HTTP idle timeout: %v; want the accepted range", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/sockrelay/sockrelay/internal/settings"
 	"log/slog"
 	"net"
 	"net/http"
@@ -47,17 +48,17 @@ type Config struct {
 	// Limits apply to every handshake and tunnel of the server; a listener may add its own.
 	Limits Limits
 	// TunnelIdleTimeout, when positive, closes a tunnel with no byte either way for that long (HAProxy's
-	// `timeout tunnel`); TunnelLifetime, when positive, closes tunnels that old. At least MinTunnelTimeout.
+	// `timeout tunnel`); TunnelLifetime, when positive, closes tunnels that old. At least 1s (settings.TunnelTimeout).
 	TunnelIdleTimeout time.Duration
 	TunnelLifetime    time.Duration
 	// HalfClosedTimeout ends a WebSocket tunnel (http listeners) once one side has sent its FIN and nothing
 	// has moved either way for that long; TCPHalfClosedTimeout is the same for tcp listeners' tunnels
 	// (HAProxy's client-fin and server-fin). 0 takes the default, a negative value turns it off; else at
-	// least MinTunnelTimeout.
+	// least 1s (settings.TunnelTimeout).
 	HalfClosedTimeout    time.Duration
 	TCPHalfClosedTimeout time.Duration
 	// TunnelLogInterval, when positive, logs every tunnel that has lived that long again at that interval,
-	// with its bytes so far (see logLongLivedTunnels); at least MinTunnelLogInterval.
+	// with its bytes so far (see logLongLivedTunnels); at least 1s (settings.TunnelTimeout).
 	TunnelLogInterval time.Duration
 	// KernelHeldLimit bounds, on the sockmap datapath, the bytes the kernel holds per tunnel direction for
 	// a reader slower than its sender; past it the direction is relayed by userspace until it catches up.
@@ -79,35 +80,16 @@ type Config struct {
 	dialControl func(network, address string, c syscall.RawConn) error
 }
 
-// Defaults for Config's zero values.
+// Defaults for Config's zero values (see package settings for why each is what it is).
 const (
-	DefaultClientHeaderTimeout     = 10 * time.Second
-	DefaultConnectTimeout          = 5 * time.Second
-	DefaultUpstreamResponseTimeout = 15 * time.Second
-	DefaultHTTPIdleTimeout         = 60 * time.Second // nginx's client_body_timeout and send_timeout
-	DefaultMaxHeaderBytes          = 16 << 10
-	// DefaultKernelHeldLimit is 4 MiB, where the backpressure prototype demoted (docs/datapath.md,
-	// "Backpressure"). The kernel also holds up to a send
-	// buffer in the destination (tcp_wmem, 4 MiB at most by default) and a receive buffer in the source,
-	// so a stopped reader costs about 12 MiB per direction, the order of what the userspace paths let
-	// the socket buffers hold for them (8–10 MiB measured here).
-	DefaultKernelHeldLimit = 4 << 20
-	// MinKernelHeldLimit is the least KernelHeldLimit accepted: below a few segments, a direction would
-	// be demoted by every burst.
-	MinKernelHeldLimit = 64 << 10
-	// DefaultHalfClosedTimeout: a WebSocket has no meaningful half-close (RFC 6455 closes both ways
-	// with close frames), so a tunnel one side has finished is a dead one; nginx and HAProxy had closed
-	// such tunnels within 3 s.
-	DefaultHalfClosedTimeout = 5 * time.Second
-	// DefaultTCPHalfClosedTimeout is longer: raw TCP protocols do half-close and then answer.
-	DefaultTCPHalfClosedTimeout = 60 * time.Second
-	// MinTunnelTimeout is the least tunnel idle timeout, lifetime and half-close timeout: shorter ones
-	// would close tunnels between two scans' worth of noise.
-	MinTunnelTimeout = time.Second
-	// MinTunnelLogInterval keeps "tunnel alive" records from flooding the log.
-	MinTunnelLogInterval = time.Second
-	// MaxKernelHeldLimit: the verdict compares what it holds as a signed 32-bit count (bpf/sockrelay.c).
-	MaxKernelHeldLimit = 1 << 30
+	DefaultClientHeaderTimeout     = settings.DefaultClientHeaderTimeout
+	DefaultConnectTimeout          = settings.DefaultConnectTimeout
+	DefaultUpstreamResponseTimeout = settings.DefaultUpstreamResponseTimeout
+	DefaultHTTPIdleTimeout         = settings.DefaultHTTPIdleTimeout
+	DefaultMaxHeaderBytes          = settings.DefaultMaxHeaderBytes
+	DefaultKernelHeldLimit         = settings.DefaultKernelHeldLimit
+	DefaultHalfClosedTimeout       = settings.DefaultHalfClosedTimeout
+	DefaultTCPHalfClosedTimeout    = settings.DefaultTCPHalfClosedTimeout
 )
 
 // Server relays WebSockets: it validates each client's upgrade, forwards it to an upstream, and opens a
@@ -136,6 +118,41 @@ type Server struct {
 	stopOnce       sync.Once
 }
 
+// checkRanges checks cfg's bounded settings, with their defaults filled in, against package settings: the
+// ranges the command line and the configuration file accept too. In Config a negative half-closed timeout
+// is off (0 is the default), where the file and the flags write 0.
+func (cfg *Config) checkRanges() error {
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+		r    settings.Duration
+	}{
+		{"ClientHeaderTimeout", cfg.ClientHeaderTimeout, settings.Timeout},
+		{"ConnectTimeout", cfg.ConnectTimeout, settings.Timeout},
+		{"UpstreamResponseTimeout", cfg.UpstreamResponseTimeout, settings.Timeout},
+		{"HTTPIdleTimeout", cfg.HTTPIdleTimeout, settings.Timeout},
+		{"TunnelIdleTimeout", cfg.TunnelIdleTimeout, settings.TunnelTimeout},
+		{"TunnelLifetime", cfg.TunnelLifetime, settings.TunnelTimeout},
+		{"TunnelLogInterval", cfg.TunnelLogInterval, settings.TunnelTimeout},
+		{"HalfClosedTimeout", max(cfg.HalfClosedTimeout, 0), settings.TunnelTimeout},
+		{"TCPHalfClosedTimeout", max(cfg.TCPHalfClosedTimeout, 0), settings.TunnelTimeout},
+	} {
+		if err := d.r.Check(d.v); err != nil {
+			if strings.Contains(d.name, "HalfClosed") {
+				return fmt.Errorf("%s: %w (here a negative value is off, 0 the default)", d.name, err)
+			}
+			return fmt.Errorf("%s: %w", d.name, err)
+		}
+	}
+	if err := settings.MaxHeaderBytes.Check(int64(cfg.MaxHeaderBytes)); err != nil {
+		return fmt.Errorf("MaxHeaderBytes: %w", err)
+	}
+	if err := settings.KernelHeldLimit.Check(int64(cfg.KernelHeldLimit)); err != nil {
+		return fmt.Errorf("KernelHeldLimit: %w", err)
+	}
+	return nil
+}
+
 // NewServer checks cfg and returns a Server ready to Serve.
 func NewServer(cfg Config) (*Server, error) {
 	router := cfg.Router
@@ -154,29 +171,12 @@ func NewServer(cfg Config) (*Server, error) {
 	cfg.ConnectTimeout = orDefault(cfg.ConnectTimeout, DefaultConnectTimeout)
 	cfg.UpstreamResponseTimeout = orDefault(cfg.UpstreamResponseTimeout, DefaultUpstreamResponseTimeout)
 	cfg.HTTPIdleTimeout = orDefault(cfg.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
-	if cfg.HTTPIdleTimeout < 0 {
-		return nil, fmt.Errorf("http idle timeout %v: accepted a positive duration (0 for the default %v)", cfg.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
-	}
 	cfg.MaxHeaderBytes = orDefault(cfg.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	cfg.KernelHeldLimit = orDefault(cfg.KernelHeldLimit, DefaultKernelHeldLimit)
 	cfg.HalfClosedTimeout = orDefault(cfg.HalfClosedTimeout, DefaultHalfClosedTimeout)
 	cfg.TCPHalfClosedTimeout = orDefault(cfg.TCPHalfClosedTimeout, DefaultTCPHalfClosedTimeout)
-	if cfg.KernelHeldLimit < MinKernelHeldLimit || cfg.KernelHeldLimit > MaxKernelHeldLimit {
-		return nil, fmt.Errorf("kernel held limit %d: accepted %d to %d", cfg.KernelHeldLimit, MinKernelHeldLimit, MaxKernelHeldLimit)
-	}
-	if cfg.TunnelLogInterval != 0 && cfg.TunnelLogInterval < MinTunnelLogInterval {
-		return nil, fmt.Errorf("tunnel log interval %v: 0 (off) or at least %v", cfg.TunnelLogInterval, MinTunnelLogInterval)
-	}
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-		off  string
-	}{{"tunnel idle timeout", cfg.TunnelIdleTimeout, "0 (off)"}, {"tunnel lifetime", cfg.TunnelLifetime, "0 (off)"},
-		{"half-close timeout", cfg.HalfClosedTimeout, "negative (off)"},
-		{"tcp half-close timeout", cfg.TCPHalfClosedTimeout, "negative (off)"}} {
-		if d.v > 0 && d.v < MinTunnelTimeout {
-			return nil, fmt.Errorf("%s %v: %s or at least %v", d.name, d.v, d.off, MinTunnelTimeout)
-		}
+	if err := cfg.checkRanges(); err != nil {
+		return nil, err
 	}
 	if err := cfg.Limits.Validate(); err != nil {
 		return nil, err

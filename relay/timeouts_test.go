@@ -112,9 +112,9 @@ func TestTimeoutTickAndLimits(t *testing.T) {
 		edit func(*Config)
 		want string
 	}{
-		{func(c *Config) { c.TunnelIdleTimeout = 500 * time.Millisecond }, "tunnel idle timeout 500ms: 0 (off) or at least 1s"},
-		{func(c *Config) { c.HalfClosedTimeout = 500 * time.Millisecond }, "half-close timeout 500ms: negative (off) or at least 1s"},
-		{func(c *Config) { c.TCPHalfClosedTimeout = 10 * time.Millisecond }, "tcp half-close timeout 10ms: negative (off) or at least 1s"},
+		{func(c *Config) { c.TunnelIdleTimeout = 500 * time.Millisecond }, "TunnelIdleTimeout: 500ms is out of range; accepted 0s (off) or 1s or more"},
+		{func(c *Config) { c.HalfClosedTimeout = 500 * time.Millisecond }, "HalfClosedTimeout: 500ms is out of range; accepted 0s (off) or 1s or more (here a negative value is off, 0 the default)"},
+		{func(c *Config) { c.TCPHalfClosedTimeout = 10 * time.Millisecond }, "TCPHalfClosedTimeout: 10ms is out of range; accepted 0s (off) or 1s or more (here a negative value is off, 0 the default)"},
 	} {
 		cfg := Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathCopy}
 		tc.edit(&cfg)

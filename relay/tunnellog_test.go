@@ -51,7 +51,7 @@ func containsAll(s string, subs []string) bool {
 
 func TestTunnelLogIntervalChecked(t *testing.T) {
 	_, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathCopy, TunnelLogInterval: 10 * time.Millisecond})
-	if err == nil || !strings.Contains(err.Error(), "tunnel log interval 10ms: 0 (off) or at least 1s") {
+	if err == nil || !strings.Contains(err.Error(), "TunnelLogInterval: 10ms is out of range; accepted 0s (off) or 1s or more") {
 		t.Errorf("NewServer with a 10 ms tunnel log interval: %v; want the accepted range", err)
 	}
 }

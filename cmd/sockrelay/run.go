@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/sockrelay/sockrelay/internal/settings"
 	"io"
 	"log/slog"
 	"net"
@@ -94,7 +95,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.StringVar(&o.adminTokenFile, "admin-token-file", "", "`FILE` holding the token that admin requests which change something must send as Authorization: Bearer TOKEN")
 	fs.BoolVar(&o.adminAllowRemote, "admin-allow-remote", false, "let --admin be an address other hosts can reach (logged as a warning); changes still need the token")
 	fs.Var(listFlag{&o.adminHosts}, "admin-host", "host `NAME`, besides IP addresses and localhost, that admin requests may give as Host; repeat for several")
-	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long live tunnels may run before they are closed")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", settings.DefaultShutdownTimeout, "on SIGINT/SIGTERM, how long live tunnels may run before they are closed")
 	fs.DurationVar(&o.clientHeaderTimeout, "client-header-timeout", relay.DefaultClientHeaderTimeout, "how long a client may take to send its request headers")
 	fs.DurationVar(&o.connectTimeout, "connect-timeout", relay.DefaultConnectTimeout, "how long connecting to an upstream may take")
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", relay.DefaultUpstreamResponseTimeout, "how long an upstream may take to answer a handshake or request")
@@ -164,35 +165,28 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
+		r    settings.Duration
 	}{
-		{"--drain-timeout", o.drainTimeout},
-		{"--client-header-timeout", o.clientHeaderTimeout},
-		{"--connect-timeout", o.connectTimeout},
-		{"--upstream-timeout", o.upstreamTimeout},
-		{"--http-idle-timeout", o.httpIdleTimeout},
+		{"--drain-timeout", o.drainTimeout, settings.Timeout},
+		{"--client-header-timeout", o.clientHeaderTimeout, settings.Timeout},
+		{"--connect-timeout", o.connectTimeout, settings.Timeout},
+		{"--upstream-timeout", o.upstreamTimeout, settings.Timeout},
+		{"--http-idle-timeout", o.httpIdleTimeout, settings.Timeout},
+		{"--tunnel-log-interval", o.tunnelLogInterval, settings.TunnelTimeout},
+		{"--tunnel-idle-timeout", o.tunnelIdleTimeout, settings.TunnelTimeout},
+		{"--tunnel-lifetime", o.tunnelLifetime, settings.TunnelTimeout},
+		{"--tunnel-half-closed-timeout", o.halfClosedTimeout, settings.TunnelTimeout},
+		{"--tcp-half-closed-timeout", o.tcpHalfClosed, settings.TunnelTimeout},
 	} {
-		if d.v <= 0 {
-			return nil, fmt.Errorf("%s: %s is not a positive duration, e.g. 10s or 500ms", d.name, d.v)
+		if err := d.r.Check(d.v); err != nil {
+			return nil, fmt.Errorf("%s: %w", d.name, err)
 		}
 	}
-	if o.tunnelLogInterval < 0 || (o.tunnelLogInterval > 0 && o.tunnelLogInterval < relay.MinTunnelLogInterval) {
-		return nil, fmt.Errorf("--tunnel-log-interval: %s; accepted 0 (off) or at least %s", o.tunnelLogInterval, relay.MinTunnelLogInterval)
+	if err := settings.MaxHeaderBytes.Check(int64(o.maxHeaderBytes)); err != nil {
+		return nil, fmt.Errorf("--max-header-bytes: %w bytes", err)
 	}
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-	}{{"--tunnel-idle-timeout", o.tunnelIdleTimeout}, {"--tunnel-lifetime", o.tunnelLifetime},
-		{"--tunnel-half-closed-timeout", o.halfClosedTimeout}, {"--tcp-half-closed-timeout", o.tcpHalfClosed}} {
-		if d.v < 0 || (d.v > 0 && d.v < relay.MinTunnelTimeout) {
-			return nil, fmt.Errorf("%s: %s; accepted 0 (off) or at least %s", d.name, d.v, relay.MinTunnelTimeout)
-		}
-	}
-	if o.maxHeaderBytes < 1024 {
-		return nil, fmt.Errorf("--max-header-bytes: %d is too small; the least accepted is 1024", o.maxHeaderBytes)
-	}
-	if o.kernelHeldLimit < relay.MinKernelHeldLimit || o.kernelHeldLimit > relay.MaxKernelHeldLimit {
-		return nil, fmt.Errorf("--kernel-held-limit: %d is out of range; accepted %d to %d bytes", o.kernelHeldLimit,
-			relay.MinKernelHeldLimit, relay.MaxKernelHeldLimit)
+	if err := settings.KernelHeldLimit.Check(int64(o.kernelHeldLimit)); err != nil {
+		return nil, fmt.Errorf("--kernel-held-limit: %w bytes", err)
 	}
 	if _, err := newLogger(io.Discard, o.logLevel, o.logFormat); err != nil {
 		return nil, err

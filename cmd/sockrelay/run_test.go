@@ -24,6 +24,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/sockrelay/sockrelay/config"
 	"github.com/sockrelay/sockrelay/internal/wsecho"
 	"github.com/sockrelay/sockrelay/loader"
 	"github.com/sockrelay/sockrelay/relay"
@@ -505,7 +506,7 @@ func TestHalfClosedTimeoutSettings(t *testing.T) {
 		{"flag over file", []string{"--config", file, "--tcp-half-closed-timeout", "30s"},
 			0, 30 * time.Second, [2]time.Duration{-1, 30 * time.Second}, ""},
 		{"under 1s", []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9000", "--tunnel-half-closed-timeout", "500ms"},
-			0, 0, [2]time.Duration{}, "--tunnel-half-closed-timeout: 500ms; accepted 0 (off) or at least 1s"},
+			0, 0, [2]time.Duration{}, "--tunnel-half-closed-timeout: 500ms is out of range; accepted 0s (off) or 1s or more"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o, err := parseRunFlags(tc.args, io.Discard)
@@ -529,4 +530,47 @@ func TestHalfClosedTimeoutSettings(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFlagsAndFileAcceptTheSameValues: each bounded setting is checked against one range (package
+// settings), so a value the command line accepts the configuration file accepts too, and the reverse; and
+// the relay accepts what both pass.
+func TestFlagsAndFileAcceptTheSameValues(t *testing.T) {
+	ok := []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9000"}
+	for _, tc := range []struct {
+		flag, key string // key: the file's, with its section
+		values    []string
+	}{
+		{"--drain-timeout", "timeouts.shutdown", []string{"0s", "1ms", "30s"}},
+		{"--client-header-timeout", "timeouts.client_header", []string{"0s", "-1s", "10s"}},
+		{"--connect-timeout", "timeouts.connect", []string{"0s", "1s"}},
+		{"--upstream-timeout", "timeouts.upstream_response", []string{"0s", "15s"}},
+		{"--http-idle-timeout", "timeouts.http_idle", []string{"0s", "60s"}},
+		{"--tunnel-idle-timeout", "timeouts.tunnel_idle", []string{"0s", "500ms", "1s", "-1s"}},
+		{"--tunnel-lifetime", "timeouts.tunnel_lifetime", []string{"0s", "999ms", "1h"}},
+		{"--tunnel-half-closed-timeout", "timeouts.half_closed", []string{"0s", "500ms", "5s"}},
+		{"--tcp-half-closed-timeout", "timeouts.tcp_half_closed", []string{"0s", "500ms", "60s"}},
+		{"--tunnel-log-interval", "tunnel_log_interval", []string{"0s", "500ms", "1m"}},
+		{"--max-header-bytes", "max_header_bytes", []string{"1023", "1024", "1048576", "1048577"}},
+		{"--kernel-held-limit", "kernel_held_limit", []string{"65535", "65536", "1073741824", "1073741825"}},
+	} {
+		for _, v := range tc.values {
+			t.Run(tc.flag+"="+v, func(t *testing.T) {
+				_, flagErr := parseRunFlags(append(slices.Clone(ok), tc.flag+"="+v), io.Discard)
+				_, fileErr := config.Parse("sockrelay.yaml", []byte(fileWith(tc.key, v)))
+				if (flagErr == nil) != (fileErr == nil) {
+					t.Errorf("flag: %v; file: %v; want both to accept or both to refuse", flagErr, fileErr)
+				}
+			})
+		}
+	}
+}
+
+// fileWith is a minimal configuration file with key (section.key or key) set to v.
+func fileWith(key, v string) string {
+	setting := key + ": " + v + "\n"
+	if section, k, nested := strings.Cut(key, "."); nested {
+		setting = section + ":\n  " + k + ": " + v + "\n"
+	}
+	return setting + "listeners:\n  - address: 127.0.0.1:0\n    routes:\n      - pool: p\npools:\n  p:\n    servers: [127.0.0.1:9000]\n"
 }
