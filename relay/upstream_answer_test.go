@@ -255,7 +255,7 @@ func TestSlowUpstreamGetsItsUpstreamTimeout(t *testing.T) {
 
 // TestMaxHeaderBytesExact: a request head of exactly max header bytes passes; one byte more is a 431
 // (net/http alone would let 4096 more through). Under 4097 bytes, where net/http has no limit, the
-// limit is 4097, as the README says.
+// limit is 4097, as docs/configuration.md says.
 func TestMaxHeaderBytesExact(t *testing.T) {
 	const ok, tooLarge = http.StatusSwitchingProtocols, http.StatusRequestHeaderFieldsTooLarge
 	cases := []struct {

@@ -299,7 +299,7 @@ func (p *Pool) checkRequest(conn net.Conn, spec ActiveHealthSpec, addr string) e
 	if spec.Type != CheckWebSocket || resp.StatusCode != http.StatusSwitchingProtocols {
 		return nil
 	}
-	// A 101 that the relay would refuse (README, "The handshake, precisely") must fail the check too.
+	// A 101 that the relay would refuse (docs/architecture.md, "The handshake, precisely") must fail the check too.
 	sum := sha1.Sum([]byte(key + websocketGUID))
 	switch {
 	case !strings.EqualFold(resp.Header.Get("Upgrade"), "websocket"):
