@@ -43,7 +43,7 @@ func FromFile(f *os.File) (*Conn, error) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok || uc.LocalAddr().Network() != "unixpacket" {
 		c.Close()
-		return nil, fmt.Errorf("handover: descriptor %d is not a Unix SOCK_SEQPACKET socket", f.Fd())
+		return nil, fmt.Errorf("handover: %s is not a Unix SOCK_SEQPACKET socket", f.Name())
 	}
 	return &Conn{c: uc}, nil
 }
@@ -59,7 +59,9 @@ func (c *Conn) Send(m Message, files []*os.File) error {
 	if len(files) > 0 {
 		fds := make([]int, len(files))
 		for i, f := range files {
-			fds[i] = int(f.Fd())
+			if fds[i], err = descriptor(f); err != nil {
+				return fmt.Errorf("handover: send %s: %s: %w", m.Type, f.Name(), err)
+			}
 		}
 		oob = unix.UnixRights(fds...)
 	}
@@ -67,6 +69,21 @@ func (c *Conn) Send(m Message, files []*os.File) error {
 		return fmt.Errorf("handover: send %s: %w", m.Type, err)
 	}
 	return nil
+}
+
+// descriptor returns f's descriptor, valid while f is open. Not f.Fd(), which puts the descriptor in
+// blocking mode: a mode of the open file, which the sender's own listener shares with this copy, and
+// in which its Close would wait for an Accept that no longer wakes up.
+func descriptor(f *os.File) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := rc.Control(func(d uintptr) { fd = int(d) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
 }
 
 // Receive waits for the next message and returns it with the files of its descriptors, which the

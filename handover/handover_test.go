@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func offer() Message {
@@ -159,6 +161,17 @@ func TestConnPassesListener(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
+	// The sender's listener stays non-blocking (a mode the descriptors share): blocking, its Close would
+	// wait for its Accept.
+	rc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var flags int
+	_ = rc.Control(func(fd uintptr) { flags, err = unix.FcntlInt(fd, unix.F_GETFL, 0) })
+	if err != nil || flags&unix.O_NONBLOCK == 0 {
+		t.Errorf("after Send, the sender's listener has flags %#x (%v): not O_NONBLOCK", flags, err)
+	}
 	ln.Close() // the socket lives on in the descriptor on its way
 
 	got, files, err := peer.Receive()
