@@ -66,6 +66,10 @@ type Config struct {
 	// Reload, when set, re-reads the configuration file: POST /admin/reload calls it. It returns why a
 	// configuration was refused; the one in force then stays.
 	Reload func() error
+	// Upgrade, when set, starts a new relay process, hands it the listeners and returns once it serves:
+	// POST /admin/upgrade calls it. Its error says why the new process did not take over; this one then
+	// keeps everything. An error that is ErrUpgradeRefused was a request refused before anything started.
+	Upgrade func(context.Context, UpgradeRequest) (UpgradeResult, error)
 
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
