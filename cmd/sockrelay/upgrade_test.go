@@ -66,9 +66,16 @@ type upgradable struct {
 func startUpgradable(t *testing.T, upstream string, drain time.Duration, env ...string) *upgradable {
 	t.Helper()
 	admin := "unix:" + filepath.Join(t.TempDir(), "admin.sock")
-	f, logs := newLogFile(t)
-	cmd := mainCommand(t, "run", "--listen", "127.0.0.1:0", "--admin", admin, "--upstream", upstream,
+	return startUpgradableWith(t, admin, env, "--listen", "127.0.0.1:0", "--admin", admin, "--upstream", upstream,
 		"--datapath", "copy", "--drain-timeout", drain.String(), "--log-format", "json")
+}
+
+// startUpgradableWith is startUpgradable with the run flags given (JSON logs among them) and the admin
+// address they name.
+func startUpgradableWith(t *testing.T, admin string, env []string, args ...string) *upgradable {
+	t.Helper()
+	f, logs := newLogFile(t)
+	cmd := mainCommand(t, append([]string{"run"}, args...)...)
 	cmd.Stderr = f
 	cmd.Env = append(cmd.Env, env...)
 	if err := cmd.Start(); err != nil {
@@ -361,5 +368,49 @@ func TestUpgradeTwice(t *testing.T) {
 		"READY=1", "MAINPID=" + strconv.Itoa(third)}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("notifications %q, want %q", got, want)
+	}
+}
+
+// TestUpgradeNewConfiguration: the new process runs the configuration it is given. A listener in both
+// (by address) is adopted; one only in the new configuration is bound; one only in the old (here a tcp
+// listener with the PROXY protocol) is closed once the old process has let go of it.
+func TestUpgradeNewConfiguration(t *testing.T) {
+	echo, kept, gone, added := newEchoUpstream(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	dir := t.TempDir()
+	admin := "unix:" + filepath.Join(dir, "admin.sock")
+	config := func(name, listeners string) string {
+		path := filepath.Join(dir, name)
+		writeFile(t, path, fmt.Sprintf("admin: %q\nlisteners:\n%spools:\n  echo: {servers: [%q]}\n", admin, listeners, echo))
+		return path
+	}
+	before := config("before.yaml", fmt.Sprintf(`  - {name: web, address: %q, routes: [{pool: echo}]}
+  - {name: raw, address: %q, type: tcp, proxy_protocol: true, routes: [{pool: echo}]}
+`, kept, gone))
+	after := config("after.yaml", fmt.Sprintf(`  - {name: web, address: %q, routes: [{pool: echo}]}
+  - {name: added, address: %q, routes: [{pool: echo}]}
+`, kept, added))
+	r := startUpgradableWith(t, admin, nil, "--config", before, "--datapath", "copy", "--log-format", "json", "--drain-timeout", "5s")
+
+	code, out := r.upgrade(t, "--", "--config", after, "--datapath", "copy", "--log-format", "json", "--drain-timeout", "5s")
+	if code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	r.waitExit(t, 5*time.Second)
+
+	adopted := map[string]string{}
+	for _, l := range r.logs.lines("listener adopted from the running relay") {
+		adopted[l["listener"].(string)] = l["address"].(string)
+	}
+	if len(adopted) != 2 || adopted["web"] != kept || adopted["admin"] != admin {
+		t.Errorf("adopted %v, want web at %s and the admin", adopted, kept)
+	}
+	if closed := r.logs.lines("listener not in the configuration: closed here; the old process closes its own"); len(closed) != 1 || closed[0]["listener"] != "raw" {
+		t.Errorf("closed %v, want the raw listener", closed)
+	}
+	echoThrough(t, dialWS(t, kept), "through the adopted listener")
+	echoThrough(t, dialWS(t, added), "through the new one")
+	if c, err := net.DialTimeout("tcp", gone, time.Second); err == nil {
+		c.Close()
+		t.Errorf("%s, gone from the configuration, still accepts", gone)
 	}
 }
