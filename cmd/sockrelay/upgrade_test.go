@@ -82,6 +82,14 @@ func startUpgradableWith(t *testing.T, admin string, env []string, args ...strin
 		t.Fatal(err)
 	}
 	r := &upgradable{cmd: cmd, exited: make(chan error, 1), logs: logs, admin: admin}
+	t.Cleanup(func() {
+		// Every process an upgrade started, whatever the test saw of it (an answer lost on the way).
+		for _, l := range logs.lines("upgrade: the new process serves; this one stops accepting and drains its tunnels") {
+			if pid, ok := l["pid"].(float64); ok {
+				_ = syscall.Kill(int(pid), syscall.SIGKILL)
+			}
+		}
+	})
 	go func() { r.exited <- cmd.Wait() }()
 	waitFor(t, "the relay to serve", func() bool { return len(logs.lines("sockrelay listening")) > 0 })
 	r.listen = logs.lines("sockrelay listening")[0]["listen"].(string)
