@@ -637,6 +637,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	if handedTo > 0 {
 		return drainAfterHandover(srv, adminSrv, handedTo, o.drainTimeout, log)
 	}
+	up.upgrader.stop()
 	log.Info("shutting down: no new clients; draining tunnels", "tunnels", srv.Tunnels().Len(), "drain_timeout", o.drainTimeout)
 	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
 	defer cancel()

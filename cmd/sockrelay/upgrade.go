@@ -40,6 +40,7 @@ type upgrader struct {
 	listeners  []offered // set by serve once every listener is bound
 	letGo      func()    // stops this process's accepting on the admin listener, before the answer goes out
 	busy       bool
+	stopping   bool     // the relay was told to stop: it drains, and starts no successor
 	handedTo   int      // the process that took over; 0 until one did
 	handedOver chan int // gets that process's pid, once: serve then drains and exits
 }
@@ -151,6 +152,8 @@ func (u *upgrader) begin() error {
 	switch {
 	case u.handedTo != 0:
 		return fmt.Errorf("%w: this process (pid %d) has handed over to pid %d and is draining; upgrade that one", relay.ErrUpgradeRefused, os.Getpid(), u.handedTo)
+	case u.stopping:
+		return fmt.Errorf("%w: the relay is stopping and drains its tunnels; start a new one instead", relay.ErrUpgradeRefused)
 	case u.busy:
 		return fmt.Errorf("%w: an upgrade is in progress; wait for its answer", relay.ErrUpgradeRefused)
 	case u.listeners == nil:
@@ -158,6 +161,14 @@ func (u *upgrader) begin() error {
 	}
 	u.busy = true
 	return nil
+}
+
+// stop refuses the upgrades asked for from now on: the relay stops. One in progress goes on; the
+// process it started serves on if it confirms.
+func (u *upgrader) stop() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.stopping = true
 }
 
 // end releases the claim; pid, when not 0, is the process that took over: this one lets go of its

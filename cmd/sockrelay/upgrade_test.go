@@ -422,3 +422,38 @@ func TestUpgradeNewConfiguration(t *testing.T) {
 		t.Errorf("%s, gone from the configuration, still accepts", gone)
 	}
 }
+
+// TestUpgradeUsage: what `sockrelay upgrade` refuses before it asks anything of a relay.
+func TestUpgradeUsage(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--binary", "sockrelay"}, `--binary: "sockrelay" is not an absolute path`},
+		{[]string{"--timeout", "0s"}, "--timeout: 0s is not a positive duration"},
+		{[]string{"--timeout", "10"}, `--timeout: "10" is not a duration; use a unit, e.g. 10s`},
+		{[]string{"--config", "x.yaml", "run"}, `unexpected argument "run"; the new process's run flags go after --`},
+		{[]string{"--nope"}, "--nope: unknown flag"},
+	} {
+		var stdout, stderr bytes.Buffer
+		if code := dispatch(context.Background(), append([]string{"upgrade"}, tc.args...), &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), tc.want) {
+			t.Errorf("upgrade %q: exit %d, %q; want 2 and %q", tc.args, code, stderr.String(), tc.want)
+		}
+	}
+}
+
+// TestUpgradeRefusedWhileStopping: a relay told to stop, draining a tunnel, starts no successor.
+func TestUpgradeRefusedWhileStopping(t *testing.T) {
+	r := startUpgradable(t, newEchoUpstream(t), 5*time.Second)
+	ws := dialWS(t, r.listen)
+	if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the drain", func() bool { return len(r.logs.lines("shutting down: no new clients; draining tunnels")) == 1 })
+	code, out := r.upgrade(t)
+	if code != 1 || !strings.Contains(out, "409 Conflict: upgrade refused: the relay is stopping") {
+		t.Errorf("upgrade while stopping: exit %d, %q; want 1 and the refusal", code, out)
+	}
+	closeWS(t, ws)
+	r.waitExit(t, 5*time.Second)
+}
