@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/sockrelay/sockrelay/loader"
 )
 
 // logFile is a relay's stderr as a file, not a pipe: the process an upgrade starts inherits it and writes
@@ -65,9 +67,15 @@ type upgradable struct {
 // until it serves. Extra environment (e.g. NOTIFY_SOCKET) is env.
 func startUpgradable(t *testing.T, upstream string, drain time.Duration, env ...string) *upgradable {
 	t.Helper()
+	return startUpgradableOn(t, "copy", upstream, drain, env...)
+}
+
+// startUpgradableOn is startUpgradable with the tunnels on datapath.
+func startUpgradableOn(t *testing.T, datapath, upstream string, drain time.Duration, env ...string) *upgradable {
+	t.Helper()
 	admin := "unix:" + filepath.Join(t.TempDir(), "admin.sock")
 	return startUpgradableWith(t, admin, env, "--listen", "127.0.0.1:0", "--admin", admin, "--upstream", upstream,
-		"--datapath", "copy", "--drain-timeout", drain.String(), "--log-format", "json")
+		"--datapath", datapath, "--drain-timeout", drain.String(), "--log-format", "json")
 }
 
 // startUpgradableWith is startUpgradable with the run flags given (JSON logs among them) and the admin
@@ -197,9 +205,25 @@ func handshakeLoop(addr string) (stop func() (int, []error)) {
 
 // TestUpgradeKeepsServing: `sockrelay upgrade` hands the listeners to a new process while clients open
 // WebSockets back to back: none is refused or fails. A tunnel open before the upgrade keeps flowing
-// through the old process, which exits 0 once that tunnel ends; the new process serves on.
+// through the old process, which exits 0 once that tunnel ends; the new process serves on. On copy, and
+// on sockmap where the host runs it (each process with a kernel datapath of its own, the new one's
+// self-test included in the handover time).
 func TestUpgradeKeepsServing(t *testing.T) {
-	r := startUpgradable(t, newEchoUpstream(t), 20*time.Second)
+	for _, dp := range []string{"copy", "sockmap"} {
+		t.Run(dp, func(t *testing.T) {
+			if err := loader.Probe().Err(); dp == "sockmap" && err != nil {
+				t.Skipf("this host cannot run sockmap: %v", err)
+			}
+			upgradeKeepsServing(t, dp)
+		})
+	}
+}
+
+func upgradeKeepsServing(t *testing.T, datapath string) {
+	r := startUpgradableOn(t, datapath, newEchoUpstream(t), 20*time.Second)
+	if got := r.logs.lines("sockrelay listening")[0]["datapath"]; got != datapath {
+		t.Fatalf("the relay's tunnels run on %v, want %s", got, datapath)
+	}
 	before := dialWS(t, r.listen)
 	echoThrough(t, before, "before the upgrade")
 
