@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -20,6 +21,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/sockrelay/sockrelay/loader"
+	"github.com/sockrelay/sockrelay/tlsconf/tlstest"
 )
 
 // logFile is a relay's stderr as a file, not a pipe: the process an upgrade starts inherits it and writes
@@ -404,11 +406,18 @@ func TestUpgradeTwice(t *testing.T) {
 }
 
 // TestUpgradeNewConfiguration: the new process runs the configuration it is given. A listener in both
-// (by address) is adopted; one only in the new configuration is bound; one only in the old (here a tcp
-// listener with the PROXY protocol) is closed once the old process has let go of it.
+// (by address) is adopted, a TLS one too (the new process terminates TLS with the certificates it loads);
+// one only in the new configuration is bound; one only in the old (here a tcp listener with the PROXY
+// protocol) is closed once the old process has let go of it. A TLS tunnel open before stays with the
+// old process until it ends.
 func TestUpgradeNewConfiguration(t *testing.T) {
-	echo, kept, gone, added := newEchoUpstream(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	echo, kept, gone, added, secure := newEchoUpstream(t), freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 	dir := t.TempDir()
+	ca := tlstest.NewCA(t, "upgrade CA")
+	cert, key := ca.Issue(t, tlstest.LeafOptions{DNSNames: []string{"relay.test"}}).WriteFiles(t, dir, "relay")
+	tlsListener := fmt.Sprintf("  - {name: secure, address: %q, tls: {certificates: [{cert: %q, key: %q}]}, routes: [{pool: echo}]}\n",
+		secure, cert, key)
+	wss := websocket.Dialer{TLSClientConfig: &tls.Config{ServerName: "relay.test", RootCAs: ca.Pool()}, HandshakeTimeout: 5 * time.Second}
 	admin := "unix:" + filepath.Join(dir, "admin.sock")
 	config := func(name, listeners string) string {
 		path := filepath.Join(dir, name)
@@ -417,30 +426,43 @@ func TestUpgradeNewConfiguration(t *testing.T) {
 	}
 	before := config("before.yaml", fmt.Sprintf(`  - {name: web, address: %q, routes: [{pool: echo}]}
   - {name: raw, address: %q, type: tcp, proxy_protocol: true, routes: [{pool: echo}]}
-`, kept, gone))
+`, kept, gone)+tlsListener)
 	after := config("after.yaml", fmt.Sprintf(`  - {name: web, address: %q, routes: [{pool: echo}]}
   - {name: added, address: %q, routes: [{pool: echo}]}
-`, kept, added))
+`, kept, added)+tlsListener)
 	r := startUpgradableWith(t, admin, nil, "--config", before, "--datapath", "copy", "--log-format", "json", "--drain-timeout", "5s")
+	old, _, err := wss.Dial("wss://"+secure+"/", nil)
+	if err != nil {
+		t.Fatalf("wss before the upgrade: %v", err)
+	}
+	t.Cleanup(func() { old.Close() })
 
 	code, out := r.upgrade(t, "--", "--config", after, "--datapath", "copy", "--log-format", "json", "--drain-timeout", "5s")
 	if code != 0 {
 		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
 	}
+	echoThrough(t, old, "TLS, through the old process")
+	closeWS(t, old)
 	r.waitExit(t, 5*time.Second)
 
 	adopted := map[string]string{}
 	for _, l := range r.logs.lines("listener adopted from the running relay") {
 		adopted[l["listener"].(string)] = l["address"].(string)
 	}
-	if len(adopted) != 2 || adopted["web"] != kept || adopted["admin"] != admin {
-		t.Errorf("adopted %v, want web at %s and the admin", adopted, kept)
+	if len(adopted) != 3 || adopted["web"] != kept || adopted["secure"] != secure || adopted["admin"] != admin {
+		t.Errorf("adopted %v, want web at %s, secure at %s and the admin", adopted, kept, secure)
 	}
 	if closed := r.logs.lines("listener not in the configuration: closed here; the old process closes its own"); len(closed) != 1 || closed[0]["listener"] != "raw" {
 		t.Errorf("closed %v, want the raw listener", closed)
 	}
 	echoThrough(t, dialWS(t, kept), "through the adopted listener")
 	echoThrough(t, dialWS(t, added), "through the new one")
+	ws, _, err := wss.Dial("wss://"+secure+"/", nil)
+	if err != nil {
+		t.Fatalf("wss through the adopted TLS listener: %v", err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	echoThrough(t, ws, "TLS, through the new process")
 	if c, err := net.DialTimeout("tcp", gone, time.Second); err == nil {
 		c.Close()
 		t.Errorf("%s, gone from the configuration, still accepts", gone)
