@@ -297,11 +297,20 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, tc := range []struct {
+	type failure struct {
 		name string
 		args []string
 		want string
-	}{
+	}
+	var kernel []failure
+	if _, err := exec.LookPath("setpriv"); err == nil && loader.Probe().Err() == nil {
+		// The kernel datapath's probe, run without the capabilities it needs (as an unprivileged user would):
+		// the new process's start fails as a failed self-test makes it fail.
+		kernel = append(kernel, failure{"fails its datapath probe", []string{"--binary", script("nocaps", "exec setpriv --bounding-set=-all "+self+` "$@"`),
+			"--", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--admin", r.admin, "--datapath", "sockmap", "--log-format", "json"},
+			"could not start: --datapath sockmap: datapath unavailable: sockmap: kernel "})
+	}
+	for _, tc := range append([]failure{
 		{"exits at once", []string{"--binary", script("exits", "exit 3")},
 			"ended before it"}, // took the listeners, or served: whichever it was at when the old process noticed
 		{"cannot start", []string{"--binary", self, "--", "--listen", taken.Addr().String(), "--upstream", "127.0.0.1:9",
@@ -309,7 +318,7 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 			"could not start: --listen: listen tcp " + taken.Addr().String() + ": bind: address already in use (exit status 1)"},
 		{"never confirms", []string{"--binary", script("hangs", "exec sleep 30"), "--timeout", "500ms"},
 			"did not confirm that it serves within 500ms; killed it"},
-	} {
+	}, kernel...) {
 		t.Run(tc.name, func(t *testing.T) {
 			code, out := r.upgrade(t, tc.args...)
 			if code != 1 || !strings.Contains(out, "upgrade failed, this relay keeps serving") || !strings.Contains(out, tc.want) ||
@@ -319,8 +328,8 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 			echoThrough(t, dialWS(t, r.listen), "still served by the old process")
 		})
 	}
-	if n := len(r.logs.lines("upgrade failed: this process keeps serving")); n != 3 {
-		t.Errorf("%d upgrade failures logged, want 3:\n%s", n, r.logs)
+	if n := len(r.logs.lines("upgrade failed: this process keeps serving")); n != 3+len(kernel) {
+		t.Errorf("%d upgrade failures logged, want %d:\n%s", n, 3+len(kernel), r.logs)
 	}
 
 	t.Run("in progress", func(t *testing.T) {
@@ -329,7 +338,7 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 			code, _ := r.upgrade(t, "--binary", script("slow", "exec sleep 30"), "--timeout", "1s")
 			first <- code
 		}()
-		waitFor(t, "the first upgrade to start", func() bool { return len(r.logs.lines("upgrade: starting the new process")) == 4 })
+		waitFor(t, "the first upgrade to start", func() bool { return len(r.logs.lines("upgrade: starting the new process")) == 4+len(kernel) })
 		code, out := r.upgrade(t)
 		if code != 1 || !strings.Contains(out, "409 Conflict: upgrade refused: an upgrade is in progress") {
 			t.Errorf("upgrade during another: exit %d, %q; want 1 and the refusal", code, out)
