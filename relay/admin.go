@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -182,6 +183,7 @@ func adminError(w http.ResponseWriter, status int, format string, args ...any) {
 //	GET    /admin/tunnels                        the live tunnels (as /debug/tunnels)
 //	DELETE /admin/tunnels/{id}                   closes one tunnel, both sides
 //	POST   /admin/reload                         re-reads the configuration file (as SIGHUP)
+//	POST   /admin/upgrade                        starts a new relay process that takes the listeners over (as SIGUSR2)
 func (s *Server) adminAPI(mux *http.ServeMux) {
 	mux.HandleFunc("GET /admin/pools", func(w http.ResponseWriter, r *http.Request) {
 		pools := s.Router().Pools()
@@ -219,6 +221,66 @@ func (s *Server) adminAPI(mux *http.ServeMux) {
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"reloaded": "ok"})
 	})
+	mux.HandleFunc("POST /admin/upgrade", s.upgrade)
+}
+
+// UpgradeRequest is the JSON body of POST /admin/upgrade; every field may be left out.
+type UpgradeRequest struct {
+	// Binary is the new relay's executable, an absolute path; empty: this process's own, read again from
+	// disk (so a binary installed over it).
+	Binary string `json:"binary,omitempty"`
+	// Args are the new process's `sockrelay run` flags; empty: this process's.
+	Args []string `json:"args,omitempty"`
+	// Timeout is how long the new process may take to start and confirm that it serves, e.g. "30s";
+	// empty: the relay's default.
+	Timeout string `json:"timeout,omitempty"`
+}
+
+// UpgradeResult is the answer to an upgrade the new process took over.
+type UpgradeResult struct {
+	PID             int    `json:"pid"`     // the new process, which serves now
+	OldPID          int    `json:"old_pid"` // this one, which drains its tunnels and exits
+	DrainingTunnels int    `json:"draining_tunnels"`
+	DrainTimeout    string `json:"drain_timeout"`
+	TookMS          int64  `json:"took_ms"` // from the request to the new process's confirmation
+}
+
+// ErrUpgradeRefused is an upgrade refused before it started because of the relay's state: another one
+// is in progress, or this process has already handed over. ErrUpgradeBadRequest is one refused for what
+// it asks (a binary that is not one to run, a bad timeout).
+var (
+	ErrUpgradeRefused    = errors.New("upgrade refused")
+	ErrUpgradeBadRequest = errors.New("upgrade request refused")
+)
+
+func (s *Server) upgrade(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Upgrade == nil {
+		adminError(w, http.StatusNotImplemented, "this relay cannot upgrade itself")
+		return
+	}
+	var req UpgradeRequest
+	if r.ContentLength != 0 {
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			adminError(w, http.StatusBadRequest, "upgrade request body: %v; accepted a JSON object with binary, args and timeout, each optional", err)
+			return
+		}
+	}
+	res, err := s.cfg.Upgrade(r.Context(), req)
+	switch {
+	case errors.Is(err, ErrUpgradeRefused):
+		adminError(w, http.StatusConflict, "%v", err)
+	case errors.Is(err, ErrUpgradeBadRequest):
+		adminError(w, http.StatusBadRequest, "%v", err)
+	case err != nil:
+		adminError(w, http.StatusBadGateway, "upgrade failed, this relay keeps serving: %v", err)
+	default:
+		// This process no longer accepts on the admin listener: a next request must connect anew, to the
+		// new process.
+		w.Header().Set("Connection", "close")
+		writeJSON(w, http.StatusOK, res)
+	}
 }
 
 // setServer changes one server at run time. Every change asked for is checked before any is made, so a

@@ -1,6 +1,9 @@
 package relay
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -102,5 +105,62 @@ func TestAdminAccess(t *testing.T) {
 	}
 	if !strings.Contains(r.Log.String(), `msg="admin request refused"`) {
 		t.Error("refused admin requests not logged")
+	}
+}
+
+// TestAdminUpgrade: POST /admin/upgrade passes its body to Config.Upgrade and answers with what it says:
+// the new process (200, the connection closed: this process accepts no more), a request refused for the
+// relay's state (409) or for what it asks (400), an upgrade that failed (502); a body it cannot read is
+// refused before anything starts.
+func TestAdminUpgrade(t *testing.T) {
+	var got UpgradeRequest
+	answer := func(res UpgradeResult, err error) func(*Config) {
+		return func(c *Config) {
+			c.Upgrade = func(_ context.Context, req UpgradeRequest) (UpgradeResult, error) {
+				got = req
+				return res, err
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		body   string
+		upg    func(*Config)
+		status int
+		want   string
+	}{
+		{"taken over", `{"binary":"/usr/bin/sockrelay","args":["--config","/etc/s.yaml"],"timeout":"5s"}`,
+			answer(UpgradeResult{PID: 7, OldPID: 6}, nil), http.StatusOK, `"pid": 7`},
+		{"no body", "", answer(UpgradeResult{PID: 8}, nil), http.StatusOK, `"pid": 8`},
+		{"in progress", "", answer(UpgradeResult{}, fmt.Errorf("%w: an upgrade is in progress", ErrUpgradeRefused)),
+			http.StatusConflict, "upgrade refused: an upgrade is in progress"},
+		{"bad binary", "", answer(UpgradeResult{}, fmt.Errorf("%w: binary x: not an absolute path", ErrUpgradeBadRequest)),
+			http.StatusBadRequest, "not an absolute path"},
+		{"failed", "", answer(UpgradeResult{}, errors.New("the new process exited")), http.StatusBadGateway,
+			"upgrade failed, this relay keeps serving: the new process exited"},
+		{"unknown field", `{"binry":"/x"}`, answer(UpgradeResult{}, nil), http.StatusBadRequest, `unknown field \"binry\"`},
+		{"not this relay's", "", func(*Config) {}, http.StatusNotImplemented, "cannot upgrade itself"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRelay(t, DatapathCopy, []string{"127.0.0.1:9"}, tc.upg)
+			srv := httptest.NewServer(r.AdminHandlerWith(r.Reg, AdminAccess{Unauthenticated: true}))
+			t.Cleanup(srv.Close)
+			got = UpgradeRequest{}
+			resp, err := http.Post(srv.URL+"/admin/upgrade", "application/json", strings.NewReader(tc.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.status || !strings.Contains(string(body), tc.want) {
+				t.Fatalf("status %d, %s; want %d and %q", resp.StatusCode, body, tc.status, tc.want)
+			}
+			if tc.status == http.StatusOK && !resp.Close {
+				t.Error("the answer to an upgrade taken over keeps the connection open")
+			}
+			if tc.name == "taken over" && (got.Binary != "/usr/bin/sockrelay" || len(got.Args) != 2 || got.Timeout != "5s") {
+				t.Errorf("Config.Upgrade got %+v", got)
+			}
+		})
 	}
 }

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -356,5 +357,65 @@ func TestWebSocketRoundRobin(t *testing.T) {
 		if u.Accepted() != 2 {
 			t.Errorf("upstream %d got %d tunnels, want 2", i, u.Accepted())
 		}
+	}
+}
+
+// TestShutdownAnswersAcceptedClient: a client the relay accepted before Shutdown, whose request arrives
+// once the listener is closed, is answered, not closed unanswered (net/http closes a connection whose
+// request it reads after its own Shutdown began). An upgrade's old process stops accepting while clients
+// connect back to back: this is the one that came last to it.
+func TestShutdownAnswersAcceptedClient(t *testing.T) {
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr})
+	c, err := net.Dial("tcp", r.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	time.Sleep(50 * time.Millisecond) // accepted: the kernel's backlog is not the relay's
+
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		done <- r.Shutdown(ctx)
+	}()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		nc, err := net.Dial("tcp", r.Addr)
+		if err != nil {
+			break // the listener is closed: the shutdown has begun
+		}
+		nc.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("the relay still accepts 5s after Shutdown began")
+		}
+	}
+	go func() {
+		select {
+		case u := <-up.Conns:
+			_, _ = u.Write([]byte(switchResponse(u.Req)))
+			t.Cleanup(func() { u.Close() })
+		case <-time.After(10 * time.Second):
+		}
+	}()
+	if _, err := c.Write([]byte(upgradeRequest("/late"))); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodGet})
+	if err != nil {
+		t.Fatalf("the client accepted before the shutdown got no answer: %v", err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Errorf("status %d, want 101: the tunnel opens and drains as the others", resp.StatusCode)
+	}
+	c.Close()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Shutdown = %v, want nil once the tunnel ended", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown did not return after the tunnel ended")
 	}
 }

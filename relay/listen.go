@@ -70,15 +70,20 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 		MaxHeaderBytes:    httpServerHeaderBytes(s.cfg.MaxHeaderBytes),
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		ConnState:         s.trackUnread,
 		BaseContext: func(net.Listener) context.Context {
 			return context.WithValue(context.Background(), listenerKey{}, info)
 		},
 	}
-	if !s.track(func() { s.listeners = append(s.listeners, hs) }) {
+	if !s.track(func() { s.listeners, s.accepting = append(s.listeners, hs), append(s.accepting, l) }) {
 		l.Close()
 		return http.ErrServerClosed
 	}
-	return hs.Serve(l)
+	err = hs.Serve(l)
+	if s.draining.Load() {
+		return http.ErrServerClosed // Shutdown closed l before it stopped hs
+	}
+	return err
 }
 
 // netHTTPHeaderSlop is what net/http reads of a request head past http.Server.MaxHeaderBytes before it

@@ -67,6 +67,10 @@ type Config struct {
 	// Reload, when set, re-reads the configuration file: POST /admin/reload calls it. It returns why a
 	// configuration was refused; the one in force then stays.
 	Reload func() error
+	// Upgrade, when set, starts a new relay process, hands it the listeners and returns once it serves:
+	// POST /admin/upgrade calls it. Its error says why the new process did not take over; this one then
+	// keeps everything. An error that is ErrUpgradeRefused was a request refused before anything started.
+	Upgrade func(context.Context, UpgradeRequest) (UpgradeResult, error)
 
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -105,9 +109,15 @@ type Server struct {
 	// listeners are the HTTP servers of Serve and ServeListener, one per listener; Shutdown stops them all.
 	listenersMu  sync.Mutex
 	listeners    []*http.Server
+	accepting    []net.Listener // the sockets the listeners' servers accept on
 	tcpListeners []net.Listener // of ServeTCP
-	kernel       *kernelPath    // nil unless the datapath is sockmap
-	splicer      *datapath.Splicer
+	// unread are the connections accepted whose first request head has not been read yet
+	// (http.StateNew). Shutdown lets them send it before it stops the servers, which close such a
+	// connection unanswered once they are shutting down.
+	unreadMu sync.Mutex
+	unread   map[net.Conn]struct{}
+	kernel   *kernelPath // nil unless the datapath is sockmap
+	splicer  *datapath.Splicer
 
 	draining atomic.Bool
 	limiter  *limiter // Config.Limits
@@ -229,11 +239,19 @@ func (s *Server) Tunnels() *Registry { return s.tunnels }
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.listenersMu.Lock()
 	s.draining.Store(true)
-	listeners, tcpListeners := s.listeners, s.tcpListeners
+	listeners, tcpListeners, accepting := s.listeners, s.tcpListeners, s.accepting
 	s.listenersMu.Unlock()
 	for _, l := range tcpListeners {
 		l.Close()
 	}
+	// Stop accepting first, then let the clients accepted just before send their request head: an HTTP
+	// server that is shutting down closes a connection whose request it reads after that, unanswered
+	// (net/http's conn.serve). Clients connecting through an upgrade's last moment in this process are
+	// such clients.
+	for _, l := range accepting {
+		l.Close()
+	}
+	s.awaitRequestHeads(ctx, acceptedHeadGrace)
 	// Every listener stops accepting at once; then each waits for its handshakes in progress. One after
 	// the other, a listener would keep accepting while an earlier one waited.
 	errs := make(chan error, len(listeners))
@@ -263,6 +281,39 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.kernel.Close()
 	}
 	return err
+}
+
+// acceptedHeadGrace bounds how long Shutdown waits for a connection accepted before it to send its
+// request head; a client that sends nothing is closed after it, as net/http closes a silent one (5s).
+const acceptedHeadGrace = time.Second
+
+// trackUnread is the listeners' servers' ConnState hook: it keeps the connections in StateNew.
+func (s *Server) trackUnread(c net.Conn, state http.ConnState) {
+	s.unreadMu.Lock()
+	defer s.unreadMu.Unlock()
+	if state == http.StateNew {
+		if s.unread == nil {
+			s.unread = map[net.Conn]struct{}{}
+		}
+		s.unread[c] = struct{}{}
+		return
+	}
+	delete(s.unread, c)
+}
+
+// awaitRequestHeads waits until no accepted connection is waiting for its request head to be read, for
+// at most grace or until ctx is done.
+func (s *Server) awaitRequestHeads(ctx context.Context, grace time.Duration) {
+	deadline := time.Now().Add(grace)
+	for {
+		s.unreadMu.Lock()
+		n := len(s.unread)
+		s.unreadMu.Unlock()
+		if n == 0 || time.Now().After(deadline) || ctx.Err() != nil {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // ServeHTTP sends upgrade requests through the WebSocket handshake and every other request to the reverse proxy.

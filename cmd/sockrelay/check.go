@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -144,6 +145,12 @@ func reloadTarget(configPath, admin, tokenFile string) (adminTarget, error) {
 
 // post sends an empty POST to the admin's path, with the token when there is one.
 func (t adminTarget) post(ctx context.Context, path string) (*http.Response, error) {
+	return t.postJSON(ctx, path, nil)
+}
+
+// postJSON sends a POST with body (JSON, or none when nil) to the admin's path, with the token when
+// there is one.
+func (t adminTarget) postJSON(ctx context.Context, path string, body []byte) (*http.Response, error) {
 	client, base := http.DefaultClient, "http://"+t.admin
 	if sock, unix := config.AdminSocket(t.admin); unix {
 		var d net.Dialer
@@ -152,9 +159,16 @@ func (t adminTarget) post(ctx context.Context, path string) (*http.Response, err
 		}}}
 		base = "http://localhost"
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+path, nil)
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+path, rd)
 	if err != nil {
 		return nil, fmt.Errorf("admin address %q: %w", t.admin, err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
 	}
 	if t.token != "" {
 		req.Header.Set("Authorization", "Bearer "+t.token)

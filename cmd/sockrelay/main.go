@@ -20,6 +20,10 @@ Usage:
   sockrelay check --config FILE     validate a configuration file without starting
   sockrelay reload [--config FILE] [--admin ADDR] [--admin-token-file FILE]
                                     make a running relay re-read its file (as SIGHUP does)
+  sockrelay upgrade [--config FILE] [--admin ADDR] [--admin-token-file FILE] [--binary PATH]
+                    [--timeout DURATION] [-- RUN FLAGS...]
+                                    start a new relay process that takes the listeners over
+                                    (as SIGUSR2); the running one drains its tunnels and exits
   sockrelay doctor     which datapaths this host can use, and why not
   sockrelay version
   sockrelay help
@@ -45,6 +49,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return checkCommand(args[1:], stdout, stderr)
 	case "reload":
 		return reloadCommand(ctx, args[1:], stdout, stderr)
+	case "upgrade":
+		return upgradeCommand(ctx, args[1:], stdout, stderr)
 	case "doctor":
 		return doctorCommand(stdout)
 	case "version", "--version", "-version":

@@ -13,8 +13,10 @@ import (
 // stopping to drain ("STOPPING=1"). It speaks the notify protocol directly (one datagram to the unixgram
 // socket $NOTIFY_SOCKET names) rather than through libsystemd, which would need cgo. Without
 // $NOTIFY_SOCKET it returns ready unchanged. The relay calls sent before it exits, so that STOPPING=1 is
-// not lost to a drain quicker than the goroutine that sends it.
-func notifySystemd(ctx context.Context, ready readyFunc, log *slog.Logger) (_ readyFunc, sent func()) {
+// not lost to a drain quicker than the goroutine that sends it. A relay that handed over to a new process
+// (handedOff) is no longer the unit's main process: stopped while it drains, it says nothing, since
+// STOPPING=1 would stop the unit, the new process with it.
+func notifySystemd(ctx context.Context, ready readyFunc, handedOff func() bool, log *slog.Logger) (_ readyFunc, sent func()) {
 	socket := os.Getenv("NOTIFY_SOCKET")
 	if socket == "" {
 		return ready, func() {}
@@ -32,6 +34,9 @@ func notifySystemd(ctx context.Context, ready readyFunc, log *slog.Logger) (_ re
 		go func() {
 			defer close(stopping)
 			<-ctx.Done()
+			if handedOff() {
+				return
+			}
 			if err := sdNotify(socket, "STOPPING=1"); err != nil {
 				log.Warn("systemd stopping state not sent", "err", err)
 			}
@@ -58,4 +63,19 @@ func sdNotify(socket, state string) error {
 		return fmt.Errorf("NOTIFY_SOCKET %s: send %s: %w", socket, state, err)
 	}
 	return nil
+}
+
+// notifyMainPID tells systemd, under a Type=notify unit, that pid (the process an upgrade started, which
+// serves now) is the unit's main process: this one drains and exits, and the unit must not end with it.
+// systemd takes MAINPID= from the unit's main process (this one, until now) for a process in the unit's
+// cgroup (the new one, this one's child). The new process's own READY=1 comes before this: systemd takes
+// it only with NotifyAccess=all (packaging/sockrelay.service); the unit is active either way.
+func notifyMainPID(pid int, log *slog.Logger) {
+	socket := os.Getenv("NOTIFY_SOCKET")
+	if socket == "" {
+		return
+	}
+	if err := sdNotify(socket, fmt.Sprintf("MAINPID=%d", pid)); err != nil {
+		log.Warn("systemd main process not changed: the unit may end when this process exits", "pid", pid, "err", err)
+	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/sockrelay/sockrelay/config"
+	"github.com/sockrelay/sockrelay/handover"
 	"github.com/sockrelay/sockrelay/relay"
 	"github.com/sockrelay/sockrelay/tlsconf"
 )
@@ -316,6 +317,16 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	// SIGUSR2 (upgrade) too: its default action ends the process. One asked for during the start waits.
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	defer signal.Stop(usr2)
+	// A process started by an upgrade takes the running relay's offer of listeners first.
+	inherited, err := inherit()
+	if err != nil {
+		fmt.Fprintf(stderr, "sockrelay run: %v\n", err)
+		return 1
+	}
 	o, err := parseRunFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -331,16 +342,23 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 		if ue := (*usageError)(nil); errors.As(err, &ue) {
 			fmt.Fprintln(stderr, ue.hint())
 		}
+		inherited.fail(err.Error())
 		return 2
 	}
 	log, _ := newLogger(stderr, o.logLevel, o.logFormat)
-	ready, notified := notifySystemd(ctx, ready, log) // READY=1 and STOPPING=1 under a systemd unit of Type=notify
+	if inherited != nil {
+		inherited.log = log
+	}
+	upgrader := newUpgrader(log, args, o.drainTimeout)
+	ready, notified := notifySystemd(ctx, ready, upgrader.handedOff, log) // READY=1 and STOPPING=1 under a systemd unit of Type=notify
 	defer notified()
 	for _, w := range o.file.warnings() {
 		log.Warn("configuration", "warning", w)
 	}
-	if err := serve(ctx, o, log, ready, hup); err != nil {
+	up := &upgrades{inherited: inherited, requests: usr2, upgrader: upgrader}
+	if err := serve(ctx, o, log, ready, hup, up); err != nil {
 		log.Error("sockrelay stopped", "err", err)
+		inherited.fail(err.Error())
 		return 1
 	}
 	return 0
@@ -353,6 +371,19 @@ type listenerSetting struct {
 	flag          string           // how an error names it: --listen, or the file's listener
 	file          *config.Listener // nil for --listen
 	tls           *tlsconf.Server  // the TLS listener's certificates; nil without TLS
+}
+
+// handoverDesc is what identifies the listener to a process it is handed over to.
+func (l listenerSetting) handoverDesc() handover.Listener {
+	d := handover.Listener{Name: l.name, Address: l.address, Kind: handover.KindWebSocket, TLS: l.tls != nil}
+	if l.file != nil {
+		if l.file.Type == config.ListenerTCP {
+			d.Kind = handover.KindTCP
+		}
+		d.ProxyProtocol = l.file.ProxyProtocol
+		d.TLS = d.TLS || l.file.TLS != nil
+	}
+	return d
 }
 
 // options are the relay's settings of the listener.
@@ -416,7 +447,14 @@ func (o *runOptions) listenerSettings() []listenerSetting {
 	return out
 }
 
-func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc, hup chan os.Signal) error {
+// upgrades are serve's part in binary upgrades.
+type upgrades struct {
+	inherited *inheritance   // the listeners offered by the relay that started this one; nil if none did
+	requests  chan os.Signal // SIGUSR2
+	upgrader  *upgrader      // this relay's side of an upgrade it is asked for
+}
+
+func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc, hup chan os.Signal, up *upgrades) error {
 	reloadDue := holdReloadsDuringStart(hup, log)
 	defer reloadDue() // a start that fails stops holding them too
 
@@ -439,6 +477,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		TCPHalfClosedTimeout:    offIfZero(o.tcpHalfClosed),
 		Logger:                  log,
 		Registerer:              reg,
+		Upgrade:                 up.upgrader.upgrade,
 	}
 	var rl *reloader
 	if o.file.cfg != nil {
@@ -463,6 +502,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	}
 
 	var lns []net.Listener
+	var handed []offered // what an upgrade hands over
 	closeAll := func() {
 		for _, ln := range lns {
 			ln.Close()
@@ -493,25 +533,41 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 			closeAll()
 			return fmt.Errorf("%s: %w", l.flag, err)
 		}
-		ln, err := net.Listen("tcp", l.address)
+		desc := listeners[i].handoverDesc()
+		ln, err := up.inherited.listen(desc, func() (net.Listener, error) { return net.Listen("tcp", l.address) })
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("%s: %w", l.flag, err)
 		}
 		lns = append(lns, ln)
+		desc.Bound = ln.Addr().String()
+		handed = append(handed, offered{desc: desc, ln: ln})
 	}
 	var adminAddr net.Addr
 	var adminSrv *http.Server
+	letGo := func() {}
 	if o.admin != "" {
-		al, err := listenAdmin(o.admin)
+		desc := handover.Listener{Name: "admin", Address: o.admin, Kind: handover.KindAdmin}
+		al, err := up.inherited.listen(desc, func() (net.Listener, error) { return listenAdmin(o.admin) })
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("--admin: %w", err)
 		}
 		adminAddr = al.Addr()
+		desc.Bound = adminAddr.String()
+		handed = append(handed, offered{desc: desc, ln: al})
+		// Once the new process serves, the admin socket is its alone: a request that comes after the
+		// answer to the upgrade (a second upgrade) must reach the new process. Closed here, the socket
+		// lives on in the new process, and its file stays.
+		letGo = func() {
+			if ul, ok := al.(*net.UnixListener); ok {
+				ul.SetUnlinkOnClose(false)
+			}
+			al.Close()
+		}
 		adminSrv = &http.Server{Handler: srv.AdminHandlerWith(reg, o.adminAccess(log)), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
-			if err := adminSrv.Serve(al); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := adminSrv.Serve(al); err != nil && !errors.Is(err, http.ErrServerClosed) && !up.upgrader.handedOff() {
 				log.Error("admin server stopped", "err", err)
 			}
 		}()
@@ -553,19 +609,29 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	if ready != nil {
 		ready(lns[0].Addr(), adminAddr)
 	}
+	up.upgrader.serving(handed, srv.Tunnels().Len, letGo) // before confirm: an upgrade may follow at once
+	up.inherited.confirm()
 	if reloadDue() {
 		hangup(rl, log)
 	}
-	for done := false; !done; {
+	handedTo := 0
+	for handedTo == 0 {
 		select {
 		case err := <-served:
 			return err
 		case <-hup:
 			hangup(rl, log)
+		case <-up.requests:
+			go func() { _, _ = up.upgrader.upgrade(ctx, relay.UpgradeRequest{}) }() // logged there
+		case handedTo = <-up.upgrader.handedOver:
 		case <-ctx.Done():
-			done = true
+			handedTo = -1
 		}
 	}
+	if handedTo > 0 {
+		return drainAfterHandover(srv, adminSrv, handedTo, o.drainTimeout, log)
+	}
+	up.upgrader.stop()
 	log.Info("shutting down: no new clients; draining tunnels", "tunnels", srv.Tunnels().Len(), "drain_timeout", o.drainTimeout)
 	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
 	defer cancel()
@@ -573,6 +639,30 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		log.Warn("drain time over: closed the remaining tunnels", "err", err)
 	}
 	log.Info("sockrelay stopped")
+	return nil
+}
+
+// drainAfterHandover ends a relay whose listeners a new process (pid) took over: it stops accepting (its
+// copies of the listening sockets are closed, the sockets live on in the new process), lets the answer
+// to the upgrade request go out, and drains its tunnels as a stop does. Tunnels are not handed over yet:
+// they end here, within the drain timeout.
+func drainAfterHandover(srv *relay.Server, adminSrv *http.Server, pid int, drainTimeout time.Duration, log *slog.Logger) error {
+	log.Info("handed over to the new process: no new clients here; draining tunnels", "pid", pid,
+		"tunnels", srv.Tunnels().Len(), "drain_timeout", drainTimeout)
+	dctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+	defer cancel()
+	answered := make(chan struct{})
+	go func() {
+		defer close(answered)
+		if adminSrv != nil {
+			_ = adminSrv.Shutdown(dctx) // the upgrade's answer, and requests begun before it
+		}
+	}()
+	if err := srv.Shutdown(dctx); err != nil {
+		log.Warn("drain time over: closed the remaining tunnels", "err", err)
+	}
+	<-answered // without tunnels to drain, the process would otherwise exit before it answers
+	log.Info("sockrelay stopped: the new process serves", "pid", pid)
 	return nil
 }
 
