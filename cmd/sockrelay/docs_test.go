@@ -25,18 +25,20 @@ func readDoc(t *testing.T, name string) string {
 var usageFlag = regexp.MustCompile(`(?m)^  -(\S+)`)
 
 // TestFlagsAreDocumented: every flag of run, check and reload, as their -h lists it, is named as --flag
-// in docs/configuration.md, so that a new flag cannot be added without its documentation.
+// in docs/configuration.md, and every flag of upgrade in docs/upgrade.md, so that a new flag cannot be
+// added without its documentation.
 func TestFlagsAreDocumented(t *testing.T) {
-	doc := readDoc(t, "configuration.md")
 	for _, c := range []struct {
-		command string
-		help    func(stderr io.Writer)
+		command, page string
+		help          func(stderr io.Writer)
 	}{
-		{"run", func(stderr io.Writer) { _, _ = parseRunFlags([]string{"-h"}, stderr) }},
-		{"check", func(stderr io.Writer) { checkCommand([]string{"-h"}, io.Discard, stderr) }},
-		{"reload", func(stderr io.Writer) { reloadCommand(context.Background(), []string{"-h"}, io.Discard, stderr) }},
+		{"run", "configuration.md", func(stderr io.Writer) { _, _ = parseRunFlags([]string{"-h"}, stderr) }},
+		{"check", "configuration.md", func(stderr io.Writer) { checkCommand([]string{"-h"}, io.Discard, stderr) }},
+		{"reload", "configuration.md", func(stderr io.Writer) { reloadCommand(context.Background(), []string{"-h"}, io.Discard, stderr) }},
+		{"upgrade", "upgrade.md", func(stderr io.Writer) { upgradeCommand(context.Background(), []string{"-h"}, io.Discard, stderr) }},
 	} {
 		t.Run(c.command, func(t *testing.T) {
+			doc := readDoc(t, c.page)
 			var usage bytes.Buffer
 			c.help(&usage)
 			flags := usageFlag.FindAllStringSubmatch(usage.String(), -1)
@@ -45,7 +47,7 @@ func TestFlagsAreDocumented(t *testing.T) {
 			}
 			for _, f := range flags {
 				if !strings.Contains(doc, "`--"+f[1]) {
-					t.Errorf("sockrelay %s --%s is not documented in docs/configuration.md", c.command, f[1])
+					t.Errorf("sockrelay %s --%s is not documented in docs/%s", c.command, f[1], c.page)
 				}
 			}
 		})
