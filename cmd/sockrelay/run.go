@@ -340,12 +340,13 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 		return 2
 	}
 	log, _ := newLogger(stderr, o.logLevel, o.logFormat)
-	ready, notified := notifySystemd(ctx, ready, log) // READY=1 and STOPPING=1 under a systemd unit of Type=notify
+	// READY=1, RELOADING=1 and STOPPING=1 under a systemd unit of Type=notify.
+	ready, notifyReload, notified := notifySystemd(ctx, ready, log)
 	defer notified()
 	for _, w := range o.file.warnings() {
 		log.Warn("configuration", "warning", w)
 	}
-	if err := serve(ctx, o, log, ready, hup); err != nil {
+	if err := serve(ctx, o, log, ready, hup, notifyReload); err != nil {
 		log.Error("sockrelay stopped", "err", err)
 		return 1
 	}
@@ -422,7 +423,7 @@ func (o *runOptions) listenerSettings() []listenerSetting {
 	return out
 }
 
-func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc, hup chan os.Signal) error {
+func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc, hup chan os.Signal, notifyReload reloadNotifier) error {
 	reloadDue := holdReloadsDuringStart(hup, log)
 	defer reloadDue() // a start that fails stops holding them too
 
@@ -560,14 +561,14 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		ready(lns[0].Addr(), adminAddr)
 	}
 	if reloadDue() {
-		hangup(rl, log)
+		hangup(rl, log, notifyReload)
 	}
 	for done := false; !done; {
 		select {
 		case err := <-served:
 			return err
 		case <-hup:
-			hangup(rl, log)
+			hangup(rl, log, notifyReload)
 		case <-ctx.Done():
 			done = true
 		}
@@ -613,13 +614,14 @@ func holdReloadsDuringStart(hup <-chan os.Signal, log *slog.Logger) (reloadDue f
 	}
 }
 
-// hangup answers a SIGHUP: reload the configuration file, if there is one.
-func hangup(rl *reloader, log *slog.Logger) {
+// hangup answers a SIGHUP: reload the configuration file, if there is one, telling systemd through
+// notify (systemctl reload sends the SIGHUP).
+func hangup(rl *reloader, log *slog.Logger, notify reloadNotifier) {
 	if rl == nil {
 		log.Warn("SIGHUP: nothing to reload, this relay runs without --config")
 		return
 	}
-	_ = rl.reload() // logged there; the configuration in force stays on error
+	notify(rl.reload) // logged there; the configuration in force stays on error
 }
 
 // offIfZero turns a timeout that 0 turns off into relay.Config's way of saying off (negative): there 0
