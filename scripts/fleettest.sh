@@ -105,7 +105,6 @@ relay_config() {
 	local i=$1
 	cat <<EOF
 admin: 127.0.0.1:9180
-log_level: info
 listeners:
   - name: direct              # behind nftables DNAT: the peer is the client
     address: 10.78.$i.2:8080
