@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -104,8 +105,10 @@ func probe(h hostFacts) Report {
 	}
 	add("memlock", h.removeMemlck(), "BPF memory is accounted to the cgroup or the limit was lifted",
 		"; raise RLIMIT_MEMLOCK (ulimit -l unlimited, or LimitMEMLOCK=infinity in the unit)")
-	kernelOK := add("sockhash", h.haveSockhash(), "BPF_MAP_TYPE_SOCKHASH supported", "; the kernel needs CONFIG_BPF_STREAM_PARSER=y")
-	kernelOK = add("sk_skb", h.haveSkSKB(), "BPF_PROG_TYPE_SK_SKB supported", "; the kernel needs CONFIG_BPF_STREAM_PARSER=y") && kernelOK
+	err = h.haveSockhash()
+	kernelOK := add("sockhash", err, "BPF_MAP_TYPE_SOCKHASH supported", streamParserFix(err))
+	err = h.haveSkSKB()
+	kernelOK = add("sk_skb", err, "BPF_PROG_TYPE_SK_SKB supported", streamParserFix(err)) && kernelOK
 	// Without it the verdict cannot see an skb's sequence number, so it cannot cut bytes TCP hands it a
 	// second time (bpf/sockrelay.c); it would pass them on. The program still loads (the kfunc is weak),
 	// so this is checked on its own: a kernel that would corrupt streams is refused.
@@ -115,6 +118,17 @@ func probe(h hostFacts) Report {
 		add("load", h.load(), "sockrelay's BPF objects load and attach", "")
 	}
 	return r
+}
+
+// streamParserFix is the advice for a failed sockhash or sk_skb check: the kernel option they need, unless
+// bpf(2) itself was refused (EPERM) although the capabilities are present, which is a seccomp filter's
+// doing or a security module's: container runtimes' default seccomp profiles allow bpf(2) only with
+// CAP_SYS_ADMIN.
+func streamParserFix(err error) string {
+	if errors.Is(err, unix.EPERM) {
+		return "; bpf(2) was refused although the capabilities are present: a seccomp filter forbids it (a container runtime's default profile allows it only with CAP_SYS_ADMIN: docs/deploy.md, \"Kubernetes\") or a security module does"
+	}
+	return "; the kernel needs CONFIG_BPF_STREAM_PARSER=y"
 }
 
 // missingCaps says which capabilities the kernel datapath lacks in set. CAP_SYS_ADMIN stands in for

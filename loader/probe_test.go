@@ -2,9 +2,12 @@ package loader
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestProbeDecisions(t *testing.T) {
@@ -46,6 +49,12 @@ func TestProbeDecisions(t *testing.T) {
 			[]string{"memlock: operation not permitted", "RLIMIT_MEMLOCK"}, true},
 		{"kernel without sockmap", func(h *hostFacts) { h.haveSockhash = fail("sockhash not supported") },
 			[]string{"sockhash: sockhash not supported", "CONFIG_BPF_STREAM_PARSER"}, false},
+		// A container runtime's default seccomp profile: bpf(2) fails with EPERM whatever the capabilities.
+		{"seccomp forbids bpf", func(h *hostFacts) {
+			h.haveSockhash = func() error { return fmt.Errorf("detect support for SockHash: %w", unix.EPERM) }
+			h.haveSkSKB = func() error { return fmt.Errorf("detect support for SkSKB: load program: %w", unix.EPERM) }
+		}, []string{"sockhash: detect support for SockHash: operation not permitted; bpf(2) was refused although the capabilities are present: a seccomp filter",
+			"sk_skb: detect support for SkSKB: load program: operation not permitted; bpf(2) was refused"}, false},
 		// Debian 12's 6.1: sockmap works, but without bpf_cast_to_kern_ctx the verdict cannot cut repeats.
 		{"kernel without bpf_cast_to_kern_ctx", func(h *hostFacts) {
 			h.haveKfunc = func(name string) error { return errors.New("kernel has no " + name) }

@@ -128,6 +128,13 @@ async def main():
 asyncio.run(main())
 PY
 
+step "systemctl reload's SIGHUP: RELOADING=1, then READY=1 with the outcome"
+kill -HUP "$relay"
+for _ in $(seq 100); do grep -q '^STATUS=' "$tmp/notify.log" && break; sleep 0.1; done
+grep -qx 'RELOADING=1' "$tmp/notify.log" && grep -q '^MONOTONIC_USEC=[0-9]' "$tmp/notify.log" &&
+	grep -qx 'STATUS=configuration reloaded' "$tmp/notify.log" ||
+	{ cat "$tmp/notify.log" "$tmp/relay.log"; fail "no RELOADING=1, MONOTONIC_USEC and READY=1 with STATUS=configuration reloaded on SIGHUP"; }
+
 kill -TERM "$relay"
 code=0
 wait "$relay" || code=$?

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -76,4 +77,50 @@ func readNotifyWithin(t *testing.T, notify *net.UnixConn, logs *syncBuffer, d ti
 		t.Fatalf("no notification on NOTIFY_SOCKET: %v\nlogs:\n%s", err, logs)
 	}
 	return string(buf[:n])
+}
+
+// TestSystemdNotifyReload: on SIGHUP (what the unit's ExecReload sends) the relay says RELOADING=1 with
+// the MONOTONIC_USEC of the moment, then READY=1 with a STATUS= that says whether the file was taken,
+// for a refused reload too (the relay serves on with the configuration in force), as sd_notify(3) asks.
+func TestSystemdNotifyReload(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "notify")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: socket, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { notify.Close() })
+	t.Setenv("NOTIFY_SOCKET", socket)
+
+	good := minimalConfig(freeAddr(t), newEchoUpstream(t))
+	r := startConfigRelay(t, good, "--datapath", "copy")
+	if msg := readNotify(t, notify, r.logs); msg != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", msg)
+	}
+	for _, tc := range []struct {
+		name, text string
+		taken      bool
+		status     string
+	}{
+		{"taken", good, true, "STATUS=configuration reloaded"},
+		{"refused", good + "    wieght: 2\n", false,
+			"STATUS=configuration reload refused, the configuration in force is unchanged: "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := monotonicUsec()
+			if taken := r.reloadVia(t, "sighup", tc.text); taken != tc.taken {
+				t.Fatalf("reload taken: %v, want %v", taken, tc.taken)
+			}
+			after := monotonicUsec()
+			msg := readNotify(t, notify, r.logs)
+			var usec int64
+			if _, err := fmt.Sscanf(msg, "RELOADING=1\nMONOTONIC_USEC=%d", &usec); err != nil || usec < before || usec > after {
+				t.Errorf("notification %q, want RELOADING=1 and a MONOTONIC_USEC between %d and %d", msg, before, after)
+			}
+			msg = readNotify(t, notify, r.logs)
+			ready, status, _ := strings.Cut(msg, "\n")
+			if ready != "READY=1" || !strings.HasPrefix(status, tc.status) || strings.Contains(status, "\n") {
+				t.Errorf("notification after the reload %q, want READY=1 and one line starting %q", msg, tc.status)
+			}
+		})
+	}
 }

@@ -350,13 +350,14 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 		inherited.log = log
 	}
 	upgrader := newUpgrader(log, args, o.drainTimeout)
-	ready, notified := notifySystemd(ctx, ready, upgrader.handedOff, log) // READY=1 and STOPPING=1 under a systemd unit of Type=notify
+	// READY=1, RELOADING=1 and STOPPING=1 under a systemd unit of Type=notify.
+	ready, notifyReload, notified := notifySystemd(ctx, ready, upgrader.handedOff, log)
 	defer notified()
 	for _, w := range o.file.warnings() {
 		log.Warn("configuration", "warning", w)
 	}
 	up := &upgrades{inherited: inherited, requests: usr2, upgrader: upgrader}
-	if err := serve(ctx, o, log, ready, hup, up); err != nil {
+	if err := serve(ctx, o, log, ready, hup, notifyReload, up); err != nil {
 		log.Error("sockrelay stopped", "err", err)
 		inherited.fail(err.Error())
 		return 1
@@ -454,7 +455,7 @@ type upgrades struct {
 	upgrader  *upgrader      // this relay's side of an upgrade it is asked for
 }
 
-func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc, hup chan os.Signal, up *upgrades) error {
+func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc, hup chan os.Signal, notifyReload reloadNotifier, up *upgrades) error {
 	reloadDue := holdReloadsDuringStart(hup, log)
 	defer reloadDue() // a start that fails stops holding them too
 
@@ -612,7 +613,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	up.upgrader.serving(handed, srv.Tunnels().Len, letGo) // before confirm: an upgrade may follow at once
 	up.inherited.confirm()
 	if reloadDue() {
-		hangup(rl, log)
+		hangup(rl, log, notifyReload)
 	}
 	handedTo := 0
 	for handedTo == 0 {
@@ -620,7 +621,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		case err := <-served:
 			return err
 		case <-hup:
-			hangup(rl, log)
+			hangup(rl, log, notifyReload)
 		case <-up.requests:
 			go func() { _, _ = up.upgrader.upgrade(ctx, relay.UpgradeRequest{}) }() // logged there
 		case handedTo = <-up.upgrader.handedOver:
@@ -697,13 +698,14 @@ func holdReloadsDuringStart(hup <-chan os.Signal, log *slog.Logger) (reloadDue f
 	}
 }
 
-// hangup answers a SIGHUP: reload the configuration file, if there is one.
-func hangup(rl *reloader, log *slog.Logger) {
+// hangup answers a SIGHUP: reload the configuration file, if there is one, telling systemd through
+// notify (systemctl reload sends the SIGHUP).
+func hangup(rl *reloader, log *slog.Logger, notify reloadNotifier) {
 	if rl == nil {
 		log.Warn("SIGHUP: nothing to reload, this relay runs without --config")
 		return
 	}
-	_ = rl.reload() // logged there; the configuration in force stays on error
+	notify(rl.reload) // logged there; the configuration in force stays on error
 }
 
 // offIfZero turns a timeout that 0 turns off into relay.Config's way of saying off (negative): there 0

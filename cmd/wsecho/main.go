@@ -16,6 +16,7 @@ import (
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:9000", "`ADDR` to listen on")
+	name := flag.String("name", "", "`NAME` this server gives on /whoami (default the address it listens on)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ln, err := net.Listen("tcp", *listen)
@@ -24,7 +25,10 @@ func main() {
 		os.Exit(2)
 	}
 	log.Info("wsecho listening", "listen", ln.Addr().String())
-	srv := &http.Server{Handler: wsecho.Handler(log), ReadHeaderTimeout: 10 * time.Second}
+	if *name == "" {
+		*name = ln.Addr().String()
+	}
+	srv := &http.Server{Handler: wsecho.NamedHandler(*name, log), ReadHeaderTimeout: 10 * time.Second}
 	if err := srv.Serve(ln); err != nil {
 		log.Error("wsecho stopped", "err", err)
 		os.Exit(1)

@@ -5,6 +5,7 @@
 package wsecho
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -29,9 +30,30 @@ ws.onerror = () => { document.getElementById("out").textContent = "websocket fai
 // SinkPath is the path on which the server discards what it receives instead of echoing it.
 const SinkPath = "/sink"
 
+// WhoamiPath is the path on which the server first says who it is and who it sees (an Identity as one
+// JSON text message), then echoes like any other path: the fleet test (scripts/fleettest.sh) asks it
+// which upstream a relay chose and which client address the relay passed on.
+const WhoamiPath = "/whoami"
+
+// Identity is the message a WebSocket on WhoamiPath gets first.
+type Identity struct {
+	// Server is the name the server was given (wsecho -name).
+	Server string `json:"server"`
+	// Peer is the address the connection came from: the relay's, behind a relay.
+	Peer string `json:"peer"`
+	// XForwardedFor and XRealIP are the request's headers: the client as the relay describes it.
+	XForwardedFor string `json:"x_forwarded_for"`
+	XRealIP       string `json:"x_real_ip"`
+}
+
 // Handler echoes WebSocket messages on every path but SinkPath (which discards them) and BulkPath (which
 // echoes frames in large batches), and serves the page to plain GETs.
 func Handler(log *slog.Logger) http.Handler {
+	return NamedHandler("", log)
+}
+
+// NamedHandler is Handler for a server that tells its name on WhoamiPath.
+func NamedHandler(name string, log *slog.Logger) http.Handler {
 	upgrader := websocket.Upgrader{
 		ReadBufferSize:  4096,
 		WriteBufferSize: 4096,
@@ -60,6 +82,13 @@ func Handler(log *slog.Logger) http.Handler {
 				log.Debug("bulk echo ended", "client", r.RemoteAddr, "err", err)
 			}
 			return
+		}
+		if r.URL.Path == WhoamiPath {
+			id, _ := json.Marshal(Identity{Server: name, Peer: r.RemoteAddr,
+				XForwardedFor: r.Header.Get("X-Forwarded-For"), XRealIP: r.Header.Get("X-Real-IP")})
+			if err := c.WriteMessage(websocket.TextMessage, id); err != nil {
+				return
+			}
 		}
 		c.SetCloseHandler(func(code int, text string) error {
 			// Echo the close code, so a client can check it crossed the relay intact.
