@@ -32,6 +32,7 @@ type tunnel struct {
 	ends   [2]socket
 	dirs   [2]direction
 	onEnd  func(End)
+	onFIN  func(dir int)
 	added  bool // its descriptors are registered with the loop
 	ended  bool
 	queued bool // in loop.again
@@ -145,6 +146,9 @@ func (t *tunnel) move(d *direction) bool {
 					t.fail(Side(d.dst), fmt.Errorf("carry FIN to side %s: %w", Side(d.dst), err))
 					return false
 				}
+				if t.onFIN != nil {
+					t.onFIN(d.src)
+				}
 			}
 			return true
 		}
@@ -251,4 +255,17 @@ func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
 			AToB: t.written[0].Load(), BToA: t.written[1].Load(), Unsent: t.unsent.Load(),
 		})
 	}
+}
+
+// hasUnsent reports whether the loop holds bytes of t or either socket's send queue is not empty.
+func (t *tunnel) hasUnsent() bool {
+	if t.unsent.Load() > 0 {
+		return true
+	}
+	for i := range t.ends {
+		if n, err := unix.IoctlGetInt(t.ends[i].fd, unix.SIOCOUTQ); err == nil && n > 0 {
+			return true
+		}
+	}
+	return false
 }
