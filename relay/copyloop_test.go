@@ -1,0 +1,86 @@
+package relay
+
+import (
+	"fmt"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/eventloop"
+)
+
+// TestCopyCarriesPlainTunnelsOnEventLoops: with --datapath copy the loops run from the start, one per CPU, each
+// with its series at 0; a plain tunnel is carried by a loop (sockrelay_eventloop_tunnels) and holds no buffer
+// while idle; once it has ended the loops carry nothing.
+func TestCopyCarriesPlainTunnelsOnEventLoops(t *testing.T) {
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr})
+	want := []string{fmt.Sprintf("sockrelay_eventloop_loops %d", runtime.NumCPU())}
+	for i := range runtime.NumCPU() {
+		want = append(want, fmt.Sprintf(`sockrelay_eventloop_tunnels{loop="%d"} 0`, i),
+			fmt.Sprintf(`sockrelay_eventloop_buffer_bytes{loop="%d"} 0`, i))
+	}
+	want = append(want, `sockrelay_datapath_fallbacks_total{reason="eventloop_start_failed"} 0`,
+		`sockrelay_datapath_fallbacks_total{reason="eventloop_carry_failed"} 0`)
+	waitScrapeHas(t, r, want...)
+
+	c, u := openTunnel(t, r.Addr, up, []byte("ping"), []byte("pong"))
+	waitMetric(t, r, "sockrelay_eventloop_tunnels", 1)
+	// The handshake's bytes have crossed: the idle tunnel holds no buffer.
+	got := make([]byte, 4)
+	if _, err := u.Read(got); err != nil || string(got) != "ping" {
+		t.Fatalf("upstream read %q, %v; want ping", got, err)
+	}
+	waitMetric(t, r, "sockrelay_eventloop_buffer_bytes", 0)
+	_ = c.Close()
+	_ = u.Close()
+	waitTunnelsGone(t, r)
+	waitMetric(t, r, "sockrelay_eventloop_tunnels", 0)
+}
+
+// waitMetric waits until the series of name, summed, read want.
+func waitMetric(t *testing.T, r *testRelay, name string, want float64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got := metricSum(r.Reg, name, nil)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s = %v, want %v", name, got, want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestCopyLoopsUnavailable: when the event loops cannot start (out of descriptors for epoll_create), plain
+// copy tunnels run on goroutines instead, byte-exact and ending cleanly, each counted as a fallback with the
+// cause in the log; no tunnel is reset or blamed on a peer.
+func TestCopyLoopsUnavailable(t *testing.T) {
+	up := startUpstream(t)
+	fail := func(eventloop.Options) (*datapath.EventLoop, error) {
+		return nil, fmt.Errorf("copy datapath: start event loop 0: epoll_create1: %w", unix.EMFILE)
+	}
+	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.startLoops = fail })
+	for i := range 2 {
+		runDuplex(t, r, up, duplexCase{toUpstream: 1 << 20, toClient: 1 << 20, pipelined: 100, with101: 100}, uint64(i))
+	}
+	if n := metricSum(r.Reg, "sockrelay_datapath_fallbacks_total", map[string]string{"reason": fallbackLoopStart}); n != 3 {
+		t.Errorf("eventloop_start_failed fallbacks = %v, want 3 (at start, then one per tunnel)", n)
+	}
+	if n := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": ReasonClosed}); n != 2 {
+		t.Errorf("sockrelay_tunnels_closed_total{reason=%q} = %v, want 2", ReasonClosed, n)
+	}
+	if n := metricSum(r.Reg, "sockrelay_eventloop_loops", nil); n != 0 {
+		t.Errorf("sockrelay_eventloop_loops = %v with loops that could not start", n)
+	}
+	if logs := r.Log.String(); !strings.Contains(logs, "event loops cannot start, the tunnel runs on goroutines") ||
+		!strings.Contains(logs, "too many open files") {
+		t.Errorf("log lacks the fallback and its cause:\n%s", logs)
+	}
+}
