@@ -203,7 +203,7 @@ func NewServer(cfg Config) (*Server, error) {
 		splicer: &datapath.Splicer{NewPipe: cfg.newPipe},
 	}
 	s.SetRouter(router)
-	s.copier = &copyEngine{log: cfg.Logger, start: cfg.startLoops}
+	s.copier = &copyEngine{log: cfg.Logger, start: cfg.startLoops, opts: eventloop.Options{Loops: copyLoops()}}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats, s.copier.Stats)
 	s.copier.metrics = s.metrics
 	if err := s.setUpDatapath(); err != nil {
