@@ -279,3 +279,50 @@ func TestMoveToEventLoop(t *testing.T) {
 		})
 	}
 }
+
+// A pair that moves onto the loop after one direction carried its FIN: the loop neither reads that direction
+// nor shuts its destination down again, and the other direction flows to its own FIN; the pair ends closed.
+func TestMoveToEventLoopHalfClosed(t *testing.T) {
+	e := startEventLoop(t)
+	tn := newTunnel(t, datapath.Copy, 1<<20)
+	datapath.Copier{}.Carry(tn.pair)
+	if _, err := tn.client.Write(tn.toUpstream[100:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := tn.client.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := readAllWithin(tn.upstream, 10*time.Second)
+	if err != nil || diffStreams(got, tn.toUpstream) != "" {
+		t.Fatalf("upstream read %d bytes, %v: %s", len(got), err, diffStreams(got, tn.toUpstream))
+	}
+	if err := datapath.Move(tn.pair, e); err != nil {
+		t.Fatalf("move the half-closed pair to the loop: %v", err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); e.Stats().Loops[0].Tunnels != 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the loop carries %d tunnels after the move, want 1", e.Stats().Loops[0].Tunnels)
+		}
+	}
+	go func() {
+		_, _ = tn.upstream.Write(tn.toClient[100:])
+		_ = tn.upstream.CloseWrite()
+	}()
+	got, err = readAllWithin(tn.client, 10*time.Second)
+	if err != nil || diffStreams(got, tn.toClient) != "" {
+		t.Fatalf("client read %d bytes, %v: %s", len(got), err, diffStreams(got, tn.toClient))
+	}
+	if got := awaitEnd(t, tn.pair); got != datapath.ReasonClosed {
+		t.Errorf("the pair ended with %q (%v), want %q", got, tn.pair.Err(), datapath.ReasonClosed)
+	}
+	up, down := tn.pair.Bytes()
+	if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
+		t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
+	}
+}
+
+// readAllWithin reads c to EOF, failing after d.
+func readAllWithin(c *net.TCPConn, d time.Duration) ([]byte, error) {
+	_ = c.SetReadDeadline(time.Now().Add(d))
+	return io.ReadAll(c)
+}
