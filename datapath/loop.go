@@ -1,8 +1,13 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
+	"net"
+	"os"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
 )
@@ -13,9 +18,9 @@ import (
 // bytes the same way the Copier does, and a pair it cannot take (TLS, or no descriptor left to take the
 // sockets with) runs on the Copier.
 //
-// A pair on the loop cannot be given back alive yet (it is no Stopper): its Go connections are closed when
-// the loop takes its descriptors, and the relay and the pair hold those. A Move away from it fails and
-// leaves it carried; a Move to it works from any engine that can stop.
+// A pair on the loop can be given back alive (Stop, for Move): the loop hands its descriptors back as new Go
+// connections, which replace the pair's (those were closed when the loop took the descriptors), and the bytes
+// it held become the endpoints' peeked bytes, written first by the next engine.
 type EventLoop struct {
 	loops *eventloop.Loops
 	// OnFallback, when set, is told of each plain pair the loops could not take (err says why: most often
@@ -92,7 +97,10 @@ type loopCarrier struct {
 	folded bool
 }
 
-var _ socketOwner = (*loopCarrier)(nil)
+var (
+	_ socketOwner = (*loopCarrier)(nil)
+	_ Stopper     = (*loopCarrier)(nil)
+)
 
 // attach gives the pair's sockets and unsent peeked bytes to a loop. It runs under p.mu (Pair.Hold).
 func (c *loopCarrier) attach(ls *eventloop.Loops) error {
@@ -172,4 +180,71 @@ func (c *loopCarrier) Release() {
 		c.folded = true
 		c.p.AddBytes(uint64(c.end.AToB), uint64(c.end.BToA))
 	}
+}
+
+// Stop gives the pair back alive: the loop hands over its descriptors, at a byte boundary, as new Go
+// connections that replace the pair's, and what it read but did not write becomes the endpoints' peeked
+// bytes. It holds the pair's lock throughout, so that no End runs between the loop letting go and the pair
+// holding the new connections; the loop's thread never takes that lock. On an error (out of descriptors
+// for the new connections) the pair stays on the loop, untouched. When the loop ended the tunnel first,
+// Stop returns ErrPairEnded once the pair has ended too.
+func (c *loopCarrier) Stop() error {
+	err := c.stop()
+	if errors.Is(err, eventloop.ErrEnded) {
+		<-c.p.Done() // endLoopPair ends it, once stop has let go of the pair's lock
+		return ErrPairEnded
+	}
+	return err
+}
+
+// stop is Stop under the pair's lock.
+func (c *loopCarrier) stop() error {
+	p := c.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ending || p.carrier != c {
+		return ErrPairEnded
+	}
+	var client, upstream *net.TCPConn
+	d, err := c.h.Detach(func(afd, bfd int) error {
+		var err error
+		if client, err = tcpConnOf(afd); err != nil {
+			unix.Close(bfd)
+			return fmt.Errorf("client side: %w", err)
+		}
+		if upstream, err = tcpConnOf(bfd); err != nil {
+			_ = client.Close()
+			return fmt.Errorf("upstream side: %w", err)
+		}
+		return nil
+	})
+	if errors.Is(err, eventloop.ErrEnded) {
+		return err
+	}
+	if err != nil {
+		return fmt.Errorf("event loop: %w", err)
+	}
+	p.client.Conn, p.upstream.Conn = client, upstream
+	p.client.Peeked, p.upstream.Peeked = d.Pending[0], d.Pending[1]
+	p.AddBytes(uint64(d.AToB), uint64(d.BToA))
+	c.folded = true
+	p.carrier = nil
+	return nil
+}
+
+// tcpConnOf makes a Go connection of a TCP socket's descriptor, which it closes (net.FileConn keeps a
+// duplicate of its own).
+func tcpConnOf(fd int) (*net.TCPConn, error) {
+	f := os.NewFile(uintptr(fd), "tcp")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		_ = c.Close()
+		return nil, fmt.Errorf("descriptor %d is not a TCP socket", fd)
+	}
+	return tc, nil
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -250,45 +249,6 @@ func withDescriptorsLeft(t *testing.T, n int, f func()) {
 	f()
 }
 
-// A pair moves onto the loop from an engine that can stop (Copier, Splicer) without losing, duplicating or
-// reordering a byte; a move off the loop is refused and leaves the pair carried there, still exact.
-func TestMoveToEventLoop(t *testing.T) {
-	for _, from := range []datapath.Engine{datapath.Copier{}, &datapath.Splicer{}} {
-		t.Run(string(from.Kind()), func(t *testing.T) {
-			e := startEventLoop(t)
-			tn := newTunnel(t, from.Kind(), 8<<20)
-			from.Carry(tn.pair)
-			var once sync.Once
-			moved, refused := false, 0
-			tn.exchange(t, func() {
-				once.Do(func() {
-					if err := datapath.Move(tn.pair, e); err != nil && !tn.pair.Ending() {
-						t.Errorf("move to the event loop: %v", err)
-					}
-					moved = true
-					return
-				})
-				for _, to := range []datapath.Engine{datapath.Copier{}, &datapath.Splicer{}} {
-					if err := datapath.Move(tn.pair, to); err == nil {
-						t.Errorf("a pair on the event loop moved to %s", to.Kind())
-					}
-					refused++
-				}
-			})
-			if got := awaitEnd(t, tn.pair); got != datapath.ReasonClosed {
-				t.Errorf("the pair ended with %q (%v), want %q", got, tn.pair.Err(), datapath.ReasonClosed)
-			}
-			up, down := tn.pair.Bytes()
-			if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
-				t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
-			}
-			if !moved || refused == 0 {
-				t.Errorf("moved %v, moves off the loop refused %d times; want a move and refusals", moved, refused)
-			}
-		})
-	}
-}
-
 // A pair that moves onto the loop after one direction carried its FIN: the loop neither reads that direction
 // nor shuts its destination down again, and the other direction flows to its own FIN; the pair ends closed.
 func TestMoveToEventLoopHalfClosed(t *testing.T) {
@@ -334,4 +294,30 @@ func TestMoveToEventLoopHalfClosed(t *testing.T) {
 func readAllWithin(c *net.TCPConn, d time.Duration) ([]byte, error) {
 	_ = c.SetReadDeadline(time.Now().Add(d))
 	return io.ReadAll(c)
+}
+
+// Out of descriptors for the connections a move off the loop needs (EMFILE), the move fails and the pair
+// stays on the loop, untouched: its bytes still cross exactly and it ends closed.
+func TestMoveOffEventLoopOutOfDescriptors(t *testing.T) {
+	e := startEventLoop(t)
+	tn := newTunnel(t, datapath.Copy, 1<<20)
+	e.Carry(tn.pair)
+	for _, left := range []int{1, 2} { // the loop's second duplicate fails, or the new connection's
+		var err error
+		withDescriptorsLeft(t, left, func() { err = datapath.Move(tn.pair, datapath.Copier{}) })
+		if !errors.Is(err, unix.EMFILE) {
+			t.Fatalf("move off the loop with %d descriptors left: %v, want EMFILE", left, err)
+		}
+	}
+	if st := e.Stats().Loops[0]; st.Tunnels != 1 {
+		t.Fatalf("the loop carries %d tunnels after the failed moves, want 1", st.Tunnels)
+	}
+	tn.exchange(t, func() {})
+	if got := awaitEnd(t, tn.pair); got != datapath.ReasonClosed {
+		t.Errorf("the pair ended with %q (%v), want %q", got, tn.pair.Err(), datapath.ReasonClosed)
+	}
+	up, down := tn.pair.Bytes()
+	if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
+		t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
+	}
 }

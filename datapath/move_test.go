@@ -157,13 +157,21 @@ func (tn *tunnel) exchange(t *testing.T, move func()) {
 	}
 }
 
-// TestMove hands a live pair back and forth between two engines while both directions carry 8 MiB (a move
+// TestMove hands a live pair back and forth between two engines (the copy engine on goroutines, the event
+// loop, splice) while both directions carry 8 MiB (a move
 // after each MiB either side reads), the client half-closing first: every byte arrives once, in order, each FIN after the last byte before it,
 // and the pair ends as closed.
 func TestMove(t *testing.T) {
-	copier, splicer := datapath.Copier{}, &datapath.Splicer{}
-	for _, tc := range []struct{ from, to datapath.Engine }{{copier, splicer}, {splicer, copier}} {
-		t.Run(fmt.Sprintf("%s-%s", tc.from.Kind(), tc.to.Kind()), func(t *testing.T) {
+	copier, splicer, loop := datapath.Copier{}, &datapath.Splicer{}, startEventLoop(t)
+	for _, tc := range []struct {
+		name     string
+		from, to datapath.Engine
+	}{
+		{"copy-splice", copier, splicer}, {"splice-copy", splicer, copier},
+		{"eventloop-splice", loop, splicer}, {"splice-eventloop", splicer, loop},
+		{"eventloop-copy", loop, copier}, {"copy-eventloop", copier, loop},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			tn := newTunnel(t, tc.from.Kind(), 8<<20)
 			tc.from.Carry(tn.pair)
 			moves, engines := 0, []datapath.Engine{tc.to, tc.from}

@@ -74,7 +74,9 @@ func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
 }
 
 // Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
-// engine carries the pair (Direction.WritePeeked). Conn and TLS never change after NewPair.
+// engine carries the pair (Direction.WritePeeked). TLS never changes after NewPair; Conn changes only when
+// the event loop gives the pair back (Stop, during a Move, under the pair's lock), as a new connection of the
+// same socket: an engine reads them when it starts to carry the pair, not before.
 func (p *Pair) Client() Endpoint   { return Endpoint{Conn: p.client.Conn, TLS: p.client.TLS} }
 func (p *Pair) Upstream() Endpoint { return Endpoint{Conn: p.upstream.Conn, TLS: p.upstream.TLS} }
 

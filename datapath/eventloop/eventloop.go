@@ -26,6 +26,9 @@ import (
 // ErrClosed is returned by Carry once Close has been called.
 var ErrClosed = errors.New("eventloop: loops are closed")
 
+// ErrEnded is returned by Handle.Detach when the tunnel has already ended (its onEnd says how).
+var ErrEnded = errors.New("eventloop: the tunnel has ended")
+
 // Options configures Start. Zero fields take the defaults named on each.
 type Options struct {
 	// Loops is the number of event loops, each on its own OS thread. Default runtime.NumCPU().
@@ -288,6 +291,30 @@ func (h *Handle) Queued() bool {
 		return false // the loop has stopped: the tunnel ended with it
 	}
 	return <-reply
+}
+
+// Detached is what Handle.Detach leaves of a tunnel given back alive.
+type Detached struct {
+	// Pending are the bytes read from a (index 0) and from b (index 1) that the other side has not taken: they
+	// must reach it before anything else read from that side. A side whose EOF was read but whose FIN was not
+	// carried yet reads EOF again.
+	Pending [2][]byte
+	AToB    int64 // bytes written to b so far, peeked bytes included
+	BToA    int64 // bytes written to a so far
+}
+
+// Detach gives the tunnel back alive, at a byte boundary. On the loop's thread, while the descriptors are still
+// the loop's, it duplicates both and calls take with the duplicates, which take then owns (net.FileConn of
+// them, for example); then the loop forgets the tunnel and closes its own descriptors, and onEnd is never
+// called. If duplicating fails (EMFILE) or take returns an error, the tunnel carries on as if Detach had not
+// been called (take must have closed what it was given). ErrEnded: the tunnel ended first.
+func (h *Handle) Detach(take func(afd, bfd int) error) (Detached, error) {
+	answer := make(chan detachResult, 1)
+	if !h.t.loop.send(command{kind: cmdDetach, t: h.t, take: take, detached: answer}) {
+		return Detached{}, ErrEnded
+	}
+	r := <-answer
+	return r.d, r.err
 }
 
 // Close ends the tunnel: with abort both sockets are reset (SO_LINGER 0), without it both are closed, which

@@ -25,6 +25,7 @@ const (
 	cmdClose
 	cmdStop
 	cmdQueued // answer on reply whether the tunnel's sockets have unsent bytes (Handle.Queued)
+	cmdDetach // give the tunnel back alive (Handle.Detach)
 )
 
 // command is work handed to a loop from another thread.
@@ -33,6 +34,14 @@ type command struct {
 	t     *tunnel
 	abort bool
 	reply chan<- bool // cmdQueued's answer
+	// take and detached are cmdDetach's: what takes the descriptors, and the answer.
+	take     func(afd, bfd int) error
+	detached chan<- detachResult
+}
+
+type detachResult struct {
+	d   Detached
+	err error
 }
 
 // loop is one event loop. Everything but the atomics and the command queue belongs to its thread.
@@ -174,6 +183,9 @@ func (l *loop) runCommands() (stop bool) {
 			}
 		case cmdQueued:
 			c.reply <- !c.t.ended && c.t.hasUnsent()
+		case cmdDetach:
+			d, err := c.t.detach(c.take)
+			c.detached <- detachResult{d, err}
 		case cmdStop:
 			stop = true
 		}
@@ -216,6 +228,8 @@ func (l *loop) stop() {
 			c.t.end(SideNone, ReasonLoopsClosed, nil, true)
 		case cmdQueued:
 			c.reply <- false
+		case cmdDetach:
+			c.detached <- detachResult{err: ErrEnded}
 		}
 	}
 	for _, t := range l.byFD {
