@@ -85,6 +85,15 @@ func (e *EventLoop) Carry(p *Pair) {
 	_ = held // false: the pair was already ending, and End closed its sockets
 }
 
+// OnEventLoop reports whether an event loop carries p now (a copy pair may also run on goroutines: TLS,
+// or a fallback).
+func (p *Pair) OnEventLoop() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, ok := p.carrier.(*loopCarrier)
+	return ok
+}
+
 // loopCarrier is the EventLoop's hold on one pair.
 type loopCarrier struct {
 	p *Pair

@@ -34,6 +34,9 @@ func TestCopyCarriesPlainTunnelsOnEventLoops(t *testing.T) {
 
 	c, u := openTunnel(t, r.Addr, up, []byte("ping"), []byte("pong"))
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 1)
+	if ts := r.Tunnels().Tunnels(); len(ts) != 1 || !ts[0].Info().EventLoop {
+		t.Errorf("/debug/tunnels does not say the tunnel runs on an event loop: %+v", ts)
+	}
 	// The handshake's bytes have crossed: the idle tunnel holds no buffer.
 	got := make([]byte, 4)
 	if _, err := u.Read(got); err != nil || string(got) != "ping" {
