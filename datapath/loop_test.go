@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -319,5 +320,28 @@ func TestMoveOffEventLoopOutOfDescriptors(t *testing.T) {
 	up, down := tn.pair.Bytes()
 	if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
 		t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
+	}
+}
+
+// openFDs counts the process's open descriptors.
+func openFDs(t testing.TB) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries) - 1 // the directory's own
+}
+
+// waitOpenFDs waits until the process has want descriptors open: a Go connection closed while a goroutine
+// still reads it closes its descriptor once that read returns.
+func waitOpenFDs(t testing.TB, want int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for got := openFDs(t); got != want; got = openFDs(t) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d descriptors open, want %d", got, want)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

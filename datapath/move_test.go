@@ -173,6 +173,7 @@ func TestMove(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tn := newTunnel(t, tc.from.Kind(), 8<<20)
+			fds := openFDs(t)
 			tc.from.Carry(tn.pair)
 			moves, engines := 0, []datapath.Engine{tc.to, tc.from}
 			tn.exchange(t, func() {
@@ -200,6 +201,8 @@ func TestMove(t *testing.T) {
 			if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
 				t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
 			}
+			// The relay's two sockets are closed, and nothing a move made is left open.
+			waitOpenFDs(t, fds-2)
 			// The client's moves at 1 to 4 MiB come before the upstream sends its second half, so the
 			// pair is live for them whatever the timing; later ones may find it ended.
 			if moves < 4 {
