@@ -8,7 +8,7 @@
 // loop holds for a tunnel is bounded by one buffer per direction (2 × Options.BufSize), on top of the kernel's
 // socket buffers.
 //
-// The package imports nothing from the relay: an adapter wraps Loops.Carry into the relay's datapath interface.
+// The package imports nothing from the relay: datapath.EventLoop wraps it into the datapath.Engine contract.
 package eventloop
 
 import (
