@@ -157,14 +157,23 @@ func (tn *tunnel) exchange(t *testing.T, move func()) {
 	}
 }
 
-// TestMove hands a live pair back and forth between two engines while both directions carry 8 MiB (a move
+// TestMove hands a live pair back and forth between two engines (the copy engine on goroutines, the event
+// loop, splice) while both directions carry 8 MiB (a move
 // after each MiB either side reads), the client half-closing first: every byte arrives once, in order, each FIN after the last byte before it,
 // and the pair ends as closed.
 func TestMove(t *testing.T) {
-	copier, splicer := datapath.Copier{}, &datapath.Splicer{}
-	for _, tc := range []struct{ from, to datapath.Engine }{{copier, splicer}, {splicer, copier}} {
-		t.Run(fmt.Sprintf("%s-%s", tc.from.Kind(), tc.to.Kind()), func(t *testing.T) {
+	copier, splicer, loop := datapath.Copier{}, &datapath.Splicer{}, startEventLoop(t)
+	for _, tc := range []struct {
+		name     string
+		from, to datapath.Engine
+	}{
+		{"copy-splice", copier, splicer}, {"splice-copy", splicer, copier},
+		{"eventloop-splice", loop, splicer}, {"splice-eventloop", splicer, loop},
+		{"eventloop-copy", loop, copier}, {"copy-eventloop", copier, loop},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			tn := newTunnel(t, tc.from.Kind(), 8<<20)
+			fds := openFDs(t)
 			tc.from.Carry(tn.pair)
 			moves, engines := 0, []datapath.Engine{tc.to, tc.from}
 			tn.exchange(t, func() {
@@ -192,6 +201,8 @@ func TestMove(t *testing.T) {
 			if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
 				t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
 			}
+			// The relay's two sockets are closed, and nothing a move made is left open.
+			waitOpenFDs(t, fds-2)
 			// The client's moves at 1 to 4 MiB come before the upstream sends its second half, so the
 			// pair is live for them whatever the timing; later ones may find it ended.
 			if moves < 4 {

@@ -35,6 +35,9 @@ const (
 	// ReasonKernelError: the kernel datapath could not keep a pair's stream exact (bpf/sockrelay.c,
 	// trim_head), so the pair is reset rather than corrupted.
 	ReasonKernelError = "kernel_error"
+	// ReasonShutdown: the engine was closed under a live pair (the relay drains pairs before it closes
+	// its engines, and ends those left with this reason itself).
+	ReasonShutdown = "shutdown"
 )
 
 // Pair is two connected endpoints, the client's and the upstream's, and the bytes moved between them.
@@ -54,6 +57,7 @@ type Pair struct {
 	mu      sync.Mutex
 	kind    Kind
 	ending  bool
+	aborted bool // the pair ends with its sockets reset; set with ending, read by Carrier.Release
 	carrier Carrier
 
 	endOnce sync.Once
@@ -70,7 +74,9 @@ func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
 }
 
 // Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
-// engine carries the pair (Direction.WritePeeked). Conn and TLS never change after NewPair.
+// engine carries the pair (Direction.WritePeeked). TLS never changes after NewPair; Conn changes only when
+// the event loop gives the pair back (Stop, during a Move, under the pair's lock), as a new connection of the
+// same socket: an engine reads them when it starts to carry the pair, not before.
 func (p *Pair) Client() Endpoint   { return Endpoint{Conn: p.client.Conn, TLS: p.client.TLS} }
 func (p *Pair) Upstream() Endpoint { return Endpoint{Conn: p.upstream.Conn, TLS: p.upstream.TLS} }
 
@@ -207,7 +213,7 @@ func (p *Pair) End(reason string, abort bool) { p.Fail(reason, nil, abort) }
 func (p *Pair) Fail(reason string, err error, abort bool) {
 	p.endOnce.Do(func() {
 		p.mu.Lock()
-		p.ending = true
+		p.ending, p.aborted = true, abort
 		if p.carrier != nil {
 			p.carrier.Release()
 			p.carrier = nil
@@ -237,6 +243,9 @@ func (p *Pair) Ending() bool {
 // Unsent says whether either socket still has bytes in its send queue (SIOCOUTQ), which a clean close
 // would hide from the peer if they never arrive.
 func (p *Pair) Unsent() bool {
+	if o, ok := p.socketOwner(); ok {
+		return o.Unsent()
+	}
 	unsent := false
 	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
 		raw, err := c.SyscallConn()
@@ -256,7 +265,13 @@ func (p *Pair) Unsent() bool {
 // had acknowledged (TCP_INFO). It moves whenever a byte moves on either connection, whatever the engine:
 // a slow reader draining a full buffer counts, although the pair's own counters move only when a whole
 // write completes.
+//
+// A carrier that owns the pair's descriptors itself (the event loop) answers from its own counters, with
+// no system call.
 func (p *Pair) Progress() uint64 {
+	if o, ok := p.socketOwner(); ok {
+		return o.Progress()
+	}
 	var sum uint64
 	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
 		raw, err := c.SyscallConn()
@@ -270,4 +285,20 @@ func (p *Pair) Progress() uint64 {
 		})
 	}
 	return sum
+}
+
+// A socketOwner is a carrier that took the pair's descriptors out of its Go connections (which it closed),
+// so that Unsent and Progress must ask it rather than the connections.
+type socketOwner interface {
+	Carrier
+	Unsent() bool
+	Progress() uint64
+}
+
+// socketOwner returns the pair's carrier if it owns the pair's descriptors.
+func (p *Pair) socketOwner() (socketOwner, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	o, ok := p.carrier.(socketOwner)
+	return o, ok
 }

@@ -30,7 +30,10 @@ type TunnelInfo struct {
 	Listener string   `json:"listener"`
 	Datapath Datapath `json:"datapath"`
 	// TLS says the tunnel has TLS on a side (a TLS listener, a wss upstream), which keeps it on copy.
-	TLS             bool      `json:"tls,omitempty"`
+	TLS bool `json:"tls,omitempty"`
+	// EventLoop says the copy datapath's event loops carry the tunnel (a copy tunnel with TLS on a side, or
+	// one the loops could not take, runs on goroutines).
+	EventLoop       bool      `json:"event_loop,omitempty"`
 	BytesToUpstream uint64    `json:"bytes_to_upstream"`
 	BytesToClient   uint64    `json:"bytes_to_client"`
 	Started         time.Time `json:"started"`
@@ -47,6 +50,7 @@ func (t *Tunnel) Info() TunnelInfo {
 		Listener:        t.Listener,
 		Datapath:        t.Datapath(),
 		TLS:             t.pair.TLS(),
+		EventLoop:       t.pair.OnEventLoop(),
 		BytesToUpstream: up,
 		BytesToClient:   down,
 		Started:         t.Started,

@@ -3,10 +3,12 @@ package relay
 import (
 	"context"
 	"net/http"
+	"strconv"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -72,12 +74,24 @@ var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamR
 // fallbackReasons are the values of sockrelay_datapath_fallbacks_total{reason}: the kernel datapath could
 // not be used at start (sockmap_*) or a tunnel could not enter it (the others, see kernelPath.Carry), or a
 // splice tunnel could not have its pipes (pipe_unavailable, see Server.reserve). A tunnel with TLS on a side runs on copy by design and is not one of them.
+//
+// A plain copy tunnel runs on goroutines instead of the event loops when the loops cannot start
+// (eventloop_start_failed: out of descriptors for epoll_create, most often) or cannot take its sockets
+// (eventloop_carry_failed: no descriptor left to duplicate them with); see copyEngine.
 var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
-	"socket_closing", "busy_at_handoff", "pipe_unavailable"}
+	"socket_closing", "busy_at_handoff", "pipe_unavailable", fallbackLoopStart, fallbackLoopCarry}
+
+// The fallback reasons of the copy datapath's event loops.
+const (
+	fallbackLoopStart = "eventloop_start_failed"
+	fallbackLoopCarry = "eventloop_carry_failed"
+)
 
 // newMetrics registers the relay's metrics. kernel returns the kernel engine's counts, which the
-// sockrelay_kernel_* counters read at scrape time.
-func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router, kernel func() kernelStats) *Metrics {
+// sockrelay_kernel_* counters read at scrape time; loops the copy datapath's event loops' counters, which
+// the sockrelay_eventloop_* metrics read at scrape time.
+func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router, kernel func() kernelStats,
+	loops func() datapath.EventLoopStats) *Metrics {
 	m := &Metrics{
 		tunnelsOpened: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sockrelay_tunnels_total",
@@ -134,7 +148,7 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Rout
 	}
 	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.kernelRepeatsCut, m.datapathFallbacks, m.tunnelsOpened, m.tunnelsActive, m.tunnelsEnded, m.handshakeFailures,
 		m.handshakeDuration, m.httpRequests, m.upstreamRetries, &bytesCollector{tunnels: tunnels},
-		&upstreamCollector{router: router})
+		&upstreamCollector{router: router}, &loopCollector{stats: loops})
 	return m
 }
 
@@ -210,6 +224,46 @@ func (c *bytesCollector) Collect(ch chan<- prometheus.Metric) {
 	up, down := c.tunnels.BytesRelayed()
 	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(up), "client_to_upstream")
 	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(down), "upstream_to_client")
+}
+
+// loopCollector reports the copy datapath's event loops at scrape time: how many run, and per loop the
+// tunnels it carries, the bytes of buffer it holds for bytes in flight, and the readiness events it handled.
+// Every loop the engine will start has its series at 0 before it runs.
+type loopCollector struct {
+	stats func() datapath.EventLoopStats
+}
+
+var (
+	loopsDesc = prometheus.NewDesc("sockrelay_eventloop_loops",
+		"Event loops of the copy datapath running now (0 until the first plain copy tunnel, or at start with --datapath copy).", nil, nil)
+	loopTunnelsDesc = prometheus.NewDesc("sockrelay_eventloop_tunnels",
+		"Tunnels each event loop of the copy datapath carries now.", []string{"loop"}, nil)
+	loopBufferDesc = prometheus.NewDesc("sockrelay_eventloop_buffer_bytes",
+		"Bytes of buffer each event loop holds now for bytes its destinations have not taken (buffers lent × buffer size); an idle tunnel holds none.", []string{"loop"}, nil)
+	loopEventsDesc = prometheus.NewDesc("sockrelay_eventloop_events_total",
+		"Readiness events each event loop of the copy datapath has handled.", []string{"loop"}, nil)
+)
+
+func (c *loopCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- loopsDesc
+	ch <- loopTunnelsDesc
+	ch <- loopBufferDesc
+	ch <- loopEventsDesc
+}
+
+func (c *loopCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.stats()
+	running := 0
+	if st.BufSize > 0 { // BufSize is 0 until the loops run
+		running = len(st.Loops)
+	}
+	ch <- prometheus.MustNewConstMetric(loopsDesc, prometheus.GaugeValue, float64(running))
+	for i, l := range st.Loops {
+		loop := strconv.Itoa(i)
+		ch <- prometheus.MustNewConstMetric(loopTunnelsDesc, prometheus.GaugeValue, float64(l.Tunnels), loop)
+		ch <- prometheus.MustNewConstMetric(loopBufferDesc, prometheus.GaugeValue, float64(l.BuffersInUse)*float64(st.BufSize), loop)
+		ch <- prometheus.MustNewConstMetric(loopEventsDesc, prometheus.CounterValue, float64(l.Events), loop)
+	}
 }
 
 // upstreamCollector reports each upstream server's live tunnels and state from the pools at scrape time.

@@ -88,7 +88,7 @@ func (s *Server) engine(kind Datapath) datapath.Engine {
 	case DatapathSplice:
 		return s.splicer
 	default:
-		return datapath.Copier{}
+		return s.copier
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/eventloop"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -79,6 +80,9 @@ type Config struct {
 	alterKernelPath func(*kernelPath)
 	// newPipe, set only by tests, stands in for newPipe when splice tunnels get their pipes.
 	newPipe func(size int) (*datapath.Pipe, error)
+	// startLoops, set only by tests, stands in for datapath.StartEventLoop when the copy datapath starts its
+	// event loops.
+	startLoops func(eventloop.Options) (*datapath.EventLoop, error)
 	// dialControl, set only by tests, runs on each upstream socket before its connect (net.Dialer.Control):
 	// an error from it is the relay's own socket failing.
 	dialControl func(network, address string, c syscall.RawConn) error
@@ -118,6 +122,7 @@ type Server struct {
 	unread   map[net.Conn]struct{}
 	kernel   *kernelPath // nil unless the datapath is sockmap
 	splicer  *datapath.Splicer
+	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
 
 	draining atomic.Bool
 	limiter  *limiter // Config.Limits
@@ -208,7 +213,9 @@ func NewServer(cfg Config) (*Server, error) {
 		splicer: &datapath.Splicer{NewPipe: cfg.newPipe},
 	}
 	s.SetRouter(router)
-	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats)
+	s.copier = &copyEngine{log: cfg.Logger, start: cfg.startLoops, opts: eventloop.Options{Loops: copyLoops()}}
+	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats, s.copier.Stats)
+	s.copier.metrics = s.metrics
 	if err := s.setUpDatapath(); err != nil {
 		return nil, err
 	}
@@ -280,6 +287,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.kernel != nil {
 		s.kernel.Close()
 	}
+	_ = s.copier.Close()
 	return err
 }
 

@@ -8,7 +8,7 @@
 // loop holds for a tunnel is bounded by one buffer per direction (2 × Options.BufSize), on top of the kernel's
 // socket buffers.
 //
-// The package imports nothing from the relay: an adapter wraps Loops.Carry into the relay's datapath interface.
+// The package imports nothing from the relay: datapath.EventLoop wraps it into the datapath.Engine contract.
 package eventloop
 
 import (
@@ -25,6 +25,9 @@ import (
 
 // ErrClosed is returned by Carry once Close has been called.
 var ErrClosed = errors.New("eventloop: loops are closed")
+
+// ErrEnded is returned by Handle.Detach when the tunnel has already ended (its onEnd says how).
+var ErrEnded = errors.New("eventloop: the tunnel has ended")
 
 // Options configures Start. Zero fields take the defaults named on each.
 type Options struct {
@@ -57,10 +60,11 @@ func (o Options) withDefaults() (Options, error) {
 
 // Loops is a set of running event loops. Its methods are safe for concurrent use.
 type Loops struct {
-	loops  []*loop
-	next   atomic.Uint32 // round-robin choice of the loop for the next tunnel
-	mu     sync.Mutex    // guards closed against Carry racing Close
-	closed bool
+	loops   []*loop
+	bufSize int
+	next    atomic.Uint32 // round-robin choice of the loop for the next tunnel
+	mu      sync.Mutex    // guards closed against Carry racing Close
+	closed  bool
 }
 
 // Start opens and starts opts.Loops event loops. On error nothing is left open.
@@ -69,7 +73,7 @@ func Start(opts Options) (*Loops, error) {
 	if err != nil {
 		return nil, err
 	}
-	ls := &Loops{}
+	ls := &Loops{bufSize: opts.BufSize}
 	for i := range opts.Loops {
 		l, err := newLoop(i, opts)
 		if err != nil {
@@ -90,6 +94,25 @@ func Start(opts Options) (*Loops, error) {
 // onEnd is called once, on the loop's thread, when the tunnel ends; it must not block, and must not call
 // Loops.Close, which waits for that thread.
 func (ls *Loops) Carry(a, b *net.TCPConn, aPeeked, bPeeked []byte, onEnd func(End)) (*Handle, error) {
+	return ls.CarryWith(a, b, Spec{APeeked: aPeeked, BPeeked: bPeeked, OnEnd: onEnd})
+}
+
+// Spec is what CarryWith needs of a tunnel besides its sockets.
+type Spec struct {
+	// APeeked and BPeeked are as Carry's aPeeked and bPeeked.
+	APeeked, BPeeked []byte
+	// Finished marks the directions (0: a→b, 1: b→a) that carried their FIN before the loop took the tunnel (it
+	// moved here from another engine): they are neither read nor shut down again.
+	Finished [2]bool
+	// OnEnd is as Carry's onEnd.
+	OnEnd func(End)
+	// OnFIN, when set, is called on the loop's thread when direction dir (0: a→b, 1: b→a) has carried its FIN,
+	// after its last byte; like OnEnd, it must not block.
+	OnFIN func(dir int)
+}
+
+// CarryWith is Carry with the whole Spec.
+func (ls *Loops) CarryWith(a, b *net.TCPConn, s Spec) (*Handle, error) {
 	afd, err := detach(a)
 	if err != nil {
 		return nil, fmt.Errorf("carry: take side a's descriptor: %w", err)
@@ -111,7 +134,14 @@ func (ls *Loops) Carry(a, b *net.TCPConn, aPeeked, bPeeked []byte, onEnd func(En
 	_ = a.Close()
 	_ = b.Close()
 	l := ls.loops[int(ls.next.Add(1))%len(ls.loops)]
-	t := newTunnel(l, afd, bfd, aPeeked, bPeeked, onEnd)
+	t := newTunnel(l, afd, bfd, s.APeeked, s.BPeeked, s.OnEnd)
+	t.onFIN = s.OnFIN
+	for i, done := range s.Finished {
+		if done {
+			t.dirs[i].out, t.dirs[i].eof, t.dirs[i].shut = nil, true, true
+		}
+	}
+	t.unsent.Store(int64(len(t.dirs[0].out) + len(t.dirs[1].out)))
 	l.send(command{kind: cmdAdd, t: t})
 	return &Handle{t: t}, nil
 }
@@ -163,6 +193,9 @@ func (ls *Loops) Stats() []LoopStats {
 	}
 	return out
 }
+
+// BufSize is the size of the buffer a direction borrows while it holds unsent bytes (Options.BufSize).
+func (ls *Loops) BufSize() int { return ls.bufSize }
 
 // Close resets every tunnel still carried (their onEnd gets ReasonLoopsClosed), stops the loops and waits for
 // their threads to finish. Draining tunnels first is the caller's job. Close is safe to call twice.
@@ -245,6 +278,44 @@ func (h *Handle) LastActive() time.Time {
 
 // Unsent returns the bytes the loop holds for the tunnel that their destination has not yet taken.
 func (h *Handle) Unsent() int64 { return h.t.unsent.Load() }
+
+// Queued reports whether bytes of the tunnel wait to reach a peer: held by the loop, or in either socket's send
+// queue (SIOCOUTQ), which a clean close would hide from the peer if they never arrive. The loop's thread reads the
+// queues, since only it may touch the descriptors; Queued waits for it, and is false once the tunnel has ended.
+func (h *Handle) Queued() bool {
+	if h.t.unsent.Load() > 0 {
+		return true
+	}
+	reply := make(chan bool, 1)
+	if !h.t.loop.send(command{kind: cmdQueued, t: h.t, reply: reply}) {
+		return false // the loop has stopped: the tunnel ended with it
+	}
+	return <-reply
+}
+
+// Detached is what Handle.Detach leaves of a tunnel given back alive.
+type Detached struct {
+	// Pending are the bytes read from a (index 0) and from b (index 1) that the other side has not taken: they
+	// must reach it before anything else read from that side. A side whose EOF was read but whose FIN was not
+	// carried yet reads EOF again.
+	Pending [2][]byte
+	AToB    int64 // bytes written to b so far, peeked bytes included
+	BToA    int64 // bytes written to a so far
+}
+
+// Detach gives the tunnel back alive, at a byte boundary. On the loop's thread, while the descriptors are still
+// the loop's, it duplicates both and calls take with the duplicates, which take then owns (net.FileConn of
+// them, for example); then the loop forgets the tunnel and closes its own descriptors, and onEnd is never
+// called. If duplicating fails (EMFILE) or take returns an error, the tunnel carries on as if Detach had not
+// been called (take must have closed what it was given). ErrEnded: the tunnel ended first.
+func (h *Handle) Detach(take func(afd, bfd int) error) (Detached, error) {
+	answer := make(chan detachResult, 1)
+	if !h.t.loop.send(command{kind: cmdDetach, t: h.t, take: take, detached: answer}) {
+		return Detached{}, ErrEnded
+	}
+	r := <-answer
+	return r.d, r.err
+}
 
 // Close ends the tunnel: with abort both sockets are reset (SO_LINGER 0), without it both are closed, which
 // sends FIN after what the kernel already holds (or RST, as close(2) does, from a socket with unread bytes in

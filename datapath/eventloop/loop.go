@@ -24,6 +24,8 @@ const (
 	cmdAdd commandKind = iota
 	cmdClose
 	cmdStop
+	cmdQueued // answer on reply whether the tunnel's sockets have unsent bytes (Handle.Queued)
+	cmdDetach // give the tunnel back alive (Handle.Detach)
 )
 
 // command is work handed to a loop from another thread.
@@ -31,6 +33,15 @@ type command struct {
 	kind  commandKind
 	t     *tunnel
 	abort bool
+	reply chan<- bool // cmdQueued's answer
+	// take and detached are cmdDetach's: what takes the descriptors, and the answer.
+	take     func(afd, bfd int) error
+	detached chan<- detachResult
+}
+
+type detachResult struct {
+	d   Detached
+	err error
 }
 
 // loop is one event loop. Everything but the atomics and the command queue belongs to its thread.
@@ -80,13 +91,13 @@ func newLoop(id int, opts Options) (*loop, error) {
 	}, nil
 }
 
-// send queues c for the loop and wakes it. After the loop has stopped, commands are dropped: its tunnels
-// are already ended.
-func (l *loop) send(c command) {
+// send queues c for the loop and wakes it. After the loop has stopped, commands are dropped (false): its
+// tunnels are already ended.
+func (l *loop) send(c command) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.done {
-		return
+		return false
 	}
 	wake := len(l.queue) == 0 // a non-empty queue has already written to the eventfd
 	l.queue = append(l.queue, c)
@@ -94,6 +105,7 @@ func (l *loop) send(c command) {
 		var one = [8]byte{1}
 		_, _ = unix.Write(l.wakefd, one[:]) // only EAGAIN at a counter near 2^64 can fail; the loop is awake then
 	}
+	return true
 }
 
 // run is the loop's thread: wait, handle every ready descriptor, run commands, repeat until cmdStop.
@@ -169,6 +181,11 @@ func (l *loop) runCommands() (stop bool) {
 				}
 				c.t.end(SideNone, reason, nil, c.abort)
 			}
+		case cmdQueued:
+			c.reply <- !c.t.ended && c.t.hasUnsent()
+		case cmdDetach:
+			d, err := c.t.detach(c.take)
+			c.detached <- detachResult{d, err}
 		case cmdStop:
 			stop = true
 		}
@@ -206,8 +223,13 @@ func (l *loop) stop() {
 	l.mu.Unlock()
 	// Tunnels queued for adding after cmdStop were never registered; they end here like the rest.
 	for _, c := range queue {
-		if c.kind == cmdAdd {
+		switch c.kind {
+		case cmdAdd:
 			c.t.end(SideNone, ReasonLoopsClosed, nil, true)
+		case cmdQueued:
+			c.reply <- false
+		case cmdDetach:
+			c.detached <- detachResult{err: ErrEnded}
 		}
 	}
 	for _, t := range l.byFD {

@@ -32,6 +32,7 @@ type tunnel struct {
 	ends   [2]socket
 	dirs   [2]direction
 	onEnd  func(End)
+	onFIN  func(dir int)
 	added  bool // its descriptors are registered with the loop
 	ended  bool
 	queued bool // in loop.again
@@ -145,6 +146,9 @@ func (t *tunnel) move(d *direction) bool {
 					t.fail(Side(d.dst), fmt.Errorf("carry FIN to side %s: %w", Side(d.dst), err))
 					return false
 				}
+				if t.onFIN != nil {
+					t.onFIN(d.src)
+				}
 			}
 			return true
 		}
@@ -251,4 +255,63 @@ func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
 			AToB: t.written[0].Load(), BToA: t.written[1].Load(), Unsent: t.unsent.Load(),
 		})
 	}
+}
+
+// hasUnsent reports whether the loop holds bytes of t or either socket's send queue is not empty.
+func (t *tunnel) hasUnsent() bool {
+	if t.unsent.Load() > 0 {
+		return true
+	}
+	for i := range t.ends {
+		if n, err := unix.IoctlGetInt(t.ends[i].fd, unix.SIOCOUTQ); err == nil && n > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// detach gives t back alive (Handle.Detach): take gets duplicates of both descriptors, then the loop forgets t
+// and closes its own, keeping the bytes it held for the caller. On an error t is untouched.
+func (t *tunnel) detach(take func(afd, bfd int) error) (Detached, error) {
+	if t.ended {
+		return Detached{}, ErrEnded
+	}
+	var dups [2]int
+	for i := range t.ends {
+		fd, err := unix.FcntlInt(uintptr(t.ends[i].fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			if i == 1 {
+				unix.Close(dups[0])
+			}
+			return Detached{}, fmt.Errorf("detach: duplicate side %s: %w", Side(i), err)
+		}
+		dups[i] = fd
+	}
+	if err := take(dups[0], dups[1]); err != nil {
+		return Detached{}, fmt.Errorf("detach: %w", err)
+	}
+	t.ended = true // runAgain, later events and commands now pass it by
+	l := t.loop
+	for i := range t.ends {
+		fd := t.ends[i].fd
+		delete(l.byFD, int32(fd))
+		_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+		unix.Close(fd) // the socket lives on in take's duplicate
+	}
+	var d Detached
+	for i := range t.dirs {
+		dir := &t.dirs[i]
+		d.Pending[i] = clone(dir.out)
+		dir.out = nil
+		if dir.buf != nil {
+			l.giveBack(dir.buf)
+			dir.buf = nil
+		}
+	}
+	d.AToB, d.BToA = t.written[0].Load(), t.written[1].Load()
+	t.unsent.Store(0)
+	if t.added {
+		l.tunnels.Add(-1)
+	}
+	return d, nil
 }
