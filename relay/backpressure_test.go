@@ -319,3 +319,59 @@ func TestBackpressureLostEvents(t *testing.T) {
 	c.CloseWrite()
 	waitTunnelsGone(t, r)
 }
+
+// TestBackpressureEchoBothWays streams whole 64 KiB chunks both ways through sockmap tunnels whose upstream
+// echoes and whose client reads all the time, as `wsbench throughput -mode echo` does: both peers read, so
+// no tunnel may be reset for overflow, and every echoed byte must come back exact. Passed bytes that wait a
+// moment behind the other direction's (a psock retry tick, CPU contention) once tripped the overflow reset
+// of 3 of these 4 tunnels (docs/datapath.md, "Backpressure").
+func TestBackpressureEchoBothWays(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathSockmap, []string{up.Addr})
+	const tunnels, size = 4, 128 << 20
+	errs := make(chan error, 2*tunnels)
+	for i := range tunnels {
+		c, u := openTunnel(t, r.Addr, up, nil, nil)
+		go echoUntilEOF(u, errs)
+		go func() { errs <- echoRoundTrip(c, uint64(50+i), size) }()
+	}
+	for range 2 * tunnels {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if n := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": ReasonOverflow}); n != 0 {
+		t.Errorf("%v tunnels were reset for overflow while both peers read", n)
+	}
+	waitTunnelsGone(t, r)
+}
+
+// echoUntilEOF writes back what u reads until EOF, then half-closes u.
+func echoUntilEOF(u *upstreamConn, errs chan<- error) {
+	if _, err := io.Copy(u, u.R); err != nil {
+		errs <- fmt.Errorf("upstream echo: %w", err)
+		return
+	}
+	errs <- u.CloseWrite()
+}
+
+// echoRoundTrip writes size bytes of the seeded stream to c while it reads them back, checks them, and
+// half-closes c; the echo must end with EOF after the last byte.
+func echoRoundTrip(c *clientConn, seed uint64, size int64) error {
+	wrote := make(chan error, 1)
+	go countingStreamWriter(c.TCPConn, streamReader(seed, size), new(atomic.Int64), wrote)
+	got := newStreamCheck(seed, size)
+	n, err := copyWithin(c, got, c.R, time.Minute)
+	if err != nil {
+		c.Close() // unblocks the writer
+		return fmt.Errorf("client read %d of %d echoed bytes, then: %w", n, size, err)
+	}
+	if err := <-wrote; err != nil {
+		return fmt.Errorf("client write: %w", err)
+	}
+	if d := got.Diff(); d != "" {
+		return fmt.Errorf("echoed stream: %s", d)
+	}
+	return nil
+}

@@ -107,6 +107,8 @@ type kernelDir struct {
 	relaying              bool
 	userRead, userWritten uint64
 	resumeGen             uint64 // the demotion after which resuming was last asked for
+	// overflow belongs to the relaying goroutine, as userRead does.
+	overflow overflowWatch
 }
 
 // kernelBuffers are the buffers of the handoff's drain and of relayPassed: 32 KiB, as the copy engine's.

@@ -111,6 +111,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 	}
 	bp := kernelBuffers.Get().(*[]byte)
 	defer kernelBuffers.Put(bp)
+	d.overflow = overflowWatch{} // a wait seen by an earlier goroutine is over
 	poll := relayPoll
 	for {
 		// Ask to resume once the destination has room again; until then stay demoted rather than flap,
@@ -240,7 +241,7 @@ func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int
 		if rerr != unix.EAGAIN {
 			return true
 		}
-		if unread := st.Passed - d.userRead; unread > 4*d.limit && unread > d.overflowAt() {
+		if k.overflowed(d, st.Passed-d.userRead, time.Now()) {
 			rerr = errOverflow
 			return true
 		}
@@ -276,6 +277,56 @@ func (d *kernelDir) dstHasRoom() bool {
 func (d *kernelDir) overflowAt() uint64 {
 	rcvbuf, _ := unix.GetsockoptInt(d.src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
 	return 4*d.limit + 2*uint64(rcvbuf)
+}
+
+// overflowQuiet is how long unread passed bytes must stay past overflowAt with nothing moving before the
+// tunnel is reset for overflow. Passed bytes wait behind the other direction's bytes for the source, which
+// the psock retries only at the next tick after a full send buffer (schedule_delayed_work(…, 1): up to
+// 4 ms at HZ=250), or later under CPU contention; a fast sender piles up tens of MiB in one such wait
+// while both peers read (docs/datapath.md, "Backpressure"). Short, because a tunnel whose peers did stop
+// reading piles up as much in the same time.
+const overflowQuiet = 10 * time.Millisecond
+
+// overflowWatch remembers, for a relaying goroutine, since when unread passed bytes have been past the
+// overflow bound without progress. Only that goroutine touches it.
+type overflowWatch struct {
+	since time.Time // zero while under the bound or moving
+	mark  uint64    // the progress mark when since was set
+}
+
+// stuck reports whether stalled (unread passed bytes past the bound, the source's send queue not empty)
+// has held, with mark unchanged, for overflowQuiet; a changed mark or a check that is not stalled starts
+// the wait again.
+func (w *overflowWatch) stuck(stalled bool, mark uint64, now time.Time) bool {
+	switch {
+	case !stalled:
+		w.since = time.Time{}
+		return false
+	case w.since.IsZero() || mark != w.mark:
+		w.since, w.mark = now, mark
+		return false
+	}
+	return now.Sub(w.since) >= overflowQuiet
+}
+
+// overflowed reports whether both peers of d's tunnel stopped reading while sending: unread passed bytes
+// past overflowAt, and for overflowQuiet no progress. The passed bytes wait behind the other direction's
+// bytes for the source, which drain as the source's peer reads; progress is a byte read by the relaying
+// goroutine or a byte entering or leaving the source's send queue (acked plus queued). A source whose send
+// queue is empty has a peer that took everything: the psock is only late, and nothing is stuck.
+func (k *kernelPath) overflowed(d *kernelDir, unread uint64, now time.Time) bool {
+	if unread <= 4*d.limit || unread <= d.overflowAt() {
+		return d.overflow.stuck(false, 0, now)
+	}
+	info, err := unix.GetsockoptTCPInfo(d.src.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return false // the tunnel is ending; its end says why
+	}
+	outq, err := unix.IoctlGetInt(d.src.fd, unix.SIOCOUTQ)
+	if err != nil {
+		return false
+	}
+	return d.overflow.stuck(outq > 0, d.userRead+info.Bytes_acked+uint64(outq), now)
 }
 
 // stopRelaying ends d's relaying goroutine. Unless force, it first checks under k.mu that the verdict
