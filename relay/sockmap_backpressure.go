@@ -3,6 +3,7 @@ package relay
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"slices"
 	"syscall"
@@ -62,10 +63,10 @@ func (k *kernelPath) readModeChanges() {
 		case !ok:
 		case ev.Kind == loader.Demoted:
 			k.startRelayLocked(d)
-		case ev.Kind == loader.Resumed && d.relaying:
+		case ev.Kind == loader.Resumed && d.srcConn != nil:
 			// The goroutine waits in Go's poller for bytes that will not come now: the source's
 			// wake-ups on redirected bytes are not EPOLLIN. An expired deadline wakes it to stop.
-			_ = d.src.conn.SetReadDeadline(time.Now())
+			_ = d.srcConn.SetReadDeadline(time.Now())
 		}
 		k.mu.Unlock()
 		if ok && ev.Kind == loader.Broken {
@@ -76,27 +77,88 @@ func (k *kernelPath) readModeChanges() {
 	}
 }
 
-// startRelayLocked starts relayPassed for d unless it runs already. The caller holds k.mu.
+// startRelayLocked starts relayPassed for d unless it runs already. The caller holds k.mu, so d's
+// descriptors are open (release takes k.mu): the goroutine's conns are made from them here.
 func (k *kernelPath) startRelayLocked(d *kernelDir) {
 	if d.relaying || d.kt.released || d.finDone {
 		return
 	}
+	src, err := pollConn(d.src.fd)
+	var dst *net.TCPConn
+	if err == nil {
+		if dst, err = pollConn(d.dst.fd); err != nil {
+			_ = src.Close()
+		}
+	}
 	d.relaying = true
+	if err == nil {
+		d.srcConn, d.dstConn = src, dst
+	}
 	k.relays.Add(1)
 	k.relayWG.Add(1)
-	go k.relayPassedThenDone(d)
+	go k.relayPassedThenDone(d, src, dst, err)
 }
 
-// relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG.
-func (k *kernelPath) relayPassedThenDone(d *kernelDir) {
+// relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG, on its conns src and
+// dst, which it closes when done; connErr is why they could not be made.
+func (k *kernelPath) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error) {
 	defer k.relayWG.Done()
-	k.relayPassed(d)
+	if connErr != nil {
+		k.stopRelaying(d, true)
+		// A demoted direction with no one to relay it would hold its sender forever.
+		d.kt.p.Fail(ReasonKernelError, connErr, true)
+		return
+	}
+	defer k.dropRelayConns(d, src, dst)
+	k.relayPassed(d, src, dst)
 }
 
-// relayPassed relays the bytes the verdict passed to d's source while it is demoted, and carries the FIN if
-// it comes while demoted. It returns when the verdict redirects again and every passed byte is relayed, or
-// when the tunnel ends.
-func (k *kernelPath) relayPassed(d *kernelDir) {
+// dropRelayConns closes a relaying goroutine's conns, and forgets them unless a later goroutine's
+// replaced them.
+func (k *kernelPath) dropRelayConns(d *kernelDir, src, dst *net.TCPConn) {
+	k.mu.Lock()
+	if d.srcConn == src {
+		d.srcConn, d.dstConn = nil, nil
+	}
+	k.mu.Unlock()
+	_ = src.Close()
+	_ = dst.Close()
+}
+
+// pollConn returns a conn in Go's poller on a new duplicate of fd: a relaying goroutine waits for passed
+// bytes and for send room as on any conn, and only while it relays. The caller holds k.mu.
+func pollConn(fd int) (*net.TCPConn, error) {
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("F_DUPFD_CLOEXEC: %w", err)
+	}
+	f := os.NewFile(uintptr(dup), "kernel-tunnel-socket")
+	defer f.Close() // net.FileConn holds a duplicate of its own
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("conn from the engine's descriptor: %w", err)
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		_ = c.Close()
+		return nil, fmt.Errorf("conn from the engine's descriptor is a %T, not TCP", c)
+	}
+	return tc, nil
+}
+
+// withFD runs f with c's descriptor, which stays open meanwhile; an error once c is closed.
+func withFD(c *net.TCPConn, f func(fd int)) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Control(func(fd uintptr) { f(int(fd)) })
+}
+
+// relayPassed relays the bytes the verdict passed to d's source while it is demoted, reading src and
+// writing dst, and carries the FIN if it comes while demoted. It returns when the verdict redirects again
+// and every passed byte is relayed, or when the tunnel ends.
+func (k *kernelPath) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 	p := d.kt.p
 	fail := func(reason string) {
 		k.stopRelaying(d, true)
@@ -104,7 +166,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			p.End(reason, true)
 		}
 	}
-	rc, err := d.src.conn.SyscallConn()
+	rc, err := src.SyscallConn()
 	if err != nil {
 		fail(datapath.Blame(d.src.isClient, err))
 		return
@@ -119,7 +181,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 		// source's next data_ready, which either passes bytes or finds the verdict redirecting again.
 		deadline := time.Time{}
 		if st, err := k.maps.Stats(d.src.cookie); err == nil && d.resumeGen != st.Demotions {
-			if d.dstHasRoom() {
+			if d.hasRoom(dst) {
 				d.resumeGen = st.Demotions
 				if err := k.setControl(d); err != nil {
 					fail(controlFailure(err))
@@ -129,7 +191,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 				deadline = time.Now().Add(poll)
 			}
 		}
-		_ = d.src.conn.SetReadDeadline(deadline)
+		_ = src.SetReadDeadline(deadline)
 		n, err := k.readPassed(rc, d, *bp)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -164,13 +226,13 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 				time.Sleep(handedOnFirstCheck)
 				continue
 			}
-			k.finishRelayed(d)
+			k.finishRelayed(d, dst)
 			return
 		}
 		poll = relayPoll
 		// These bytes were passed, so every earlier run of the source's verdict has finished and counted
 		// what it redirected: those bytes must all be in the destination's send queue before these follow.
-		if err := k.waitHandedOn(d); err != nil {
+		if err := k.waitHandedOn(d, dst); err != nil {
 			if errors.Is(err, errTunnelEnded) {
 				fail("")
 			} else {
@@ -178,7 +240,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			}
 			return
 		}
-		w, err := d.dst.conn.Write((*bp)[:n])
+		w, err := dst.Write((*bp)[:n])
 		d.dir.Count(w)
 		d.userRead += uint64(n)
 		d.userWritten += uint64(w)
@@ -241,7 +303,7 @@ func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int
 		if rerr != unix.EAGAIN {
 			return true
 		}
-		if k.overflowed(d, st.Passed-d.userRead, time.Now()) {
+		if k.overflowed(d, int(fd), st.Passed-d.userRead, time.Now()) {
 			rerr = errOverflow
 			return true
 		}
@@ -262,10 +324,14 @@ func (k *kernelPath) setControl(d *kernelDir) error {
 		UserRead: d.userRead, UserWritten: d.userWritten, ResumeGen: d.resumeGen})
 }
 
-// dstHasRoom reports whether d's destination has little left to send: then the direction may resume.
-func (d *kernelDir) dstHasRoom() bool {
-	unsent, err := unix.IoctlGetInt(d.dst.fd, unix.SIOCOUTQNSD)
-	return err == nil && uint64(unsent) < d.limit/4
+// hasRoom reports whether d's destination, dst, has little left to send: then the direction may resume.
+func (d *kernelDir) hasRoom(dst *net.TCPConn) bool {
+	room := false
+	_ = withFD(dst, func(fd int) {
+		unsent, err := unix.IoctlGetInt(fd, unix.SIOCOUTQNSD)
+		room = err == nil && uint64(unsent) < d.limit/4
+	})
+	return room
 }
 
 // overflowAt is how many passed bytes not yet read from d's source mean that both peers stopped reading.
@@ -274,8 +340,8 @@ func (d *kernelDir) dstHasRoom() bool {
 // the source's psock queue behind bytes the other direction redirected into the same socket, for a reader
 // that stopped too, are charged to no socket (skmsg.c, sk_psock_verdict_apply), so nothing stops the sender.
 // Past this bound the tunnel is reset rather than let the kernel hold their bytes without bound.
-func (d *kernelDir) overflowAt() uint64 {
-	rcvbuf, _ := unix.GetsockoptInt(d.src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+func (d *kernelDir) overflowAt(srcFD int) uint64 {
+	rcvbuf, _ := unix.GetsockoptInt(srcFD, unix.SOL_SOCKET, unix.SO_RCVBUF)
 	return 4*d.limit + 2*uint64(rcvbuf)
 }
 
@@ -314,15 +380,15 @@ func (w *overflowWatch) stuck(stalled bool, mark uint64, now time.Time) bool {
 // bytes for the source, which drain as the source's peer reads; progress is a byte read by the relaying
 // goroutine or a byte entering or leaving the source's send queue (acked plus queued). A source whose send
 // queue is empty has a peer that took everything: the psock is only late, and nothing is stuck.
-func (k *kernelPath) overflowed(d *kernelDir, unread uint64, now time.Time) bool {
-	if unread <= 4*d.limit || unread <= d.overflowAt() {
+func (k *kernelPath) overflowed(d *kernelDir, srcFD int, unread uint64, now time.Time) bool {
+	if unread <= 4*d.limit || unread <= d.overflowAt(srcFD) {
 		return d.overflow.stuck(false, 0, now)
 	}
-	info, err := unix.GetsockoptTCPInfo(d.src.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	info, err := unix.GetsockoptTCPInfo(srcFD, unix.IPPROTO_TCP, unix.TCP_INFO)
 	if err != nil {
 		return false // the tunnel is ending; its end says why
 	}
-	outq, err := unix.IoctlGetInt(d.src.fd, unix.SIOCOUTQ)
+	outq, err := unix.IoctlGetInt(srcFD, unix.SIOCOUTQ)
 	if err != nil {
 		return false
 	}
@@ -349,13 +415,21 @@ func (k *kernelPath) stopRelaying(d *kernelDir, force bool) bool {
 // destination's send queue. It fails if the tunnel ends, or if the redirected bytes stop moving while the
 // destination has nothing left to send (the stall guard of docs/datapath.md, "FIN, RST and the end of a
 // tunnel").
-func (k *kernelPath) waitHandedOn(d *kernelDir) error {
+func (k *kernelPath) waitHandedOn(d *kernelDir, dst *net.TCPConn) error {
 	interval := handedOnFirstCheck
 	var lastHanded uint64
 	lastMove := time.Now()
 	for {
-		st, handed, err := k.dirProgress(d)
-		if err != nil {
+		var (
+			st     loader.Stats
+			handed uint64
+			busy   bool
+			err    error
+		)
+		if cerr := withFD(dst, func(fd int) {
+			st, handed, err = k.dirProgress(d, fd)
+			busy = hasUnsent(fd)
+		}); cerr != nil || err != nil {
 			return errTunnelEnded
 		}
 		if handed >= st.Bytes {
@@ -365,7 +439,7 @@ func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 		switch {
 		case handed != lastHanded:
 			lastHanded, lastMove, interval = handed, now, handedOnFirstCheck
-		case now.Sub(lastMove) > stallTimeout && !k.dstBusy(d):
+		case now.Sub(lastMove) > stallTimeout && !busy:
 			return fmt.Errorf("redirected bytes stopped %d short of the destination", st.Bytes-handed)
 		default:
 			interval = min(2*interval, handedOnMaxCheck)
@@ -380,9 +454,9 @@ func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 
 // finishRelayed carries the FIN that d's relaying goroutine read, once every redirected byte before it is
 // handed on, and ends the tunnel if the other direction is done too.
-func (k *kernelPath) finishRelayed(d *kernelDir) {
+func (k *kernelPath) finishRelayed(d *kernelDir, dst *net.TCPConn) {
 	t := d.kt.p
-	if err := k.waitHandedOn(d); err != nil {
+	if err := k.waitHandedOn(d, dst); err != nil {
 		k.stopRelaying(d, true)
 		if !errors.Is(err, errTunnelEnded) {
 			t.End(ReasonStalled, true)
