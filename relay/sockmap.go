@@ -605,8 +605,9 @@ func (k *kernelPath) handle(ev unix.EpollEvent) {
 	}
 	kt := s.kt
 	if ev.Events&unix.EPOLLERR != 0 {
-		k.mu.Unlock()
+		// Read under k.mu: release closes the descriptor, and its number may then name another socket.
 		soErr, _ := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		k.mu.Unlock()
 		kt.p.Fail(datapath.Blame(s.isClient, unix.Errno(soErr)), unix.Errno(soErr), true)
 		return
 	}
