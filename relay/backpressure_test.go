@@ -252,6 +252,16 @@ func TestBackpressureResumes(t *testing.T) {
 	if n := testutil.ToFloat64(r.metrics.kernelResumes); n < 1 {
 		t.Errorf("sockrelay_kernel_resumes_total = %v, want at least 1", n)
 	}
+	// The relaying goroutine's conns were closed when it stopped: the sockets are out of Go's poller again
+	// (docs/datapath.md, "The kernel engine owns the sockets' descriptors").
+	r.kernel.mu.Lock()
+	inodes := []uint64{inodeOf(t, d.src.fd), inodeOf(t, d.dst.fd)}
+	r.kernel.mu.Unlock()
+	for deadline := time.Now().Add(5 * time.Second); watchedElsewhere(t, r, inodes); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("after resuming, an epoll other than the kernel engine's still watches the tunnel's sockets")
+		}
+	}
 }
 
 // kernelDirOf returns a direction of r's only kernel tunnel, client → upstream when fromClient, waiting

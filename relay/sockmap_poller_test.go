@@ -58,6 +58,19 @@ func epollWatches(t testing.TB, skip int) map[uint64][]uint32 {
 	return watches
 }
 
+// watchedElsewhere reports whether an epoll of the process other than r's kernel engine's watches a
+// socket of inodes.
+func watchedElsewhere(t testing.TB, r *testRelay, inodes []uint64) bool {
+	t.Helper()
+	others := epollWatches(t, r.kernel.epfd)
+	for _, ino := range inodes {
+		if _, ok := others[ino]; ok {
+			return true
+		}
+	}
+	return false
+}
+
 // inodeOf returns the inode of the file fd refers to.
 func inodeOf(t testing.TB, fd int) uint64 {
 	t.Helper()
