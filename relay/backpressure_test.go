@@ -385,3 +385,35 @@ func echoRoundTrip(c *clientConn, seed uint64, size int64) error {
 	}
 	return nil
 }
+
+// TestOverflowWatch checks the rule behind the overflow reset: only a stall past the bound that lasts
+// overflowQuiet with nothing moving counts; progress or a check under the bound starts the wait again.
+func TestOverflowWatch(t *testing.T) {
+	type check struct {
+		after   time.Duration // since the first check
+		stalled bool
+		mark    uint64
+		want    bool
+	}
+	q := overflowQuiet
+	cases := []struct {
+		name   string
+		checks []check
+	}{
+		{"stalled-without-progress", []check{{0, true, 5, false}, {q / 2, true, 5, false}, {q, true, 5, true}}},
+		{"progress-restarts-the-wait", []check{{0, true, 5, false}, {q / 2, true, 6, false}, {q, true, 6, false}, {q + q/2, true, 6, true}}},
+		{"under-the-bound-restarts-the-wait", []check{{0, true, 5, false}, {q / 2, false, 5, false}, {q, true, 5, false}, {2 * q, true, 5, true}}},
+		{"never-stalled", []check{{0, false, 5, false}, {2 * q, false, 5, false}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var w overflowWatch
+			start := time.Now()
+			for i, c := range tc.checks {
+				if got := w.stuck(c.stalled, c.mark, start.Add(c.after)); got != c.want {
+					t.Fatalf("check %d (after %v, stalled %v, mark %d): stuck %v, want %v", i, c.after, c.stalled, c.mark, got, c.want)
+				}
+			}
+		})
+	}
+}
