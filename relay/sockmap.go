@@ -51,8 +51,11 @@ type kernelPath struct {
 	epfd   int
 	wakefd int // eventfd that wakes the loop to stop
 
-	mu     sync.Mutex
-	socks  map[int32]*kernelSide // by fd, for epoll events
+	mu sync.Mutex
+	// socks are the sides by socket cookie, the token of their epoll events: a descriptor number is
+	// reused as soon as release closes it, and an event read before the release would then name
+	// another tunnel's socket; a cookie is never reused. The eventfd's token is 0, which no cookie is.
+	socks  map[uint64]*kernelSide
 	bySrc  map[uint64]*kernelDir // by the cookie of the direction's source, for demotion events
 	drain  []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
 	done   chan struct{}
@@ -157,7 +160,7 @@ func newKernelPath(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*
 		return nil, err
 	}
 	k := &kernelPath{maps: maps, log: log, fallback: datapath.Copier{}, onFallback: onFallback, heldLimit: DefaultKernelHeldLimit,
-		socks: make(map[int32]*kernelSide), bySrc: make(map[uint64]*kernelDir),
+		socks: make(map[uint64]*kernelSide), bySrc: make(map[uint64]*kernelDir),
 		done: make(chan struct{}), events: make(chan struct{})}
 	if k.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		maps.Close()
@@ -168,7 +171,7 @@ func newKernelPath(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*
 		maps.Close()
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
-	if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, k.wakefd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(k.wakefd)}); err != nil {
+	if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, k.wakefd, &unix.EpollEvent{Events: unix.EPOLLIN}); err != nil {
 		k.closeFDs()
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
@@ -362,7 +365,8 @@ func (k *kernelPath) attach(kt *kernelTunnel, heldLimit uint64) error {
 		// Hang-up and error only, edge-triggered: each FIN, hang-up or error is reported once, and the
 		// data_ready that ends every verdict run wakes no one (docs/datapath.md, "The kernel engine owns
 		// the sockets' descriptors").
-		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET, Fd: int32(s.fd)}
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
+			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
 		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
 			for _, added := range sides[:i] {
 				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
@@ -371,8 +375,8 @@ func (k *kernelPath) attach(kt *kernelTunnel, heldLimit uint64) error {
 			return fmt.Errorf("epoll add: %w", err)
 		}
 	}
-	k.socks[int32(kt.client.fd)] = &kt.client
-	k.socks[int32(kt.up.fd)] = &kt.up
+	k.socks[kt.client.cookie] = &kt.client
+	k.socks[kt.up.cookie] = &kt.up
 	k.bySrc[kt.client.cookie] = &kt.dirs[0]
 	k.bySrc[kt.up.cookie] = &kt.dirs[1]
 	for _, s := range sides {
@@ -499,7 +503,7 @@ func (k *kernelPath) release(kt *kernelTunnel) {
 	}
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
-		delete(k.socks, int32(s.fd))
+		delete(k.socks, s.cookie)
 		delete(k.bySrc, s.cookie)
 	}
 	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
@@ -533,7 +537,7 @@ func (k *kernelPath) loop() {
 			return
 		}
 		for _, ev := range events[:max(n, 0)] {
-			if int(ev.Fd) == k.wakefd {
+			if eventToken(ev) == 0 {
 				return
 			}
 			k.handle(ev)
@@ -594,11 +598,16 @@ func (k *kernelPath) drainTimeout() int {
 	return max(ms, 0)
 }
 
+// eventToken is the 64 bits of ev's data: a socket cookie, or 0 for the eventfd.
+func eventToken(ev unix.EpollEvent) uint64 {
+	return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+}
+
 // handle acts on one socket's event: an error (a reset) aborts the tunnel; a FIN starts the drain of the
 // direction it ends.
 func (k *kernelPath) handle(ev unix.EpollEvent) {
 	k.mu.Lock()
-	s, ok := k.socks[ev.Fd]
+	s, ok := k.socks[eventToken(ev)]
 	if !ok {
 		k.mu.Unlock()
 		return

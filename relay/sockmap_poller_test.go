@@ -167,3 +167,32 @@ func openSocketInodes(t testing.TB) map[uint64]bool {
 	}
 	return open
 }
+
+// TestKernelStaleEventNamesNoOtherTunnel hands the kernel loop an error event as epoll reports it for a
+// descriptor number that a live tunnel's socket now has: what an event read just before another tunnel's
+// release closed that number looks like. Events name sockets by cookie, never reused, so the live tunnel
+// must not be reset by it (seen in wsbench runs before: a fresh tunnel ended as upstream_error, errno 0).
+func TestKernelStaleEventNamesNoOtherTunnel(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathSockmap, []string{up.Addr})
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	d := kernelDirOf(t, r, true)
+	r.kernel.mu.Lock()
+	fd := d.src.fd
+	r.kernel.mu.Unlock()
+	r.kernel.handle(unix.EpollEvent{Events: unix.EPOLLERR, Fd: int32(fd)})
+
+	msg := []byte("still here")
+	if _, err := c.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	back := make([]byte, len(msg))
+	_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(u.R, back); err != nil || string(back) != string(msg) {
+		t.Fatalf("upstream read %q, %v after a stale event; want %q", back, err, msg)
+	}
+	if reason := r.Log.String(); strings.Contains(reason, "tunnel closed") {
+		t.Fatalf("the tunnel ended on a stale event:\n%s", reason)
+	}
+}
