@@ -110,6 +110,7 @@ func (k *kernelPath) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, co
 		return
 	}
 	defer k.dropRelayConns(d, src, dst)
+	defer withFD(src, d.overflow.unclamp) // the source's full window again, before its conn closes
 	k.relayPassed(d, src, dst)
 }
 
@@ -348,16 +349,25 @@ func (d *kernelDir) overflowAt(srcFD int) uint64 {
 // overflowQuiet is how long unread passed bytes must stay past overflowAt with nothing moving before the
 // tunnel is reset for overflow. Passed bytes wait behind the other direction's bytes for the source, which
 // the psock retries only at the next tick after a full send buffer (schedule_delayed_work(…, 1): up to
-// 4 ms at HZ=250), or later under CPU contention; a fast sender piles up tens of MiB in one such wait
-// while both peers read (docs/datapath.md, "Backpressure"). Short, because a tunnel whose peers did stop
-// reading piles up as much in the same time.
-const overflowQuiet = 10 * time.Millisecond
+// 4 ms at HZ=250), or later under CPU contention, and a reader that is slow for a moment looks stopped
+// as long; a fast sender piles up tens of MiB in such a wait while both peers read (docs/datapath.md,
+// "Backpressure"). The source's window is clamped meanwhile (overflowClamp), which slows the sender to a
+// trickle, so the wait costs little memory even when the peers did stop.
+const overflowQuiet = 250 * time.Millisecond
+
+// overflowClamp is the TCP window clamp of a source whose unread passed bytes are past overflowAt: the
+// smallest the kernel allows (SOCK_MIN_RCVBUF/2). Passed bytes behind the psock queue are charged to no
+// socket, so the window does not close by itself; the clamp bounds what the sender may add per round trip.
+const overflowClamp = 1152
 
 // overflowWatch remembers, for a relaying goroutine, since when unread passed bytes have been past the
-// overflow bound without progress. Only that goroutine touches it.
+// overflow bound without progress, and whether it clamped the source's window. Only that goroutine
+// touches it.
 type overflowWatch struct {
 	since time.Time // zero while under the bound or moving
 	mark  uint64    // the progress mark when since was set
+	// clampWas is the source's window clamp before overflowed clamped it; 0 while not clamped.
+	clampWas int
 }
 
 // stuck reports whether stalled (unread passed bytes past the bound, the source's send queue not empty)
@@ -375,15 +385,41 @@ func (w *overflowWatch) stuck(stalled bool, mark uint64, now time.Time) bool {
 	return now.Sub(w.since) >= overflowQuiet
 }
 
+// clamp clamps the window of the source srcFD to overflowClamp, remembering its clamp before.
+func (w *overflowWatch) clamp(srcFD int) {
+	if w.clampWas != 0 {
+		return
+	}
+	was, err := unix.GetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP)
+	if err != nil || was <= overflowClamp {
+		return
+	}
+	if unix.SetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, overflowClamp) == nil {
+		w.clampWas = was
+	}
+}
+
+// unclamp gives the source srcFD its window clamp back, if clamp took it.
+func (w *overflowWatch) unclamp(srcFD int) {
+	if w.clampWas == 0 {
+		return
+	}
+	_ = unix.SetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, w.clampWas)
+	w.clampWas = 0
+}
+
 // overflowed reports whether both peers of d's tunnel stopped reading while sending: unread passed bytes
 // past overflowAt, and for overflowQuiet no progress. The passed bytes wait behind the other direction's
 // bytes for the source, which drain as the source's peer reads; progress is a byte read by the relaying
 // goroutine or a byte entering or leaving the source's send queue (acked plus queued). A source whose send
-// queue is empty has a peer that took everything: the psock is only late, and nothing is stuck.
+// queue is empty has a peer that took everything: the psock is only late, and nothing is stuck. While
+// past the bound the source's window is clamped, and given back once under it.
 func (k *kernelPath) overflowed(d *kernelDir, srcFD int, unread uint64, now time.Time) bool {
 	if unread <= 4*d.limit || unread <= d.overflowAt(srcFD) {
+		d.overflow.unclamp(srcFD)
 		return d.overflow.stuck(false, 0, now)
 	}
+	d.overflow.clamp(srcFD)
 	info, err := unix.GetsockoptTCPInfo(srcFD, unix.IPPROTO_TCP, unix.TCP_INFO)
 	if err != nil {
 		return false // the tunnel is ending; its end says why
