@@ -12,7 +12,9 @@
 //
 // While an engine carries a pair it holds it with a Carrier (Pair.Hold): what the pair asks of the engine
 // (bytes moved that the pair's counters do not hold yet, when a byte last moved) and how the pair lets go
-// of it when it ends (Release, called once, before the sockets are closed).
+// of it when it ends (Release, called once, before the sockets are closed). A Carrier that is a
+// SocketOwner has closed the endpoints' conns and holds the sockets by descriptors of its own (the kernel
+// engine, to keep them out of Go's poller); the pair then reaches the sockets through it until Release.
 //
 // Bytes a handshake read past its own end travel with their endpoint as Endpoint.Peeked, and reach the
 // other side before any byte an engine moves. Every engine writes them exactly once (Direction.WritePeeked).

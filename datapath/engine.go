@@ -42,6 +42,16 @@ type Stopper interface {
 	Stop() error
 }
 
+// A SocketOwner is a Carrier that took the pair's sockets from their conns: the kernel engine keeps
+// descriptors of its own and closes the conns, so that Go's poller is not woken for bytes it never reads.
+// The pair then reaches the sockets through it (Unsent, Progress, the reset at End).
+type SocketOwner interface {
+	Carrier
+	// Sockets returns the descriptors of the client's and the upstream's socket. The pair calls it with
+	// its lock held, which Release also runs under: the descriptors stay open until Release.
+	Sockets() (client, upstream int)
+}
+
 // ErrPairEnded is returned by Stop and Move when the pair ended first.
 var ErrPairEnded = errors.New("the pair has ended")
 

@@ -215,6 +215,11 @@ func (p *Pair) Fail(reason string, err error, abort bool) {
 		p.mu.Lock()
 		p.ending, p.aborted = true, abort
 		if p.carrier != nil {
+			if o, ok := p.carrier.(SocketOwner); ok && abort {
+				c, u := o.Sockets()
+				resetOnClose(c)
+				resetOnClose(u)
+			}
 			p.carrier.Release()
 			p.carrier = nil
 		}
@@ -233,6 +238,30 @@ func (p *Pair) Fail(reason string, err error, abort bool) {
 	})
 }
 
+// resetOnClose makes the close of fd send a reset (SO_LINGER 0), as SetLinger(0) does for a conn.
+func resetOnClose(fd int) {
+	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+}
+
+// eachSocket calls f with the descriptor of each of the pair's sockets that is still open: its
+// SocketOwner's, under the pair's lock so that Release cannot close them meanwhile, else its conns'.
+func (p *Pair) eachSocket(f func(fd int)) {
+	p.mu.Lock()
+	if o, ok := p.carrier.(SocketOwner); ok {
+		c, u := o.Sockets()
+		f(c)
+		f(u)
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Unlock()
+	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+		if raw, err := c.SyscallConn(); err == nil {
+			_ = raw.Control(func(fd uintptr) { f(int(fd)) })
+		}
+	}
+}
+
 // Ending reports whether the pair has begun to end.
 func (p *Pair) Ending() bool {
 	p.mu.Lock()
@@ -247,17 +276,11 @@ func (p *Pair) Unsent() bool {
 		return o.Unsent()
 	}
 	unsent := false
-	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
-		raw, err := c.SyscallConn()
-		if err != nil {
-			continue
+	p.eachSocket(func(fd int) {
+		if n, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ); err == nil && n > 0 {
+			unsent = true
 		}
-		_ = raw.Control(func(fd uintptr) {
-			if n, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err == nil && n > 0 {
-				unsent = true
-			}
-		})
-	}
+	})
 	return unsent
 }
 
@@ -273,17 +296,11 @@ func (p *Pair) Progress() uint64 {
 		return o.Progress()
 	}
 	var sum uint64
-	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
-		raw, err := c.SyscallConn()
-		if err != nil {
-			continue
+	p.eachSocket(func(fd int) {
+		if ti, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			sum += ti.Bytes_acked + ti.Bytes_received
 		}
-		_ = raw.Control(func(fd uintptr) {
-			if ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-				sum += ti.Bytes_acked + ti.Bytes_received
-			}
-		})
-	}
+	})
 	return sum
 }
 

@@ -50,6 +50,12 @@ func TestBackpressureSlowReader(t *testing.T) {
 				up := startUpstream(t)
 				r := startRelay(t, dp, []string{up.Addr})
 				c, u := openTunnel(t, r.Addr, up, nil, nil)
+				if dp == DatapathSockmap {
+					// In the kernel before the stream starts: a source already pouring bytes at the
+					// handoff is left on copy (busy_at_handoff), and this test is about the kernel's
+					// backpressure (seen under -race: no demotion, the tunnel was on copy).
+					kernelDirOf(t, r, false)
+				}
 				size := int64(512 << 20)
 				if p.on > 0 {
 					size = 128 << 20
@@ -252,6 +258,16 @@ func TestBackpressureResumes(t *testing.T) {
 	if n := testutil.ToFloat64(r.metrics.kernelResumes); n < 1 {
 		t.Errorf("sockrelay_kernel_resumes_total = %v, want at least 1", n)
 	}
+	// The relaying goroutine's conns were closed when it stopped: the sockets are out of Go's poller again
+	// (docs/datapath.md, "The kernel engine owns the sockets' descriptors").
+	r.kernel.mu.Lock()
+	inodes := []uint64{inodeOf(t, d.src.fd), inodeOf(t, d.dst.fd)}
+	r.kernel.mu.Unlock()
+	for deadline := time.Now().Add(5 * time.Second); watchedElsewhere(t, r, inodes); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("after resuming, an epoll other than the kernel engine's still watches the tunnel's sockets")
+		}
+	}
 }
 
 // kernelDirOf returns a direction of r's only kernel tunnel, client → upstream when fromClient, waiting
@@ -318,4 +334,92 @@ func TestBackpressureLostEvents(t *testing.T) {
 	}
 	c.CloseWrite()
 	waitTunnelsGone(t, r)
+}
+
+// TestBackpressureEchoBothWays streams whole 64 KiB chunks both ways through sockmap tunnels whose upstream
+// echoes and whose client reads all the time, as `wsbench throughput -mode echo` does: both peers read, so
+// no tunnel may be reset for overflow, and every echoed byte must come back exact. Passed bytes that wait a
+// moment behind the other direction's (a psock retry tick, CPU contention) once tripped the overflow reset
+// of 3 of these 4 tunnels (docs/datapath.md, "Backpressure").
+func TestBackpressureEchoBothWays(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathSockmap, []string{up.Addr})
+	const tunnels, size = 4, 128 << 20
+	errs := make(chan error, 2*tunnels)
+	for i := range tunnels {
+		c, u := openTunnel(t, r.Addr, up, nil, nil)
+		go echoUntilEOF(u, errs)
+		go func() { errs <- echoRoundTrip(c, uint64(50+i), size) }()
+	}
+	for range 2 * tunnels {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if n := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": ReasonOverflow}); n != 0 {
+		t.Errorf("%v tunnels were reset for overflow while both peers read", n)
+	}
+	waitTunnelsGone(t, r)
+}
+
+// echoUntilEOF writes back what u reads until EOF, then half-closes u.
+func echoUntilEOF(u *upstreamConn, errs chan<- error) {
+	if _, err := io.Copy(u, u.R); err != nil {
+		errs <- fmt.Errorf("upstream echo: %w", err)
+		return
+	}
+	errs <- u.CloseWrite()
+}
+
+// echoRoundTrip writes size bytes of the seeded stream to c while it reads them back, checks them, and
+// half-closes c; the echo must end with EOF after the last byte.
+func echoRoundTrip(c *clientConn, seed uint64, size int64) error {
+	wrote := make(chan error, 1)
+	go countingStreamWriter(c.TCPConn, streamReader(seed, size), new(atomic.Int64), wrote)
+	got := newStreamCheck(seed, size)
+	n, err := copyWithin(c, got, c.R, time.Minute)
+	if err != nil {
+		c.Close() // unblocks the writer
+		return fmt.Errorf("client read %d of %d echoed bytes, then: %w", n, size, err)
+	}
+	if err := <-wrote; err != nil {
+		return fmt.Errorf("client write: %w", err)
+	}
+	if d := got.Diff(); d != "" {
+		return fmt.Errorf("echoed stream: %s", d)
+	}
+	return nil
+}
+
+// TestOverflowWatch checks the rule behind the overflow reset: only a stall past the bound that lasts
+// overflowQuiet with nothing moving counts; progress or a check under the bound starts the wait again.
+func TestOverflowWatch(t *testing.T) {
+	type check struct {
+		after   time.Duration // since the first check
+		stalled bool
+		mark    uint64
+		want    bool
+	}
+	q := overflowQuiet
+	cases := []struct {
+		name   string
+		checks []check
+	}{
+		{"stalled-without-progress", []check{{0, true, 5, false}, {q / 2, true, 5, false}, {q, true, 5, true}}},
+		{"progress-restarts-the-wait", []check{{0, true, 5, false}, {q / 2, true, 6, false}, {q, true, 6, false}, {q + q/2, true, 6, true}}},
+		{"under-the-bound-restarts-the-wait", []check{{0, true, 5, false}, {q / 2, false, 5, false}, {q, true, 5, false}, {2 * q, true, 5, true}}},
+		{"never-stalled", []check{{0, false, 5, false}, {2 * q, false, 5, false}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var w overflowWatch
+			start := time.Now()
+			for i, c := range tc.checks {
+				if got := w.stuck(c.stalled, c.mark, start.Add(c.after)); got != c.want {
+					t.Fatalf("check %d (after %v, stalled %v, mark %d): stuck %v, want %v", i, c.after, c.stalled, c.mark, got, c.want)
+				}
+			}
+		})
+	}
 }

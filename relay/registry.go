@@ -13,7 +13,8 @@ import (
 var ErrRegistryClosed = errors.New("relay is shutting down")
 
 // Registry owns every live tunnel. It is what keeps a tunnel's sockets reachable (a net.Conn nobody
-// references is closed by a finalizer: docs/datapath.md, "Go owns the sockets' descriptors"), what
+// references is closed by a finalizer: docs/datapath.md, "The kernel engine owns the sockets'
+// descriptors"), what
 // /debug/tunnels lists, and what shutdown drains and closes.
 type Registry struct {
 	mu      sync.Mutex

@@ -19,7 +19,9 @@ import (
 // kernelPath is the sockmap datapath: after the handshake both sockets of a tunnel go into the BPF
 // sockhash and the verdict program redirects each side's bytes to the other inside the kernel. Userspace
 // keeps no goroutine and no buffer per tunnel: one epoll loop watches every kernel tunnel's sockets for
-// FIN, hang-up and error, and carries the FIN across once every byte before it has been handed on.
+// FIN, hang-up and error, and carries the FIN across once every byte before it has been handed on. The
+// engine owns the sockets' descriptors while it carries them, out of Go's poller (docs/datapath.md, "The
+// kernel engine owns the sockets' descriptors").
 type kernelPath struct {
 	maps *loader.Sockmap
 	log  *slog.Logger
@@ -49,8 +51,11 @@ type kernelPath struct {
 	epfd   int
 	wakefd int // eventfd that wakes the loop to stop
 
-	mu     sync.Mutex
-	socks  map[int32]*kernelSide // by fd, for epoll events
+	mu sync.Mutex
+	// socks are the sides by socket cookie, the token of their epoll events: a descriptor number is
+	// reused as soon as release closes it, and an event read before the release would then name
+	// another tunnel's socket; a cookie is never reused. The eventfd's token is 0, which no cookie is.
+	socks  map[uint64]*kernelSide
 	bySrc  map[uint64]*kernelDir // by the cookie of the direction's source, for demotion events
 	drain  []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
 	done   chan struct{}
@@ -70,11 +75,28 @@ type kernelTunnel struct {
 	released bool
 }
 
+// Sockets returns the engine's descriptors of the client's and the upstream's socket (datapath.SocketOwner).
+func (kt *kernelTunnel) Sockets() (client, upstream int) { return kt.client.fd, kt.up.fd }
+
+// closeSockets closes the engine's descriptors, each once: at release, or when the pair never entered the
+// kernel. Whoever calls it is the only one that still uses them.
+func (kt *kernelTunnel) closeSockets() {
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		if s.owned {
+			s.owned = false
+			unix.Close(s.fd)
+		}
+	}
+}
+
 // kernelSide is one socket of a kernel tunnel.
 type kernelSide struct {
-	kt       *kernelTunnel
+	kt *kernelTunnel
+	// conn is the side's conn, used until the tunnel enters the kernel, then closed: Go's poller then
+	// forgets the socket, which stays open through fd, the engine's own duplicate of its descriptor.
 	conn     *net.TCPConn
 	fd       int
+	owned    bool // fd is open and the engine's to close
 	cookie   uint64
 	isClient bool
 	// sentBase is how many bytes had entered this socket's send path (acked + queued) before insertion:
@@ -107,6 +129,12 @@ type kernelDir struct {
 	relaying              bool
 	userRead, userWritten uint64
 	resumeGen             uint64 // the demotion after which resuming was last asked for
+	// srcConn and dstConn are the relaying goroutine's conns on src and dst (pollConn): readModeChanges
+	// wakes it through srcConn, and release closes both so that the sockets close with the tunnel.
+	// Guarded by kernelPath.mu; nil while no goroutine relays.
+	srcConn, dstConn *net.TCPConn
+	// overflow belongs to the relaying goroutine, as userRead does.
+	overflow overflowWatch
 }
 
 // kernelBuffers are the buffers of the handoff's drain and of relayPassed: 32 KiB, as the copy engine's.
@@ -121,7 +149,10 @@ const (
 	stallTimeout = 10 * time.Second
 )
 
-var _ datapath.Engine = (*kernelPath)(nil)
+var (
+	_ datapath.Engine      = (*kernelPath)(nil)
+	_ datapath.SocketOwner = (*kernelTunnel)(nil)
+)
 
 func newKernelPath(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*kernelPath, error) {
 	maps, err := loader.Open(loader.Options{})
@@ -129,7 +160,7 @@ func newKernelPath(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*
 		return nil, err
 	}
 	k := &kernelPath{maps: maps, log: log, fallback: datapath.Copier{}, onFallback: onFallback, heldLimit: DefaultKernelHeldLimit,
-		socks: make(map[int32]*kernelSide), bySrc: make(map[uint64]*kernelDir),
+		socks: make(map[uint64]*kernelSide), bySrc: make(map[uint64]*kernelDir),
 		done: make(chan struct{}), events: make(chan struct{})}
 	if k.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		maps.Close()
@@ -140,7 +171,7 @@ func newKernelPath(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*
 		maps.Close()
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
-	if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, k.wakefd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(k.wakefd)}); err != nil {
+	if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, k.wakefd, &unix.EpollEvent{Events: unix.EPOLLIN}); err != nil {
 		k.closeFDs()
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
@@ -194,17 +225,20 @@ func (k *kernelPath) Close() error {
 	return nil
 }
 
-// rawFD returns the descriptor of c. The conn stays open and owned by the tunnel (and through it by the
-// registry), so Go never closes the descriptor under the kernel's feet (docs/datapath.md, "Go owns the
-// sockets' descriptors").
-func rawFD(c *net.TCPConn) (int, error) {
+// dupFD returns a duplicate of c's descriptor (close-on-exec, nonblocking as c's is: they share the open
+// file), which the engine owns. A raw descriptor has no finalizer, so the collector never closes the
+// socket under the kernel's feet (docs/datapath.md, "The kernel engine owns the sockets' descriptors").
+func dupFD(c *net.TCPConn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return -1, err
 	}
-	fd := -1
-	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
+	fd, derr := -1, error(nil)
+	if err := rc.Control(func(f uintptr) { fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
 		return -1, err
+	}
+	if derr != nil {
+		return -1, fmt.Errorf("F_DUPFD_CLOEXEC: %w", derr)
 	}
 	return fd, nil
 }
@@ -225,15 +259,16 @@ func sentBytes(fd int) (uint64, error) {
 }
 
 func (k *kernelPath) newSide(kt *kernelTunnel, c *net.TCPConn, isClient bool) (kernelSide, error) {
-	fd, err := rawFD(c)
+	fd, err := dupFD(c)
 	if err != nil {
 		return kernelSide{}, fmt.Errorf("socket descriptor: %w", err)
 	}
 	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
 	if err != nil {
+		unix.Close(fd)
 		return kernelSide{}, fmt.Errorf("SO_COOKIE: %w", err)
 	}
-	return kernelSide{kt: kt, conn: c, fd: fd, cookie: cookie, isClient: isClient}, nil
+	return kernelSide{kt: kt, conn: c, fd: fd, owned: true, cookie: cookie, isClient: isClient}, nil
 }
 
 // Carry hands p to the kernel. Userspace's leftovers go first: whatever the handshake read past the request
@@ -245,6 +280,12 @@ func (k *kernelPath) Carry(p *datapath.Pair) { k.carryLimited(p, k.heldLimit) }
 // carryLimited is Carry with the held limit of both directions given.
 func (k *kernelPath) carryLimited(p *datapath.Pair, heldLimit uint64) {
 	kt := &kernelTunnel{k: k, p: p}
+	inKernel := false
+	defer func() {
+		if !inKernel {
+			kt.closeSockets() // the pair's conns carry it, or it ended
+		}
+	}()
 	var err error
 	if kt.client, err = k.newSide(kt, p.Client().Conn, true); err == nil {
 		kt.up, err = k.newSide(kt, p.Upstream().Conn, false)
@@ -289,19 +330,8 @@ func (k *kernelPath) carryLimited(p *datapath.Pair, heldLimit uint64) {
 
 	// Inserted under the pair's lock (Hold), so that a concurrent end (a shutdown) cannot miss the release
 	// of what is inserted here.
-	held, err := p.Hold(datapath.Sockmap, kt, func() error {
-		k.mu.Lock()
-		defer k.mu.Unlock()
-		err := k.maps.Insert(loader.Socket{FD: kt.client.fd, Cookie: kt.client.cookie, HeldLimit: heldLimit},
-			loader.Socket{FD: kt.up.fd, Cookie: kt.up.cookie, HeldLimit: heldLimit})
-		if err == nil {
-			k.socks[int32(kt.client.fd)] = &kt.client
-			k.socks[int32(kt.up.fd)] = &kt.up
-			k.bySrc[kt.client.cookie] = &kt.dirs[0]
-			k.bySrc[kt.up.cookie] = &kt.dirs[1]
-		}
-		return err
-	})
+	held, err := p.Hold(datapath.Sockmap, kt, func() error { return k.attach(kt, heldLimit) })
+	inKernel = held
 	if !held && err == nil {
 		return // the pair ended first
 	}
@@ -317,22 +347,51 @@ func (k *kernelPath) carryLimited(p *datapath.Pair, heldLimit uint64) {
 		k.runInUserspace(p, reason)
 		return
 	}
+}
 
-	for _, s := range []*kernelSide{&kt.client, &kt.up} {
-		// Edge-triggered: each FIN, hang-up or error is reported once.
-		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET, Fd: int32(s.fd)}
+// attach puts kt's sockets into the maps and the loop's epoll, then closes their conns so that Go's poller
+// forgets them: from here the engine's descriptors are the only ones. It runs under the pair's lock
+// (Pair.Hold); on error nothing is left in the maps or the epoll, and the conns are open.
+func (k *kernelPath) attach(kt *kernelTunnel, heldLimit uint64) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	err := k.maps.Insert(loader.Socket{FD: kt.client.fd, Cookie: kt.client.cookie, HeldLimit: heldLimit},
+		loader.Socket{FD: kt.up.fd, Cookie: kt.up.cookie, HeldLimit: heldLimit})
+	if err != nil {
+		return err
+	}
+	sides := []*kernelSide{&kt.client, &kt.up}
+	for i, s := range sides {
+		// Hang-up and error only, edge-triggered: each FIN, hang-up or error is reported once, and the
+		// data_ready that ends every verdict run wakes no one (docs/datapath.md, "The kernel engine owns
+		// the sockets' descriptors").
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
+			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
 		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
-			p.Fail(ReasonClientError, err, true)
-			return
+			for _, added := range sides[:i] {
+				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
+			}
+			_ = k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie})
+			return fmt.Errorf("epoll add: %w", err)
 		}
+	}
+	k.socks[kt.client.cookie] = &kt.client
+	k.socks[kt.up.cookie] = &kt.up
+	k.bySrc[kt.client.cookie] = &kt.dirs[0]
+	k.bySrc[kt.up.cookie] = &kt.dirs[1]
+	for _, s := range sides {
+		// Go's runtime takes the descriptor out of its epoll (EPOLL_CTL_DEL) and closes it; the socket
+		// lives on through the engine's duplicate. The pair's own Close later finds the conn closed.
+		_ = s.conn.Close()
 	}
 	// Bytes that arrived between the last userspace read and the insertion sit in the receive queue, and
 	// the verdict runs only on data_ready. Setting SO_RCVLOWAT makes TCP call data_ready (tcp_set_rcvlowat),
 	// which runs the verdict over them now instead of when the sender next speaks (docs/datapath.md,
 	// "How a tunnel enters the kernel").
-	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+	for _, s := range sides {
 		_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
 	}
+	return nil
 }
 
 // runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy).
@@ -421,9 +480,10 @@ func (kt *kernelTunnel) LastActive() time.Time { return kt.k.lastSkb(kt) }
 // Release takes kt out of epoll and the maps; Pair.End calls it under the pair's lock.
 func (kt *kernelTunnel) Release() { kt.k.release(kt) }
 
-// release takes kt out of epoll and the maps, folding its final counters into the pair. Pair.End calls
-// it before closing the sockets: an explicit delete before close is the clean order, though closing removes a socket from
-// every map by itself (sock_map_close).
+// release takes kt out of epoll and the maps, folding its final counters into the pair, and closes the
+// engine's descriptors, which closes the sockets (their conns are closed already). An explicit delete
+// before close is the clean order, though closing removes a socket from every map by itself
+// (sock_map_close).
 func (k *kernelPath) release(kt *kernelTunnel) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -443,13 +503,22 @@ func (k *kernelPath) release(kt *kernelTunnel) {
 	}
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
-		delete(k.socks, int32(s.fd))
+		delete(k.socks, s.cookie)
 		delete(k.bySrc, s.cookie)
 	}
 	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
 		k.log.Warn("removing tunnel from BPF maps", "id", kt.p.ID, "err", err)
 	}
 	k.drain = slices.DeleteFunc(k.drain, func(d *kernelDir) bool { return d.kt == kt })
+	for i := range kt.dirs {
+		// A relaying goroutine's conns hold the sockets open too; closing them wakes it, and it finds
+		// its tunnel gone.
+		if d := &kt.dirs[i]; d.srcConn != nil {
+			_ = d.srcConn.Close()
+			_ = d.dstConn.Close()
+		}
+	}
+	kt.closeSockets()
 }
 
 // loop waits for socket events and polls draining directions until Close.
@@ -468,7 +537,7 @@ func (k *kernelPath) loop() {
 			return
 		}
 		for _, ev := range events[:max(n, 0)] {
-			if int(ev.Fd) == k.wakefd {
+			if eventToken(ev) == 0 {
 				return
 			}
 			k.handle(ev)
@@ -529,19 +598,25 @@ func (k *kernelPath) drainTimeout() int {
 	return max(ms, 0)
 }
 
+// eventToken is the 64 bits of ev's data: a socket cookie, or 0 for the eventfd.
+func eventToken(ev unix.EpollEvent) uint64 {
+	return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+}
+
 // handle acts on one socket's event: an error (a reset) aborts the tunnel; a FIN starts the drain of the
 // direction it ends.
 func (k *kernelPath) handle(ev unix.EpollEvent) {
 	k.mu.Lock()
-	s, ok := k.socks[ev.Fd]
+	s, ok := k.socks[eventToken(ev)]
 	if !ok {
 		k.mu.Unlock()
 		return
 	}
 	kt := s.kt
 	if ev.Events&unix.EPOLLERR != 0 {
-		k.mu.Unlock()
+		// Read under k.mu: release closes the descriptor, and its number may then name another socket.
 		soErr, _ := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		k.mu.Unlock()
 		kt.p.Fail(datapath.Blame(s.isClient, unix.Errno(soErr)), unix.Errno(soErr), true)
 		return
 	}
@@ -580,7 +655,7 @@ func (k *kernelPath) checkDrains() {
 			keep = append(keep, d)
 			continue
 		}
-		st, handed, err := k.dirProgress(d)
+		st, handed, err := k.dirProgress(d, d.dst.fd)
 		redirected := st.Bytes
 		switch {
 		case err != nil:
@@ -618,7 +693,7 @@ func (k *kernelPath) checkDrains() {
 			if handed != d.lastHanded {
 				d.lastHanded, d.lastMove = handed, now
 				d.interval = drainFirstCheck
-			} else if now.Sub(d.lastMove) > stallTimeout && !k.dstBusy(d) {
+			} else if now.Sub(d.lastMove) > stallTimeout && !hasUnsent(d.dst.fd) {
 				k.log.Error("kernel tunnel stalled: redirected bytes never reached the peer; resetting it",
 					"id", d.kt.p.ID, "redirected", redirected, "handed_on", handed)
 				stalled = append(stalled, d.kt)
@@ -644,21 +719,23 @@ func (k *kernelPath) checkDrains() {
 }
 
 // dirProgress returns the verdict's counters of d's source and how many of the bytes it redirected have
-// entered its destination's send path. The caller holds kernelPath.mu or is d's relaying goroutine.
-func (k *kernelPath) dirProgress(d *kernelDir) (loader.Stats, uint64, error) {
+// entered its destination's send path, dstFD. The caller holds kernelPath.mu (dstFD is d.dst.fd) or is
+// d's relaying goroutine (dstFD is its own conn's).
+func (k *kernelPath) dirProgress(d *kernelDir, dstFD int) (loader.Stats, uint64, error) {
 	st, err := k.maps.Stats(d.src.cookie)
 	if err != nil {
 		return loader.Stats{}, 0, err
 	}
-	sent, err := sentBytes(d.dst.fd)
+	sent, err := sentBytes(dstFD)
 	if err != nil {
 		return loader.Stats{}, 0, err
 	}
 	return st, sent - d.dst.sentBase - d.userWritten, nil
 }
 
-// dstBusy reports whether d's destination still has bytes to send: then the wait is a slow reader, not a stall.
-func (k *kernelPath) dstBusy(d *kernelDir) bool {
-	outq, err := unix.IoctlGetInt(d.dst.fd, unix.SIOCOUTQ)
+// hasUnsent reports whether the socket fd, a direction's destination, still has bytes to send: then the
+// wait is a slow reader, not a stall.
+func hasUnsent(fd int) bool {
+	outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
 	return err == nil && outq > 0
 }

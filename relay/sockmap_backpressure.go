@@ -3,6 +3,7 @@ package relay
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"slices"
 	"syscall"
@@ -62,10 +63,10 @@ func (k *kernelPath) readModeChanges() {
 		case !ok:
 		case ev.Kind == loader.Demoted:
 			k.startRelayLocked(d)
-		case ev.Kind == loader.Resumed && d.relaying:
+		case ev.Kind == loader.Resumed && d.srcConn != nil:
 			// The goroutine waits in Go's poller for bytes that will not come now: the source's
 			// wake-ups on redirected bytes are not EPOLLIN. An expired deadline wakes it to stop.
-			_ = d.src.conn.SetReadDeadline(time.Now())
+			_ = d.srcConn.SetReadDeadline(time.Now())
 		}
 		k.mu.Unlock()
 		if ok && ev.Kind == loader.Broken {
@@ -76,27 +77,89 @@ func (k *kernelPath) readModeChanges() {
 	}
 }
 
-// startRelayLocked starts relayPassed for d unless it runs already. The caller holds k.mu.
+// startRelayLocked starts relayPassed for d unless it runs already. The caller holds k.mu, so d's
+// descriptors are open (release takes k.mu): the goroutine's conns are made from them here.
 func (k *kernelPath) startRelayLocked(d *kernelDir) {
 	if d.relaying || d.kt.released || d.finDone {
 		return
 	}
+	src, err := pollConn(d.src.fd)
+	var dst *net.TCPConn
+	if err == nil {
+		if dst, err = pollConn(d.dst.fd); err != nil {
+			_ = src.Close()
+		}
+	}
 	d.relaying = true
+	if err == nil {
+		d.srcConn, d.dstConn = src, dst
+	}
 	k.relays.Add(1)
 	k.relayWG.Add(1)
-	go k.relayPassedThenDone(d)
+	go k.relayPassedThenDone(d, src, dst, err)
 }
 
-// relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG.
-func (k *kernelPath) relayPassedThenDone(d *kernelDir) {
+// relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG, on its conns src and
+// dst, which it closes when done; connErr is why they could not be made.
+func (k *kernelPath) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error) {
 	defer k.relayWG.Done()
-	k.relayPassed(d)
+	if connErr != nil {
+		k.stopRelaying(d, true)
+		// A demoted direction with no one to relay it would hold its sender forever.
+		d.kt.p.Fail(ReasonKernelError, connErr, true)
+		return
+	}
+	defer k.dropRelayConns(d, src, dst)
+	defer withFD(src, d.overflow.unclamp) // the source's full window again, before its conn closes
+	k.relayPassed(d, src, dst)
 }
 
-// relayPassed relays the bytes the verdict passed to d's source while it is demoted, and carries the FIN if
-// it comes while demoted. It returns when the verdict redirects again and every passed byte is relayed, or
-// when the tunnel ends.
-func (k *kernelPath) relayPassed(d *kernelDir) {
+// dropRelayConns closes a relaying goroutine's conns, and forgets them unless a later goroutine's
+// replaced them.
+func (k *kernelPath) dropRelayConns(d *kernelDir, src, dst *net.TCPConn) {
+	k.mu.Lock()
+	if d.srcConn == src {
+		d.srcConn, d.dstConn = nil, nil
+	}
+	k.mu.Unlock()
+	_ = src.Close()
+	_ = dst.Close()
+}
+
+// pollConn returns a conn in Go's poller on a new duplicate of fd: a relaying goroutine waits for passed
+// bytes and for send room as on any conn, and only while it relays. The caller holds k.mu.
+func pollConn(fd int) (*net.TCPConn, error) {
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("F_DUPFD_CLOEXEC: %w", err)
+	}
+	f := os.NewFile(uintptr(dup), "kernel-tunnel-socket")
+	defer f.Close() // net.FileConn holds a duplicate of its own
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("conn from the engine's descriptor: %w", err)
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		_ = c.Close()
+		return nil, fmt.Errorf("conn from the engine's descriptor is a %T, not TCP", c)
+	}
+	return tc, nil
+}
+
+// withFD runs f with c's descriptor, which stays open meanwhile; an error once c is closed.
+func withFD(c *net.TCPConn, f func(fd int)) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Control(func(fd uintptr) { f(int(fd)) })
+}
+
+// relayPassed relays the bytes the verdict passed to d's source while it is demoted, reading src and
+// writing dst, and carries the FIN if it comes while demoted. It returns when the verdict redirects again
+// and every passed byte is relayed, or when the tunnel ends.
+func (k *kernelPath) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 	p := d.kt.p
 	fail := func(reason string) {
 		k.stopRelaying(d, true)
@@ -104,13 +167,14 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			p.End(reason, true)
 		}
 	}
-	rc, err := d.src.conn.SyscallConn()
+	rc, err := src.SyscallConn()
 	if err != nil {
 		fail(datapath.Blame(d.src.isClient, err))
 		return
 	}
 	bp := kernelBuffers.Get().(*[]byte)
 	defer kernelBuffers.Put(bp)
+	d.overflow = overflowWatch{} // a wait seen by an earlier goroutine is over
 	poll := relayPoll
 	for {
 		// Ask to resume once the destination has room again; until then stay demoted rather than flap,
@@ -118,7 +182,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 		// source's next data_ready, which either passes bytes or finds the verdict redirecting again.
 		deadline := time.Time{}
 		if st, err := k.maps.Stats(d.src.cookie); err == nil && d.resumeGen != st.Demotions {
-			if d.dstHasRoom() {
+			if d.hasRoom(dst) {
 				d.resumeGen = st.Demotions
 				if err := k.setControl(d); err != nil {
 					fail(controlFailure(err))
@@ -128,7 +192,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 				deadline = time.Now().Add(poll)
 			}
 		}
-		_ = d.src.conn.SetReadDeadline(deadline)
+		_ = src.SetReadDeadline(deadline)
 		n, err := k.readPassed(rc, d, *bp)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -163,13 +227,13 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 				time.Sleep(handedOnFirstCheck)
 				continue
 			}
-			k.finishRelayed(d)
+			k.finishRelayed(d, dst)
 			return
 		}
 		poll = relayPoll
 		// These bytes were passed, so every earlier run of the source's verdict has finished and counted
 		// what it redirected: those bytes must all be in the destination's send queue before these follow.
-		if err := k.waitHandedOn(d); err != nil {
+		if err := k.waitHandedOn(d, dst); err != nil {
 			if errors.Is(err, errTunnelEnded) {
 				fail("")
 			} else {
@@ -177,7 +241,7 @@ func (k *kernelPath) relayPassed(d *kernelDir) {
 			}
 			return
 		}
-		w, err := d.dst.conn.Write((*bp)[:n])
+		w, err := dst.Write((*bp)[:n])
 		d.dir.Count(w)
 		d.userRead += uint64(n)
 		d.userWritten += uint64(w)
@@ -240,7 +304,7 @@ func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int
 		if rerr != unix.EAGAIN {
 			return true
 		}
-		if unread := st.Passed - d.userRead; unread > 4*d.limit && unread > d.overflowAt() {
+		if k.overflowed(d, int(fd), st.Passed-d.userRead, time.Now()) {
 			rerr = errOverflow
 			return true
 		}
@@ -261,10 +325,14 @@ func (k *kernelPath) setControl(d *kernelDir) error {
 		UserRead: d.userRead, UserWritten: d.userWritten, ResumeGen: d.resumeGen})
 }
 
-// dstHasRoom reports whether d's destination has little left to send: then the direction may resume.
-func (d *kernelDir) dstHasRoom() bool {
-	unsent, err := unix.IoctlGetInt(d.dst.fd, unix.SIOCOUTQNSD)
-	return err == nil && uint64(unsent) < d.limit/4
+// hasRoom reports whether d's destination, dst, has little left to send: then the direction may resume.
+func (d *kernelDir) hasRoom(dst *net.TCPConn) bool {
+	room := false
+	_ = withFD(dst, func(fd int) {
+		unsent, err := unix.IoctlGetInt(fd, unix.SIOCOUTQNSD)
+		room = err == nil && uint64(unsent) < d.limit/4
+	})
+	return room
 }
 
 // overflowAt is how many passed bytes not yet read from d's source mean that both peers stopped reading.
@@ -273,9 +341,94 @@ func (d *kernelDir) dstHasRoom() bool {
 // the source's psock queue behind bytes the other direction redirected into the same socket, for a reader
 // that stopped too, are charged to no socket (skmsg.c, sk_psock_verdict_apply), so nothing stops the sender.
 // Past this bound the tunnel is reset rather than let the kernel hold their bytes without bound.
-func (d *kernelDir) overflowAt() uint64 {
-	rcvbuf, _ := unix.GetsockoptInt(d.src.fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+func (d *kernelDir) overflowAt(srcFD int) uint64 {
+	rcvbuf, _ := unix.GetsockoptInt(srcFD, unix.SOL_SOCKET, unix.SO_RCVBUF)
 	return 4*d.limit + 2*uint64(rcvbuf)
+}
+
+// overflowQuiet is how long unread passed bytes must stay past overflowAt with nothing moving before the
+// tunnel is reset for overflow. Passed bytes wait behind the other direction's bytes for the source, which
+// the psock retries only at the next tick after a full send buffer (schedule_delayed_work(…, 1): up to
+// 4 ms at HZ=250), or later under CPU contention, and a reader that is slow for a moment looks stopped
+// as long; a fast sender piles up tens of MiB in such a wait while both peers read (docs/datapath.md,
+// "Backpressure"). The source's window is clamped meanwhile (overflowClamp), which slows the sender to a
+// trickle, so the wait costs little memory even when the peers did stop.
+const overflowQuiet = 250 * time.Millisecond
+
+// overflowClamp is the TCP window clamp of a source whose unread passed bytes are past overflowAt: the
+// smallest the kernel allows (SOCK_MIN_RCVBUF/2). Passed bytes behind the psock queue are charged to no
+// socket, so the window does not close by itself; the clamp bounds what the sender may add per round trip.
+const overflowClamp = 1152
+
+// overflowWatch remembers, for a relaying goroutine, since when unread passed bytes have been past the
+// overflow bound without progress, and whether it clamped the source's window. Only that goroutine
+// touches it.
+type overflowWatch struct {
+	since time.Time // zero while under the bound or moving
+	mark  uint64    // the progress mark when since was set
+	// clampWas is the source's window clamp before overflowed clamped it; 0 while not clamped.
+	clampWas int
+}
+
+// stuck reports whether stalled (unread passed bytes past the bound, the source's send queue not empty)
+// has held, with mark unchanged, for overflowQuiet; a changed mark or a check that is not stalled starts
+// the wait again.
+func (w *overflowWatch) stuck(stalled bool, mark uint64, now time.Time) bool {
+	switch {
+	case !stalled:
+		w.since = time.Time{}
+		return false
+	case w.since.IsZero() || mark != w.mark:
+		w.since, w.mark = now, mark
+		return false
+	}
+	return now.Sub(w.since) >= overflowQuiet
+}
+
+// clamp clamps the window of the source srcFD to overflowClamp, remembering its clamp before.
+func (w *overflowWatch) clamp(srcFD int) {
+	if w.clampWas != 0 {
+		return
+	}
+	was, err := unix.GetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP)
+	if err != nil || was <= overflowClamp {
+		return
+	}
+	if unix.SetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, overflowClamp) == nil {
+		w.clampWas = was
+	}
+}
+
+// unclamp gives the source srcFD its window clamp back, if clamp took it.
+func (w *overflowWatch) unclamp(srcFD int) {
+	if w.clampWas == 0 {
+		return
+	}
+	_ = unix.SetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, w.clampWas)
+	w.clampWas = 0
+}
+
+// overflowed reports whether both peers of d's tunnel stopped reading while sending: unread passed bytes
+// past overflowAt, and for overflowQuiet no progress. The passed bytes wait behind the other direction's
+// bytes for the source, which drain as the source's peer reads; progress is a byte read by the relaying
+// goroutine or a byte entering or leaving the source's send queue (acked plus queued). A source whose send
+// queue is empty has a peer that took everything: the psock is only late, and nothing is stuck. While
+// past the bound the source's window is clamped, and given back once under it.
+func (k *kernelPath) overflowed(d *kernelDir, srcFD int, unread uint64, now time.Time) bool {
+	if unread <= 4*d.limit || unread <= d.overflowAt(srcFD) {
+		d.overflow.unclamp(srcFD)
+		return d.overflow.stuck(false, 0, now)
+	}
+	d.overflow.clamp(srcFD)
+	info, err := unix.GetsockoptTCPInfo(srcFD, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return false // the tunnel is ending; its end says why
+	}
+	outq, err := unix.IoctlGetInt(srcFD, unix.SIOCOUTQ)
+	if err != nil {
+		return false
+	}
+	return d.overflow.stuck(outq > 0, d.userRead+info.Bytes_acked+uint64(outq), now)
 }
 
 // stopRelaying ends d's relaying goroutine. Unless force, it first checks under k.mu that the verdict
@@ -298,13 +451,21 @@ func (k *kernelPath) stopRelaying(d *kernelDir, force bool) bool {
 // destination's send queue. It fails if the tunnel ends, or if the redirected bytes stop moving while the
 // destination has nothing left to send (the stall guard of docs/datapath.md, "FIN, RST and the end of a
 // tunnel").
-func (k *kernelPath) waitHandedOn(d *kernelDir) error {
+func (k *kernelPath) waitHandedOn(d *kernelDir, dst *net.TCPConn) error {
 	interval := handedOnFirstCheck
 	var lastHanded uint64
 	lastMove := time.Now()
 	for {
-		st, handed, err := k.dirProgress(d)
-		if err != nil {
+		var (
+			st     loader.Stats
+			handed uint64
+			busy   bool
+			err    error
+		)
+		if cerr := withFD(dst, func(fd int) {
+			st, handed, err = k.dirProgress(d, fd)
+			busy = hasUnsent(fd)
+		}); cerr != nil || err != nil {
 			return errTunnelEnded
 		}
 		if handed >= st.Bytes {
@@ -314,7 +475,7 @@ func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 		switch {
 		case handed != lastHanded:
 			lastHanded, lastMove, interval = handed, now, handedOnFirstCheck
-		case now.Sub(lastMove) > stallTimeout && !k.dstBusy(d):
+		case now.Sub(lastMove) > stallTimeout && !busy:
 			return fmt.Errorf("redirected bytes stopped %d short of the destination", st.Bytes-handed)
 		default:
 			interval = min(2*interval, handedOnMaxCheck)
@@ -329,9 +490,9 @@ func (k *kernelPath) waitHandedOn(d *kernelDir) error {
 
 // finishRelayed carries the FIN that d's relaying goroutine read, once every redirected byte before it is
 // handed on, and ends the tunnel if the other direction is done too.
-func (k *kernelPath) finishRelayed(d *kernelDir) {
+func (k *kernelPath) finishRelayed(d *kernelDir, dst *net.TCPConn) {
 	t := d.kt.p
-	if err := k.waitHandedOn(d); err != nil {
+	if err := k.waitHandedOn(d, dst); err != nil {
 		k.stopRelaying(d, true)
 		if !errors.Is(err, errTunnelEnded) {
 			t.End(ReasonStalled, true)
