@@ -107,7 +107,7 @@ type loopCarrier struct {
 }
 
 var (
-	_ socketOwner = (*loopCarrier)(nil)
+	_ activityReporter = (*loopCarrier)(nil)
 	_ Stopper     = (*loopCarrier)(nil)
 )
 

@@ -272,7 +272,7 @@ func (p *Pair) Ending() bool {
 // Unsent says whether either socket still has bytes in its send queue (SIOCOUTQ), which a clean close
 // would hide from the peer if they never arrive.
 func (p *Pair) Unsent() bool {
-	if o, ok := p.socketOwner(); ok {
+	if o, ok := p.activityReporter(); ok {
 		return o.Unsent()
 	}
 	unsent := false
@@ -292,7 +292,7 @@ func (p *Pair) Unsent() bool {
 // A carrier that owns the pair's descriptors itself (the event loop) answers from its own counters, with
 // no system call.
 func (p *Pair) Progress() uint64 {
-	if o, ok := p.socketOwner(); ok {
+	if o, ok := p.activityReporter(); ok {
 		return o.Progress()
 	}
 	var sum uint64
@@ -304,18 +304,19 @@ func (p *Pair) Progress() uint64 {
 	return sum
 }
 
-// A socketOwner is a carrier that took the pair's descriptors out of its Go connections (which it closed),
-// so that Unsent and Progress must ask it rather than the connections.
-type socketOwner interface {
+// An activityReporter is a carrier that took the pair's descriptors out of its Go connections and answers
+// Unsent and Progress itself (the event loop, from its own thread), so that the pair asks it rather than
+// the connections. The kernel engine, which only holds the descriptors, is a SocketOwner instead.
+type activityReporter interface {
 	Carrier
 	Unsent() bool
 	Progress() uint64
 }
 
-// socketOwner returns the pair's carrier if it owns the pair's descriptors.
-func (p *Pair) socketOwner() (socketOwner, bool) {
+// activityReporter returns the pair's carrier if it answers Unsent and Progress itself.
+func (p *Pair) activityReporter() (activityReporter, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	o, ok := p.carrier.(socketOwner)
+	o, ok := p.carrier.(activityReporter)
 	return o, ok
 }
