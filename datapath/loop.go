@@ -108,7 +108,7 @@ type loopCarrier struct {
 
 var (
 	_ activityReporter = (*loopCarrier)(nil)
-	_ Stopper     = (*loopCarrier)(nil)
+	_ Stopper          = (*loopCarrier)(nil)
 )
 
 // attach gives the pair's sockets and unsent peeked bytes to a loop. It runs under p.mu (Pair.Hold).
