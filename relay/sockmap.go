@@ -41,9 +41,11 @@ type kernelPath struct {
 	demotions, resumes, repeatsCut atomic.Uint64
 	// lostSeen is the events_lost count last acted on; only the loop touches it.
 	lostSeen uint64
-	// dropModeEvents and pretendLostEvents are for the test of recoverLostEvents: the first makes
-	// readModeChanges ignore every event, the second makes the loop believe events were lost.
-	dropModeEvents, pretendLostEvents atomic.Bool
+	// dropModeEvents is for the test of recoverLostEvents: readModeChanges then drops every event and
+	// counts it in droppedModeEvents, which the loop adds to the ring buffer's own count of lost events,
+	// as a full ring buffer would count it.
+	dropModeEvents    atomic.Bool
+	droppedModeEvents atomic.Uint64
 	// relays counts the relaying goroutines started, for the self-test; relayWG waits for them at Close.
 	relays  atomic.Uint64
 	relayWG sync.WaitGroup
@@ -558,7 +560,8 @@ const lostEventsCheckMs = 1000
 // not be reset. The ring buffer is sized so that this never runs in practice; when it does, it says so.
 func (k *kernelPath) recoverLostEvents() {
 	lost, err := k.maps.EventsLost()
-	if err != nil || lost == k.lostSeen && !k.pretendLostEvents.Swap(false) {
+	lost += k.droppedModeEvents.Load()
+	if err != nil || lost == k.lostSeen {
 		return
 	}
 	k.log.Warn("kernel datapath: mode events were lost; checking every kernel tunnel", "lost", lost-k.lostSeen)

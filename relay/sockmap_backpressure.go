@@ -52,6 +52,7 @@ func (k *kernelPath) readModeChanges() {
 			return
 		}
 		if k.dropModeEvents.Load() {
+			k.droppedModeEvents.Add(1)
 			continue
 		}
 		if ev.Kind == loader.Demoted {
