@@ -20,9 +20,9 @@ const module = "github.com/sockrelay/sockrelay"
 var (
 	// datapathMustNotImport is forbidden to datapath and every package under it, test files included.
 	datapathMustNotImport = []string{"net/http", module + "/upstream", "github.com/prometheus/", module + "/relay"}
-	// loaderImporters are the only packages that may import loader. relay is one until the kernel engine
-	// moves to datapath/sockmap.
-	loaderImporters = []string{module + "/datapath/sockmap", module + "/cmd/sockrelay", module + "/relay"}
+	// loaderImporters are the only packages that may import loader: the kernel engine, and the doctor
+	// command's probe.
+	loaderImporters = []string{module + "/datapath/sockmap", module + "/cmd/sockrelay"}
 )
 
 // TestImportRules parses the imports of every Go file in the module (go/parser, imports only) and fails on

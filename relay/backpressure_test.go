@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -54,7 +53,7 @@ func TestBackpressureSlowReader(t *testing.T) {
 					// In the kernel before the stream starts: a source already pouring bytes at the
 					// handoff is left on copy (busy_at_handoff), and this test is about the kernel's
 					// backpressure (seen under -race: no demotion, the tunnel was on copy).
-					kernelDirOf(t, r, false)
+					waitInKernel(t, r)
 				}
 				size := int64(512 << 20)
 				if p.on > 0 {
@@ -194,149 +193,6 @@ func TestBackpressureFINWhileDemoted(t *testing.T) {
 	waitTunnelsGone(t, r)
 }
 
-// TestBackpressureResumes checks that a demoted direction goes back into the kernel: once the client has
-// caught up, the next bytes are redirected again, and no goroutine is left relaying the tunnel.
-func TestBackpressureResumes(t *testing.T) {
-	requireSockmap(t)
-	up := startUpstream(t)
-	r := startRelay(t, DatapathSockmap, []string{up.Addr})
-	c, u := openTunnel(t, r.Addr, up, nil, nil)
-	d := kernelDirOf(t, r, false) // in the kernel before the stream starts (see TestBackpressureLostEvents)
-	const size = 32 << 20
-	go writeStream(u, streamReader(30, size), nil)
-	time.Sleep(300 * time.Millisecond) // the client does not read: the direction is demoted
-	got := newStreamCheck(30, size)
-	_ = c.SetReadDeadline(time.Now().Add(time.Minute))
-	if _, err := io.CopyN(got, c.R, size); err != nil {
-		t.Fatalf("client read: %v", err)
-	}
-	if d := got.Diff(); d != "" {
-		t.Fatalf("stream to the client: %s", d)
-	}
-	if n := testutil.ToFloat64(r.metrics.kernelDemotions); n < 1 {
-		t.Fatalf("sockrelay_kernel_demotions_total = %v after the client paused, want at least 1", n)
-	}
-
-	// Small messages now, each read before the next: the first one finds the client caught up and resumes.
-	msg, back := make([]byte, 1024), make([]byte, 1024)
-	exchange := func(i int) {
-		msg[0] = byte(i)
-		if _, err := u.Write(msg); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c.R, back); err != nil || back[0] != byte(i) {
-			t.Fatalf("message %d: %v", i, err)
-		}
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for i := 0; ; i++ {
-		exchange(i)
-		r.kernel.mu.Lock()
-		relaying := d.relaying
-		r.kernel.mu.Unlock()
-		st, err := r.kernel.maps.Stats(d.src.cookie)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !relaying && !st.Demoted {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %d messages the direction is still demoted=%v, relayed by a goroutine=%v", i+1, st.Demoted, relaying)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	before, _ := r.kernel.maps.Stats(d.src.cookie)
-	for i := range 10 {
-		exchange(100 + i)
-	}
-	after, _ := r.kernel.maps.Stats(d.src.cookie)
-	if after.Passed != before.Passed || after.Bytes-before.Bytes != 10*1024 {
-		t.Errorf("after resuming, 10 KiB went %d bytes redirected, %d passed; want all redirected",
-			after.Bytes-before.Bytes, after.Passed-before.Passed)
-	}
-	if n := testutil.ToFloat64(r.metrics.kernelResumes); n < 1 {
-		t.Errorf("sockrelay_kernel_resumes_total = %v, want at least 1", n)
-	}
-	// The relaying goroutine's conns were closed when it stopped: the sockets are out of Go's poller again
-	// (docs/datapath.md, "The kernel engine owns the sockets' descriptors").
-	r.kernel.mu.Lock()
-	inodes := []uint64{inodeOf(t, d.src.fd), inodeOf(t, d.dst.fd)}
-	r.kernel.mu.Unlock()
-	for deadline := time.Now().Add(5 * time.Second); watchedElsewhere(t, r, inodes); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("after resuming, an epoll other than the kernel engine's still watches the tunnel's sockets")
-		}
-	}
-}
-
-// kernelDirOf returns a direction of r's only kernel tunnel, client → upstream when fromClient, waiting
-// for the tunnel to enter the kernel (the client may see its 101 a moment before).
-func kernelDirOf(t testing.TB, r *testRelay, fromClient bool) *kernelDir {
-	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		r.kernel.mu.Lock()
-		for _, d := range r.kernel.bySrc {
-			if d.src.isClient == fromClient {
-				r.kernel.mu.Unlock()
-				return d
-			}
-		}
-		r.kernel.mu.Unlock()
-	}
-	t.Fatal("no kernel tunnel after 5s")
-	return nil
-}
-
-// TestBackpressureLostEvents drops every mode event, as a full ring buffer would: a demoted direction then
-// has no goroutine relaying it, and its sender waits. Once the loop learns that events were lost it must
-// find the direction itself, and the stream must then complete byte-exact.
-func TestBackpressureLostEvents(t *testing.T) {
-	requireSockmap(t)
-	up := startUpstream(t)
-	r := startRelay(t, DatapathSockmap, []string{up.Addr})
-	r.kernel.dropModeEvents.Store(true) // after the self-test, which needs them
-	c, u := openTunnel(t, r.Addr, up, nil, nil)
-	// Into the kernel before the stream starts: a source already pouring bytes at the handoff is left on
-	// copy (busy_at_handoff), and this test is about the kernel's demotion.
-	d := kernelDirOf(t, r, false)
-	const size = 64 << 20
-	var sent atomic.Int64
-	wrote := make(chan error, 1)
-	go countingStreamWriter(u.TCPConn, streamReader(40, size), &sent, wrote)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if st, err := r.kernel.maps.Stats(d.src.cookie); err == nil && st.Demoted {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the direction was not demoted within 10s while the client did not read")
-		}
-	}
-	// The demotion's event was dropped, not acted on: only the loop's check for lost events can find the
-	// direction now (every second, from the count of events lost; every drop counts, and a resume
-	// followed by another demotion is found the same way).
-	for deadline := time.Now().Add(5 * time.Second); r.kernel.droppedModeEvents.Load() == 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("no mode event was dropped within 5s of the demotion")
-		}
-	}
-	got := newStreamCheck(40, size)
-	if n, err := copyWithin(c, got, c.R, time.Minute); err != nil {
-		t.Fatalf("client read %d of %d bytes, then: %v", n, size, err)
-	}
-	if werr := <-wrote; werr != nil {
-		t.Fatalf("upstream write: %v", werr)
-	}
-	if d := got.Diff(); d != "" {
-		t.Fatalf("stream to the client: %s", d)
-	}
-	if !strings.Contains(r.Log.String(), "mode events were lost") {
-		t.Errorf("the log does not say events were lost:\n%s", r.Log)
-	}
-	c.CloseWrite()
-	waitTunnelsGone(t, r)
-}
-
 // TestBackpressureEchoBothWays streams whole 64 KiB chunks both ways through sockmap tunnels whose upstream
 // echoes and whose client reads all the time, as `wsbench throughput -mode echo` does: both peers read, so
 // no tunnel may be reset for overflow, and every echoed byte must come back exact. Passed bytes that wait a
@@ -391,36 +247,4 @@ func echoRoundTrip(c *clientConn, seed uint64, size int64) error {
 		return fmt.Errorf("echoed stream: %s", d)
 	}
 	return nil
-}
-
-// TestOverflowWatch checks the rule behind the overflow reset: only a stall past the bound that lasts
-// overflowQuiet with nothing moving counts; progress or a check under the bound starts the wait again.
-func TestOverflowWatch(t *testing.T) {
-	type check struct {
-		after   time.Duration // since the first check
-		stalled bool
-		mark    uint64
-		want    bool
-	}
-	q := overflowQuiet
-	cases := []struct {
-		name   string
-		checks []check
-	}{
-		{"stalled-without-progress", []check{{0, true, 5, false}, {q / 2, true, 5, false}, {q, true, 5, true}}},
-		{"progress-restarts-the-wait", []check{{0, true, 5, false}, {q / 2, true, 6, false}, {q, true, 6, false}, {q + q/2, true, 6, true}}},
-		{"under-the-bound-restarts-the-wait", []check{{0, true, 5, false}, {q / 2, false, 5, false}, {q, true, 5, false}, {2 * q, true, 5, true}}},
-		{"never-stalled", []check{{0, false, 5, false}, {2 * q, false, 5, false}}},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			var w overflowWatch
-			start := time.Now()
-			for i, c := range tc.checks {
-				if got := w.stuck(c.stalled, c.mark, start.Add(c.after)); got != c.want {
-					t.Fatalf("check %d (after %v, stalled %v, mark %d): stuck %v, want %v", i, c.after, c.stalled, c.mark, got, c.want)
-				}
-			}
-		})
-	}
 }

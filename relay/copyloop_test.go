@@ -1,13 +1,8 @@
 package relay
 
 import (
-	"context"
 	"fmt"
-	"io"
-	"log/slog"
-	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -90,106 +85,4 @@ func TestCopyLoopsUnavailable(t *testing.T) {
 		!strings.Contains(logs, "too many open files") {
 		t.Errorf("log lacks the fallback and its cause:\n%s", logs)
 	}
-}
-
-// TestMoveEventLoopToSockmap hands a live pair from the copy datapath's event loop to the kernel engine
-// between two MiB of each stream: every byte arrives once and in order, each FIN after the last byte, and the
-// pair ends closed on sockmap with the maps left empty.
-func TestMoveEventLoopToSockmap(t *testing.T) {
-	requireSockmap(t)
-	k, err := newKernelPath(slog.New(slog.DiscardHandler), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.Close() })
-	loops, err := datapath.StartEventLoop(eventloop.Options{Loops: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { loops.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	client, relayClient, err := loopbackPair(ctx, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relayUp, up, err := loopbackPair(ctx, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close(); up.Close() })
-	const half = 1 << 20
-	toUp, toClient := stream(21, 2*half), stream(22, 2*half)
-	p := datapath.NewPair(datapath.Copy, datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},
-		datapath.Endpoint{Conn: relayUp, Peeked: toClient[:100]}, nil)
-	t.Cleanup(func() { p.End(ReasonShutdown, true) })
-	loops.Carry(p)
-
-	sides := []struct {
-		name      string
-		conn      *net.TCPConn
-		send, exp []byte
-	}{{"client", client, toUp, toClient}, {"upstream", up, toClient, toUp}}
-	// Each phase sends a part of each stream and reads what the other side sent of it, so that no byte is
-	// in flight when the pair moves (a busy source would make the kernel engine hand it to copy).
-	phase := func(from, to int, last bool) {
-		var wg sync.WaitGroup
-		for _, s := range sides {
-			wg.Add(2)
-			go func() {
-				defer wg.Done()
-				_ = s.conn.SetWriteDeadline(time.Now().Add(20 * time.Second))
-				if _, err := s.conn.Write(s.send[from:to]); err != nil {
-					t.Errorf("%s write: %v", s.name, err)
-				}
-				if last {
-					_ = s.conn.CloseWrite()
-				}
-			}()
-			go func() {
-				defer wg.Done()
-				start := from
-				if start == 100 {
-					start = 0 // the peeked bytes come first
-				}
-				want := s.exp[start:to]
-				got := make([]byte, len(want))
-				_ = s.conn.SetReadDeadline(time.Now().Add(20 * time.Second))
-				if _, err := io.ReadFull(s.conn, got); err != nil {
-					t.Errorf("%s read: %v", s.name, err)
-				} else if d := diffStreams(got, want); d != "" {
-					t.Errorf("%s received a wrong stream: %s", s.name, d)
-				}
-				if last {
-					if n, err := s.conn.Read(make([]byte, 1)); n != 0 || err != io.EOF {
-						t.Errorf("%s: after the last byte read %d bytes, %v; want EOF", s.name, n, err)
-					}
-				}
-			}()
-		}
-		wg.Wait()
-	}
-	phase(100, half, false)
-	if t.Failed() {
-		return
-	}
-	if err := datapath.Move(p, k); err != nil {
-		t.Fatalf("move from the event loop to sockmap: %v", err)
-	}
-	if got := p.Kind(); got != DatapathSockmap {
-		t.Fatalf("after the move the pair runs on %s", got)
-	}
-	phase(half, 2*half, true)
-	select {
-	case <-p.Done():
-	case <-ctx.Done():
-		t.Fatal("the pair did not end after both sides half-closed")
-	}
-	if p.Reason() != ReasonClosed {
-		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), ReasonClosed)
-	}
-	if up, down := p.Bytes(); up != 2*half || down != 2*half {
-		t.Errorf("counted %d and %d bytes, want %d each", up, down, 2*half)
-	}
-	assertMapsEmpty(t, k)
 }

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 )
 
 // Datapath names how a tunnel's bytes move once the handshake is done (datapath.Kind).
@@ -39,7 +40,7 @@ func DatapathAvailable(d Datapath) error {
 	case DatapathSplice:
 		return (&datapath.Splicer{}).Available()
 	case DatapathSockmap:
-		if err := SelfTestSockmap(slog.New(slog.DiscardHandler)); err != nil {
+		if err := sockmap.SelfTest(slog.New(slog.DiscardHandler)); err != nil {
 			return fmt.Errorf("%w: sockmap: %v", ErrDatapathUnavailable, err)
 		}
 		return nil

@@ -4,14 +4,17 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -130,5 +133,32 @@ func TestSplicePipesUnavailable(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestSelfTestFailureRefusesSockmap starts the relay with a kernel datapath whose self-test fails (the
+// self-test's own refusal of a broken datapath is datapath/sockmap's TestSelfTestRejectsBrokenDatapath):
+// by name, sockmap does not start; under auto the relay falls back to splice and says so in its log and
+// metrics.
+func TestSelfTestFailureRefusesSockmap(t *testing.T) {
+	failing := func(*slog.Logger, func(*datapath.Pair, string), uint64) (*sockmap.Engine, error) {
+		return nil, fmt.Errorf("sockmap: %w: half-close client first: the client received a wrong stream", sockmap.ErrSelfTest)
+	}
+	broken := func(c *Config) { c.startKernel = failing }
+
+	_, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathSockmap, startKernel: failing})
+	if !errors.Is(err, ErrDatapathUnavailable) || !strings.Contains(err.Error(), "self-test failed") {
+		t.Fatalf("NewServer(sockmap) with a broken datapath: %v, want ErrDatapathUnavailable saying the self-test failed", err)
+	}
+
+	r := startRelay(t, DatapathAuto, []string{"127.0.0.1:1"}, broken)
+	if r.Datapath() != DatapathSplice {
+		t.Fatalf("auto with a broken kernel datapath chose %s, want splice", r.Datapath())
+	}
+	if got := testutil.ToFloat64(r.metrics.datapathFallbacks.WithLabelValues("sockmap_selftest_failed")); got != 1 {
+		t.Errorf("sockrelay_datapath_fallbacks_total{reason=sockmap_selftest_failed} = %v, want 1", got)
+	}
+	if log := r.Log.String(); !strings.Contains(log, "kernel datapath unavailable") || !strings.Contains(log, "self-test failed") {
+		t.Errorf("the log does not say why sockmap was not used:\n%s", log)
 	}
 }

@@ -20,8 +20,8 @@
 //     makes the Tunnel (tunnel.go) and its datapath.Pair, registers it (registry.go) and checks for
 //     eviction; the WebSocket front then writes the 101 (websocket.go, writeSwitch).
 //  10. Carry: open.go (carry) hands the pair to its engine: datapath.Copier, datapath.Splicer, or the
-//     kernel engine, sockmap.go (handoff, event loop, FIN drain, stall guard) and sockmap_backpressure.go
-//     (a demoted direction relayed by userspace). A pair the kernel cannot take runs on copy.
+//     kernel engine, package datapath/sockmap (handoff.go, loop.go, drain.go, backpressure.go). A pair the
+//     kernel cannot take runs on copy.
 //  11. While it lives: timeouts.go (idle, lifetime, half-close), tunnellog.go ("tunnel alive" lines),
 //     admin.go (/debug/tunnels, closing one), routing.go (CloseTunnelsTo on a reload).
 //  12. End: datapath.Pair.End (the engine's carrier released, both sockets closed, once), then open.go
@@ -31,8 +31,8 @@
 // end in establish and carry.
 //
 // The datapath is chosen once at start (engines.go, setUpDatapath): sockmap only when this kernel passes
-// loader.Probe and the self-test (selftest.go), and per listener (ListenerOptions.Datapath). The engines
+// the probe and the self-test (sockmap.Start), and per listener (ListenerOptions.Datapath). The engines
 // and the contract they meet are in package datapath; the kernel engine's counters are read by the
-// metrics at scrape time (kernelPath.Stats). Plain HTTP requests are reverse-proxied (httpproxy.go,
+// metrics at scrape time (sockmap.Engine.Stats). Plain HTTP requests are reverse-proxied (httpproxy.go,
 // serveRequest; httpidle.go bounds their silences). metrics.go holds the Prometheus metrics.
 package relay

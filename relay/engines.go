@@ -10,7 +10,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
-	"github.com/sockrelay/sockrelay/loader"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 )
 
 // setUpDatapath resolves and prepares the configured datapath. The kernel datapath is trusted only after
@@ -31,7 +31,7 @@ func (s *Server) setUpDatapath() error {
 		}
 		var reason string
 		switch {
-		case errors.Is(err, errSelfTest):
+		case errors.Is(err, sockmap.ErrSelfTest):
 			reason = "sockmap_selftest_failed"
 		default:
 			reason = "sockmap_unavailable"
@@ -73,32 +73,20 @@ func (s *Server) chooseUserspace(requested Datapath, skipped []string) error {
 	return fmt.Errorf("%w: no datapath can run: %s", ErrDatapathUnavailable, strings.Join(skipped, "; "))
 }
 
-// startKernelPath probes the kernel, loads the BPF objects and runs the self-test on them.
-func (s *Server) startKernelPath() (*kernelPath, error) {
-	if err := loader.Probe().Err(); err != nil {
-		return nil, fmt.Errorf("sockmap: %w", err)
+// startKernelPath probes the kernel, loads the BPF objects and runs the self-test on them (sockmap.Start).
+func (s *Server) startKernelPath() (*sockmap.Engine, error) {
+	start := s.cfg.startKernel
+	if start == nil {
+		start = sockmap.Start
 	}
-	k, err := newKernelPath(s.log, s.kernelFallback)
-	if err != nil {
-		return nil, fmt.Errorf("sockmap: %w", err)
-	}
-	if s.cfg.alterKernelPath != nil {
-		s.cfg.alterKernelPath(k)
-	}
-	if err := k.selfTest(); err != nil {
-		k.Close()
-		return nil, fmt.Errorf("sockmap: %w", err)
-	}
-	k.resetStats() // after the self-test: its demotions are not the users'
-	k.heldLimit = uint64(s.cfg.KernelHeldLimit)
-	return k, nil
+	return start(s.log, s.kernelFallback, uint64(s.cfg.KernelHeldLimit))
 }
 
 // kernelStats are the kernel engine's counts, zero when the server runs no kernel engine. The engine is
 // set up in NewServer, before anything can scrape the metrics that read it.
-func (s *Server) kernelStats() kernelStats {
+func (s *Server) kernelStats() sockmap.Stats {
 	if s.kernel == nil {
-		return kernelStats{}
+		return sockmap.Stats{}
 	}
 	return s.kernel.Stats()
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 )
 
 // isReset reports whether err says the peer reset the connection (datapath.IsReset).
@@ -340,4 +341,36 @@ func metricSum(reg prometheus.Gatherer, name string, want map[string]string) flo
 		}
 	}
 	return sum
+}
+
+// assertMapsEmpty fails t if any BPF map of k still holds an entry.
+func assertMapsEmpty(t testing.TB, k *sockmap.Engine) {
+	t.Helper()
+	n, err := k.Entries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range n {
+		if c != 0 {
+			t.Errorf("BPF map %s holds %d entries after every tunnel ended", name, c)
+		}
+	}
+}
+
+// waitInKernel waits until r's kernel engine holds a tunnel's sockets in its maps (r carries one tunnel):
+// the client may see its 101 a moment before the tunnel enters the kernel.
+func waitInKernel(t testing.TB, r *testRelay) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		n, err := r.kernel.Entries()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range n {
+			if c > 0 {
+				return
+			}
+		}
+	}
+	t.Fatal("no kernel tunnel after 5s")
 }

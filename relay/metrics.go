@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -72,7 +73,7 @@ var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamR
 	ReasonKernelError, ReasonIdleTimeout, ReasonLifetime, ReasonHalfClosed}
 
 // fallbackReasons are the values of sockrelay_datapath_fallbacks_total{reason}: the kernel datapath could
-// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see kernelPath.Carry), or a
+// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see sockmap.Engine.Carry), or a
 // splice tunnel could not have its pipes (pipe_unavailable, see Server.reserve). A tunnel with TLS on a side runs on copy by design and is not one of them.
 //
 // A plain copy tunnel runs on goroutines instead of the event loops when the loops cannot start
@@ -90,7 +91,7 @@ const (
 // newMetrics registers the relay's metrics. kernel returns the kernel engine's counts, which the
 // sockrelay_kernel_* counters read at scrape time; loops the copy datapath's event loops' counters, which
 // the sockrelay_eventloop_* metrics read at scrape time.
-func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router, kernel func() kernelStats,
+func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Router, kernel func() sockmap.Stats,
 	loops func() datapath.EventLoopStats) *Metrics {
 	m := &Metrics{
 		tunnelsOpened: prometheus.NewCounterVec(prometheus.CounterOpts{

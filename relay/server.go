@@ -21,6 +21,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -76,8 +77,8 @@ type Config struct {
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 
-	// alterKernelPath, set only by tests and benchmarks, alters the kernel datapath before its self-test.
-	alterKernelPath func(*kernelPath)
+	// startKernel, set only by tests, stands in for sockmap.Start when the relay starts the kernel datapath.
+	startKernel func(log *slog.Logger, onFallback func(*datapath.Pair, string), heldLimit uint64) (*sockmap.Engine, error)
 	// newPipe, set only by tests, stands in for newPipe when splice tunnels get their pipes.
 	newPipe func(size int) (*datapath.Pipe, error)
 	// startLoops, set only by tests, stands in for datapath.StartEventLoop when the copy datapath starts its
@@ -120,7 +121,7 @@ type Server struct {
 	// connection unanswered once they are shutting down.
 	unreadMu sync.Mutex
 	unread   map[net.Conn]struct{}
-	kernel   *kernelPath // nil unless the datapath is sockmap
+	kernel   *sockmap.Engine // nil unless the datapath is sockmap
 	splicer  *datapath.Splicer
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
 

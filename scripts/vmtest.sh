@@ -10,7 +10,7 @@
 # Environment (all optional):
 #   VMTEST_FLAVOR   Debian kernel flavor, amd64 (default: what a Debian 12 server runs) or cloud-amd64
 #   VMTEST_EXPECT   sockmap or no-sockmap, for every KERNEL; default: from the table below
-#   VMTEST_STEPS    guest.sh's steps to run (default "doctor auto loader relay sockrelay dmesg"); the step
+#   VMTEST_STEPS    guest.sh's steps to run (default "doctor auto loader sockmap relay sockrelay dmesg"); the step
 #                   "failing" runs a test that fails on purpose (scripts/vmtest_test.sh)
 #   VMTEST_TIMEOUT  seconds one kernel may take, boot to power-off (default 420)
 #   VMTEST_KVM=1    use KVM (-enable-kvm -cpu host) instead of software emulation (TCG, the default:
@@ -155,6 +155,7 @@ build() {
 	echo "building the test binaries (static, CGO_ENABLED=0, no -race)" >&2
 	export CGO_ENABLED=0
 	go test -c -o "$r/vmtest/bin/loader.test" ./loader
+	go test -c -o "$r/vmtest/bin/sockmap.test" ./datapath/sockmap
 	go test -c -o "$r/vmtest/bin/relay.test" ./relay
 	go test -c -o "$r/vmtest/bin/sockrelay.test" ./cmd/sockrelay
 	go build -o "$r/vmtest/bin/sockrelay" ./cmd/sockrelay

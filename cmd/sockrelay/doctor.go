@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/loader"
 	"github.com/sockrelay/sockrelay/relay"
 )
@@ -30,7 +31,7 @@ func doctorCommand(stdout io.Writer) int {
 		selfTest = "not run: the requirements above are not met"
 	} else {
 		start := time.Now()
-		if err := relay.SelfTestSockmap(slog.New(slog.DiscardHandler)); err != nil {
+		if err := sockmap.SelfTest(slog.New(slog.DiscardHandler)); err != nil {
 			selfTest = "FAIL: " + err.Error()
 		} else {
 			selfTest = fmt.Sprintf("ok (%v)", time.Since(start).Round(time.Millisecond))

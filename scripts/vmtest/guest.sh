@@ -9,13 +9,14 @@
 #                              sockmap for that reason and for no other, `auto` must pick splice, and the
 #                              sockmap tests must skip saying so
 #   VMTEST_STEPS   which steps to run, space-separated (default: all but "failing")
-#   VMTEST_BIN     directory holding sockrelay, loader.test, relay.test, sockrelay.test (failing.test)
+#   VMTEST_BIN     directory holding sockrelay, loader.test, sockmap.test, relay.test, sockrelay.test
+#                  (failing.test)
 #   VMTEST_IN_VM   1 inside the VM: also check the kernel log for warnings (the host's is not ours)
 # Prints "VMTEST STEP <name> pass|fail <why>" per step and "VMTEST RESULT pass|fail" last.
 
 bin=${VMTEST_BIN:?}
 expect=${VMTEST_EXPECT:?}
-steps=${VMTEST_STEPS:-"doctor auto loader relay sockrelay dmesg"}
+steps=${VMTEST_STEPS:-"doctor auto loader sockmap relay sockrelay dmesg"}
 work=${TMPDIR:-/tmp}/vmtest.$$
 mkdir -p "$work"
 failed=""
@@ -26,9 +27,12 @@ failed=""
 # heaviest backpressure tests (512 MiB to a stopped reader; both peers flooding) run on sockmap only: on
 # copy and splice they test TCP's own flow control, which is not what differs between kernels.
 # Measured under TCG on 6.12: about 2-7x slower than native, well inside the per-kernel timeout.
-relay_tests='^(TestSelfTestPasses|TestSelfTestRejectsBrokenDatapath|TestNewServerResolvesDatapath|TestDuplexByteExact|TestDuplexManyTunnels|TestUpstreamSpeaksFirst|TestPingPongSurvivesGC|TestResetClosesBoth|TestFullCloseWhileOtherSideSends|TestHalfCloseWhileBehind|TestNoStallPingPong|TestBackpressureSlowReader|TestBackpressureBothStopReading|TestBackpressureFINWhileDemoted|TestBackpressureResumes|TestBackpressureLostEvents|TestShutdownDrains|TestShutdownClosesTunnelsAfterDrain|TestNoFDLeak|TestAdminEndpoints)$'
+relay_tests='^(TestSelfTestFailureRefusesSockmap|TestNewServerResolvesDatapath|TestDuplexByteExact|TestDuplexManyTunnels|TestUpstreamSpeaksFirst|TestPingPongSurvivesGC|TestResetClosesBoth|TestFullCloseWhileOtherSideSends|TestHalfCloseWhileBehind|TestNoStallPingPong|TestBackpressureSlowReader|TestBackpressureBothStopReading|TestBackpressureFINWhileDemoted|TestShutdownDrains|TestShutdownClosesTunnelsAfterDrain|TestNoFDLeak|TestAdminEndpoints)$'
 relay_skip='^(TestBackpressureSlowReader|TestBackpressureBothStopReading)$/^(copy|splice)$'
 loader_tests='^(TestProbeDecisions|TestProbeLive|TestOpenClose)$'
+# The kernel engine on its own (datapath/sockmap): its self-test, passing and refusing a broken FIN drain,
+# demotion and resume, lost mode events, sockets out of Go's poller, and live moves onto it.
+sockmap_tests='^(TestSelfTestPasses|TestSelfTestRejectsBrokenDatapath|TestBackpressureResumes|TestBackpressureLostEvents|TestKernelSocketsLeaveGoPoller|TestMoveCopyToSockmap|TestMoveEventLoopToSockmap)$'
 # The daemon as a process: doctor's report, a WebSocket through `sockrelay run` on every datapath, the
 # drain, and (where sockmap is refused) the refusal's message.
 sockrelay_tests='^(TestDoctorSaysWhy|TestRunEndToEnd|TestRunDrain|TestRunSockmapRefusedSaysWhy)$'
@@ -130,16 +134,27 @@ step_loader() {
 	if [ -n "$why" ]; then step loader fail "$why"; else step loader pass; fi
 }
 
+step_sockmap() {
+	run_go_test sockmap sockmap.test "$sockmap_tests" || { step sockmap fail "exit $(cat "$work/sockmap.rc")"; return; }
+	if [ "$expect" = sockmap ]; then
+		why=$(need "$work/sockmap.out" "--- PASS: TestSelfTestPasses" "--- PASS: TestSelfTestRejectsBrokenDatapath" \
+			"--- PASS: TestBackpressureResumes" "--- PASS: TestBackpressureLostEvents")
+	else
+		why=$(need "$work/sockmap.out" "note: sockmap tests skipped" "bpf_cast_to_kern_ctx" "--- SKIP: TestSelfTestPasses")
+	fi
+	if [ -n "$why" ]; then step sockmap fail "$why"; else step sockmap pass; fi
+}
+
 step_relay() {
 	run_go_test relay relay.test "$relay_tests" "$relay_skip" || { step relay fail "exit $(cat "$work/relay.rc")"; return; }
 	if [ "$expect" = sockmap ]; then
-		why=$(need "$work/relay.out" "--- PASS: TestSelfTestPasses" "--- PASS: TestSelfTestRejectsBrokenDatapath" \
+		why=$(need "$work/relay.out" "--- PASS: TestSelfTestFailureRefusesSockmap" \
 			"--- PASS: TestDuplexByteExact/sockmap" "--- PASS: TestHalfCloseWhileBehind/sockmap" \
 			"--- PASS: TestBackpressureSlowReader/sockmap/stops-2s" "--- PASS: TestBackpressureBothStopReading/sockmap" \
-			"--- PASS: TestBackpressureResumes" "--- PASS: TestNewServerResolvesDatapath/auto")
+			"--- PASS: TestBackpressureFINWhileDemoted" "--- PASS: TestNewServerResolvesDatapath/auto")
 	else
 		why=$(need "$work/relay.out" "note: sockmap tests skipped" "bpf_cast_to_kern_ctx" \
-			"--- SKIP: TestSelfTestPasses" "--- PASS: TestDuplexByteExact/splice" "--- PASS: TestDuplexByteExact/copy" \
+			"--- PASS: TestDuplexByteExact/splice" "--- PASS: TestDuplexByteExact/copy" \
 			"--- PASS: TestNewServerResolvesDatapath/auto")
 		grep -q -- "--- PASS: TestDuplexByteExact/sockmap" "$work/relay.out" && why="sockmap tests ran on a kernel that should refuse them"
 	fi
@@ -176,7 +191,7 @@ step_dmesg() {
 echo "VMTEST START kernel $(uname -r), expect $expect, steps: $steps"
 for s in $steps; do
 	case "$s" in
-	doctor | auto | loader | relay | sockrelay | failing | dmesg) "step_$s" ;;
+	doctor | auto | loader | sockmap | relay | sockrelay | failing | dmesg) "step_$s" ;;
 	*) step "$s" fail "unknown step" ;;
 	esac
 done

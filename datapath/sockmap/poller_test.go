@@ -1,9 +1,10 @@
-package relay
+package sockmap
 
 import (
 	"bufio"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/datapath"
 )
 
 // epollWatches returns, for every epoll instance this process holds except skip, the events each watched
@@ -58,11 +61,10 @@ func epollWatches(t testing.TB, skip int) map[uint64][]uint32 {
 	return watches
 }
 
-// watchedElsewhere reports whether an epoll of the process other than r's kernel engine's watches a
-// socket of inodes.
-func watchedElsewhere(t testing.TB, r *testRelay, inodes []uint64) bool {
+// watchedElsewhere reports whether an epoll of the process other than k's watches a socket of inodes.
+func watchedElsewhere(t testing.TB, k *Engine, inodes []uint64) bool {
 	t.Helper()
-	others := epollWatches(t, r.kernel.epfd)
+	others := epollWatches(t, k.epfd)
 	for _, ino := range inodes {
 		if _, ok := others[ino]; ok {
 			return true
@@ -87,14 +89,12 @@ func inodeOf(t testing.TB, fd int) uint64 {
 // sockets' descriptors"). The tunnel still carries bytes and its FIN, and once it ends no descriptor of
 // its sockets is left open.
 func TestKernelSocketsLeaveGoPoller(t *testing.T) {
-	requireSockmap(t)
-	up := startUpstream(t)
-	r := startRelay(t, DatapathSockmap, []string{up.Addr})
-	c, u := openTunnel(t, r.Addr, up, nil, nil)
-	d := kernelDirOf(t, r, true)
-	r.kernel.mu.Lock()
+	k, _ := newTestEngine(t)
+	c, u, p := carryPair(t, k)
+	d := kernelDirOf(t, k, true)
+	k.mu.Lock()
 	inodes := []uint64{inodeOf(t, d.src.fd), inodeOf(t, d.dst.fd)}
-	r.kernel.mu.Unlock()
+	k.mu.Unlock()
 
 	// Bytes both ways, so that the verdict runs on both sockets.
 	for i := range 10 {
@@ -103,18 +103,18 @@ func TestKernelSocketsLeaveGoPoller(t *testing.T) {
 			t.Fatal(err)
 		}
 		back := make([]byte, len(msg))
-		if _, err := io.ReadFull(u.R, back); err != nil {
+		if _, err := io.ReadFull(u, back); err != nil {
 			t.Fatalf("upstream read: %v", err)
 		}
 		if _, err := u.Write(back); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := io.ReadFull(c.R, back); err != nil || string(back) != string(msg) {
+		if _, err := io.ReadFull(c, back); err != nil || string(back) != string(msg) {
 			t.Fatalf("client read %q, %v; want %q", back, err, msg)
 		}
 	}
 
-	others := epollWatches(t, r.kernel.epfd)
+	others := epollWatches(t, k.epfd)
 	mine := epollWatches(t, -1)
 	for i, ino := range inodes {
 		if ev, ok := others[ino]; ok {
@@ -128,16 +128,17 @@ func TestKernelSocketsLeaveGoPoller(t *testing.T) {
 
 	// The FIN is carried each way, and the tunnel ends cleanly.
 	c.CloseWrite()
-	if rest, err := readAllWithin(u, u.R, 5*time.Second); err != nil || len(rest) != 0 {
+	if rest, err := readAllWithin(u, 5*time.Second); err != nil || len(rest) != 0 {
 		t.Fatalf("upstream read %q, %v after the client's FIN; want EOF", rest, err)
 	}
 	u.CloseWrite()
-	if rest, err := readAllWithin(c, c.R, 5*time.Second); err != nil || len(rest) != 0 {
+	if rest, err := readAllWithin(c, 5*time.Second); err != nil || len(rest) != 0 {
 		t.Fatalf("client read %q, %v after the upstream's FIN; want EOF", rest, err)
 	}
-	waitTunnelsGone(t, r)
-	if n := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": ReasonClosed}); n != 1 {
-		t.Errorf("tunnels closed cleanly: %v, want 1", n)
+	waitEnded(t, p)
+	assertMapsEmpty(t, k)
+	if p.Reason() != datapath.ReasonClosed {
+		t.Errorf("the tunnel ended %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
 	}
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		open := openSocketInodes(t)
@@ -173,15 +174,13 @@ func openSocketInodes(t testing.TB) map[uint64]bool {
 // release closed that number looks like. Events name sockets by cookie, never reused, so the live tunnel
 // must not be reset by it (seen in wsbench runs before: a fresh tunnel ended as upstream_error, errno 0).
 func TestKernelStaleEventNamesNoOtherTunnel(t *testing.T) {
-	requireSockmap(t)
-	up := startUpstream(t)
-	r := startRelay(t, DatapathSockmap, []string{up.Addr})
-	c, u := openTunnel(t, r.Addr, up, nil, nil)
-	d := kernelDirOf(t, r, true)
-	r.kernel.mu.Lock()
+	k, _ := newTestEngine(t)
+	c, u, p := carryPair(t, k)
+	d := kernelDirOf(t, k, true)
+	k.mu.Lock()
 	fd := d.src.fd
-	r.kernel.mu.Unlock()
-	r.kernel.handle(unix.EpollEvent{Events: unix.EPOLLERR, Fd: int32(fd)})
+	k.mu.Unlock()
+	k.handle(unix.EpollEvent{Events: unix.EPOLLERR, Fd: int32(fd)})
 
 	msg := []byte("still here")
 	if _, err := c.Write(msg); err != nil {
@@ -189,10 +188,16 @@ func TestKernelStaleEventNamesNoOtherTunnel(t *testing.T) {
 	}
 	back := make([]byte, len(msg))
 	_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(u.R, back); err != nil || string(back) != string(msg) {
+	if _, err := io.ReadFull(u, back); err != nil || string(back) != string(msg) {
 		t.Fatalf("upstream read %q, %v after a stale event; want %q", back, err, msg)
 	}
-	if reason := r.Log.String(); strings.Contains(reason, "tunnel closed") {
-		t.Fatalf("the tunnel ended on a stale event:\n%s", reason)
+	if p.Ending() {
+		t.Fatalf("the tunnel ended on a stale event: %q (%v)", p.Reason(), p.Err())
 	}
+}
+
+// readAllWithin reads c until EOF, failing after d.
+func readAllWithin(c *net.TCPConn, d time.Duration) ([]byte, error) {
+	_ = c.SetReadDeadline(time.Now().Add(d))
+	return io.ReadAll(c)
 }

@@ -1,4 +1,6 @@
-package relay
+// Package streams makes the seeded byte streams that the kernel engine's self-test and the tests send
+// through tunnels, and says where a stream received differs from the one sent.
+package streams
 
 import (
 	"bytes"
@@ -6,8 +8,8 @@ import (
 	"math/rand/v2"
 )
 
-// stream returns n pseudo-random bytes, the same for the same seed.
-func stream(seed uint64, n int) []byte {
+// Stream returns n pseudo-random bytes, the same for the same seed.
+func Stream(seed uint64, n int) []byte {
 	var key [32]byte
 	key[0], key[1] = byte(seed), byte(seed>>8)
 	b := make([]byte, n)
@@ -16,8 +18,8 @@ func stream(seed uint64, n int) []byte {
 	return b
 }
 
-// diffStreams reports where got and want first differ, for failure messages.
-func diffStreams(got, want []byte) string {
+// Diff reports where got and want first differ, for failure messages.
+func Diff(got, want []byte) string {
 	if bytes.Equal(got, want) {
 		return ""
 	}

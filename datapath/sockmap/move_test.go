@@ -1,17 +1,17 @@
-package relay
+package sockmap
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/eventloop"
 )
 
 // TestMoveCopyToSockmap hands a live pair from the copy engine to the kernel engine in the middle of 8 MiB
@@ -20,11 +20,7 @@ import (
 // in order, each FIN after the last byte before it; the pair ends as closed and the maps are left empty.
 func TestMoveCopyToSockmap(t *testing.T) {
 	requireSockmap(t)
-	k, err := newKernelPath(slog.New(slog.DiscardHandler), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.Close() })
+	k, _ := newTestEngine(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	client, relayClient, err := loopbackPair(ctx, 0, 0)
@@ -40,7 +36,7 @@ func TestMoveCopyToSockmap(t *testing.T) {
 	toUp, toClient := stream(11, size), stream(12, size)
 	p := datapath.NewPair(datapath.Copy, datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},
 		datapath.Endpoint{Conn: relayUp, Peeked: toClient[:100]}, nil)
-	t.Cleanup(func() { p.End(ReasonShutdown, true) })
+	t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
 	datapath.Copier{}.Carry(p)
 
 	// Each side sends its first MiB, then waits for the move: a source that keeps its receive queue full
@@ -60,7 +56,7 @@ func TestMoveCopyToSockmap(t *testing.T) {
 				if err := datapath.Move(p, k); err != nil {
 					t.Errorf("move to sockmap: %v", err)
 				}
-				if p.Kind() != DatapathSockmap {
+				if p.Kind() != datapath.Sockmap {
 					t.Errorf("after the move the pair runs on %s", p.Kind())
 				}
 				close(moved)
@@ -128,14 +124,112 @@ func TestMoveCopyToSockmap(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("the pair did not end after both sides half-closed")
 	}
-	if p.Reason() != ReasonClosed {
-		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), ReasonClosed)
+	if p.Reason() != datapath.ReasonClosed {
+		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
 	}
-	if got := p.Kind(); got != DatapathSockmap {
+	if got := p.Kind(); got != datapath.Sockmap {
 		t.Errorf("the pair ended on %s, want sockmap", got)
 	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		t.Fatal("timed out")
+	}
+	assertMapsEmpty(t, k)
+}
+
+// TestMoveEventLoopToSockmap hands a live pair from the copy datapath's event loop to the kernel engine
+// between two MiB of each stream: every byte arrives once and in order, each FIN after the last byte, and the
+// pair ends closed on sockmap with the maps left empty.
+func TestMoveEventLoopToSockmap(t *testing.T) {
+	requireSockmap(t)
+	k, _ := newTestEngine(t)
+	loops, err := datapath.StartEventLoop(eventloop.Options{Loops: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loops.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	client, relayClient, err := loopbackPair(ctx, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayUp, up, err := loopbackPair(ctx, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close(); up.Close() })
+	const half = 1 << 20
+	toUp, toClient := stream(21, 2*half), stream(22, 2*half)
+	p := datapath.NewPair(datapath.Copy, datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},
+		datapath.Endpoint{Conn: relayUp, Peeked: toClient[:100]}, nil)
+	t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
+	loops.Carry(p)
+
+	sides := []struct {
+		name      string
+		conn      *net.TCPConn
+		send, exp []byte
+	}{{"client", client, toUp, toClient}, {"upstream", up, toClient, toUp}}
+	// Each phase sends a part of each stream and reads what the other side sent of it, so that no byte is
+	// in flight when the pair moves (a busy source would make the kernel engine hand it to copy).
+	phase := func(from, to int, last bool) {
+		var wg sync.WaitGroup
+		for _, s := range sides {
+			wg.Add(2)
+			go func() {
+				defer wg.Done()
+				_ = s.conn.SetWriteDeadline(time.Now().Add(20 * time.Second))
+				if _, err := s.conn.Write(s.send[from:to]); err != nil {
+					t.Errorf("%s write: %v", s.name, err)
+				}
+				if last {
+					_ = s.conn.CloseWrite()
+				}
+			}()
+			go func() {
+				defer wg.Done()
+				start := from
+				if start == 100 {
+					start = 0 // the peeked bytes come first
+				}
+				want := s.exp[start:to]
+				got := make([]byte, len(want))
+				_ = s.conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+				if _, err := io.ReadFull(s.conn, got); err != nil {
+					t.Errorf("%s read: %v", s.name, err)
+				} else if d := diffStreams(got, want); d != "" {
+					t.Errorf("%s received a wrong stream: %s", s.name, d)
+				}
+				if last {
+					if n, err := s.conn.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+						t.Errorf("%s: after the last byte read %d bytes, %v; want EOF", s.name, n, err)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	phase(100, half, false)
+	if t.Failed() {
+		return
+	}
+	if err := datapath.Move(p, k); err != nil {
+		t.Fatalf("move from the event loop to sockmap: %v", err)
+	}
+	if got := p.Kind(); got != datapath.Sockmap {
+		t.Fatalf("after the move the pair runs on %s", got)
+	}
+	phase(half, 2*half, true)
+	select {
+	case <-p.Done():
+	case <-ctx.Done():
+		t.Fatal("the pair did not end after both sides half-closed")
+	}
+	if p.Reason() != datapath.ReasonClosed {
+		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
+	}
+	if up, down := p.Bytes(); up != 2*half || down != 2*half {
+		t.Errorf("counted %d and %d bytes, want %d each", up, down, 2*half)
 	}
 	assertMapsEmpty(t, k)
 }

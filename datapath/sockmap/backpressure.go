@@ -1,4 +1,4 @@
-package relay
+package sockmap
 
 import (
 	"errors"
@@ -41,7 +41,7 @@ var errTunnelEnded = errors.New("tunnel ended")
 
 // readModeChanges starts a relaying goroutine for each direction the verdict demotes, and wakes it when
 // the verdict resumes, until Close.
-func (k *kernelPath) readModeChanges() {
+func (k *Engine) readModeChanges() {
 	defer close(k.events)
 	for {
 		ev, err := k.maps.ReadModeChange()
@@ -51,8 +51,8 @@ func (k *kernelPath) readModeChanges() {
 			}
 			return
 		}
-		if k.dropModeEvents.Load() {
-			k.droppedModeEvents.Add(1)
+		if k.hooks.dropModeEvents.Load() {
+			k.hooks.droppedModeEvents.Add(1)
 			continue
 		}
 		if ev.Kind == loader.Demoted {
@@ -73,14 +73,14 @@ func (k *kernelPath) readModeChanges() {
 		if ok && ev.Kind == loader.Broken {
 			k.log.Error("kernel tunnel reset: TCP repeated bytes already delivered and they could not be cut off",
 				"id", d.kt.p.ID)
-			d.kt.p.End(ReasonKernelError, true)
+			d.kt.p.End(datapath.ReasonKernelError, true)
 		}
 	}
 }
 
 // startRelayLocked starts relayPassed for d unless it runs already. The caller holds k.mu, so d's
 // descriptors are open (release takes k.mu): the goroutine's conns are made from them here.
-func (k *kernelPath) startRelayLocked(d *kernelDir) {
+func (k *Engine) startRelayLocked(d *kernelDir) {
 	if d.relaying || d.kt.released || d.finDone {
 		return
 	}
@@ -102,12 +102,12 @@ func (k *kernelPath) startRelayLocked(d *kernelDir) {
 
 // relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG, on its conns src and
 // dst, which it closes when done; connErr is why they could not be made.
-func (k *kernelPath) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error) {
+func (k *Engine) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error) {
 	defer k.relayWG.Done()
 	if connErr != nil {
 		k.stopRelaying(d, true)
 		// A demoted direction with no one to relay it would hold its sender forever.
-		d.kt.p.Fail(ReasonKernelError, connErr, true)
+		d.kt.p.Fail(datapath.ReasonKernelError, connErr, true)
 		return
 	}
 	defer k.dropRelayConns(d, src, dst)
@@ -117,7 +117,7 @@ func (k *kernelPath) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, co
 
 // dropRelayConns closes a relaying goroutine's conns, and forgets them unless a later goroutine's
 // replaced them.
-func (k *kernelPath) dropRelayConns(d *kernelDir, src, dst *net.TCPConn) {
+func (k *Engine) dropRelayConns(d *kernelDir, src, dst *net.TCPConn) {
 	k.mu.Lock()
 	if d.srcConn == src {
 		d.srcConn, d.dstConn = nil, nil
@@ -160,7 +160,7 @@ func withFD(c *net.TCPConn, f func(fd int)) error {
 // relayPassed relays the bytes the verdict passed to d's source while it is demoted, reading src and
 // writing dst, and carries the FIN if it comes while demoted. It returns when the verdict redirects again
 // and every passed byte is relayed, or when the tunnel ends.
-func (k *kernelPath) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
+func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 	p := d.kt.p
 	fail := func(reason string) {
 		k.stopRelaying(d, true)
@@ -210,12 +210,12 @@ func (k *kernelPath) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 			fail("")
 			return
 		case errors.Is(err, errBroken):
-			fail(ReasonKernelError)
+			fail(datapath.ReasonKernelError)
 			return
 		case errors.Is(err, errOverflow):
 			k.log.Error("kernel tunnel reset: both peers stopped reading while sending, and the kernel would hold their bytes without bound",
 				"id", p.ID, "limit", d.limit)
-			fail(ReasonOverflow)
+			fail(datapath.ReasonOverflow)
 			return
 		case err != nil:
 			fail(datapath.Blame(d.src.isClient, err))
@@ -238,7 +238,7 @@ func (k *kernelPath) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 			if errors.Is(err, errTunnelEnded) {
 				fail("")
 			} else {
-				fail(ReasonStalled)
+				fail(datapath.ReasonStalled)
 			}
 			return
 		}
@@ -264,7 +264,7 @@ func controlFailure(err error) string {
 	if errors.Is(err, loader.ErrNotInMaps) {
 		return ""
 	}
-	return ReasonKernelError
+	return datapath.ReasonKernelError
 }
 
 var (
@@ -278,7 +278,7 @@ var (
 // reading, once the verdict redirects again and every passed byte has been read (a read then would only
 // race the verdict: tcp_bpf_recvmsg_parser); errOverflow when passed bytes pile up where no read can reach
 // them (overflowAt); errTunnelEnded once the tunnel has left the maps.
-func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int, error) {
+func (k *Engine) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int, error) {
 	var (
 		n    int
 		rerr error
@@ -321,7 +321,7 @@ func (k *kernelPath) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int
 }
 
 // setControl tells the verdict what d's relaying goroutine has done so far.
-func (k *kernelPath) setControl(d *kernelDir) error {
+func (k *Engine) setControl(d *kernelDir) error {
 	return k.maps.SetControl(d.src.cookie, loader.Control{Peer: d.dst.cookie, HeldLimit: d.limit,
 		UserRead: d.userRead, UserWritten: d.userWritten, ResumeGen: d.resumeGen})
 }
@@ -415,7 +415,7 @@ func (w *overflowWatch) unclamp(srcFD int) {
 // goroutine or a byte entering or leaving the source's send queue (acked plus queued). A source whose send
 // queue is empty has a peer that took everything: the psock is only late, and nothing is stuck. While
 // past the bound the source's window is clamped, and given back once under it.
-func (k *kernelPath) overflowed(d *kernelDir, srcFD int, unread uint64, now time.Time) bool {
+func (k *Engine) overflowed(d *kernelDir, srcFD int, unread uint64, now time.Time) bool {
 	if unread <= 4*d.limit || unread <= d.overflowAt(srcFD) {
 		d.overflow.unclamp(srcFD)
 		return d.overflow.stuck(false, 0, now)
@@ -435,7 +435,7 @@ func (k *kernelPath) overflowed(d *kernelDir, srcFD int, unread uint64, now time
 // stopRelaying ends d's relaying goroutine. Unless force, it first checks under k.mu that the verdict
 // redirects again and that every passed byte is relayed; a demotion after that check finds relaying unset
 // and starts a new goroutine. It reports whether the goroutine is to return.
-func (k *kernelPath) stopRelaying(d *kernelDir, force bool) bool {
+func (k *Engine) stopRelaying(d *kernelDir, force bool) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if !force {
@@ -452,7 +452,7 @@ func (k *kernelPath) stopRelaying(d *kernelDir, force bool) bool {
 // destination's send queue. It fails if the tunnel ends, or if the redirected bytes stop moving while the
 // destination has nothing left to send (the stall guard of docs/datapath.md, "FIN, RST and the end of a
 // tunnel").
-func (k *kernelPath) waitHandedOn(d *kernelDir, dst *net.TCPConn) error {
+func (k *Engine) waitHandedOn(d *kernelDir, dst *net.TCPConn) error {
 	interval := handedOnFirstCheck
 	var lastHanded uint64
 	lastMove := time.Now()
@@ -491,18 +491,18 @@ func (k *kernelPath) waitHandedOn(d *kernelDir, dst *net.TCPConn) error {
 
 // finishRelayed carries the FIN that d's relaying goroutine read, once every redirected byte before it is
 // handed on, and ends the tunnel if the other direction is done too.
-func (k *kernelPath) finishRelayed(d *kernelDir, dst *net.TCPConn) {
+func (k *Engine) finishRelayed(d *kernelDir, dst *net.TCPConn) {
 	t := d.kt.p
 	if err := k.waitHandedOn(d, dst); err != nil {
 		k.stopRelaying(d, true)
 		if !errors.Is(err, errTunnelEnded) {
-			t.End(ReasonStalled, true)
+			t.End(datapath.ReasonStalled, true)
 		}
 		return
 	}
 	if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Broken {
 		k.stopRelaying(d, true)
-		t.End(ReasonKernelError, true) // never a clean FIN after bytes were dropped
+		t.End(datapath.ReasonKernelError, true) // never a clean FIN after bytes were dropped
 		return
 	}
 	k.mu.Lock()
@@ -522,6 +522,6 @@ func (k *kernelPath) finishRelayed(d *kernelDir, dst *net.TCPConn) {
 	both := d.kt.dirs[0].finDone && d.kt.dirs[1].finDone
 	k.mu.Unlock()
 	if both {
-		t.End(ReasonClosed, false)
+		t.End(datapath.ReasonClosed, false)
 	}
 }

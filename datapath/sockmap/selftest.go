@@ -1,4 +1,4 @@
-package relay
+package sockmap
 
 import (
 	"bytes"
@@ -13,12 +13,13 @@ import (
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/internal/streams"
 	"github.com/sockrelay/sockrelay/loader"
 	"golang.org/x/sys/unix"
 )
 
-// errSelfTest marks a self-test failure: the kernel loads the datapath but it does not relay correctly.
-var errSelfTest = errors.New("self-test failed")
+// ErrSelfTest marks a self-test failure: the kernel loads the datapath but it does not relay correctly.
+var ErrSelfTest = errors.New("self-test failed")
 
 // selfTestBytes is how much each side of a self-test tunnel sends after the handoff.
 const selfTestBytes = 1 << 20
@@ -36,13 +37,13 @@ const selfTestHeldLimit = 16 << 10
 // selfTestReaderPause is how long the backpressure tunnel's reader waits before it reads.
 const selfTestReaderPause = 20 * time.Millisecond
 
-// SelfTestSockmap loads the kernel datapath, runs selfTest on it and unloads it. It is what --datapath
+// SelfTest loads the kernel datapath, runs selfTest on it and unloads it. It is what --datapath
 // auto, --datapath sockmap and `sockrelay doctor` rely on to trust this kernel.
-func SelfTestSockmap(log *slog.Logger) error {
+func SelfTest(log *slog.Logger) error {
 	if err := loader.Probe().Err(); err != nil {
 		return err
 	}
-	k, err := newKernelPath(log, nil)
+	k, err := newEngine(log, nil)
 	if err != nil {
 		return err
 	}
@@ -57,7 +58,7 @@ func SelfTestSockmap(log *slog.Logger) error {
 // half-close in both orders; and a third tunnel whose reader pauses past a small held limit, so that its
 // direction is demoted, relayed by userspace, and its FIN carried after it (docs/datapath.md, "Backpressure"). A kernel or a build
 // that breaks any of them is refused.
-func (k *kernelPath) selfTest() error {
+func (k *Engine) selfTest() error {
 	ctx, cancel := context.WithTimeout(context.Background(), selfTestTimeout)
 	defer cancel()
 	relays := k.relays.Load()
@@ -76,10 +77,10 @@ func (k *kernelPath) selfTest() error {
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("%w: %w", errSelfTest, err)
+		return fmt.Errorf("%w: %w", ErrSelfTest, err)
 	}
 	if k.relays.Load() == relays {
-		return fmt.Errorf("%w: a reader paused past a %d-byte held limit, and no direction was demoted", errSelfTest, selfTestHeldLimit)
+		return fmt.Errorf("%w: a reader paused past a %d-byte held limit, and no direction was demoted", ErrSelfTest, selfTestHeldLimit)
 	}
 	return nil
 }
@@ -120,7 +121,7 @@ func loopbackPair(ctx context.Context, dialRcv, acceptRcv int) (dialed, accepted
 	return c.(*net.TCPConn), a, nil
 }
 
-func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINFirst bool, heldLimit uint64) error {
+func (k *Engine) selfTestTunnel(ctx context.Context, seed uint64, clientFINFirst bool, heldLimit uint64) error {
 	// Small buffers on the path keep most of each stream inside the kernel datapath while a reader waits,
 	// as on a real slow link, instead of letting loopback's large autotuned buffers swallow it whole.
 	client, relayClient, err := loopbackPair(ctx, selfTestBuf, 0)
@@ -147,7 +148,7 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 	// receive queue at the handoff, then 1 MiB sent after it. Under a small held limit only the first side
 	// sends its 1 MiB: passed bytes queue behind whatever the other direction redirected into the same
 	// socket, charged to no socket, so a busy other direction would lift the bound this tunnel checks
-	// (sockmap_backpressure.go, overflowAt).
+	// (backpressure.go, overflowAt).
 	upBytes, clientBytes := selfTestBytes, selfTestBytes
 	if heldLimit < selfTestBytes {
 		if clientFINFirst {
@@ -156,7 +157,7 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 			upBytes = 0
 		}
 	}
-	toUp, toClient := stream(seed*2, 2000+upBytes), stream(seed*2+1, 2000+clientBytes)
+	toUp, toClient := streams.Stream(seed*2, 2000+upBytes), streams.Stream(seed*2+1, 2000+clientBytes)
 	var peeked [2][]byte
 	for i, s := range []struct {
 		from *net.TCPConn
@@ -174,8 +175,8 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 	t := datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient, Peeked: peeked[0]},
 		datapath.Endpoint{Conn: relayUp, Peeked: peeked[1]}, nil)
 	k.carryLimited(t, heldLimit)
-	defer t.End(ReasonShutdown, true)
-	if t.Kind() != DatapathSockmap {
+	defer t.End(datapath.ReasonShutdown, true)
+	if t.Kind() != datapath.Sockmap {
 		return errors.New("the tunnel fell back to userspace at the handoff")
 	}
 
@@ -217,7 +218,7 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 			case err != nil:
 				errs <- fmt.Errorf("%s read %d of %d bytes, then: %w", e.name, len(got), len(e.exp), err)
 			case !bytes.Equal(got, e.exp):
-				errs <- fmt.Errorf("%s received a wrong stream: %s", e.name, diffStreams(got, e.exp))
+				errs <- fmt.Errorf("%s received a wrong stream: %s", e.name, streams.Diff(got, e.exp))
 			}
 		}()
 		go func() {
@@ -272,8 +273,8 @@ func (k *kernelPath) selfTestTunnel(ctx context.Context, seed uint64, clientFINF
 	case <-ctx.Done():
 		return errors.New("the tunnel did not end after both sides half-closed")
 	}
-	if t.Reason() != ReasonClosed {
-		return fmt.Errorf("the tunnel ended with reason %q, want %q", t.Reason(), ReasonClosed)
+	if t.Reason() != datapath.ReasonClosed {
+		return fmt.Errorf("the tunnel ended with reason %q, want %q", t.Reason(), datapath.ReasonClosed)
 	}
 	return nil
 }

@@ -1,0 +1,19 @@
+package sockmap
+
+// The test knobs of the engine (testHooks), in one place: only this package's tests and benchmarks turn
+// them.
+
+// breakFINDrain makes k carry each FIN as soon as it is seen, without waiting for the bytes before it: the
+// naive relay of docs/datapath.md, which the self-test must refuse.
+func (k *Engine) breakFINDrain() { k.hooks.carryFINEarly = true }
+
+// setSendBuffer sets both sockets' send buffer to n (SO_SNDBUFFORCE) as each pair enters the kernel; 0
+// leaves TCP's autotuning.
+func (k *Engine) setSendBuffer(n int) { k.hooks.sndbuf = n }
+
+// dropModeEvents makes k drop every mode event from now on, counting each as lost, as a full ring buffer
+// would.
+func (k *Engine) dropModeEvents() { k.hooks.dropModeEvents.Store(true) }
+
+// droppedModeEvents is how many mode events k dropped since dropModeEvents.
+func (k *Engine) droppedModeEvents() uint64 { return k.hooks.droppedModeEvents.Load() }

@@ -1,0 +1,125 @@
+package sockmap
+
+import (
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/datapath"
+)
+
+// loop waits for socket events and polls draining directions until Close.
+func (k *Engine) loop() {
+	defer close(k.done)
+	events := make([]unix.EpollEvent, 256)
+	lostCheck := time.Now()
+	for {
+		timeout := k.drainTimeout()
+		if timeout < 0 || timeout > lostEventsCheckMs {
+			timeout = lostEventsCheckMs
+		}
+		n, err := unix.EpollWait(k.epfd, events, timeout)
+		if err != nil && err != unix.EINTR {
+			k.log.Error("kernel datapath event loop failed", "err", err)
+			return
+		}
+		for _, ev := range events[:max(n, 0)] {
+			if eventToken(ev) == 0 {
+				return
+			}
+			k.handle(ev)
+		}
+		k.checkDrains()
+		if time.Since(lostCheck) >= lostEventsCheckMs*time.Millisecond {
+			lostCheck = time.Now()
+			k.recoverLostEvents()
+		}
+	}
+}
+
+// lostEventsCheckMs is how often the loop looks whether the ring buffer dropped mode events.
+const lostEventsCheckMs = 1000
+
+// recoverLostEvents does, for every kernel direction, what lost mode events would have made happen: a
+// demoted direction with no goroutine relaying it would hold its sender forever, and a broken one would
+// not be reset. The ring buffer is sized so that this never runs in practice; when it does, it says so.
+func (k *Engine) recoverLostEvents() {
+	lost, err := k.maps.EventsLost()
+	lost += k.hooks.droppedModeEvents.Load()
+	if err != nil || lost == k.lostSeen {
+		return
+	}
+	k.log.Warn("kernel datapath: mode events were lost; checking every kernel tunnel", "lost", lost-k.lostSeen)
+	k.lostSeen = lost
+	var broken []*kernelTunnel
+	k.mu.Lock()
+	for _, d := range k.bySrc {
+		st, err := k.maps.Stats(d.src.cookie)
+		switch {
+		case err != nil || d.relaying:
+		case st.Broken:
+			broken = append(broken, d.kt)
+		case st.Demoted || st.Passed != d.userRead:
+			k.startRelayLocked(d)
+		}
+	}
+	k.mu.Unlock()
+	for _, kt := range broken {
+		kt.p.End(datapath.ReasonKernelError, true)
+	}
+}
+
+// drainTimeout is how long epoll_wait may sleep: until the next drain check, or forever when none waits.
+func (k *Engine) drainTimeout() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.drain) == 0 {
+		return -1
+	}
+	next := k.drain[0].nextCheck
+	for _, d := range k.drain[1:] {
+		if d.nextCheck.Before(next) {
+			next = d.nextCheck
+		}
+	}
+	ms := int((time.Until(next) + time.Millisecond - 1) / time.Millisecond)
+	return max(ms, 0)
+}
+
+// eventToken is the 64 bits of ev's data: a socket cookie, or 0 for the eventfd.
+func eventToken(ev unix.EpollEvent) uint64 {
+	return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+}
+
+// handle acts on one socket's event: an error (a reset) aborts the tunnel; a FIN starts the drain of the
+// direction it ends.
+func (k *Engine) handle(ev unix.EpollEvent) {
+	k.mu.Lock()
+	s, ok := k.socks[eventToken(ev)]
+	if !ok {
+		k.mu.Unlock()
+		return
+	}
+	kt := s.kt
+	if ev.Events&unix.EPOLLERR != 0 {
+		// Read under k.mu: release closes the descriptor, and its number may then name another socket.
+		soErr, _ := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		k.mu.Unlock()
+		kt.p.Fail(datapath.Blame(s.isClient, unix.Errno(soErr)), unix.Errno(soErr), true)
+		return
+	}
+	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+		d := &kt.dirs[1]
+		if s.isClient {
+			d = &kt.dirs[0]
+		}
+		if !d.finSeen {
+			d.finSeen = true
+			d.interval = drainFirstCheck
+			d.nextCheck = time.Now()
+			d.lastMove = time.Now()
+			k.drain = append(k.drain, d)
+		}
+	}
+	k.mu.Unlock()
+}
