@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"time"
 
 	"golang.org/x/net/http/httpguts"
 )
@@ -55,27 +56,32 @@ func isUpgradeRequest(r *http.Request) bool {
 	return len(r.Header["Upgrade"]) > 0 || httpguts.HeaderValuesContainsToken(r.Header["Connection"], "upgrade")
 }
 
-// handshakeError is a refusal of a client's upgrade request: the status and headers the client gets, and the
-// reason label counted in sockrelay_handshakes_failed_total.
-type handshakeError struct {
+// A refusal is why a client's connection will not become a tunnel, whichever front it came through: the
+// reason label counted in sockrelay_handshakes_failed_total, the HTTP status and headers a WebSocket client
+// gets, and when to come back. The fronts map it at their edge: the WebSocket front answers with the status
+// (and Retry-After), the tcp front closes the connection; both count and log the reason.
+type refusal struct {
 	status int
 	reason string
 	msg    string
 	header http.Header
+	// retryAfter, when positive, is sent as Retry-After (whole seconds, at least 1): a limit that will
+	// let the client in again later.
+	retryAfter time.Duration
 	// local says the relay itself failed (out of descriptors, memory or ports), not the upstream: passive
 	// health is not told, and no other server is tried.
 	local bool
 }
 
-func (e *handshakeError) Error() string { return e.msg }
+func (e *refusal) Error() string { return e.msg }
 
-func badRequest(format string, args ...any) *handshakeError {
-	return &handshakeError{status: http.StatusBadRequest, reason: "bad_request", msg: fmt.Sprintf(format, args...)}
+func badRequest(format string, args ...any) *refusal {
+	return &refusal{status: http.StatusBadRequest, reason: "bad_request", msg: fmt.Sprintf(format, args...)}
 }
 
 // validateUpgrade checks a client's upgrade request against RFC 6455 section 4.2.1. It returns the
 // Sec-WebSocket-Key on success.
-func validateUpgrade(r *http.Request) (string, *handshakeError) {
+func validateUpgrade(r *http.Request) (string, *refusal) {
 	if r.Method != http.MethodGet {
 		return "", badRequest("websocket handshake must use GET, not %s", r.Method)
 	}
@@ -93,7 +99,7 @@ func validateUpgrade(r *http.Request) (string, *handshakeError) {
 		return "", badRequest("websocket handshake must not carry a body")
 	}
 	if v := r.Header.Values("Sec-WebSocket-Version"); len(v) != 1 || strings.TrimSpace(v[0]) != "13" {
-		return "", &handshakeError{
+		return "", &refusal{
 			status: http.StatusUpgradeRequired,
 			reason: "bad_version",
 			msg:    "Sec-WebSocket-Version must be 13",

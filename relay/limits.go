@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math"
 	"net/http"
-	"strconv"
 	"sync"
 	"time"
 )
@@ -69,20 +68,6 @@ func newLimiter(l Limits) *limiter {
 	return &limiter{lim: l, now: time.Now, perIP: map[string]int{}, buckets: map[string]*bucket{}}
 }
 
-// limitError is a refusal by a limit: the status, the reason counted, and when to come back.
-type limitError struct {
-	status     int
-	reason     string
-	retryAfter time.Duration
-	msg        string
-}
-
-func (e *limitError) handshakeError() *handshakeError {
-	secs := max(1, int(math.Ceil(e.retryAfter.Seconds())))
-	return &handshakeError{status: e.status, reason: e.reason, msg: e.msg,
-		header: http.Header{"Retry-After": {strconv.Itoa(secs)}}}
-}
-
 // Handshake-refusal reasons of the limits.
 const (
 	FailLimitTunnels      = "limit_tunnels"        // MaxTunnels reached
@@ -93,19 +78,19 @@ const (
 
 // beginHandshake admits one handshake from ip, or says which limit refuses it. The returned function
 // ends the handshake (for the concurrency limit); call it once the handshake is over, either way.
-func (l *limiter) beginHandshake(ip string) (func(), *limitError) {
+func (l *limiter) beginHandshake(ip string) (func(), *refusal) {
 	if l.lim.MaxConcurrentHandshakes == 0 && l.lim.HandshakesPerIP == 0 {
 		return noop, nil // nothing to count: no lock, no allocation per handshake
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.lim.MaxConcurrentHandshakes > 0 && l.handshakes >= l.lim.MaxConcurrentHandshakes {
-		return nil, &limitError{status: http.StatusServiceUnavailable, reason: FailLimitHandshakes, retryAfter: time.Second,
+		return nil, &refusal{status: http.StatusServiceUnavailable, reason: FailLimitHandshakes, retryAfter: time.Second,
 			msg: fmt.Sprintf("too many handshakes in progress (%d); try again shortly", l.lim.MaxConcurrentHandshakes)}
 	}
 	if l.lim.HandshakesPerIP > 0 {
 		if wait := l.takeLocked(ip); wait > 0 {
-			return nil, &limitError{status: http.StatusTooManyRequests, reason: FailLimitRate, retryAfter: wait,
+			return nil, &refusal{status: http.StatusTooManyRequests, reason: FailLimitRate, retryAfter: wait,
 				msg: fmt.Sprintf("too many handshakes from %s: at most %g a second", ip, l.lim.HandshakesPerIP)}
 		}
 	}
@@ -154,18 +139,18 @@ func (l *limiter) sweepLocked(now time.Time, burst float64) {
 
 // reserveTunnel holds a tunnel slot for ip, or says which limit refuses it. The returned function gives
 // the slot back; call it once, when the tunnel ends or the handshake fails.
-func (l *limiter) reserveTunnel(ip string) (func(), *limitError) {
+func (l *limiter) reserveTunnel(ip string) (func(), *refusal) {
 	if l.lim.MaxTunnels == 0 && l.lim.MaxTunnelsPerIP == 0 {
 		return noop, nil // nothing held per tunnel when nothing is limited
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.lim.MaxTunnels > 0 && l.tunnels >= l.lim.MaxTunnels {
-		return nil, &limitError{status: http.StatusServiceUnavailable, reason: FailLimitTunnels, retryAfter: 5 * time.Second,
+		return nil, &refusal{status: http.StatusServiceUnavailable, reason: FailLimitTunnels, retryAfter: 5 * time.Second,
 			msg: fmt.Sprintf("the relay holds its maximum of %d tunnels; try again later", l.lim.MaxTunnels)}
 	}
 	if l.lim.MaxTunnelsPerIP > 0 && l.perIP[ip] >= l.lim.MaxTunnelsPerIP {
-		return nil, &limitError{status: http.StatusServiceUnavailable, reason: FailLimitTunnelsPerIP, retryAfter: 5 * time.Second,
+		return nil, &refusal{status: http.StatusServiceUnavailable, reason: FailLimitTunnelsPerIP, retryAfter: 5 * time.Second,
 			msg: fmt.Sprintf("%s holds its maximum of %d tunnels; close one first", ip, l.lim.MaxTunnelsPerIP)}
 	}
 	l.tunnels++
@@ -188,7 +173,7 @@ func noop() {}
 // admit runs a handshake from ip through every limiter in order (the relay's, then the listener's): it
 // returns the functions that end the handshake and release the tunnel slots, or the first refusal, having
 // released whatever it took before it.
-func admit(limiters []*limiter, ip string) (endHandshake, releaseTunnel func(), refused *limitError) {
+func admit(limiters []*limiter, ip string) (endHandshake, releaseTunnel func(), refused *refusal) {
 	if len(limiters) == 1 {
 		// The common case: only the relay's limits. No slices or closures around the limiter's own.
 		end, err := limiters[0].beginHandshake(ip)

@@ -128,10 +128,10 @@ var errClientGone = errors.New("client closed during the handshake")
 // connect or the handshake fails, which is always before any byte of a response reached the client, it
 // reports the failure to the pool (passive health) and tries another server, within the pool's retry
 // tries and time. A well-formed answer, 101 or not, ends the tries: an upstream's refusal is passed on.
-func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dialedUpstream, *handshakeError, error) {
+func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dialedUpstream, *refusal, error) {
 	pool := route.Pool
 	return s.withRetries(r.RemoteAddr, pool, pool.Key(s.clientOf(r).ip, r),
-		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
+		func(addr string, deadline time.Time) (*dialedUpstream, *refusal, error) {
 			return s.tryUpstream(r, addr, wsKey, route, deadline)
 		})
 }
@@ -146,12 +146,12 @@ func (s *Server) openUpstream(r *http.Request, route Route, wsKey string) (*dial
 // within the first, a wss pool's TLS handshake within the second), and then the upstream has the upstream
 // response timeout to answer: a handshake lasts at most the retry timeout plus one try.
 func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
-	attempt func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error)) (*dialedUpstream, *handshakeError, error) {
+	attempt func(addr string, deadline time.Time) (*dialedUpstream, *refusal, error)) (*dialedUpstream, *refusal, error) {
 	retry := pool.Retry()
 	deadline := time.Now().Add(retry.Timeout)
 	var (
 		tried []*upstream.Server
-		last  *handshakeError
+		last  *refusal
 	)
 	for try := 1; ; try++ {
 		lease, err := pool.Pick(hashKey, tried)
@@ -160,7 +160,7 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 				// Every server was tried: the last failure says more than "none left".
 				return nil, last, nil
 			}
-			return nil, &handshakeError{status: http.StatusServiceUnavailable, reason: FailNoUpstream, msg: err.Error()}, nil
+			return nil, &refusal{status: http.StatusServiceUnavailable, reason: FailNoUpstream, msg: err.Error()}, nil
 		}
 		if last != nil {
 			// Counted once another server is really tried, not when there is none left.
@@ -201,7 +201,7 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 // tryUpstream connects to addr before connectDeadline (see withRetries) and forwards the handshake there,
 // which the upstream must answer within the response timeout. It returns a handshake error for a failure
 // of the upstream, and an error only when the client left meanwhile.
-func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, connectDeadline time.Time) (*dialedUpstream, *handshakeError, error) {
+func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, connectDeadline time.Time) (*dialedUpstream, *refusal, error) {
 	ctx, cancel := context.WithDeadline(r.Context(), connectDeadline)
 	defer cancel()
 	local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
@@ -236,14 +236,14 @@ func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, c
 // connectServer opens one tunnel's connection to the server at addr of route, for a WebSocket or a tcp
 // listener alike: TCP connect, then the PROXY header naming client (when the route sends one), then TLS
 // (for a TLS pool), all before ctx's deadline (see withRetries).
-func (s *Server) connectServer(ctx context.Context, addr string, route Route, client, local net.Addr) (*dialedUpstream, *handshakeError) {
+func (s *Server) connectServer(ctx context.Context, addr string, route Route, client, local net.Addr) (*dialedUpstream, *refusal) {
 	conn, err := s.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		if upstream.IsLocalResourceError(err) {
-			return nil, &handshakeError{status: http.StatusServiceUnavailable, reason: FailLocalResources, local: true,
+			return nil, &refusal{status: http.StatusServiceUnavailable, reason: FailLocalResources, local: true,
 				msg: fmt.Sprintf("connect to upstream %s: the relay is out of resources: %v", addr, err)}
 		}
-		return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
+		return nil, &refusal{status: http.StatusBadGateway, reason: FailUpstreamUnreachable,
 			msg: fmt.Sprintf("connect to upstream %s: %v", addr, err)}
 	}
 	up := &dialedUpstream{conn: conn.(*net.TCPConn)}
@@ -252,7 +252,7 @@ func (s *Server) connectServer(ctx context.Context, addr string, route Route, cl
 		deadline, _ := ctx.Deadline()
 		if err := sendProxyHeader(up.conn, proxyHeader(route.SendProxy, client, local), deadline); err != nil {
 			up.conn.Close()
-			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
+			return nil, &refusal{status: http.StatusBadGateway, reason: FailUpstreamError,
 				msg: fmt.Sprintf("send PROXY header to upstream %s: %v", addr, err)}
 		}
 	}
@@ -263,7 +263,7 @@ func (s *Server) connectServer(ctx context.Context, addr string, route Route, cl
 		cancel()
 		if err != nil {
 			up.conn.Close()
-			return nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamTLS,
+			return nil, &refusal{status: http.StatusBadGateway, reason: FailUpstreamTLS,
 				msg: fmt.Sprintf("TLS handshake with upstream %s: %v", addr, err)}
 		}
 	}
@@ -325,12 +325,12 @@ func (s *Server) evicted(srv *upstream.Server) bool {
 func (s *Server) routeOrRefuse(w http.ResponseWriter, r *http.Request) (Route, bool) {
 	route, ok := s.route(r)
 	if !ok {
-		s.refuse(w, r, &handshakeError{status: http.StatusNotFound, reason: FailNoRoute,
+		s.refuse(w, r, &refusal{status: http.StatusNotFound, reason: FailNoRoute,
 			msg: fmt.Sprintf("no route for host %q and path %q on listener %q", r.Host, r.URL.Path, s.listenerOf(r).name)})
 		return Route{}, false
 	}
 	if !s.originAllowed(r, route) {
-		s.refuse(w, withPool(r, route.Pool), &handshakeError{status: http.StatusForbidden, reason: FailOrigin,
+		s.refuse(w, withPool(r, route.Pool), &refusal{status: http.StatusForbidden, reason: FailOrigin,
 			msg: fmt.Sprintf("origin %q is not allowed here", r.Header.Get("Origin"))})
 		return Route{}, false
 	}

@@ -348,7 +348,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if msg := pathProblem(r.URL.Path); msg != "" {
 		if isUpgradeRequest(r) {
-			s.refuse(w, r, &handshakeError{status: http.StatusBadRequest, reason: FailBadPath, msg: msg})
+			s.refuse(w, r, &refusal{status: http.StatusBadRequest, reason: FailBadPath, msg: msg})
 			return
 		}
 		s.metrics.httpRequests.WithLabelValues(strconv.Itoa(http.StatusBadRequest)).Inc()

@@ -93,7 +93,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 	}
 	endHandshake, releaseSlot, lerr := admit(s.limitersFor(info), ip)
 	if lerr != nil {
-		refuse(lerr.reason, errors.New(lerr.msg))
+		refuse(lerr.reason, lerr)
 		return
 	}
 	defer endHandshake()
@@ -128,7 +128,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		clientPrefix = append(clientPrefix, pc.leftover()...)
 	}
 	up, herr, err := s.withRetries(peer, pool, pool.Key(ip, req),
-		func(addr string, deadline time.Time) (*dialedUpstream, *handshakeError, error) {
+		func(addr string, deadline time.Time) (*dialedUpstream, *refusal, error) {
 			ctx, cancel := context.WithDeadline(context.Background(), deadline)
 			defer cancel()
 			up, herr := s.connectServer(ctx, addr, route, peerAddr, client.LocalAddr())

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
@@ -17,12 +19,15 @@ import (
 // refuse answers a client whose handshake will not become a tunnel, and counts and logs why. The client
 // connection is closed after the answer: a client that sent an upgrade may have pipelined WebSocket frames
 // behind it, and those must never be read as HTTP.
-func (s *Server) refuse(w http.ResponseWriter, r *http.Request, e *handshakeError) {
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, e *refusal) {
 	s.handshakeFailed(r, e.reason)
 	s.log.Info("handshake refused", "client", r.RemoteAddr, "uri", r.RequestURI, "status", e.status,
 		"reason", e.reason, "err", e.msg)
 	for k, v := range e.header {
 		w.Header()[k] = v
+	}
+	if e.retryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(max(1, int(math.Ceil(e.retryAfter.Seconds())))))
 	}
 	w.Header().Set("Connection", "close")
 	http.Error(w, e.msg, e.status)
@@ -41,7 +46,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 
 	endHandshake, releaseSlot, lerr := admit(s.limitersFor(s.listenerOf(r)), s.clientOf(r).ip)
 	if lerr != nil {
-		s.refuse(w, r, lerr.handshakeError())
+		s.refuse(w, r, lerr)
 		return
 	}
 	defer endHandshake()
@@ -82,7 +87,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 	}
 
 	if s.evicted(up.lease.Server) {
-		s.refuse(w, r, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamRemoved,
+		s.refuse(w, r, &refusal{status: http.StatusBadGateway, reason: FailUpstreamRemoved,
 			msg: fmt.Sprintf("upstream %s was removed by a reload during the handshake", up.lease.Server.Address())})
 		return
 	}
@@ -132,16 +137,16 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 // forwardHandshake sends the client's upgrade request to the upstream and reads its answer, within the
 // upstream response timeout. A 101 comes back with the bytes the upstream sent behind it (they belong to the
 // tunnel); any other complete response comes back for passResponse.
-func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string) (*http.Response, []byte, *handshakeError) {
+func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string) (*http.Response, []byte, *refusal) {
 	start := time.Now()
 	deadline := start.Add(s.cfg.UpstreamResponseTimeout)
 	_ = conn.SetDeadline(deadline)
-	fail := func(op string, err error) *handshakeError {
+	fail := func(op string, err error) *refusal {
 		if isTimeout(err) {
-			return &handshakeError{status: http.StatusGatewayTimeout, reason: FailUpstreamTimeout,
+			return &refusal{status: http.StatusGatewayTimeout, reason: FailUpstreamTimeout,
 				msg: fmt.Sprintf("%s: no answer within %s", op, deadline.Sub(start).Round(time.Millisecond))}
 		}
-		return &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
+		return &refusal{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
 	}
 	if _, err := conn.Write(upstreamRequest(r, s.clientOf(r))); err != nil {
 		return nil, nil, fail("send handshake", err)
@@ -154,11 +159,11 @@ func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string) (*
 	switch {
 	case resp.StatusCode == http.StatusSwitchingProtocols:
 		if err := validateSwitch(resp, key); err != nil {
-			return nil, nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamBadSwitch, msg: err.Error()}
+			return nil, nil, &refusal{status: http.StatusBadGateway, reason: FailUpstreamBadSwitch, msg: err.Error()}
 		}
 	case resp.StatusCode < 200:
 		// Not a status HTTP has (interim ones were skipped): it cannot be passed on as an answer.
-		return nil, nil, &handshakeError{status: http.StatusBadGateway, reason: FailUpstreamError,
+		return nil, nil, &refusal{status: http.StatusBadGateway, reason: FailUpstreamError,
 			msg: fmt.Sprintf("status %d in answer to a websocket handshake", resp.StatusCode)}
 	default:
 		return resp, nil, nil
