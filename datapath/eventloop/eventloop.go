@@ -293,6 +293,19 @@ func (h *Handle) Queued() bool {
 	return <-reply
 }
 
+// Progress sums what TCP has moved on the tunnel's sockets: bytes each received and bytes each sent and had
+// acknowledged (TCP_INFO), so that it moves while a slow reader drains a full send buffer, which the loop's
+// own counts (Bytes, LastActive) do not show until its next write. The loop's thread reads it, since only it
+// may touch the descriptors; Progress waits for it. Once the tunnel has ended it returns the bytes written
+// both ways.
+func (h *Handle) Progress() uint64 {
+	reply := make(chan uint64, 1)
+	if !h.t.loop.send(command{kind: cmdProgress, t: h.t, progress: reply}) {
+		return h.t.writtenBoth() // the loop has stopped: the tunnel ended with it
+	}
+	return <-reply
+}
+
 // Detached is what Handle.Detach leaves of a tunnel given back alive.
 type Detached struct {
 	// Pending are the bytes read from a (index 0) and from b (index 1) that the other side has not taken: they

@@ -26,6 +26,8 @@ const (
 	cmdStop
 	cmdQueued // answer on reply whether the tunnel's sockets have unsent bytes (Handle.Queued)
 	cmdDetach // give the tunnel back alive (Handle.Detach)
+
+	cmdProgress // answer on progress what TCP has moved on the tunnel's sockets (Handle.Progress)
 )
 
 // command is work handed to a loop from another thread.
@@ -37,6 +39,8 @@ type command struct {
 	// take and detached are cmdDetach's: what takes the descriptors, and the answer.
 	take     func(afd, bfd int) error
 	detached chan<- detachResult
+
+	progress chan<- uint64 // cmdProgress's answer
 }
 
 type detachResult struct {
@@ -186,6 +190,8 @@ func (l *loop) runCommands() (stop bool) {
 		case cmdDetach:
 			d, err := c.t.detach(c.take)
 			c.detached <- detachResult{d, err}
+		case cmdProgress:
+			c.progress <- c.t.tcpProgress()
 		case cmdStop:
 			stop = true
 		}
@@ -230,6 +236,8 @@ func (l *loop) stop() {
 			c.reply <- false
 		case cmdDetach:
 			c.detached <- detachResult{err: ErrEnded}
+		case cmdProgress:
+			c.progress <- c.t.writtenBoth()
 		}
 	}
 	for _, t := range l.byFD {
