@@ -129,11 +129,17 @@ func (ls *Loops) CarryWith(a, b *net.TCPConn, s Spec) (*Handle, error) {
 		unix.Close(bfd)
 		return nil, ErrClosed
 	}
-	// Both duplicates exist, so the Go connections can go: closing them takes the original descriptors out of
-	// Go's netpoller (it deletes them from its epoll before closing), and the sockets live on in the duplicates.
+	l := ls.loops[int(ls.next.Add(1))%len(ls.loops)]
+	if err := l.watch([2]int{afd, bfd}); err != nil {
+		unix.Close(afd)
+		unix.Close(bfd)
+		return nil, fmt.Errorf("carry: %w", err)
+	}
+	// Both duplicates exist and are watched, so the Go connections can go: closing them takes the original
+	// descriptors out of Go's netpoller (it deletes them from its epoll before closing), and the sockets live
+	// on in the duplicates.
 	_ = a.Close()
 	_ = b.Close()
-	l := ls.loops[int(ls.next.Add(1))%len(ls.loops)]
 	t := newTunnel(l, afd, bfd, s.APeeked, s.BPeeked, s.OnEnd)
 	t.onFIN = s.OnFIN
 	for i, done := range s.Finished {

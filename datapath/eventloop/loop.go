@@ -18,6 +18,9 @@ const maxEvents = 256
 // tunnel cannot starve the rest; a direction stopped this way is queued to run again before the next wait.
 const passReads = 16
 
+// epollCtl is unix.EpollCtl, replaced by tests to inject a failure of EPOLL_CTL_ADD.
+var epollCtl = unix.EpollCtl
+
 type commandKind int8
 
 const (
@@ -199,20 +202,34 @@ func (l *loop) runCommands() (stop bool) {
 	return stop
 }
 
-// add registers t's descriptors and makes its first pass, which sends the peeked bytes.
+// watch adds a tunnel's descriptors to the loop's epoll set. CarryWith calls it, before the Go connections are
+// closed, so that a failure (ENOSPC at fs.epoll.max_user_watches, ENOMEM: the relay's, not a peer's) leaves the
+// connections to the caller. On error nothing stays in the set.
 //
 // Edge-triggered (EPOLLET): each descriptor is added once with EPOLLIN|EPOLLOUT|EPOLLRDHUP and never modified.
 // The tunnel keeps its own readable/writable flags, set by an edge and cleared by EAGAIN, so stopping a source
 // for backpressure is not reading it, and resuming is reading it again when the destination's EPOLLOUT edge
 // comes: no epoll_ctl per stall and resume, as level-triggered interest would need to avoid busy wakeups.
+// Edges that come before the loop's thread adds the tunnel are dropped (byFD does not name it yet); the first
+// pass starts readable and writable, so it loses none.
+func (l *loop) watch(fds [2]int) error {
+	for i, fd := range fds {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
+		if err := epollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			if i == 1 {
+				// Closing the duplicate alone would not take it out: the Go connection's descriptor still
+				// refers to the socket.
+				_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fds[0], nil)
+			}
+			return fmt.Errorf("add side %s to epoll: %w", Side(i), err)
+		}
+	}
+	return nil
+}
+
+// add takes t, whose descriptors watch added, and makes its first pass, which sends the peeked bytes.
 func (l *loop) add(t *tunnel) {
 	for i := range t.ends {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
-			Fd: int32(t.ends[i].fd)}
-		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, t.ends[i].fd, &ev); err != nil {
-			t.end(Side(i), ReasonError, fmt.Errorf("add side %s to epoll: %w", Side(i), err), true)
-			return
-		}
 		l.byFD[int32(t.ends[i].fd)] = t
 	}
 	l.tunnels.Add(1)
