@@ -24,6 +24,10 @@ import (
 // socket pair: the process is an upgrade's, and adopts the listeners the running relay offers on it.
 const handoverFDEnv = "SOCKRELAY_HANDOVER_FD"
 
+// upgradeExeFDEnv names, in a new relay process's environment, the descriptor of the binary the old one
+// opened, checked and started it from (/proc/self/fd/N), which the new process closes.
+const upgradeExeFDEnv = "SOCKRELAY_UPGRADE_EXE_FD"
+
 // defaultUpgradeTimeout is how long a new process may take to start (probe, self-test, pools) and
 // confirm that it serves, when the request does not say.
 const defaultUpgradeTimeout = time.Minute
@@ -35,6 +39,7 @@ type upgrader struct {
 	runArgs      []string // this process's `sockrelay run` flags, which the new one gets by default
 	drainTimeout time.Duration
 	tunnels      func() int
+	fixedBinary  string // --upgrade-binary: the only binary an upgrade starts; "" for this process's own
 
 	mu         sync.Mutex
 	listeners  []offered // set by serve once every listener is bound
@@ -74,16 +79,18 @@ func (u *upgrader) handedOff() bool {
 // why it did not take over (this process then keeps serving). One upgrade at a time.
 func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.UpgradeResult, error) {
 	started := time.Now()
-	binary, args, timeout, err := u.resolve(req)
+	exe, args, timeout, err := u.resolve(req)
 	if err != nil {
 		return relay.UpgradeResult{}, err
 	}
+	defer exe.Close()
+	binary := exe.Name()
 	if err := u.begin(); err != nil {
 		return relay.UpgradeResult{}, err
 	}
 	u.log.Info("upgrade: starting the new process", "binary", binary, "args", strings.Join(args, " "), "timeout", timeout)
 	// Not bound to the request: a client that gives up waiting must not leave a half-started process.
-	pid, err := u.handOver(binary, args, timeout)
+	pid, err := u.handOver(exe, args, timeout)
 	if err != nil {
 		u.end(0)
 		u.log.Error("upgrade failed: this process keeps serving", "binary", binary, "err", err)
@@ -98,36 +105,62 @@ func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.U
 	return res, nil
 }
 
-// resolve checks what req asks for and fills in the defaults.
-func (u *upgrader) resolve(req relay.UpgradeRequest) (binary string, args []string, timeout time.Duration, err error) {
-	binary, timeout, args = req.Binary, defaultUpgradeTimeout, req.Args
+// resolve checks what req asks for, fills in the defaults and opens the binary to start. The admin token
+// grants an upgrade to this relay's own binary (or the path fixed at its start), not the running of any
+// program with the relay's capabilities: a binary other than that one is refused, and so are arguments
+// that are not `sockrelay run` flags (another program's options, such as ssh's -oProxyCommand).
+func (u *upgrader) resolve(req relay.UpgradeRequest) (exe *os.File, args []string, timeout time.Duration, err error) {
+	binary, why := u.fixedBinary, "the relay's --upgrade-binary (admin.upgrade_binary)"
 	if binary == "" {
 		// /proc/self/exe read again: a binary installed over this one's path is the one started.
 		if binary, err = os.Executable(); err != nil {
-			return "", nil, 0, fmt.Errorf("%w: this process's own binary: %v; give one with --binary", relay.ErrUpgradeBadRequest, err)
+			return nil, nil, 0, fmt.Errorf("%w: this process's own binary: %v; start the relay with --upgrade-binary PATH", relay.ErrUpgradeBadRequest, err)
 		}
+		why = "this relay's own executable; another needs the relay started with --upgrade-binary PATH"
 	}
-	if err := checkUpgradeBinary(binary); err != nil {
-		return "", nil, 0, fmt.Errorf("%w: binary %s: %v", relay.ErrUpgradeBadRequest, binary, err)
+	if req.Binary != "" && filepath.Clean(req.Binary) != binary {
+		return nil, nil, 0, fmt.Errorf("%w: binary %s: accepted only %s, %s", relay.ErrUpgradeBadRequest, req.Binary, binary, why)
 	}
+	timeout, args = defaultUpgradeTimeout, req.Args
 	if req.Timeout != "" {
 		if timeout, err = time.ParseDuration(req.Timeout); err != nil || timeout <= 0 {
-			return "", nil, 0, fmt.Errorf("%w: timeout %q: accepted a positive duration, e.g. 30s", relay.ErrUpgradeBadRequest, req.Timeout)
+			return nil, nil, 0, fmt.Errorf("%w: timeout %q: accepted a positive duration, e.g. 30s", relay.ErrUpgradeBadRequest, req.Timeout)
 		}
 	}
 	if len(args) == 0 {
 		args = u.runArgs
+	} else if _, err := parseRunFlags(args, io.Discard); err != nil {
+		return nil, nil, 0, fmt.Errorf("%w: args: %v; accepted: `sockrelay run` flags", relay.ErrUpgradeBadRequest, err)
 	}
-	return binary, args, timeout, nil
+	if exe, err = openUpgradeBinary(binary); err != nil {
+		return nil, nil, 0, fmt.Errorf("%w: binary %s: %v", relay.ErrUpgradeBadRequest, binary, err)
+	}
+	return exe, args, timeout, nil
 }
 
-// checkUpgradeBinary refuses a binary that someone other than this process's user or root could have
-// put there: the admin API would otherwise run whatever a less privileged user wrote.
-func checkUpgradeBinary(path string) error {
+// openUpgradeBinary opens the binary an upgrade starts and refuses it if someone other than this process's
+// user or root could have put it there: the admin API would otherwise run whatever a less privileged user
+// wrote. The checks are of the open file, which is the one started (startCommand): replacing the path
+// after them changes nothing.
+func openUpgradeBinary(path string) (*os.File, error) {
 	if !filepath.IsAbs(path) {
-		return errors.New("not an absolute path")
+		return nil, errors.New("not an absolute path")
 	}
-	fi, err := os.Stat(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkUpgradeBinary(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// checkUpgradeBinary checks the open binary f (fstat): a regular executable file that only its owner, root
+// or this process's user, may change.
+func checkUpgradeBinary(f *os.File) error {
+	fi, err := f.Stat()
 	if err != nil {
 		return err
 	}
@@ -187,16 +220,15 @@ func (u *upgrader) end(pid int) {
 	u.handedOver <- pid
 }
 
-// handOver starts binary with args, offers it the listeners, and waits at most timeout for its answer.
-func (u *upgrader) handOver(binary string, args []string, timeout time.Duration) (int, error) {
+// handOver starts exe with args, offers it the listeners, and waits at most timeout for its answer.
+func (u *upgrader) handOver(exe *os.File, args []string, timeout time.Duration) (int, error) {
+	binary := exe.Name()
 	conn, theirs, err := handover.Pair()
 	if err != nil {
 		return 0, err
 	}
 	defer conn.Close()
-	cmd := exec.Command(binary, append([]string{"run"}, args...)...)
-	cmd.Env = append(withoutEnv(os.Environ(), handoverFDEnv), handoverFDEnv+"=3") // ExtraFiles[0] is fd 3
-	cmd.ExtraFiles = []*os.File{theirs}
+	cmd := startCommand(exe, theirs, args)
 	// The same files, not pipes through this process: the new one logs where this one did, and goes on
 	// after this one exits.
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
@@ -244,6 +276,19 @@ func (u *upgrader) handOver(binary string, args []string, timeout time.Duration)
 		kill()
 		return 0, fmt.Errorf("the new process (pid %d): %w; killed it", cmd.Process.Pid, err)
 	}
+}
+
+// startCommand is `exe run args...` with theirs, the new process's end of the handover pair, as descriptor 3.
+// It starts the file exe, which openUpgradeBinary checked, not what its path names at exec time: exe is
+// the child's descriptor 4 (not close-on-exec, so that a script's interpreter can read it too), and the
+// child executes /proc/self/fd/4. argv[0] is exe's path, as ps shows it.
+func startCommand(exe, theirs *os.File, args []string) *exec.Cmd {
+	cmd := exec.Command("/proc/self/fd/4", append([]string{"run"}, args...)...)
+	cmd.Args[0] = exe.Name()
+	cmd.Env = append(withoutEnv(withoutEnv(os.Environ(), handoverFDEnv), upgradeExeFDEnv),
+		handoverFDEnv+"=3", upgradeExeFDEnv+"=4") // ExtraFiles[0] is fd 3
+	cmd.ExtraFiles = []*os.File{theirs, exe}
+	return cmd
 }
 
 // peerGone says whether err is the new process's end of the socket pair closed: it exited (a reset,
@@ -324,6 +369,7 @@ func inherit() (*inheritance, error) {
 		return nil, nil
 	}
 	os.Unsetenv(handoverFDEnv) // not for a process this one starts later
+	closeUpgradeExe()
 	fd, err := strconv.Atoi(v)
 	if err != nil || fd < 3 {
 		return nil, fmt.Errorf("%s=%q: accepted a descriptor number from 3", handoverFDEnv, v)
@@ -351,6 +397,14 @@ func inherit() (*inheritance, error) {
 		h.files[i] = files[l.FD]
 	}
 	return h, nil
+}
+
+// closeUpgradeExe closes the descriptor of this process's binary that the old process started it from.
+func closeUpgradeExe() {
+	if fd, err := strconv.Atoi(os.Getenv(upgradeExeFDEnv)); err == nil && fd > 3 {
+		syscall.Close(fd)
+	}
+	os.Unsetenv(upgradeExeFDEnv)
 }
 
 func closeAllFiles(files []*os.File) {
