@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sockrelay/sockrelay/handover"
 	"github.com/sockrelay/sockrelay/relay"
 )
@@ -237,8 +239,7 @@ func (u *upgrader) handOver(exe *os.File, args []string, timeout time.Duration) 
 	if err != nil {
 		return 0, fmt.Errorf("start %s: %w", binary, err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }() // reaps the new process whenever it ends, even after it took over
+	exited, tookOver := reapUnlessTookOver(cmd)
 	kill := func() {
 		_ = cmd.Process.Kill()
 		<-exited
@@ -260,6 +261,9 @@ func (u *upgrader) handOver(exe *os.File, args []string, timeout time.Duration) 
 		if m.Ready.PID != cmd.Process.Pid {
 			kill()
 			return 0, fmt.Errorf("the new process (pid %d) answered for pid %d", cmd.Process.Pid, m.Ready.PID)
+		}
+		if !tookOver() {
+			return 0, fmt.Errorf("the new process (pid %d) ended right after it said that it serves%s", cmd.Process.Pid, exitOf(exited))
 		}
 		return m.Ready.PID, nil
 	case err == nil && m.Type == handover.TypeFailed:
@@ -289,6 +293,37 @@ func startCommand(exe, theirs *os.File, args []string) *exec.Cmd {
 		handoverFDEnv+"=3", upgradeExeFDEnv+"=4") // ExtraFiles[0] is fd 3
 	cmd.ExtraFiles = []*os.File{theirs, exe}
 	return cmd
+}
+
+// reapUnlessTookOver waits for cmd's process to end and reaps it (exited gets cmd.Wait's answer), unless
+// tookOver was called first and said true: the process has taken over. From then on this process does not
+// wait for it: under systemd it is the unit's main process (MAINPID), and only its reaper learns how it
+// ended. Reaped here, a crash while this process drains would be hidden from systemd; left alone, it stays
+// a zombie until this process exits, and is then reparented to systemd (or init), which reaps it and sees
+// the exit. The goroutine that waits without reaping (waitid WNOWAIT) returns once the process ends, or
+// ends with this process. tookOver reports false when the process has already been reaped.
+func reapUnlessTookOver(cmd *exec.Cmd) (exited <-chan error, tookOver func() bool) {
+	ch := make(chan error, 1)
+	var mu sync.Mutex
+	took, reaped := false, false
+	go func() {
+		var info unix.Siginfo
+		for unix.Waitid(unix.P_PID, cmd.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil) == unix.EINTR {
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if took {
+			return
+		}
+		reaped = true
+		ch <- cmd.Wait()
+	}()
+	return ch, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		took = !reaped
+		return took
+	}
 }
 
 // peerGone says whether err is the new process's end of the socket pair closed: it exited (a reset,

@@ -622,3 +622,29 @@ func TestUpgradeStartsTheCheckedBinary(t *testing.T) {
 		t.Errorf("the new process wrote %q, want %q (from the checked file, not the one put at its path after)", got, want)
 	}
 }
+
+// TestUpgradeDoesNotReapTheNewProcess: once handed over, the old process no longer waits for the new one,
+// its child: if the new process dies while the old one drains, it stays a zombie, its exit status left for
+// the process it is reparented to once the old one exits (systemd, which watches it as the unit's main
+// process), instead of being taken by the old one, which would hide the crash from systemd.
+func TestUpgradeDoesNotReapTheNewProcess(t *testing.T) {
+	r := startUpgradable(t, newEchoUpstream(t), 30*time.Second)
+	ws := dialWS(t, r.listen) // the old process drains it
+	code, out := r.upgrade(t)
+	if code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	pid := newPID(t, out)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the new process to die", func() bool { return processGone(pid) })
+	time.Sleep(200 * time.Millisecond) // an old process that reaps would have by now
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	_, after, _ := strings.Cut(string(stat), ") ")
+	if want := fmt.Sprintf("Z %d ", r.cmd.Process.Pid); err != nil || !strings.HasPrefix(after, want) {
+		t.Errorf("the killed new process: stat %q (%v), want a zombie of the old process (%q): reaped by it", after, err, want)
+	}
+	closeWS(t, ws)
+	r.waitExit(t, 10*time.Second)
+}
