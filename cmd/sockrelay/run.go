@@ -566,7 +566,8 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		handed = append(handed, offered{desc: desc, ln: al})
 		// Once the new process serves, the admin socket is its alone: a request that comes after the
 		// answer to the upgrade (a second upgrade) must reach the new process. Closed here, the socket
-		// lives on in the new process, and its file stays.
+		// lives on in the new process, and its file stays; a new process without this admin removes the
+		// file (inheritance.confirm).
 		letGo = func() {
 			if ul, ok := al.(*net.UnixListener); ok {
 				ul.SetUnlinkOnClose(false)

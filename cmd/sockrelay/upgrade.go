@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sockrelay/sockrelay/config"
 	"github.com/sockrelay/sockrelay/handover"
 	"github.com/sockrelay/sockrelay/relay"
 )
@@ -498,21 +499,47 @@ func (h *inheritance) confirm() {
 	if h == nil {
 		return
 	}
+	var dropped []handover.Listener
 	for i, f := range h.files {
 		if f != nil {
 			h.log.Info("listener not in the configuration: closed here; the old process closes its own",
 				"listener", h.listeners[i].Name, "address", h.listeners[i].Address, "bound", h.listeners[i].Bound)
 			f.Close()
 			h.files[i] = nil
+			dropped = append(dropped, h.listeners[i])
 		}
 	}
 	err := h.conn.Send(handover.Message{Type: handover.TypeReady, Ready: &handover.Ready{PID: os.Getpid()}}, nil)
 	if err != nil {
 		// The old process gave up waiting (timeout) and killed this one, or is gone: nothing to tell.
 		h.log.Warn("upgrade: could not tell the old process that this one serves", "pid", h.from, "err", err)
+	} else {
+		h.removeDroppedAdminSocket(dropped)
 	}
 	h.conn.Close()
 	h.conn = nil
+}
+
+// removeDroppedAdminSocket removes the file of an offered Unix-socket admin that this process did not adopt
+// (dropped)
+// (its configuration has no admin there). The old process lets go of its admin socket without removing the
+// file, which a new process that adopted it serves on; so the process that knows the file is no longer
+// served removes it, once it has told the old one that it serves (before, the old one might keep serving).
+func (h *inheritance) removeDroppedAdminSocket(dropped []handover.Listener) {
+	for _, l := range dropped {
+		path, isUnix := config.AdminSocket(l.Address)
+		if l.Kind != handover.KindAdmin || !isUnix {
+			continue
+		}
+		if fi, err := os.Lstat(path); err != nil || fi.Mode().Type() != os.ModeSocket {
+			continue // gone, or no longer the socket: not this process's to remove
+		}
+		if err := os.Remove(path); err != nil {
+			h.log.Warn("upgrade: could not remove the admin socket the configuration no longer has", "path", path, "err", err)
+			continue
+		}
+		h.log.Info("admin socket not in the configuration: its file removed", "path", path)
+	}
 }
 
 // fail tells the old process why this one cannot take over; it keeps serving.

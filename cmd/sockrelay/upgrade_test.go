@@ -648,3 +648,23 @@ func TestUpgradeDoesNotReapTheNewProcess(t *testing.T) {
 	closeWS(t, ws)
 	r.waitExit(t, 10*time.Second)
 }
+
+// TestUpgradeDroppedAdminSocketIsRemoved: a new process whose flags have no admin (or another one) closes
+// the admin socket it was offered and removes its file once it serves: the old process, which lets go of
+// the socket without removing the file (a new process that keeps the admin serves on it), leaves nothing
+// behind either.
+func TestUpgradeDroppedAdminSocketIsRemoved(t *testing.T) {
+	upstream := newEchoUpstream(t)
+	r := startUpgradable(t, upstream, 5*time.Second)
+	path := strings.TrimPrefix(r.admin, "unix:")
+	code, out := r.upgrade(t, "--", "--listen", "127.0.0.1:0", "--upstream", upstream, "--datapath", "copy", "--log-format", "json")
+	if code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	r.waitExit(t, 5*time.Second)
+	echoThrough(t, dialWS(t, r.listen), "to the new process")
+	waitFor(t, "the admin socket's file to go", func() bool {
+		_, err := os.Lstat(path)
+		return errors.Is(err, os.ErrNotExist)
+	})
+}
