@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -451,15 +452,15 @@ func closeAllFiles(files []*os.File) {
 
 // listen adopts the offered listener of the address the configuration gives, when there is one, or
 // binds it with bind. The admin listener and the client listeners are matched apart: by the address as
-// configured, which names one socket whatever listener kind serves it (a kind changed by the new
-// configuration is logged); matching the kind too would have the new process bind the address the old
-// one still holds.
+// configured, or the socket it resolves to (sameSocket), which names one socket whatever listener kind
+// serves it (a kind changed by the new configuration is logged); matching the kind too would have the new
+// process bind the address the old one still holds.
 func (h *inheritance) listen(want handover.Listener, bind func() (net.Listener, error)) (net.Listener, error) {
 	if h == nil {
 		return bind()
 	}
 	for i, l := range h.listeners {
-		if h.files[i] == nil || l.Address != want.Address || (l.Kind == handover.KindAdmin) != (want.Kind == handover.KindAdmin) {
+		if h.files[i] == nil || !sameSocket(l, want.Address) || (l.Kind == handover.KindAdmin) != (want.Kind == handover.KindAdmin) {
 			continue
 		}
 		f := h.files[i]
@@ -480,6 +481,31 @@ func (h *inheritance) listen(want handover.Listener, bind func() (net.Listener, 
 		return ln, nil
 	}
 	return bind()
+}
+
+// sameSocket says whether the offered listener l is the socket that the configured address addr names: the
+// same spelling, or, for TCP, the same port on the same address once resolved (localhost and 127.0.0.1,
+// :8080 and 0.0.0.0:8080): binding addr while the old process holds l would fail with EADDRINUSE.
+func sameSocket(l handover.Listener, addr string) bool {
+	if l.Address == addr {
+		return true
+	}
+	if _, isUnix := config.AdminSocket(addr); isUnix {
+		return false
+	}
+	bound, err := netip.ParseAddrPort(l.Bound)
+	if err != nil {
+		return false // a Unix socket's path
+	}
+	want, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil || want.Port == 0 || want.Port != int(bound.Port()) {
+		return false
+	}
+	ip, _ := netip.AddrFromSlice(want.IP)
+	if !ip.IsValid() || ip.IsUnspecified() {
+		return bound.Addr().IsUnspecified()
+	}
+	return ip.Unmap() == bound.Addr().Unmap()
 }
 
 func describeListener(l handover.Listener) string {

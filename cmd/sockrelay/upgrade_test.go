@@ -22,6 +22,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/sockrelay/sockrelay/handover"
 	"github.com/sockrelay/sockrelay/loader"
 	"github.com/sockrelay/sockrelay/relay"
 	"github.com/sockrelay/sockrelay/tlsconf/tlstest"
@@ -667,4 +668,49 @@ func TestUpgradeDroppedAdminSocketIsRemoved(t *testing.T) {
 		_, err := os.Lstat(path)
 		return errors.Is(err, os.ErrNotExist)
 	})
+}
+
+// TestInheritedListenerMatchesTheBoundAddress: a listener is adopted when the new configuration spells its
+// address differently but names the same socket (localhost for 127.0.0.1, :PORT for 0.0.0.0:PORT), rather
+// than bound again, which would fail with EADDRINUSE while the old process holds it.
+func TestInheritedListenerMatchesTheBoundAddress(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		bind    string // where the old process's listener is bound
+		offered string // its address as the old configuration spells it; PORT is its port
+		want    string // the new configuration's
+		adopted bool
+	}{
+		{"localhost for 127.0.0.1", "127.0.0.1:0", "127.0.0.1:PORT", "localhost:PORT", true},
+		{"127.0.0.1 for localhost", "127.0.0.1:0", "localhost:PORT", "127.0.0.1:PORT", true},
+		{"every address for 0.0.0.0", "0.0.0.0:0", "0.0.0.0:PORT", ":PORT", true},
+		{"another address", "127.0.0.1:0", "127.0.0.1:PORT", "127.0.0.2:PORT", false},
+		{"another port", "127.0.0.1:0", "127.0.0.1:PORT", "127.0.0.1:1", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp4", tc.bind)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+			f, err := ln.(*net.TCPListener).File()
+			if err != nil {
+				t.Fatal(err)
+			}
+			port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+			h := &inheritance{log: slog.New(slog.DiscardHandler), files: []*os.File{f}, listeners: []handover.Listener{{
+				Name: "default", Address: strings.ReplaceAll(tc.offered, "PORT", port), Bound: ln.Addr().String(), Kind: handover.KindWebSocket}}}
+			t.Cleanup(func() { closeAllFiles(h.files) })
+			errBind := errors.New("bound anew")
+			want := handover.Listener{Name: "default", Address: strings.ReplaceAll(tc.want, "PORT", port), Kind: handover.KindWebSocket}
+			got, err := h.listen(want, func() (net.Listener, error) { return nil, errBind })
+			if got != nil {
+				got.Close()
+			}
+			if adopted := err == nil; adopted != tc.adopted || (!adopted && !errors.Is(err, errBind)) {
+				t.Errorf("listen(%s) with %s (bound %s) offered: %v, %v; want adopted %v", want.Address,
+					h.listeners[0].Address, h.listeners[0].Bound, got, err, tc.adopted)
+			}
+		})
+	}
 }
