@@ -133,13 +133,30 @@ func (u *upgrader) resolve(req relay.UpgradeRequest) (exe *os.File, args []strin
 	}
 	if len(args) == 0 {
 		args = u.runArgs
-	} else if _, err := parseRunFlags(args, io.Discard); err != nil {
+	} else if err := checkNewRunFlags(args, binary); err != nil {
 		return nil, nil, 0, fmt.Errorf("%w: args: %v; accepted: `sockrelay run` flags", relay.ErrUpgradeBadRequest, err)
 	}
 	if exe, err = openUpgradeBinary(binary); err != nil {
 		return nil, nil, 0, fmt.Errorf("%w: binary %s: %v", relay.ErrUpgradeBadRequest, binary, err)
 	}
 	return exe, args, timeout, nil
+}
+
+// checkNewRunFlags checks that args are `sockrelay run` flags and that they fix no binary for the new
+// process's own upgrades other than binary, the one this upgrade starts (--upgrade-binary, or
+// admin.upgrade_binary in the file they name): else the token would choose what the next upgrade runs.
+func checkNewRunFlags(args []string, binary string) error {
+	o, err := parseRunFlags(args, io.Discard)
+	if err != nil {
+		return err
+	}
+	if o.loadConfig() != nil {
+		return nil // the new process says what is wrong with its file, as it starts
+	}
+	if o.upgradeBinary != "" && filepath.Clean(o.upgradeBinary) != binary {
+		return fmt.Errorf("--upgrade-binary %s: accepted only %s, the binary this upgrade starts", o.upgradeBinary, binary)
+	}
+	return nil
 }
 
 // openUpgradeBinary opens the binary an upgrade starts and refuses it if someone other than this process's

@@ -556,6 +556,7 @@ func TestUpgradeBinaryRefused(t *testing.T) {
 		return path
 	}
 	other := file("other", 0o755, 0)
+	writeFile(t, filepath.Join(dir, "sockrelay.yaml"), "listeners:\n  - address: 127.0.0.1:0\n    routes:\n      - pool: p\npools:\n  p:\n    servers: [127.0.0.1:9]\nadmin:\n  address: \"\"\n  upgrade_binary: /bin/sh\n")
 	for _, tc := range []struct {
 		name  string
 		fixed string // --upgrade-binary
@@ -568,6 +569,10 @@ func TestUpgradeBinaryRefused(t *testing.T) {
 			"binary " + self + ": accepted only " + other + ", the relay's --upgrade-binary"},
 		{"arguments that are not run flags", "", relay.UpgradeRequest{Args: []string{"-oProxyCommand=sh -c id", "host"}},
 			"args: --oProxyCommand: unknown flag"},
+		{"run flags that fix another binary", "", relay.UpgradeRequest{Args: []string{"--listen", ":8080", "--upstream", "127.0.0.1:9",
+			"--upgrade-binary", "/bin/sh"}}, "args: --upgrade-binary /bin/sh: accepted only " + self},
+		{"a file that fixes another binary", "", relay.UpgradeRequest{Args: []string{"--config", filepath.Join(dir, "sockrelay.yaml")}},
+			"args: --upgrade-binary /bin/sh: accepted only " + self},
 		{"group-writable", file("gw", 0o775, 0), relay.UpgradeRequest{}, "writable by group or others"},
 		{"someone else's", file("nobody", 0o755, 65534), relay.UpgradeRequest{}, "owned by uid 65534"},
 		{"a directory", dir, relay.UpgradeRequest{}, "not a regular file"},
