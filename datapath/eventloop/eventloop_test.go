@@ -423,6 +423,29 @@ func TestCarryEpollAddFails(t *testing.T) {
 	}
 }
 
+// Bytes and a FIN that arrived before Carry are carried: the loop hears of them although the readiness
+// they raised came before it took the tunnel (the first pass's short read would otherwise wait for an edge
+// that never comes, and the FIN would never be read).
+func TestCarryFINBeforeCarry(t *testing.T) {
+	ls := startLoops(t, Options{Loops: 1})
+	peerA, a := tcpPair(t, nil)
+	b, peerB := tcpPair(t, nil)
+	if _, err := peerB.Write([]byte("last words")); err != nil {
+		t.Fatal(err)
+	}
+	if err := peerB.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // they have arrived at b
+	if _, err := ls.Carry(a, b, nil, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	_ = peerA.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(peerA); err != nil || string(got) != "last words" {
+		t.Errorf("side a's peer read %q, then %v; want the bytes, then EOF", got, err)
+	}
+}
+
 // withDescriptorsLeft runs f with RLIMIT_NOFILE lowered so that only n more descriptors can be opened.
 func withDescriptorsLeft(t *testing.T, n int, f func()) {
 	t.Helper()

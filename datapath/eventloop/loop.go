@@ -210,11 +210,11 @@ func (l *loop) runCommands() (stop bool) {
 // The tunnel keeps its own readable/writable flags, set by an edge and cleared by EAGAIN, so stopping a source
 // for backpressure is not reading it, and resuming is reading it again when the destination's EPOLLOUT edge
 // comes: no epoll_ctl per stall and resume, as level-triggered interest would need to avoid busy wakeups.
-// Edges that come before the loop's thread adds the tunnel are dropped (byFD does not name it yet); the first
-// pass starts readable and writable, so it loses none.
+// Edges that come before the loop's thread adds the tunnel are dropped (byFD does not name it yet): add
+// re-arms the descriptors.
 func (l *loop) watch(fds [2]int) error {
 	for i, fd := range fds {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
+		ev := unix.EpollEvent{Events: tunnelEvents, Fd: int32(fd)}
 		if err := epollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 			if i == 1 {
 				// Closing the duplicate alone would not take it out: the Go connection's descriptor still
@@ -227,10 +227,22 @@ func (l *loop) watch(fds [2]int) error {
 	return nil
 }
 
+// tunnelEvents is the interest of a tunnel's descriptors (watch).
+const tunnelEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+
 // add takes t, whose descriptors watch added, and makes its first pass, which sends the peeked bytes.
 func (l *loop) add(t *tunnel) {
 	for i := range t.ends {
-		l.byFD[int32(t.ends[i].fd)] = t
+		fd := t.ends[i].fd
+		l.byFD[int32(fd)] = t
+		// The edges that came since watch were dropped, a FIN's RDHUP among them, which the first pass's
+		// short read would then miss (it clears readable, waiting for an edge). EPOLL_CTL_MOD re-arms the
+		// descriptor: its readiness is reported again, now to t. Should it fail, the socket is read to
+		// EAGAIN or EOF on every pass, which misses nothing.
+		ev := unix.EpollEvent{Events: tunnelEvents, Fd: int32(fd)}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, fd, &ev); err != nil {
+			t.ends[i].hup = true
+		}
 	}
 	l.tunnels.Add(1)
 	t.added = true
