@@ -23,6 +23,10 @@ type AdminAccess struct {
 	// Host header (a name operators reach the admin by); others are refused, so that a DNS name rebound
 	// to the admin's address cannot reach it from a browser. Lower-case.
 	Hosts []string
+	// UpgradeBinary is the only executable an upgrade (POST /admin/upgrade, SIGUSR2) starts; "" for the
+	// relay's own, read again from disk at each upgrade. Fixed at the relay's start: a reload does not
+	// change it, so that the admin token cannot have the relay run another program.
+	UpgradeBinary string
 }
 
 // AdminSocket returns the path of an admin address that is a Unix socket (unix:/PATH).
@@ -89,17 +93,18 @@ func (d *decoder) admin(f *fields, c *Config) {
 		return
 	}
 	if n.Kind != yaml.MappingNode {
-		if d.str(f, "admin", &c.Admin, adminAddress+"; or "+adminMapping+", a mapping with keys address, allow_remote, hosts, token_file") {
+		if d.str(f, "admin", &c.Admin, adminAddress+"; or "+adminMapping+", a mapping with keys address, allow_remote, hosts, token_file, upgrade_binary") {
 			d.adminAddress(n, path, c)
 		}
 		return
 	}
-	m := d.mapping(n, path, adminMapping, "address", "token_file", "allow_remote", "hosts")
+	m := d.mapping(n, path, adminMapping, "address", "token_file", "allow_remote", "hosts", "upgrade_binary")
 	if m == nil {
 		return
 	}
 	d.boolean(m, "allow_remote", &c.AdminAccess.AllowRemote)
 	d.filePath(m, "token_file", &c.AdminAccess.TokenFile, "a file holding the admin token", false)
+	d.filePath(m, "upgrade_binary", &c.AdminAccess.UpgradeBinary, "the executable an upgrade starts", false)
 	if items, hpath, ok := d.list(m, "hosts", "a list of "+adminHost+"s"); ok {
 		for i, item := range items {
 			h := resolve(item)

@@ -69,7 +69,7 @@ func TestBrokenFiles(t *testing.T) {
 		{"list where a mapping goes", "listeners:\n  address: 127.0.0.1:8080\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
 			`sockrelay.yaml:2: listeners: got a mapping; accepted: a list of listeners, at least one`},
 		{"no value", minimal + "admin:\n",
-			`sockrelay.yaml:8: admin: got no value; accepted: HOST:PORT such as 127.0.0.1:9180 (loopback; others need allow_remote), unix:/PATH for a Unix socket, or "" to disable; or the admin listener, a mapping with keys address, allow_remote, hosts, token_file`},
+			`sockrelay.yaml:8: admin: got no value; accepted: HOST:PORT such as 127.0.0.1:9180 (loopback; others need allow_remote), unix:/PATH for a Unix socket, or "" to disable; or the admin listener, a mapping with keys address, allow_remote, hosts, token_file, upgrade_binary`},
 		{"admin on every address", minimal + "admin: :9180\n",
 			`sockrelay.yaml:8: admin: ":9180" can be reached from other hosts, and the admin API can force servers down and reload the configuration; accepted: a loopback address such as 127.0.0.1:9180, unix:/PATH, or allow_remote: true (flag --admin-allow-remote) to serve it on a network, where changes need the token of token_file (--admin-token-file)`},
 		{"admin on a host name", minimal + "admin:\n  address: relay.example.com:9180\n  allow_remote: false\n",
@@ -815,11 +815,13 @@ func TestAdminMapping(t *testing.T) {
   token_file: admin.token
   allow_remote: true
   hosts: [Relay-Admin.example.com.]
+  upgrade_binary: /usr/bin/sockrelay
 `))
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := AdminAccess{TokenFile: "/etc/sockrelay/admin.token", AllowRemote: true, Hosts: []string{"relay-admin.example.com"}}
+	want := AdminAccess{TokenFile: "/etc/sockrelay/admin.token", AllowRemote: true, Hosts: []string{"relay-admin.example.com"},
+		UpgradeBinary: "/usr/bin/sockrelay"}
 	if c.Admin != "0.0.0.0:9180" || !reflect.DeepEqual(c.AdminAccess, want) {
 		t.Errorf("admin %q, %+v; want 0.0.0.0:9180, %+v", c.Admin, c.AdminAccess, want)
 	}

@@ -169,12 +169,10 @@ func (c *loopCarrier) Pending() (toUpstream, toClient uint64) {
 // LastActive is when the loop last moved a byte of the pair, to its own clock: no system call.
 func (c *loopCarrier) LastActive() time.Time { return c.h.LastActive() }
 
-// Progress is the bytes the loop has written both ways. A slow reader draining a full buffer counts: each
-// partial write it allows moves it.
-func (c *loopCarrier) Progress() uint64 {
-	up, down := c.h.Bytes()
-	return uint64(up + down)
-}
+// Progress asks the loop what TCP has moved on the pair's sockets (TCP_INFO), as the other engines'
+// Progress reads it: a slow reader draining a full buffer counts with every ACK, not only when the loop
+// writes again.
+func (c *loopCarrier) Progress() uint64 { return c.h.Progress() }
 
 // Unsent asks the loop whether bytes wait to reach a peer (its own or the sockets' send queues).
 func (c *loopCarrier) Unsent() bool { return c.h.Queued() }

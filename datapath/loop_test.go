@@ -184,6 +184,65 @@ func TestEventLoopActivityAndUnsent(t *testing.T) {
 	}
 }
 
+// A slow reader (2 KiB every 10 ms) drains the relay's full send buffer a little at a time. The loop writes
+// again only when its EPOLLOUT edge comes, after about a third of that buffer has drained (seconds at this
+// rate), but Progress must move with every byte TCP moves, or the timeouts would end a download that
+// flows. Progress is sampled every 500 ms for 3 s; nearly every sample must differ from the one before (on
+// loopback, whose MSS is 64 KiB, the reader's window opens and TCP acknowledges about every 320 ms).
+func TestEventLoopProgressMovesWithASlowReader(t *testing.T) {
+	e := startEventLoop(t)
+	tn := newTunnel(t, datapath.Copy, 1<<10)
+	e.Carry(tn.pair)
+	stop := make(chan struct{})
+	t.Cleanup(func() { close(stop) })
+	go func() { // the upstream sends until the test ends
+		chunk := make([]byte, 64<<10)
+		for {
+			_ = tn.upstream.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, err := tn.upstream.Write(chunk); err != nil && !isTimeout(err) {
+				return
+			}
+			select {
+			case <-stop:
+				return
+			default:
+			}
+		}
+	}()
+	go func() { // the client reads 2 KiB every 10 ms
+		buf := make([]byte, 2<<10)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			_ = tn.client.SetReadDeadline(time.Now().Add(time.Second))
+			if _, err := io.ReadFull(tn.client, buf); err != nil {
+				return
+			}
+		}
+	}()
+	time.Sleep(time.Second) // the buffers fill
+	const samples = 6
+	moved, last := 0, tn.pair.Progress()
+	for range samples {
+		time.Sleep(500 * time.Millisecond)
+		if p := tn.pair.Progress(); p != last {
+			moved, last = moved+1, p
+		}
+	}
+	if moved < samples-1 {
+		t.Errorf("Progress moved in %d of %d samples 500 ms apart while the reader took 200 KiB/s, want at least %d",
+			moved, samples, samples-1)
+	}
+	if tn.pair.Ending() {
+		t.Fatalf("the pair ended (%s)", tn.pair.Reason())
+	}
+}
+
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()

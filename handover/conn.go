@@ -117,18 +117,19 @@ func (c *Conn) Receive() (Message, []*os.File, error) {
 	return m, files, nil
 }
 
-// filesOf returns the descriptors of the SCM_RIGHTS control messages in oob, as files.
+// filesOf returns the descriptors of the SCM_RIGHTS control messages in oob, as files. The messages are
+// parsed one at a time, so that one that cannot be (a malformed header) still leaves the descriptors of
+// those before it to close: on any error, every descriptor that arrived is closed.
 func filesOf(oob []byte) ([]*os.File, error) {
-	if len(oob) == 0 {
-		return nil, nil
-	}
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return nil, fmt.Errorf("handover: control message: %w", err)
-	}
 	var files []*os.File
 	var errs []error
-	for _, m := range msgs {
+	for rest := oob; len(rest) >= unix.CmsgLen(0); {
+		var m unix.SocketControlMessage
+		var err error
+		if m.Header, m.Data, rest, err = unix.ParseOneSocketControlMessage(rest); err != nil {
+			errs = append(errs, fmt.Errorf("handover: control message: %w", err))
+			break
+		}
 		fds, err := unix.ParseUnixRights(&m)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("handover: control message: %w", err))

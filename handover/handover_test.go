@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -224,5 +225,44 @@ func TestConnRefusesMismatchedDescriptors(t *testing.T) {
 	}
 	if _, _, err := b.Receive(); err == nil || !strings.Contains(err.Error(), "carries 2 descriptors, 0 arrived") {
 		t.Fatalf("Receive: %v, want the descriptor count refused", err)
+	}
+}
+
+// A control message that cannot be parsed after one that carried descriptors (a header whose length runs
+// past the buffer, another kind of message) is refused, and the descriptors that did arrive are closed,
+// not leaked.
+func TestFilesOfClosesDescriptorsOnBadControlMessage(t *testing.T) {
+	bad := make([]byte, unix.CmsgSpace(0))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&bad[0]))
+	h.Level, h.Type = unix.SOL_SOCKET, unix.SCM_RIGHTS
+	h.SetLen(unix.CmsgLen(64)) // runs past the buffer
+	for _, tc := range []struct {
+		name  string
+		after []byte
+		want  string
+	}{
+		{"malformed header", bad, "control message"},
+		{"credentials", unix.UnixCredentials(&unix.Ucred{Pid: 1}), "control message"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, err := os.Open(os.DevNull)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { f.Close() })
+			fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			files, err := filesOf(append(unix.UnixRights(fd), tc.after...))
+			if err == nil || !strings.Contains(err.Error(), tc.want) || files != nil {
+				closeFiles(files)
+				t.Fatalf("filesOf = %d files, %v; want an error saying %q", len(files), err, tc.want)
+			}
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != unix.EBADF {
+				unix.Close(fd)
+				t.Errorf("the descriptor that arrived is still open (F_GETFD: %v), want it closed", err)
+			}
+		})
 	}
 }

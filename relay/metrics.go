@@ -78,7 +78,8 @@ var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamR
 //
 // A plain copy tunnel runs on goroutines instead of the event loops when the loops cannot start
 // (eventloop_start_failed: out of descriptors for epoll_create, most often) or cannot take its sockets
-// (eventloop_carry_failed: no descriptor left to duplicate them with); see copyEngine.
+// (eventloop_carry_failed: no descriptor left to duplicate them with, or no room in its epoll set); see
+// copyEngine.
 var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
 	"socket_closing", "busy_at_handoff", "pipe_unavailable", fallbackLoopStart, fallbackLoopCarry}
 

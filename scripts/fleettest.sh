@@ -188,7 +188,9 @@ step "HAProxy: 10.77.0.100:81 -> relays' :8081 (roundrobin, send-proxy-v2)"
 in_ns "$lb" haproxy -c -q -f "$tmp/haproxy.cfg" || fail "haproxy -c: the balancer's configuration"
 ip netns exec "$lb" haproxy -db -f "$tmp/haproxy.cfg" >"$tmp/haproxy.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 50); do in_ns "$client" bash -c 'exec 3<>/dev/tcp/10.77.0.100/81' 2>/dev/null && break; sleep 0.1; done
+haproxy_up=
+for _ in $(seq 50); do in_ns "$client" bash -c 'exec 3<>/dev/tcp/10.77.0.100/81' 2>/dev/null && haproxy_up=1 && break; sleep 0.1; done
+[ -n "$haproxy_up" ] || fail "HAProxy accepted no connection on 10.77.0.100:81 within 5s (haproxy.log follows)"
 
 step "clients through 10.77.0.100"
 kill_r2="kill -KILL $(cat "$tmp/r2.pid") && ip netns exec $lb nft -f $tmp/fleet-without-r2.nft"

@@ -342,7 +342,8 @@ func restartOnly(old, cfg *config.Config) []string {
 		changed bool
 	}{
 		{"admin", old.Admin != cfg.Admin || old.AdminAccess.TokenFile != cfg.AdminAccess.TokenFile ||
-			old.AdminAccess.AllowRemote != cfg.AdminAccess.AllowRemote || !slices.Equal(old.AdminAccess.Hosts, cfg.AdminAccess.Hosts)},
+			old.AdminAccess.AllowRemote != cfg.AdminAccess.AllowRemote || !slices.Equal(old.AdminAccess.Hosts, cfg.AdminAccess.Hosts) ||
+			old.AdminAccess.UpgradeBinary != cfg.AdminAccess.UpgradeBinary},
 		{"log_level", old.LogLevel != cfg.LogLevel},
 		{"log_format", old.LogFormat != cfg.LogFormat},
 		{"datapath", old.Datapath != cfg.Datapath || !slices.EqualFunc(old.Listeners, cfg.Listeners,

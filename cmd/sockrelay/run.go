@@ -39,6 +39,7 @@ type runOptions struct {
 	adminTokenFile      string
 	adminAllowRemote    bool
 	adminHosts          []string
+	upgradeBinary       string
 	drainTimeout        time.Duration
 	clientHeaderTimeout time.Duration
 	connectTimeout      time.Duration
@@ -96,6 +97,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.StringVar(&o.adminTokenFile, "admin-token-file", "", "`FILE` holding the token that admin requests which change something must send as Authorization: Bearer TOKEN")
 	fs.BoolVar(&o.adminAllowRemote, "admin-allow-remote", false, "let --admin be an address other hosts can reach (logged as a warning); changes still need the token")
 	fs.Var(listFlag{&o.adminHosts}, "admin-host", "host `NAME`, besides IP addresses and localhost, that admin requests may give as Host; repeat for several")
+	fs.StringVar(&o.upgradeBinary, "upgrade-binary", "", "the only executable an upgrade starts, an absolute `PATH` (default: this relay's own, read again from disk at each upgrade)")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", settings.DefaultShutdownTimeout, "on SIGINT/SIGTERM, how long live tunnels may run before they are closed")
 	fs.DurationVar(&o.clientHeaderTimeout, "client-header-timeout", relay.DefaultClientHeaderTimeout, "how long a client may take to send its request headers")
 	fs.DurationVar(&o.connectTimeout, "connect-timeout", relay.DefaultConnectTimeout, "how long connecting to an upstream may take")
@@ -151,6 +153,9 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %q is not HOST:PORT (%v); e.g. %s", a.name, a.addr, err, a.example)
 		}
+	}
+	if o.upgradeBinary != "" && !filepath.IsAbs(o.upgradeBinary) {
+		return nil, fmt.Errorf("--upgrade-binary: %q is not an absolute path, e.g. /usr/bin/sockrelay", o.upgradeBinary)
 	}
 	if o.configPath == "" {
 		if len(o.upstreams) == 0 {
@@ -263,6 +268,7 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 	set("admin-token-file", func() { o.adminTokenFile = cfg.AdminAccess.TokenFile })
 	set("admin-allow-remote", func() { o.adminAllowRemote = cfg.AdminAccess.AllowRemote })
 	set("admin-host", func() { o.adminHosts = cfg.AdminAccess.Hosts })
+	set("upgrade-binary", func() { o.upgradeBinary = cfg.AdminAccess.UpgradeBinary })
 	set("datapath", func() { o.datapath = cfg.Datapath })
 	set("log-level", func() { o.logLevel = cfg.LogLevel })
 	set("log-format", func() { o.logFormat = cfg.LogFormat })
@@ -350,6 +356,7 @@ func runCommand(ctx context.Context, args []string, stderr io.Writer, ready read
 		inherited.log = log
 	}
 	upgrader := newUpgrader(log, args, o.drainTimeout)
+	upgrader.fixedBinary = o.upgradeBinary
 	// READY=1, RELOADING=1 and STOPPING=1 under a systemd unit of Type=notify.
 	ready, notifyReload, notified := notifySystemd(ctx, ready, upgrader.handedOff, log)
 	defer notified()
@@ -559,7 +566,8 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		handed = append(handed, offered{desc: desc, ln: al})
 		// Once the new process serves, the admin socket is its alone: a request that comes after the
 		// answer to the upgrade (a second upgrade) must reach the new process. Closed here, the socket
-		// lives on in the new process, and its file stays.
+		// lives on in the new process, and its file stays; a new process without this admin removes the
+		// file (inheritance.confirm).
 		letGo = func() {
 			if ul, ok := al.(*net.UnixListener); ok {
 				ul.SetUnlinkOnClose(false)

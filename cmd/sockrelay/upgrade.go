@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,9 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/config"
 	"github.com/sockrelay/sockrelay/handover"
 	"github.com/sockrelay/sockrelay/relay"
 )
@@ -23,6 +27,10 @@ import (
 // handoverFDEnv names, in a new relay process's environment, the descriptor of its end of the handover
 // socket pair: the process is an upgrade's, and adopts the listeners the running relay offers on it.
 const handoverFDEnv = "SOCKRELAY_HANDOVER_FD"
+
+// upgradeExeFDEnv names, in a new relay process's environment, the descriptor of the binary the old one
+// opened, checked and started it from (/proc/self/fd/N), which the new process closes.
+const upgradeExeFDEnv = "SOCKRELAY_UPGRADE_EXE_FD"
 
 // defaultUpgradeTimeout is how long a new process may take to start (probe, self-test, pools) and
 // confirm that it serves, when the request does not say.
@@ -35,6 +43,7 @@ type upgrader struct {
 	runArgs      []string // this process's `sockrelay run` flags, which the new one gets by default
 	drainTimeout time.Duration
 	tunnels      func() int
+	fixedBinary  string // --upgrade-binary: the only binary an upgrade starts; "" for this process's own
 
 	mu         sync.Mutex
 	listeners  []offered // set by serve once every listener is bound
@@ -74,16 +83,18 @@ func (u *upgrader) handedOff() bool {
 // why it did not take over (this process then keeps serving). One upgrade at a time.
 func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.UpgradeResult, error) {
 	started := time.Now()
-	binary, args, timeout, err := u.resolve(req)
+	exe, args, timeout, err := u.resolve(req)
 	if err != nil {
 		return relay.UpgradeResult{}, err
 	}
+	defer exe.Close()
+	binary := exe.Name()
 	if err := u.begin(); err != nil {
 		return relay.UpgradeResult{}, err
 	}
 	u.log.Info("upgrade: starting the new process", "binary", binary, "args", strings.Join(args, " "), "timeout", timeout)
 	// Not bound to the request: a client that gives up waiting must not leave a half-started process.
-	pid, err := u.handOver(binary, args, timeout)
+	pid, err := u.handOver(exe, args, timeout)
 	if err != nil {
 		u.end(0)
 		u.log.Error("upgrade failed: this process keeps serving", "binary", binary, "err", err)
@@ -98,36 +109,79 @@ func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.U
 	return res, nil
 }
 
-// resolve checks what req asks for and fills in the defaults.
-func (u *upgrader) resolve(req relay.UpgradeRequest) (binary string, args []string, timeout time.Duration, err error) {
-	binary, timeout, args = req.Binary, defaultUpgradeTimeout, req.Args
+// resolve checks what req asks for, fills in the defaults and opens the binary to start. The admin token
+// grants an upgrade to this relay's own binary (or the path fixed at its start), not the running of any
+// program with the relay's capabilities: a binary other than that one is refused, and so are arguments
+// that are not `sockrelay run` flags (another program's options, such as ssh's -oProxyCommand).
+func (u *upgrader) resolve(req relay.UpgradeRequest) (exe *os.File, args []string, timeout time.Duration, err error) {
+	binary, why := u.fixedBinary, "the relay's --upgrade-binary (admin.upgrade_binary)"
 	if binary == "" {
 		// /proc/self/exe read again: a binary installed over this one's path is the one started.
 		if binary, err = os.Executable(); err != nil {
-			return "", nil, 0, fmt.Errorf("%w: this process's own binary: %v; give one with --binary", relay.ErrUpgradeBadRequest, err)
+			return nil, nil, 0, fmt.Errorf("%w: this process's own binary: %v; start the relay with --upgrade-binary PATH", relay.ErrUpgradeBadRequest, err)
 		}
+		why = "this relay's own executable; another needs the relay started with --upgrade-binary PATH"
 	}
-	if err := checkUpgradeBinary(binary); err != nil {
-		return "", nil, 0, fmt.Errorf("%w: binary %s: %v", relay.ErrUpgradeBadRequest, binary, err)
+	if req.Binary != "" && filepath.Clean(req.Binary) != binary {
+		return nil, nil, 0, fmt.Errorf("%w: binary %s: accepted only %s, %s", relay.ErrUpgradeBadRequest, req.Binary, binary, why)
 	}
+	timeout, args = defaultUpgradeTimeout, req.Args
 	if req.Timeout != "" {
 		if timeout, err = time.ParseDuration(req.Timeout); err != nil || timeout <= 0 {
-			return "", nil, 0, fmt.Errorf("%w: timeout %q: accepted a positive duration, e.g. 30s", relay.ErrUpgradeBadRequest, req.Timeout)
+			return nil, nil, 0, fmt.Errorf("%w: timeout %q: accepted a positive duration, e.g. 30s", relay.ErrUpgradeBadRequest, req.Timeout)
 		}
 	}
 	if len(args) == 0 {
 		args = u.runArgs
+	} else if err := checkNewRunFlags(args, binary); err != nil {
+		return nil, nil, 0, fmt.Errorf("%w: args: %v; accepted: `sockrelay run` flags", relay.ErrUpgradeBadRequest, err)
 	}
-	return binary, args, timeout, nil
+	if exe, err = openUpgradeBinary(binary); err != nil {
+		return nil, nil, 0, fmt.Errorf("%w: binary %s: %v", relay.ErrUpgradeBadRequest, binary, err)
+	}
+	return exe, args, timeout, nil
 }
 
-// checkUpgradeBinary refuses a binary that someone other than this process's user or root could have
-// put there: the admin API would otherwise run whatever a less privileged user wrote.
-func checkUpgradeBinary(path string) error {
-	if !filepath.IsAbs(path) {
-		return errors.New("not an absolute path")
+// checkNewRunFlags checks that args are `sockrelay run` flags and that they fix no binary for the new
+// process's own upgrades other than binary, the one this upgrade starts (--upgrade-binary, or
+// admin.upgrade_binary in the file they name): else the token would choose what the next upgrade runs.
+func checkNewRunFlags(args []string, binary string) error {
+	o, err := parseRunFlags(args, io.Discard)
+	if err != nil {
+		return err
 	}
-	fi, err := os.Stat(path)
+	if o.loadConfig() != nil {
+		return nil // the new process says what is wrong with its file, as it starts
+	}
+	if o.upgradeBinary != "" && filepath.Clean(o.upgradeBinary) != binary {
+		return fmt.Errorf("--upgrade-binary %s: accepted only %s, the binary this upgrade starts", o.upgradeBinary, binary)
+	}
+	return nil
+}
+
+// openUpgradeBinary opens the binary an upgrade starts and refuses it if someone other than this process's
+// user or root could have put it there: the admin API would otherwise run whatever a less privileged user
+// wrote. The checks are of the open file, which is the one started (startCommand): replacing the path
+// after them changes nothing.
+func openUpgradeBinary(path string) (*os.File, error) {
+	if !filepath.IsAbs(path) {
+		return nil, errors.New("not an absolute path")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkUpgradeBinary(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// checkUpgradeBinary checks the open binary f (fstat): a regular executable file that only its owner, root
+// or this process's user, may change.
+func checkUpgradeBinary(f *os.File) error {
+	fi, err := f.Stat()
 	if err != nil {
 		return err
 	}
@@ -187,16 +241,15 @@ func (u *upgrader) end(pid int) {
 	u.handedOver <- pid
 }
 
-// handOver starts binary with args, offers it the listeners, and waits at most timeout for its answer.
-func (u *upgrader) handOver(binary string, args []string, timeout time.Duration) (int, error) {
+// handOver starts exe with args, offers it the listeners, and waits at most timeout for its answer.
+func (u *upgrader) handOver(exe *os.File, args []string, timeout time.Duration) (int, error) {
+	binary := exe.Name()
 	conn, theirs, err := handover.Pair()
 	if err != nil {
 		return 0, err
 	}
 	defer conn.Close()
-	cmd := exec.Command(binary, append([]string{"run"}, args...)...)
-	cmd.Env = append(withoutEnv(os.Environ(), handoverFDEnv), handoverFDEnv+"=3") // ExtraFiles[0] is fd 3
-	cmd.ExtraFiles = []*os.File{theirs}
+	cmd := startCommand(exe, theirs, args)
 	// The same files, not pipes through this process: the new one logs where this one did, and goes on
 	// after this one exits.
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
@@ -205,8 +258,7 @@ func (u *upgrader) handOver(binary string, args []string, timeout time.Duration)
 	if err != nil {
 		return 0, fmt.Errorf("start %s: %w", binary, err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }() // reaps the new process whenever it ends, even after it took over
+	exited, tookOver := reapUnlessTookOver(cmd)
 	kill := func() {
 		_ = cmd.Process.Kill()
 		<-exited
@@ -229,6 +281,9 @@ func (u *upgrader) handOver(binary string, args []string, timeout time.Duration)
 			kill()
 			return 0, fmt.Errorf("the new process (pid %d) answered for pid %d", cmd.Process.Pid, m.Ready.PID)
 		}
+		if !tookOver() {
+			return 0, fmt.Errorf("the new process (pid %d) ended right after it said that it serves%s", cmd.Process.Pid, exitOf(exited))
+		}
 		return m.Ready.PID, nil
 	case err == nil && m.Type == handover.TypeFailed:
 		return 0, fmt.Errorf("the new process (pid %d) could not start: %s%s", cmd.Process.Pid, m.Failed.Reason, exitOf(exited))
@@ -243,6 +298,50 @@ func (u *upgrader) handOver(binary string, args []string, timeout time.Duration)
 	default:
 		kill()
 		return 0, fmt.Errorf("the new process (pid %d): %w; killed it", cmd.Process.Pid, err)
+	}
+}
+
+// startCommand is `exe run args...` with theirs, the new process's end of the handover pair, as descriptor 3.
+// It starts the file exe, which openUpgradeBinary checked, not what its path names at exec time: exe is
+// the child's descriptor 4 (not close-on-exec, so that a script's interpreter can read it too), and the
+// child executes /proc/self/fd/4. argv[0] is exe's path, as ps shows it.
+func startCommand(exe, theirs *os.File, args []string) *exec.Cmd {
+	cmd := exec.Command("/proc/self/fd/4", append([]string{"run"}, args...)...)
+	cmd.Args[0] = exe.Name()
+	cmd.Env = append(withoutEnv(withoutEnv(os.Environ(), handoverFDEnv), upgradeExeFDEnv),
+		handoverFDEnv+"=3", upgradeExeFDEnv+"=4") // ExtraFiles[0] is fd 3
+	cmd.ExtraFiles = []*os.File{theirs, exe}
+	return cmd
+}
+
+// reapUnlessTookOver waits for cmd's process to end and reaps it (exited gets cmd.Wait's answer), unless
+// tookOver was called first and said true: the process has taken over. From then on this process does not
+// wait for it: under systemd it is the unit's main process (MAINPID), and only its reaper learns how it
+// ended. Reaped here, a crash while this process drains would be hidden from systemd; left alone, it stays
+// a zombie until this process exits, and is then reparented to systemd (or init), which reaps it and sees
+// the exit. The goroutine that waits without reaping (waitid WNOWAIT) returns once the process ends, or
+// ends with this process. tookOver reports false when the process has already been reaped.
+func reapUnlessTookOver(cmd *exec.Cmd) (exited <-chan error, tookOver func() bool) {
+	ch := make(chan error, 1)
+	var mu sync.Mutex
+	took, reaped := false, false
+	go func() {
+		var info unix.Siginfo
+		for unix.Waitid(unix.P_PID, cmd.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil) == unix.EINTR {
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if took {
+			return
+		}
+		reaped = true
+		ch <- cmd.Wait()
+	}()
+	return ch, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		took = !reaped
+		return took
 	}
 }
 
@@ -324,6 +423,7 @@ func inherit() (*inheritance, error) {
 		return nil, nil
 	}
 	os.Unsetenv(handoverFDEnv) // not for a process this one starts later
+	closeUpgradeExe()
 	fd, err := strconv.Atoi(v)
 	if err != nil || fd < 3 {
 		return nil, fmt.Errorf("%s=%q: accepted a descriptor number from 3", handoverFDEnv, v)
@@ -353,6 +453,14 @@ func inherit() (*inheritance, error) {
 	return h, nil
 }
 
+// closeUpgradeExe closes the descriptor of this process's binary that the old process started it from.
+func closeUpgradeExe() {
+	if fd, err := strconv.Atoi(os.Getenv(upgradeExeFDEnv)); err == nil && fd > 3 {
+		syscall.Close(fd)
+	}
+	os.Unsetenv(upgradeExeFDEnv)
+}
+
 func closeAllFiles(files []*os.File) {
 	for _, f := range files {
 		f.Close()
@@ -361,15 +469,15 @@ func closeAllFiles(files []*os.File) {
 
 // listen adopts the offered listener of the address the configuration gives, when there is one, or
 // binds it with bind. The admin listener and the client listeners are matched apart: by the address as
-// configured, which names one socket whatever listener kind serves it (a kind changed by the new
-// configuration is logged); matching the kind too would have the new process bind the address the old
-// one still holds.
+// configured, or the socket it resolves to (sameSocket), which names one socket whatever listener kind
+// serves it (a kind changed by the new configuration is logged); matching the kind too would have the new
+// process bind the address the old one still holds.
 func (h *inheritance) listen(want handover.Listener, bind func() (net.Listener, error)) (net.Listener, error) {
 	if h == nil {
 		return bind()
 	}
 	for i, l := range h.listeners {
-		if h.files[i] == nil || l.Address != want.Address || (l.Kind == handover.KindAdmin) != (want.Kind == handover.KindAdmin) {
+		if h.files[i] == nil || !sameSocket(l, want.Address) || (l.Kind == handover.KindAdmin) != (want.Kind == handover.KindAdmin) {
 			continue
 		}
 		f := h.files[i]
@@ -392,6 +500,31 @@ func (h *inheritance) listen(want handover.Listener, bind func() (net.Listener, 
 	return bind()
 }
 
+// sameSocket says whether the offered listener l is the socket that the configured address addr names: the
+// same spelling, or, for TCP, the same port on the same address once resolved (localhost and 127.0.0.1,
+// :8080 and 0.0.0.0:8080): binding addr while the old process holds l would fail with EADDRINUSE.
+func sameSocket(l handover.Listener, addr string) bool {
+	if l.Address == addr {
+		return true
+	}
+	if _, isUnix := config.AdminSocket(addr); isUnix {
+		return false
+	}
+	bound, err := netip.ParseAddrPort(l.Bound)
+	if err != nil {
+		return false // a Unix socket's path
+	}
+	want, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil || want.Port == 0 || want.Port != int(bound.Port()) {
+		return false
+	}
+	ip, _ := netip.AddrFromSlice(want.IP)
+	if !ip.IsValid() || ip.IsUnspecified() {
+		return bound.Addr().IsUnspecified()
+	}
+	return ip.Unmap() == bound.Addr().Unmap()
+}
+
 func describeListener(l handover.Listener) string {
 	s := string(l.Kind)
 	if l.TLS {
@@ -409,21 +542,47 @@ func (h *inheritance) confirm() {
 	if h == nil {
 		return
 	}
+	var dropped []handover.Listener
 	for i, f := range h.files {
 		if f != nil {
 			h.log.Info("listener not in the configuration: closed here; the old process closes its own",
 				"listener", h.listeners[i].Name, "address", h.listeners[i].Address, "bound", h.listeners[i].Bound)
 			f.Close()
 			h.files[i] = nil
+			dropped = append(dropped, h.listeners[i])
 		}
 	}
 	err := h.conn.Send(handover.Message{Type: handover.TypeReady, Ready: &handover.Ready{PID: os.Getpid()}}, nil)
 	if err != nil {
 		// The old process gave up waiting (timeout) and killed this one, or is gone: nothing to tell.
 		h.log.Warn("upgrade: could not tell the old process that this one serves", "pid", h.from, "err", err)
+	} else {
+		h.removeDroppedAdminSocket(dropped)
 	}
 	h.conn.Close()
 	h.conn = nil
+}
+
+// removeDroppedAdminSocket removes the file of an offered Unix-socket admin that this process did not adopt
+// (dropped)
+// (its configuration has no admin there). The old process lets go of its admin socket without removing the
+// file, which a new process that adopted it serves on; so the process that knows the file is no longer
+// served removes it, once it has told the old one that it serves (before, the old one might keep serving).
+func (h *inheritance) removeDroppedAdminSocket(dropped []handover.Listener) {
+	for _, l := range dropped {
+		path, isUnix := config.AdminSocket(l.Address)
+		if l.Kind != handover.KindAdmin || !isUnix {
+			continue
+		}
+		if fi, err := os.Lstat(path); err != nil || fi.Mode().Type() != os.ModeSocket {
+			continue // gone, or no longer the socket: not this process's to remove
+		}
+		if err := os.Remove(path); err != nil {
+			h.log.Warn("upgrade: could not remove the admin socket the configuration no longer has", "path", path, "err", err)
+			continue
+		}
+		h.log.Info("admin socket not in the configuration: its file removed", "path", path)
+	}
 }
 
 // fail tells the old process why this one cannot take over; it keeps serving.

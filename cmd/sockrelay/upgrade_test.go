@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -20,7 +22,9 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/sockrelay/sockrelay/handover"
 	"github.com/sockrelay/sockrelay/loader"
+	"github.com/sockrelay/sockrelay/relay"
 	"github.com/sockrelay/sockrelay/tlsconf/tlstest"
 )
 
@@ -276,17 +280,24 @@ func upgradeKeepsServing(t *testing.T, datapath string) {
 // TestUpgradeFailureKeepsServing: a new binary that exits at once, one that cannot start (its listener's
 // address is taken) and one that never confirms leave the running relay with everything; upgrade exits 1
 // with the reason. An upgrade asked for while one is in progress is refused. After all that, an upgrade
-// goes through.
+// goes through. Each binary is installed at the path the relay was started with (--upgrade-binary), as a
+// package upgrade installs a new one.
 func TestUpgradeFailureKeepsServing(t *testing.T) {
-	r := startUpgradable(t, newEchoUpstream(t), 5*time.Second)
 	dir := t.TempDir()
-	script := func(name, body string) string {
-		path := filepath.Join(dir, name)
-		writeFile(t, path, "#!/bin/sh\n"+body+"\n")
-		if err := os.Chmod(path, 0o755); err != nil {
+	binary := filepath.Join(dir, "sockrelay")
+	admin := "unix:" + filepath.Join(dir, "admin.sock")
+	r := startUpgradableWith(t, admin, nil, "--listen", "127.0.0.1:0", "--admin", admin, "--upstream", newEchoUpstream(t),
+		"--datapath", "copy", "--drain-timeout", "5s", "--log-format", "json", "--upgrade-binary", binary)
+	script := func(name, body string) string { // installs body at binary; name is for the reader
+		tmp := filepath.Join(dir, name)
+		writeFile(t, tmp, "#!/bin/sh\n"+body+"\n")
+		if err := os.Chmod(tmp, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		return path
+		if err := os.Rename(tmp, binary); err != nil {
+			t.Fatal(err)
+		}
+		return binary
 	}
 	taken, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -299,6 +310,7 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 	}
 	type failure struct {
 		name string
+		body string // the script installed at binary
 		args []string
 		want string
 	}
@@ -306,20 +318,21 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 	if _, err := exec.LookPath("setpriv"); err == nil && loader.Probe().Err() == nil {
 		// The kernel datapath's probe, run without the capabilities it needs (as an unprivileged user would):
 		// the new process's start fails as a failed self-test makes it fail.
-		kernel = append(kernel, failure{"fails its datapath probe", []string{"--binary", script("nocaps", "exec setpriv --bounding-set=-all "+self+` "$@"`),
-			"--", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--admin", r.admin, "--datapath", "sockmap", "--log-format", "json"},
+		kernel = append(kernel, failure{"fails its datapath probe", "exec setpriv --bounding-set=-all " + self + ` "$@"`,
+			[]string{"--", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--admin", r.admin, "--datapath", "sockmap", "--log-format", "json"},
 			"could not start: --datapath sockmap: datapath unavailable: sockmap: kernel "})
 	}
 	for _, tc := range append([]failure{
-		{"exits at once", []string{"--binary", script("exits", "exit 3")},
+		{"exits at once", "exit 3", nil,
 			"ended before it"}, // took the listeners, or served: whichever it was at when the old process noticed
-		{"cannot start", []string{"--binary", self, "--", "--listen", taken.Addr().String(), "--upstream", "127.0.0.1:9",
+		{"cannot start", "exec " + self + ` "$@"`, []string{"--binary", binary, "--", "--listen", taken.Addr().String(), "--upstream", "127.0.0.1:9",
 			"--admin", r.admin, "--datapath", "copy", "--log-format", "json"},
 			"could not start: --listen: listen tcp " + taken.Addr().String() + ": bind: address already in use (exit status 1)"},
-		{"never confirms", []string{"--binary", script("hangs", "exec sleep 30"), "--timeout", "500ms"},
+		{"never confirms", "exec sleep 30", []string{"--timeout", "500ms"},
 			"did not confirm that it serves within 500ms; killed it"},
 	}, kernel...) {
 		t.Run(tc.name, func(t *testing.T) {
+			script(strings.ReplaceAll(tc.name, " ", "-"), tc.body)
 			code, out := r.upgrade(t, tc.args...)
 			if code != 1 || !strings.Contains(out, "upgrade failed, this relay keeps serving") || !strings.Contains(out, tc.want) ||
 				(tc.name == "exits at once" && !strings.Contains(out, "(exit status 3)")) {
@@ -348,6 +361,14 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 		}
 	})
 
+	t.Run("another binary", func(t *testing.T) {
+		code, out := r.upgrade(t, "--binary", self)
+		if want := "400 Bad Request: upgrade request refused: binary " + self + ": accepted only " + binary; code != 1 || !strings.Contains(out, want) {
+			t.Errorf("upgrade --binary %s: exit %d, %q; want 1 and %q", self, code, out, want)
+		}
+	})
+
+	script("self", "exec "+self+` "$@"`)
 	code, out := r.upgrade(t)
 	if code != 0 {
 		t.Fatalf("upgrade after the failures: exit %d: %s\n%s", code, out, r.logs)
@@ -511,4 +532,190 @@ func TestUpgradeRefusedWhileStopping(t *testing.T) {
 	}
 	closeWS(t, ws)
 	r.waitExit(t, 5*time.Second)
+}
+
+// TestUpgradeBinaryRefused: the admin API starts only the relay's own executable, or the path fixed at its
+// start (--upgrade-binary), and only with `sockrelay run` flags: another binary (a root-owned program such as
+// /bin/sh would otherwise run with the relay's capabilities), other arguments, and a fixed path that someone
+// else could have written are refused as bad requests, before anything starts.
+func TestUpgradeBinaryRefused(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	file := func(name string, mode os.FileMode, uid int) string {
+		path := filepath.Join(dir, name)
+		writeFile(t, path, "#!/bin/sh\n")
+		if err := os.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(path, uid, -1); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	other := file("other", 0o755, 0)
+	writeFile(t, filepath.Join(dir, "sockrelay.yaml"), "listeners:\n  - address: 127.0.0.1:0\n    routes:\n      - pool: p\npools:\n  p:\n    servers: [127.0.0.1:9]\nadmin:\n  address: \"\"\n  upgrade_binary: /bin/sh\n")
+	for _, tc := range []struct {
+		name  string
+		fixed string // --upgrade-binary
+		req   relay.UpgradeRequest
+		want  string
+	}{
+		{"another binary", "", relay.UpgradeRequest{Binary: "/bin/sh"},
+			"binary /bin/sh: accepted only " + self + ", this relay's own executable"},
+		{"another binary than the fixed one", other, relay.UpgradeRequest{Binary: self},
+			"binary " + self + ": accepted only " + other + ", the relay's --upgrade-binary"},
+		{"arguments that are not run flags", "", relay.UpgradeRequest{Args: []string{"-oProxyCommand=sh -c id", "host"}},
+			"args: --oProxyCommand: unknown flag"},
+		{"run flags that fix another binary", "", relay.UpgradeRequest{Args: []string{"--listen", ":8080", "--upstream", "127.0.0.1:9",
+			"--upgrade-binary", "/bin/sh"}}, "args: --upgrade-binary /bin/sh: accepted only " + self},
+		{"a file that fixes another binary", "", relay.UpgradeRequest{Args: []string{"--config", filepath.Join(dir, "sockrelay.yaml")}},
+			"args: --upgrade-binary /bin/sh: accepted only " + self},
+		{"group-writable", file("gw", 0o775, 0), relay.UpgradeRequest{}, "writable by group or others"},
+		{"someone else's", file("nobody", 0o755, 65534), relay.UpgradeRequest{}, "owned by uid 65534"},
+		{"a directory", dir, relay.UpgradeRequest{}, "not a regular file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u := newUpgrader(slog.New(slog.DiscardHandler), nil, time.Second)
+			u.fixedBinary = tc.fixed
+			_, _, _, err := u.resolve(tc.req)
+			if !errors.Is(err, relay.ErrUpgradeBadRequest) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("resolve(%+v) = %v, want a bad request saying %q", tc.req, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestUpgradeStartsTheCheckedBinary: the binary started is the file opened and checked, even when its path
+// names another one by the time the new process is executed; the new process gets the handover end as
+// descriptor 3 and the binary's as descriptor 4, which the environment names.
+func TestUpgradeStartsTheCheckedBinary(t *testing.T) {
+	dir := t.TempDir()
+	path, out := filepath.Join(dir, "sockrelay"), filepath.Join(dir, "out")
+	install := func(body string) {
+		tmp := path + ".new"
+		writeFile(t, tmp, "#!/bin/sh\n"+body+"\n")
+		if err := os.Chmod(tmp, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	install(`echo "checked $0 $1 $2 $` + handoverFDEnv + ` $` + upgradeExeFDEnv + `" > ` + out)
+	exe, err := openUpgradeBinary(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { exe.Close() })
+	install(`echo swapped > ` + out)
+	theirs, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { theirs.Close() })
+	cmd := startCommand(exe, theirs, []string{"--flag"})
+	if output, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, output)
+	}
+	got, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "checked /proc/self/fd/4 run --flag 3 4\n"; string(got) != want {
+		t.Errorf("the new process wrote %q, want %q (from the checked file, not the one put at its path after)", got, want)
+	}
+}
+
+// TestUpgradeDoesNotReapTheNewProcess: once handed over, the old process no longer waits for the new one,
+// its child: if the new process dies while the old one drains, it stays a zombie, its exit status left for
+// the process it is reparented to once the old one exits (systemd, which watches it as the unit's main
+// process), instead of being taken by the old one, which would hide the crash from systemd.
+func TestUpgradeDoesNotReapTheNewProcess(t *testing.T) {
+	r := startUpgradable(t, newEchoUpstream(t), 30*time.Second)
+	ws := dialWS(t, r.listen) // the old process drains it
+	code, out := r.upgrade(t)
+	if code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	pid := newPID(t, out)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the new process to die", func() bool { return processGone(pid) })
+	time.Sleep(200 * time.Millisecond) // an old process that reaps would have by now
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	_, after, _ := strings.Cut(string(stat), ") ")
+	if want := fmt.Sprintf("Z %d ", r.cmd.Process.Pid); err != nil || !strings.HasPrefix(after, want) {
+		t.Errorf("the killed new process: stat %q (%v), want a zombie of the old process (%q): reaped by it", after, err, want)
+	}
+	closeWS(t, ws)
+	r.waitExit(t, 10*time.Second)
+}
+
+// TestUpgradeDroppedAdminSocketIsRemoved: a new process whose flags have no admin (or another one) closes
+// the admin socket it was offered and removes its file once it serves: the old process, which lets go of
+// the socket without removing the file (a new process that keeps the admin serves on it), leaves nothing
+// behind either.
+func TestUpgradeDroppedAdminSocketIsRemoved(t *testing.T) {
+	upstream := newEchoUpstream(t)
+	r := startUpgradable(t, upstream, 5*time.Second)
+	path := strings.TrimPrefix(r.admin, "unix:")
+	code, out := r.upgrade(t, "--", "--listen", "127.0.0.1:0", "--upstream", upstream, "--datapath", "copy", "--log-format", "json")
+	if code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	r.waitExit(t, 5*time.Second)
+	echoThrough(t, dialWS(t, r.listen), "to the new process")
+	waitFor(t, "the admin socket's file to go", func() bool {
+		_, err := os.Lstat(path)
+		return errors.Is(err, os.ErrNotExist)
+	})
+}
+
+// TestInheritedListenerMatchesTheBoundAddress: a listener is adopted when the new configuration spells its
+// address differently but names the same socket (localhost for 127.0.0.1, :PORT for 0.0.0.0:PORT), rather
+// than bound again, which would fail with EADDRINUSE while the old process holds it.
+func TestInheritedListenerMatchesTheBoundAddress(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		bind    string // where the old process's listener is bound
+		offered string // its address as the old configuration spells it; PORT is its port
+		want    string // the new configuration's
+		adopted bool
+	}{
+		{"localhost for 127.0.0.1", "127.0.0.1:0", "127.0.0.1:PORT", "localhost:PORT", true},
+		{"127.0.0.1 for localhost", "127.0.0.1:0", "localhost:PORT", "127.0.0.1:PORT", true},
+		{"every address for 0.0.0.0", "0.0.0.0:0", "0.0.0.0:PORT", ":PORT", true},
+		{"another address", "127.0.0.1:0", "127.0.0.1:PORT", "127.0.0.2:PORT", false},
+		{"another port", "127.0.0.1:0", "127.0.0.1:PORT", "127.0.0.1:1", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp4", tc.bind)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+			f, err := ln.(*net.TCPListener).File()
+			if err != nil {
+				t.Fatal(err)
+			}
+			port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+			h := &inheritance{log: slog.New(slog.DiscardHandler), files: []*os.File{f}, listeners: []handover.Listener{{
+				Name: "default", Address: strings.ReplaceAll(tc.offered, "PORT", port), Bound: ln.Addr().String(), Kind: handover.KindWebSocket}}}
+			t.Cleanup(func() { closeAllFiles(h.files) })
+			errBind := errors.New("bound anew")
+			want := handover.Listener{Name: "default", Address: strings.ReplaceAll(tc.want, "PORT", port), Kind: handover.KindWebSocket}
+			got, err := h.listen(want, func() (net.Listener, error) { return nil, errBind })
+			if got != nil {
+				got.Close()
+			}
+			if adopted := err == nil; adopted != tc.adopted || (!adopted && !errors.Is(err, errBind)) {
+				t.Errorf("listen(%s) with %s (bound %s) offered: %v, %v; want adopted %v", want.Address,
+					h.listeners[0].Address, h.listeners[0].Bound, got, err, tc.adopted)
+			}
+		})
+	}
 }

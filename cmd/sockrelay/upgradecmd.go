@@ -26,7 +26,7 @@ func upgradeCommand(ctx context.Context, args []string, stdout, stderr io.Writer
 	configPath := fs.String("config", "", "the relay's configuration `FILE`, whose admin address and token file upgrade uses")
 	admin := fs.String("admin", "", "the relay's admin `ADDR`, HOST:PORT or unix:/PATH (default: the file's admin, else "+defaultAdmin+")")
 	tokenFile := fs.String("admin-token-file", "", "`FILE` holding the admin token (default: the file's admin.token_file)")
-	binary := fs.String("binary", "", "the new relay's executable, an absolute `PATH` (default: the running relay's own path, read again from disk)")
+	binary := fs.String("binary", "", "the new relay's executable, an absolute `PATH`: the running relay's own (the default, read again from disk) or its --upgrade-binary; another is refused")
 	timeout := fs.Duration("timeout", defaultUpgradeTimeout, "how long the new process may take to start (probe, self-test) and confirm that it serves")
 	if err := parseFlags(fs, args, stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

@@ -129,11 +129,17 @@ func (ls *Loops) CarryWith(a, b *net.TCPConn, s Spec) (*Handle, error) {
 		unix.Close(bfd)
 		return nil, ErrClosed
 	}
-	// Both duplicates exist, so the Go connections can go: closing them takes the original descriptors out of
-	// Go's netpoller (it deletes them from its epoll before closing), and the sockets live on in the duplicates.
+	l := ls.loops[int(ls.next.Add(1))%len(ls.loops)]
+	if err := l.watch([2]int{afd, bfd}); err != nil {
+		unix.Close(afd)
+		unix.Close(bfd)
+		return nil, fmt.Errorf("carry: %w", err)
+	}
+	// Both duplicates exist and are watched, so the Go connections can go: closing them takes the original
+	// descriptors out of Go's netpoller (it deletes them from its epoll before closing), and the sockets live
+	// on in the duplicates.
 	_ = a.Close()
 	_ = b.Close()
-	l := ls.loops[int(ls.next.Add(1))%len(ls.loops)]
 	t := newTunnel(l, afd, bfd, s.APeeked, s.BPeeked, s.OnEnd)
 	t.onFIN = s.OnFIN
 	for i, done := range s.Finished {
@@ -289,6 +295,19 @@ func (h *Handle) Queued() bool {
 	reply := make(chan bool, 1)
 	if !h.t.loop.send(command{kind: cmdQueued, t: h.t, reply: reply}) {
 		return false // the loop has stopped: the tunnel ended with it
+	}
+	return <-reply
+}
+
+// Progress sums what TCP has moved on the tunnel's sockets: bytes each received and bytes each sent and had
+// acknowledged (TCP_INFO), so that it moves while a slow reader drains a full send buffer, which the loop's
+// own counts (Bytes, LastActive) do not show until its next write. The loop's thread reads it, since only it
+// may touch the descriptors; Progress waits for it. Once the tunnel has ended it returns the bytes written
+// both ways.
+func (h *Handle) Progress() uint64 {
+	reply := make(chan uint64, 1)
+	if !h.t.loop.send(command{kind: cmdProgress, t: h.t, progress: reply}) {
+		return h.t.writtenBoth() // the loop has stopped: the tunnel ended with it
 	}
 	return <-reply
 }

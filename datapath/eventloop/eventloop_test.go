@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -375,6 +376,73 @@ func TestCarryOutOfDescriptors(t *testing.T) {
 		if _, err := io.ReadFull(p[1], got); err != nil {
 			t.Fatalf("conn unusable after the failed Carry: %v", err)
 		}
+	}
+}
+
+// When a tunnel's socket cannot be added to the loop's epoll set (ENOSPC at fs.epoll.max_user_watches, ENOMEM),
+// that is the relay's failure, not a peer's: Carry fails as it does out of descriptors, leaving both conns
+// usable, nothing open, and neither socket in the epoll set.
+func TestCarryEpollAddFails(t *testing.T) {
+	adds := 0
+	epollCtl = func(epfd, op, fd int, ev *unix.EpollEvent) error {
+		if op == unix.EPOLL_CTL_ADD {
+			if adds++; adds == 2 { // side b's
+				return unix.ENOSPC
+			}
+		}
+		return unix.EpollCtl(epfd, op, fd, ev)
+	}
+	t.Cleanup(func() { epollCtl = unix.EpollCtl }) // after the loops are closed: cleanups run last first
+	ls := startLoops(t, Options{Loops: 1})
+	peerA, a := tcpPair(t, nil)
+	b, peerB := tcpPair(t, nil)
+	before := openFDs(t)
+	var ends atomic.Int32
+	if _, err := ls.Carry(a, b, nil, nil, func(End) { ends.Add(1) }); !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("Carry with side b's EPOLL_CTL_ADD failing = %v, want ENOSPC", err)
+	}
+	if after := openFDs(t); after != before {
+		t.Errorf("%d descriptors open before the failed Carry, %d after", before, after)
+	}
+	events := ls.Stats()[0].Events
+	for _, p := range [][2]*net.TCPConn{{peerA, a}, {b, peerB}, {a, peerA}, {peerB, b}} {
+		if _, err := p[0].Write([]byte("x")); err != nil {
+			t.Fatalf("conn unusable after the failed Carry: %v", err)
+		}
+		_ = p[1].SetReadDeadline(time.Now().Add(testTimeout))
+		if _, err := io.ReadFull(p[1], make([]byte, 1)); err != nil {
+			t.Fatalf("conn unusable after the failed Carry: %v", err)
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // a loop still watching a socket would have woken by now
+	if got := ls.Stats()[0].Events; got != events {
+		t.Errorf("the loop saw %d events from the sockets of the failed Carry, want none (still in its epoll set)", got-events)
+	}
+	if st := ls.Stats()[0]; st.Tunnels != 0 || ends.Load() != 0 {
+		t.Errorf("after the failed Carry the loop carries %d tunnels and ended %d, want 0 and 0", st.Tunnels, ends.Load())
+	}
+}
+
+// Bytes and a FIN that arrived before Carry are carried: the loop hears of them although the readiness
+// they raised came before it took the tunnel (the first pass's short read would otherwise wait for an edge
+// that never comes, and the FIN would never be read).
+func TestCarryFINBeforeCarry(t *testing.T) {
+	ls := startLoops(t, Options{Loops: 1})
+	peerA, a := tcpPair(t, nil)
+	b, peerB := tcpPair(t, nil)
+	if _, err := peerB.Write([]byte("last words")); err != nil {
+		t.Fatal(err)
+	}
+	if err := peerB.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // they have arrived at b
+	if _, err := ls.Carry(a, b, nil, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	_ = peerA.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(peerA); err != nil || string(got) != "last words" {
+		t.Errorf("side a's peer read %q, then %v; want the bytes, then EOF", got, err)
 	}
 }
 

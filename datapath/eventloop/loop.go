@@ -18,6 +18,9 @@ const maxEvents = 256
 // tunnel cannot starve the rest; a direction stopped this way is queued to run again before the next wait.
 const passReads = 16
 
+// epollCtl is unix.EpollCtl, replaced by tests to inject a failure of EPOLL_CTL_ADD.
+var epollCtl = unix.EpollCtl
+
 type commandKind int8
 
 const (
@@ -26,6 +29,8 @@ const (
 	cmdStop
 	cmdQueued // answer on reply whether the tunnel's sockets have unsent bytes (Handle.Queued)
 	cmdDetach // give the tunnel back alive (Handle.Detach)
+
+	cmdProgress // answer on progress what TCP has moved on the tunnel's sockets (Handle.Progress)
 )
 
 // command is work handed to a loop from another thread.
@@ -37,6 +42,8 @@ type command struct {
 	// take and detached are cmdDetach's: what takes the descriptors, and the answer.
 	take     func(afd, bfd int) error
 	detached chan<- detachResult
+
+	progress chan<- uint64 // cmdProgress's answer
 }
 
 type detachResult struct {
@@ -186,6 +193,8 @@ func (l *loop) runCommands() (stop bool) {
 		case cmdDetach:
 			d, err := c.t.detach(c.take)
 			c.detached <- detachResult{d, err}
+		case cmdProgress:
+			c.progress <- c.t.tcpProgress()
 		case cmdStop:
 			stop = true
 		}
@@ -193,21 +202,47 @@ func (l *loop) runCommands() (stop bool) {
 	return stop
 }
 
-// add registers t's descriptors and makes its first pass, which sends the peeked bytes.
+// watch adds a tunnel's descriptors to the loop's epoll set. CarryWith calls it, before the Go connections are
+// closed, so that a failure (ENOSPC at fs.epoll.max_user_watches, ENOMEM: the relay's, not a peer's) leaves the
+// connections to the caller. On error nothing stays in the set.
 //
 // Edge-triggered (EPOLLET): each descriptor is added once with EPOLLIN|EPOLLOUT|EPOLLRDHUP and never modified.
 // The tunnel keeps its own readable/writable flags, set by an edge and cleared by EAGAIN, so stopping a source
 // for backpressure is not reading it, and resuming is reading it again when the destination's EPOLLOUT edge
 // comes: no epoll_ctl per stall and resume, as level-triggered interest would need to avoid busy wakeups.
+// Edges that come before the loop's thread adds the tunnel are dropped (byFD does not name it yet): add
+// re-arms the descriptors.
+func (l *loop) watch(fds [2]int) error {
+	for i, fd := range fds {
+		ev := unix.EpollEvent{Events: tunnelEvents, Fd: int32(fd)}
+		if err := epollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			if i == 1 {
+				// Closing the duplicate alone would not take it out: the Go connection's descriptor still
+				// refers to the socket.
+				_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fds[0], nil)
+			}
+			return fmt.Errorf("add side %s to epoll: %w", Side(i), err)
+		}
+	}
+	return nil
+}
+
+// tunnelEvents is the interest of a tunnel's descriptors (watch).
+const tunnelEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+
+// add takes t, whose descriptors watch added, and makes its first pass, which sends the peeked bytes.
 func (l *loop) add(t *tunnel) {
 	for i := range t.ends {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET,
-			Fd: int32(t.ends[i].fd)}
-		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, t.ends[i].fd, &ev); err != nil {
-			t.end(Side(i), ReasonError, fmt.Errorf("add side %s to epoll: %w", Side(i), err), true)
-			return
+		fd := t.ends[i].fd
+		l.byFD[int32(fd)] = t
+		// The edges that came since watch were dropped, a FIN's RDHUP among them, which the first pass's
+		// short read would then miss (it clears readable, waiting for an edge). EPOLL_CTL_MOD re-arms the
+		// descriptor: its readiness is reported again, now to t. Should it fail, the socket is read to
+		// EAGAIN or EOF on every pass, which misses nothing.
+		ev := unix.EpollEvent{Events: tunnelEvents, Fd: int32(fd)}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, fd, &ev); err != nil {
+			t.ends[i].hup = true
 		}
-		l.byFD[int32(t.ends[i].fd)] = t
 	}
 	l.tunnels.Add(1)
 	t.added = true
@@ -230,6 +265,8 @@ func (l *loop) stop() {
 			c.reply <- false
 		case cmdDetach:
 			c.detached <- detachResult{err: ErrEnded}
+		case cmdProgress:
+			c.progress <- c.t.writtenBoth()
 		}
 	}
 	for _, t := range l.byFD {

@@ -270,6 +270,28 @@ func (t *tunnel) hasUnsent() bool {
 	return false
 }
 
+// tcpProgress sums what TCP has moved on t's sockets: bytes each received and bytes each sent and had
+// acknowledged (TCP_INFO). Unlike the loop's own counts, it moves with every ACK of a slow reader draining a
+// full send buffer, while the loop waits for an EPOLLOUT edge that comes only once a third of it has
+// drained. Once t has ended its descriptors are closed (or reused): it returns the loop's counts then.
+func (t *tunnel) tcpProgress() uint64 {
+	if t.ended {
+		return t.writtenBoth()
+	}
+	var sum uint64
+	for i := range t.ends {
+		if ti, err := unix.GetsockoptTCPInfo(t.ends[i].fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			sum += ti.Bytes_acked + ti.Bytes_received
+		}
+	}
+	return sum
+}
+
+// writtenBoth is the bytes the loop has written both ways.
+func (t *tunnel) writtenBoth() uint64 {
+	return uint64(t.written[0].Load() + t.written[1].Load())
+}
+
 // detach gives t back alive (Handle.Detach): take gets duplicates of both descriptors, then the loop forgets t
 // and closes its own, keeping the bytes it held for the caller. On an error t is untouched.
 func (t *tunnel) detach(take func(afd, bfd int) error) (Detached, error) {
