@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // readDoc returns a page of docs/ as text.
@@ -66,9 +67,18 @@ func TestMetricsAreDocumented(t *testing.T) {
 	doc := readDoc(t, "operations.md")
 	r := startRelay(t, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", newEchoUpstream(t),
 		"--datapath", "copy")
-	status, metrics := httpGet(t, "http://"+r.admin+"/metrics")
-	if status != 200 {
-		t.Fatalf("GET /metrics: %d\n%s", status, metrics)
+	// The listeners' series start at 0 once each listener serves, which can be a moment after the relay
+	// says it is ready: scrape until they are there.
+	var metrics string
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var status int
+		status, metrics = httpGet(t, "http://"+r.admin+"/metrics")
+		if status != 200 {
+			t.Fatalf("GET /metrics: %d\n%s", status, metrics)
+		}
+		if strings.Contains(metrics, "sockrelay_tunnels_closed_total{") || time.Now().After(deadline) {
+			break
+		}
 	}
 	var names []string
 	for _, m := range metricFamily.FindAllStringSubmatch(metrics, -1) {
