@@ -103,7 +103,7 @@ func TestEncodeRefusesBadMessages(t *testing.T) {
 		{"fd index out of range", offer(), 1, "names 2 descriptors and carries 1"},
 		{"fd index named twice", dup, 2, "descriptor index 1 is named twice"},
 		{"unknown kind", badKind, 2, `kind "udp"; accepted websocket, tcp or admin`},
-		{"unknown type", Message{Type: "tunnel"}, 0, `message type "tunnel"; accepted offer, ready or failed`},
+		{"unknown type", Message{Type: "tunnel"}, 0, `message type "tunnel"; accepted offer, ready, failed, data, tunnels, adopted, commit or done`},
 		{"type without its field", Message{Type: TypeReady}, 0, "ready message without its pid"},
 		{"too many descriptors", Message{Type: TypeFailed, Failed: &Failed{}}, MaxFDs + 1, "accepted 0 to 250"},
 	} {
