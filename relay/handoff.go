@@ -32,6 +32,17 @@ func (t *Tunnel) Movable() bool {
 // Parked reports whether t is parked for a handover (Park, or adopted and not carried yet).
 func (t *Tunnel) Parked() bool { return t.parked.Load() }
 
+// Movable counts the live tunnels that can be handed to another process.
+func (r *Registry) Movable() int {
+	n := 0
+	for _, t := range r.Tunnels() {
+		if t.Movable() {
+			n++
+		}
+	}
+	return n
+}
+
 // ParkedTunnel is a tunnel stopped for a handover: no engine carries it, its sockets are open, and
 // State says where it stands. The caller hands it over and then lets go of it (HandedOver), or carries
 // it on here (Resume).

@@ -36,6 +36,7 @@ type upgrader struct {
 	runArgs      []string // this process's `sockrelay run` flags, which the new one gets by default
 	drainTimeout time.Duration
 	tunnels      func() int
+	movable      func() int    // the tunnels that can be handed over
 	lastTunnelID func() uint64 // the registry's latest id, which the offer carries
 
 	mu         sync.Mutex
@@ -59,14 +60,14 @@ type offered struct {
 
 func newUpgrader(log *slog.Logger, runArgs []string, drainTimeout time.Duration) *upgrader {
 	return &upgrader{log: log, runArgs: runArgs, drainTimeout: drainTimeout, tunnels: func() int { return 0 },
-		lastTunnelID: func() uint64 { return 0 }, handedOver: make(chan int, 1)}
+		movable: func() int { return 0 }, lastTunnelID: func() uint64 { return 0 }, handedOver: make(chan int, 1)}
 }
 
 // serving gives the upgrader what it hands over, once the relay serves.
 func (u *upgrader) serving(listeners []offered, tunnels *relay.Registry, letGo func()) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	u.listeners, u.tunnels, u.lastTunnelID, u.letGo = listeners, tunnels.Len, tunnels.LastID, letGo
+	u.listeners, u.tunnels, u.movable, u.lastTunnelID, u.letGo = listeners, tunnels.Len, tunnels.Movable, tunnels.LastID, letGo
 }
 
 // takeSuccessor returns the socket pair's end to the process that took over, when it adopts tunnels;
@@ -107,8 +108,13 @@ func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.U
 	}
 	res := relay.UpgradeResult{PID: pid, OldPID: os.Getpid(), DrainingTunnels: u.tunnels(),
 		DrainTimeout: u.drainTimeout.String(), TookMS: time.Since(started).Milliseconds()}
+	if successor != nil {
+		res.HandingOver = min(u.movable(), res.DrainingTunnels)
+		res.DrainingTunnels -= res.HandingOver
+	}
 	u.log.Info("upgrade: the new process serves; this one stops accepting and drains its tunnels",
-		"pid", pid, "took_ms", res.TookMS, "tunnels", res.DrainingTunnels, "drain_timeout", u.drainTimeout)
+		"pid", pid, "took_ms", res.TookMS, "tunnels", res.DrainingTunnels, "handing_over", res.HandingOver,
+		"drain_timeout", u.drainTimeout)
 	notifyMainPID(pid, u.log)
 	u.mu.Lock()
 	u.successor = successor

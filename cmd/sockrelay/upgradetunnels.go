@@ -31,10 +31,9 @@ type tunnelMover struct {
 	log      *slog.Logger
 	finished chan struct{} // closed once run has returned
 
-	batch        int
-	moved, kept  int
-	took         time.Duration // parked to let go, summed over the batches
-	failedRounds int
+	batch       int
+	moved, kept int
+	tried       map[uint64]bool // tunnels offered once: one the new process refused is not offered again
 }
 
 // run hands over the movable tunnels, round after round (tunnels whose handshake was in progress when
@@ -43,19 +42,26 @@ type tunnelMover struct {
 func (m *tunnelMover) run(drained <-chan struct{}) {
 	defer close(m.finished)
 	defer m.conn.Close()
-	started := time.Now()
-	for {
+	m.tried = map[uint64]bool{}
+	for rounds := 0; ; rounds++ {
+		started, moved, kept := time.Now(), m.moved, m.kept
 		n, err := m.round()
 		if err != nil {
 			m.log.Error("upgrade: handing tunnels over stopped; the rest drain here", "pid", m.to, "err", err)
 			return
 		}
+		if rounds == 0 || n > 0 {
+			msg := "upgrade: tunnels handed over"
+			if rounds > 0 {
+				msg = "upgrade: more tunnels handed over" // opened by handshakes that were in progress
+			}
+			m.log.Info(msg, "pid", m.to, "handed_over", m.moved-moved, "kept", m.kept-kept,
+				"batches", m.batch, "took_ms", time.Since(started).Milliseconds())
+		}
 		if n == 0 {
 			select {
 			case <-drained:
 				_ = m.conn.Send(handover.Message{Type: handover.TypeDone, Done: &handover.Done{Tunnels: m.moved}}, nil)
-				m.log.Info("upgrade: tunnels handed over", "pid", m.to, "handed_over", m.moved, "kept", m.kept,
-					"batches", m.batch, "took_ms", time.Since(started).Milliseconds())
 				return
 			case <-time.After(50 * time.Millisecond):
 			}
@@ -67,7 +73,7 @@ func (m *tunnelMover) run(drained <-chan struct{}) {
 func (m *tunnelMover) round() (n int, err error) {
 	var todo []*relay.Tunnel
 	for _, t := range m.srv.Tunnels().Tunnels() {
-		if t.Movable() && !t.Parked() {
+		if t.Movable() && !t.Parked() && !m.tried[t.ID] {
 			todo = append(todo, t)
 		}
 	}
@@ -99,6 +105,7 @@ func (m *tunnelMover) sendBatch(todo []*relay.Tunnel) (int, error) {
 			break
 		}
 		taken++
+		m.tried[t.ID] = true
 		pt, err := m.srv.Park(t)
 		if err != nil {
 			continue // ended, or cannot move after all: it drains here
@@ -119,7 +126,6 @@ func (m *tunnelMover) sendBatch(todo []*relay.Tunnel) (int, error) {
 	if len(parked) == 0 {
 		return taken, nil
 	}
-	start := time.Now()
 	err := m.conn.Send(handover.Message{Type: handover.TypeTunnels, Tunnels: batch}, files)
 	if err != nil {
 		m.keepAll(parked, err)
@@ -150,7 +156,6 @@ func (m *tunnelMover) sendBatch(todo []*relay.Tunnel) (int, error) {
 		m.srv.HandedOver(pt)
 		m.moved++
 	}
-	m.took += time.Since(start)
 	return taken, nil
 }
 

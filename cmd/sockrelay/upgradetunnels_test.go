@@ -369,3 +369,54 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
 	t.Logf("%s; %d tunnels handed over in %.0fms; the longest ping-pong round trip: %s", strings.TrimSpace(out),
 		len(oldIDs), took, slices.Max(longest).Round(time.Millisecond))
 }
+
+// TestUpgradeAdoptionFailureKeepsTunnel: a new process that refuses some tunnels (the test hook refuses
+// those of odd ids) leaves them with the old process, which carries them on without a byte lost and
+// exits once they end; the new process carries the others. No tunnel is carried by both or by neither.
+func TestUpgradeAdoptionFailureKeepsTunnel(t *testing.T) {
+	const pingers = 10
+	up := newCheckedUpstream(t)
+	r := startUpgradableOn(t, "copy", up.addr, 20*time.Second, refuseTunnelsEnv+"=odd")
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	errs := make([]error, pingers)
+	for i := range pingers {
+		c, br := openRaw(t, r.listen, "echo", 0)
+		wg.Go(func() { _, errs[i] = pingPong(c, br, stop) })
+	}
+	oldIDs, _ := tunnelIDs(t, r.admin)
+	if code, out := r.upgrade(t); code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	waitFor(t, "the old process's account of the handover", func() bool {
+		return len(r.logs.lines("upgrade: tunnels handed over")) == 1
+	})
+	var even, odd []uint64
+	for _, id := range oldIDs {
+		if id%2 == 0 {
+			even = append(even, id)
+		} else {
+			odd = append(odd, id)
+		}
+	}
+	if got, _ := tunnelIDs(t, r.admin); !slices.Equal(got, even) {
+		t.Errorf("the new process carries tunnels %v, want those it adopted, %v", got, even)
+	}
+	if n := len(r.logs.lines("upgrade: the new process did not adopt the tunnel; it stays here")); n != len(odd) {
+		t.Errorf("the old process kept %d tunnels, want %d:\n%s", n, len(odd), r.logs)
+	}
+	time.Sleep(300 * time.Millisecond) // traffic on both processes
+	select {
+	case err := <-r.exited:
+		t.Fatalf("the old process exited (%v) while it carried the tunnels it kept:\n%s", err, r.logs)
+	default:
+	}
+	close(stop)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("ping-pong tunnel %d: %v", i, err)
+		}
+	}
+	r.waitExit(t, 5*time.Second) // its tunnels ended
+}
