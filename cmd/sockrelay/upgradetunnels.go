@@ -33,6 +33,7 @@ type tunnelMover struct {
 
 	batch       int
 	moved, kept int
+	peeked      int // bytes read and not yet written that went along with the tunnels
 	tried       map[uint64]bool // tunnels offered once: one the new process refused is not offered again
 }
 
@@ -44,7 +45,7 @@ func (m *tunnelMover) run(drained <-chan struct{}) {
 	defer m.conn.Close()
 	m.tried = map[uint64]bool{}
 	for rounds := 0; ; rounds++ {
-		started, moved, kept := time.Now(), m.moved, m.kept
+		started, moved, kept, peeked := time.Now(), m.moved, m.kept, m.peeked
 		n, err := m.round()
 		if err != nil {
 			m.log.Error("upgrade: handing tunnels over stopped; the rest drain here", "pid", m.to, "err", err)
@@ -56,7 +57,7 @@ func (m *tunnelMover) run(drained <-chan struct{}) {
 				msg = "upgrade: more tunnels handed over" // opened by handshakes that were in progress
 			}
 			m.log.Info(msg, "pid", m.to, "handed_over", m.moved-moved, "kept", m.kept-kept,
-				"batches", m.batch, "took_ms", time.Since(started).Milliseconds())
+				"peeked_bytes", m.peeked-peeked, "batches", m.batch, "took_ms", time.Since(started).Milliseconds())
 		}
 		if n == 0 {
 			select {
@@ -155,6 +156,7 @@ func (m *tunnelMover) sendBatch(todo []*relay.Tunnel) (int, error) {
 		}
 		m.srv.HandedOver(pt)
 		m.moved++
+		m.peeked += len(pt.State.Peeked[0]) + len(pt.State.Peeked[1])
 	}
 	return taken, nil
 }

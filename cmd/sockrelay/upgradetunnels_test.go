@@ -33,9 +33,9 @@ func streamBytes(seed uint64, off int64, b []byte) {
 	}
 }
 
-// checkedSender writes the stream seed to w in small paced chunks until stop is closed (or, with limit
-// above 0, limit bytes are out), then sends its FIN; it returns how many bytes it wrote.
-func checkedSender(w *net.TCPConn, seed uint64, limit int64, stop <-chan struct{}) (int64, error) {
+// checkedSender writes the stream seed to w in chunks of 2 KiB, pace apart, until stop is closed (or,
+// with limit above 0, limit bytes are out), then sends its FIN; it returns how many bytes it wrote.
+func checkedSender(w *net.TCPConn, seed uint64, limit int64, pace time.Duration, stop <-chan struct{}) (int64, error) {
 	buf := make([]byte, 2<<10)
 	var off int64
 	for limit <= 0 || off < limit {
@@ -53,7 +53,9 @@ func checkedSender(w *net.TCPConn, seed uint64, limit int64, stop <-chan struct{
 			return off, fmt.Errorf("write at %d: %w", off, err)
 		}
 		off += n
-		time.Sleep(20 * time.Millisecond)
+		if pace > 0 {
+			time.Sleep(pace)
+		}
 	}
 	return off, w.CloseWrite()
 }
@@ -95,8 +97,8 @@ type streamResult struct {
 }
 
 // checkedUpstream is an upstream that answers a WebSocket handshake with 101 and then, by the request's
-// X-Mode: "stream" checks the client's stream (X-Seed) and sends its own until stopped; "echo" sends
-// back what it reads.
+// X-Mode: "stream" checks the client's stream (X-Seed) and sends its own until stopped; "flood" sends
+// floodBytes of its own as fast as it can; "echo" sends back what it reads.
 type checkedUpstream struct {
 	addr string
 	stop chan struct{} // closed: the streams send their FIN
@@ -147,10 +149,22 @@ func (u *checkedUpstream) serve(c *net.TCPConn) {
 	u.results[seed] = res
 	u.mu.Unlock()
 	var wg sync.WaitGroup
-	wg.Go(func() { res[1].sent, res[1].err = checkedSender(c, seed*2+1, 0, u.stop) })
+	if req.Header.Get("X-Mode") == "flood" {
+		wg.Go(func() { res[1].sent, res[1].err = checkedSender(c, seed*2+1, floodBytes, 0, u.stop) })
+	} else {
+		wg.Go(func() { res[1].sent, res[1].err = checkedSender(c, seed*2+1, 0, streamPace, u.stop) })
+	}
 	res[0].received, res[0].err = checkedReceiver(br, seed*2)
 	wg.Wait()
 }
+
+// floodBytes is what a "flood" tunnel's upstream sends, to a client that reads none of it before the
+// upgrade: the relay holds bytes it read and could not write when it parks the tunnel.
+const floodBytes = 16 << 20
+
+// streamPace is how far apart a stream's 2 KiB chunks go: 100 KB/s a direction, so that hundreds of
+// tunnels flow on two shared cores.
+const streamPace = 20 * time.Millisecond
 
 // result is what the upstream saw of the tunnel of seed.
 func (u *checkedUpstream) result(seed uint64) [2]streamResult {
@@ -270,7 +284,7 @@ func TestUpgradeHandsOverManyTunnels(t *testing.T) {
 }
 
 func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
-	const pingers, halfClosed = 20, 10
+	const pingers, halfClosed, floods = 20, 10, 5
 	up := newCheckedUpstream(t)
 	r := startUpgradableOn(t, datapath, up.addr, 20*time.Second)
 
@@ -280,20 +294,29 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
 		seed uint64
 		res  [2]streamResult // [0] our stream as sent, [1] the upstream's as received
 	}
-	ends := make([]*clientEnd, streams+halfClosed)
+	ends := make([]*clientEnd, streams+halfClosed+floods)
 	for i := range ends {
-		c, br := openRaw(t, r.listen, "stream", uint64(i))
+		mode := "stream"
+		if i >= streams+halfClosed {
+			mode = "flood"
+		}
+		c, br := openRaw(t, r.listen, mode, uint64(i))
 		ends[i] = &clientEnd{c: c, br: br, seed: uint64(i)}
 	}
-	stopClients := make(chan struct{})
+	stopClients, upgraded := make(chan struct{}), make(chan struct{})
 	var wg sync.WaitGroup
 	for i, e := range ends {
 		limit := int64(0)
-		if i >= streams {
+		if i >= streams && i < streams+halfClosed {
 			limit = 3000 // half-closed before the upgrade: a short stream, then the FIN
 		}
-		wg.Go(func() { e.res[0].sent, e.res[0].err = checkedSender(e.c, e.seed*2, limit, stopClients) })
-		wg.Go(func() { e.res[1].received, e.res[1].err = checkedReceiver(e.br, e.seed*2+1) })
+		wg.Go(func() { e.res[0].sent, e.res[0].err = checkedSender(e.c, e.seed*2, limit, streamPace, stopClients) })
+		wg.Go(func() {
+			if i >= streams+halfClosed {
+				<-upgraded // flood: the relay's buffers fill up with the upstream's bytes meanwhile
+			}
+			e.res[1].received, e.res[1].err = checkedReceiver(e.br, e.seed*2+1)
+		})
 	}
 	stopPings := make(chan struct{})
 	longest := make([]time.Duration, pingers)
@@ -304,7 +327,7 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
 	}
 	// The half-closed tunnels' client streams have ended at the upstream before the upgrade.
 	waitFor(t, "the half-closed streams to end at the upstream", func() bool {
-		for i := streams; i < len(ends); i++ {
+		for i := streams; i < streams+halfClosed; i++ {
 			if up.result(uint64(i))[0].received != 3000 {
 				return false
 			}
@@ -322,6 +345,7 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
 		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
 	}
 	r.waitExit(t, 5*time.Second) // with every tunnel live and 20s of drain: it held none
+	close(upgraded)
 	newIDs, infos := tunnelIDs(t, r.admin)
 	if !slices.Equal(newIDs, oldIDs) {
 		t.Errorf("the new process lists tunnels %v, want the old one's %v", newIDs, oldIDs)
@@ -366,8 +390,8 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
 		}
 	}
 	took, _ := handed[0]["took_ms"].(float64)
-	t.Logf("%s; %d tunnels handed over in %.0fms; the longest ping-pong round trip: %s", strings.TrimSpace(out),
-		len(oldIDs), took, slices.Max(longest).Round(time.Millisecond))
+	t.Logf("%s; %d tunnels handed over in %.0fms (%v bytes read and not yet written went along); the longest ping-pong round trip: %s",
+		strings.TrimSpace(out), len(oldIDs), took, handed[0]["peeked_bytes"], slices.Max(longest).Round(time.Millisecond))
 }
 
 // TestUpgradeAdoptionFailureKeepsTunnel: a new process that refuses some tunnels (the test hook refuses
