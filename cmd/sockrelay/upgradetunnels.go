@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
@@ -33,7 +35,7 @@ type tunnelMover struct {
 
 	batch       int
 	moved, kept int
-	peeked      int // bytes read and not yet written that went along with the tunnels
+	peeked      int             // bytes read and not yet written that went along with the tunnels
 	tried       map[uint64]bool // tunnels offered once: one the new process refused is not offered again
 }
 
@@ -79,58 +81,86 @@ func (m *tunnelMover) round() (n int, err error) {
 		}
 	}
 	for len(todo) > 0 {
-		sent, err := m.sendBatch(todo)
-		if err != nil {
-			return n, err
+		chunk := todo[:min(len(todo), handover.MaxFDs/2)]
+		todo = todo[len(chunk):]
+		n += len(chunk)
+		parked := m.parkAll(chunk)
+		for len(parked) > 0 {
+			used, err := m.sendBatch(parked)
+			if err != nil {
+				m.keepAll(parked[used:], err)
+				return n, err
+			}
+			parked = parked[used:]
 		}
-		n += sent
-		todo = todo[sent:]
 	}
 	return n, nil
+}
+
+// parkers is how many tunnels are parked at once: an engine's stop waits for its goroutines or its
+// loop's thread, and the tunnels of a batch wait for the last of them.
+const parkers = 16
+
+// parkAll parks ts, parkers at a time, and returns those parked, in ts's order; a tunnel that ended
+// meanwhile, or cannot move after all, is left to drain here.
+func (m *tunnelMover) parkAll(ts []*relay.Tunnel) []*relay.ParkedTunnel {
+	out := make([]*relay.ParkedTunnel, len(ts))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(parkers, len(ts)) {
+		wg.Go(func() {
+			for i := range next {
+				out[i], _ = m.srv.Park(ts[i])
+			}
+		})
+	}
+	for i, t := range ts {
+		m.tried[t.ID] = true
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	return slices.DeleteFunc(out, func(pt *relay.ParkedTunnel) bool { return pt == nil })
 }
 
 // batchBody is how much of a message's body a batch fills at most: the rest is the envelope's.
 const batchBody = handover.MaxBody - 4<<10
 
-// sendBatch parks and hands over the first tunnels of todo that fit one message; it returns how many of
-// todo it took (parked or not: a tunnel that ended meanwhile is skipped).
-func (m *tunnelMover) sendBatch(todo []*relay.Tunnel) (int, error) {
+// sendBatch hands over the first of the parked tunnels that fit one message, and lets go of those the
+// new process took; it returns how many of parked it used.
+func (m *tunnelMover) sendBatch(parked []*relay.ParkedTunnel) (int, error) {
 	m.batch++
 	batch := &handover.Tunnels{Batch: m.batch}
-	var parked []*relay.ParkedTunnel
+	var sent []*relay.ParkedTunnel
 	var files []*os.File
 	defer func() { closeAllFiles(files) }()
-	size, taken := 0, 0
-	for _, t := range todo {
+	size, used := 0, 0
+	for _, pt := range parked {
 		if len(files)+2 > handover.MaxFDs || size >= batchBody-2*inlinePeeked*4/3-1024 {
 			break
 		}
-		taken++
-		m.tried[t.ID] = true
-		pt, err := m.srv.Park(t)
-		if err != nil {
-			continue // ended, or cannot move after all: it drains here
-		}
+		used++
 		desc, fs, err := m.describe(pt, len(files))
 		if err != nil {
 			m.srv.Resume(pt)
-			m.log.Warn("upgrade: tunnel kept here", "id", t.ID, "err", err)
+			m.log.Warn("upgrade: tunnel kept here", "id", pt.T.ID, "err", err)
 			m.kept++
 			continue
 		}
 		b, _ := json.Marshal(desc)
 		size += len(b)
 		batch.Tunnels = append(batch.Tunnels, desc)
-		parked = append(parked, pt)
+		sent = append(sent, pt)
 		files = append(files, fs...)
 	}
-	if len(parked) == 0 {
-		return taken, nil
+	if len(sent) == 0 {
+		return used, nil
 	}
+	parked = sent
 	err := m.conn.Send(handover.Message{Type: handover.TypeTunnels, Tunnels: batch}, files)
 	if err != nil {
 		m.keepAll(parked, err)
-		return taken, err
+		return used, err
 	}
 	results, err := m.awaitAdopted(batch.Batch)
 	if err != nil {
@@ -139,11 +169,11 @@ func (m *tunnelMover) sendBatch(todo []*relay.Tunnel) (int, error) {
 			_ = m.conn.Send(handover.Message{Type: handover.TypeCommit, Commit: &handover.Commit{Batch: batch.Batch, Abort: true}}, nil)
 		}
 		m.keepAll(parked, err)
-		return taken, err
+		return used, err
 	}
 	if err := m.conn.Send(handover.Message{Type: handover.TypeCommit, Commit: &handover.Commit{Batch: batch.Batch}}, nil); err != nil {
 		m.keepAll(parked, err) // the new process is gone before it carried any of them
-		return taken, err
+		return used, err
 	}
 	for _, pt := range parked {
 		r, ok := results[pt.T.ID]
@@ -158,7 +188,7 @@ func (m *tunnelMover) sendBatch(todo []*relay.Tunnel) (int, error) {
 		m.moved++
 		m.peeked += len(pt.State.Peeked[0]) + len(pt.State.Peeked[1])
 	}
-	return taken, nil
+	return used, nil
 }
 
 // describe is the parked tunnel's entry in a batch whose descriptors so far are nfds; its peeked bytes

@@ -102,6 +102,7 @@ type streamResult struct {
 type checkedUpstream struct {
 	addr string
 	stop chan struct{} // closed: the streams send their FIN
+	pace time.Duration // of its streams' chunks
 
 	mu      sync.Mutex
 	results map[uint64]*[2]streamResult // by seed: [0] the client's stream as received here, [1] ours
@@ -113,7 +114,8 @@ func newCheckedUpstream(t *testing.T) *checkedUpstream {
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &checkedUpstream{addr: ln.Addr().String(), stop: make(chan struct{}), results: map[uint64]*[2]streamResult{}}
+	u := &checkedUpstream{addr: ln.Addr().String(), stop: make(chan struct{}), results: map[uint64]*[2]streamResult{},
+		pace: streamPace}
 	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
@@ -152,7 +154,7 @@ func (u *checkedUpstream) serve(c *net.TCPConn) {
 	if req.Header.Get("X-Mode") == "flood" {
 		wg.Go(func() { res[1].sent, res[1].err = checkedSender(c, seed*2+1, floodBytes, 0, u.stop) })
 	} else {
-		wg.Go(func() { res[1].sent, res[1].err = checkedSender(c, seed*2+1, 0, streamPace, u.stop) })
+		wg.Go(func() { res[1].sent, res[1].err = checkedSender(c, seed*2+1, 0, u.pace, u.stop) })
 	}
 	res[0].received, res[0].err = checkedReceiver(br, seed*2)
 	wg.Wait()
@@ -271,21 +273,24 @@ func pingPong(c *net.TCPConn, br *bufio.Reader, stop <-chan struct{}) (time.Dura
 // arrives once, after its last byte.
 func TestUpgradeHandsOverTunnels(t *testing.T) {
 	for _, dp := range []string{"copy", "splice"} {
-		t.Run(dp, func(t *testing.T) { upgradeHandsOverTunnels(t, dp, 200) })
+		t.Run(dp, func(t *testing.T) { upgradeHandsOverTunnels(t, dp, 200, streamPace) })
 	}
 }
 
-// TestUpgradeHandsOverManyTunnels is the same with 2000 tunnels.
+// TestUpgradeHandsOverManyTunnels is the same with 2000 streams, each ten times slower.
 func TestUpgradeHandsOverManyTunnels(t *testing.T) {
 	if testing.Short() {
 		t.Skip("2000 tunnels: not in -short")
 	}
-	upgradeHandsOverTunnels(t, "copy", 2000)
+	upgradeHandsOverTunnels(t, "copy", 2000, 10*streamPace)
 }
 
-func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
+// upgradeHandsOverTunnels runs streams checked streams, their chunks pace apart, and the other tunnels
+// through an upgrade on datapath.
+func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int, pace time.Duration) {
 	const pingers, halfClosed, floods = 20, 10, 5
 	up := newCheckedUpstream(t)
+	up.pace = pace
 	r := startUpgradableOn(t, datapath, up.addr, 20*time.Second)
 
 	type clientEnd struct {
@@ -310,7 +315,7 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int) {
 		if i >= streams && i < streams+halfClosed {
 			limit = 3000 // half-closed before the upgrade: a short stream, then the FIN
 		}
-		wg.Go(func() { e.res[0].sent, e.res[0].err = checkedSender(e.c, e.seed*2, limit, streamPace, stopClients) })
+		wg.Go(func() { e.res[0].sent, e.res[0].err = checkedSender(e.c, e.seed*2, limit, pace, stopClients) })
 		wg.Go(func() {
 			if i >= streams+halfClosed {
 				<-upgraded // flood: the relay's buffers fill up with the upstream's bytes meanwhile
