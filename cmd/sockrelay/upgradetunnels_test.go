@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/sockrelay/sockrelay/relay"
+	"github.com/sockrelay/sockrelay/upstream"
 )
 
 // streamByte is byte i of the checked stream seed: both ends of a tunnel know it, so a byte lost,
@@ -360,6 +361,12 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int, pace ti
 			t.Errorf("tunnel %d runs on %s in the new process, want %s", info.ID, info.Datapath, datapath)
 			break
 		}
+	}
+	// The new process holds the upstream server's leases: its pool counts every tunnel.
+	var pools []upstream.Snapshot
+	if body := adminGet(t, r.admin, "/admin/pools"); json.Unmarshal([]byte(body), &pools) != nil ||
+		len(pools) != 1 || len(pools[0].Servers) != 1 || pools[0].Servers[0].LiveTunnels != int64(len(oldIDs)) {
+		t.Errorf("the new process's pools: %s; want its server with %d live tunnels", body, len(oldIDs))
 	}
 	handed := r.logs.lines("upgrade: tunnels handed over")
 	if len(handed) != 1 || handed[0]["handed_over"] != float64(len(oldIDs)) || handed[0]["kept"] != float64(0) {
