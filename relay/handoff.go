@@ -153,7 +153,8 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 		return nil, err
 	}
 	t.pair.ID = t.ID
-	s.metrics.tunnelsActive.WithLabelValues(string(kind)).Inc()
+	s.reserve(t, s.engine(kind)) // a splice tunnel's pipes; one short of descriptors runs on copy
+	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath())).Inc()
 	return t, nil
 }
 

@@ -158,6 +158,11 @@ func (r *Registry) CloseAll() {
 	r.closed = true
 	r.mu.Unlock()
 	for _, t := range r.Tunnels() {
+		if t.Parked() {
+			// An upgrade is handing it over: a reset here would reach the sockets the new process may
+			// hold. The handover ends it here (or carries it on, and the engines' Close resets it).
+			continue
+		}
 		t.Close()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
