@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -232,10 +233,15 @@ func tunnelIDs(t *testing.T, admin string) ([]uint64, []relay.TunnelInfo) {
 	return ids, infos
 }
 
+// roundTrips are the longest round trips a ping-pong tunnel saw: while an upgrade was in progress, and
+// otherwise.
+type roundTrips struct{ during, outside time.Duration }
+
 // pingPong sends a counter and waits for it back, over and over, until stop, then ends the tunnel with
-// its FIN and waits for the upstream's; it returns the longest round trip it saw.
-func pingPong(c *net.TCPConn, br *bufio.Reader, stop <-chan struct{}) (time.Duration, error) {
-	var longest time.Duration
+// its FIN and waits for the upstream's; it returns the longest round trips it saw, those that overlapped
+// the time upgrading says is an upgrade's apart.
+func pingPong(c *net.TCPConn, br *bufio.Reader, stop <-chan struct{}, upgrading *atomic.Bool) (roundTrips, error) {
+	var longest roundTrips
 	out, in := make([]byte, 8), make([]byte, 8)
 	for i := uint64(0); ; i++ {
 		select {
@@ -251,7 +257,7 @@ func pingPong(c *net.TCPConn, br *bufio.Reader, stop <-chan struct{}) (time.Dura
 		default:
 		}
 		binary.BigEndian.PutUint64(out, i)
-		start := time.Now()
+		start, during := time.Now(), upgrading.Load()
 		_ = c.SetDeadline(start.Add(10 * time.Second))
 		if _, err := c.Write(out); err != nil {
 			return longest, fmt.Errorf("ping %d: %w", i, err)
@@ -262,7 +268,11 @@ func pingPong(c *net.TCPConn, br *bufio.Reader, stop <-chan struct{}) (time.Dura
 		if got := binary.BigEndian.Uint64(in); got != i {
 			return longest, fmt.Errorf("pong %d: got %d", i, got)
 		}
-		longest = max(longest, time.Since(start))
+		if upgrading.Load() || during {
+			longest.during = max(longest.during, time.Since(start))
+		} else {
+			longest.outside = max(longest.outside, time.Since(start))
+		}
 		time.Sleep(5 * time.Millisecond)
 	}
 }
@@ -325,11 +335,12 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int, pace ti
 		})
 	}
 	stopPings := make(chan struct{})
-	longest := make([]time.Duration, pingers)
+	var upgrading atomic.Bool
+	longest := make([]roundTrips, pingers)
 	pingErrs := make([]error, pingers)
 	for i := range pingers {
 		c, br := openRaw(t, r.listen, "echo", 0)
-		wg.Go(func() { longest[i], pingErrs[i] = pingPong(c, br, stopPings) })
+		wg.Go(func() { longest[i], pingErrs[i] = pingPong(c, br, stopPings, &upgrading) })
 	}
 	// The half-closed tunnels' client streams have ended at the upstream before the upgrade.
 	waitFor(t, "the half-closed streams to end at the upstream", func() bool {
@@ -346,11 +357,13 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int, pace ti
 	}
 	time.Sleep(300 * time.Millisecond)
 
+	upgrading.Store(true)
 	code, out := r.upgrade(t)
 	if code != 0 {
 		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
 	}
 	r.waitExit(t, 5*time.Second) // with every tunnel live and 20s of drain: it held none
+	upgrading.Store(false)
 	close(upgraded)
 	newIDs, infos := tunnelIDs(t, r.admin)
 	if !slices.Equal(newIDs, oldIDs) {
@@ -402,8 +415,13 @@ func upgradeHandsOverTunnels(t *testing.T, datapath string, streams int, pace ti
 		}
 	}
 	took, _ := handed[0]["took_ms"].(float64)
-	t.Logf("%s; %d tunnels handed over in %.0fms (%v bytes read and not yet written went along); the longest ping-pong round trip: %s",
-		strings.TrimSpace(out), len(oldIDs), took, handed[0]["peeked_bytes"], slices.Max(longest).Round(time.Millisecond))
+	var worst roundTrips
+	for _, l := range longest {
+		worst = roundTrips{max(worst.during, l.during), max(worst.outside, l.outside)}
+	}
+	t.Logf("%s; %d tunnels handed over in %.0fms (%v bytes read and not yet written went along); the longest ping-pong round trip: %s during the upgrade, %s outside it",
+		strings.TrimSpace(out), len(oldIDs), took, handed[0]["peeked_bytes"], worst.during.Round(time.Millisecond),
+		worst.outside.Round(time.Millisecond))
 }
 
 // TestUpgradeAdoptionFailureKeepsTunnel: a new process that refuses some tunnels (the test hook refuses
@@ -418,7 +436,7 @@ func TestUpgradeAdoptionFailureKeepsTunnel(t *testing.T) {
 	errs := make([]error, pingers)
 	for i := range pingers {
 		c, br := openRaw(t, r.listen, "echo", 0)
-		wg.Go(func() { _, errs[i] = pingPong(c, br, stop) })
+		wg.Go(func() { _, errs[i] = pingPong(c, br, stop, &atomic.Bool{}) })
 	}
 	oldIDs, _ := tunnelIDs(t, r.admin)
 	if code, out := r.upgrade(t); code != 0 {
