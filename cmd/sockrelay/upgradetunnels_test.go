@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -473,4 +474,30 @@ func TestUpgradeAdoptionFailureKeepsTunnel(t *testing.T) {
 		}
 	}
 	r.waitExit(t, 5*time.Second) // its tunnels ended
+}
+
+// TestUpgradeKeepsTunnelLifetime: a moved tunnel's lifetime counts from its start in the old process, not
+// from its adoption: the new process resets it once the lifetime is over.
+func TestUpgradeKeepsTunnelLifetime(t *testing.T) {
+	const lifetime = 3 * time.Second
+	up := newCheckedUpstream(t)
+	admin := "unix:" + filepath.Join(t.TempDir(), "admin.sock")
+	r := startUpgradableWith(t, admin, nil, "--listen", "127.0.0.1:0", "--admin", admin, "--upstream", up.addr,
+		"--datapath", "copy", "--drain-timeout", "20s", "--log-format", "json", "--tunnel-lifetime", lifetime.String())
+	c, br := openRaw(t, r.listen, "echo", 0)
+	opened := time.Now()
+	time.Sleep(time.Second)
+	if code, out := r.upgrade(t); code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	r.waitExit(t, 5*time.Second)                                   // it handed the tunnel over
+	_, err := pingPong(c, br, make(chan struct{}), &atomic.Bool{}) // until the lifetime cuts it
+	lived := time.Since(opened)
+	if err == nil || len(r.logs.lines("tunnel lifetime reached, closing it")) != 1 {
+		t.Fatalf("the tunnel ended with %v after %s; want the new process to reset it for its lifetime:\n%s", err, lived, r.logs)
+	}
+	// The scans run every 300ms; counted from the adoption it would have lived 4s and more.
+	if lived < lifetime || lived > lifetime+900*time.Millisecond {
+		t.Errorf("the tunnel lived %s, want its lifetime, %s, counted from its start before the upgrade", lived, lifetime)
+	}
 }
