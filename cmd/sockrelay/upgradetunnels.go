@@ -88,7 +88,9 @@ func (m *tunnelMover) round() (n int, err error) {
 		for len(parked) > 0 {
 			used, err := m.sendBatch(parked)
 			if err != nil {
-				m.keepAll(parked[used:], err)
+				if len(parked) > used {
+					m.keepAll(parked[used:], err)
+				}
 				return n, err
 			}
 			parked = parked[used:]
@@ -296,6 +298,9 @@ func (a *adopter) run() {
 			}
 			d[m.Data.Dir] = append(d[m.Data.Dir], m.Data.Bytes...)
 		case handover.TypeTunnels:
+			if os.Getenv(refuseTunnelsEnv) == "crash" {
+				os.Exit(3) // the test hook: a new process that dies with a batch in hand
+			}
 			ts, results := a.adopt(m.Tunnels, files, data, failFor)
 			prepared[m.Tunnels.Batch] = ts
 			ans := handover.Message{Type: handover.TypeAdopted, Adopted: &handover.Adopted{Batch: m.Tunnels.Batch, Results: results}}
@@ -360,7 +365,8 @@ func stateOf(d handover.Tunnel, peeked [2][]byte) datapath.State {
 }
 
 // refuseTunnelsEnv, set to "odd" in a new process's environment, makes it refuse every handed-over
-// tunnel of an odd id: the tests' way to see the old process keep what the new one does not adopt.
+// tunnel of an odd id, and set to "crash", exit when the first batch arrives: the tests' way to see the
+// old process keep what the new one does not adopt.
 const refuseTunnelsEnv = "SOCKRELAY_TEST_REFUSE_TUNNELS"
 
 // testAdoptFailures is the refusal refuseTunnelsEnv asks for; none without it.

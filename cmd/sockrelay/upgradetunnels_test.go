@@ -501,3 +501,35 @@ func TestUpgradeKeepsTunnelLifetime(t *testing.T) {
 		t.Errorf("the tunnel lived %s, want its lifetime, %s, counted from its start before the upgrade", lived, lifetime)
 	}
 }
+
+// TestUpgradeNewProcessDiesWithTunnels: a new process that dies with a batch of tunnels in hand (the
+// test hook) leaves them with the old process, which carries them on without a byte lost or a reset.
+func TestUpgradeNewProcessDiesWithTunnels(t *testing.T) {
+	const pingers = 10
+	up := newCheckedUpstream(t)
+	r := startUpgradableOn(t, "copy", up.addr, 20*time.Second, refuseTunnelsEnv+"=crash")
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	errs := make([]error, pingers)
+	for i := range pingers {
+		c, br := openRaw(t, r.listen, "echo", 0)
+		wg.Go(func() { _, errs[i] = pingPong(c, br, stop, &atomic.Bool{}) })
+	}
+	if code, out := r.upgrade(t); code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	if !poll(func() bool {
+		return len(r.logs.lines("upgrade: the new process did not take a batch of tunnels; they stay here")) == 1
+	}) {
+		t.Fatalf("the old process did not take the batch back:\n%s", r.logs)
+	}
+	time.Sleep(300 * time.Millisecond) // traffic on the old process
+	close(stop)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("ping-pong tunnel %d: %v", i, err)
+		}
+	}
+	r.waitExit(t, 5*time.Second) // its tunnels ended
+}
