@@ -140,12 +140,16 @@ type Tunnels struct {
 // Tunnel is one live tunnel, stopped at a byte boundary: its engine holds nothing of it, the bytes it
 // had read but not written are Peeked, and Finished says which direction has carried its FIN.
 type Tunnel struct {
-	ID         uint64    `json:"id"`
-	Client     string    `json:"client"`   // the client's address
-	Upstream   string    `json:"upstream"` // the upstream server's address, as its pool names it
-	Pool       string    `json:"pool"`
-	Listener   string    `json:"listener"`
-	Datapath   string    `json:"datapath"` // the engine that carried it: copy or splice
+	ID       uint64 `json:"id"`
+	Client   string `json:"client"`   // the client's address
+	Upstream string `json:"upstream"` // the upstream server's address, as its pool names it
+	Pool     string `json:"pool"`
+	Listener string `json:"listener"`
+	Datapath string `json:"datapath"` // the engine that carried it: copy or splice
+	// URI, Host and UserAgent are the request that opened it, for its log lines.
+	URI        string    `json:"uri,omitempty"`
+	Host       string    `json:"host,omitempty"`
+	UserAgent  string    `json:"user_agent,omitempty"`
 	Started    time.Time `json:"started"`
 	LastActive time.Time `json:"last_active"`
 	// HalfClosedAt is when its first FIN was carried; zero while neither direction has finished.

@@ -53,6 +53,8 @@ type ParkedTunnel struct {
 	// LastActive is when a byte last moved, as far as this process can tell (its start at worst).
 	LastActive        time.Time
 	HalfClosedTimeout time.Duration
+	// URI, Host and UserAgent are the request that opened it.
+	URI, Host, UserAgent string
 }
 
 // Park stops t's engine at a byte boundary, keeping its sockets open: the bytes it read and did not
@@ -67,7 +69,8 @@ func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
 		t.parked.Store(false)
 		return nil, err
 	}
-	pt := &ParkedTunnel{T: t, Datapath: kind, State: t.pair.State(), HalfClosedTimeout: t.halfClosedTimeout}
+	pt := &ParkedTunnel{T: t, Datapath: kind, State: t.pair.State(), HalfClosedTimeout: t.halfClosedTimeout,
+		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent}
 	pt.LastActive = later(t.Started, later(t.activeAt, pt.State.LastActive))
 	return pt, nil
 }
@@ -111,6 +114,8 @@ type Adoption struct {
 	Started           time.Time
 	LastActive        time.Time
 	HalfClosedTimeout time.Duration
+	URI, Host         string
+	UserAgent         string
 	State             datapath.State
 	// Client and Upstream are the sockets; Adopt takes them over (and closes them on an error).
 	Client, Upstream *os.File
@@ -139,7 +144,7 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 	t := &Tunnel{
 		Client: client, Upstream: up, Started: a.Started, ClientAddr: a.ClientAddr, UpstreamAddr: a.UpstreamAddr,
 		Pool: a.Pool, Listener: a.Listener, halfClosedTimeout: a.HalfClosedTimeout, activeAt: a.LastActive,
-		lease: s.adoptLease(a.Pool, a.UpstreamAddr),
+		lease: s.adoptLease(a.Pool, a.UpstreamAddr), req: requestInfo{uri: a.URI, host: a.Host, userAgent: a.UserAgent},
 	}
 	t.parked.Store(true)
 	t.pair = datapath.RestorePair(kind, datapath.Endpoint{Conn: client}, datapath.Endpoint{Conn: up}, a.State,

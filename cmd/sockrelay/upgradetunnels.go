@@ -201,7 +201,8 @@ func (m *tunnelMover) describe(pt *relay.ParkedTunnel, nfds int) (handover.Tunne
 	desc := handover.Tunnel{ID: t.ID, Client: t.ClientAddr, Upstream: t.UpstreamAddr, Pool: t.Pool,
 		Listener: t.Listener, Datapath: string(pt.Datapath), Started: t.Started, LastActive: pt.LastActive,
 		HalfClosedAt: pt.State.HalfClosedAt, HalfClosedTimeout: pt.HalfClosedTimeout, ToUpstream: up,
-		ToClient: down, Finished: pt.State.Finished, Peeked: pt.State.Peeked, ClientFD: nfds, UpstreamFD: nfds + 1}
+		ToClient: down, Finished: pt.State.Finished, Peeked: pt.State.Peeked, ClientFD: nfds, UpstreamFD: nfds + 1,
+		URI: pt.URI, Host: pt.Host, UserAgent: pt.UserAgent}
 	if len(desc.Peeked[0])+len(desc.Peeked[1]) > inlinePeeked {
 		for dir, b := range desc.Peeked {
 			for len(b) > 0 {
@@ -346,8 +347,9 @@ func (a *adopter) adopt(b *handover.Tunnels, files []*os.File, data map[uint64]*
 		}
 		t, err := a.srv.Adopt(relay.Adoption{ID: d.ID, ClientAddr: d.Client, UpstreamAddr: d.Upstream, Pool: d.Pool,
 			Listener: d.Listener, Datapath: relay.Datapath(d.Datapath), Started: d.Started, LastActive: d.LastActive,
-			HalfClosedTimeout: d.HalfClosedTimeout, Client: client, Upstream: upstream,
-			State: stateOf(d, peeked)})
+			HalfClosedTimeout: d.HalfClosedTimeout, Client: client, Upstream: upstream, URI: d.URI, Host: d.Host,
+			UserAgent: d.UserAgent,
+			State:     stateOf(d, peeked)})
 		if err != nil {
 			results = append(results, handover.AdoptResult{ID: d.ID, Error: err.Error()})
 			continue
