@@ -59,6 +59,8 @@ type Pair struct {
 	ending  bool
 	aborted bool // the pair ends with its sockets reset; set with ending, read by Carrier.Release
 	carrier Carrier
+	// lastActive is when the last engine saw a byte, kept when it let go of the pair (Park, RestorePair).
+	lastActive time.Time
 
 	endOnce sync.Once
 	done    chan struct{}

@@ -9,11 +9,22 @@
 //	new → old  ready   the new process serves; it names what else it can take (Ready.Accepts)
 //	      or   failed  it could not start (Failed.Reason); it exits
 //
-// after which the old process closes its end. Later stages add to this without changing it: messages
-// that hand over live tunnels (both descriptors, id, client, upstream, pool, engine, counters, start,
-// timeouts) and pinned BPF objects, sent after ready and only to a new process whose Ready.Accepts names
-// them; fields a decoder does not know are ignored, as encoding/json does. Version changes only when a
-// message would mean something else to a decoder of the older version.
+// after which the old process closes its end, unless the new process's Ready.Accepts names "tunnels"
+// (AcceptTunnels). Then the old process hands over its live userspace tunnels, in batches:
+//
+//	old → new  data     peeked bytes of a tunnel of the next batch too big to ride in it (Data)
+//	old → new  tunnels  a batch: each tunnel's two descriptors and its state (Tunnels)
+//	new → old  adopted  per tunnel, whether the new process took it (Adopted); it carries none yet
+//	old → new  commit   the old process has let go of those the new one took: carry them (Commit);
+//	           or, with Abort, it keeps them all: drop them
+//	old → new  done     no more tunnels; the old process closes its end
+//
+// A tunnel is carried by exactly one process: the old one stops carrying it before it sends it and
+// carries it on again only when the new one refused it (or did not answer, and was told to drop it); the
+// new one carries it only after the commit (or once the old process is gone: an end of the socket pair
+// without a commit). Later stages add pinned BPF objects the same way, sent only to a new process whose
+// Ready.Accepts names them; fields a decoder does not know are ignored, as encoding/json does. Version
+// changes only when a message would mean something else to a decoder of the older version.
 package handover
 
 import (
@@ -21,6 +32,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Version is the protocol version this package writes and the only one it reads.
@@ -48,7 +60,16 @@ const (
 	TypeOffer  Type = "offer"  // old → new: Offer
 	TypeReady  Type = "ready"  // new → old: Ready
 	TypeFailed Type = "failed" // new → old: Failed
+
+	TypeData    Type = "data"    // old → new: Data
+	TypeTunnels Type = "tunnels" // old → new: Tunnels
+	TypeAdopted Type = "adopted" // new → old: Adopted
+	TypeCommit  Type = "commit"  // old → new: Commit
+	TypeDone    Type = "done"    // old → new: Done
 )
+
+// AcceptTunnels in Ready.Accepts says the new process adopts live tunnels.
+const AcceptTunnels = "tunnels"
 
 // Message is one frame's body. Exactly the field of its Type is set.
 type Message struct {
@@ -56,12 +77,21 @@ type Message struct {
 	Offer  *Offer  `json:"offer,omitempty"`
 	Ready  *Ready  `json:"ready,omitempty"`
 	Failed *Failed `json:"failed,omitempty"`
+
+	Data    *Data    `json:"data,omitempty"`
+	Tunnels *Tunnels `json:"tunnels,omitempty"`
+	Adopted *Adopted `json:"adopted,omitempty"`
+	Commit  *Commit  `json:"commit,omitempty"`
+	Done    *Done    `json:"done,omitempty"`
 }
 
 // Offer is what the old process hands over first: its listening sockets.
 type Offer struct {
 	PID       int        `json:"pid"` // the old process
 	Listeners []Listener `json:"listeners"`
+	// LastTunnelID is the id the old process gave its latest tunnel: the new process numbers its own
+	// tunnels well past it, so that a tunnel it adopts keeps its id.
+	LastTunnelID uint64 `json:"last_tunnel_id,omitempty"`
 }
 
 // Kind is what a listener serves.
@@ -98,6 +128,80 @@ type Ready struct {
 // Failed is why the new process could not take over.
 type Failed struct {
 	Reason string `json:"reason"`
+}
+
+// Tunnels is a batch of live tunnels: per tunnel, both descriptors and what the new process needs to
+// own it.
+type Tunnels struct {
+	Batch   int      `json:"batch"`
+	Tunnels []Tunnel `json:"tunnels"`
+}
+
+// Tunnel is one live tunnel, stopped at a byte boundary: its engine holds nothing of it, the bytes it
+// had read but not written are Peeked, and Finished says which direction has carried its FIN.
+type Tunnel struct {
+	ID       uint64 `json:"id"`
+	Client   string `json:"client"`   // the client's address
+	Upstream string `json:"upstream"` // the upstream server's address, as its pool names it
+	Pool     string `json:"pool"`
+	Listener string `json:"listener"`
+	Datapath string `json:"datapath"` // the engine that carried it: copy or splice
+	// URI, Host and UserAgent are the request that opened it, for its log lines.
+	URI        string    `json:"uri,omitempty"`
+	Host       string    `json:"host,omitempty"`
+	UserAgent  string    `json:"user_agent,omitempty"`
+	Started    time.Time `json:"started"`
+	LastActive time.Time `json:"last_active"`
+	// HalfClosedAt is when its first FIN was carried; zero while neither direction has finished.
+	HalfClosedAt      time.Time     `json:"half_closed_at,omitzero"`
+	HalfClosedTimeout time.Duration `json:"half_closed_timeout,omitempty"`
+	ToUpstream        uint64        `json:"to_upstream"`
+	ToClient          uint64        `json:"to_client"`
+	// Finished is per direction, client → upstream then upstream → client.
+	Finished [2]bool `json:"finished"`
+	// Peeked are the bytes read from the client (0) and from the upstream (1) that their peer has not
+	// been sent yet: they go first. Data messages before the batch may have sent a head of them.
+	Peeked [2][]byte `json:"peeked"`
+	// ClientFD and UpstreamFD are the indexes of its descriptors among the message's.
+	ClientFD   int `json:"client_fd"`
+	UpstreamFD int `json:"upstream_fd"`
+}
+
+// MaxData bounds the bytes of one Data message (their base64 fits a body).
+const MaxData = 32 << 10
+
+// Data is a piece of a tunnel's peeked bytes of one direction (0: from the client, 1: from the
+// upstream), sent ahead of the batch that names the tunnel: the new process puts them before the
+// tunnel's own Peeked.
+type Data struct {
+	ID    uint64 `json:"id"`
+	Dir   int    `json:"dir"`
+	Bytes []byte `json:"bytes"`
+}
+
+// Adopted is the new process's answer to a batch: one result per tunnel, in the batch's order.
+type Adopted struct {
+	Batch   int           `json:"batch"`
+	Results []AdoptResult `json:"results"`
+}
+
+// AdoptResult says whether the new process took a tunnel (Error empty) and under which id.
+type AdoptResult struct {
+	ID    uint64 `json:"id"`
+	NewID uint64 `json:"new_id,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+// Commit settles a batch: without Abort the old process has let go of every tunnel the new one took,
+// which carries them now; with Abort the old one carries them all on, and the new one drops them.
+type Commit struct {
+	Batch int  `json:"batch"`
+	Abort bool `json:"abort,omitempty"`
+}
+
+// Done ends the tunnels' handover; Tunnels is how many the old process handed over.
+type Done struct {
+	Tunnels int `json:"tunnels"`
 }
 
 // Encode returns the frame of m, which carries nfds descriptors.
@@ -184,8 +288,32 @@ func (m Message) check(nfds int) error {
 		if m.Failed == nil {
 			return errors.New("handover: failed message without its reason")
 		}
+	case TypeTunnels:
+		if m.Tunnels == nil {
+			return errors.New("handover: tunnels message without its batch")
+		}
+		for _, t := range m.Tunnels.Tunnels {
+			fds = append(fds, t.ClientFD, t.UpstreamFD)
+		}
+	case TypeData:
+		if m.Data == nil || m.Data.Dir < 0 || m.Data.Dir > 1 || len(m.Data.Bytes) > MaxData {
+			return fmt.Errorf("handover: data message: accepted a direction of 0 or 1 and at most %d bytes", MaxData)
+		}
+	case TypeAdopted:
+		if m.Adopted == nil {
+			return errors.New("handover: adopted message without its results")
+		}
+	case TypeCommit:
+		if m.Commit == nil {
+			return errors.New("handover: commit message without its batch")
+		}
+	case TypeDone:
+		if m.Done == nil {
+			return errors.New("handover: done message without its count")
+		}
 	default:
-		return fmt.Errorf("handover: message type %q; accepted %s, %s or %s", m.Type, TypeOffer, TypeReady, TypeFailed)
+		return fmt.Errorf("handover: message type %q; accepted %s, %s, %s, %s, %s, %s, %s or %s", m.Type,
+			TypeOffer, TypeReady, TypeFailed, TypeData, TypeTunnels, TypeAdopted, TypeCommit, TypeDone)
 	}
 	return checkFDs(fds, nfds)
 }

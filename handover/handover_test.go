@@ -22,6 +22,18 @@ func offer() Message {
 	}}}
 }
 
+// tunnels is a batch of two tunnels, one of them half-closed with bytes held each way.
+func tunnels() Message {
+	at := time.Date(2026, 12, 3, 4, 5, 6, 7, time.UTC)
+	return Message{Type: TypeTunnels, Tunnels: &Tunnels{Batch: 3, Tunnels: []Tunnel{
+		{ID: 17, Client: "10.0.0.1:5000", Upstream: "10.0.1.1:80", Pool: "chat", Listener: "public", Datapath: "copy",
+			Started: at, LastActive: at.Add(time.Second), ToUpstream: 10, ToClient: 20, ClientFD: 2, UpstreamFD: 3},
+		{ID: 18, Client: "10.0.0.2:5000", Upstream: "10.0.1.1:80", Pool: "chat", Listener: "public", Datapath: "splice",
+			Started: at, LastActive: at, HalfClosedAt: at, HalfClosedTimeout: time.Minute, Finished: [2]bool{true, false},
+			Peeked: [2][]byte{[]byte("to the upstream"), {0, 1, 2}}, ClientFD: 0, UpstreamFD: 1},
+	}}}
+}
+
 func TestCodecRoundTrip(t *testing.T) {
 	for _, tc := range []struct {
 		m    Message
@@ -31,6 +43,12 @@ func TestCodecRoundTrip(t *testing.T) {
 		{Message{Type: TypeOffer, Offer: &Offer{PID: 1}}, 0},
 		{Message{Type: TypeReady, Ready: &Ready{PID: 7, Accepts: []string{"tunnels"}}}, 0},
 		{Message{Type: TypeFailed, Failed: &Failed{Reason: "self-test failed"}}, 0},
+		{Message{Type: TypeOffer, Offer: &Offer{PID: 1, LastTunnelID: 99}}, 0},
+		{tunnels(), 4},
+		{Message{Type: TypeData, Data: &Data{ID: 18, Dir: 1, Bytes: []byte("held")}}, 0},
+		{Message{Type: TypeAdopted, Adopted: &Adopted{Batch: 3, Results: []AdoptResult{{ID: 17, NewID: 17}, {ID: 18, Error: "no"}}}}, 0},
+		{Message{Type: TypeCommit, Commit: &Commit{Batch: 3, Abort: true}}, 0},
+		{Message{Type: TypeDone, Done: &Done{Tunnels: 2}}, 0},
 	} {
 		frame, err := Encode(tc.m, tc.nfds)
 		if err != nil {
@@ -104,9 +122,13 @@ func TestEncodeRefusesBadMessages(t *testing.T) {
 		{"fd index out of range", offer(), 1, "names 2 descriptors and carries 1"},
 		{"fd index named twice", dup, 2, "descriptor index 1 is named twice"},
 		{"unknown kind", badKind, 2, `kind "udp"; accepted websocket, tcp or admin`},
-		{"unknown type", Message{Type: "tunnel"}, 0, `message type "tunnel"; accepted offer, ready or failed`},
+		{"unknown type", Message{Type: "tunnel"}, 0, `message type "tunnel"; accepted offer, ready, failed, data, tunnels, adopted, commit or done`},
 		{"type without its field", Message{Type: TypeReady}, 0, "ready message without its pid"},
 		{"too many descriptors", Message{Type: TypeFailed, Failed: &Failed{}}, MaxFDs + 1, "accepted 0 to 250"},
+		{"tunnels short of descriptors", tunnels(), 3, "names 4 descriptors and carries 3"},
+		{"data of no direction", Message{Type: TypeData, Data: &Data{Dir: 2}}, 0, "accepted a direction of 0 or 1"},
+		{"data too long", Message{Type: TypeData, Data: &Data{Bytes: make([]byte, MaxData+1)}}, 0, "at most 32768 bytes"},
+		{"commit without its batch", Message{Type: TypeCommit}, 0, "commit message without its batch"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := Encode(tc.m, tc.nfds); err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -247,6 +247,10 @@ type UpgradeResult struct {
 	DrainingTunnels int    `json:"draining_tunnels"`
 	DrainTimeout    string `json:"drain_timeout"`
 	TookMS          int64  `json:"took_ms"` // from the request to the new process's confirmation
+
+	// HandingOver are the tunnels this one hands to the new process (plain ones on copy or splice, when
+	// the new process adopts tunnels); DrainingTunnels are the others, which end here.
+	HandingOver int `json:"handing_over_tunnels"`
 }
 
 // ErrUpgradeRefused is an upgrade refused before it started because of the relay's state: another one

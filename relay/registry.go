@@ -19,6 +19,7 @@ var ErrRegistryClosed = errors.New("relay is shutting down")
 type Registry struct {
 	mu      sync.Mutex
 	nextID  uint64
+	ownFrom uint64 // the first id of this process's own tunnels, past those an old one gave (ContinueIDs)
 	tunnels map[uint64]*Tunnel
 	closed  bool
 	empty   chan struct{} // closed while no tunnel is live; replaced when one is added
@@ -47,6 +48,46 @@ func (r *Registry) add(t *Tunnel) error {
 		r.empty = make(chan struct{})
 	}
 	r.tunnels[t.ID] = t
+	return nil
+}
+
+// adoptIDs is how many ids a process started by an upgrade leaves to the old one's tunnels, past the
+// latest it had when it offered its listeners: the old process opens tunnels until the new one serves.
+const adoptIDs = 1 << 20
+
+// ContinueIDs numbers this process's tunnels past last, the old process's latest id, and the ids it
+// may still give before it hands over: an adopted tunnel then keeps its id.
+func (r *Registry) ContinueIDs(last uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.nextID = max(r.nextID, last+adoptIDs)
+	r.ownFrom = r.nextID + 1
+}
+
+// LastID is the id of the latest tunnel added.
+func (r *Registry) LastID() uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.nextID
+}
+
+// adopt tracks a tunnel another process handed over, under its id there when that id is below this
+// process's own (ContinueIDs) and free, else under a new one.
+func (r *Registry) adopt(t *Tunnel, id uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return ErrRegistryClosed
+	}
+	if _, taken := r.tunnels[id]; taken || id == 0 || id >= r.ownFrom {
+		r.nextID++
+		id = r.nextID
+	}
+	t.ID = id
+	if len(r.tunnels) == 0 {
+		r.empty = make(chan struct{})
+	}
+	r.tunnels[id] = t
 	return nil
 }
 
@@ -118,6 +159,11 @@ func (r *Registry) CloseAll() {
 	r.closed = true
 	r.mu.Unlock()
 	for _, t := range r.Tunnels() {
+		if t.Parked() {
+			// An upgrade is handing it over: a reset here would reach the sockets the new process may
+			// hold. The handover ends it here (or carries it on, and the engines' Close resets it).
+			continue
+		}
 		t.Close()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

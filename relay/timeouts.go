@@ -50,6 +50,9 @@ func (s *Server) enforceTunnelTimeouts(idle, lifetime, tick time.Duration, stop 
 // checkTunnelTimeouts ends tn if its lifetime, idle or half-close timeout has passed at now (idle 0:
 // not checked in this scan); seen keeps its activity between scans.
 func (s *Server) checkTunnelTimeouts(tn *Tunnel, now time.Time, idle, lifetime time.Duration, seen map[uint64]*tunnelActivity) {
+	if tn.parked.Load() {
+		return // an upgrade is handing it over: whichever process carries it next checks it
+	}
 	if lifetime > 0 && now.Sub(tn.Started) >= lifetime {
 		s.log.Info("tunnel lifetime reached, closing it", "id", tn.ID, "client", tn.ClientAddr,
 			"upstream", tn.UpstreamAddr, "lifetime", lifetime)
@@ -93,7 +96,7 @@ func (tn *Tunnel) lastActive(now time.Time, seen map[uint64]*tunnelActivity) tim
 	if a == nil {
 		// From zero: what moved before the first scan counts as activity now, so that no tunnel is
 		// closed sooner than its timeout after its last byte.
-		a = &tunnelActivity{at: tn.Started}
+		a = &tunnelActivity{at: later(tn.Started, tn.activeAt)}
 		seen[tn.ID] = a
 	}
 	if progress != a.progress {

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
@@ -38,6 +39,12 @@ type Tunnel struct {
 
 	// pair is the two sockets and the bytes between them; its end is the tunnel's.
 	pair *datapath.Pair
+
+	// parked: no engine carries the tunnel while an upgrade hands it over (Server.Park, Server.Adopt);
+	// the timeouts leave it alone meanwhile.
+	parked atomic.Bool
+	// activeAt is when a byte last moved before this process adopted the tunnel; zero otherwise.
+	activeAt time.Time
 }
 
 // Reason names why a tunnel ended; it labels logs and sockrelay_tunnels_closed_total.

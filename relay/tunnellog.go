@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"log/slog"
 	"net/http"
 	"time"
 )
@@ -62,12 +63,16 @@ func (s *Server) logOpened(t *Tunnel) {
 // logClosed is t's one info line: who, where, how many bytes, how long, and why it ended, with the error
 // when a failure ended it.
 func (s *Server) logClosed(t *Tunnel, toUpstream, toClient uint64) {
+	level := slog.LevelInfo
+	if t.Reason() == ReasonHandedOver {
+		level = slog.LevelDebug // it goes on in the new process, which logs its end
+	}
 	errText := ""
 	if t.pair.Err() != nil {
 		errText = t.pair.Err().Error()
 	}
-	s.log.Info("tunnel closed", append(t.logAttrs(), "bytes_to_upstream", toUpstream, "bytes_to_client", toClient,
-		"duration_ms", millis(time.Since(t.Started)), "reason", t.Reason(), "err", errText)...)
+	s.log.Log(context.Background(), level, "tunnel closed", append(t.logAttrs(), "bytes_to_upstream", toUpstream,
+		"bytes_to_client", toClient, "duration_ms", millis(time.Since(t.Started)), "reason", t.Reason(), "err", errText)...)
 }
 
 // accessLogKey carries a plain request's access record from withAccessLog to serveRequest, which fills in

@@ -110,6 +110,13 @@ func (s *Server) Acquire() (*Lease, error) {
 	return &Lease{Server: s}, nil
 }
 
+// Adopt counts one more live tunnel on s whatever its max_tunnels: a tunnel that exists already (one a
+// binary upgrade handed over from the process it replaced, which counted it there) is not refused.
+func (s *Server) Adopt() *Lease {
+	s.live.Add(1)
+	return &Lease{Server: s}
+}
+
 // tryAcquire reserves a tunnel slot with a compare-and-swap, so that no interleaving of Picks,
 // Acquires and Releases ever lets live pass max_tunnels.
 func (s *Server) tryAcquire() bool {

@@ -23,7 +23,8 @@ Usage:
   sockrelay upgrade [--config FILE] [--admin ADDR] [--admin-token-file FILE] [--binary PATH]
                     [--timeout DURATION] [-- RUN FLAGS...]
                                     start a new relay process that takes the listeners over
-                                    (as SIGUSR2); the running one drains its tunnels and exits
+                                    (as SIGUSR2) and its copy and splice tunnels; the running one
+                                    drains the others (TLS, sockmap) and exits
   sockrelay doctor     which datapaths this host can use, and why not
   sockrelay version
   sockrelay help

@@ -508,6 +508,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		rl.srv = srv
 		rl.pools.setServer(srv)
 	}
+	up.inherited.continueIDs(srv) // before the first tunnel of its own
 
 	var lns []net.Listener
 	var handed []offered // what an upgrade hands over
@@ -618,8 +619,8 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	if ready != nil {
 		ready(lns[0].Addr(), adminAddr)
 	}
-	up.upgrader.serving(handed, srv.Tunnels().Len, letGo) // before confirm: an upgrade may follow at once
-	up.inherited.confirm()
+	up.upgrader.serving(handed, srv.Tunnels(), letGo) // before confirm: an upgrade may follow at once
+	up.inherited.confirm(srv)
 	if reloadDue() {
 		hangup(rl, log, notifyReload)
 	}
@@ -638,7 +639,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		}
 	}
 	if handedTo > 0 {
-		return drainAfterHandover(srv, adminSrv, handedTo, o.drainTimeout, log)
+		return drainAfterHandover(srv, adminSrv, handedTo, up.upgrader.takeSuccessor(), o.drainTimeout, log)
 	}
 	up.upgrader.stop()
 	log.Info("shutting down: no new clients; draining tunnels", "tunnels", srv.Tunnels().Len(), "drain_timeout", o.drainTimeout)
@@ -653,11 +654,19 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 
 // drainAfterHandover ends a relay whose listeners a new process (pid) took over: it stops accepting (its
 // copies of the listening sockets are closed, the sockets live on in the new process), lets the answer
-// to the upgrade request go out, and drains its tunnels as a stop does. Tunnels are not handed over yet:
-// they end here, within the drain timeout.
-func drainAfterHandover(srv *relay.Server, adminSrv *http.Server, pid int, drainTimeout time.Duration, log *slog.Logger) error {
+// to the upgrade request go out, hands its plain userspace tunnels to the new process on successor (when
+// that one adopts tunnels; nil otherwise), and drains the others (TLS, kernel) as a stop does.
+func drainAfterHandover(srv *relay.Server, adminSrv *http.Server, pid int, successor *handover.Conn, drainTimeout time.Duration, log *slog.Logger) error {
 	log.Info("handed over to the new process: no new clients here; draining tunnels", "pid", pid,
 		"tunnels", srv.Tunnels().Len(), "drain_timeout", drainTimeout)
+	if successor != nil {
+		m := &tunnelMover{conn: successor, srv: srv, to: pid, log: log}
+		drained := make(chan struct{})
+		defer func() { <-m.finished }()
+		defer close(drained) // after Shutdown: every tunnel left has ended
+		m.finished = make(chan struct{})
+		go m.run(drained)
+	}
 	dctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
 	defer cancel()
 	answered := make(chan struct{})

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,14 +45,20 @@ type upgrader struct {
 	drainTimeout time.Duration
 	tunnels      func() int
 	fixedBinary  string // --upgrade-binary: the only binary an upgrade starts; "" for this process's own
+	movable      func() int    // the tunnels that can be handed over
+	lastTunnelID func() uint64 // the registry's latest id, which the offer carries
 
 	mu         sync.Mutex
 	listeners  []offered // set by serve once every listener is bound
 	letGo      func()    // stops this process's accepting on the admin listener, before the answer goes out
 	busy       bool
+	accepts    []string // what the new process of the upgrade in progress said it accepts
 	stopping   bool     // the relay was told to stop: it drains, and starts no successor
 	handedTo   int      // the process that took over; 0 until one did
 	handedOver chan int // gets that process's pid, once: serve then drains and exits
+	// successor is the socket pair's end to the process that took over, when it adopts tunnels
+	// (Ready.Accepts); serve hands them over on it. Nil otherwise.
+	successor *handover.Conn
 }
 
 // offered is a listener this process hands over, and what identifies it.
@@ -62,14 +69,24 @@ type offered struct {
 
 func newUpgrader(log *slog.Logger, runArgs []string, drainTimeout time.Duration) *upgrader {
 	return &upgrader{log: log, runArgs: runArgs, drainTimeout: drainTimeout, tunnels: func() int { return 0 },
-		handedOver: make(chan int, 1)}
+		movable: func() int { return 0 }, lastTunnelID: func() uint64 { return 0 }, handedOver: make(chan int, 1)}
 }
 
 // serving gives the upgrader what it hands over, once the relay serves.
-func (u *upgrader) serving(listeners []offered, tunnels func() int, letGo func()) {
+func (u *upgrader) serving(listeners []offered, tunnels *relay.Registry, letGo func()) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	u.listeners, u.tunnels, u.letGo = listeners, tunnels, letGo
+	u.listeners, u.tunnels, u.movable, u.lastTunnelID, u.letGo = listeners, tunnels.Len, tunnels.Movable, tunnels.LastID, letGo
+}
+
+// takeSuccessor returns the socket pair's end to the process that took over, when it adopts tunnels;
+// the caller closes it.
+func (u *upgrader) takeSuccessor() *handover.Conn {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	c := u.successor
+	u.successor = nil
+	return c
 }
 
 // handedOff says whether a new process has taken over.
@@ -94,7 +111,7 @@ func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.U
 	}
 	u.log.Info("upgrade: starting the new process", "binary", binary, "args", strings.Join(args, " "), "timeout", timeout)
 	// Not bound to the request: a client that gives up waiting must not leave a half-started process.
-	pid, err := u.handOver(exe, args, timeout)
+	pid, successor, err := u.handOver(exe, args, timeout)
 	if err != nil {
 		u.end(0)
 		u.log.Error("upgrade failed: this process keeps serving", "binary", binary, "err", err)
@@ -102,9 +119,17 @@ func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.U
 	}
 	res := relay.UpgradeResult{PID: pid, OldPID: os.Getpid(), DrainingTunnels: u.tunnels(),
 		DrainTimeout: u.drainTimeout.String(), TookMS: time.Since(started).Milliseconds()}
+	if successor != nil {
+		res.HandingOver = min(u.movable(), res.DrainingTunnels)
+		res.DrainingTunnels -= res.HandingOver
+	}
 	u.log.Info("upgrade: the new process serves; this one stops accepting and drains its tunnels",
-		"pid", pid, "took_ms", res.TookMS, "tunnels", res.DrainingTunnels, "drain_timeout", u.drainTimeout)
+		"pid", pid, "took_ms", res.TookMS, "tunnels", res.DrainingTunnels, "handing_over", res.HandingOver,
+		"drain_timeout", u.drainTimeout)
 	notifyMainPID(pid, u.log)
+	u.mu.Lock()
+	u.successor = successor
+	u.mu.Unlock()
 	u.end(pid)
 	return res, nil
 }
@@ -242,18 +267,30 @@ func (u *upgrader) end(pid int) {
 }
 
 // handOver starts exe with args, offers it the listeners, and waits at most timeout for its answer.
-func (u *upgrader) handOver(exe *os.File, args []string, timeout time.Duration) (int, error) {
-	binary := exe.Name()
+// When the new process adopts tunnels it returns the socket pair's end to it too, for the tunnels.
+func (u *upgrader) handOver(exe *os.File, args []string, timeout time.Duration) (int, *handover.Conn, error) {
 	conn, theirs, err := handover.Pair()
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
-	defer conn.Close()
+	pid, err := u.startAndOffer(conn, theirs, exe, args, timeout)
+	if err != nil || !slices.Contains(u.accepts, handover.AcceptTunnels) {
+		conn.Close()
+		return pid, nil, err
+	}
+	_ = conn.SetDeadline(time.Time{})
+	return pid, conn, nil
+}
+
+// startAndOffer is handOver on the socket pair conn, theirs.
+func (u *upgrader) startAndOffer(conn *handover.Conn, theirs *os.File, exe *os.File, args []string, timeout time.Duration) (int, error) {
+	binary := exe.Name()
+	u.accepts = nil
 	cmd := startCommand(exe, theirs, args)
 	// The same files, not pipes through this process: the new one logs where this one did, and goes on
 	// after this one exits.
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
-	err = cmd.Start()
+	err := cmd.Start()
 	theirs.Close()
 	if err != nil {
 		return 0, fmt.Errorf("start %s: %w", binary, err)
@@ -284,6 +321,7 @@ func (u *upgrader) handOver(exe *os.File, args []string, timeout time.Duration) 
 		if !tookOver() {
 			return 0, fmt.Errorf("the new process (pid %d) ended right after it said that it serves%s", cmd.Process.Pid, exitOf(exited))
 		}
+		u.accepts = m.Ready.Accepts
 		return m.Ready.PID, nil
 	case err == nil && m.Type == handover.TypeFailed:
 		return 0, fmt.Errorf("the new process (pid %d) could not start: %s%s", cmd.Process.Pid, m.Failed.Reason, exitOf(exited))
@@ -369,7 +407,7 @@ func (u *upgrader) offer(conn *handover.Conn) error {
 	u.mu.Lock()
 	listeners := u.listeners
 	u.mu.Unlock()
-	o := &handover.Offer{PID: os.Getpid()}
+	o := &handover.Offer{PID: os.Getpid(), LastTunnelID: u.lastTunnelID()}
 	var files []*os.File
 	defer func() {
 		for _, f := range files {
@@ -408,7 +446,8 @@ func withoutEnv(env []string, name string) []string {
 // instead of binding.
 type inheritance struct {
 	conn      *handover.Conn
-	from      int // the old process
+	from      int    // the old process
+	lastID    uint64 // the old process's latest tunnel id
 	listeners []handover.Listener
 	files     []*os.File // by listener; nil once adopted or closed
 	log       *slog.Logger
@@ -445,7 +484,7 @@ func inherit() (*inheritance, error) {
 		return nil, fmt.Errorf("handover from the running relay: %w", err)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	h.from, h.listeners = m.Offer.PID, m.Offer.Listeners
+	h.from, h.listeners, h.lastID = m.Offer.PID, m.Offer.Listeners, m.Offer.LastTunnelID
 	h.files = make([]*os.File, len(h.listeners))
 	for i, l := range h.listeners {
 		h.files[i] = files[l.FD]
@@ -536,9 +575,17 @@ func describeListener(l handover.Listener) string {
 	return s
 }
 
+// continueIDs numbers srv's tunnels past the old process's, so that the tunnels it hands over keep their
+// ids.
+func (h *inheritance) continueIDs(srv *relay.Server) {
+	if h != nil {
+		srv.Tunnels().ContinueIDs(h.lastID)
+	}
+}
+
 // confirm closes the offered listeners the configuration no longer has and tells the old process that
-// this one serves.
-func (h *inheritance) confirm() {
+// this one serves, and that it adopts tunnels: it takes them on srv, on a goroutine of its own.
+func (h *inheritance) confirm(srv *relay.Server) {
 	if h == nil {
 		return
 	}
@@ -552,20 +599,23 @@ func (h *inheritance) confirm() {
 			dropped = append(dropped, h.listeners[i])
 		}
 	}
-	err := h.conn.Send(handover.Message{Type: handover.TypeReady, Ready: &handover.Ready{PID: os.Getpid()}}, nil)
+	ready := &handover.Ready{PID: os.Getpid(), Accepts: []string{handover.AcceptTunnels}}
+	err := h.conn.Send(handover.Message{Type: handover.TypeReady, Ready: ready}, nil)
 	if err != nil {
 		// The old process gave up waiting (timeout) and killed this one, or is gone: nothing to tell.
 		h.log.Warn("upgrade: could not tell the old process that this one serves", "pid", h.from, "err", err)
-	} else {
-		h.removeDroppedAdminSocket(dropped)
+		h.conn.Close()
+		h.conn = nil
+		return
 	}
-	h.conn.Close()
+	h.removeDroppedAdminSocket(dropped)
+	a := &adopter{conn: h.conn, srv: srv, from: h.from, log: h.log}
 	h.conn = nil
+	go a.run()
 }
 
 // removeDroppedAdminSocket removes the file of an offered Unix-socket admin that this process did not adopt
-// (dropped)
-// (its configuration has no admin there). The old process lets go of its admin socket without removing the
+// (dropped: its configuration has no admin there). The old process lets go of its admin socket without removing the
 // file, which a new process that adopted it serves on; so the process that knows the file is no longer
 // served removes it, once it has told the old one that it serves (before, the old one might keep serving).
 func (h *inheritance) removeDroppedAdminSocket(dropped []handover.Listener) {

@@ -88,7 +88,7 @@ func upgradeCommand(ctx context.Context, args []string, stdout, stderr io.Writer
 		fmt.Fprintf(stderr, "sockrelay upgrade: the relay's answer: %v: %s\n", err, answer)
 		return 1
 	}
-	fmt.Fprintf(stdout, "sockrelay upgrade: pid %d serves now (took %dms); pid %d drains its %d tunnels (at most %s) and exits\n",
-		res.PID, res.TookMS, res.OldPID, res.DrainingTunnels, res.DrainTimeout)
+	fmt.Fprintf(stdout, "sockrelay upgrade: pid %d serves now (took %dms); pid %d hands it %d tunnels, drains %d (at most %s) and exits\n",
+		res.PID, res.TookMS, res.OldPID, res.HandingOver, res.DrainingTunnels, res.DrainTimeout)
 	return 0
 }
