@@ -22,8 +22,18 @@ import (
 // instead of the tests: the way to test what only the real process does (signals, exit status).
 const runMainEnv = "SOCKRELAY_TEST_RUN_MAIN"
 
+// refuseTunnelsEnv, set to "odd" in a relay child's environment, makes it refuse every handed-over tunnel
+// of an odd id, and set to "crash", exit when the first batch arrives (adoptHooks).
+const refuseTunnelsEnv = "SOCKRELAY_TEST_REFUSE_TUNNELS"
+
 func TestMain(m *testing.M) {
 	if os.Getenv(runMainEnv) == "1" {
+		switch os.Getenv(refuseTunnelsEnv) {
+		case "odd":
+			adoptHooks.refuse = func(id uint64) bool { return id%2 == 1 }
+		case "crash":
+			adoptHooks.crashOnBatch = true
+		}
 		main()
 		return // main exits; not reached
 	}

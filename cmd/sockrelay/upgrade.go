@@ -44,7 +44,7 @@ type upgrader struct {
 	runArgs      []string // this process's `sockrelay run` flags, which the new one gets by default
 	drainTimeout time.Duration
 	tunnels      func() int
-	fixedBinary  string // --upgrade-binary: the only binary an upgrade starts; "" for this process's own
+	fixedBinary  string        // --upgrade-binary: the only binary an upgrade starts; "" for this process's own
 	movable      func() int    // the tunnels that can be handed over
 	lastTunnelID func() uint64 // the registry's latest id, which the offer carries
 

@@ -275,7 +275,10 @@ func (a *adopter) run() {
 	data := map[uint64]*[2][]byte{}
 	prepared := map[int][]*relay.Tunnel{}
 	adopted := 0
-	failFor := testAdoptFailures()
+	failFor := adoptHooks.refuse
+	if failFor == nil {
+		failFor = func(uint64) bool { return false }
+	}
 	for {
 		m, files, err := a.conn.Receive()
 		if err != nil {
@@ -299,7 +302,7 @@ func (a *adopter) run() {
 			}
 			d[m.Data.Dir] = append(d[m.Data.Dir], m.Data.Bytes...)
 		case handover.TypeTunnels:
-			if os.Getenv(refuseTunnelsEnv) == "crash" {
+			if adoptHooks.crashOnBatch {
 				os.Exit(3) // the test hook: a new process that dies with a batch in hand
 			}
 			ts, results := a.adopt(m.Tunnels, files, data, failFor)
@@ -366,15 +369,10 @@ func stateOf(d handover.Tunnel, peeked [2][]byte) datapath.State {
 		HalfClosedAt: d.HalfClosedAt, LastActive: d.LastActive}
 }
 
-// refuseTunnelsEnv, set to "odd" in a new process's environment, makes it refuse every handed-over
-// tunnel of an odd id, and set to "crash", exit when the first batch arrives: the tests' way to see the
-// old process keep what the new one does not adopt.
-const refuseTunnelsEnv = "SOCKRELAY_TEST_REFUSE_TUNNELS"
-
-// testAdoptFailures is the refusal refuseTunnelsEnv asks for; none without it.
-func testAdoptFailures() func(id uint64) bool {
-	if os.Getenv(refuseTunnelsEnv) == "odd" {
-		return func(id uint64) bool { return id%2 == 1 }
-	}
-	return func(uint64) bool { return false }
+// adoptHooks are set only by the tests, in the relay processes they start (TestMain): refuse makes a new
+// process refuse the handed-over tunnels it names, crashOnBatch makes it exit when the first batch
+// arrives, so that the tests see the old process keep what the new one does not adopt.
+var adoptHooks struct {
+	refuse       func(id uint64) bool
+	crashOnBatch bool
 }
