@@ -29,6 +29,30 @@ func readStream(c *net.TCPConn, want []byte, d time.Duration) (string, error) {
 	return diffStreams(got, want), nil
 }
 
+// TestBackpressureRelaysPassedInLargeReads checks that a demoted direction is carried in reads larger than
+// the copy engine's 32 KiB: a continuous bulk stream, once demoted, may be carried in userspace for the
+// rest of its life, and with 32 KiB reads (each also paying a counter lookup, a hand-on check and a control
+// update) it moved about half of what the copy engine does (docs/datapath.md, "Bulk and demotion").
+func TestBackpressureRelaysPassedInLargeReads(t *testing.T) {
+	k, _ := newTestEngine(t)
+	c, u, _ := carryPair(t, k)
+	d := kernelDirOf(t, k, false)
+	const size = 32 << 20
+	data := stream(40, size)
+	go func() { _, _ = u.Write(data) }()
+	time.Sleep(300 * time.Millisecond) // the client does not read: the direction is demoted
+	if diff, err := readStream(c, data, time.Minute); err != nil || diff != "" {
+		t.Fatalf("stream to the client: %v %s", err, diff)
+	}
+	if n := k.Stats().Demotions; n < 1 {
+		t.Fatalf("demotions = %v after the client paused, want at least 1", n)
+	}
+	// Passed bytes piled up while the client did not read, so a read could take far more than 32 KiB.
+	if m := d.maxPassedRead.Load(); m <= 32<<10 {
+		t.Errorf("largest read of passed bytes %d, want more than 32 KiB", m)
+	}
+}
+
 // TestBackpressureResumes checks that a demoted direction goes back into the kernel: once the client has
 // caught up, the next bytes are redirected again, and no goroutine is left relaying the tunnel.
 func TestBackpressureResumes(t *testing.T) {

@@ -137,6 +137,8 @@ type kernelDir struct {
 	relaying              bool
 	userRead, userWritten uint64
 	resumeGen             uint64 // the demotion after which resuming was last asked for
+	// maxPassedRead is the largest read of passed bytes so far, for tests; written by the goroutine only.
+	maxPassedRead atomic.Int64
 	// srcConn and dstConn are the relaying goroutine's conns on src and dst (pollConn): readModeChanges
 	// wakes it through srcConn, and release closes both so that the sockets close with the tunnel.
 	// Guarded by Engine.mu; nil while no goroutine relays.

@@ -12,7 +12,7 @@ import (
 	"github.com/sockrelay/sockrelay/loader"
 )
 
-// kernelBuffers are the buffers of the handoff's drain and of relayPassed: 32 KiB, as the copy engine's.
+// kernelBuffers are the buffers of the handoff's drain: 32 KiB, as the copy engine's.
 var kernelBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // dupFD returns a duplicate of c's descriptor (close-on-exec, nonblocking as c's is: they share the open
