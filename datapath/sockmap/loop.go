@@ -1,6 +1,8 @@
 package sockmap
 
 import (
+	"errors"
+	"fmt"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -103,9 +105,9 @@ func (k *Engine) handle(ev unix.EpollEvent) {
 	kt := s.kt
 	if ev.Events&unix.EPOLLERR != 0 {
 		// Read under k.mu: release closes the descriptor, and its number may then name another socket.
-		soErr, _ := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		err := socketError(s.fd)
 		k.mu.Unlock()
-		kt.p.Fail(datapath.Blame(s.isClient, unix.Errno(soErr)), unix.Errno(soErr), true)
+		kt.p.Fail(datapath.Blame(s.isClient, err), err, true)
 		return
 	}
 	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
@@ -122,4 +124,24 @@ func (k *Engine) handle(ev unix.EpollEvent) {
 		}
 	}
 	k.mu.Unlock()
+}
+
+// tcpClose is TCP_CLOSE (include/net/tcp_states.h): the state of a socket that was reset.
+const tcpClose = 7
+
+// socketError is the error that an EPOLLERR on fd reported. SO_ERROR can be read only once, and the
+// psock's worker, sending redirected bytes to this socket, may have read it first: then a socket that
+// is already closed was reset (ECONNRESET), rather than failed with "errno 0" and the wrong blame.
+func socketError(fd int) error {
+	soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err == nil && soErr != 0 {
+		return unix.Errno(soErr)
+	}
+	if ti, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil && ti.State == tcpClose {
+		return unix.ECONNRESET
+	}
+	if err != nil {
+		return fmt.Errorf("read SO_ERROR: %w", err)
+	}
+	return errors.New("EPOLLERR with no socket error")
 }
