@@ -77,7 +77,7 @@ func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
 
 // Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
 // engine carries the pair (Direction.WritePeeked). TLS never changes after NewPair; Conn changes only when
-// the event loop gives the pair back (Stop, during a Move, under the pair's lock), as a new connection of the
+// an engine gives the pair back (Stop, during a Move, under the pair's lock), as a new connection of the
 // same socket: an engine reads them when it starts to carry the pair, not before.
 func (p *Pair) Client() Endpoint   { return Endpoint{Conn: p.client.Conn, TLS: p.client.TLS} }
 func (p *Pair) Upstream() Endpoint { return Endpoint{Conn: p.upstream.Conn, TLS: p.upstream.TLS} }
@@ -129,6 +129,28 @@ func (p *Pair) Let(c Carrier) bool {
 	}
 	p.carrier = nil
 	return true
+}
+
+// GiveBack drops c as the pair's carrier with the pair alive, for a carrier that took the pair's sockets
+// from their conns (a SocketOwner): client and upstream, new connections of the same sockets, replace the
+// pair's, and held[i], bytes direction i's carrier read from its source but did not write, go after the
+// source's peeked bytes, for the next engine to write first. detach runs first under the pair's lock, as
+// Hold's attach does: the carrier lets go of the sockets there. false, with nothing changed and detach not
+// run, when the pair is ending or c no longer holds it; detach's error also leaves the pair as it was.
+func (p *Pair) GiveBack(c Carrier, client, upstream *net.TCPConn, held [2][]byte, detach func() error) (bool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ending || p.carrier != c {
+		return false, nil
+	}
+	if err := detach(); err != nil {
+		return false, err
+	}
+	p.client.Conn, p.upstream.Conn = client, upstream
+	p.client.Peeked = append(p.client.Peeked, held[0]...)
+	p.upstream.Peeked = append(p.upstream.Peeked, held[1]...)
+	p.carrier = nil
+	return true, nil
 }
 
 // Holds reports whether c holds the pair and the pair is not ending. The caller holds nothing of its own

@@ -199,6 +199,34 @@ func (s *Sockmap) Remove(socks ...Socket) error {
 	return errors.Join(errs...)
 }
 
+// StopVerdict takes sockets out of the verdict map only: the verdict stops running on their bytes
+// (sock_map_del_link restores their data_ready), which then stay in each socket's receive queue, while the
+// sockets stay targets and keep their counters, so that bytes already redirected into them are still sent.
+// Passed bytes a socket's psock still queues must be read before: once out of the verdict map the socket
+// reads them without advancing its copied_seq (tcp_bpf_recvmsg, not tcp_bpf_recvmsg_parser), and TCP then
+// never finds the bytes after them (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"). RestartVerdict puts
+// them back. Remove takes them out of the rest. Entries that are already gone are not an error.
+func (s *Sockmap) StopVerdict(socks ...Socket) error {
+	var errs []error
+	for _, sk := range socks {
+		if err := s.objs.VerdictMap.Delete(sk.Cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("remove socket %d from the verdict map: %w", sk.Cookie, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// RestartVerdict puts sockets that StopVerdict took out back into the verdict map (sockets given by FD and
+// Cookie), which runs the verdict on their bytes again from the next data_ready.
+func (s *Sockmap) RestartVerdict(socks ...Socket) error {
+	for _, sk := range socks {
+		if err := s.objs.VerdictMap.Update(sk.Cookie, uint64(sk.FD), ebpf.UpdateNoExist); err != nil {
+			return fmt.Errorf("insert socket %d into verdict sockhash again: %w", sk.Cookie, err)
+		}
+	}
+	return nil
+}
+
 // ErrNotInMaps is returned for a socket that has left the maps (its tunnel is ending).
 var ErrNotInMaps = errors.New("socket not in the maps")
 

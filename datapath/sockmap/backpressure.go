@@ -82,7 +82,7 @@ func (k *Engine) readModeChanges() {
 // startRelayLocked starts relayPassed for d unless it runs already. The caller holds k.mu, so d's
 // descriptors are open (release takes k.mu): the goroutine's conns are made from them here.
 func (k *Engine) startRelayLocked(d *kernelDir) {
-	if d.relaying || d.kt.released || d.finDone {
+	if d.relaying || d.kt.released || d.kt.stopping || d.finDone {
 		return
 	}
 	src, err := pollConn(d.src.fd)
@@ -93,18 +93,20 @@ func (k *Engine) startRelayLocked(d *kernelDir) {
 		}
 	}
 	d.relaying = true
+	d.relayDone = make(chan struct{})
 	if err == nil {
 		d.srcConn, d.dstConn = src, dst
 	}
 	k.relays.Add(1)
 	k.relayWG.Add(1)
-	go k.relayPassedThenDone(d, src, dst, err)
+	go k.relayPassedThenDone(d, src, dst, err, d.relayDone)
 }
 
 // relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG, on its conns src and
-// dst, which it closes when done; connErr is why they could not be made.
-func (k *Engine) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error) {
+// dst, which it closes when done; connErr is why they could not be made. It closes done last.
+func (k *Engine) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error, done chan struct{}) {
 	defer k.relayWG.Done()
+	defer close(done)
 	if connErr != nil {
 		k.stopRelaying(d, true)
 		// A demoted direction with no one to relay it would hold its sender forever.
@@ -206,7 +208,17 @@ func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 				deadline = time.Now().Add(poll)
 			}
 		}
-		_ = src.SetReadDeadline(deadline)
+		// Under k.mu, as Stop sets stop and expires the deadline: a deadline set here never undoes its.
+		k.mu.Lock()
+		stop := d.stop
+		if !stop {
+			_ = src.SetReadDeadline(deadline)
+		}
+		k.mu.Unlock()
+		if stop {
+			k.stopRelaying(d, true)
+			return
+		}
 		n, err := k.readPassed(rc, d, *bp)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -262,6 +274,12 @@ func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 		d.dir.Count(w)
 		d.userRead += uint64(n)
 		d.userWritten += uint64(w)
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && k.stopAsked(d) {
+			// Stop expired the write: what it did not write goes to the next engine, first.
+			d.heldBack = append(d.heldBack, (*bp)[w:n]...)
+			k.stopRelaying(d, true)
+			return
+		}
 		if err != nil {
 			fail(datapath.Blame(d.dst.isClient, err))
 			return
@@ -271,6 +289,13 @@ func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 			return
 		}
 	}
+}
+
+// stopAsked reports whether Stop asked d's relaying goroutine to return.
+func (k *Engine) stopAsked(d *kernelDir) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return d.stop
 }
 
 // controlFailure is the reason to end a tunnel whose control update failed: none when it has left the

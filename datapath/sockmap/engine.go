@@ -79,8 +79,9 @@ type kernelTunnel struct {
 	client kernelSide
 	up     kernelSide
 	dirs   [2]kernelDir // client → upstream, upstream → client
-	// released is set once the tunnel has left the maps; guarded by Engine.mu.
-	released bool
+	// released is set once the tunnel has left the maps; stopping once Stop has begun to give the pair
+	// back. Both guarded by Engine.mu.
+	released, stopping bool
 }
 
 // Sockets returns the engine's descriptors of the client's and the upstream's socket (datapath.SocketOwner).
@@ -110,6 +111,9 @@ type kernelSide struct {
 	// sentBase is how many bytes had entered this socket's send path (acked + queued) before insertion:
 	// what the kernel redirects into it is counted from there.
 	sentBase uint64
+	// clampWas is the socket's window clamp before Stop raised its receive low-water mark (holdVerdict);
+	// 0 otherwise.
+	clampWas int
 }
 
 // kernelDir is one direction of a kernel tunnel: bytes of src redirected into dst.
@@ -145,6 +149,12 @@ type kernelDir struct {
 	srcConn, dstConn *net.TCPConn
 	// overflow belongs to the relaying goroutine, as userRead does.
 	overflow overflowWatch
+	// stop asks the relaying goroutine to return at a byte boundary (Stop); guarded by Engine.mu.
+	// relayDone is closed when that goroutine has returned; heldBack are bytes it read but, stopped in
+	// its write, did not write, written before relayDone is closed.
+	stop      bool
+	relayDone chan struct{}
+	heldBack  []byte
 }
 
 var (

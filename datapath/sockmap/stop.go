@@ -1,0 +1,449 @@
+package sockmap
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/loader"
+)
+
+// Giving a kernel pair back alive (docs/datapath.md, "How a kernel pair is given back"). Not wired in yet:
+// kernelTunnel is no datapath.Stopper, so datapath.Move still refuses to move a pair off sockmap, because
+// under heavy traffic both ways stopAlive can wait for passed bytes that never become readable (seen about
+// once in 40 runs of TestMoveSockmapToCopy); only this package's tests call it. The order is what keeps
+// every byte:
+//
+//  1. The tunnel leaves the loop's epoll and tables: from here on the engine carries no FIN and starts no
+//     relaying goroutine for it; a FIN it carried already becomes the pair's (Direction.MarkFinished).
+//  2. Each relaying goroutine is asked to stop at a byte boundary; a write it had not finished is kept.
+//  3. Every byte the verdict passed is read out of its source's psock, with the verdict still attached,
+//     and then both sockets leave the verdict map only (StopVerdict): the verdict stops, and new bytes
+//     stay in each source's receive queue, behind every byte it redirected or passed. Passed bytes must be
+//     read first, because a socket out of the verdict map reads its psock's queue without advancing TCP's
+//     copied_seq, and TCP then never finds the bytes after them; and a psock dropped with bytes queued
+//     purges them (skmsg.c, sk_psock_destroy). A byte passed between the last read and StopVerdict puts
+//     the verdict back (RestartVerdict) and this step runs again.
+//  4. The engine waits until every redirected byte has entered its destination's send queue: the sockets
+//     stay targets meanwhile, so redirected bytes still on their way through a psock are still sent.
+//  5. Under the pair's lock, the sockets leave the remaining maps and the pair gets new conns of them; the
+//     bytes read in 2 and 3 become its peeked bytes, which the next engine writes first, before what it
+//     reads from the receive queues.
+
+// errStopping is returned by a second stopAlive while the first runs.
+var errStopping = errors.New("the kernel engine is giving this pair back already")
+
+// stopAlive gives the pair back alive with every byte the engine took written or kept as peeked bytes. A pair
+// that ends meanwhile gives ErrPairEnded. One that cannot be given back (a stall, no descriptor left for
+// its new conns) is ended, reset, since it has left the verdict: its error says why.
+func (kt *kernelTunnel) stopAlive() error {
+	k, p := kt.k, kt.p
+	relays, err := k.leaveLoop(kt)
+	switch {
+	case errors.Is(err, datapath.ErrPairEnded), errors.Is(err, errStopping):
+		return err
+	case err != nil:
+		// Out of the loop, it would not be watched: it ends rather than hang.
+		p.Fail(datapath.ReasonKernelError, err, true)
+		return fmt.Errorf("give the kernel pair back: %w", err)
+	}
+	for _, done := range relays {
+		select {
+		case <-done:
+		case <-p.Done():
+			return datapath.ErrPairEnded
+		}
+	}
+	held, err := k.settleStopped(kt)
+	if err == nil {
+		err = kt.giveBack(held)
+	}
+	if errors.Is(err, errTunnelEnded) || errors.Is(err, datapath.ErrPairEnded) {
+		<-p.Done()
+		return datapath.ErrPairEnded
+	}
+	if err != nil {
+		p.Fail(datapath.ReasonKernelError, err, true)
+		return fmt.Errorf("give the kernel pair back: %w", err)
+	}
+	return nil
+}
+
+// leaveLoop takes kt out of the loop's epoll and tables and asks its relaying goroutines to stop, whose
+// done channels it returns (steps 1 and 2 of stopAlive).
+func (k *Engine) leaveLoop(kt *kernelTunnel) ([]chan struct{}, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	switch {
+	case kt.released:
+		return nil, datapath.ErrPairEnded
+	case kt.stopping:
+		return nil, errStopping
+	}
+	kt.stopping = true
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
+		delete(k.socks, s.cookie)
+		delete(k.bySrc, s.cookie)
+	}
+	k.drain = slices.DeleteFunc(k.drain, func(d *kernelDir) bool { return d.kt == kt })
+	var relays []chan struct{}
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		if !d.relaying {
+			continue
+		}
+		d.stop = true
+		relays = append(relays, d.relayDone)
+		if d.srcConn != nil {
+			// Wakes it in its read or its write; relayPassed sets no deadline once stop is set.
+			_ = d.srcConn.SetDeadline(time.Now())
+			_ = d.dstConn.SetDeadline(time.Now())
+		}
+	}
+	return relays, nil
+}
+
+// stopSettleGap is how long the engine waits after StopVerdict before it trusts the verdict's counters: a
+// verdict run that began before may still be counting an skb. It is also how long the counters must stay
+// the same, every redirected byte handed on, before the sockets leave the maps.
+const stopSettleGap = 2 * time.Millisecond
+
+// stopVerdictTries bounds how often step 3 of stopAlive runs again for bytes passed during it.
+const stopVerdictTries = 100
+
+// settleStopped runs steps 3 and 4 of stopAlive. It returns, per direction, the bytes read and not written: a
+// stopped goroutine's, then the passed ones.
+func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
+	var held [2][]byte
+	for i := range kt.dirs {
+		held[i], kt.dirs[i].heldBack = kt.dirs[i].heldBack, nil
+	}
+	if err := k.stopVerdict(kt, &held); err != nil {
+		return held, err
+	}
+	return held, k.awaitHandedOn(kt)
+}
+
+// stopVerdict reads every passed byte of kt into held and takes kt's sockets out of the verdict map,
+// again while bytes were passed meanwhile (step 3 of stopAlive).
+func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
+	socks := [2]loader.Socket{{FD: kt.client.fd, Cookie: kt.client.cookie}, {FD: kt.up.fd, Cookie: kt.up.cookie}}
+	if err := k.holdVerdict(kt); err != nil {
+		return err
+	}
+	for range stopVerdictTries {
+		if err := k.readAllPassed(kt, held); err != nil {
+			return err
+		}
+		closing, err := k.sourcesClosing(kt)
+		if err != nil {
+			return err
+		}
+		if err := k.maps.StopVerdict(socks[:]...); err != nil {
+			return err
+		}
+		time.Sleep(stopSettleGap)
+		unread, err := k.passedUnread(kt)
+		if err != nil {
+			return err
+		}
+		// A source that had its FIN before StopVerdict had the verdict run over its whole receive queue
+		// (TCP calls data_ready at a FIN whatever the low-water mark): its passed bytes are the last of
+		// its stream, and may be read with the verdict stopped. Any other passed bytes need the verdict
+		// back to be read in order.
+		var again []loader.Socket
+		for i, u := range unread {
+			if u && !closing[i] {
+				again = append(again, socks[i])
+			}
+		}
+		if len(again) == 0 {
+			return k.readAllPassed(kt, held)
+		}
+		err = k.maps.RestartVerdict(again...)
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			// The source got its FIN since (sock_map_sk_state_allowed refuses it): most likely its
+			// data_ready ran the verdict over the whole queue before StopVerdict, as above. Were it
+			// after, the bytes behind the passed ones stay unreadable and the next engine waits on them
+			// (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"): this is why stopAlive is not wired in.
+			_ = k.maps.StopVerdict(socks[:]...)
+			return k.readAllPassed(kt, held)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
+}
+
+// sourcesClosing reports, per direction of kt, whether its source has received its peer's FIN.
+func (k *Engine) sourcesClosing(kt *kernelTunnel) ([2]bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var closing [2]bool
+	if kt.released {
+		return closing, errTunnelEnded
+	}
+	for i := range kt.dirs {
+		info, err := unix.GetsockoptTCPInfo(kt.dirs[i].src.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			return closing, fmt.Errorf("TCP_INFO: %w", err)
+		}
+		closing[i] = info.State != unix.BPF_TCP_ESTABLISHED
+	}
+	return closing, nil
+}
+
+// holdVerdict keeps the verdict from running on kt's sources while the engine reads their passed bytes:
+// with a receive low-water mark that the queue does not reach, TCP does not call data_ready
+// (tcp_data_ready), which is what runs the verdict, so a source's new bytes wait in its receive queue.
+// Reads of passed bytes open the source's window and the sender goes on; without this, the verdict would
+// pass its new bytes faster than they can be read before StopVerdict. TCP still calls data_ready when the
+// queue nears a full window (tcp_epollin_ready); stopVerdict catches a byte passed then. tcp_set_rcvlowat
+// also sets the window clamp; detach gives both back. The caller holds nothing.
+func (k *Engine) holdVerdict(kt *kernelTunnel) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return errTunnelEnded
+	}
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		clamp, err := unix.GetsockoptInt(s.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP)
+		if err != nil {
+			return fmt.Errorf("TCP_WINDOW_CLAMP: %w", err)
+		}
+		if err := unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, math.MaxInt32); err != nil {
+			return fmt.Errorf("SO_RCVLOWAT: %w", err)
+		}
+		s.clampWas = clamp
+	}
+	return nil
+}
+
+// releaseVerdictHold gives kt's sockets the receive low-water mark and window clamp they had before
+// holdVerdict. The caller holds k.mu, and the sockets are out of the maps.
+func (kt *kernelTunnel) releaseVerdictHold() {
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		if s.clampWas == 0 {
+			continue
+		}
+		_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
+		_ = unix.SetsockoptInt(s.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, s.clampWas)
+		s.clampWas = 0
+	}
+}
+
+// readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
+// still on their way through a psock's backlog.
+func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
+	bp := kernelBuffers.Get().(*[]byte)
+	defer kernelBuffers.Put(bp)
+	interval := handedOnFirstCheck
+	for {
+		unread, err := k.readPassedRound(kt, held, *bp)
+		if err != nil || !unread {
+			return err
+		}
+		select {
+		case <-kt.p.Done():
+			return errTunnelEnded
+		case <-time.After(interval):
+		}
+		interval = min(2*interval, handedOnMaxCheck)
+	}
+}
+
+// readPassedRound reads what kt's sources hold of their passed bytes into held, under k.mu so that a
+// release cannot close the descriptors meanwhile, and reports whether passed bytes are still to come.
+func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, buf []byte) (unread bool, err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return false, errTunnelEnded
+	}
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		st, err := k.maps.Stats(d.src.cookie)
+		switch {
+		case err != nil:
+			return false, errTunnelEnded
+		case st.Broken:
+			return false, errBroken
+		}
+		if err := readPassedOut(d, st.Passed, &held[i], buf); err != nil {
+			return false, err
+		}
+		unread = unread || d.userRead < st.Passed
+	}
+	return unread, nil
+}
+
+// passedUnread reports, per direction of kt, whether its source has passed bytes not read yet.
+func (k *Engine) passedUnread(kt *kernelTunnel) ([2]bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var unread [2]bool
+	if kt.released {
+		return unread, errTunnelEnded
+	}
+	for i := range kt.dirs {
+		st, err := k.maps.Stats(kt.dirs[i].src.cookie)
+		if err != nil {
+			return unread, errTunnelEnded
+		}
+		unread[i] = kt.dirs[i].userRead != st.Passed
+	}
+	return unread, nil
+}
+
+// readPassedOut reads from d's source, nonblocking, until every one of the passed bytes is read, appending
+// them to held. With the verdict attached the source's reads come from its psock's queue, where passed
+// bytes wait (tcp_bpf_recvmsg_parser). The caller holds k.mu.
+func readPassedOut(d *kernelDir, passed uint64, held *[]byte, buf []byte) error {
+	for d.userRead < passed {
+		n, err := unix.Read(d.src.fd, buf[:min(uint64(len(buf)), passed-d.userRead)])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return nil // still on its way through the psock's backlog
+		case err != nil:
+			return fmt.Errorf("read passed bytes: %w", err)
+		case n == 0:
+			return nil // the FIN, read before passed bytes still in the backlog
+		}
+		*held = append(*held, buf[:n]...)
+		d.userRead += uint64(n)
+	}
+	return nil
+}
+
+// awaitHandedOn waits until every byte the verdict redirected for kt has entered its destination's send
+// queue, the counters unchanged for stopSettleGap (step 4 of stopAlive). It fails as waitHandedOn does when the
+// bytes stop moving while the destination has nothing left to send.
+func (k *Engine) awaitHandedOn(kt *kernelTunnel) error {
+	var settledMark, lastMark uint64
+	var settledAt time.Time
+	lastMove, interval := time.Now(), handedOnFirstCheck
+	for {
+		mark, done, busy, err := k.handedOnRound(kt)
+		if err != nil {
+			return err
+		}
+		now := time.Now()
+		switch {
+		case !done:
+			settledAt = time.Time{}
+		case settledAt.IsZero() || mark != settledMark:
+			settledAt, settledMark = now, mark
+		case now.Sub(settledAt) >= stopSettleGap:
+			return nil
+		}
+		switch {
+		case mark != lastMark:
+			lastMark, lastMove, interval = mark, now, handedOnFirstCheck
+		case now.Sub(lastMove) > stallTimeout && !busy:
+			return errors.New("redirected bytes stopped short of their destination")
+		default:
+			interval = min(2*interval, handedOnMaxCheck)
+		}
+		if done {
+			interval = min(interval, stopSettleGap)
+		}
+		select {
+		case <-kt.p.Done():
+			return errTunnelEnded
+		case <-time.After(interval):
+		}
+	}
+}
+
+// handedOnRound is one check of awaitHandedOn, under k.mu so that a release cannot close the descriptors
+// meanwhile: a mark that moves with every byte, whether every redirected byte is handed on, and whether a
+// destination still has bytes to send.
+func (k *Engine) handedOnRound(kt *kernelTunnel) (mark uint64, done, busy bool, err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return 0, false, false, errTunnelEnded
+	}
+	done = true
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		st, handed, err := k.dirProgress(d, d.dst.fd)
+		switch {
+		case err != nil:
+			return 0, false, false, errTunnelEnded
+		case st.Broken:
+			return 0, false, false, errBroken
+		}
+		done = done && handed >= st.Bytes
+		busy = busy || hasUnsent(d.dst.fd)
+		mark += st.Bytes + handed
+	}
+	return mark, done, busy, nil
+}
+
+// giveBack makes new conns of kt's sockets and hands them to the pair with held as peeked bytes, taking
+// the sockets out of the remaining maps under the pair's lock (step 5 of stopAlive).
+func (kt *kernelTunnel) giveBack(held [2][]byte) error {
+	k := kt.k
+	k.mu.Lock()
+	if kt.released {
+		k.mu.Unlock()
+		return errTunnelEnded
+	}
+	client, err := pollConn(kt.client.fd)
+	if err != nil {
+		k.mu.Unlock()
+		return fmt.Errorf("client side: %w", err)
+	}
+	upstream, err := pollConn(kt.up.fd)
+	k.mu.Unlock()
+	if err != nil {
+		_ = client.Close()
+		return fmt.Errorf("upstream side: %w", err)
+	}
+	ok, err := kt.p.GiveBack(kt, client, upstream, held, func() error { return k.detach(kt) })
+	if !ok {
+		_ = client.Close()
+		_ = upstream.Close()
+	}
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return datapath.ErrPairEnded
+	}
+	return nil
+}
+
+// detach takes kt's sockets out of the maps once it has been given back, folding its counters into the
+// pair and marking the FINs it carried, and closes the engine's descriptors. The caller holds the pair's
+// lock (Pair.GiveBack).
+func (k *Engine) detach(kt *kernelTunnel) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return errTunnelEnded
+	}
+	kt.p.AddBytes(k.counters(kt))
+	for i := range kt.dirs {
+		if kt.dirs[i].finDone {
+			kt.dirs[i].dir.MarkFinished()
+		}
+	}
+	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
+		k.log.Warn("removing a stopped tunnel from BPF maps", "id", kt.p.ID, "err", err)
+	}
+	kt.releaseVerdictHold()
+	kt.released = true
+	kt.closeSockets()
+	return nil
+}
