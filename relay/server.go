@@ -266,6 +266,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for _, hs := range listeners {
 		go func() {
 			herr := hs.Shutdown(ctx)
+			if errors.Is(herr, net.ErrClosed) {
+				// The listener closed above, before Serve's accept loop saw it: http.Server closes it
+				// again and says so. Not a failure of the drain.
+				herr = nil
+			}
 			if herr != nil {
 				// Handshakes still in progress: cut them off, so none opens a tunnel after the drain.
 				_ = hs.Close()
