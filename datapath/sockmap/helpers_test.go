@@ -66,10 +66,10 @@ func newTestEngine(t testing.TB) (*Engine, *syncBuffer) {
 	return k, logs
 }
 
-// carryPair hands k a pair of fresh loopback connections, as the relay does once a handshake is done, and
-// returns the client's and the upstream's ends and the pair, which runs in the kernel. The pair is reset
-// and the ends closed when t ends.
-func carryPair(t testing.TB, k *Engine) (client, upstream *net.TCPConn, p *datapath.Pair) {
+// tunnelEnds opens the two loopback connections of a tunnel: the client's end and the relay's end facing
+// it, the relay's end facing the upstream and the upstream's end. The client's and the upstream's ends are
+// closed when t ends; the relay's belong to the pair made of them.
+func tunnelEnds(t testing.TB) (client, relayClient, relayUp, upstream *net.TCPConn) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -77,16 +77,33 @@ func carryPair(t testing.TB, k *Engine) (client, upstream *net.TCPConn, p *datap
 	if err != nil {
 		t.Fatal(err)
 	}
-	relayUp, upstream, err := loopbackPair(ctx, 0, 0)
+	relayUp, upstream, err = loopbackPair(ctx, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p = datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient}, datapath.Endpoint{Conn: relayUp}, nil)
 	t.Cleanup(func() {
-		p.End(datapath.ReasonShutdown, true)
 		client.Close()
 		upstream.Close()
 	})
+	return client, relayClient, relayUp, upstream
+}
+
+// carryPair hands k a pair of fresh loopback connections, as the relay does once a handshake is done, and
+// returns the client's and the upstream's ends and the pair, which runs in the kernel. The pair is reset
+// and the ends closed when t ends.
+func carryPair(t testing.TB, k *Engine) (client, upstream *net.TCPConn, p *datapath.Pair) {
+	t.Helper()
+	return carryPairPeeked(t, k, nil, nil)
+}
+
+// carryPairPeeked is carryPair with bytes already read past the handshake: toUp from the client, toClient
+// from the upstream, which the engine writes first.
+func carryPairPeeked(t testing.TB, k *Engine, toUp, toClient []byte) (client, upstream *net.TCPConn, p *datapath.Pair) {
+	t.Helper()
+	client, relayClient, relayUp, upstream := tunnelEnds(t)
+	p = datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient, Peeked: toUp},
+		datapath.Endpoint{Conn: relayUp, Peeked: toClient}, nil)
+	t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
 	k.Carry(p)
 	if p.Kind() != datapath.Sockmap || p.Ending() {
 		t.Fatalf("the pair did not enter the kernel: it runs on %s, ended %q", p.Kind(), p.Reason())

@@ -23,15 +23,7 @@ func TestMoveCopyToSockmap(t *testing.T) {
 	k, _ := newTestEngine(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	client, relayClient, err := loopbackPair(ctx, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relayUp, up, err := loopbackPair(ctx, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close(); up.Close() })
+	client, relayClient, relayUp, up := tunnelEnds(t)
 	const size = 8 << 20
 	toUp, toClient := stream(11, size), stream(12, size)
 	p := datapath.NewPair(datapath.Copy, datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},
@@ -149,15 +141,7 @@ func TestMoveEventLoopToSockmap(t *testing.T) {
 	t.Cleanup(func() { loops.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	client, relayClient, err := loopbackPair(ctx, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relayUp, up, err := loopbackPair(ctx, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close(); up.Close() })
+	client, relayClient, relayUp, up := tunnelEnds(t)
 	const half = 1 << 20
 	toUp, toClient := stream(21, 2*half), stream(22, 2*half)
 	p := datapath.NewPair(datapath.Copy, datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},

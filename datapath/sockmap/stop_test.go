@@ -105,26 +105,7 @@ func halfCloseBoth(t *testing.T, client, up *net.TCPConn) {
 // kernelPairWithPeeked is carryPair with 100 peeked bytes each way, the first of each stream.
 func kernelPairWithPeeked(t *testing.T, k *Engine, toUp, toClient []byte) (client, up *net.TCPConn, p *datapath.Pair) {
 	t.Helper()
-	client, relayClient, err := loopbackPair(t.Context(), 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relayUp, up, err := loopbackPair(t.Context(), 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p = datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},
-		datapath.Endpoint{Conn: relayUp, Peeked: toClient[:100]}, nil)
-	t.Cleanup(func() {
-		p.End(datapath.ReasonShutdown, true)
-		client.Close()
-		up.Close()
-	})
-	k.Carry(p)
-	if p.Kind() != datapath.Sockmap || p.Ending() {
-		t.Fatalf("the pair did not enter the kernel: it runs on %s, ended %q", p.Kind(), p.Reason())
-	}
-	return client, up, p
+	return carryPairPeeked(t, k, toUp[:100], toClient[:100])
 }
 
 // assertEndedClean waits for p to end and checks that it ended closed, on want, having counted size bytes
