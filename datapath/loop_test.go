@@ -14,6 +14,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
+	"github.com/sockrelay/sockrelay/internal/fdlimit"
 )
 
 // startEventLoop starts an event-loop engine of one loop, closed at the test's end.
@@ -269,7 +270,7 @@ func TestEventLoopOutOfDescriptorsFallsBack(t *testing.T) {
 	tn := newTunnel(t, datapath.Copy, 256<<10)
 	var fellBack error
 	e.OnFallback = func(_ *datapath.Pair, err error) { fellBack = err }
-	withDescriptorsLeft(t, 1, func() { e.Carry(tn.pair) })
+	fdlimit.WithDescriptorsLeft(t, 1, func() { e.Carry(tn.pair) })
 	if !errors.Is(fellBack, unix.EMFILE) {
 		t.Fatalf("fallback reported %v, want EMFILE", fellBack)
 	}
@@ -280,33 +281,6 @@ func TestEventLoopOutOfDescriptorsFallsBack(t *testing.T) {
 	if st := e.Stats().Loops[0]; st.Tunnels != 0 {
 		t.Errorf("the loop carries %d tunnels, want 0: the pair ran on the Copier", st.Tunnels)
 	}
-}
-
-// withDescriptorsLeft runs f with RLIMIT_NOFILE lowered so that only n more descriptors can be opened.
-func withDescriptorsLeft(t *testing.T, n int, f func()) {
-	t.Helper()
-	var old unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
-		t.Fatal(err)
-	}
-	// Descriptors take the lowest free numbers, so the limit goes just above the n-th free one.
-	free, fd := 0, 0
-	for ; free < n; fd++ {
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == unix.EBADF {
-			free++
-		}
-	}
-	lim := old
-	lim.Cur = uint64(fd)
-	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
-			t.Fatal(err)
-		}
-	}()
-	f()
 }
 
 // A pair that moves onto the loop after one direction carried its FIN: the loop neither reads that direction
@@ -364,7 +338,7 @@ func TestMoveOffEventLoopOutOfDescriptors(t *testing.T) {
 	e.Carry(tn.pair)
 	for _, left := range []int{1, 2} { // the loop's second duplicate fails, or the new connection's
 		var err error
-		withDescriptorsLeft(t, left, func() { err = datapath.Move(tn.pair, datapath.Copier{}) })
+		fdlimit.WithDescriptorsLeft(t, left, func() { err = datapath.Move(tn.pair, datapath.Copier{}) })
 		if !errors.Is(err, unix.EMFILE) {
 			t.Fatalf("move off the loop with %d descriptors left: %v, want EMFILE", left, err)
 		}

@@ -2,7 +2,6 @@ package relay
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/sockmap"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 )
 
 // isReset reports whether err says the peer reset the connection (datapath.IsReset).
@@ -37,13 +37,13 @@ type testRelay struct {
 	*Server
 	Addr string
 	Reg  *prometheus.Registry
-	Log  *syncBuffer
+	Log  *syncbuf.Buffer
 }
 
 // startRelay serves a relay on 127.0.0.1 in front of upstreams until the test ends.
 func startRelay(t testing.TB, dp Datapath, upstreams []string, opts ...func(*Config)) *testRelay {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	reg := prometheus.NewRegistry()
 	cfg := Config{
 		Upstreams:  upstreams,
@@ -72,24 +72,6 @@ func startRelay(t testing.TB, dp Datapath, upstreams []string, opts ...func(*Con
 		}
 	})
 	return &testRelay{Server: s, Addr: ln.Addr().String(), Reg: reg, Log: logs}
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // upstreamConn is one connection a fake upstream accepted: its parsed handshake request and a reader that

@@ -19,6 +19,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 )
 
 // The interop tests put the relay between gorilla/websocket and a WebSocket implementation nobody here
@@ -55,7 +56,7 @@ func startPythonEchoServer(t *testing.T) string {
 	ctx, cancel := context.WithTimeout(context.Background(), interopTimeout)
 	cmd := exec.CommandContext(ctx, python, filepath.Join("testdata", "ws_echo_server.py"))
 	cmd.WaitDelay = 5 * time.Second
-	stderr := &syncBuffer{}
+	stderr := &syncbuf.Buffer{}
 	cmd.Stderr = stderr
 	// The server exits at EOF on stdin: if this process dies without its cleanups, so does the server.
 	stdin, err := cmd.StdinPipe()

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"encoding/json"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 	"io"
 	"log/slog"
 	"net/http"
@@ -57,15 +58,15 @@ func TestTunnelLogIntervalChecked(t *testing.T) {
 }
 
 // jsonLogger logs at debug level, as JSON, into the returned buffer.
-func jsonLogger() (func(*Config), *syncBuffer) {
-	buf := &syncBuffer{}
+func jsonLogger() (func(*Config), *syncbuf.Buffer) {
+	buf := &syncbuf.Buffer{}
 	return func(c *Config) {
 		c.Logger = slog.New(slog.NewJSONHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}, buf
 }
 
 // logRecords waits up to 5 s for a record with msg in a JSON log and returns every such record.
-func logRecords(t *testing.T, log *syncBuffer, msg string) []map[string]any {
+func logRecords(t *testing.T, log *syncbuf.Buffer, msg string) []map[string]any {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		var out []map[string]any

@@ -12,12 +12,12 @@ import (
 	"net/http/httptest"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/gorilla/websocket"
 
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 	"github.com/sockrelay/sockrelay/internal/wsecho"
 )
 
@@ -157,19 +157,6 @@ func TestRunAddressInUse(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer the relay's logger and the test can share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-func (b *syncBuffer) String() string { b.mu.Lock(); defer b.mu.Unlock(); return b.b.String() }
-
 // TestRunEndToEnd runs the daemon as main does, for each datapath: a WebSocket echo through it, the admin
 // endpoints, then SIGTERM (a cancelled context) with one tunnel still open and one that closes during the
 // drain.
@@ -183,7 +170,7 @@ func TestRunEndToEnd(t *testing.T) {
 			defer stop()
 			type addrs struct{ listen, admin net.Addr }
 			ready := make(chan addrs, 1)
-			logs := &syncBuffer{}
+			logs := &syncbuf.Buffer{}
 			exit := make(chan int, 1)
 			go func() {
 				exit <- runCommand(ctx, []string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",

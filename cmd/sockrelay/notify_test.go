@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 	"net"
 	"os"
 	"path/filepath"
@@ -29,7 +30,7 @@ func TestSystemdNotify(t *testing.T) {
 
 			listen := freeAddr(t)
 			ctx, stop := context.WithCancel(context.Background())
-			logs, done := &syncBuffer{}, make(chan int, 1)
+			logs, done := &syncbuf.Buffer{}, make(chan int, 1)
 			go func() {
 				done <- runCommand(ctx, []string{"--listen", listen, "--upstream", "127.0.0.1:1", "--datapath", "copy"}, logs, nil)
 			}()
@@ -63,12 +64,12 @@ func TestSystemdNotify(t *testing.T) {
 }
 
 // readNotify returns the next datagram sent to the notify socket, failing after 10 s.
-func readNotify(t *testing.T, notify *net.UnixConn, logs *syncBuffer) string {
+func readNotify(t *testing.T, notify *net.UnixConn, logs *syncbuf.Buffer) string {
 	t.Helper()
 	return readNotifyWithin(t, notify, logs, 10*time.Second)
 }
 
-func readNotifyWithin(t *testing.T, notify *net.UnixConn, logs *syncBuffer, d time.Duration) string {
+func readNotifyWithin(t *testing.T, notify *net.UnixConn, logs *syncbuf.Buffer, d time.Duration) string {
 	t.Helper()
 	buf := make([]byte, 4096)
 	notify.SetReadDeadline(time.Now().Add(d))

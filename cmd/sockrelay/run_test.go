@@ -25,6 +25,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/sockrelay/sockrelay/config"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 	"github.com/sockrelay/sockrelay/internal/wsecho"
 	"github.com/sockrelay/sockrelay/loader"
 	"github.com/sockrelay/sockrelay/relay"
@@ -117,7 +118,7 @@ func TestRunSockmapRefusedSaysWhy(t *testing.T) {
 			t.Skip("this host can run sockmap, and setpriv (util-linux), needed to run the relay without capabilities, is missing")
 		}
 		cmd := mainCommand(t, append([]string{"setpriv", "--bounding-set=-all"}, args...)...)
-		var buf syncBuffer
+		var buf syncbuf.Buffer
 		cmd.Stderr = &buf
 		err := cmd.Run()
 		var ee *exec.ExitError
@@ -270,7 +271,7 @@ func TestRunDrain(t *testing.T) {
 // relayRun is `sockrelay run` running in a goroutine, as main runs it.
 type relayRun struct {
 	listen, admin string
-	logs          *syncBuffer
+	logs          *syncbuf.Buffer
 	stop          context.CancelFunc
 	done          chan struct{}
 	code          int // valid once done is closed
@@ -281,7 +282,7 @@ type relayRun struct {
 func startRelay(t *testing.T, args ...string) *relayRun {
 	t.Helper()
 	ctx, stop := context.WithCancel(context.Background())
-	r := &relayRun{logs: &syncBuffer{}, stop: stop, done: make(chan struct{})}
+	r := &relayRun{logs: &syncbuf.Buffer{}, stop: stop, done: make(chan struct{})}
 	ready := make(chan [2]net.Addr, 1)
 	go func() {
 		defer close(r.done)

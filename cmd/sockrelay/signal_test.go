@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 	"github.com/sockrelay/sockrelay/loader"
 )
 
@@ -72,7 +73,7 @@ func TestSignalDrainsAndExits0(t *testing.T) {
 	upstream := newEchoUpstream(t)
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		t.Run(sig.String(), func(t *testing.T) {
-			logs := &syncBuffer{}
+			logs := &syncbuf.Buffer{}
 			cmd := mainCommand(t, "run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", upstream,
 				"--datapath", "copy", "--drain-timeout", "300ms", "--log-format", "json")
 			cmd.Stderr = logs
@@ -147,7 +148,7 @@ pools:
   echo: {servers: [%q]}
   spare: {servers: ["127.0.0.1:9"]}
 `, newEchoUpstream(t)))
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	cmd := mainCommand(t, "run", "--config", path, "--log-format", "json", "--drain-timeout", "300ms")
 	cmd.Stderr = logs
 	if err := cmd.Start(); err != nil {

@@ -23,6 +23,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/sockrelay/sockrelay/handover"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 	"github.com/sockrelay/sockrelay/loader"
 	"github.com/sockrelay/sockrelay/relay"
 	"github.com/sockrelay/sockrelay/tlsconf/tlstest"
@@ -124,9 +125,9 @@ func (r *upgradable) upgrade(t *testing.T, args ...string) (int, string) {
 	return code, out
 }
 
-// logsBuffer is the logs so far, for helpers that print a *syncBuffer.
-func (r *upgradable) logsBuffer() *syncBuffer {
-	b := &syncBuffer{}
+// logsBuffer is the logs so far, for helpers that print a *syncbuf.Buffer.
+func (r *upgradable) logsBuffer() *syncbuf.Buffer {
+	b := &syncbuf.Buffer{}
 	b.Write([]byte(r.logs.String()))
 	return b
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sockrelay/sockrelay/internal/fdlimit"
 	"golang.org/x/sys/unix"
 )
 
@@ -359,7 +360,7 @@ func TestCarryOutOfDescriptors(t *testing.T) {
 	peerA, a := tcpPair(t, nil)
 	b, peerB := tcpPair(t, nil)
 	before := openFDs(t)
-	withDescriptorsLeft(t, 1, func() {
+	fdlimit.WithDescriptorsLeft(t, 1, func() {
 		_, err := ls.Carry(a, b, nil, nil, nil)
 		if !errors.Is(err, unix.EMFILE) {
 			t.Errorf("Carry with one descriptor left = %v, want EMFILE", err)
@@ -444,33 +445,6 @@ func TestCarryFINBeforeCarry(t *testing.T) {
 	if got, err := io.ReadAll(peerA); err != nil || string(got) != "last words" {
 		t.Errorf("side a's peer read %q, then %v; want the bytes, then EOF", got, err)
 	}
-}
-
-// withDescriptorsLeft runs f with RLIMIT_NOFILE lowered so that only n more descriptors can be opened.
-func withDescriptorsLeft(t *testing.T, n int, f func()) {
-	t.Helper()
-	var old unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
-		t.Fatal(err)
-	}
-	// Descriptors take the lowest free numbers, so the limit goes just above the n-th free one.
-	free, fd := 0, 0
-	for ; free < n; fd++ {
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == unix.EBADF {
-			free++
-		}
-	}
-	lim := old
-	lim.Cur = uint64(fd)
-	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
-			t.Fatal(err)
-		}
-	}()
-	f()
 }
 
 // An idle tunnel holds no buffer, whatever crossed it before: the loops lend buffers only to directions

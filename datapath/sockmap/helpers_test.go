@@ -1,18 +1,17 @@
 package sockmap
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/internal/streams"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
 )
 
 // stream and diffStreams are the self-test's streams, for the tests.
@@ -49,10 +48,10 @@ func requireSockmap(t testing.TB) {
 
 // newTestEngine returns a kernel engine with the default held limit, closed when t ends, and the buffer
 // its log writes to (shown when t fails). It runs no self-test: TestMain has.
-func newTestEngine(t testing.TB) (*Engine, *syncBuffer) {
+func newTestEngine(t testing.TB) (*Engine, *syncbuf.Buffer) {
 	t.Helper()
 	requireSockmap(t)
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	k, err := newEngine(slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -151,22 +150,4 @@ func assertMapsEmpty(t testing.TB, k *Engine) {
 			t.Errorf("BPF map %s holds %d entries after every tunnel ended", name, c)
 		}
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
