@@ -34,13 +34,8 @@ esac
 out=${2:-$(mktemp -d /tmp/sockrelay-bench.XXXXXX)}
 
 if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
-	if [ "$(id -u)" -ne 0 ]; then
-		echo "scripts/bench.sh: needs nginx and haproxy; install them with: sudo apt-get install -y nginx haproxy" >&2
-		exit 1
-	fi
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends nginx haproxy >/dev/null
+	. "$(dirname "$0")/lib/packages.sh"
+	install_packages scripts/bench.sh nginx haproxy
 	# Debian starts both as services on their default ports; this benchmark runs its own.
 	systemctl stop nginx haproxy 2>/dev/null || true
 fi

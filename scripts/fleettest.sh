@@ -30,12 +30,8 @@ command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 /usr/bin/python3 -c 'import websockets' 2>/dev/null || need+=(python3-websockets)
-if [ ${#need[@]} -gt 0 ]; then
-	step "installing ${need[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. scripts/lib/packages.sh
+install_packages scripts/fleettest.sh ${need[@]+"${need[@]}"}
 start=$(date +%s)
 
 tmp=$(mktemp -d)

@@ -19,12 +19,8 @@ command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v getcap >/dev/null 2>&1 || need+=(libcap2-bin)
-if [ ${#need[@]} -gt 0 ]; then
-	step "installing ${need[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. scripts/lib/packages.sh
+install_packages scripts/imagetest.sh ${need[@]+"${need[@]}"}
 start=$(date +%s)
 
 tmp=$(mktemp -d)

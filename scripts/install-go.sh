@@ -12,7 +12,8 @@ if [[ "$have" =~ ^go([0-9]+)\.([0-9]+) ]] && { [ "${BASH_REMATCH[1]}" -gt 1 ] ||
 	exit 0
 fi
 echo "scripts/install-go.sh: found '${have:-no go}', need go$want; fetching $toolchain from the module proxy" >&2
-command -v unzip >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unzip >/dev/null; }
+. "$(dirname "$0")/lib/packages.sh"
+command -v unzip >/dev/null 2>&1 || install_packages scripts/install-go.sh unzip
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 curl -fsSL -o "$tmp/go.zip" "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-$toolchain.linux-amd64.zip"

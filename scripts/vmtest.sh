@@ -58,15 +58,8 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
-if [ ${#need[@]} -gt 0 ]; then
-	if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-		echo "scripts/vmtest.sh: needs these Debian packages: ${need[*]} (sudo apt-get install ${need[*]})" >&2
-		exit 1
-	fi
-	echo "scripts/vmtest.sh: installing ${need[*]}" >&2
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
-fi
+. "$(dirname "$0")/lib/packages.sh"
+install_packages scripts/vmtest.sh ${need[@]+"${need[@]}"}
 
 mkdir -p "$cache/debs" "$cache/kernels" "$logs"
 
