@@ -151,6 +151,12 @@ func (s *Server) listenerSetup(opts ListenerOptions) (listenerInfo, error) {
 	}
 	if opts.Limits != (Limits{}) {
 		info.limiter = newLimiter(opts.Limits)
+		s.listenersMu.Lock()
+		if s.listenerLimiters == nil {
+			s.listenerLimiters = map[string]*limiter{}
+		}
+		s.listenerLimiters[info.name] = info.limiter
+		s.listenersMu.Unlock()
 	}
 	s.metrics.knowListener(info.name, info.datapath, s.Router().Pools())
 	return info, nil

@@ -116,6 +116,8 @@ type Server struct {
 	listeners    []*http.Server
 	accepting    []net.Listener // the sockets the listeners' servers accept on
 	tcpListeners []net.Listener // of ServeTCP
+	// listenerLimiters are the listeners' own limits by name (those with any), for adopted tunnels.
+	listenerLimiters map[string]*limiter
 	// unread are the connections accepted whose first request head has not been read yet
 	// (http.StateNew). Shutdown lets them send it before it stops the servers, which close such a
 	// connection unanswered once they are shutting down.

@@ -166,6 +166,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		upstream:          datapath.Endpoint{Conn: up.conn, TLS: up.tls},
 		up:                up,
 		clientAddr:        peer,
+		clientIP:          ip,
 		req:               requestInfo{host: host}, // host: the SNI name, when peeked
 		pool:              pool.Name(),
 		releaseSlot:       releaseSlot,

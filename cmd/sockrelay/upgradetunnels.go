@@ -202,7 +202,7 @@ func (m *tunnelMover) describe(pt *relay.ParkedTunnel, nfds int) (handover.Tunne
 		Listener: t.Listener, Datapath: string(pt.Datapath), Started: t.Started, LastActive: pt.LastActive,
 		HalfClosedAt: pt.State.HalfClosedAt, HalfClosedTimeout: pt.HalfClosedTimeout, ToUpstream: up,
 		ToClient: down, Finished: pt.State.Finished, Peeked: pt.State.Peeked, ClientFD: nfds, UpstreamFD: nfds + 1,
-		URI: pt.URI, Host: pt.Host, UserAgent: pt.UserAgent}
+		URI: pt.URI, Host: pt.Host, UserAgent: pt.UserAgent, ClientIP: pt.ClientIP}
 	if len(desc.Peeked[0])+len(desc.Peeked[1]) > inlinePeeked {
 		for dir, b := range desc.Peeked {
 			for len(b) > 0 {
@@ -351,8 +351,8 @@ func (a *adopter) adopt(b *handover.Tunnels, files []*os.File, data map[uint64]*
 		t, err := a.srv.Adopt(relay.Adoption{ID: d.ID, ClientAddr: d.Client, UpstreamAddr: d.Upstream, Pool: d.Pool,
 			Listener: d.Listener, Datapath: relay.Datapath(d.Datapath), Started: d.Started, LastActive: d.LastActive,
 			HalfClosedTimeout: d.HalfClosedTimeout, Client: client, Upstream: upstream, URI: d.URI, Host: d.Host,
-			UserAgent: d.UserAgent,
-			State:     stateOf(d, peeked)})
+			UserAgent: d.UserAgent, ClientIP: d.ClientIP,
+			State: stateOf(d, peeked)})
 		if err != nil {
 			results = append(results, handover.AdoptResult{ID: d.ID, Error: err.Error()})
 			continue
