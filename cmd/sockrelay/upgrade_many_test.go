@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -334,4 +335,77 @@ func pollFor(d time.Duration, cond func() bool) bool {
 		}
 	}
 	return cond()
+}
+
+// TestUpgradeFailureKeepsTunnels: while checked streams and ping-pong tunnels flow, a new binary that
+// exits at once and one whose datapath probe fails (its --datapath sockmap, without the capabilities the
+// kernel datapath needs) fail their upgrades: the old process keeps every tunnel, hands none over, and
+// no byte is lost, cut or reset. An upgrade after them hands every tunnel over. On copy and on splice.
+func TestUpgradeFailureKeepsTunnels(t *testing.T) {
+	const streams, pingers = 100, 10
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, datapath := range []string{"copy", "splice"} {
+		t.Run(datapath, func(t *testing.T) {
+			dir := t.TempDir()
+			binary := filepath.Join(dir, "sockrelay")
+			install := func(body string) {
+				tmp := filepath.Join(dir, "next")
+				writeFile(t, tmp, "#!/bin/sh\n"+body+"\n")
+				if err := os.Chmod(tmp, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Rename(tmp, binary); err != nil {
+					t.Fatal(err)
+				}
+			}
+			up := newCheckedUpstream(t)
+			admin := "unix:" + filepath.Join(dir, "admin.sock")
+			r := startUpgradableWith(t, admin, nil, "--listen", "127.0.0.1:0", "--admin", admin, "--upstream", up.addr,
+				"--datapath", datapath, "--drain-timeout", "20s", "--log-format", "json", "--upgrade-binary", binary)
+			tr := startTraffic(t, r.listen, up, streams, pingers, streamPace)
+			oldIDs, _ := tunnelIDs(t, r.admin)
+
+			for _, f := range []struct {
+				name, body string
+				args       []string
+				want       string
+			}{
+				{"exits at once", "exit 3", nil, "(exit status 3)"},
+				{"fails its datapath probe", "exec setpriv --bounding-set=-all " + self + ` "$@"`,
+					[]string{"--", "--listen", r.listen, "--upstream", up.addr, "--admin", admin, "--datapath", "sockmap", "--log-format", "json"},
+					"could not start: --datapath sockmap: datapath unavailable"},
+			} {
+				t.Run(strings.ReplaceAll(f.name, " ", "_"), func(t *testing.T) {
+					if _, err := exec.LookPath("setpriv"); strings.HasPrefix(f.body, "exec setpriv") && err != nil {
+						t.Skipf("no setpriv to start the new binary without capabilities: %v", err)
+					}
+					install(f.body)
+					code, out := r.upgrade(t, f.args...)
+					if code != 1 || !strings.Contains(out, "upgrade failed, this relay keeps serving") || !strings.Contains(out, f.want) {
+						t.Errorf("upgrade: exit %d, %q; want 1 and %q", code, out, f.want)
+					}
+					if ids, _ := tunnelIDs(t, r.admin); !slices.Equal(ids, oldIDs) {
+						t.Errorf("after the failed upgrade the relay lists %d tunnels, want its %d", len(ids), len(oldIDs))
+					}
+					time.Sleep(200 * time.Millisecond) // traffic on the old process
+				})
+			}
+			if n := len(r.logs.lines("upgrade: tunnels handed over")); n != 0 {
+				t.Errorf("tunnels handed over %d times by failed upgrades:\n%s", n, r.logs)
+			}
+
+			install("exec " + self + ` "$@"`)
+			if code, out := r.upgrade(t); code != 0 {
+				t.Fatalf("upgrade after the failures: exit %d: %s\n%s", code, out, r.logs)
+			}
+			r.waitExit(t, 10*time.Second)
+			if ids, _ := tunnelIDs(t, r.admin); !slices.Equal(ids, oldIDs) {
+				t.Errorf("the new process lists %d tunnels, want the old one's %d", len(ids), len(oldIDs))
+			}
+			tr.finish(t, r.logs)
+		})
+	}
 }
