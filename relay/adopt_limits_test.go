@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"io"
 	"net"
 	"net/http"
@@ -102,5 +103,49 @@ func TestAdoptTakesLimitSlots(t *testing.T) {
 			c.Close()
 			u.Close()
 		})
+	}
+}
+
+// TestHoldDrainWaitsForAdoptions: a server that holds its drain (as a process adopting an upgrade's
+// tunnels does) and has no tunnel yet does not end its Shutdown: a tunnel handed over meanwhile is
+// adopted and carried, and Shutdown returns once the hold is released and that tunnel has ended.
+func TestHoldDrainWaitsForAdoptions(t *testing.T) {
+	up := startUpstream(t)
+	old := startRelay(t, DatapathCopy, []string{up.Addr})
+	next := startRelay(t, DatapathCopy, []string{up.Addr})
+	release := next.HoldDrain()
+	stopped := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		stopped <- next.Shutdown(ctx)
+	}()
+	time.Sleep(100 * time.Millisecond)
+	select {
+	case err := <-stopped:
+		t.Fatalf("Shutdown returned (%v) while its drain was held", err)
+	default:
+	}
+
+	c, u := openTunnel(t, old.Addr, up, nil, nil)
+	handOverTo(t, old, next, old.Tunnels().Tunnels()[0], DefaultListener)
+	if _, err := c.Write([]byte("moved")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(u.R, buf); err != nil || string(buf) != "moved" {
+		t.Fatalf("the tunnel adopted during the held drain: the upstream read %q, %v", buf, err)
+	}
+	release()
+	c.Close()
+	u.Close()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Errorf("Shutdown: %v, want nil: the adopted tunnel ended within the drain", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown had not returned 10s after the hold was released and the tunnel ended")
 	}
 }

@@ -128,7 +128,10 @@ type Server struct {
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
 
 	draining atomic.Bool
-	limiter  *limiter // Config.Limits
+	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
+	// see HoldDrain.
+	drainHolds sync.WaitGroup
+	limiter    *limiter // Config.Limits
 	// evictedServers are servers whose tunnels CloseTunnelsTo closed (see evicted).
 	evictMu        sync.Mutex
 	evictedServers map[*upstream.Server]bool
@@ -244,6 +247,28 @@ func orDefault[T comparable](v, def T) T {
 // Tunnels returns the registry of live tunnels.
 func (s *Server) Tunnels() *Registry { return s.tunnels }
 
+// HoldDrain keeps Shutdown, once it has stopped accepting, from waiting for the live tunnels until
+// release is called (or Shutdown's ctx is done). A process that adopts an upgrade's tunnels holds it until
+// the old process is done sending them: tunnels still on the way then find a registry open, and a process
+// that has none yet does not end its drain, and exit, before they come.
+func (s *Server) HoldDrain() (release func()) {
+	s.drainHolds.Add(1)
+	return sync.OnceFunc(s.drainHolds.Done)
+}
+
+// awaitDrainHolds waits until every HoldDrain is released, or ctx is done.
+func (s *Server) awaitDrainHolds(ctx context.Context) {
+	released := make(chan struct{})
+	go func() {
+		s.drainHolds.Wait()
+		close(released)
+	}()
+	select {
+	case <-released:
+	case <-ctx.Done():
+	}
+}
+
 // Shutdown stops accepting clients, lets handshakes in progress and live tunnels finish until ctx is done,
 // then resets the tunnels that are left. It returns ctx's error if it had to close tunnels.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -286,6 +311,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			err = herr
 		}
 	}
+	s.awaitDrainHolds(ctx)
 	if werr := s.tunnels.Wait(ctx); werr != nil {
 		err = werr
 		s.log.Warn("drain time over, closing tunnels", "tunnels", s.tunnels.Len())
