@@ -127,11 +127,12 @@ type Server struct {
 	splicer  *datapath.Splicer
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
 
-	draining atomic.Bool
 	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
 	// see HoldDrain.
 	drainHolds sync.WaitGroup
-	limiter    *limiter // Config.Limits
+
+	draining atomic.Bool
+	limiter  *limiter // Config.Limits
 	// evictedServers are servers whose tunnels CloseTunnelsTo closed (see evicted).
 	evictMu        sync.Mutex
 	evictedServers map[*upstream.Server]bool
