@@ -179,6 +179,10 @@ func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
 		dp = s.cfg.Datapath
 	case DatapathCopy, DatapathSplice:
 	case DatapathSockmap:
+		if s.kernel == nil && s.kernelSkipped != nil {
+			return listenerInfo{}, fmt.Errorf("listener %q: datapath sockmap: %w: the relay's datapath is auto, and its kernel datapath did not load (%v), so it runs on %s; accepted here: copy, splice or auto",
+				name, ErrDatapathUnavailable, s.kernelSkipped, s.cfg.Datapath)
+		}
 		if s.kernel == nil {
 			return listenerInfo{}, fmt.Errorf("listener %q: datapath sockmap: %w: the relay's datapath is %s, and only sockmap or auto load the kernel datapath",
 				name, ErrDatapathUnavailable, s.cfg.Datapath)

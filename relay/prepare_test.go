@@ -2,30 +2,44 @@ package relay
 
 import (
 	"errors"
+	"log/slog"
 	"net"
 	"strings"
 	"testing"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 )
 
 // TestPrepareListenerRefuses: a listener the server refuses (a datapath it cannot give, limits out of
 // range) is refused by PrepareListener and PrepareTCP themselves, before anything serves, with an error
 // that names the listener; its socket is closed.
 func TestPrepareListenerRefuses(t *testing.T) {
-	r := startRelay(t, DatapathCopy, []string{"127.0.0.1:9"})
-	prepare := map[string]func(net.Listener, ListenerOptions) (*PreparedListener, error){
-		"websocket": r.PrepareListener,
-		"tcp":       func(l net.Listener, o ListenerOptions) (*PreparedListener, error) { return r.PrepareTCP(l, o, nil) },
-	}
+	copyRelay := startRelay(t, DatapathCopy, []string{"127.0.0.1:9"})
+	// Under auto, a kernel datapath that did not load (here its start fails): the relay runs on splice.
+	autoRelay := startRelay(t, DatapathAuto, []string{"127.0.0.1:9"}, func(c *Config) {
+		c.startKernel = func(*slog.Logger, func(*datapath.Pair, string), uint64) (*sockmap.Engine, error) {
+			return nil, errors.New("sockmap: kernel: capabilities: missing CAP_BPF")
+		}
+	})
 	for _, tc := range []struct {
 		name string
+		r    *testRelay
 		opts ListenerOptions
 		want string
 	}{
-		{"sockmap on a copy relay", ListenerOptions{Name: "kernel", Datapath: DatapathSockmap},
+		{"sockmap on a copy relay", copyRelay, ListenerOptions{Name: "kernel", Datapath: DatapathSockmap},
 			`listener "kernel": datapath sockmap: datapath unavailable: the relay's datapath is copy`},
-		{"negative limit", ListenerOptions{Name: "edge", Limits: Limits{MaxTunnels: -1}},
+		{"sockmap on an auto relay without its kernel datapath", autoRelay, ListenerOptions{Name: "kernel", Datapath: DatapathSockmap},
+			`listener "kernel": datapath sockmap: datapath unavailable: the relay's datapath is auto, and its kernel datapath did not load ` +
+				`(sockmap: kernel: capabilities: missing CAP_BPF), so it runs on splice; accepted here: copy, splice or auto`},
+		{"negative limit", copyRelay, ListenerOptions{Name: "edge", Limits: Limits{MaxTunnels: -1}},
 			`listener "edge": limit max_tunnels: -1; accepted 0 (unlimited) or more`},
 	} {
+		prepare := map[string]func(net.Listener, ListenerOptions) (*PreparedListener, error){
+			"websocket": tc.r.PrepareListener,
+			"tcp":       func(l net.Listener, o ListenerOptions) (*PreparedListener, error) { return tc.r.PrepareTCP(l, o, nil) },
+		}
 		for kind, prep := range prepare {
 			t.Run(tc.name+"/"+kind, func(t *testing.T) {
 				ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -130,6 +130,8 @@ type Server struct {
 	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
 	// see HoldDrain.
 	drainHolds sync.WaitGroup
+	// kernelSkipped is why auto stepped down from sockmap: the kernel datapath did not load.
+	kernelSkipped error
 
 	draining atomic.Bool
 	limiter  *limiter // Config.Limits

@@ -68,7 +68,7 @@ func TestRefusedListenerFailsTheStart(t *testing.T) {
 		t.Fatalf("the relay ended with %v, want exit status 1:\n%s", err, logs)
 	}
 	stopped := logs.lines("sockrelay stopped")
-	if want := `listener "kernel": datapath sockmap: datapath unavailable`; len(stopped) != 1 ||
+	if want := `refused.yaml: listener "kernel": datapath sockmap: datapath unavailable: the relay's datapath is auto, and its kernel datapath did not load`; len(stopped) != 1 ||
 		!strings.Contains(fmt.Sprint(stopped[0]["err"]), want) {
 		t.Errorf("the relay's last words %v, want an error with %q:\n%s", stopped, want, logs)
 	}
