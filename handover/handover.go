@@ -150,6 +150,7 @@ type Tunnel struct {
 	URI        string    `json:"uri,omitempty"`
 	Host       string    `json:"host,omitempty"`
 	UserAgent  string    `json:"user_agent,omitempty"`
+	ClientIP   string    `json:"client_ip,omitempty"` // what the limits count it under: see relay.Adoption
 	Started    time.Time `json:"started"`
 	LastActive time.Time `json:"last_active"`
 	// HalfClosedAt is when its first FIN was carried; zero while neither direction has finished.

@@ -6,7 +6,8 @@
 //
 // A WebSocket tunnel on the kernel (sockmap) datapath:
 //
-//  1. Accept: listen.go (ServeListenerWith, wrapListener) and proxylistener.go (the PROXY header reader).
+//  1. Accept: listen.go (PrepareListener, then Serve; wrapListener) and proxylistener.go (the PROXY header
+//     reader).
 //  2. Dispatch: server.go (ServeHTTP) sends an upgrade request to websocket.go (serveUpgrade).
 //  3. Validate the request against RFC 6455: handshake.go (validateUpgrade).
 //  4. Admit under the limits: routing.go (listenerOf, limitersFor), clientip.go (clientOf), limits.go (admit).

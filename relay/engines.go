@@ -36,6 +36,7 @@ func (s *Server) setUpDatapath() error {
 		default:
 			reason = "sockmap_unavailable"
 		}
+		s.kernelSkipped = err
 		s.metrics.datapathFallbacks.WithLabelValues(reason).Inc()
 		s.log.Warn("kernel datapath unavailable, using a userspace one", "reason", reason, "err", err)
 		return s.chooseUserspace(requested, []string{err.Error()})

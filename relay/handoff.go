@@ -55,6 +55,8 @@ type ParkedTunnel struct {
 	HalfClosedTimeout time.Duration
 	// URI, Host and UserAgent are the request that opened it.
 	URI, Host, UserAgent string
+	// ClientIP is the client address the limits count it under.
+	ClientIP string
 }
 
 // Park stops t's engine at a byte boundary, keeping its sockets open: the bytes it read and did not
@@ -70,7 +72,7 @@ func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
 		return nil, err
 	}
 	pt := &ParkedTunnel{T: t, Datapath: kind, State: t.pair.State(), HalfClosedTimeout: t.halfClosedTimeout,
-		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent}
+		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent, ClientIP: t.clientIP}
 	pt.LastActive = later(t.Started, later(t.activeAt, pt.State.LastActive))
 	return pt, nil
 }
@@ -117,6 +119,9 @@ type Adoption struct {
 	URI, Host         string
 	UserAgent         string
 	State             datapath.State
+	// ClientIP is the client address the limits count the tunnel under; empty (an older process's
+	// handover), the host of ClientAddr.
+	ClientIP string
 	// Client and Upstream are the sockets; Adopt takes them over (and closes them on an error).
 	Client, Upstream *os.File
 }
@@ -124,8 +129,10 @@ type Adoption struct {
 // Adopt registers a tunnel handed over by the process this one replaces: under its own id unless this
 // process gave it to a tunnel of its own, with the upstream server's lease when the server is still in
 // its pool (a server the configuration dropped leaves it without one), on this process's engine of its
-// datapath (plain copy tunnels on the event loops). It does not carry it yet: CarryAdopted does, once
-// the old process has let go; DropAdopted forgets it.
+// datapath (plain copy tunnels on the event loops). It takes the tunnel's slots under this process's
+// limits and its listener's, even past them (a live tunnel is not reset for a limit), so that handshakes
+// are refused until enough tunnels end. It does not carry it yet: CarryAdopted does, once the old
+// process has let go; DropAdopted forgets it.
 func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 	client, err := tcpConnOfFile(a.Client)
 	if err != nil {
@@ -141,10 +148,15 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 	if kind != DatapathSplice {
 		kind = DatapathCopy
 	}
+	ip := a.ClientIP
+	if ip == "" {
+		ip, _, _ = net.SplitHostPort(a.ClientAddr)
+	}
 	t := &Tunnel{
 		Client: client, Upstream: up, Started: a.Started, ClientAddr: a.ClientAddr, UpstreamAddr: a.UpstreamAddr,
 		Pool: a.Pool, Listener: a.Listener, halfClosedTimeout: a.HalfClosedTimeout, activeAt: a.LastActive,
 		lease: s.adoptLease(a.Pool, a.UpstreamAddr), req: requestInfo{uri: a.URI, host: a.Host, userAgent: a.UserAgent},
+		clientIP: ip, releaseSlot: s.holdSlots(a.Listener, ip),
 	}
 	t.parked.Store(true)
 	t.pair = datapath.RestorePair(kind, datapath.Endpoint{Conn: client}, datapath.Endpoint{Conn: up}, a.State,
@@ -153,6 +165,7 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 		if t.lease != nil {
 			t.lease.Release()
 		}
+		t.releaseSlot()
 		client.Close()
 		up.Close()
 		return nil, err
@@ -161,6 +174,23 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 	s.reserve(t, s.engine(kind)) // a splice tunnel's pipes; one short of descriptors runs on copy
 	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath())).Inc()
 	return t, nil
+}
+
+// holdSlots counts an adopted tunnel under the server's limits and its listener's; the returned function
+// gives its slots back.
+func (s *Server) holdSlots(listener, ip string) func() {
+	s.listenersMu.Lock()
+	own := s.listenerLimiters[listener]
+	s.listenersMu.Unlock()
+	release := s.limiter.holdTunnel(ip)
+	if own == nil {
+		return release
+	}
+	releaseOwn := own.holdTunnel(ip)
+	return func() {
+		release()
+		releaseOwn()
+	}
 }
 
 // adoptLease takes a lease on the pool's server of that address, whatever its max_tunnels (the tunnel

@@ -155,6 +155,25 @@ func (l *limiter) reserveTunnel(ip string) (func(), *refusal) {
 	}
 	l.tunnels++
 	l.perIP[ip]++
+	return l.releaseOnce(ip), nil
+}
+
+// holdTunnel counts a tunnel that exists already (one an upgrade handed over) under ip, whatever the
+// limits say: it is never refused, since refusing would reset a live tunnel, but it takes its slot, so
+// that handshakes past the limits are refused until it ends. The returned function gives the slot back.
+func (l *limiter) holdTunnel(ip string) func() {
+	if l.lim.MaxTunnels == 0 && l.lim.MaxTunnelsPerIP == 0 {
+		return noop
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.tunnels++
+	l.perIP[ip]++
+	return l.releaseOnce(ip)
+}
+
+// releaseOnce is the function that gives back one tunnel slot of ip, the first time it is called.
+func (l *limiter) releaseOnce(ip string) func() {
 	var once sync.Once
 	return func() {
 		once.Do(func() {
@@ -165,7 +184,7 @@ func (l *limiter) reserveTunnel(ip string) (func(), *refusal) {
 			}
 			l.mu.Unlock()
 		})
-	}, nil
+	}
 }
 
 func noop() {}

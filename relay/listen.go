@@ -55,15 +55,48 @@ func (s *Server) wrapListener(l net.Listener, opts ListenerOptions) net.Listener
 	return l
 }
 
-// ServeListenerWith is ServeListener with every listener setting.
+// ServeListenerWith is ServeListener with every listener setting: PrepareListener, then Serve.
 func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
+	p, err := s.PrepareListener(l, opts)
+	if err != nil {
+		return err
+	}
+	return p.Serve()
+}
+
+// PreparedListener is a listener whose settings the server has checked and set up (its datapath, limits
+// and metric series), not accepting yet: a relay prepares every listener before it says it serves, so that
+// one it would refuse fails the start, not the relay after it said so.
+type PreparedListener struct {
+	s     *Server
+	l     net.Listener
+	opts  ListenerOptions
+	info  listenerInfo
+	serve func(*PreparedListener) error // WebSocket or TCP
+}
+
+// PrepareListener checks a WebSocket listener's options and sets up what its requests carry; Serve then
+// accepts clients on l. On an error, which names the listener, l is closed.
+func (s *Server) PrepareListener(l net.Listener, opts ListenerOptions) (*PreparedListener, error) {
 	info, err := s.listenerSetup(opts)
 	if err != nil {
 		l.Close()
-		return err
+		return nil, err
 	}
 	info.trusted = opts.TrustedProxies
-	l = s.wrapListener(l, opts)
+	return &PreparedListener{s: s, l: l, opts: opts, info: info, serve: (*PreparedListener).serveHTTP}, nil
+}
+
+// Datapath is the datapath of the listener's tunnels, resolved (never auto).
+func (p *PreparedListener) Datapath() Datapath { return p.info.datapath }
+
+// Serve accepts clients until Shutdown. It returns http.ErrServerClosed after Shutdown.
+func (p *PreparedListener) Serve() error { return p.serve(p) }
+
+// serveHTTP serves a WebSocket listener.
+func (p *PreparedListener) serveHTTP() error {
+	s, info := p.s, p.info
+	l := s.wrapListener(p.l, p.opts)
 	hs := &http.Server{
 		Handler:           s.withAccessLog(s),
 		ReadHeaderTimeout: s.cfg.ClientHeaderTimeout,
@@ -79,7 +112,7 @@ func (s *Server) ServeListenerWith(l net.Listener, opts ListenerOptions) error {
 		l.Close()
 		return http.ErrServerClosed
 	}
-	err = hs.Serve(l)
+	err := hs.Serve(l)
 	if s.draining.Load() {
 		return http.ErrServerClosed // Shutdown closed l before it stopped hs
 	}
@@ -110,14 +143,20 @@ func (s *Server) ListenerDatapath(dp Datapath) (Datapath, error) {
 // listenerSetup checks a listener's options and makes what its requests and connections carry.
 func (s *Server) listenerSetup(opts ListenerOptions) (listenerInfo, error) {
 	info, err := s.listenerInfo(opts.Name, opts.Datapath)
-	if err == nil {
-		err = opts.Limits.Validate()
-	}
 	if err != nil {
 		return listenerInfo{}, err
 	}
+	if err := opts.Limits.Validate(); err != nil {
+		return listenerInfo{}, fmt.Errorf("listener %q: %w", opts.Name, err)
+	}
 	if opts.Limits != (Limits{}) {
 		info.limiter = newLimiter(opts.Limits)
+		s.listenersMu.Lock()
+		if s.listenerLimiters == nil {
+			s.listenerLimiters = map[string]*limiter{}
+		}
+		s.listenerLimiters[info.name] = info.limiter
+		s.listenersMu.Unlock()
 	}
 	s.metrics.knowListener(info.name, info.datapath, s.Router().Pools())
 	return info, nil
@@ -140,6 +179,10 @@ func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
 		dp = s.cfg.Datapath
 	case DatapathCopy, DatapathSplice:
 	case DatapathSockmap:
+		if s.kernel == nil && s.kernelSkipped != nil {
+			return listenerInfo{}, fmt.Errorf("listener %q: datapath sockmap: %w: the relay's datapath is auto, and its kernel datapath did not load (%v), so it runs on %s; accepted here: copy, splice or auto",
+				name, ErrDatapathUnavailable, s.kernelSkipped, s.cfg.Datapath)
+		}
 		if s.kernel == nil {
 			return listenerInfo{}, fmt.Errorf("listener %q: datapath sockmap: %w: the relay's datapath is %s, and only sockmap or auto load the kernel datapath",
 				name, ErrDatapathUnavailable, s.cfg.Datapath)

@@ -15,6 +15,7 @@ type opening struct {
 	client, upstream  datapath.Endpoint
 	up                *dialedUpstream
 	clientAddr        string
+	clientIP          string // the limits' key: see Tunnel.clientIP
 	req               requestInfo
 	pool              string
 	releaseSlot       func()
@@ -44,6 +45,7 @@ func (s *Server) establish(o opening) (*Tunnel, error) {
 		req:               o.req,
 		lease:             o.up.lease,
 		releaseSlot:       o.releaseSlot,
+		clientIP:          o.clientIP,
 		halfClosedTimeout: o.halfClosedTimeout,
 	}
 	engine := s.engineFor(o.listener.datapath, o.client, o.upstream)

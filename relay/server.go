@@ -116,6 +116,8 @@ type Server struct {
 	listeners    []*http.Server
 	accepting    []net.Listener // the sockets the listeners' servers accept on
 	tcpListeners []net.Listener // of ServeTCP
+	// listenerLimiters are the listeners' own limits by name (those with any), for adopted tunnels.
+	listenerLimiters map[string]*limiter
 	// unread are the connections accepted whose first request head has not been read yet
 	// (http.StateNew). Shutdown lets them send it before it stops the servers, which close such a
 	// connection unanswered once they are shutting down.
@@ -124,6 +126,12 @@ type Server struct {
 	kernel   *sockmap.Engine // nil unless the datapath is sockmap
 	splicer  *datapath.Splicer
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
+
+	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
+	// see HoldDrain.
+	drainHolds sync.WaitGroup
+	// kernelSkipped is why auto stepped down from sockmap: the kernel datapath did not load.
+	kernelSkipped error
 
 	draining atomic.Bool
 	limiter  *limiter // Config.Limits
@@ -242,6 +250,28 @@ func orDefault[T comparable](v, def T) T {
 // Tunnels returns the registry of live tunnels.
 func (s *Server) Tunnels() *Registry { return s.tunnels }
 
+// HoldDrain keeps Shutdown, once it has stopped accepting, from waiting for the live tunnels until
+// release is called (or Shutdown's ctx is done). A process that adopts an upgrade's tunnels holds it until
+// the old process is done sending them: tunnels still on the way then find a registry open, and a process
+// that has none yet does not end its drain, and exit, before they come.
+func (s *Server) HoldDrain() (release func()) {
+	s.drainHolds.Add(1)
+	return sync.OnceFunc(s.drainHolds.Done)
+}
+
+// awaitDrainHolds waits until every HoldDrain is released, or ctx is done.
+func (s *Server) awaitDrainHolds(ctx context.Context) {
+	released := make(chan struct{})
+	go func() {
+		s.drainHolds.Wait()
+		close(released)
+	}()
+	select {
+	case <-released:
+	case <-ctx.Done():
+	}
+}
+
 // Shutdown stops accepting clients, lets handshakes in progress and live tunnels finish until ctx is done,
 // then resets the tunnels that are left. It returns ctx's error if it had to close tunnels.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -284,6 +314,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			err = herr
 		}
 	}
+	s.awaitDrainHolds(ctx)
 	if werr := s.tunnels.Wait(ctx); werr != nil {
 		err = werr
 		s.log.Warn("drain time over, closing tunnels", "tunnels", s.tunnels.Len())

@@ -24,11 +24,26 @@ type SNIReader func(conn net.Conn, timeout time.Duration) (serverName string, re
 // as its host. Tunnels use the listener's datapath, half-close and limits as WebSocket tunnels do; a
 // connection refused by a limit is closed at once (there is no protocol to answer in).
 func (s *Server) ServeTCP(l net.Listener, opts ListenerOptions, sni SNIReader) error {
+	p, err := s.PrepareTCP(l, opts, sni)
+	if err != nil {
+		return err
+	}
+	return p.Serve()
+}
+
+// PrepareTCP is PrepareListener for a TCP listener (ServeTCP): Serve then relays its connections.
+func (s *Server) PrepareTCP(l net.Listener, opts ListenerOptions, sni SNIReader) (*PreparedListener, error) {
 	info, err := s.listenerSetup(opts) // no trusted proxies: there are no headers to believe
 	if err != nil {
 		l.Close()
-		return err
+		return nil, err
 	}
+	serve := func(p *PreparedListener) error { return s.serveTCP(p.l, p.opts, p.info, sni) }
+	return &PreparedListener{s: s, l: l, opts: opts, info: info, serve: serve}, nil
+}
+
+// serveTCP accepts on a prepared TCP listener until Shutdown.
+func (s *Server) serveTCP(l net.Listener, opts ListenerOptions, info listenerInfo, sni SNIReader) error {
 	if !s.track(func() { s.tcpListeners = append(s.tcpListeners, l) }) {
 		l.Close()
 		return http.ErrServerClosed
@@ -151,6 +166,7 @@ func (s *Server) serveTCPConn(conn net.Conn, info listenerInfo, sni SNIReader) {
 		upstream:          datapath.Endpoint{Conn: up.conn, TLS: up.tls},
 		up:                up,
 		clientAddr:        peer,
+		clientIP:          ip,
 		req:               requestInfo{host: host}, // host: the SNI name, when peeked
 		pool:              pool.Name(),
 		releaseSlot:       releaseSlot,

@@ -32,6 +32,9 @@ type Tunnel struct {
 	lease *upstream.Lease
 	// releaseSlot gives back the tunnel's place under the limits; tunnelEnded calls it.
 	releaseSlot func()
+	// clientIP is the client address the limits count the tunnel under (behind a trusted proxy, the one
+	// it vouches for); an upgrade hands it over with the tunnel.
+	clientIP string
 
 	// halfClosedTimeout, when positive, ends the tunnel once one direction has carried its FIN and nothing
 	// has moved either way for that long (enforceTunnelTimeouts).

@@ -44,7 +44,8 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	endHandshake, releaseSlot, lerr := admit(s.limitersFor(s.listenerOf(r)), s.clientOf(r).ip)
+	clientIP := s.clientOf(r).ip
+	endHandshake, releaseSlot, lerr := admit(s.limitersFor(s.listenerOf(r)), clientIP)
 	if lerr != nil {
 		s.refuse(w, r, lerr)
 		return
@@ -103,6 +104,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
 		upstream:          datapath.Endpoint{Conn: upstream, TLS: up.tls, Peeked: upstreamPrefix},
 		up:                up,
 		clientAddr:        r.RemoteAddr,
+		clientIP:          clientIP,
 		req:               describeRequest(r),
 		pool:              pool.Name(),
 		releaseSlot:       releaseSlot,

@@ -408,6 +408,27 @@ func (l listenerSetting) options() relay.ListenerOptions {
 	return opts
 }
 
+// prepare has srv check and set up the listener's settings, ln to accept on: a WebSocket listener, or a
+// tcp one.
+func (l listenerSetting) prepare(srv *relay.Server, ln net.Listener) (*relay.PreparedListener, error) {
+	if l.file == nil || l.file.Type != config.ListenerTCP {
+		return srv.PrepareListener(ln, l.options())
+	}
+	var sni relay.SNIReader
+	if l.file.TLSPassthrough {
+		sni = tlsconf.PeekClientHello
+	}
+	return srv.PrepareTCP(ln, l.options(), sni)
+}
+
+// source is where the listener was given: the configuration file, or --listen.
+func (l listenerSetting) source(o *runOptions) string {
+	if l.file != nil {
+		return o.configPath
+	}
+	return l.flag
+}
+
 // tunnelsDatapath is what the listener's tunnels run on: a TLS listener's bytes are decrypted in
 // userspace, so its tunnels run on copy whatever the datapath it was given.
 func (l listenerSetting) tunnelsDatapath() relay.Datapath {
@@ -538,10 +559,6 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 				go ts.WatchFiles(ctx, l.file.TLS.ReloadInterval)
 			}
 		}
-		if listeners[i].datapath, err = srv.ListenerDatapath(l.datapath); err != nil {
-			closeAll()
-			return fmt.Errorf("%s: %w", l.flag, err)
-		}
 		desc := listeners[i].handoverDesc()
 		ln, err := up.inherited.listen(desc, func() (net.Listener, error) { return net.Listen("tcp", l.address) })
 		if err != nil {
@@ -551,6 +568,16 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		lns = append(lns, ln)
 		desc.Bound = ln.Addr().String()
 		handed = append(handed, offered{desc: desc, ln: ln})
+	}
+	// Every listener's settings are checked and set up before the relay says it serves (READY=1, the
+	// answer to an upgrade): one the server refuses fails the start, and an old process keeps everything.
+	prepared := make([]*relay.PreparedListener, len(lns))
+	for i, ln := range lns {
+		if prepared[i], err = listeners[i].prepare(srv, ln); err != nil {
+			closeAll()
+			return fmt.Errorf("%s: %w", listeners[i].source(o), err) // the error names the listener
+		}
+		listeners[i].datapath = prepared[i].Datapath()
 	}
 	var adminAddr net.Addr
 	var adminSrv *http.Server
@@ -587,17 +614,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	served := make(chan error, len(lns))
 	for i, ln := range lns {
 		go func() {
-			var err error
-			if l := listeners[i]; l.file != nil && l.file.Type == config.ListenerTCP {
-				var sni relay.SNIReader
-				if l.file.TLSPassthrough {
-					sni = tlsconf.PeekClientHello
-				}
-				err = srv.ServeTCP(ln, l.options(), sni)
-			} else {
-				err = srv.ServeListenerWith(ln, l.options())
-			}
-			if err != nil {
+			if err := prepared[i].Serve(); err != nil {
 				served <- fmt.Errorf("serve %s: %w", ln.Addr(), err)
 			}
 		}()

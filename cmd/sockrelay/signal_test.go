@@ -24,8 +24,13 @@ import (
 const runMainEnv = "SOCKRELAY_TEST_RUN_MAIN"
 
 // refuseTunnelsEnv, set to "odd" in a relay child's environment, makes it refuse every handed-over tunnel
-// of an odd id, and set to "crash", exit when the first batch arrives (adoptHooks).
+// of an odd id, set to "crash", exit when the first batch arrives, and set to "silent", never answer a
+// batch (adoptHooks).
 const refuseTunnelsEnv = "SOCKRELAY_TEST_REFUSE_TUNNELS"
+
+// adoptAnswerTimeoutEnv, set to a duration in a relay child's environment, is how long it waits for the
+// new process's answer to a batch of tunnels (adoptAnswerTimeout).
+const adoptAnswerTimeoutEnv = "SOCKRELAY_TEST_ADOPT_ANSWER_TIMEOUT"
 
 func TestMain(m *testing.M) {
 	if os.Getenv(runMainEnv) == "1" {
@@ -34,6 +39,11 @@ func TestMain(m *testing.M) {
 			adoptHooks.refuse = func(id uint64) bool { return id%2 == 1 }
 		case "crash":
 			adoptHooks.crashOnBatch = true
+		case "silent":
+			adoptHooks.neverAnswer = true
+		}
+		if d, err := time.ParseDuration(os.Getenv(adoptAnswerTimeoutEnv)); err == nil {
+			adoptAnswerTimeout = d
 		}
 		main()
 		return // main exits; not reached

@@ -611,7 +611,13 @@ func (h *inheritance) confirm(srv *relay.Server) {
 	h.removeDroppedAdminSocket(dropped)
 	a := &adopter{conn: h.conn, srv: srv, from: h.from, log: h.log}
 	h.conn = nil
-	go a.run()
+	// Until the old process is done, its tunnels may still come: a drain (this process upgraded in turn,
+	// or stopped) waits for them rather than end with none and exit while they are on the way.
+	release := srv.HoldDrain()
+	go func() {
+		defer release()
+		a.run()
+	}()
 }
 
 // removeDroppedAdminSocket removes the file of an offered Unix-socket admin that this process did not adopt

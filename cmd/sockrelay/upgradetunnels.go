@@ -16,8 +16,9 @@ import (
 )
 
 // adoptAnswerTimeout bounds how long the old process waits for the new one's answer to a batch of
-// tunnels; past it, it tells the new one to drop the batch and carries the tunnels on itself.
-const adoptAnswerTimeout = 10 * time.Second
+// tunnels; past it, it tells the new one to drop the batch and carries the tunnels on itself. A variable
+// for the tests, which shorten it (adoptHooks).
+var adoptAnswerTimeout = 10 * time.Second
 
 // inlinePeeked is how many peeked bytes a tunnel may carry in its batch's message; more go ahead of it
 // in Data messages, so that a batch of many tunnels stays within one message's body.
@@ -202,7 +203,7 @@ func (m *tunnelMover) describe(pt *relay.ParkedTunnel, nfds int) (handover.Tunne
 		Listener: t.Listener, Datapath: string(pt.Datapath), Started: t.Started, LastActive: pt.LastActive,
 		HalfClosedAt: pt.State.HalfClosedAt, HalfClosedTimeout: pt.HalfClosedTimeout, ToUpstream: up,
 		ToClient: down, Finished: pt.State.Finished, Peeked: pt.State.Peeked, ClientFD: nfds, UpstreamFD: nfds + 1,
-		URI: pt.URI, Host: pt.Host, UserAgent: pt.UserAgent}
+		URI: pt.URI, Host: pt.Host, UserAgent: pt.UserAgent, ClientIP: pt.ClientIP}
 	if len(desc.Peeked[0])+len(desc.Peeked[1]) > inlinePeeked {
 		for dir, b := range desc.Peeked {
 			for len(b) > 0 {
@@ -307,6 +308,9 @@ func (a *adopter) run() {
 			}
 			ts, results := a.adopt(m.Tunnels, files, data, failFor)
 			prepared[m.Tunnels.Batch] = ts
+			if adoptHooks.neverAnswer {
+				continue // the test hook: a new process that never answers a batch
+			}
 			ans := handover.Message{Type: handover.TypeAdopted, Adopted: &handover.Adopted{Batch: m.Tunnels.Batch, Results: results}}
 			if err := a.conn.Send(ans, nil); err != nil {
 				a.log.Warn("upgrade: could not answer the old process", "pid", a.from, "err", err)
@@ -351,8 +355,8 @@ func (a *adopter) adopt(b *handover.Tunnels, files []*os.File, data map[uint64]*
 		t, err := a.srv.Adopt(relay.Adoption{ID: d.ID, ClientAddr: d.Client, UpstreamAddr: d.Upstream, Pool: d.Pool,
 			Listener: d.Listener, Datapath: relay.Datapath(d.Datapath), Started: d.Started, LastActive: d.LastActive,
 			HalfClosedTimeout: d.HalfClosedTimeout, Client: client, Upstream: upstream, URI: d.URI, Host: d.Host,
-			UserAgent: d.UserAgent,
-			State:     stateOf(d, peeked)})
+			UserAgent: d.UserAgent, ClientIP: d.ClientIP,
+			State: stateOf(d, peeked)})
 		if err != nil {
 			results = append(results, handover.AdoptResult{ID: d.ID, Error: err.Error()})
 			continue
@@ -371,8 +375,10 @@ func stateOf(d handover.Tunnel, peeked [2][]byte) datapath.State {
 
 // adoptHooks are set only by the tests, in the relay processes they start (TestMain): refuse makes a new
 // process refuse the handed-over tunnels it names, crashOnBatch makes it exit when the first batch
-// arrives, so that the tests see the old process keep what the new one does not adopt.
+// arrives, neverAnswer makes it adopt a batch and never answer, so that the tests see the old process
+// keep what the new one does not adopt.
 var adoptHooks struct {
 	refuse       func(id uint64) bool
 	crashOnBatch bool
+	neverAnswer  bool
 }

@@ -1,0 +1,151 @@
+package relay
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// handOverTo moves the live tunnel tun from the server from to the server to, on to's listener, as an
+// upgrade does between two processes: parked here, adopted there, let go of here, carried there.
+func handOverTo(t *testing.T, from *testRelay, to *testRelay, tun *Tunnel, listener string) *Tunnel {
+	t.Helper()
+	pt, err := from.Park(tun)
+	if err != nil {
+		t.Fatalf("park tunnel %d: %v", tun.ID, err)
+	}
+	client, upstream, err := pt.Files()
+	if err != nil {
+		t.Fatal(err)
+	}
+	adopted, err := to.Adopt(Adoption{ID: tun.ID, ClientAddr: tun.ClientAddr, UpstreamAddr: tun.UpstreamAddr,
+		Pool: tun.Pool, Listener: listener, Datapath: pt.Datapath, Started: tun.Started, LastActive: pt.LastActive,
+		ClientIP: pt.ClientIP, State: pt.State, Client: client, Upstream: upstream})
+	if err != nil {
+		t.Fatalf("adopt tunnel %d: %v", tun.ID, err)
+	}
+	from.HandedOver(pt)
+	to.CarryAdopted(adopted)
+	return adopted
+}
+
+// TestAdoptTakesLimitSlots: tunnels an upgrade hands over count under the new process's limits, the
+// relay's and their listener's: they are adopted even past a limit (a live tunnel is never reset for
+// one) and carry their bytes, handshakes past the limit are refused while they live, and their slots are
+// given back as they end.
+func TestAdoptTakesLimitSlots(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		relay    Limits // the new process's Config.Limits
+		listener Limits // its listener "edge"'s
+		adopted  int    // tunnels handed over, all on "edge"
+		reason   string // of the refusal of a handshake on "edge" from the adopted tunnels' address
+	}{
+		{"relay max_tunnels, adopted past it", Limits{MaxTunnels: 1}, Limits{}, 2, FailLimitTunnels},
+		{"listener max_tunnels_per_ip", Limits{}, Limits{MaxTunnelsPerIP: 1}, 1, FailLimitTunnelsPerIP},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := startUpstream(t)
+			old := startRelay(t, DatapathCopy, []string{up.Addr})
+			next := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.Limits = tc.relay })
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			edge, err := next.PrepareListener(ln, ListenerOptions{Name: "edge", Limits: tc.listener})
+			if err != nil {
+				t.Fatal(err)
+			}
+			go edge.Serve()
+
+			type ends struct {
+				c *clientConn
+				u *upstreamConn
+			}
+			var moved []ends
+			for range tc.adopted {
+				c, u := openTunnel(t, old.Addr, up, nil, nil)
+				moved = append(moved, ends{c, u})
+			}
+			for _, tun := range old.Tunnels().Tunnels() {
+				handOverTo(t, old, next, tun, "edge")
+			}
+			if n := next.Tunnels().Len(); n != tc.adopted {
+				t.Fatalf("the new server carries %d tunnels, want all %d handed over, limits or not", n, tc.adopted)
+			}
+			for i, e := range moved {
+				if _, err := e.c.Write([]byte("after")); err != nil {
+					t.Fatal(err)
+				}
+				buf := make([]byte, 5)
+				_ = e.u.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if _, err := io.ReadFull(e.u.R, buf); err != nil || string(buf) != "after" {
+					t.Errorf("adopted tunnel %d: the upstream read %q, %v; want the client's bytes", i, buf, err)
+				}
+			}
+
+			if resp, _ := dialFrom(t, "127.0.0.1", ln.Addr().String()); resp.StatusCode != http.StatusServiceUnavailable {
+				t.Errorf("a handshake while the adopted tunnels hold the slots: %d, want 503", resp.StatusCode)
+			}
+			if n := next.failures(tc.reason); n != 1 {
+				t.Errorf("%s refusals: %v, want 1", tc.reason, n)
+			}
+
+			for _, e := range moved {
+				e.c.Close()
+				e.u.Close()
+			}
+			waitTunnelsGone(t, next)
+			c, u := openTunnel(t, ln.Addr().String(), up, nil, nil) // their slots are back
+			c.Close()
+			u.Close()
+		})
+	}
+}
+
+// TestHoldDrainWaitsForAdoptions: a server that holds its drain (as a process adopting an upgrade's
+// tunnels does) and has no tunnel yet does not end its Shutdown: a tunnel handed over meanwhile is
+// adopted and carried, and Shutdown returns once the hold is released and that tunnel has ended.
+func TestHoldDrainWaitsForAdoptions(t *testing.T) {
+	up := startUpstream(t)
+	old := startRelay(t, DatapathCopy, []string{up.Addr})
+	next := startRelay(t, DatapathCopy, []string{up.Addr})
+	release := next.HoldDrain()
+	stopped := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		stopped <- next.Shutdown(ctx)
+	}()
+	time.Sleep(100 * time.Millisecond)
+	select {
+	case err := <-stopped:
+		t.Fatalf("Shutdown returned (%v) while its drain was held", err)
+	default:
+	}
+
+	c, u := openTunnel(t, old.Addr, up, nil, nil)
+	handOverTo(t, old, next, old.Tunnels().Tunnels()[0], DefaultListener)
+	if _, err := c.Write([]byte("moved")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(u.R, buf); err != nil || string(buf) != "moved" {
+		t.Fatalf("the tunnel adopted during the held drain: the upstream read %q, %v", buf, err)
+	}
+	release()
+	c.Close()
+	u.Close()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Errorf("Shutdown: %v, want nil: the adopted tunnel ended within the drain", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown had not returned 10s after the hold was released and the tunnel ended")
+	}
+}
