@@ -357,15 +357,20 @@ func TestMoveSockmapDemoted(t *testing.T) {
 }
 
 // A kernel pair moves to copy while the engine drains a FIN: the client has sent 4 MiB and half-closed,
-// and the upstream, which has not read yet, reads only once the move has begun. The upstream gets every
+// and the upstream, which has not read yet (small socket buffers keep most of the bytes in the kernel),
+// reads only once the move has begun. The upstream gets every
 // byte, then EOF (the FIN carried once, by copy), and the other direction still works.
 func TestMoveSockmapDuringFINDrain(t *testing.T) {
 	k, _ := newTestEngine(t)
 	k.heldLimit = 0 // never demoted: the kernel holds what the upstream does not read
+	k.setSendBuffer(64 << 10)
 	fds := openFDs(t)
 	const size = 4 << 20
 	toUp, toClient := stream(91, size), stream(92, size)
 	client, up, p := kernelPairWithPeeked(t, k, toUp, toClient)
+	if err := up.SetReadBuffer(64 << 10); err != nil {
+		t.Fatal(err)
+	}
 	go func() {
 		_, _ = client.Write(toUp[100:])
 		_ = client.CloseWrite()
