@@ -87,6 +87,13 @@ func TestMoveCopyToSockmap(t *testing.T) {
 				errs <- fmt.Errorf("%s write: %w", e.name, err)
 				return
 			}
+			// Half-closed only once back on copy: on sockmap both FINs could be carried, and the pair
+			// end, before the move back.
+			select {
+			case <-movedBack:
+			case <-ctx.Done():
+				return
+			}
 			if err := e.conn.CloseWrite(); err != nil {
 				errs <- fmt.Errorf("%s half-close: %w", e.name, err)
 			}
