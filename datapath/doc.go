@@ -27,9 +27,9 @@
 // Move hands a live pair from the engine carrying it to another, without losing, duplicating or
 // reordering a byte: the carrier's Stop returns once the old engine holds no byte of the pair (every byte
 // it read is written, nothing more is read), and the new engine then starts from the sockets as they are.
-// Copy (on goroutines or on the event loop) and Splice can stop; the kernel engine cannot give a pair back
-// yet (see datapath/sockmap). The event loop gives a pair back as new Go connections of its descriptors,
-// which replace the pair's own (closed when the loop took the descriptors).
+// Copy (on goroutines or on the event loop), Splice and the kernel engine can stop. The event loop and the
+// kernel engine give a pair back as new Go connections of their descriptors, which replace the pair's own
+// (closed when the engine took the descriptors).
 //
 // # Lock order
 //

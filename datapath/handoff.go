@@ -20,8 +20,8 @@ type State struct {
 
 // Park stops the engine carrying p, keeping the pair alive: once it returns no engine holds a byte of
 // p or will read one, and State says where p stands. Carry on any engine then carries it on, as after
-// Move. It fails, leaving p carried as it was, when p's engine cannot give a pair back (the kernel
-// engine, a TLS pair); ErrPairEnded when p ended first.
+// Move. It fails, leaving p carried as it was, when p's engine cannot give a pair back; ErrPairEnded
+// when p ended first.
 func (p *Pair) Park() error {
 	p.mu.Lock()
 	c, ending := p.carrier, p.ending

@@ -1,7 +1,5 @@
 package sockmap
 
-import "github.com/sockrelay/sockrelay/datapath"
-
 // The test knobs of the engine (testHooks), in one place: only this package's tests and benchmarks turn
 // them.
 
@@ -19,24 +17,3 @@ func (k *Engine) dropModeEvents() { k.hooks.dropModeEvents.Store(true) }
 
 // droppedModeEvents is how many mode events k dropped since dropModeEvents.
 func (k *Engine) droppedModeEvents() uint64 { return k.hooks.droppedModeEvents.Load() }
-
-// moveOff moves p off k to the engine to as datapath.Move would if the kernel engine were a
-// datapath.Stopper: stopAlive, then to carries the pair.
-func (k *Engine) moveOff(p *datapath.Pair, to datapath.Engine) error {
-	var kt *kernelTunnel
-	k.mu.Lock()
-	for _, s := range k.socks {
-		if s.kt.p == p {
-			kt = s.kt
-		}
-	}
-	k.mu.Unlock()
-	if kt == nil {
-		return datapath.ErrPairEnded
-	}
-	if err := kt.stopAlive(); err != nil {
-		return err
-	}
-	to.Carry(p)
-	return nil
-}

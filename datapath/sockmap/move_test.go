@@ -15,9 +15,9 @@ import (
 )
 
 // TestMoveCopyToSockmap hands a live pair from the copy engine to the kernel engine in the middle of 8 MiB
-// each way (bytes of the first MiB still in flight), then asks to move it back, which the kernel engine refuses (it cannot give a pair back
-// without dropping what its psock queues hold), leaving the pair where it is. Every byte arrives once,
-// in order, each FIN after the last byte before it; the pair ends as closed and the maps are left empty.
+// each way (bytes of the first MiB still in flight), then back to copy at 2 MiB, with bytes in flight both
+// ways. Every byte arrives once, in order, each FIN after the last byte before it; the pair ends as closed,
+// on copy, and the maps are left empty.
 func TestMoveCopyToSockmap(t *testing.T) {
 	requireSockmap(t)
 	k, _ := newTestEngine(t)
@@ -33,15 +33,23 @@ func TestMoveCopyToSockmap(t *testing.T) {
 
 	// Each side sends its first MiB, then waits for the move: a source that keeps its receive queue full
 	// through the handoff would run on copy instead (busy_at_handoff), which is not what this tests.
-	moved := make(chan struct{})
-	var moveOnce, refuseOnce sync.Once
+	moved, movedBack := make(chan struct{}), make(chan struct{})
+	var moveOnce, backOnce sync.Once
 	onProgress := func(read int) {
 		switch {
 		case read >= 2<<20:
-			refuseOnce.Do(func() {
-				if err := datapath.Move(p, datapath.Copier{}); err == nil {
-					t.Error("the kernel engine gave a live pair back; the test expects it cannot yet")
-				}
+			// On a goroutine of its own: the kernel engine gives the pair back once the bytes it
+			// redirected are in the client's socket, which may wait for this reader to read.
+			backOnce.Do(func() {
+				go func() {
+					defer close(movedBack)
+					if err := datapath.Move(p, datapath.Copier{}); err != nil {
+						t.Errorf("move back to copy: %v", err)
+					}
+					if p.Kind() != datapath.Copy {
+						t.Errorf("after the move back the pair runs on %s", p.Kind())
+					}
+				}()
 			})
 		case read >= 1<<20:
 			moveOnce.Do(func() {
@@ -79,6 +87,13 @@ func TestMoveCopyToSockmap(t *testing.T) {
 				errs <- fmt.Errorf("%s write: %w", e.name, err)
 				return
 			}
+			// Half-closed only once back on copy: on sockmap both FINs could be carried, and the pair
+			// end, before the move back.
+			select {
+			case <-movedBack:
+			case <-ctx.Done():
+				return
+			}
 			if err := e.conn.CloseWrite(); err != nil {
 				errs <- fmt.Errorf("%s half-close: %w", e.name, err)
 			}
@@ -112,6 +127,11 @@ func TestMoveCopyToSockmap(t *testing.T) {
 		t.Error(err)
 	}
 	select {
+	case <-movedBack:
+	case <-ctx.Done():
+		t.Fatal("the move back to copy did not return")
+	}
+	select {
 	case <-p.Done():
 	case <-ctx.Done():
 		t.Fatal("the pair did not end after both sides half-closed")
@@ -119,8 +139,8 @@ func TestMoveCopyToSockmap(t *testing.T) {
 	if p.Reason() != datapath.ReasonClosed {
 		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
 	}
-	if got := p.Kind(); got != datapath.Sockmap {
-		t.Errorf("the pair ended on %s, want sockmap", got)
+	if got := p.Kind(); got != datapath.Copy {
+		t.Errorf("the pair ended on %s, want copy", got)
 	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		t.Fatal("timed out")

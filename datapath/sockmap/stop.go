@@ -13,27 +13,33 @@ import (
 	"github.com/sockrelay/sockrelay/loader"
 )
 
-// Giving a kernel pair back alive (docs/datapath.md, "How a kernel pair is given back"). Not wired in yet:
-// kernelTunnel is no datapath.Stopper, so datapath.Move still refuses to move a pair off sockmap, because
-// under heavy traffic both ways stopAlive can wait for passed bytes that never become readable (seen about
-// once in 40 runs of TestMoveSockmapToCopy); only this package's tests call it. The order is what keeps
+// Giving a kernel pair back alive (docs/datapath.md, "How a kernel pair is given back"): kernelTunnel is a
+// datapath.Stopper, so datapath.Move and Pair.Park can take a pair off sockmap. The order is what keeps
 // every byte:
 //
 //  1. The tunnel leaves the loop's epoll and tables: from here on the engine carries no FIN and starts no
 //     relaying goroutine for it; a FIN it carried already becomes the pair's (Direction.MarkFinished).
 //  2. Each relaying goroutine is asked to stop at a byte boundary; a write it had not finished is kept.
-//  3. Every byte the verdict passed is read out of its source's psock, with the verdict still attached,
-//     and then both sockets leave the verdict map only (StopVerdict): the verdict stops, and new bytes
-//     stay in each source's receive queue, behind every byte it redirected or passed. Passed bytes must be
-//     read first, because a socket out of the verdict map reads its psock's queue without advancing TCP's
-//     copied_seq, and TCP then never finds the bytes after them; and a psock dropped with bytes queued
-//     purges them (skmsg.c, sk_psock_destroy). A byte passed between the last read and StopVerdict puts
-//     the verdict back (RestartVerdict) and this step runs again.
+//  3. Both sources' receive low-water mark is raised, so that TCP stops running the verdict for new bytes
+//     (holdVerdict); every byte the verdict passed is read out of its source's psock, with the verdict
+//     still attached, and then both sockets leave the verdict map only (StopVerdict): the verdict stops,
+//     and new bytes stay in each source's receive queue, behind every byte it redirected or passed.
+//     Passed bytes must be read first, because a socket out of the verdict map reads its psock's queue
+//     without advancing TCP's copied_seq, and TCP then never finds the bytes after them; and a psock
+//     dropped with bytes queued purges them (skmsg.c, sk_psock_destroy). A read that finds new bytes
+//     waiting under the hold gets EAGAIN (tcp_bpf_recvmsg_parser), so the engine runs the verdict over
+//     them first (runVerdictNow). A byte passed between the last read and StopVerdict puts the verdict
+//     back (RestartVerdict) and this step runs again.
 //  4. The engine waits until every redirected byte has entered its destination's send queue: the sockets
 //     stay targets meanwhile, so redirected bytes still on their way through a psock are still sent.
 //  5. Under the pair's lock, the sockets leave the remaining maps and the pair gets new conns of them; the
 //     bytes read in 2 and 3 become its peeked bytes, which the next engine writes first, before what it
 //     reads from the receive queues.
+
+var _ datapath.Stopper = (*kernelTunnel)(nil)
+
+// Stop gives the pair back alive (datapath.Stopper); see stopAlive.
+func (kt *kernelTunnel) Stop() error { return kt.stopAlive() }
 
 // errStopping is returned by a second stopAlive while the first runs.
 var errStopping = errors.New("the kernel engine is giving this pair back already")
@@ -114,6 +120,11 @@ func (k *Engine) leaveLoop(kt *kernelTunnel) ([]chan struct{}, error) {
 // the same, every redirected byte handed on, before the sockets leave the maps.
 const stopSettleGap = 2 * time.Millisecond
 
+// passedRereads bounds how often one round of readAllPassed reads a source again for bytes that its own
+// reads had the verdict pass (readPassedOut), so that a sender that never pauses cannot keep it, and k.mu,
+// for long.
+const passedRereads = 4
+
 // stopVerdictTries bounds how often step 3 of stopAlive runs again for bytes passed during it.
 const stopVerdictTries = 100
 
@@ -141,6 +152,13 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		if err := k.readAllPassed(kt, held); err != nil {
 			return err
 		}
+		unread, err := k.passedUnread(kt)
+		if err != nil {
+			return err
+		}
+		if unread[0] || unread[1] {
+			continue // passed while the last were read
+		}
 		closing, err := k.sourcesClosing(kt)
 		if err != nil {
 			return err
@@ -149,8 +167,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			return err
 		}
 		time.Sleep(stopSettleGap)
-		unread, err := k.passedUnread(kt)
-		if err != nil {
+		if unread, err = k.passedUnread(kt); err != nil {
 			return err
 		}
 		// A source that had its FIN before StopVerdict had the verdict run over its whole receive queue
@@ -170,8 +187,8 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			// The source got its FIN since (sock_map_sk_state_allowed refuses it): most likely its
 			// data_ready ran the verdict over the whole queue before StopVerdict, as above. Were it
-			// after, the bytes behind the passed ones stay unreadable and the next engine waits on them
-			// (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"): this is why stopAlive is not wired in.
+			// after, the bytes behind the passed ones would stay unreadable to the next engine
+			// (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"); not seen in the move tests.
 			_ = k.maps.StopVerdict(socks[:]...)
 			return k.readAllPassed(kt, held)
 		}
@@ -200,13 +217,16 @@ func (k *Engine) sourcesClosing(kt *kernelTunnel) ([2]bool, error) {
 	return closing, nil
 }
 
-// holdVerdict keeps the verdict from running on kt's sources while the engine reads their passed bytes:
-// with a receive low-water mark that the queue does not reach, TCP does not call data_ready
-// (tcp_data_ready), which is what runs the verdict, so a source's new bytes wait in its receive queue.
-// Reads of passed bytes open the source's window and the sender goes on; without this, the verdict would
-// pass its new bytes faster than they can be read before StopVerdict. TCP still calls data_ready when the
-// queue nears a full window (tcp_epollin_ready); stopVerdict catches a byte passed then. tcp_set_rcvlowat
-// also sets the window clamp; detach gives both back. The caller holds nothing.
+// holdVerdict keeps the verdict from running on kt's sources while the engine reads their passed bytes
+// and takes them out of the verdict map: with a receive low-water mark that the queue does not reach, TCP
+// does not call data_ready (tcp_data_ready), which is what runs the verdict, so a source's new bytes wait
+// in its receive queue, behind every byte the verdict has seen. Reads of passed bytes open the source's
+// window and the sender goes on; without the hold the verdict would pass its new bytes faster than they
+// can be read before StopVerdict. TCP still calls data_ready at a FIN, under memory pressure or near a
+// full window (tcp_epollin_ready); stopVerdict catches a byte passed then. While new bytes wait in the
+// receive queue, passed bytes cannot be read (readPassedOut). tcp_set_rcvlowat also raises the receive
+// buffer and the window clamp; detach gives the clamp and the low-water mark back. The caller holds
+// nothing.
 func (k *Engine) holdVerdict(kt *kernelTunnel) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -240,15 +260,21 @@ func (kt *kernelTunnel) releaseVerdictHold() {
 }
 
 // readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
-// still on their way through a psock's backlog.
+// still on their way through a psock's backlog. Passed bytes that stay unreadable for stallTimeout, none
+// read meanwhile, are an error: the pair is reset rather than left waiting.
 func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
-	bp := kernelBuffers.Get().(*[]byte)
-	defer kernelBuffers.Put(bp)
 	interval := handedOnFirstCheck
+	lastRead, lastMove := kt.dirs[0].userRead+kt.dirs[1].userRead, time.Now()
 	for {
-		unread, err := k.readPassedRound(kt, held, *bp)
+		unread, err := k.readPassedRound(kt, held)
 		if err != nil || !unread {
 			return err
+		}
+		now := time.Now()
+		if read := kt.dirs[0].userRead + kt.dirs[1].userRead; read != lastRead {
+			lastRead, lastMove, interval = read, now, handedOnFirstCheck
+		} else if now.Sub(lastMove) > stallTimeout {
+			return errors.New("passed bytes did not become readable")
 		}
 		select {
 		case <-kt.p.Done():
@@ -261,7 +287,7 @@ func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
 
 // readPassedRound reads what kt's sources hold of their passed bytes into held, under k.mu so that a
 // release cannot close the descriptors meanwhile, and reports whether passed bytes are still to come.
-func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, buf []byte) (unread bool, err error) {
+func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte) (anyUnread bool, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if kt.released {
@@ -269,19 +295,28 @@ func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, buf []byte) 
 	}
 	for i := range kt.dirs {
 		d := &kt.dirs[i]
-		st, err := k.maps.Stats(d.src.cookie)
-		switch {
-		case err != nil:
-			return false, errTunnelEnded
-		case st.Broken:
-			return false, errBroken
+		var unread bool
+		for range passedRereads {
+			st, err := k.maps.Stats(d.src.cookie)
+			switch {
+			case err != nil:
+				return false, errTunnelEnded
+			case st.Broken:
+				return false, errBroken
+			}
+			ranVerdict, err := readPassedOut(d, st.Passed, &held[i])
+			if err != nil {
+				return false, err
+			}
+			unread = d.userRead < st.Passed
+			if !ranVerdict || unread {
+				break
+			}
+			// The verdict ran over new bytes and may have passed some: they are read now too.
 		}
-		if err := readPassedOut(d, st.Passed, &held[i], buf); err != nil {
-			return false, err
-		}
-		unread = unread || d.userRead < st.Passed
+		anyUnread = anyUnread || unread
 	}
-	return unread, nil
+	return anyUnread, nil
 }
 
 // passedUnread reports, per direction of kt, whether its source has passed bytes not read yet.
@@ -304,22 +339,46 @@ func (k *Engine) passedUnread(kt *kernelTunnel) ([2]bool, error) {
 
 // readPassedOut reads from d's source, nonblocking, until every one of the passed bytes is read, appending
 // them to held. With the verdict attached the source's reads come from its psock's queue, where passed
-// bytes wait (tcp_bpf_recvmsg_parser). The caller holds k.mu.
-func readPassedOut(d *kernelDir, passed uint64, held *[]byte, buf []byte) error {
+// bytes wait (tcp_bpf_recvmsg_parser). Each read asks for all the bytes still to come, so that most often
+// one read takes them all, before the window it opens lets new bytes in. A read that finds new bytes in
+// the receive queue under holdVerdict's low-water mark returns EAGAIN: the low-water mark is lowered and
+// raised again, which runs the verdict over them (tcp_set_rcvlowat calls tcp_data_ready), once per call;
+// ranVerdict says it did. The caller holds k.mu.
+func readPassedOut(d *kernelDir, passed uint64, held *[]byte) (ranVerdict bool, err error) {
 	for d.userRead < passed {
-		n, err := unix.Read(d.src.fd, buf[:min(uint64(len(buf)), passed-d.userRead)])
+		want := int(passed - d.userRead)
+		*held = slices.Grow(*held, want)
+		n, err := unix.Read(d.src.fd, (*held)[len(*held):len(*held)+want])
 		switch {
 		case err == unix.EINTR:
 			continue
+		case err == unix.EAGAIN && !ranVerdict:
+			ranVerdict = true
+			if err := runVerdictNow(d.src.fd); err != nil {
+				return ranVerdict, err
+			}
+			continue
 		case err == unix.EAGAIN:
-			return nil // still on its way through the psock's backlog
+			return ranVerdict, nil // still on its way through the psock's backlog
 		case err != nil:
-			return fmt.Errorf("read passed bytes: %w", err)
+			return ranVerdict, fmt.Errorf("read passed bytes: %w", err)
 		case n == 0:
-			return nil // the FIN, read before passed bytes still in the backlog
+			return ranVerdict, nil // the FIN, read before passed bytes still in the backlog
 		}
-		*held = append(*held, buf[:n]...)
+		*held = (*held)[:len(*held)+n]
 		d.userRead += uint64(n)
+	}
+	return ranVerdict, nil
+}
+
+// runVerdictNow runs the verdict of the socket fd over what waits in its receive queue, under
+// holdVerdict's low-water mark, and puts the mark back.
+func runVerdictNow(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1); err != nil {
+		return fmt.Errorf("SO_RCVLOWAT: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, math.MaxInt32); err != nil {
+		return fmt.Errorf("SO_RCVLOWAT: %w", err)
 	}
 	return nil
 }
