@@ -1,0 +1,309 @@
+package sockmap
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/loader"
+)
+
+// Handing kernel tunnels to another engine over the same BPF objects (docs/upgrade.md, "Kernel
+// tunnels"): in an upgrade, the new process adopts the old one's maps (loader.Adopt), and each kernel
+// tunnel moves with its sockets left in them, so that the verdict goes on redirecting its bytes in the
+// kernel throughout. Only what this engine keeps of a tunnel in userspace moves: its epoll registration,
+// its tables and descriptors, and TunnelState.
+//
+// A tunnel moves only when it is quiescent: no goroutine relays a demoted direction, no FIN waits for
+// the bytes before it, the verdict redirects both ways with every passed byte relayed. LetGo refuses
+// the others with ErrBusy, for the caller to try again later (most such states last milliseconds). A
+// direction the verdict demotes, or a FIN that arrives, after LetGo is not lost: Adopt starts the relay
+// of a direction it finds demoted, and the new epoll registration reports a FIN or an error that came
+// meanwhile (an edge-triggered registration reports the state the socket is in when it is added).
+//
+// Once the objects are shared, both processes may read the mode-change ring buffer, and an event is
+// read by one reader only. An engine that shares its objects therefore rechecks every tunnel each
+// sharedSweep, as it does after lost events; the old process stops reading (StopEvents) once it holds
+// no kernel tunnel, and the new one stops sweeping (Unshare) once the old one has gone.
+
+// sharedSweep is how often an engine that shares its BPF objects rechecks every tunnel's mode: the
+// longest a direction demoted while the other process read its event waits for its relay.
+const sharedSweep = 100 * time.Millisecond
+
+// TunnelState is what an engine that adopts a kernel tunnel needs besides its sockets and the pair's
+// own State: the verdict's counters and mode stay in the maps, this is what the engine kept in userspace.
+type TunnelState struct {
+	// Cookies are the sockets' cookies, client then upstream: the adopting engine checks that the
+	// descriptors it got are these sockets.
+	Cookies [2]uint64 `json:"cookies"`
+	// SentBase is, per socket, how many bytes had entered its send path before it entered the maps:
+	// what the verdict counts as redirected into it is counted from there.
+	SentBase [2]uint64 `json:"sent_base"`
+	// Dirs are client → upstream, then upstream → client.
+	Dirs [2]DirState `json:"dirs"`
+}
+
+// DirState is one direction of a kernel tunnel, as its engine kept it.
+type DirState struct {
+	HeldLimit uint64 `json:"held_limit"`
+	// FINDone: the direction's FIN was carried (its destination's write side is shut).
+	FINDone bool `json:"fin_done,omitempty"`
+	// UserRead and UserWritten count the passed bytes userspace has relayed, as the verdict reads them
+	// (loader.Control); ResumeGen is the demotion after which resuming was last asked for.
+	UserRead    uint64 `json:"user_read,omitempty"`
+	UserWritten uint64 `json:"user_written,omitempty"`
+	ResumeGen   uint64 `json:"resume_gen,omitempty"`
+}
+
+// ErrBusy says a kernel tunnel is not quiescent now (a demoted direction being relayed, a FIN waiting for
+// the bytes before it): LetGo may succeed later.
+var ErrBusy = errors.New("the kernel tunnel is busy: a demoted direction or a FIN in progress")
+
+// StartAdopted is Start over BPF objects another process exported (loader.Adopt, which closes files):
+// it adopts them, refusing objects of another build (loader.ErrIncompatible), and runs the self-test on
+// them, whose tunnels use entries of their own and leave the other process's alone. The engine shares
+// the objects until Unshare.
+func StartAdopted(log *slog.Logger, onFallback func(p *datapath.Pair, reason string), heldLimit uint64, files map[string]*os.File) (*Engine, error) {
+	if err := loader.Probe().Err(); err != nil {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	maps, err := loader.Adopt(files)
+	if err != nil {
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	k, err := newEngineOver(log, onFallback, maps)
+	if err != nil {
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	k.shared.Store(true)
+	if err := k.selfTest(); err != nil {
+		k.Close()
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	k.resetStats()
+	k.heldLimit = heldLimit
+	return k, nil
+}
+
+// Export returns descriptors of the engine's BPF objects for another process (loader.Sockmap.Export);
+// the caller closes them. From here on the engine shares them: it rechecks its tunnels' modes each
+// sharedSweep, and its Close leaves the verdict attached.
+func (k *Engine) Export() (map[string]*os.File, error) {
+	files, err := k.maps.Export()
+	if err != nil {
+		return nil, fmt.Errorf("sockmap: %w", err)
+	}
+	k.shared.Store(true)
+	return files, nil
+}
+
+// Unshare stops the sweeps of a shared engine: no other process reads the ring buffer any more.
+func (k *Engine) Unshare() { k.shared.Store(false) }
+
+// StopEvents stops this engine's reading of the ring buffer, for the process it handed its tunnels to:
+// called once it holds no kernel tunnel. Tunnels it still carried would find their demotions only at the
+// sweep.
+func (k *Engine) StopEvents() error { return k.maps.CloseEvents() }
+
+// sweepIfShared rechecks every tunnel each sharedSweep while the engine shares its objects. Only the loop
+// calls it.
+func (k *Engine) sweepIfShared() {
+	if !k.shared.Load() || time.Since(k.sweptAt) < sharedSweep {
+		return
+	}
+	k.sweptAt = time.Now()
+	k.recheckAll()
+}
+
+// Tunnels counts the kernel tunnels the engine carries.
+func (k *Engine) Tunnels() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.bySrc) / 2
+}
+
+// LetGo lets go of p, a pair k carries, leaving its sockets in the maps: the verdict goes on, and the
+// engine that Adopts it (over the same objects) carries on from the returned state. p gets new conns of
+// its sockets (for their descriptors to be handed over) and no carrier; its State is the rest. A tunnel
+// that is not quiescent gives ErrBusy, and stays carried here; one that ended, datapath.ErrPairEnded.
+func (k *Engine) LetGo(p *datapath.Pair) (TunnelState, error) {
+	kt, ok := p.Carrier().(*kernelTunnel)
+	if !ok || kt.k != k {
+		return TunnelState{}, fmt.Errorf("let go of pair %d: the kernel engine does not carry it", p.ID)
+	}
+	st, err := k.leaveQuiescent(kt)
+	if err != nil {
+		return TunnelState{}, err
+	}
+	k.mu.Lock()
+	client, err := pollConn(kt.client.fd)
+	var upstream *net.TCPConn
+	if err == nil {
+		if upstream, err = pollConn(kt.up.fd); err != nil {
+			_ = client.Close()
+		}
+	}
+	k.mu.Unlock()
+	if err != nil {
+		// Out of the loop, it would not be watched: it ends rather than hang.
+		p.Fail(datapath.ReasonKernelError, err, true)
+		return TunnelState{}, fmt.Errorf("let go of pair %d: %w", p.ID, err)
+	}
+	gave, err := p.GiveBack(kt, client, upstream, [2][]byte{}, func() error { return k.forget(kt) })
+	if !gave {
+		_ = client.Close()
+		_ = upstream.Close()
+		if err == nil {
+			err = datapath.ErrPairEnded
+		}
+		return TunnelState{}, err
+	}
+	return st, nil
+}
+
+// leaveQuiescent takes kt out of the loop's epoll and tables if it is quiescent, and returns its state.
+func (k *Engine) leaveQuiescent(kt *kernelTunnel) (TunnelState, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	switch {
+	case kt.released:
+		return TunnelState{}, datapath.ErrPairEnded
+	case kt.stopping:
+		return TunnelState{}, errStopping
+	}
+	st := TunnelState{Cookies: [2]uint64{kt.client.cookie, kt.up.cookie},
+		SentBase: [2]uint64{kt.client.sentBase, kt.up.sentBase}}
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		if d.relaying || (d.finSeen && !d.finDone) {
+			return TunnelState{}, ErrBusy
+		}
+		vs, err := k.maps.Stats(d.src.cookie)
+		switch {
+		case err != nil:
+			return TunnelState{}, datapath.ErrPairEnded
+		case vs.Broken:
+			return TunnelState{}, fmt.Errorf("let go of pair %d: %w", kt.p.ID, errBroken)
+		case vs.Demoted || vs.Passed != d.userRead:
+			return TunnelState{}, ErrBusy
+		}
+		st.Dirs[i] = DirState{HeldLimit: d.limit, FINDone: d.finDone, UserRead: d.userRead,
+			UserWritten: d.userWritten, ResumeGen: d.resumeGen}
+	}
+	kt.stopping = true // no relay starts for it from here
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
+		delete(k.socks, s.cookie)
+		delete(k.bySrc, s.cookie)
+	}
+	k.drain = slices.DeleteFunc(k.drain, func(d *kernelDir) bool { return d.kt == kt })
+	return st, nil
+}
+
+// forget closes the engine's descriptors of kt, which another engine adopts, marking the FINs it carried;
+// the sockets stay in the maps, and the verdict's counters with them, which the adopter folds into the
+// pair at the end. The caller holds the pair's lock (Pair.GiveBack).
+func (k *Engine) forget(kt *kernelTunnel) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return errTunnelEnded
+	}
+	for i := range kt.dirs {
+		if kt.dirs[i].finDone {
+			kt.dirs[i].dir.MarkFinished()
+		}
+	}
+	kt.released = true
+	kt.closeSockets()
+	return nil
+}
+
+// Adopt carries on p, a kernel tunnel another engine over the same BPF objects let go of (LetGo), from
+// st: its sockets are p's conns, which must be the sockets st names, still in the maps. Like Carry, it
+// takes the sockets from the conns. An error leaves p as it was, not carried; datapath.ErrPairEnded
+// when its sockets have left the maps (the tunnel ended meanwhile).
+func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
+	kt := &kernelTunnel{k: k, p: p}
+	adopted := false
+	defer func() {
+		if !adopted {
+			kt.closeSockets()
+		}
+	}()
+	var err error
+	if kt.client, err = k.newSide(kt, p.Client().Conn, true); err == nil {
+		kt.up, err = k.newSide(kt, p.Upstream().Conn, false)
+	}
+	if err != nil {
+		return fmt.Errorf("adopt kernel tunnel %d: %w", p.ID, err)
+	}
+	if got := [2]uint64{kt.client.cookie, kt.up.cookie}; got != st.Cookies {
+		return fmt.Errorf("adopt kernel tunnel %d: its sockets have cookies %v, the state names %v", p.ID, got, st.Cookies)
+	}
+	for _, c := range st.Cookies {
+		if _, err := k.maps.Stats(c); err != nil {
+			return fmt.Errorf("adopt kernel tunnel %d: %w", p.ID, datapath.ErrPairEnded)
+		}
+	}
+	kt.client.sentBase, kt.up.sentBase = st.SentBase[0], st.SentBase[1]
+	pdirs := p.Directions()
+	for i, src, dst := 0, &kt.client, &kt.up; i < 2; i, src, dst = i+1, &kt.up, &kt.client {
+		ds := st.Dirs[i]
+		kt.dirs[i] = kernelDir{kt: kt, src: src, dst: dst, limit: ds.HeldLimit, dir: pdirs[i], finSeen: ds.FINDone,
+			finDone: ds.FINDone, userRead: ds.UserRead, userWritten: ds.UserWritten, resumeGen: ds.ResumeGen}
+	}
+	held, err := p.Hold(datapath.Sockmap, kt, func() error { return k.attachAdopted(kt) })
+	switch {
+	case err != nil:
+		return fmt.Errorf("adopt kernel tunnel %d: %w", p.ID, err)
+	case !held:
+		return datapath.ErrPairEnded
+	}
+	adopted = true
+	return nil
+}
+
+// attachAdopted puts kt, whose sockets are in the maps already, into the loop's epoll and tables, closes
+// its conns as attach does, and starts the relay of a direction the verdict demoted meanwhile. It runs
+// under the pair's lock (Pair.Hold); on error nothing is left in the epoll.
+func (k *Engine) attachAdopted(kt *kernelTunnel) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	sides := []*kernelSide{&kt.client, &kt.up}
+	for i, s := range sides {
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
+			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
+		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
+			for _, added := range sides[:i] {
+				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
+			}
+			return fmt.Errorf("epoll add: %w", err)
+		}
+	}
+	k.socks[kt.client.cookie] = &kt.client
+	k.socks[kt.up.cookie] = &kt.up
+	k.bySrc[kt.client.cookie] = &kt.dirs[0]
+	k.bySrc[kt.up.cookie] = &kt.dirs[1]
+	for _, s := range sides {
+		_ = s.conn.Close()
+	}
+	for i := range kt.dirs {
+		if d := &kt.dirs[i]; !d.finDone {
+			if vs, err := k.maps.Stats(d.src.cookie); err == nil && (vs.Demoted || vs.Passed != d.userRead) {
+				k.startRelayLocked(d)
+			}
+		}
+	}
+	return nil
+}
