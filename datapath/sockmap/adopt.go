@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -21,12 +20,13 @@ import (
 // kernel throughout. Only what this engine keeps of a tunnel in userspace moves: its epoll registration,
 // its tables and descriptors, and TunnelState.
 //
-// A tunnel moves only when it is quiescent: no goroutine relays a demoted direction, no FIN waits for
-// the bytes before it, the verdict redirects both ways with every passed byte relayed. LetGo refuses
-// the others with ErrBusy, for the caller to try again later (most such states last milliseconds). A
-// direction the verdict demotes, or a FIN that arrives, after LetGo is not lost: Adopt starts the relay
-// of a direction it finds demoted, and the new epoll registration reports a FIN or an error that came
-// meanwhile (an edge-triggered registration reports the state the socket is in when it is added).
+// LetGo stops the tunnel's relaying goroutines at a byte boundary, as Stop does (a write or a wait for
+// earlier bytes to be handed on is cut short): the bytes one read and did not write go along as the
+// pair's peeked bytes, which the adopting engine writes first, after the bytes redirected before them.
+// Passed bytes not read yet wait in the source's psock for the adopter's relay. A FIN the old engine saw
+// and did not carry yet is not handed along: the adopter's epoll registration reports it again (an
+// edge-triggered registration reports the state the socket is in when it is added), as it reports a FIN
+// or an error that came in between; and Adopt starts the relay of a direction it finds demoted.
 //
 // Once the objects are shared, both processes may read the mode-change ring buffer, and an event is
 // read by one reader only. An engine that shares its objects therefore rechecks every tunnel each
@@ -62,9 +62,9 @@ type DirState struct {
 	ResumeGen   uint64 `json:"resume_gen,omitempty"`
 }
 
-// ErrBusy says a kernel tunnel is not quiescent now (a demoted direction being relayed, a FIN waiting for
-// the bytes before it): LetGo may succeed later.
-var ErrBusy = errors.New("the kernel tunnel is busy: a demoted direction or a FIN in progress")
+// errStopAsked stops a relaying goroutine's wait for earlier bytes to be handed on: LetGo or Stop asked it to
+// return, and a slow reader would keep them waiting.
+var errStopAsked = errors.New("asked to stop")
 
 // StartAdopted is Start over BPF objects another process exported (loader.Adopt, which closes files):
 // it adopts them, refusing objects of another build (loader.ErrIncompatible), and runs the self-test on
@@ -133,33 +133,33 @@ func (k *Engine) Tunnels() int {
 }
 
 // LetGo lets go of p, a pair k carries, leaving its sockets in the maps: the verdict goes on, and the
-// engine that Adopts it (over the same objects) carries on from the returned state. p gets new conns of
-// its sockets (for their descriptors to be handed over) and no carrier; its State is the rest. A tunnel
-// that is not quiescent gives ErrBusy, and stays carried here; one that ended, datapath.ErrPairEnded.
+// engine that Adopts it (over the same objects) carries on from the returned state. Its relaying
+// goroutines stop first, at a byte boundary; bytes one read and did not write become p's peeked bytes.
+// p gets new conns of its sockets (for their descriptors to be handed over) and no carrier; its State is
+// the rest. A pair that ended gives datapath.ErrPairEnded.
 func (k *Engine) LetGo(p *datapath.Pair) (TunnelState, error) {
 	kt, ok := p.Carrier().(*kernelTunnel)
 	if !ok || kt.k != k {
 		return TunnelState{}, fmt.Errorf("let go of pair %d: the kernel engine does not carry it", p.ID)
 	}
-	st, err := k.leaveQuiescent(kt)
+	relays, err := k.leaveLoop(kt)
 	if err != nil {
-		return TunnelState{}, err
+		return TunnelState{}, fmt.Errorf("let go of pair %d: %w", p.ID, err)
 	}
-	k.mu.Lock()
-	client, err := pollConn(kt.client.fd)
-	var upstream *net.TCPConn
-	if err == nil {
-		if upstream, err = pollConn(kt.up.fd); err != nil {
-			_ = client.Close()
+	for _, done := range relays {
+		select {
+		case <-done:
+		case <-p.Done():
+			return TunnelState{}, datapath.ErrPairEnded
 		}
 	}
-	k.mu.Unlock()
+	st, held, client, upstream, err := k.handedState(kt)
 	if err != nil {
 		// Out of the loop, it would not be watched: it ends rather than hang.
 		p.Fail(datapath.ReasonKernelError, err, true)
 		return TunnelState{}, fmt.Errorf("let go of pair %d: %w", p.ID, err)
 	}
-	gave, err := p.GiveBack(kt, client, upstream, [2][]byte{}, func() error { return k.forget(kt) })
+	gave, err := p.GiveBack(kt, client, upstream, held, func() error { return k.forget(kt) })
 	if !gave {
 		_ = client.Close()
 		_ = upstream.Close()
@@ -171,43 +171,29 @@ func (k *Engine) LetGo(p *datapath.Pair) (TunnelState, error) {
 	return st, nil
 }
 
-// leaveQuiescent takes kt out of the loop's epoll and tables if it is quiescent, and returns its state.
-func (k *Engine) leaveQuiescent(kt *kernelTunnel) (TunnelState, error) {
+// handedState is kt's state once its relaying goroutines have returned, the bytes they held back, and new
+// conns of its sockets.
+func (k *Engine) handedState(kt *kernelTunnel) (st TunnelState, held [2][]byte, client, upstream *net.TCPConn, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	switch {
-	case kt.released:
-		return TunnelState{}, datapath.ErrPairEnded
-	case kt.stopping:
-		return TunnelState{}, errStopping
+	if kt.released {
+		return st, held, nil, nil, datapath.ErrPairEnded
 	}
-	st := TunnelState{Cookies: [2]uint64{kt.client.cookie, kt.up.cookie},
-		SentBase: [2]uint64{kt.client.sentBase, kt.up.sentBase}}
+	st = TunnelState{Cookies: [2]uint64{kt.client.cookie, kt.up.cookie}, SentBase: [2]uint64{kt.client.sentBase, kt.up.sentBase}}
 	for i := range kt.dirs {
 		d := &kt.dirs[i]
-		if d.relaying || (d.finSeen && !d.finDone) {
-			return TunnelState{}, ErrBusy
-		}
-		vs, err := k.maps.Stats(d.src.cookie)
-		switch {
-		case err != nil:
-			return TunnelState{}, datapath.ErrPairEnded
-		case vs.Broken:
-			return TunnelState{}, fmt.Errorf("let go of pair %d: %w", kt.p.ID, errBroken)
-		case vs.Demoted || vs.Passed != d.userRead:
-			return TunnelState{}, ErrBusy
-		}
 		st.Dirs[i] = DirState{HeldLimit: d.limit, FINDone: d.finDone, UserRead: d.userRead,
 			UserWritten: d.userWritten, ResumeGen: d.resumeGen}
+		held[i], d.heldBack = d.heldBack, nil
 	}
-	kt.stopping = true // no relay starts for it from here
-	for _, s := range []*kernelSide{&kt.client, &kt.up} {
-		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
-		delete(k.socks, s.cookie)
-		delete(k.bySrc, s.cookie)
+	if client, err = pollConn(kt.client.fd); err != nil {
+		return st, held, nil, nil, err
 	}
-	k.drain = slices.DeleteFunc(k.drain, func(d *kernelDir) bool { return d.kt == kt })
-	return st, nil
+	if upstream, err = pollConn(kt.up.fd); err != nil {
+		_ = client.Close()
+		return st, held, nil, nil, err
+	}
+	return st, held, client, upstream, nil
 }
 
 // forget closes the engine's descriptors of kt, which another engine adopts, marking the FINs it carried;
@@ -263,6 +249,18 @@ func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
 		kt.dirs[i] = kernelDir{kt: kt, src: src, dst: dst, limit: ds.HeldLimit, dir: pdirs[i], finSeen: ds.FINDone,
 			finDone: ds.FINDone, userRead: ds.UserRead, userWritten: ds.UserWritten, resumeGen: ds.ResumeGen}
 	}
+	defer func() {
+		if !adopted { // p as it was: its held-back bytes are its peeked bytes again
+			for i := range kt.dirs {
+				pdirs[i].HoldBackAgain(kt.dirs[i].heldBack)
+			}
+		}
+	}()
+	for i := range kt.dirs {
+		// Bytes the other engine's relaying goroutine read and did not write: this engine's relay
+		// writes them first, once the bytes redirected before them are handed on.
+		kt.dirs[i].heldBack = pdirs[i].TakePeeked()
+	}
 	held, err := p.Hold(datapath.Sockmap, kt, func() error { return k.attachAdopted(kt) })
 	switch {
 	case err != nil:
@@ -299,10 +297,72 @@ func (k *Engine) attachAdopted(kt *kernelTunnel) error {
 		_ = s.conn.Close()
 	}
 	for i := range kt.dirs {
-		if d := &kt.dirs[i]; !d.finDone {
-			if vs, err := k.maps.Stats(d.src.cookie); err == nil && (vs.Demoted || vs.Passed != d.userRead) {
-				k.startRelayLocked(d)
-			}
+		d := &kt.dirs[i]
+		if d.finDone {
+			continue
+		}
+		if vs, err := k.maps.Stats(d.src.cookie); len(d.heldBack) > 0 || (err == nil && (vs.Demoted || vs.Passed != d.userRead)) {
+			k.startRelayLocked(d)
+		}
+	}
+	return nil
+}
+
+// writeHeldBack writes d.heldBack, the bytes a relaying goroutine of the engine that let go of d read and
+// did not write, before any other byte the relay moves, once the bytes redirected before them are handed
+// on, as relayPassed writes each read. It reports whether the relay goes on; it ends it (fail) otherwise.
+// Only d's relaying goroutine calls it.
+func (k *Engine) writeHeldBack(d *kernelDir, dst *net.TCPConn, fail func(reason string)) bool {
+	held := d.heldBack
+	d.heldBack = nil
+	if len(held) == 0 {
+		return true
+	}
+	if err := k.waitHandedOn(d, dst); err != nil {
+		switch {
+		case errors.Is(err, errStopAsked):
+			d.heldBack = held
+			k.stopRelaying(d, true)
+		case errors.Is(err, errTunnelEnded):
+			fail("")
+		default:
+			fail(datapath.ReasonStalled)
+		}
+		return false
+	}
+	w, err := dst.Write(held)
+	d.dir.Count(w)
+	d.userWritten += uint64(w)
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && k.stopAsked(d) {
+		d.heldBack = held[w:]
+		k.stopRelaying(d, true)
+		return false
+	}
+	if err != nil {
+		fail(datapath.Blame(d.dst.isClient, err))
+		return false
+	}
+	if err := k.setControl(d); err != nil {
+		fail(controlFailure(err))
+		return false
+	}
+	return true
+}
+
+// CheckAdoptable says whether Adopt can take a pair of client and upstream with st: they are the sockets
+// st names, and those are still in the maps (datapath.ErrPairEnded when not: the tunnel ended).
+func (k *Engine) CheckAdoptable(st TunnelState, client, upstream *net.TCPConn) error {
+	for i, c := range []*net.TCPConn{client, upstream} {
+		var cookie uint64
+		var cerr error
+		if err := withFD(c, func(fd int) { cookie, cerr = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE) }); err != nil || cerr != nil {
+			return fmt.Errorf("kernel tunnel: SO_COOKIE: %w", errors.Join(err, cerr))
+		}
+		if cookie != st.Cookies[i] {
+			return fmt.Errorf("kernel tunnel: socket %d has cookie %d, the state names %d", i, cookie, st.Cookies[i])
+		}
+		if _, err := k.maps.Stats(cookie); err != nil {
+			return fmt.Errorf("kernel tunnel: socket %d (cookie %d) is not in the maps: %w", i, cookie, datapath.ErrPairEnded)
 		}
 	}
 	return nil
