@@ -46,6 +46,10 @@ type TunnelState struct {
 	// SentBase is, per socket, how many bytes had entered its send path before it entered the maps:
 	// what the verdict counts as redirected into it is counted from there.
 	SentBase [2]uint64 `json:"sent_base"`
+	// Folded is, per socket, how many of the bytes the verdict redirected from it the pair's own
+	// counters (datapath.State) hold already: the engine that let go folded them in, so that its
+	// process's byte counts do not go back; the adopter counts only the verdict's bytes past them.
+	Folded [2]uint64 `json:"folded"`
 	// Dirs are client → upstream, then upstream → client.
 	Dirs [2]DirState `json:"dirs"`
 }
@@ -159,7 +163,7 @@ func (k *Engine) LetGo(p *datapath.Pair) (TunnelState, error) {
 		p.Fail(datapath.ReasonKernelError, err, true)
 		return TunnelState{}, fmt.Errorf("let go of pair %d: %w", p.ID, err)
 	}
-	gave, err := p.GiveBack(kt, client, upstream, held, func() error { return k.forget(kt) })
+	gave, err := p.GiveBack(kt, client, upstream, held, func() error { return k.forget(kt, &st.Folded) })
 	if !gave {
 		_ = client.Close()
 		_ = upstream.Close()
@@ -196,15 +200,19 @@ func (k *Engine) handedState(kt *kernelTunnel) (st TunnelState, held [2][]byte, 
 	return st, held, client, upstream, nil
 }
 
-// forget closes the engine's descriptors of kt, which another engine adopts, marking the FINs it carried;
-// the sockets stay in the maps, and the verdict's counters with them, which the adopter folds into the
-// pair at the end. The caller holds the pair's lock (Pair.GiveBack).
-func (k *Engine) forget(kt *kernelTunnel) error {
+// forget closes the engine's descriptors of kt, which another engine adopts, marking the FINs it carried
+// and folding the verdict's counts so far into the pair; folded gets those counts, from which the
+// adopter goes on. The sockets stay in the maps, and the verdict's counters with them. The caller holds
+// the pair's lock (Pair.GiveBack).
+func (k *Engine) forget(kt *kernelTunnel, folded *[2]uint64) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if kt.released {
 		return errTunnelEnded
 	}
+	up, down := k.counters(kt)
+	kt.p.AddBytes(up, down)
+	*folded = [2]uint64{kt.client.folded + up, kt.up.folded + down}
 	for i := range kt.dirs {
 		if kt.dirs[i].finDone {
 			kt.dirs[i].dir.MarkFinished()
@@ -243,6 +251,7 @@ func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
 		}
 	}
 	kt.client.sentBase, kt.up.sentBase = st.SentBase[0], st.SentBase[1]
+	kt.client.folded, kt.up.folded = st.Folded[0], st.Folded[1]
 	pdirs := p.Directions()
 	for i, src, dst := 0, &kt.client, &kt.up; i < 2; i, src, dst = i+1, &kt.up, &kt.client {
 		ds := st.Dirs[i]

@@ -71,6 +71,9 @@ func handOver(t *testing.T, k, k2 *Engine, p *datapath.Pair, wait time.Duration)
 	p2 := datapath.RestorePair(datapath.Sockmap, datapath.Endpoint{Conn: conns[0]}, datapath.Endpoint{Conn: conns[1]}, p.State(), nil)
 	p2.ID = p.ID
 	t.Cleanup(func() { p2.End(datapath.ReasonShutdown, true) })
+	if up, down := p.Bytes(); up+down == 0 {
+		t.Error("the pair let go of counts 0 and 0: the bytes the kernel moved so far were not folded in")
+	}
 	p.End("handed_over", false) // closes this side's descriptors only
 	time.Sleep(wait)
 	if err := k2.Adopt(p2, st); err != nil {

@@ -118,6 +118,9 @@ type kernelSide struct {
 	// sentBase is how many bytes had entered this socket's send path (acked + queued) before insertion:
 	// what the kernel redirects into it is counted from there.
 	sentBase uint64
+	// folded is how many of the bytes the verdict redirected from this socket the pair counts already:
+	// those of an engine that let go of the tunnel (adopt.go); 0 for a tunnel that entered here.
+	folded uint64
 	// clampWas is the socket's window clamp before Stop raised its receive low-water mark (holdVerdict);
 	// 0 otherwise.
 	clampWas int
@@ -280,10 +283,10 @@ func (k *Engine) Close() error {
 // counters returns the bytes the kernel has redirected each way for kt; zero once it has left the maps.
 func (k *Engine) counters(kt *kernelTunnel) (toUpstream, toClient uint64) {
 	if st, err := k.maps.Stats(kt.client.cookie); err == nil {
-		toUpstream = st.Bytes
+		toUpstream = st.Bytes - kt.client.folded
 	}
 	if st, err := k.maps.Stats(kt.up.cookie); err == nil {
-		toClient = st.Bytes
+		toClient = st.Bytes - kt.up.folded
 	}
 	return toUpstream, toClient
 }
