@@ -129,6 +129,23 @@ func (d *Direction) WritePeeked() error {
 	return nil
 }
 
+// TakePeeked returns the source's peeked bytes and forgets them: the engine that takes them writes them
+// itself (the kernel engine, adopting a pair whose relaying goroutine had read them: they go after bytes
+// the verdict redirected before them).
+func (d *Direction) TakePeeked() []byte {
+	p := *d.peeked
+	*d.peeked = nil
+	return p
+}
+
+// HoldBackAgain puts bytes TakePeeked took back in front of the source's peeked bytes, for an engine that
+// took them and then did not carry the pair.
+func (d *Direction) HoldBackAgain(b []byte) {
+	if len(b) > 0 {
+		*d.peeked = append(b, *d.peeked...)
+	}
+}
+
 // holdBack keeps bytes read from the source but not written, when a stop interrupted their write: they
 // become the source's peeked bytes, which the next engine writes first.
 func (d *Direction) holdBack(b []byte) {

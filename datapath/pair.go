@@ -153,6 +153,13 @@ func (p *Pair) GiveBack(c Carrier, client, upstream *net.TCPConn, held [2][]byte
 	return true, nil
 }
 
+// Carrier is the engine's hold on the pair now; nil while no engine carries it.
+func (p *Pair) Carrier() Carrier {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.carrier
+}
+
 // Holds reports whether c holds the pair and the pair is not ending. The caller holds nothing of its own
 // engine's that Hold or End could wait on.
 func (p *Pair) Holds(c Carrier) bool {

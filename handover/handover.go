@@ -22,8 +22,10 @@
 // A tunnel is carried by exactly one process: the old one stops carrying it before it sends it and
 // carries it on again only when the new one refused it (or did not answer, and was told to drop it); the
 // new one carries it only after the commit (or once the old process is gone: an end of the socket pair
-// without a commit). Later stages add pinned BPF objects the same way, sent only to a new process whose
-// Ready.Accepts names them; fields a decoder does not know are ignored, as encoding/json does. Version
+// without a commit). The offer also carries the kernel datapath's BPF objects (Offer.BPF), when the old
+// process runs it: a new process that adopts them says so (AcceptBPF), and the old one then hands over
+// its kernel tunnels too, each with its engine's state (Tunnel.Kernel), the sockets left in the BPF maps.
+// Fields a decoder does not know are ignored, as encoding/json does. Version
 // changes only when a message would mean something else to a decoder of the older version.
 package handover
 
@@ -71,6 +73,10 @@ const (
 // AcceptTunnels in Ready.Accepts says the new process adopts live tunnels.
 const AcceptTunnels = "tunnels"
 
+// AcceptBPF in Ready.Accepts says the new process adopted the BPF objects of the offer (Offer.BPF): its
+// kernel engine runs over them, and it adopts kernel tunnels.
+const AcceptBPF = "bpf"
+
 // Message is one frame's body. Exactly the field of its Type is set.
 type Message struct {
 	Type   Type    `json:"type"`
@@ -92,6 +98,16 @@ type Offer struct {
 	// LastTunnelID is the id the old process gave its latest tunnel: the new process numbers its own
 	// tunnels well past it, so that a tunnel it adopts keeps its id.
 	LastTunnelID uint64 `json:"last_tunnel_id,omitempty"`
+	// BPF are the kernel datapath's BPF objects (maps and programs, loader.Export), when the old process
+	// runs it; empty otherwise.
+	BPF []BPFObject `json:"bpf,omitempty"`
+}
+
+// BPFObject is one BPF map or program: its name in the BPF build, and the index of its descriptor among
+// the message's.
+type BPFObject struct {
+	Name string `json:"name"`
+	FD   int    `json:"fd"`
 }
 
 // Kind is what a listener serves.
@@ -145,7 +161,7 @@ type Tunnel struct {
 	Upstream string `json:"upstream"` // the upstream server's address, as its pool names it
 	Pool     string `json:"pool"`
 	Listener string `json:"listener"`
-	Datapath string `json:"datapath"` // the engine that carried it: copy or splice
+	Datapath string `json:"datapath"` // the engine that carried it: copy, splice or sockmap
 	// URI, Host and UserAgent are the request that opened it, for its log lines.
 	URI        string    `json:"uri,omitempty"`
 	Host       string    `json:"host,omitempty"`
@@ -166,6 +182,9 @@ type Tunnel struct {
 	// ClientFD and UpstreamFD are the indexes of its descriptors among the message's.
 	ClientFD   int `json:"client_fd"`
 	UpstreamFD int `json:"upstream_fd"`
+	// Kernel is, for a kernel tunnel (Datapath sockmap), its engine's state (datapath/sockmap.TunnelState),
+	// which the adopting engine reads: the sockets are in the BPF maps the new process adopted.
+	Kernel json.RawMessage `json:"kernel,omitempty"`
 }
 
 // MaxData bounds the bytes of one Data message (their base64 fits a body).
@@ -280,6 +299,9 @@ func (m Message) check(nfds int) error {
 				return fmt.Errorf("handover: offer: listener %d (%q): kind %q; accepted %s, %s or %s", i, l.Name, l.Kind, KindWebSocket, KindTCP, KindAdmin)
 			}
 			fds = append(fds, l.FD)
+		}
+		for _, o := range m.Offer.BPF {
+			fds = append(fds, o.FD)
 		}
 	case TypeReady:
 		if m.Ready == nil {

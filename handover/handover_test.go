@@ -2,6 +2,7 @@ package handover
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -34,6 +35,22 @@ func tunnels() Message {
 	}}}
 }
 
+// offerWithBPF is offer with two BPF objects after the listeners.
+func offerWithBPF() Message {
+	m := offer()
+	m.Offer.BPF = []BPFObject{{Name: "targets", FD: 2}, {Name: "sockrelay_verdict", FD: 3}}
+	return m
+}
+
+// kernelTunnel is a batch of one kernel tunnel, with its engine's state.
+func kernelTunnel() Message {
+	at := time.Date(2026, 12, 3, 4, 5, 6, 7, time.UTC)
+	return Message{Type: TypeTunnels, Tunnels: &Tunnels{Batch: 4, Tunnels: []Tunnel{
+		{ID: 19, Client: "10.0.0.3:5000", Upstream: "10.0.1.1:80", Pool: "chat", Listener: "public", Datapath: "sockmap",
+			Started: at, LastActive: at, Kernel: json.RawMessage(`{"cookies":[4097,4098]}`), ClientFD: 1, UpstreamFD: 0},
+	}}}
+}
+
 func TestCodecRoundTrip(t *testing.T) {
 	for _, tc := range []struct {
 		m    Message
@@ -44,7 +61,10 @@ func TestCodecRoundTrip(t *testing.T) {
 		{Message{Type: TypeReady, Ready: &Ready{PID: 7, Accepts: []string{"tunnels"}}}, 0},
 		{Message{Type: TypeFailed, Failed: &Failed{Reason: "self-test failed"}}, 0},
 		{Message{Type: TypeOffer, Offer: &Offer{PID: 1, LastTunnelID: 99}}, 0},
+		{offerWithBPF(), 4},
+		{Message{Type: TypeReady, Ready: &Ready{PID: 7, Accepts: []string{AcceptTunnels, AcceptBPF}}}, 0},
 		{tunnels(), 4},
+		{kernelTunnel(), 2},
 		{Message{Type: TypeData, Data: &Data{ID: 18, Dir: 1, Bytes: []byte("held")}}, 0},
 		{Message{Type: TypeAdopted, Adopted: &Adopted{Batch: 3, Results: []AdoptResult{{ID: 17, NewID: 17}, {ID: 18, Error: "no"}}}}, 0},
 		{Message{Type: TypeCommit, Commit: &Commit{Batch: 3, Abort: true}}, 0},
@@ -121,6 +141,7 @@ func TestEncodeRefusesBadMessages(t *testing.T) {
 	}{
 		{"fd index out of range", offer(), 1, "names 2 descriptors and carries 1"},
 		{"fd index named twice", dup, 2, "descriptor index 1 is named twice"},
+		{"BPF object short of its descriptor", offerWithBPF(), 3, "names 4 descriptors and carries 3"},
 		{"unknown kind", badKind, 2, `kind "udp"; accepted websocket, tcp or admin`},
 		{"unknown type", Message{Type: "tunnel"}, 0, `message type "tunnel"; accepted offer, ready, failed, data, tunnels, adopted, commit or done`},
 		{"type without its field", Message{Type: TypeReady}, 0, "ready message without its pid"},

@@ -30,10 +30,13 @@ type Options struct {
 // verdict program attached to one of the sockhashes, and the program that updates a socket's control. One
 // Sockmap serves every kernel tunnel of a process.
 type Sockmap struct {
-	objs     bpf.SockrelayObjects
+	objs     sockrelayObjects
 	attached bool
-	pinPath  string
-	events   *ringbuf.Reader
+	// shared is set once another process may hold these objects (Export, Adopt): Close then leaves the
+	// verdict attached, since the other process's tunnels still need it.
+	shared  bool
+	pinPath string
+	events  *ringbuf.Reader
 
 	mu     sync.Mutex
 	closed bool
@@ -42,7 +45,7 @@ type Sockmap struct {
 // Open loads the BPF objects and attaches the verdict program. On any failure it closes what it opened.
 func Open(opts Options) (_ *Sockmap, err error) {
 	s := &Sockmap{}
-	if err := bpf.LoadSockrelayObjects(&s.objs, nil); err != nil {
+	if err := loadObjects(&s.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
 			return nil, fmt.Errorf("load BPF objects: verifier: %w", err)
@@ -113,7 +116,7 @@ func (s *Sockmap) Close() error {
 			errs = append(errs, fmt.Errorf("close demotion event reader: %w", err))
 		}
 	}
-	if s.attached {
+	if s.attached && !s.shared {
 		if err := link.RawDetachProgram(link.RawDetachProgramOptions{
 			Target:  s.objs.VerdictMap.FD(),
 			Program: s.objs.SockrelayVerdict,
@@ -130,7 +133,7 @@ func (s *Sockmap) Close() error {
 		}
 		_ = os.Remove(s.pinPath)
 	}
-	if err := s.objs.Close(); err != nil {
+	if err := s.objs.close(); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

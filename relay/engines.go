@@ -76,6 +76,9 @@ func (s *Server) chooseUserspace(requested Datapath, skipped []string) error {
 
 // startKernelPath probes the kernel, loads the BPF objects and runs the self-test on them (sockmap.Start).
 func (s *Server) startKernelPath() (*sockmap.Engine, error) {
+	if k := s.adoptKernel(); k != nil {
+		return k, nil
+	}
 	start := s.cfg.startKernel
 	if start == nil {
 		start = sockmap.Start

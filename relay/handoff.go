@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -20,7 +21,8 @@ const ReasonHandedOver = "handed_over"
 const ReasonHandedBack = "handed_back"
 
 // ErrNotMovable says a tunnel cannot be handed to another process: TLS on a side (its crypto state lives
-// in this process's memory), or the kernel datapath carries it.
+// in this process's memory), or the kernel datapath carries it and the other process did not adopt the
+// BPF objects (Registry.CanMove).
 var ErrNotMovable = errors.New("the tunnel cannot move to another process")
 
 // Movable reports whether t can be handed to another process: a plain tunnel that a userspace engine
@@ -36,7 +38,7 @@ func (t *Tunnel) Parked() bool { return t.parked.Load() }
 func (r *Registry) Movable() int {
 	n := 0
 	for _, t := range r.Tunnels() {
-		if t.Movable() {
+		if r.CanMove(t) {
 			n++
 		}
 	}
@@ -57,15 +59,21 @@ type ParkedTunnel struct {
 	URI, Host, UserAgent string
 	// ClientIP is the client address the limits count it under.
 	ClientIP string
+	// Kernel is the kernel engine's state of a tunnel whose sockets stay in the BPF maps (Datapath
+	// sockmap); nil otherwise.
+	Kernel *sockmap.TunnelState
 }
 
 // Park stops t's engine at a byte boundary, keeping its sockets open: the bytes it read and did not
 // write become State.Peeked. The timeouts leave it alone while parked.
 func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
-	if !t.Movable() {
+	if !s.tunnels.CanMove(t) {
 		return nil, ErrNotMovable
 	}
 	kind := t.pair.Kind()
+	if kind == DatapathSockmap {
+		return s.parkKernel(t)
+	}
 	t.parked.Store(true)
 	if err := t.pair.Park(); err != nil {
 		t.parked.Store(false)
@@ -95,6 +103,10 @@ func (pt *ParkedTunnel) Files() (client, upstream *os.File, err error) {
 // it).
 func (s *Server) Resume(pt *ParkedTunnel) {
 	pt.T.parked.Store(false)
+	if pt.Kernel != nil {
+		s.resumeKernel(pt)
+		return
+	}
 	s.engine(pt.Datapath).Carry(pt.T.pair)
 }
 
@@ -122,6 +134,9 @@ type Adoption struct {
 	// ClientIP is the client address the limits count the tunnel under; empty (an older process's
 	// handover), the host of ClientAddr.
 	ClientIP string
+	// Kernel is the kernel engine's state of a tunnel whose sockets are in the BPF maps this process
+	// adopted (Datapath sockmap); nil otherwise.
+	Kernel *sockmap.TunnelState
 	// Client and Upstream are the sockets; Adopt takes them over (and closes them on an error).
 	Client, Upstream *os.File
 }
@@ -144,9 +159,11 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 		client.Close()
 		return nil, fmt.Errorf("upstream socket: %w", err)
 	}
-	kind := a.Datapath
-	if kind != DatapathSplice {
-		kind = DatapathCopy
+	kind, err := s.adoptedKind(a, client, up)
+	if err != nil {
+		client.Close()
+		up.Close()
+		return nil, err
 	}
 	ip := a.ClientIP
 	if ip == "" {
@@ -157,6 +174,7 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 		Pool: a.Pool, Listener: a.Listener, halfClosedTimeout: a.HalfClosedTimeout, activeAt: a.LastActive,
 		lease: s.adoptLease(a.Pool, a.UpstreamAddr), req: requestInfo{uri: a.URI, host: a.Host, userAgent: a.UserAgent},
 		clientIP: ip, releaseSlot: s.holdSlots(a.Listener, ip),
+		adoptedKernel: a.Kernel,
 	}
 	t.parked.Store(true)
 	t.pair = datapath.RestorePair(kind, datapath.Endpoint{Conn: client}, datapath.Endpoint{Conn: up}, a.State,
@@ -215,6 +233,10 @@ func (s *Server) adoptLease(pool, addr string) *upstream.Lease {
 func (s *Server) CarryAdopted(t *Tunnel) {
 	t.parked.Store(false)
 	s.logOpened(t)
+	if t.adoptedKernel != nil {
+		s.carryAdoptedKernel(t)
+		return
+	}
 	s.engine(t.pair.Kind()).Carry(t.pair)
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -26,6 +27,9 @@ type Registry struct {
 
 	// Bytes of tunnels that have ended, so that byte counters stay monotonic when a tunnel leaves.
 	endedToUpstream, endedToClient uint64
+	// kernelMovable: the process this one hands over to adopted the BPF objects, so kernel tunnels can
+	// move too (Server.HandKernelTunnels).
+	kernelMovable atomic.Bool
 }
 
 // NewRegistry returns an empty registry.

@@ -77,6 +77,12 @@ type Config struct {
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 
+	// KernelObjects are the BPF objects of the relay this one replaces in an upgrade, by name
+	// (loader.Export): when the datapath is sockmap (or auto) the kernel engine adopts them instead of
+	// loading its own, so that the old relay's kernel tunnels can move here (kernelhandoff.go). NewServer
+	// takes and closes them.
+	KernelObjects map[string]*os.File
+
 	// startKernel, set only by tests, stands in for sockmap.Start when the relay starts the kernel datapath.
 	startKernel func(log *slog.Logger, onFallback func(*datapath.Pair, string), heldLimit uint64) (*sockmap.Engine, error)
 	// newPipe, set only by tests, stands in for newPipe when splice tunnels get their pipes.
@@ -126,6 +132,8 @@ type Server struct {
 	kernel   *sockmap.Engine // nil unless the datapath is sockmap
 	splicer  *datapath.Splicer
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
+	// kernelAdopted: kernel runs over the BPF objects of the relay this one replaced (Config.KernelObjects).
+	kernelAdopted bool
 
 	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
 	// see HoldDrain.
@@ -225,6 +233,7 @@ func NewServer(cfg Config) (*Server, error) {
 	s.copier = &copyEngine{log: cfg.Logger, start: cfg.startLoops, opts: eventloop.Options{Loops: copyLoops()}}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats, s.copier.Stats)
 	s.copier.metrics = s.metrics
+	defer s.dropKernelObjects() // those the kernel engine did not adopt
 	if err := s.setUpDatapath(); err != nil {
 		return nil, err
 	}

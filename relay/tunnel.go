@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/upstream"
 )
 
@@ -48,6 +49,8 @@ type Tunnel struct {
 	parked atomic.Bool
 	// activeAt is when a byte last moved before this process adopted the tunnel; zero otherwise.
 	activeAt time.Time
+	// adoptedKernel is the kernel engine's state of an adopted kernel tunnel, until CarryAdopted.
+	adoptedKernel *sockmap.TunnelState
 }
 
 // Reason names why a tunnel ended; it labels logs and sockrelay_tunnels_closed_total.

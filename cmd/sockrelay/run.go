@@ -507,6 +507,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		Logger:                  log,
 		Registerer:              reg,
 		Upgrade:                 up.upgrader.upgrade,
+		KernelObjects:           up.inherited.kernelObjects(),
 	}
 	var rl *reloader
 	if o.file.cfg != nil {
@@ -635,6 +636,13 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 	// hang-up does not stop a relay full of tunnels.
 	if ready != nil {
 		ready(lns[0].Addr(), adminAddr)
+	}
+	up.upgrader.exportBPF, up.upgrader.bpfAdopted = srv.ExportKernel, func(adopted bool) {
+		if adopted {
+			srv.HandKernelTunnels()
+		} else {
+			srv.UnshareKernel()
+		}
 	}
 	up.upgrader.serving(handed, srv.Tunnels(), letGo) // before confirm: an upgrade may follow at once
 	up.inherited.confirm(srv)

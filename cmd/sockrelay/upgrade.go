@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -47,6 +48,10 @@ type upgrader struct {
 	fixedBinary  string        // --upgrade-binary: the only binary an upgrade starts; "" for this process's own
 	movable      func() int    // the tunnels that can be handed over
 	lastTunnelID func() uint64 // the registry's latest id, which the offer carries
+	// exportBPF returns the kernel datapath's BPF objects, which the offer carries (none when the relay
+	// runs no kernel engine); bpfAdopted is told whether the new process adopted them. Set before serving.
+	exportBPF  func() (map[string]*os.File, error)
+	bpfAdopted func(bool)
 
 	mu         sync.Mutex
 	listeners  []offered // set by serve once every listener is bound
@@ -69,7 +74,8 @@ type offered struct {
 
 func newUpgrader(log *slog.Logger, runArgs []string, drainTimeout time.Duration) *upgrader {
 	return &upgrader{log: log, runArgs: runArgs, drainTimeout: drainTimeout, tunnels: func() int { return 0 },
-		movable: func() int { return 0 }, lastTunnelID: func() uint64 { return 0 }, handedOver: make(chan int, 1)}
+		movable: func() int { return 0 }, lastTunnelID: func() uint64 { return 0 }, handedOver: make(chan int, 1),
+		exportBPF: func() (map[string]*os.File, error) { return nil, nil }, bpfAdopted: func(bool) {}}
 }
 
 // serving gives the upgrader what it hands over, once the relay serves.
@@ -112,6 +118,7 @@ func (u *upgrader) upgrade(_ context.Context, req relay.UpgradeRequest) (relay.U
 	u.log.Info("upgrade: starting the new process", "binary", binary, "args", strings.Join(args, " "), "timeout", timeout)
 	// Not bound to the request: a client that gives up waiting must not leave a half-started process.
 	pid, successor, err := u.handOver(exe, args, timeout)
+	u.bpfAdopted(err == nil && slices.Contains(u.accepts, handover.AcceptBPF))
 	if err != nil {
 		u.end(0)
 		u.log.Error("upgrade failed: this process keeps serving", "binary", binary, "err", err)
@@ -428,6 +435,15 @@ func (u *upgrader) offer(conn *handover.Conn) error {
 		files = append(files, f)
 		o.Listeners = append(o.Listeners, d)
 	}
+	bpf, err := u.exportBPF()
+	if err != nil {
+		// The new process loads its own objects; the kernel tunnels stay here.
+		u.log.Warn("upgrade: cannot hand over the BPF objects; kernel tunnels stay here and drain", "err", err)
+	}
+	for _, name := range slices.Sorted(maps.Keys(bpf)) {
+		o.BPF = append(o.BPF, handover.BPFObject{Name: name, FD: len(files)})
+		files = append(files, bpf[name])
+	}
 	return conn.Send(handover.Message{Type: handover.TypeOffer, Offer: o}, files)
 }
 
@@ -450,7 +466,9 @@ type inheritance struct {
 	lastID    uint64 // the old process's latest tunnel id
 	listeners []handover.Listener
 	files     []*os.File // by listener; nil once adopted or closed
-	log       *slog.Logger
+	// bpf are the old process's BPF objects by name, until kernelObjects hands them to the relay.
+	bpf map[string]*os.File
+	log *slog.Logger
 }
 
 // inherit returns the handover this process was started for, or nil when it was not started by an
@@ -488,6 +506,12 @@ func inherit() (*inheritance, error) {
 	h.files = make([]*os.File, len(h.listeners))
 	for i, l := range h.listeners {
 		h.files[i] = files[l.FD]
+	}
+	for _, o := range m.Offer.BPF {
+		if h.bpf == nil {
+			h.bpf = map[string]*os.File{}
+		}
+		h.bpf[o.Name] = files[o.FD]
 	}
 	return h, nil
 }
@@ -600,6 +624,9 @@ func (h *inheritance) confirm(srv *relay.Server) {
 		}
 	}
 	ready := &handover.Ready{PID: os.Getpid(), Accepts: []string{handover.AcceptTunnels}}
+	if srv.KernelAdopted() {
+		ready.Accepts = append(ready.Accepts, handover.AcceptBPF)
+	}
 	err := h.conn.Send(handover.Message{Type: handover.TypeReady, Ready: ready}, nil)
 	if err != nil {
 		// The old process gave up waiting (timeout) and killed this one, or is gone: nothing to tell.
@@ -641,12 +668,24 @@ func (h *inheritance) removeDroppedAdminSocket(dropped []handover.Listener) {
 	}
 }
 
+// kernelObjects hands the old process's BPF objects to the relay this process starts
+// (relay.Config.KernelObjects); nil when it offered none.
+func (h *inheritance) kernelObjects() map[string]*os.File {
+	if h == nil {
+		return nil
+	}
+	objs := h.bpf
+	h.bpf = nil
+	return objs
+}
+
 // fail tells the old process why this one cannot take over; it keeps serving.
 func (h *inheritance) fail(reason string) {
 	if h == nil || h.conn == nil {
 		return
 	}
 	closeAllFiles(h.files)
+	closeAllFiles(slices.Collect(maps.Values(h.bpf)))
 	_ = h.conn.Send(handover.Message{Type: handover.TypeFailed, Failed: &handover.Failed{Reason: reason}}, nil)
 	h.conn.Close()
 	h.conn = nil

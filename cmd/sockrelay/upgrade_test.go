@@ -211,11 +211,11 @@ func handshakeLoop(addr string) (stop func() (int, []error)) {
 }
 
 // TestUpgradeKeepsServing: `sockrelay upgrade` hands the listeners to a new process while clients open
-// WebSockets back to back: none is refused or fails. A tunnel open before the upgrade keeps flowing: on
-// copy the new process carries it on and the old one exits 0 at once; on sockmap it stays with the old
-// process, which exits 0 once that tunnel ends. The new process serves on. On copy, and
-// on sockmap where the host runs it (each process with a kernel datapath of its own, the new one's
-// self-test included in the handover time).
+// WebSockets back to back: none is refused or fails. A tunnel open before the upgrade keeps flowing: the
+// new process carries it on and the old one exits 0 at once (on sockmap the new process adopts the old
+// one's BPF objects, and the tunnel moves with its sockets left in the maps). The new process serves on.
+// On copy, and on sockmap where the host runs it (the new one's self-test, over the adopted objects,
+// included in the handover time).
 func TestUpgradeKeepsServing(t *testing.T) {
 	for _, dp := range []string{"copy", "sockmap"} {
 		t.Run(dp, func(t *testing.T) {
@@ -252,24 +252,13 @@ func upgradeKeepsServing(t *testing.T, datapath string) {
 		t.Errorf("%d listeners adopted, want 2 (the client one and the admin):\n%s", n, r.logs)
 	}
 
-	// The tunnel from before moves to the new process on copy, and the old one exits at once; on sockmap
-	// it stays with the old process, which waits for it.
+	// The tunnel from before moves to the new process, and the old one exits at once.
 	for i := range 3 {
 		echoThrough(t, before, fmt.Sprintf("after the upgrade %d", i))
 		time.Sleep(50 * time.Millisecond)
 	}
-	if datapath == "copy" {
-		r.waitExit(t, 5*time.Second)
-		closeWS(t, before)
-	} else {
-		select {
-		case err := <-r.exited:
-			t.Fatalf("the old process exited (%v) with a tunnel open and 20s of drain left:\n%s", err, r.logs)
-		default:
-		}
-		closeWS(t, before)
-		r.waitExit(t, 5*time.Second)
-	}
+	r.waitExit(t, 5*time.Second)
+	closeWS(t, before)
 	if len(r.logs.lines("handed over to the new process: no new clients here; draining tunnels")) != 1 ||
 		len(r.logs.lines("sockrelay stopped: the new process serves")) != 1 {
 		t.Errorf("the old process did not log its drain and stop:\n%s", r.logs)
@@ -727,4 +716,75 @@ func TestInheritedListenerMatchesTheBoundAddress(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestUpgradeKernelTunnelsStayWhenNotAdopted: a new process whose datapath is not sockmap does not adopt
+// the BPF objects, and says why in its log: the old process's kernel tunnel stays there, flowing, and the
+// old process exits once it ends.
+func TestUpgradeKernelTunnelsStayWhenNotAdopted(t *testing.T) {
+	if err := loader.Probe().Err(); err != nil {
+		if os.Getenv("SOCKRELAY_REQUIRE_BPF") == "1" {
+			t.Fatalf("SOCKRELAY_REQUIRE_BPF=1 but the kernel datapath cannot run: %v", err)
+		}
+		t.Skipf("this host cannot run sockmap: %v", err)
+	}
+	up := newEchoUpstream(t)
+	r := startUpgradableOn(t, "sockmap", up, 20*time.Second)
+	before := dialWS(t, r.listen)
+	echoThrough(t, before, "before the upgrade")
+	code, out := r.upgrade(t, "--", "--listen", "127.0.0.1:0", "--admin", r.admin, "--upstream", up,
+		"--datapath", "copy", "--drain-timeout", "20s", "--log-format", "json")
+	if code != 0 {
+		t.Fatalf("upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	waitFor(t, "the new process to say why it did not adopt the BPF objects", func() bool {
+		return len(r.logs.lines("upgrade: this process's datapath is not sockmap; the old process's kernel tunnels stay there and drain")) == 1
+	})
+	for i := range 3 {
+		echoThrough(t, before, fmt.Sprintf("after the upgrade %d", i))
+		time.Sleep(50 * time.Millisecond)
+	}
+	select {
+	case err := <-r.exited:
+		t.Fatalf("the old process exited (%v) with its kernel tunnel open and 20s of drain left:\n%s", err, r.logs)
+	default:
+	}
+	closeWS(t, before)
+	r.waitExit(t, 5*time.Second)
+	echoThrough(t, dialWS(t, r.listen), "to the new process")
+}
+
+// TestUpgradeTwiceKernelTunnel: two upgrades back to back on sockmap: each new process adopts the BPF
+// objects its predecessor adopted or loaded, the kernel tunnel opened before moves twice and keeps
+// flowing, and both earlier processes exit at once.
+func TestUpgradeTwiceKernelTunnel(t *testing.T) {
+	if err := loader.Probe().Err(); err != nil {
+		if os.Getenv("SOCKRELAY_REQUIRE_BPF") == "1" {
+			t.Fatalf("SOCKRELAY_REQUIRE_BPF=1 but the kernel datapath cannot run: %v", err)
+		}
+		t.Skipf("this host cannot run sockmap: %v", err)
+	}
+	r := startUpgradableOn(t, "sockmap", newEchoUpstream(t), 20*time.Second)
+	ws := dialWS(t, r.listen)
+	echoThrough(t, ws, "before the upgrades")
+	code, out := r.upgrade(t)
+	if code != 0 {
+		t.Fatalf("first upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	first := newPID(t, out)
+	echoThrough(t, ws, "after the first upgrade")
+	code, out = r.upgrade(t)
+	if code != 0 {
+		t.Fatalf("second upgrade: exit %d: %s\n%s", code, out, r.logs)
+	}
+	echoThrough(t, ws, "after the second upgrade")
+	r.waitExit(t, 5*time.Second)
+	waitFor(t, "the first new process to exit", func() bool { return processGone(first) })
+	if n := len(r.logs.lines("upgrade: adopted the old process's BPF objects; its kernel tunnels can move here")); n != 2 {
+		t.Errorf("%d processes adopted the BPF objects, want 2\n%s", n, r.logs)
+	}
+	for i := range 3 {
+		echoThrough(t, ws, fmt.Sprintf("on the third process %d", i))
+	}
+	closeWS(t, ws)
 }

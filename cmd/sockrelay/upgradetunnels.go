@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/handover"
 	"github.com/sockrelay/sockrelay/relay"
 )
@@ -62,6 +63,7 @@ func (m *tunnelMover) run(drained <-chan struct{}) {
 			m.log.Info(msg, "pid", m.to, "handed_over", m.moved-moved, "kept", m.kept-kept,
 				"peeked_bytes", m.peeked-peeked, "batches", m.batch, "took_ms", time.Since(started).Milliseconds())
 		}
+		m.srv.StopKernelEvents() // once this process holds no kernel tunnel
 		if n == 0 {
 			select {
 			case <-drained:
@@ -77,7 +79,7 @@ func (m *tunnelMover) run(drained <-chan struct{}) {
 func (m *tunnelMover) round() (n int, err error) {
 	var todo []*relay.Tunnel
 	for _, t := range m.srv.Tunnels().Tunnels() {
-		if t.Movable() && !t.Parked() && !m.tried[t.ID] {
+		if m.srv.Tunnels().CanMove(t) && !t.Parked() && !m.tried[t.ID] {
 			todo = append(todo, t)
 		}
 	}
@@ -217,6 +219,9 @@ func (m *tunnelMover) describe(pt *relay.ParkedTunnel, nfds int) (handover.Tunne
 		}
 		desc.Peeked = [2][]byte{}
 	}
+	if pt.Kernel != nil {
+		desc.Kernel, _ = json.Marshal(pt.Kernel)
+	}
 	client, upstream, err := pt.Files()
 	if err != nil {
 		return handover.Tunnel{}, nil, err
@@ -292,6 +297,7 @@ func (a *adopter) run() {
 			if !errors.Is(err, os.ErrClosed) && !peerGone(err) {
 				a.log.Warn("upgrade: the old process's handover of tunnels broke off", "pid", a.from, "err", err)
 			}
+			a.srv.UnshareKernel() // the old process reads no more mode events
 			return
 		}
 		switch m.Type {
@@ -327,6 +333,7 @@ func (a *adopter) run() {
 			delete(prepared, m.Commit.Batch)
 		case handover.TypeDone:
 			a.log.Info("upgrade: tunnels adopted from the old process", "pid", a.from, "tunnels", adopted)
+			a.srv.UnshareKernel() // the old process stopped reading mode events before it was done
 			return
 		default:
 			closeAllFiles(files)
@@ -352,7 +359,14 @@ func (a *adopter) adopt(b *handover.Tunnels, files []*os.File, data map[uint64]*
 			results = append(results, handover.AdoptResult{ID: d.ID, Error: "refused by the test hook"})
 			continue
 		}
-		t, err := a.srv.Adopt(relay.Adoption{ID: d.ID, ClientAddr: d.Client, UpstreamAddr: d.Upstream, Pool: d.Pool,
+		kernel, err := kernelStateOf(d)
+		if err != nil {
+			client.Close()
+			upstream.Close()
+			results = append(results, handover.AdoptResult{ID: d.ID, Error: err.Error()})
+			continue
+		}
+		t, err := a.srv.Adopt(relay.Adoption{ID: d.ID, Kernel: kernel, ClientAddr: d.Client, UpstreamAddr: d.Upstream, Pool: d.Pool,
 			Listener: d.Listener, Datapath: relay.Datapath(d.Datapath), Started: d.Started, LastActive: d.LastActive,
 			HalfClosedTimeout: d.HalfClosedTimeout, Client: client, Upstream: upstream, URI: d.URI, Host: d.Host,
 			UserAgent: d.UserAgent, ClientIP: d.ClientIP,
@@ -365,6 +379,18 @@ func (a *adopter) adopt(b *handover.Tunnels, files []*os.File, data map[uint64]*
 		results = append(results, handover.AdoptResult{ID: d.ID, NewID: t.ID})
 	}
 	return ts, results
+}
+
+// kernelStateOf is the kernel engine's state of a handed-over kernel tunnel; nil for another.
+func kernelStateOf(d handover.Tunnel) (*sockmap.TunnelState, error) {
+	if len(d.Kernel) == 0 {
+		return nil, nil
+	}
+	var st sockmap.TunnelState
+	if err := json.Unmarshal(d.Kernel, &st); err != nil {
+		return nil, fmt.Errorf("kernel tunnel %d: its engine state: %w", d.ID, err)
+	}
+	return &st, nil
 }
 
 // stateOf is the datapath state of a handed-over tunnel, its peeked bytes whole.

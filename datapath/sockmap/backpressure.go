@@ -191,6 +191,9 @@ func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 	bp := passedBuffers.Get().(*[]byte)
 	defer passedBuffers.Put(bp)
 	d.overflow = overflowWatch{} // a wait seen by an earlier goroutine is over
+	if !k.writeHeldBack(d, dst, fail) {
+		return
+	}
 	poll := relayPoll
 	for {
 		// Ask to resume once the destination has room again; until then stay demoted rather than flap,
@@ -263,9 +266,15 @@ func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 		// These bytes were passed, so every earlier run of the source's verdict has finished and counted
 		// what it redirected: those bytes must all be in the destination's send queue before these follow.
 		if err := k.waitHandedOn(d, dst); err != nil {
-			if errors.Is(err, errTunnelEnded) {
+			switch {
+			case errors.Is(err, errStopAsked):
+				// Read, not written: they go first on whatever carries the direction next.
+				d.userRead += uint64(n)
+				d.heldBack = append(d.heldBack, (*bp)[:n]...)
+				k.stopRelaying(d, true)
+			case errors.Is(err, errTunnelEnded):
 				fail("")
-			} else {
+			default:
 				fail(datapath.ReasonStalled)
 			}
 			return
@@ -527,6 +536,9 @@ func (k *Engine) waitHandedOn(d *kernelDir, dst *net.TCPConn) error {
 			return errTunnelEnded
 		case <-time.After(interval):
 		}
+		if k.stopAsked(d) {
+			return errStopAsked // a slow reader would keep the stop waiting
+		}
 	}
 }
 
@@ -536,7 +548,8 @@ func (k *Engine) finishRelayed(d *kernelDir, dst *net.TCPConn) {
 	t := d.kt.p
 	if err := k.waitHandedOn(d, dst); err != nil {
 		k.stopRelaying(d, true)
-		if !errors.Is(err, errTunnelEnded) {
+		// Asked to stop: the FIN is still the source's to report, to whatever carries the direction next.
+		if !errors.Is(err, errTunnelEnded) && !errors.Is(err, errStopAsked) {
 			t.End(datapath.ReasonStalled, true)
 		}
 		return

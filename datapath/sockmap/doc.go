@@ -16,6 +16,8 @@
 //   - backpressure.go: a direction the verdict demoted for a slow reader, relayed by userspace until it
 //     resumes; the overflow reset when both peers stop reading.
 //   - selftest.go: the self-test the engine must pass on this kernel before it carries any tunnel.
+//   - adopt.go: a kernel tunnel handed to another engine over the same BPF objects (an upgrade's new
+//     process), its sockets left in the maps (LetGo, Adopt, StartAdopted).
 //   - stop.go: giving a pair back alive at a byte boundary, for a move to another engine (not wired in
 //     yet: the tests reach it through a test hook).
 //

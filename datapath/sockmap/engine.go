@@ -40,6 +40,13 @@ type Engine struct {
 	// relays counts the relaying goroutines started, for the self-test; relayWG waits for them at Close.
 	relays  atomic.Uint64
 	relayWG sync.WaitGroup
+	// shared is set while another process may read the mode-change ring buffer too (Export, Adopt): an
+	// event it read for one of this engine's tunnels is lost to this one, so the loop rechecks every
+	// tunnel each sharedSweep (adopt.go).
+	shared atomic.Bool
+	// sweptAt is when the loop last rechecked every tunnel because the objects are shared; only the loop
+	// touches it.
+	sweptAt time.Time
 
 	epfd   int
 	wakefd int // eventfd that wakes the loop to stop
@@ -111,6 +118,9 @@ type kernelSide struct {
 	// sentBase is how many bytes had entered this socket's send path (acked + queued) before insertion:
 	// what the kernel redirects into it is counted from there.
 	sentBase uint64
+	// folded is how many of the bytes the verdict redirected from this socket the pair counts already:
+	// those of an engine that let go of the tunnel (adopt.go); 0 for a tunnel that entered here.
+	folded uint64
 	// clampWas is the socket's window clamp before Stop raised its receive low-water mark (holdVerdict);
 	// 0 otherwise.
 	clampWas int
@@ -191,6 +201,13 @@ func newEngine(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*Engi
 	if err != nil {
 		return nil, err
 	}
+	return newEngineOver(log, onFallback, maps)
+}
+
+// newEngineOver starts an engine over BPF objects already open (loaded or adopted), which it closes on
+// an error.
+func newEngineOver(log *slog.Logger, onFallback func(*datapath.Pair, string), maps *loader.Sockmap) (*Engine, error) {
+	var err error
 	k := &Engine{maps: maps, log: log, fallback: datapath.Copier{}, onFallback: onFallback, heldLimit: settings.DefaultKernelHeldLimit,
 		socks: make(map[uint64]*kernelSide), bySrc: make(map[uint64]*kernelDir),
 		done: make(chan struct{}), events: make(chan struct{})}
@@ -207,6 +224,7 @@ func newEngine(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*Engi
 		k.closeFDs()
 		return nil, fmt.Errorf("epoll add eventfd: %w", err)
 	}
+	k.lostSeen, _ = maps.EventsLost() // adopted maps count the other process's losses, acted on there
 	go k.loop()
 	go k.readModeChanges()
 	return k, nil
@@ -265,10 +283,10 @@ func (k *Engine) Close() error {
 // counters returns the bytes the kernel has redirected each way for kt; zero once it has left the maps.
 func (k *Engine) counters(kt *kernelTunnel) (toUpstream, toClient uint64) {
 	if st, err := k.maps.Stats(kt.client.cookie); err == nil {
-		toUpstream = st.Bytes
+		toUpstream = st.Bytes - kt.client.folded
 	}
 	if st, err := k.maps.Stats(kt.up.cookie); err == nil {
-		toClient = st.Bytes
+		toClient = st.Bytes - kt.up.folded
 	}
 	return toUpstream, toClient
 }

@@ -20,6 +20,9 @@ func (k *Engine) loop() {
 		if timeout < 0 || timeout > lostEventsCheckMs {
 			timeout = lostEventsCheckMs
 		}
+		if k.shared.Load() {
+			timeout = min(timeout, int(sharedSweep/time.Millisecond))
+		}
 		n, err := unix.EpollWait(k.epfd, events, timeout)
 		if err != nil && err != unix.EINTR {
 			k.log.Error("kernel datapath event loop failed", "err", err)
@@ -36,6 +39,7 @@ func (k *Engine) loop() {
 			lostCheck = time.Now()
 			k.recoverLostEvents()
 		}
+		k.sweepIfShared()
 	}
 }
 
@@ -53,6 +57,11 @@ func (k *Engine) recoverLostEvents() {
 	}
 	k.log.Warn("kernel datapath: mode events were lost; checking every kernel tunnel", "lost", lost-k.lostSeen)
 	k.lostSeen = lost
+	k.recheckAll()
+}
+
+// recheckAll does, for every kernel direction, what a mode event would have made happen.
+func (k *Engine) recheckAll() {
 	var broken []*kernelTunnel
 	k.mu.Lock()
 	for _, d := range k.bySrc {
@@ -63,6 +72,9 @@ func (k *Engine) recoverLostEvents() {
 			broken = append(broken, d.kt)
 		case st.Demoted || st.Passed != d.userRead:
 			k.startRelayLocked(d)
+		}
+		if d.relaying && d.srcConn != nil && !st.Demoted {
+			_ = d.srcConn.SetReadDeadline(time.Now()) // a Resumed event's wake-up
 		}
 	}
 	k.mu.Unlock()

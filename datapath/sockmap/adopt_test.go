@@ -1,0 +1,307 @@
+package sockmap
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/internal/syncbuf"
+	"github.com/sockrelay/sockrelay/loader"
+)
+
+// adoptingEngine returns an engine over k's BPF objects, as a new process of an upgrade opens them
+// (Export, then loader.Adopt), closed when t ends. Both engines share the objects from here on.
+func adoptingEngine(t *testing.T, k *Engine) *Engine {
+	t.Helper()
+	files, err := k.Export()
+	if err != nil {
+		t.Fatal(err)
+	}
+	maps, err := loader.Adopt(files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncbuf.Buffer{}
+	k2, err := newEngineOver(slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), nil, maps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2.shared.Store(true)
+	t.Cleanup(func() {
+		k2.Close()
+		if t.Failed() {
+			t.Logf("adopting engine's log:\n%s", logs.String())
+		}
+	})
+	return k2
+}
+
+// handOver moves p from k to k2 as an upgrade moves it between processes: k lets go of it, p's sockets
+// cross as new descriptors into a pair restored from its state (its peeked bytes included), p ends here
+// as handed over, and k2 adopts the new pair, after wait. It returns the new pair.
+func handOver(t *testing.T, k, k2 *Engine, p *datapath.Pair, wait time.Duration) *datapath.Pair {
+	t.Helper()
+	st, err := k.LetGo(p)
+	if err != nil {
+		t.Fatalf("let go: %v", err)
+	}
+	conns := [2]*net.TCPConn{}
+	for i, c := range []*net.TCPConn{p.Client().Conn, p.Upstream().Conn} {
+		f, err := c.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fc, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = fc.(*net.TCPConn)
+	}
+	if ps := p.State().Peeked; len(ps[0])+len(ps[1]) > 0 {
+		t.Logf("bytes a relaying goroutine read and did not write went along: %d and %d", len(ps[0]), len(ps[1]))
+	}
+	p2 := datapath.RestorePair(datapath.Sockmap, datapath.Endpoint{Conn: conns[0]}, datapath.Endpoint{Conn: conns[1]}, p.State(), nil)
+	p2.ID = p.ID
+	t.Cleanup(func() { p2.End(datapath.ReasonShutdown, true) })
+	if up, down := p.Bytes(); up+down == 0 {
+		t.Error("the pair let go of counts 0 and 0: the bytes the kernel moved so far were not folded in")
+	}
+	p.End("handed_over", false) // closes this side's descriptors only
+	time.Sleep(wait)
+	if err := k2.Adopt(p2, st); err != nil {
+		t.Fatalf("adopt: %v", err)
+	}
+	return p2
+}
+
+// TestAdoptMovesKernelTunnel moves a kernel tunnel from one engine to another over the same BPF objects
+// in the middle of 16 MiB each way, paced so that bytes flow throughout. Its sockets never leave the
+// maps: bytes keep arriving while neither engine holds the tunnel. Every byte arrives once, in order,
+// each FIN after the last byte; the tunnel ends as closed on the adopting engine, the first holds
+// nothing, and the maps are empty. The second case makes a reader pause after the move past a small held
+// limit, so that a direction is demoted on the adopting engine, whose ring buffer reader is stopped: only
+// the other engine reads the event, and the adopter's sweep must find the demotion.
+func TestAdoptMovesKernelTunnel(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		heldLimit   uint64
+		pauseReader time.Duration // the upstream's reader pauses after the move
+		stopEvents  bool
+		// relaying: the client's reader stops before the move and reads again after it, so that the
+		// move finds the upstream → client direction demoted and its relaying goroutine in a write.
+		relaying bool
+	}{
+		{"bytes flowing", 0, 0, false, false},
+		{"a direction demoted after the move, its event read by the old engine", 64 << 10, 300 * time.Millisecond, true, false},
+		{"a direction demoted and relayed at the move", 64 << 10, 0, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, _ := newTestEngine(t)
+			if tc.heldLimit != 0 {
+				// Small buffers on the paused reader's path, so that its pause fills them and the
+				// kernel holds more than the limit.
+				k.heldLimit = tc.heldLimit
+				k.setSendBuffer(64 << 10)
+			}
+			k2 := adoptingEngine(t, k)
+			if tc.stopEvents {
+				if err := k2.StopEvents(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			client, upstream, p := carryPair(t, k)
+			if tc.heldLimit != 0 {
+				_ = upstream.SetReadBuffer(64 << 10)
+			}
+			relaysBefore := k2.relays.Load()
+			const size, chunk = 16 << 20, 32 << 10
+			toUp, toClient := stream(21, size), stream(22, size)
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+
+			var clientRead atomic.Int64
+			atMove, moved := make(chan struct{}), make(chan struct{})
+			var moveOnce sync.Once
+			var p2 *datapath.Pair
+			var inWindow int64
+			errs := make(chan error, 4)
+			var wg sync.WaitGroup
+			for _, e := range []struct {
+				name      string
+				conn      *net.TCPConn
+				send, exp []byte
+			}{{"client", client, toUp, toClient}, {"upstream", upstream, toClient, toUp}} {
+				wg.Add(2)
+				go func() { // paced: 32 KiB a millisecond
+					defer wg.Done()
+					_ = e.conn.SetWriteDeadline(time.Now().Add(60 * time.Second))
+					for off := 0; off < size; off += chunk {
+						if _, err := e.conn.Write(e.send[off : off+chunk]); err != nil {
+							errs <- fmt.Errorf("%s write: %w", e.name, err)
+							return
+						}
+						time.Sleep(time.Millisecond)
+					}
+					if err := e.conn.CloseWrite(); err != nil {
+						errs <- fmt.Errorf("%s half-close: %w", e.name, err)
+					}
+				}()
+				go func() {
+					defer wg.Done()
+					_ = e.conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+					got := make([]byte, 0, size)
+					buf := make([]byte, 64<<10)
+					for {
+						n, err := e.conn.Read(buf)
+						got = append(got, buf[:n]...)
+						if e.name == "client" {
+							clientRead.Store(int64(len(got)))
+							if len(got) >= 1<<20 {
+								moveOnce.Do(func() { close(atMove) })
+								if tc.relaying {
+									select {
+									case <-moved:
+									case <-ctx.Done():
+									}
+								}
+							}
+						} else if tc.pauseReader > 0 && len(got) >= 2<<20 {
+							select {
+							case <-moved:
+								time.Sleep(tc.pauseReader)
+								tc.pauseReader = 0
+							case <-ctx.Done():
+							}
+						}
+						if err == io.EOF {
+							break
+						}
+						if err != nil {
+							errs <- fmt.Errorf("%s read %d of %d bytes, then: %w", e.name, len(got), len(e.exp), err)
+							return
+						}
+					}
+					if d := diffStreams(got, e.exp); d != "" {
+						errs <- fmt.Errorf("%s received a wrong stream: %s", e.name, d)
+					}
+				}()
+			}
+			select {
+			case <-atMove:
+			case <-ctx.Done():
+				t.Fatal("the client never read its first MiB")
+			}
+			if tc.relaying {
+				waitRelaying(t, k)
+			}
+			before := clientRead.Load()
+			p2 = handOver(t, k, k2, p, 50*time.Millisecond)
+			inWindow = clientRead.Load() - before
+			close(moved)
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Error(err)
+			}
+			if inWindow == 0 && !tc.relaying {
+				t.Error("no byte reached the client while neither engine held the tunnel: the sockets left the kernel datapath")
+			}
+			t.Logf("bytes the client received while no engine held the tunnel: %d", inWindow)
+			waitEnded(t, p2)
+			if p2.Reason() != datapath.ReasonClosed {
+				t.Errorf("the adopted pair ended with %q (%v), want %q", p2.Reason(), p2.Err(), datapath.ReasonClosed)
+			}
+			if up, down := p2.Bytes(); up != size || down != size {
+				t.Errorf("the adopted pair counts %d and %d bytes, want %d each way", up, down, size)
+			}
+			if n := k.Tunnels(); n != 0 {
+				t.Errorf("the engine that let go still carries %d tunnels", n)
+			}
+			if tc.heldLimit != 0 && k2.relays.Load() == relaysBefore {
+				t.Error("the adopting engine relayed no demoted direction after the move; the case tests nothing")
+			}
+			assertMapsEmpty(t, k2)
+		})
+	}
+}
+
+// waitRelaying waits until a goroutine of k relays a demoted direction.
+func waitRelaying(t *testing.T, k *Engine) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		k.mu.Lock()
+		for _, d := range k.bySrc {
+			if d.relaying {
+				k.mu.Unlock()
+				return
+			}
+		}
+		k.mu.Unlock()
+	}
+	t.Fatal("no direction was demoted and relayed within 10s")
+}
+
+// TestAdoptRefusesOtherSockets: a state whose cookies are not the pair's sockets is refused, and the pair
+// is left as it was, not carried.
+func TestAdoptRefusesOtherSockets(t *testing.T) {
+	k, _ := newTestEngine(t)
+	k2 := adoptingEngine(t, k)
+	_, _, p := carryPair(t, k)
+	st, err := k.LetGo(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k2.Adopt(p, st) }) // back in the maps' hands, for their cleanup
+	wrong := st
+	wrong.Cookies[0]++
+	if err := k2.Adopt(p, wrong); err == nil {
+		t.Fatal("adopted a pair whose sockets are not the state's")
+	}
+	if p.Carrier() != nil || p.Ending() {
+		t.Errorf("after a refused adoption the pair has carrier %v, ending %v; want none, live", p.Carrier(), p.Ending())
+	}
+}
+
+// TestStartAdoptedLeavesLiveTunnels: StartAdopted runs the self-test over objects that carry a live tunnel
+// of the other engine: the self-test's tunnels come and go, and the live one's entries and bytes are left
+// alone.
+func TestStartAdoptedLeavesLiveTunnels(t *testing.T) {
+	k, _ := newTestEngine(t)
+	client, upstream, _ := carryPair(t, k)
+	files, err := k.Export()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, err := StartAdopted(slog.New(slog.DiscardHandler), nil, k.heldLimit, files)
+	if err != nil {
+		t.Fatalf("start over adopted objects: %v", err)
+	}
+	t.Cleanup(func() { k2.Close() })
+	n, err := k2.Entries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n["verdict_map"] != 2 || n["targets"] != 2 || n["socks"] != 2 {
+		t.Errorf("after the self-test the maps hold %v, want the live tunnel's 2 entries in each", n)
+	}
+	msg, got := stream(31, 64<<10), make([]byte, 64<<10)
+	_ = client.SetDeadline(time.Now().Add(10 * time.Second))
+	_ = upstream.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := client.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(upstream, got); err != nil {
+		t.Fatalf("the live tunnel after the self-test: %v", err)
+	}
+	if d := diffStreams(got, msg); d != "" {
+		t.Errorf("the live tunnel after the self-test: %s", d)
+	}
+}
