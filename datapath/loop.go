@@ -115,22 +115,27 @@ var (
 func (c *loopCarrier) attach(ls *eventloop.Loops) error {
 	dirs := c.p.Directions()
 	h, err := ls.CarryWith(c.p.client.Conn, c.p.upstream.Conn, eventloop.Spec{
-		APeeked:  *dirs[0].peeked,
-		BPeeked:  *dirs[1].peeked,
+		APeeked:  dirs[0].src.Peeked,
+		BPeeked:  dirs[1].src.Peeked,
 		Finished: [2]bool{dirs[0].Finished(), dirs[1].Finished()},
 		OnEnd:    c.onEnd,
-		OnFIN: func(dir int) {
-			dirs[dir].MarkFinished()
-			c.p.MarkHalfClosed()
-		},
+		OnFIN:    c.onFIN,
 	})
 	if err != nil {
 		return fmt.Errorf("event loop: %w", err)
 	}
 	// The loop has its own copy, and counts them as moved.
-	*dirs[0].peeked, *dirs[1].peeked = nil, nil
+	dirs[0].src.Peeked, dirs[1].src.Peeked = nil, nil
 	c.h = h
 	return nil
+}
+
+// onFIN runs on the loop's thread when direction dir (0: client → upstream, as the pair's) has carried
+// its FIN. It reaches the pair through c rather than through the directions attach used, which an idle
+// tunnel would otherwise keep for its life.
+func (c *loopCarrier) onFIN(dir int) {
+	c.p.finished[dir].Store(true)
+	c.p.MarkHalfClosed()
 }
 
 // onEnd runs on the loop's thread, which must not block: it records the end and leaves ending the pair

@@ -78,7 +78,8 @@ func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
 // Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
 // engine carries the pair (Direction.WritePeeked). TLS never changes after NewPair; Conn changes only when
 // an engine gives the pair back (Stop, during a Move, under the pair's lock), as a new connection of the
-// same socket: an engine reads them when it starts to carry the pair, not before.
+// same socket: an engine reads them when it starts to carry the pair, not before. Conn is nil while an
+// engine that owns the sockets' descriptors carries the pair (Hold), and after it ended the pair.
 func (p *Pair) Client() Endpoint   { return Endpoint{Conn: p.client.Conn, TLS: p.client.TLS} }
 func (p *Pair) Upstream() Endpoint { return Endpoint{Conn: p.upstream.Conn, TLS: p.upstream.TLS} }
 
@@ -116,7 +117,22 @@ func (p *Pair) Hold(kind Kind, c Carrier, attach func() error) (held bool, err e
 		}
 	}
 	p.kind, p.carrier = kind, c
+	if ownsSockets(c) {
+		// The carrier closed the conns (they are its descriptors now): an idle pair should not keep two
+		// closed conns, their addresses and poller records alive (about 600 bytes a pair).
+		p.client.Conn, p.upstream.Conn = nil, nil
+	}
 	return true, nil
+}
+
+// ownsSockets reports whether c took the pair's sockets out of their conns and closed those: the kernel
+// engine (a SocketOwner) and the event loop (an activityReporter).
+func ownsSockets(c Carrier) bool {
+	switch c.(type) {
+	case SocketOwner, activityReporter:
+		return true
+	}
+	return false
 }
 
 // Let drops c as the pair's carrier without releasing it (the engine gave the pair back alive); false
@@ -248,12 +264,15 @@ func (p *Pair) Fail(reason string, err error, abort bool) {
 			p.carrier = nil
 		}
 		p.mu.Unlock()
-		if abort {
-			_ = p.client.Conn.SetLinger(0)
-			_ = p.upstream.Conn.SetLinger(0)
+		for _, c := range [2]*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+			if c == nil {
+				continue // the carrier that owned the sockets closed them (Release)
+			}
+			if abort {
+				_ = c.SetLinger(0)
+			}
+			_ = c.Close()
 		}
-		_ = p.client.Conn.Close()
-		_ = p.upstream.Conn.Close()
 		p.reason, p.err = reason, err
 		close(p.done)
 		if p.onEnd != nil {
@@ -279,7 +298,10 @@ func (p *Pair) eachSocket(f func(fd int)) {
 		return
 	}
 	p.mu.Unlock()
-	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+	for _, c := range [2]*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+		if c == nil {
+			continue // an owner of the sockets held the pair, and has let go of it (Release)
+		}
 		if raw, err := c.SyscallConn(); err == nil {
 			_ = raw.Control(func(fd uintptr) { f(int(fd)) })
 		}
