@@ -142,7 +142,7 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 		kind = DatapathCopy
 	}
 	t := &Tunnel{
-		Client: client, Upstream: up, Started: a.Started, ClientAddr: a.ClientAddr, UpstreamAddr: a.UpstreamAddr,
+		Started: a.Started, ClientAddr: a.ClientAddr, UpstreamAddr: a.UpstreamAddr,
 		Pool: a.Pool, Listener: a.Listener, halfClosedTimeout: a.HalfClosedTimeout, activeAt: a.LastActive,
 		lease: s.adoptLease(a.Pool, a.UpstreamAddr), req: requestInfo{uri: a.URI, host: a.Host, userAgent: a.UserAgent},
 	}
