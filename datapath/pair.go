@@ -63,16 +63,26 @@ type Pair struct {
 	lastActive time.Time
 
 	endOnce sync.Once
-	done    chan struct{}
-	reason  string // why the pair ended; written once, before done is closed
-	err     error  // the failure that ended it, if one did; written with reason
-	onEnd   func(*Pair)
+	// done is the channel Done returns, closed when the pair has ended: made by the first Done, since
+	// most pairs are never waited on and a channel costs an idle pair 96 bytes, or set to closedDone by
+	// the end if none was made by then.
+	done   atomic.Pointer[chan struct{}]
+	reason string // why the pair ended; written once, before done is closed
+	err    error  // the failure that ended it, if one did; written with reason
+	onEnd  func(*Pair)
 }
+
+// closedDone is the Done of every pair that ended before anyone asked for its Done.
+var closedDone = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
 
 // NewPair returns a pair of client and upstream that kind is to carry. onEnd, when set, runs once after
 // both sockets are closed.
 func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
-	return &Pair{client: client, upstream: upstream, kind: kind, done: make(chan struct{}), onEnd: onEnd}
+	return &Pair{client: client, upstream: upstream, kind: kind, onEnd: onEnd}
 }
 
 // Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
@@ -222,26 +232,45 @@ func (p *Pair) HalfClosedSince() (time.Time, bool) {
 }
 
 // Done is closed when the pair has ended and both sockets are closed.
-func (p *Pair) Done() <-chan struct{} { return p.done }
+func (p *Pair) Done() <-chan struct{} {
+	if d := p.done.Load(); d != nil {
+		return *d
+	}
+	c := make(chan struct{})
+	if p.done.CompareAndSwap(nil, &c) {
+		return c
+	}
+	return *p.done.Load() // the end or another Done came first
+}
+
+// ended reports whether the pair has ended (Done is closed), without making Done's channel.
+func (p *Pair) ended() bool {
+	d := p.done.Load()
+	if d == nil {
+		return false
+	}
+	select {
+	case <-*d:
+		return true
+	default:
+		return false
+	}
+}
 
 // Reason says why the pair ended; it is empty until Done is closed.
 func (p *Pair) Reason() string {
-	select {
-	case <-p.done:
+	if p.ended() {
 		return p.reason
-	default:
-		return ""
 	}
+	return ""
 }
 
 // Err is the failure that ended the pair, if one did; nil until Done is closed.
 func (p *Pair) Err() error {
-	select {
-	case <-p.done:
+	if p.ended() {
 		return p.err
-	default:
-		return nil
 	}
+	return nil
 }
 
 // End closes both sockets and reports the pair's end once. With abort, both sockets are reset (SO_LINGER
@@ -274,7 +303,9 @@ func (p *Pair) Fail(reason string, err error, abort bool) {
 			_ = c.Close()
 		}
 		p.reason, p.err = reason, err
-		close(p.done)
+		if !p.done.CompareAndSwap(nil, &closedDone) {
+			close(*p.done.Load()) // a Done made it first
+		}
 		if p.onEnd != nil {
 			p.onEnd(p)
 		}
