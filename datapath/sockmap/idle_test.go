@@ -5,6 +5,7 @@ import (
 	"net"
 	"runtime"
 	"testing"
+	"unsafe"
 	"weak"
 
 	"github.com/sockrelay/sockrelay/datapath"
@@ -42,4 +43,13 @@ func TestKernelPairKeepsNoClosedConn(t *testing.T) {
 		}
 	}
 	echo()
+}
+
+// The engine keeps one kernelTunnel per tunnel for the tunnel's life, idle or not: what only a demoted
+// direction needs is made on its first demotion, so that the record fits the 576-byte allocation size
+// class (it was 704).
+func TestKernelTunnelRecordSize(t *testing.T) {
+	if got := unsafe.Sizeof(kernelTunnel{}); got > 576 {
+		t.Errorf("a kernel tunnel record is %d bytes, want at most 576", got)
+	}
 }
