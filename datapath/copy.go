@@ -41,10 +41,10 @@ var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize);
 // is taken from the pool only once a read has bytes to return, so an idle tunnel holds none (a blocked
 // net.Conn.Read would pin 32 KiB per direction for the tunnel's whole life).
 func copyPump(d *Direction) error {
-	if d.srcTLS != nil || d.dstTLS != nil {
+	if d.src.TLS != nil || d.dst.TLS != nil {
 		return streamPump(d)
 	}
-	src, err := d.src.SyscallConn()
+	src, err := d.src.Conn.SyscallConn()
 	if err != nil {
 		return ReadErr(fmt.Errorf("raw source conn: %w", err))
 	}
@@ -78,7 +78,7 @@ func copyPump(d *Direction) error {
 			copyBuffers.Put(bp)
 			return nil // EOF
 		}
-		w, werr := d.dst.Write((*bp)[:n])
+		w, werr := d.dst.Conn.Write((*bp)[:n])
 		if errors.Is(werr, os.ErrDeadlineExceeded) {
 			d.holdBack((*bp)[w:n]) // stopped (Stop): these go first on whatever carries the pair next
 		}

@@ -1,7 +1,6 @@
 package datapath
 
 import (
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -13,13 +12,13 @@ import (
 
 // Direction is one way through a pair: bytes read from its source are written to its destination.
 type Direction struct {
-	src, dst *net.TCPConn
-	// srcTLS and dstTLS, when set, are what bytes are read from and written to instead of the sockets.
-	srcTLS, dstTLS *tls.Conn
-	// peeked points at the source endpoint's own field, so bytes written once are never written again,
-	// even when the pair moves to another engine.
-	peeked  *[]byte
-	counter *atomic.Uint64
+	// src and dst are the pair's own endpoints, read when used rather than copied: their peeked bytes are
+	// written once, even when the pair moves to another engine, and a direction an engine keeps for the
+	// pair's life (the kernel engine's) does not keep the conns alive once the pair has forgotten them
+	// (Pair.Hold). An endpoint's TLS, when set, is what bytes are read from and written to instead of its
+	// socket.
+	src, dst *Endpoint
+	counter  *atomic.Uint64
 	// finished points at the pair's record that this direction has carried its FIN, so that an engine
 	// the pair moves to does not carry it again.
 	finished *atomic.Bool
@@ -30,16 +29,14 @@ type Direction struct {
 // Directions returns p's two directions: client → upstream, then upstream → client.
 func (p *Pair) Directions() [2]*Direction {
 	return [2]*Direction{
-		{src: p.client.Conn, dst: p.upstream.Conn, srcTLS: p.client.TLS, dstTLS: p.upstream.TLS,
-			peeked: &p.client.Peeked, counter: &p.toUpstream, finished: &p.finished[0], fromClient: true},
-		{src: p.upstream.Conn, dst: p.client.Conn, srcTLS: p.upstream.TLS, dstTLS: p.client.TLS,
-			peeked: &p.upstream.Peeked, counter: &p.toClient, finished: &p.finished[1]},
+		{src: &p.client, dst: &p.upstream, counter: &p.toUpstream, finished: &p.finished[0], fromClient: true},
+		{src: &p.upstream, dst: &p.client, counter: &p.toClient, finished: &p.finished[1]},
 	}
 }
 
 // Src and Dst are the direction's source and destination sockets.
-func (d *Direction) Src() *net.TCPConn { return d.src }
-func (d *Direction) Dst() *net.TCPConn { return d.dst }
+func (d *Direction) Src() *net.TCPConn { return d.src.Conn }
+func (d *Direction) Dst() *net.TCPConn { return d.dst.Conn }
 
 // FromClient reports whether the direction is client → upstream.
 func (d *Direction) FromClient() bool { return d.fromClient }
@@ -96,31 +93,31 @@ func IsReset(err error) bool {
 
 // reader is what the direction reads bytes from: the source socket, or its TLS connection.
 func (d *Direction) reader() io.Reader {
-	if d.srcTLS != nil {
-		return d.srcTLS
+	if d.src.TLS != nil {
+		return d.src.TLS
 	}
-	return d.src
+	return d.src.Conn
 }
 
 // writer is what the direction writes bytes to: the destination socket, or its TLS connection.
 func (d *Direction) writer() io.Writer {
-	if d.dstTLS != nil {
-		return d.dstTLS
+	if d.dst.TLS != nil {
+		return d.dst.TLS
 	}
-	return d.dst
+	return d.dst.Conn
 }
 
 // WritePeeked sends the bytes the handshake read from the source, before any byte an engine moves; they
 // are written once, whichever engine asks first.
 func (d *Direction) WritePeeked() error {
-	p := *d.peeked
+	p := d.src.Peeked
 	if len(p) == 0 {
 		return nil
 	}
 	n, err := d.writer().Write(p)
-	*d.peeked = p[n:] // what a stopped write left goes first again, on whatever carries the pair next
-	if len(*d.peeked) == 0 {
-		*d.peeked = nil
+	d.src.Peeked = p[n:] // what a stopped write left goes first again, on whatever carries the pair next
+	if len(d.src.Peeked) == 0 {
+		d.src.Peeked = nil
 	}
 	d.Count(n)
 	if err != nil {
@@ -149,7 +146,7 @@ func (d *Direction) HoldBackAgain(b []byte) {
 // holdBack keeps bytes read from the source but not written, when a stop interrupted their write: they
 // become the source's peeked bytes, which the next engine writes first.
 func (d *Direction) holdBack(b []byte) {
-	*d.peeked = append(*d.peeked, b...)
+	d.src.Peeked = append(d.src.Peeked, b...)
 }
 
 // Finished reports whether the direction has carried its FIN, whichever engine carried it.
@@ -161,13 +158,13 @@ func (d *Direction) MarkFinished() { d.finished.Store(true) }
 
 // Finish carries the source's FIN to the destination, after every byte before it has been written.
 func (d *Direction) Finish() error {
-	if d.dstTLS != nil {
+	if d.dst.TLS != nil {
 		// close_notify first, so that the peer can tell the end from a truncation; then the FIN.
-		if err := d.dstTLS.CloseWrite(); err != nil {
+		if err := d.dst.TLS.CloseWrite(); err != nil {
 			return WriteErr(fmt.Errorf("TLS close_notify: %w", err))
 		}
 	}
-	if err := d.dst.CloseWrite(); err != nil {
+	if err := d.dst.Conn.CloseWrite(); err != nil {
 		return WriteErr(fmt.Errorf("shutdown write: %w", err))
 	}
 	d.MarkFinished()

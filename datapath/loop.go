@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -71,7 +72,8 @@ func (e *EventLoop) Carry(p *Pair) {
 		Copier{}.Carry(p)
 		return
 	}
-	c := &loopCarrier{p: p, ended: make(chan struct{})}
+	c := &loopCarrier{p: p}
+	c.ended.Add(1)
 	held, err := p.Hold(Copy, c, func() error { return c.attach(e.loops) })
 	if err != nil {
 		// The sockets are untouched (eventloop.Loops.Carry leaves them as they were on error), and no
@@ -98,9 +100,10 @@ func (p *Pair) OnEventLoop() bool {
 type loopCarrier struct {
 	p *Pair
 	h *eventloop.Handle // set by attach, under p.mu, before the carrier holds the pair
-	// ended is closed on the loop's thread once the tunnel has ended and its descriptors are closed; end is
-	// written before.
-	ended chan struct{}
+	// ended is done on the loop's thread once the tunnel has ended and its descriptors are closed; end is
+	// written before. (A WaitGroup, not a channel: an idle pair keeps its carrier, and a channel is 96
+	// bytes more.)
+	ended sync.WaitGroup
 	end   eventloop.End
 	// folded: the tunnel's final counts are in the pair's counters (Pending then returns 0). Guarded by p.mu.
 	folded bool
@@ -115,29 +118,34 @@ var (
 func (c *loopCarrier) attach(ls *eventloop.Loops) error {
 	dirs := c.p.Directions()
 	h, err := ls.CarryWith(c.p.client.Conn, c.p.upstream.Conn, eventloop.Spec{
-		APeeked:  *dirs[0].peeked,
-		BPeeked:  *dirs[1].peeked,
+		APeeked:  dirs[0].src.Peeked,
+		BPeeked:  dirs[1].src.Peeked,
 		Finished: [2]bool{dirs[0].Finished(), dirs[1].Finished()},
 		OnEnd:    c.onEnd,
-		OnFIN: func(dir int) {
-			dirs[dir].MarkFinished()
-			c.p.MarkHalfClosed()
-		},
+		OnFIN:    c.onFIN,
 	})
 	if err != nil {
 		return fmt.Errorf("event loop: %w", err)
 	}
 	// The loop has its own copy, and counts them as moved.
-	*dirs[0].peeked, *dirs[1].peeked = nil, nil
+	dirs[0].src.Peeked, dirs[1].src.Peeked = nil, nil
 	c.h = h
 	return nil
+}
+
+// onFIN runs on the loop's thread when direction dir (0: client → upstream, as the pair's) has carried
+// its FIN. It reaches the pair through c rather than through the directions attach used, which an idle
+// tunnel would otherwise keep for its life.
+func (c *loopCarrier) onFIN(dir int) {
+	c.p.finished[dir].Store(true)
+	c.p.MarkHalfClosed()
 }
 
 // onEnd runs on the loop's thread, which must not block: it records the end and leaves ending the pair
 // (which takes the pair's lock and runs the relay's end of a tunnel) to a goroutine.
 func (c *loopCarrier) onEnd(e eventloop.End) {
 	c.end = e
-	close(c.ended)
+	c.ended.Done()
 	go endLoopPair(c.p, e)
 }
 
@@ -182,7 +190,7 @@ func (c *loopCarrier) Unsent() bool { return c.h.Queued() }
 // final counts. The caller holds p.mu; the loop's thread never takes it, so the wait cannot deadlock.
 func (c *loopCarrier) Release() {
 	c.h.Close(c.p.aborted)
-	<-c.ended
+	c.ended.Wait()
 	if !c.folded {
 		c.folded = true
 		c.p.AddBytes(uint64(c.end.AToB), uint64(c.end.BToA))

@@ -63,22 +63,33 @@ type Pair struct {
 	lastActive time.Time
 
 	endOnce sync.Once
-	done    chan struct{}
-	reason  string // why the pair ended; written once, before done is closed
-	err     error  // the failure that ended it, if one did; written with reason
-	onEnd   func(*Pair)
+	// done is the channel Done returns, closed when the pair has ended: made by the first Done, since
+	// most pairs are never waited on and a channel costs an idle pair 96 bytes, or set to closedDone by
+	// the end if none was made by then.
+	done   atomic.Pointer[chan struct{}]
+	reason string // why the pair ended; written once, before done is closed
+	err    error  // the failure that ended it, if one did; written with reason
+	onEnd  func(*Pair)
 }
+
+// closedDone is the Done of every pair that ended before anyone asked for its Done.
+var closedDone = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
 
 // NewPair returns a pair of client and upstream that kind is to carry. onEnd, when set, runs once after
 // both sockets are closed.
 func NewPair(kind Kind, client, upstream Endpoint, onEnd func(*Pair)) *Pair {
-	return &Pair{client: client, upstream: upstream, kind: kind, done: make(chan struct{}), onEnd: onEnd}
+	return &Pair{client: client, upstream: upstream, kind: kind, onEnd: onEnd}
 }
 
 // Client and Upstream return the pair's endpoints without their peeked bytes, which belong to whichever
 // engine carries the pair (Direction.WritePeeked). TLS never changes after NewPair; Conn changes only when
 // an engine gives the pair back (Stop, during a Move, under the pair's lock), as a new connection of the
-// same socket: an engine reads them when it starts to carry the pair, not before.
+// same socket: an engine reads them when it starts to carry the pair, not before. Conn is nil while an
+// engine that owns the sockets' descriptors carries the pair (Hold), and after it ended the pair.
 func (p *Pair) Client() Endpoint   { return Endpoint{Conn: p.client.Conn, TLS: p.client.TLS} }
 func (p *Pair) Upstream() Endpoint { return Endpoint{Conn: p.upstream.Conn, TLS: p.upstream.TLS} }
 
@@ -116,7 +127,22 @@ func (p *Pair) Hold(kind Kind, c Carrier, attach func() error) (held bool, err e
 		}
 	}
 	p.kind, p.carrier = kind, c
+	if ownsSockets(c) {
+		// The carrier closed the conns (they are its descriptors now): an idle pair should not keep two
+		// closed conns, their addresses and poller records alive (about 600 bytes a pair).
+		p.client.Conn, p.upstream.Conn = nil, nil
+	}
 	return true, nil
+}
+
+// ownsSockets reports whether c took the pair's sockets out of their conns and closed those: the kernel
+// engine (a SocketOwner) and the event loop (an activityReporter).
+func ownsSockets(c Carrier) bool {
+	switch c.(type) {
+	case SocketOwner, activityReporter:
+		return true
+	}
+	return false
 }
 
 // Let drops c as the pair's carrier without releasing it (the engine gave the pair back alive); false
@@ -213,26 +239,45 @@ func (p *Pair) HalfClosedSince() (time.Time, bool) {
 }
 
 // Done is closed when the pair has ended and both sockets are closed.
-func (p *Pair) Done() <-chan struct{} { return p.done }
+func (p *Pair) Done() <-chan struct{} {
+	if d := p.done.Load(); d != nil {
+		return *d
+	}
+	c := make(chan struct{})
+	if p.done.CompareAndSwap(nil, &c) {
+		return c
+	}
+	return *p.done.Load() // the end or another Done came first
+}
+
+// ended reports whether the pair has ended (Done is closed), without making Done's channel.
+func (p *Pair) ended() bool {
+	d := p.done.Load()
+	if d == nil {
+		return false
+	}
+	select {
+	case <-*d:
+		return true
+	default:
+		return false
+	}
+}
 
 // Reason says why the pair ended; it is empty until Done is closed.
 func (p *Pair) Reason() string {
-	select {
-	case <-p.done:
+	if p.ended() {
 		return p.reason
-	default:
-		return ""
 	}
+	return ""
 }
 
 // Err is the failure that ended the pair, if one did; nil until Done is closed.
 func (p *Pair) Err() error {
-	select {
-	case <-p.done:
+	if p.ended() {
 		return p.err
-	default:
-		return nil
 	}
+	return nil
 }
 
 // End closes both sockets and reports the pair's end once. With abort, both sockets are reset (SO_LINGER
@@ -255,14 +300,19 @@ func (p *Pair) Fail(reason string, err error, abort bool) {
 			p.carrier = nil
 		}
 		p.mu.Unlock()
-		if abort {
-			_ = p.client.Conn.SetLinger(0)
-			_ = p.upstream.Conn.SetLinger(0)
+		for _, c := range [2]*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+			if c == nil {
+				continue // the carrier that owned the sockets closed them (Release)
+			}
+			if abort {
+				_ = c.SetLinger(0)
+			}
+			_ = c.Close()
 		}
-		_ = p.client.Conn.Close()
-		_ = p.upstream.Conn.Close()
 		p.reason, p.err = reason, err
-		close(p.done)
+		if !p.done.CompareAndSwap(nil, &closedDone) {
+			close(*p.done.Load()) // a Done made it first
+		}
 		if p.onEnd != nil {
 			p.onEnd(p)
 		}
@@ -286,7 +336,10 @@ func (p *Pair) eachSocket(f func(fd int)) {
 		return
 	}
 	p.mu.Unlock()
-	for _, c := range []*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+	for _, c := range [2]*net.TCPConn{p.client.Conn, p.upstream.Conn} {
+		if c == nil {
+			continue // an owner of the sockets held the pair, and has let go of it (Release)
+		}
 		if raw, err := c.SyscallConn(); err == nil {
 			_ = raw.Control(func(fd uintptr) { f(int(fd)) })
 		}

@@ -158,11 +158,11 @@ const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 // stay in Go's poller: each splice that would block (EAGAIN) returns control to the poller through
 // syscall.RawConn, which parks the goroutine until the socket is ready, as a net.Conn Read or Write would.
 func splicePump(d *Direction, p *Pipe) error {
-	src, err := d.src.SyscallConn()
+	src, err := d.src.Conn.SyscallConn()
 	if err != nil {
 		return ReadErr(fmt.Errorf("raw source conn: %w", err))
 	}
-	dst, err := d.dst.SyscallConn()
+	dst, err := d.dst.Conn.SyscallConn()
 	if err != nil {
 		return WriteErr(fmt.Errorf("raw destination conn: %w", err))
 	}

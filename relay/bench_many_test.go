@@ -4,7 +4,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"sync"
@@ -107,8 +109,13 @@ func BenchmarkRoundTripLatency(b *testing.B) {
 }
 
 // BenchmarkIdleTunnelMemory opens SOCKRELAY_BENCH_IDLE (default 10000) idle tunnels and reports the
-// Go memory (heap and stacks) they add to this process per tunnel. Client, relay and upstream share the
-// process, so the relay's own cost per tunnel is a datapath's figure minus direct's.
+// Go memory (heap and stacks, and each apart) and the goroutines they add to this process per tunnel.
+// Client, relay and upstream share the process, and the test's ends keep their handshake's buffers (a
+// bufio.Reader each), so the relay's own cost per tunnel is not a datapath's figure minus direct's: with
+// SOCKRELAY_BENCH_IDLE_PROFILE=DIR set, each datapath writes a heap profile, DIR/idle-DATAPATH.heap,
+// while its tunnels are open, whose allocations under the relay's own code are what it retains (run with
+// -test.memprofilerate=1 for exact figures; `go tool pprof -sample_index=inuse_space
+// -ignore='openTunnelWith|dialRelay|startUpstreamOn|benchPathsN'` leaves the relay's).
 func BenchmarkIdleTunnelMemory(b *testing.B) {
 	n := 10000
 	if v, err := strconv.Atoi(os.Getenv("SOCKRELAY_BENCH_IDLE")); err == nil {
@@ -129,22 +136,49 @@ func BenchmarkIdleTunnelMemory(b *testing.B) {
 				b.Logf("RLIMIT_NOFILE is %d here: measuring %d tunnels", limit, n)
 			}
 			for range b.N {
-				go0 := goMemNow()
+				before := goMemNow()
 				benchPathsN(b, dp, n)
 				time.Sleep(200 * time.Millisecond) // let handshake goroutines finish
-				b.ReportMetric(float64(goMemNow()-go0)/float64(n), "go-B/tunnel")
+				after := goMemNow()
+				b.ReportMetric(float64(after.heap+after.stack-before.heap-before.stack)/float64(n), "go-B/tunnel")
+				b.ReportMetric(float64(after.heap-before.heap)/float64(n), "heap-B/tunnel")
+				b.ReportMetric(float64(after.stack-before.stack)/float64(n), "stack-B/tunnel")
+				b.ReportMetric(float64(after.goroutines-before.goroutines)/float64(n), "goroutines/tunnel")
+				writeIdleHeapProfile(b, dp)
 			}
 		})
 	}
 }
 
-// goMemNow is the Go heap and stacks in use after a collection. (RSS is not used: the sub-benchmarks run
-// in sequence in one process, and pages the previous one freed are reused without moving RSS.)
-func goMemNow() int64 {
+// goMem is what goMemNow reads.
+type goMem struct{ heap, stack, goroutines int64 }
+
+// goMemNow is the Go heap and stacks in use after a collection, and the goroutines alive. (RSS is not
+// used: the sub-benchmarks run in sequence in one process, and pages the previous one freed are reused
+// without moving RSS.)
+func goMemNow() goMem {
 	runtime.GC()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	return int64(ms.HeapInuse + ms.StackInuse)
+	return goMem{heap: int64(ms.HeapInuse), stack: int64(ms.StackInuse), goroutines: int64(runtime.NumGoroutine())}
+}
+
+// writeIdleHeapProfile writes the heap profile of the tunnels open now to
+// $SOCKRELAY_BENCH_IDLE_PROFILE/idle-DATAPATH.heap, when that variable names a folder.
+func writeIdleHeapProfile(b *testing.B, dp string) {
+	dir := os.Getenv("SOCKRELAY_BENCH_IDLE_PROFILE")
+	if dir == "" {
+		return
+	}
+	runtime.GC() // the profile shows the heap as of the last collection
+	f, err := os.Create(filepath.Join(dir, "idle-"+dp+".heap"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		b.Fatalf("write heap profile: %v", err)
+	}
 }
 
 // raiseFDLimit lifts RLIMIT_NOFILE towards n as far as the process may, and returns the soft limit.

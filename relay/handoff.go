@@ -170,7 +170,7 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 		ip, _, _ = net.SplitHostPort(a.ClientAddr)
 	}
 	t := &Tunnel{
-		Client: client, Upstream: up, Started: a.Started, ClientAddr: a.ClientAddr, UpstreamAddr: a.UpstreamAddr,
+		Started: a.Started, ClientAddr: a.ClientAddr, UpstreamAddr: a.UpstreamAddr,
 		Pool: a.Pool, Listener: a.Listener, halfClosedTimeout: a.HalfClosedTimeout, activeAt: a.LastActive,
 		lease: s.adoptLease(a.Pool, a.UpstreamAddr), req: requestInfo{uri: a.URI, host: a.Host, userAgent: a.UserAgent},
 		clientIP: ip, releaseSlot: s.holdSlots(a.Listener, ip),

@@ -35,8 +35,6 @@ var (
 // the lease and the slot; on errEvictedAtOpen the tunnel has ended (and given them back).
 func (s *Server) establish(o opening) (*Tunnel, error) {
 	t := &Tunnel{
-		Client:            o.client.Conn,
-		Upstream:          o.upstream.Conn,
 		Started:           time.Now(),
 		ClientAddr:        o.clientAddr,
 		UpstreamAddr:      o.up.lease.Server.Address(),

@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"net"
 	"sync/atomic"
 	"time"
 
@@ -14,10 +13,8 @@ import (
 // (identity, addresses, pool, its lease and limits slot) and the datapath.Pair that an engine carries.
 // The Registry owns every live Tunnel, so that it can be listed, counted and closed.
 type Tunnel struct {
-	ID       uint64
-	Client   *net.TCPConn
-	Upstream *net.TCPConn
-	Started  time.Time
+	ID      uint64
+	Started time.Time
 
 	// ClientAddr and UpstreamAddr are the remote addresses, kept as strings so they survive Close.
 	ClientAddr   string

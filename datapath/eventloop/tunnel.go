@@ -19,9 +19,9 @@ type socket struct {
 
 // direction moves bytes from one socket to the other. Direction 0 is a→b, 1 is b→a.
 type direction struct {
-	src, dst int     // indices into tunnel.ends
 	buf      *[]byte // the borrowed buffer while out lies in it; nil while idle or sending peeked bytes
 	out      []byte  // bytes read from src (or peeked) that dst has not yet taken
+	src, dst uint8   // indices into tunnel.ends (small, and after out: every idle tunnel keeps two directions)
 	eof      bool    // src sent FIN
 	shut     bool    // the FIN was carried: dst was shut down for writing after the last byte
 }
@@ -147,7 +147,7 @@ func (t *tunnel) move(d *direction) bool {
 					return false
 				}
 				if t.onFIN != nil {
-					t.onFIN(d.src)
+					t.onFIN(int(d.src))
 				}
 			}
 			return true

@@ -92,6 +92,9 @@ func (k *Engine) startRelayLocked(d *kernelDir) {
 			_ = src.Close()
 		}
 	}
+	if d.demoted == nil {
+		d.demoted = &demoted{}
+	}
 	d.relaying = true
 	d.relayDone = make(chan struct{})
 	if err == nil {

@@ -113,8 +113,8 @@ type kernelSide struct {
 	conn     *net.TCPConn
 	fd       int
 	owned    bool // fd is open and the engine's to close
+	isClient bool // (beside owned: a kernel tunnel then fits a smaller allocation size class)
 	cookie   uint64
-	isClient bool
 	// sentBase is how many bytes had entered this socket's send path (acked + queued) before insertion:
 	// what the kernel redirects into it is counted from there.
 	sentBase uint64
@@ -151,20 +151,28 @@ type kernelDir struct {
 	relaying              bool
 	userRead, userWritten uint64
 	resumeGen             uint64 // the demotion after which resuming was last asked for
-	// maxPassedRead is the largest read of passed bytes so far, for tests; written by the goroutine only.
-	maxPassedRead atomic.Int64
+	// demoted is what only a direction's relaying goroutines use, made by startRelayLocked before the
+	// first starts: most directions are never demoted, and every idle tunnel would otherwise keep it
+	// twice (its fields are promoted: d.overflow, d.maxPassedRead). Nil until then.
+	*demoted
 	// srcConn and dstConn are the relaying goroutine's conns on src and dst (pollConn): readModeChanges
 	// wakes it through srcConn, and release closes both so that the sockets close with the tunnel.
 	// Guarded by Engine.mu; nil while no goroutine relays.
 	srcConn, dstConn *net.TCPConn
-	// overflow belongs to the relaying goroutine, as userRead does.
-	overflow overflowWatch
 	// stop asks the relaying goroutine to return at a byte boundary (Stop); guarded by Engine.mu.
 	// relayDone is closed when that goroutine has returned; heldBack are bytes it read but, stopped in
 	// its write, did not write, written before relayDone is closed.
 	stop      bool
 	relayDone chan struct{}
 	heldBack  []byte
+}
+
+// demoted is the part of a kernelDir that its relaying goroutines use and nothing else does.
+type demoted struct {
+	// maxPassedRead is the largest read of passed bytes so far, for tests; written by the goroutine only.
+	maxPassedRead atomic.Int64
+	// overflow belongs to the relaying goroutine, as userRead does.
+	overflow overflowWatch
 }
 
 var (

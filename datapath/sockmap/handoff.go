@@ -171,8 +171,10 @@ func (k *Engine) attach(kt *kernelTunnel, heldLimit uint64) error {
 	k.bySrc[kt.up.cookie] = &kt.dirs[1]
 	for _, s := range sides {
 		// Go's runtime takes the descriptor out of its epoll (EPOLL_CTL_DEL) and closes it; the socket
-		// lives on through the engine's duplicate. The pair's own Close later finds the conn closed.
+		// lives on through the engine's duplicate. The pair forgets its conns (Pair.Hold), and so does
+		// the side, so that an idle tunnel keeps no closed conn alive.
 		_ = s.conn.Close()
+		s.conn = nil
 	}
 	// Bytes that arrived between the last userspace read and the insertion sit in the receive queue, and
 	// the verdict runs only on data_ready. Setting SO_RCVLOWAT makes TCP call data_ready (tcp_set_rcvlowat),
