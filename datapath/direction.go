@@ -130,8 +130,8 @@ func (d *Direction) WritePeeked() error {
 // itself (the kernel engine, adopting a pair whose relaying goroutine had read them: they go after bytes
 // the verdict redirected before them).
 func (d *Direction) TakePeeked() []byte {
-	p := *d.peeked
-	*d.peeked = nil
+	p := d.src.Peeked
+	d.src.Peeked = nil
 	return p
 }
 
@@ -139,7 +139,7 @@ func (d *Direction) TakePeeked() []byte {
 // took them and then did not carry the pair.
 func (d *Direction) HoldBackAgain(b []byte) {
 	if len(b) > 0 {
-		*d.peeked = append(b, *d.peeked...)
+		d.src.Peeked = append(b, d.src.Peeked...)
 	}
 }
 

@@ -303,7 +303,8 @@ func (k *Engine) attachAdopted(kt *kernelTunnel) error {
 	k.bySrc[kt.client.cookie] = &kt.dirs[0]
 	k.bySrc[kt.up.cookie] = &kt.dirs[1]
 	for _, s := range sides {
-		_ = s.conn.Close()
+		_ = s.conn.Close() // as attach does: the pair forgot its conns (Pair.Hold), and so does the side
+		s.conn = nil
 	}
 	for i := range kt.dirs {
 		d := &kt.dirs[i]
