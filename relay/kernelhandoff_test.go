@@ -1,13 +1,14 @@
 package relay
 
 import (
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sockrelay/sockrelay/loader"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 )
 
 // TestNewServerAdoptsKernelObjects: a relay given another process's BPF objects (an upgrade) runs its
@@ -27,7 +28,7 @@ func TestNewServerAdoptsKernelObjects(t *testing.T) {
 		{"another datapath", DatapathCopy, false, false, "this process's datapath is not sockmap"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			old, err := loader.Open(loader.Options{})
+			old, err := sockmap.Start(slog.New(slog.DiscardHandler), nil, 0) // as the old process's engine
 			if err != nil {
 				t.Fatal(err)
 			}

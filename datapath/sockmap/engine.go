@@ -114,6 +114,9 @@ type kernelSide struct {
 	fd       int
 	owned    bool // fd is open and the engine's to close
 	isClient bool // (beside owned: a kernel tunnel then fits a smaller allocation size class)
+	// clampWas is the socket's window clamp before Stop raised its receive low-water mark (holdVerdict);
+	// 0 otherwise. An int32 (TCP_WINDOW_CLAMP is an int), beside the bools, for the same size class.
+	clampWas int32
 	cookie   uint64
 	// sentBase is how many bytes had entered this socket's send path (acked + queued) before insertion:
 	// what the kernel redirects into it is counted from there.
@@ -121,9 +124,6 @@ type kernelSide struct {
 	// folded is how many of the bytes the verdict redirected from this socket the pair counts already:
 	// those of an engine that let go of the tunnel (adopt.go); 0 for a tunnel that entered here.
 	folded uint64
-	// clampWas is the socket's window clamp before Stop raised its receive low-water mark (holdVerdict);
-	// 0 otherwise.
-	clampWas int
 }
 
 // kernelDir is one direction of a kernel tunnel: bytes of src redirected into dst.

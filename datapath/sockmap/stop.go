@@ -241,7 +241,7 @@ func (k *Engine) holdVerdict(kt *kernelTunnel) error {
 		if err := unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, math.MaxInt32); err != nil {
 			return fmt.Errorf("SO_RCVLOWAT: %w", err)
 		}
-		s.clampWas = clamp
+		s.clampWas = int32(clamp)
 	}
 	return nil
 }
@@ -254,7 +254,7 @@ func (kt *kernelTunnel) releaseVerdictHold() {
 			continue
 		}
 		_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
-		_ = unix.SetsockoptInt(s.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, s.clampWas)
+		_ = unix.SetsockoptInt(s.fd, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, int(s.clampWas))
 		s.clampWas = 0
 	}
 }
