@@ -46,6 +46,14 @@ func (s *Server) StopKernelEvents() {
 	}
 }
 
+// ReadsSharedKernelEvents reports whether this process still reads the mode-change ring buffer it shares
+// with the process that adopted its BPF objects: it carries kernel tunnels still, so StopKernelEvents has
+// not stopped the reading. That process must go on sweeping its own tunnels' modes (UnshareKernel not yet)
+// meanwhile: an event this one reads is lost to it.
+func (s *Server) ReadsSharedKernelEvents() bool {
+	return s.kernel != nil && s.tunnels.kernelMovable.Load() && s.kernel.Tunnels() > 0
+}
+
 // KernelAdopted reports whether the kernel engine runs over the BPF objects of the relay this one
 // replaced.
 func (s *Server) KernelAdopted() bool { return s.kernelAdopted }

@@ -184,11 +184,15 @@ func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
 				name, ErrDatapathUnavailable, s.kernelSkipped, s.cfg.Datapath)
 		}
 		if s.kernel == nil {
-			return listenerInfo{}, fmt.Errorf("listener %q: datapath sockmap: %w: the relay's datapath is %s, and only sockmap or auto load the kernel datapath",
+			return listenerInfo{}, fmt.Errorf("listener %q: datapath sockmap: %w: the relay's datapath is %s, and only sockmap or auto load the kernel datapath; accepted here: copy, splice or auto",
 				name, ErrDatapathUnavailable, s.cfg.Datapath)
 		}
 	default:
-		return listenerInfo{}, fmt.Errorf("listener %q: datapath %q: %w", name, dp, ErrDatapathUnavailable)
+		accepted := "copy, splice or auto"
+		if s.kernel != nil {
+			accepted = "copy, splice, sockmap or auto"
+		}
+		return listenerInfo{}, fmt.Errorf("listener %q: datapath %q: %w; accepted here: %s", name, dp, ErrDatapathUnavailable, accepted)
 	}
 	return listenerInfo{name: name, datapath: dp}, nil
 }

@@ -29,7 +29,9 @@ func TestPrepareListenerRefuses(t *testing.T) {
 		want string
 	}{
 		{"sockmap on a copy relay", copyRelay, ListenerOptions{Name: "kernel", Datapath: DatapathSockmap},
-			`listener "kernel": datapath sockmap: datapath unavailable: the relay's datapath is copy`},
+			`listener "kernel": datapath sockmap: datapath unavailable: the relay's datapath is copy, and only sockmap or auto load the kernel datapath; accepted here: copy, splice or auto`},
+		{"unknown datapath", copyRelay, ListenerOptions{Name: "edge", Datapath: "turbo"},
+			`listener "edge": datapath "turbo": datapath unavailable; accepted here: copy, splice or auto`},
 		{"sockmap on an auto relay without its kernel datapath", autoRelay, ListenerOptions{Name: "kernel", Datapath: DatapathSockmap},
 			`listener "kernel": datapath sockmap: datapath unavailable: the relay's datapath is auto, and its kernel datapath did not load ` +
 				`(sockmap: kernel: capabilities: missing CAP_BPF), so it runs on splice; accepted here: copy, splice or auto`},

@@ -144,11 +144,17 @@ func (r *Registry) BytesRelayed() (toUpstream, toClient uint64) {
 	return toUpstream, toClient
 }
 
-// Wait blocks until no tunnel is live or ctx is done.
+// Wait blocks until no tunnel is live or ctx is done. An empty registry is nil even when ctx is done
+// already: a select of the two would choose at random, and a drain that closed nothing report that it did.
 func (r *Registry) Wait(ctx context.Context) error {
 	r.mu.Lock()
 	empty := r.empty
 	r.mu.Unlock()
+	select {
+	case <-empty:
+		return nil
+	default:
+	}
 	select {
 	case <-empty:
 		return nil

@@ -138,6 +138,12 @@ type Server struct {
 	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
 	// see HoldDrain.
 	drainHolds sync.WaitGroup
+	// tcpOpening counts the tcp listeners' accept loops and the connections they accepted whose tunnel
+	// is not open (or refused) yet: Shutdown waits for them, as http.Server.Shutdown does for handshakes.
+	tcpOpening sync.WaitGroup
+	// settled is closed by Shutdown once no tunnel can be added any more (see Settled).
+	settled    chan struct{}
+	settleOnce sync.Once
 	// kernelSkipped is why auto stepped down from sockmap: the kernel datapath did not load.
 	kernelSkipped error
 
@@ -226,6 +232,7 @@ func NewServer(cfg Config) (*Server, error) {
 		tunnels: NewRegistry(),
 		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, Control: cfg.dialControl},
 		stop:    make(chan struct{}),
+		settled: make(chan struct{}),
 		limiter: newLimiter(cfg.Limits),
 		splicer: &datapath.Splicer{NewPipe: cfg.newPipe},
 	}
@@ -268,11 +275,21 @@ func (s *Server) HoldDrain() (release func()) {
 	return sync.OnceFunc(s.drainHolds.Done)
 }
 
+// Settled is closed once Shutdown has stopped accepting, the handshakes in progress have ended (opened
+// their tunnel or failed) and every HoldDrain is released, or Shutdown's ctx is done: from then on no
+// tunnel is added (but by Adopt, which a process that is itself upgraded calls no more once its holds
+// are released), while the live ones drain. An upgrade's old process is done handing tunnels over then,
+// not when its drain ends: those it keeps (TLS) need not hold up the new one.
+func (s *Server) Settled() <-chan struct{} { return s.settled }
+
 // awaitDrainHolds waits until every HoldDrain is released, or ctx is done.
-func (s *Server) awaitDrainHolds(ctx context.Context) {
+func (s *Server) awaitDrainHolds(ctx context.Context) { awaitGroup(ctx, &s.drainHolds) }
+
+// awaitGroup waits until wg's count is 0, or ctx is done.
+func awaitGroup(ctx context.Context, wg *sync.WaitGroup) {
 	released := make(chan struct{})
 	go func() {
-		s.drainHolds.Wait()
+		wg.Wait()
 		close(released)
 	}()
 	select {
@@ -323,7 +340,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			err = herr
 		}
 	}
+	awaitGroup(ctx, &s.tcpOpening)
 	s.awaitDrainHolds(ctx)
+	s.settleOnce.Do(func() { close(s.settled) })
 	if werr := s.tunnels.Wait(ctx); werr != nil {
 		err = werr
 		s.log.Warn("drain time over, closing tunnels", "tunnels", s.tunnels.Len())

@@ -44,10 +44,13 @@ func (s *Server) PrepareTCP(l net.Listener, opts ListenerOptions, sni SNIReader)
 
 // serveTCP accepts on a prepared TCP listener until Shutdown.
 func (s *Server) serveTCP(l net.Listener, opts ListenerOptions, info listenerInfo, sni SNIReader) error {
-	if !s.track(func() { s.tcpListeners = append(s.tcpListeners, l) }) {
+	// The loop counts in tcpOpening until it returns, so that each connection it accepts is counted
+	// before Shutdown can see the count at 0.
+	if !s.track(func() { s.tcpListeners = append(s.tcpListeners, l); s.tcpOpening.Add(1) }) {
 		l.Close()
 		return http.ErrServerClosed
 	}
+	defer s.tcpOpening.Done()
 	l = s.wrapListener(l, opts)
 	var backoff time.Duration
 	for {
@@ -67,7 +70,11 @@ func (s *Server) serveTCP(l net.Listener, opts ListenerOptions, info listenerInf
 			return err
 		}
 		backoff = 0
-		go s.serveTCPConn(conn, info, sni)
+		s.tcpOpening.Add(1)
+		go func() {
+			defer s.tcpOpening.Done()
+			s.serveTCPConn(conn, info, sni)
+		}()
 	}
 }
 

@@ -690,7 +690,7 @@ func drainAfterHandover(srv *relay.Server, adminSrv *http.Server, pid int, succe
 		defer func() { <-m.finished }()
 		defer close(drained) // after Shutdown: every tunnel left has ended
 		m.finished = make(chan struct{})
-		go m.run(drained)
+		go m.run(srv.Settled(), drained)
 	}
 	dctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
 	defer cancel()

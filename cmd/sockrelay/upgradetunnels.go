@@ -42,12 +42,17 @@ type tunnelMover struct {
 }
 
 // run hands over the movable tunnels, round after round (tunnels whose handshake was in progress when
-// the listeners were let go open after the first), until drained is closed (no tunnel is left) or the
-// new process cannot take more. Then it tells the new process it is done.
-func (m *tunnelMover) run(drained <-chan struct{}) {
+// the listeners were let go open after the first), until no tunnel can become movable any more, or the
+// new process cannot take more. Then it tells the new process it is done: once settled is closed (no
+// tunnel is added here: relay.Server.Settled) and a round a tick later found none, and this process no
+// longer reads the kernel events the new one shares; or once drained is closed (no tunnel is left). The
+// tunnels it keeps (TLS) drain here meanwhile: the new process, which waits for Done before it may end a
+// drain of its own, does not wait for them.
+func (m *tunnelMover) run(settled, drained <-chan struct{}) {
 	defer close(m.finished)
 	defer m.conn.Close()
 	m.tried = map[uint64]bool{}
+	final := false // this round comes a tick after settled closed
 	for rounds := 0; ; rounds++ {
 		started, moved, kept, peeked := time.Now(), m.moved, m.kept, m.peeked
 		n, err := m.round()
@@ -64,14 +69,29 @@ func (m *tunnelMover) run(drained <-chan struct{}) {
 				"peeked_bytes", m.peeked-peeked, "batches", m.batch, "took_ms", time.Since(started).Milliseconds())
 		}
 		m.srv.StopKernelEvents() // once this process holds no kernel tunnel
-		if n == 0 {
-			select {
-			case <-drained:
-				_ = m.conn.Send(handover.Message{Type: handover.TypeDone, Done: &handover.Done{Tunnels: m.moved}}, nil)
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
+		if n > 0 {
+			continue
 		}
+		if isClosed(drained) || (final && !m.srv.ReadsSharedKernelEvents()) {
+			_ = m.conn.Send(handover.Message{Type: handover.TypeDone, Done: &handover.Done{Tunnels: m.moved}}, nil)
+			return
+		}
+		// A tick between settled and the last round: a handshake net/http let go of (hijacked) just
+		// before Shutdown returned registers its tunnel meanwhile.
+		final = isClosed(settled)
+		select {
+		case <-drained:
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
 	}
 }
 

@@ -501,6 +501,16 @@ func upgradeAdoptionFailureKeepsTunnel(t *testing.T, datapath string) {
 		t.Fatalf("the old process exited (%v) while it carried the tunnels it kept:\n%s", err, r.logs)
 	default:
 	}
+	// The old process is done sending once nothing more can move, not when its drain ends; but while it
+	// carries kernel tunnels over the objects the new one adopted it reads their ring buffer, and the new
+	// one must go on sweeping its tunnels' modes (it stops once told done).
+	done := func() bool { return len(r.logs.lines("upgrade: tunnels adopted from the old process")) == 1 }
+	if datapath == "sockmap" && done() {
+		t.Errorf("the old process said it was done while it read the kernel events the new one shares:\n%s", r.logs)
+	}
+	if datapath != "sockmap" && !pollFor(5*time.Second, done) {
+		t.Errorf("the old process, with nothing left to move, did not say it was done:\n%s", r.logs)
+	}
 	close(stop)
 	wg.Wait()
 	for i, err := range errs {
