@@ -24,6 +24,9 @@ func (s *Server) setUpDatapath() error {
 			s.kernel, s.cfg.Datapath = k, DatapathSockmap
 			s.log.Info("datapath chosen", "datapath", DatapathSockmap, "requested", requested,
 				"why", "the kernel passed the probe and the self-test")
+			if requested == DatapathAuto {
+				return s.startAutoMoves()
+			}
 			return nil
 		}
 		if requested == DatapathSockmap {

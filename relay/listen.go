@@ -174,9 +174,11 @@ func (s *Server) track(add func()) bool {
 }
 
 func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
+	perTunnel := false
 	switch dp {
 	case DatapathAuto, "":
 		dp = s.cfg.Datapath
+		perTunnel = s.auto != nil
 	case DatapathCopy, DatapathSplice:
 	case DatapathSockmap:
 		if s.kernel == nil && s.kernelSkipped != nil {
@@ -190,5 +192,5 @@ func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
 	default:
 		return listenerInfo{}, fmt.Errorf("listener %q: datapath %q: %w", name, dp, ErrDatapathUnavailable)
 	}
-	return listenerInfo{name: name, datapath: dp}, nil
+	return listenerInfo{name: name, datapath: dp, perTunnel: perTunnel}, nil
 }

@@ -47,8 +47,9 @@ const (
 	ReasonForced Reason = "forced"
 )
 
-// Reasons lists every Reason, for metrics to start at 0.
-var Reasons = []Reason{ReasonDemotions, ReasonChatty, ReasonQuiet, ReasonCalm, ReasonLargeSegments, ReasonForced}
+// Reasons lists every Reason a relay's policy moves a tunnel for, for metrics to start at 0 (ReasonForced is
+// only ever a test's).
+var Reasons = []Reason{ReasonDemotions, ReasonChatty, ReasonQuiet, ReasonCalm, ReasonLargeSegments}
 
 // Policy is the thresholds. Rates are per second of the sample; a sample shorter than Interval/2 (the
 // sampler ran late or early) is still a valid rate.
