@@ -29,6 +29,9 @@ type autoMover struct {
 
 	mu      sync.Mutex
 	tracked map[*Tunnel]*autoTrack
+	// pairs are the pairs being moved: a move counts its tunnel in sockrelay_tunnels_active itself, the
+	// kernel engine's fallback to copy included (Server.kernelFallback asks movingPair).
+	pairs   map[*datapath.Pair]bool
 	moving  sync.WaitGroup
 	stop    chan struct{}
 	done    chan struct{}
@@ -62,7 +65,7 @@ func (s *Server) startAutoMoves() error {
 		decide = auto.Decide
 	}
 	m := &autoMover{s: s, policy: p, decide: decide, slots: make(chan struct{}, p.MaxInFlight),
-		tracked: map[*Tunnel]*autoTrack{}, stop: make(chan struct{}), done: make(chan struct{})}
+		tracked: map[*Tunnel]*autoTrack{}, pairs: map[*datapath.Pair]bool{}, stop: make(chan struct{}), done: make(chan struct{})}
 	s.auto = m
 	s.log.Info("datapath policy: per tunnel", "start", auto.Kernel, "interval", p.Interval,
 		"to_loop_demotions_per_sample", p.LeaveDemotions, "to_loop_segments_per_s", p.ChattySegments,
@@ -171,7 +174,7 @@ func (m *autoMover) sample(now time.Time) {
 		tr.hist.Observe(s)
 		d := m.decide(m.policy, s, tr.hist)
 		if d.Move && len(moves) < budget {
-			tr.moving = true
+			tr.moving, m.pairs[t.pair] = true, true
 			moves = append(moves, autoMove{t: t, tr: tr, from: from, d: d})
 		}
 		m.mu.Unlock()
@@ -185,6 +188,7 @@ func (m *autoMover) sample(now time.Time) {
 			m.mu.Lock()
 			for _, left := range moves[i:] {
 				left.tr.moving = false
+				delete(m.pairs, left.t.pair)
 			}
 			m.mu.Unlock()
 			return
@@ -210,24 +214,33 @@ func kindOf(e auto.Engine) Datapath {
 	return DatapathCopy
 }
 
-// move runs one move on its own goroutine and records how it went. The tunnel is counted in
-// sockrelay_tunnels_active under the engine it is to be on before the move, and under the one it is on
-// after, if that differs: the move failed, it ended first, or the kernel could not take it and it fell back
-// to copy (kernelFallback moves the count from sockmap to copy itself).
+// movingPair reports whether a move of p runs now.
+func (m *autoMover) movingPair(p *datapath.Pair) bool {
+	if m == nil {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.pairs[p]
+}
+
+// move runs one move on its own goroutine and records how it went. The tunnel's count in
+// sockrelay_tunnels_active moves to the datapath it is on after the move, whatever happened: moved, failed,
+// ended first (its kind then stays, and tunnelEnded counts it off there), or fell back from the kernel to
+// copy (kernelFallback leaves the count to this).
 func (m *autoMover) move(mv autoMove) {
 	defer m.moving.Done()
 	defer func() { <-m.slots }()
 	from, to := kindOf(mv.from), kindOf(mv.d.To)
-	active := m.s.metrics.tunnelsActive
-	active.WithLabelValues(string(from)).Dec()
-	active.WithLabelValues(string(to)).Inc()
 	err := datapath.Move(mv.t.pair, m.engineOf(mv.d.To))
-	if now := mv.t.pair.Kind(); now != to {
-		active.WithLabelValues(string(to)).Dec()
+	if now := mv.t.pair.Kind(); now != from {
+		active := m.s.metrics.tunnelsActive
+		active.WithLabelValues(string(from)).Dec()
 		active.WithLabelValues(string(now)).Inc()
 	}
 	m.mu.Lock()
 	mv.tr.moving = false
+	delete(m.pairs, mv.t.pair)
 	switch {
 	case err == nil:
 		mv.tr.moves++

@@ -99,9 +99,11 @@ func (s *Server) kernelStats() sockmap.Stats {
 func (s *Server) Datapath() Datapath { return s.cfg.Datapath }
 
 // kernelFallback counts a tunnel the kernel datapath handed to the copy datapath.
-func (s *Server) kernelFallback(_ *datapath.Pair, reason string) {
-	s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
-	s.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
+func (s *Server) kernelFallback(p *datapath.Pair, reason string) {
+	if !s.auto.movingPair(p) { // a move counts its tunnel itself (automove.go)
+		s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
+		s.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
+	}
 	s.metrics.datapathFallbacks.WithLabelValues(reason).Inc()
 }
 
