@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,7 +16,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/auto"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 )
 
 // withAutoPolicy runs the relay's per-tunnel policy with p and, when set, decide.
@@ -182,6 +186,26 @@ func TestAutoMovesChattyTunnelAndBack(t *testing.T) {
 	}
 	if !t.Failed() && !containsAll(r.Log.String(), []string{"datapath policy: per tunnel", "to_loop_segments_per_s=200"}) {
 		t.Errorf("the start log does not say the policy in force:\n%s", r.Log.String())
+	}
+}
+
+// TestAutoWithoutKernelMovesNothing: where the kernel engine does not load (a 6.1 kernel refuses sockmap),
+// auto runs a userspace datapath as before, with no sampler and nothing tracked.
+func TestAutoWithoutKernelMovesNothing(t *testing.T) {
+	refused := func(*slog.Logger, func(*datapath.Pair, string), uint64) (*sockmap.Engine, error) {
+		return nil, fmt.Errorf("sockmap: %w: this kernel refuses it", ErrDatapathUnavailable)
+	}
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, func(c *Config) { c.startKernel = refused })
+	if r.auto != nil || r.Datapath() == DatapathSockmap {
+		t.Fatalf("datapath %s, per-tunnel policy %v: want a userspace datapath and no policy", r.Datapath(), r.auto != nil)
+	}
+	openTunnel(t, r.Addr, up, nil, nil)
+	if moves, tracked := r.auto.movesOf(onlyTunnel(t, r)); tracked || moves != 0 {
+		t.Errorf("tunnel tracked %v with %d moves", tracked, moves)
+	}
+	if strings.Contains(r.Log.String(), "datapath policy: per tunnel") {
+		t.Error("the log says a per-tunnel policy is in force")
 	}
 }
 
@@ -369,3 +393,83 @@ func TestAutoMoveStress(t *testing.T) {
 }
 
 func noMoves(auto.Policy, auto.Sample, auto.History) auto.Decision { return auto.Decision{} }
+
+// trackOf returns whether a move of t runs now, and how many it made.
+func (m *autoMover) trackOf(t *Tunnel) (moving bool, moves int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if tr := m.tracked[t]; tr != nil {
+		return tr.moving, tr.moves
+	}
+	return false, 0
+}
+
+// TestAutoMoveStuckHoldsOneSlot: a move off the kernel waits, with no time limit, while the reader has
+// stopped and the kernel holds bytes for it. Such a move holds one of the policy's slots and nothing else:
+// the sampler goes on, and another tunnel keeps moving meanwhile. Once the reader reads again the stuck move
+// completes, and its stream arrives whole.
+func TestAutoMoveStuckHoldsOneSlot(t *testing.T) {
+	requireSockmap(t)
+	const n = 32 << 20
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(10*time.Millisecond, 2), nil))
+	stuckC, stuckU := openTunnel(t, r.Addr, up, nil, nil)
+	waitInKernel(t, r)
+	stuck := onlyTunnel(t, r)
+	openTunnel(t, r.Addr, up, nil, nil) // idle, free to move
+	var other *Tunnel
+	for _, tn := range r.Tunnels().Tunnels() {
+		if tn != stuck {
+			other = tn
+		}
+	}
+	// The client does not read: the upstream's bytes fill the client's buffers, then the kernel's.
+	writeErr := make(chan error, 1)
+	go func() {
+		err := writeStream(stuckU, streamReader(9, n), nil)
+		if err == nil {
+			err = stuckU.CloseWrite()
+		}
+		writeErr <- err
+	}()
+	// Stuck: a move of it has run for 300 ms, off the kernel.
+	var since time.Time
+	waitFor(t, 20*time.Second, "a move of the tunnel whose reader stopped to wait", func() bool {
+		moving, _ := r.auto.trackOf(stuck)
+		switch {
+		case !moving:
+			since = time.Time{}
+		case since.IsZero():
+			since = time.Now()
+		}
+		return moving && time.Since(since) > 300*time.Millisecond
+	})
+	_, stuckMoves := r.auto.trackOf(stuck)
+	_, before := r.auto.trackOf(other)
+	time.Sleep(300 * time.Millisecond)
+	_, after := r.auto.trackOf(other)
+	if after-before < 3 {
+		t.Errorf("the other tunnel moved %d times in 300 ms while one move was stuck, want at least 3", after-before)
+	}
+	if moving, moves := r.auto.trackOf(stuck); !moving || moves != stuckMoves {
+		t.Fatalf("the stuck move ended by itself (moving %v, moves %d → %d): the test did not hold one", moving, stuckMoves, moves)
+	}
+	// The reader reads again: the move completes, and every byte arrives once, in order.
+	got := newStreamCheck(9, n)
+	if _, err := copyWithin(stuckC, got, stuckC.R, 60*time.Second); err != nil {
+		t.Fatalf("client read: %v after %d bytes", err, got.Len())
+	}
+	if d := got.Diff(); d != "" {
+		t.Errorf("the client received a wrong stream: %s", d)
+	}
+	if err := <-writeErr; err != nil {
+		t.Errorf("upstream write: %v", err)
+	}
+	waitFor(t, 10*time.Second, "the stuck move to complete", func() bool {
+		moving, moves := r.auto.trackOf(stuck)
+		return !moving && moves > stuckMoves
+	})
+	if got := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil); got != 0 {
+		t.Errorf("move failures: %v", got)
+	}
+}
