@@ -214,6 +214,20 @@ func kindOf(e auto.Engine) Datapath {
 	return DatapathCopy
 }
 
+// release takes t out of the policy for good, before an upgrade parks it, so that no move carries it onto
+// an engine while it is handed over. false when a move of it runs now: it cannot be parked then (it stays
+// here and drains), and stays where that move leaves it.
+func (m *autoMover) release(t *Tunnel) bool {
+	if m == nil {
+		return true
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	tr, ok := m.tracked[t]
+	delete(m.tracked, t)
+	return !ok || !tr.moving
+}
+
 // movingPair reports whether a move of p runs now.
 func (m *autoMover) movingPair(p *datapath.Pair) bool {
 	if m == nil {

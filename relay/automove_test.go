@@ -2,6 +2,7 @@ package relay
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -471,5 +472,57 @@ func TestAutoMoveStuckHoldsOneSlot(t *testing.T) {
 	})
 	if got := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil); got != 0 {
 		t.Errorf("move failures: %v", got)
+	}
+}
+
+// TestAutoParkTakesTunnelOutOfThePolicy: an upgrade parks a tunnel only when no move of it runs, and the
+// policy leaves a parked tunnel alone from then on; Resume carries it on where it was.
+func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
+	requireSockmap(t)
+	toLoopOnce := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
+		if s.Engine == auto.Kernel {
+			return auto.Decision{Move: true, To: auto.Loop, Reason: auto.ReasonChatty}
+		}
+		return auto.Decision{}
+	}
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toLoopOnce))
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	tun := onlyTunnel(t, r)
+	waitFor(t, 10*time.Second, "the tunnel moved to the event loop", tun.pair.OnEventLoop)
+
+	// A move in flight: the tunnel cannot be parked now.
+	r.auto.mu.Lock()
+	r.auto.tracked[tun].moving = true
+	r.auto.mu.Unlock()
+	if _, err := r.Park(tun); !errors.Is(err, ErrNotMovable) {
+		t.Fatalf("Park during a move: %v, want ErrNotMovable", err)
+	}
+	if _, tracked := r.auto.movesOf(tun); tracked {
+		t.Error("a tunnel an upgrade tried to park is still under the policy")
+	}
+
+	// Tracked again with no move running: Park takes it out of the policy and parks it.
+	r.auto.mu.Lock()
+	r.auto.tracked[tun] = &autoTrack{moves: 1}
+	r.auto.mu.Unlock()
+	pt, err := r.Park(tun)
+	if err != nil {
+		t.Fatalf("Park: %v", err)
+	}
+	if _, tracked := r.auto.movesOf(tun); tracked {
+		t.Error("a parked tunnel is still under the policy")
+	}
+	r.Resume(pt)
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
+		t.Fatalf("after Resume the upstream read %q, %v", got, err)
+	}
+	if tun.Datapath() != DatapathCopy {
+		t.Errorf("resumed on %s, want copy, where it was parked", tun.Datapath())
 	}
 }

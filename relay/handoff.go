@@ -62,7 +62,7 @@ type ParkedTunnel struct {
 // Park stops t's engine at a byte boundary, keeping its sockets open: the bytes it read and did not
 // write become State.Peeked. The timeouts leave it alone while parked.
 func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
-	if !t.Movable() {
+	if !s.auto.release(t) || !t.Movable() {
 		return nil, ErrNotMovable
 	}
 	kind := t.pair.Kind()
