@@ -125,6 +125,7 @@ func TestNoOscillation(t *testing.T) {
 			moves++
 		}
 	}
+	t.Logf("%d moves in an hour", moves)
 	if moves > 20 {
 		t.Errorf("%d moves in an hour of samples that sit across both thresholds, want at most 20", moves)
 	}
