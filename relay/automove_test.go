@@ -210,21 +210,38 @@ func TestAutoWithoutKernelMovesNothing(t *testing.T) {
 	}
 }
 
-// TestAutoPinnedWhenForced: with the datapath named, no tunnel is tracked and none moves.
+// TestAutoPinnedWhenForced: with the datapath named, for the relay or for a listener, no tunnel is tracked
+// and none moves, even under a policy that moves every tracked tunnel every few ms.
 func TestAutoPinnedWhenForced(t *testing.T) {
 	requireSockmap(t)
-	up := startUpstream(t)
-	flip := auto.DefaultPolicy
-	flip.Flip, flip.Interval, flip.MinDwell = true, 5*time.Millisecond, 0
-	r := startRelay(t, DatapathSockmap, []string{up.Addr}, withAutoPolicy(flip, nil))
-	if r.auto != nil {
-		t.Fatal("--datapath sockmap runs the per-tunnel policy")
-	}
-	openTunnel(t, r.Addr, up, nil, nil)
-	waitInKernel(t, r)
-	time.Sleep(50 * time.Millisecond)
-	if got := onlyTunnel(t, r).Datapath(); got != DatapathSockmap {
-		t.Errorf("pinned tunnel on %s", got)
+	flip := flipPolicy(5*time.Millisecond, 4)
+	for _, named := range []string{"relay", "listener"} {
+		t.Run(named, func(t *testing.T) {
+			up := startUpstream(t)
+			r := startRelay(t, DatapathSockmap, []string{up.Addr}, withAutoPolicy(flip, nil))
+			addr := r.Addr
+			if named == "listener" {
+				r = startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flip, nil))
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				go r.ServeListenerWith(ln, ListenerOptions{Name: "pinned", Datapath: DatapathSockmap})
+				addr = ln.Addr().String()
+			} else if r.auto != nil {
+				t.Fatal("--datapath sockmap runs the per-tunnel policy")
+			}
+			openTunnel(t, addr, up, nil, nil)
+			waitInKernel(t, r)
+			time.Sleep(100 * time.Millisecond)
+			tun := onlyTunnel(t, r)
+			if got := tun.Datapath(); got != DatapathSockmap {
+				t.Errorf("pinned tunnel on %s", got)
+			}
+			if _, tracked := r.auto.movesOf(tun); tracked {
+				t.Error("pinned tunnel under the policy")
+			}
+		})
 	}
 }
 
