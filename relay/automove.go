@@ -173,6 +173,11 @@ func (m *autoMover) sample(now time.Time) {
 		tr.last, tr.lastAt = counts, now
 		tr.hist.Observe(s)
 		d := m.decide(m.policy, s, tr.hist)
+		if _, half := t.pair.HalfClosedSince(); half && d.To == auto.Kernel {
+			// A socket that got its FIN cannot enter a sockhash: the kernel engine would hand the pair to
+			// the goroutine copier, where it would stay.
+			d.Move = false
+		}
 		if d.Move && len(moves) < budget {
 			tr.moving, m.pairs[t.pair] = true, true
 			moves = append(moves, autoMove{t: t, tr: tr, from: from, d: d})
