@@ -142,9 +142,12 @@ func TestAutoMovesChattyTunnelAndBack(t *testing.T) {
 		}()
 	}
 
-	waitFor(t, 10*time.Second, "chatty tunnel moved to the event loop", tun.pair.OnEventLoop)
-	if got := r.moves(DatapathSockmap, DatapathCopy, auto.ReasonChatty); got != 1 {
-		t.Errorf("moves sockmap→copy for chatty: %v, want 1", got)
+	// The move is counted once datapath.Move has returned, a moment after the loop carries the pair.
+	waitFor(t, 10*time.Second, "chatty tunnel moved to the event loop", func() bool {
+		return r.moves(DatapathSockmap, DatapathCopy, auto.ReasonChatty) == 1
+	})
+	if !tun.pair.OnEventLoop() {
+		t.Error("moved, but not on the event loop")
 	}
 	if tun.Datapath() != DatapathCopy {
 		t.Errorf("datapath on the loop: %s", tun.Datapath())
@@ -152,9 +155,14 @@ func TestAutoMovesChattyTunnelAndBack(t *testing.T) {
 	for _, w := range writers {
 		w.chatty.Store(false)
 	}
-	waitFor(t, 10*time.Second, "quiet tunnel moved back to sockmap", func() bool { return tun.Datapath() == DatapathSockmap })
-	if got := r.moves(DatapathCopy, DatapathSockmap, ""); got != 1 {
-		t.Errorf("moves copy→sockmap: %v, want 1", got)
+	waitFor(t, 10*time.Second, "quiet tunnel moved back to sockmap", func() bool {
+		return r.moves(DatapathCopy, DatapathSockmap, "") == 1
+	})
+	if got := tun.Datapath(); got != DatapathSockmap {
+		t.Errorf("moved back, but on %s", got)
+	}
+	if got := r.moves(DatapathSockmap, DatapathCopy, ""); got != 1 {
+		t.Errorf("moves sockmap→copy: %v, want 1", got)
 	}
 	if moves, _ := r.auto.movesOf(tun); moves != 2 {
 		t.Errorf("tunnel moves: %d, want 2", moves)
@@ -506,7 +514,10 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toLoopOnce))
 	c, u := openTunnel(t, r.Addr, up, nil, nil)
 	tun := onlyTunnel(t, r)
-	waitFor(t, 10*time.Second, "the tunnel moved to the event loop", tun.pair.OnEventLoop)
+	waitFor(t, 10*time.Second, "the tunnel moved to the event loop", func() bool {
+		moving, moves := r.auto.trackOf(tun)
+		return !moving && moves == 1 && tun.pair.OnEventLoop()
+	})
 
 	// A move in flight: the tunnel cannot be parked now.
 	r.auto.mu.Lock()
