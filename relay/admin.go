@@ -37,6 +37,9 @@ type TunnelInfo struct {
 	BytesToUpstream uint64    `json:"bytes_to_upstream"`
 	BytesToClient   uint64    `json:"bytes_to_client"`
 	Started         time.Time `json:"started"`
+	// Auto says auto's per-tunnel policy moves the tunnel between engines; Moves, how many moves it made.
+	Auto  bool `json:"auto,omitempty"`
+	Moves int  `json:"moves,omitempty"`
 }
 
 // Info describes t for /debug/tunnels.
@@ -163,6 +166,7 @@ func (s *Server) listTunnels(w http.ResponseWriter, r *http.Request) {
 	infos := make([]TunnelInfo, len(ts))
 	for i, t := range ts {
 		infos[i] = t.Info()
+		infos[i].Moves, infos[i].Auto = s.auto.movesOf(t)
 	}
 	writeJSON(w, http.StatusOK, infos)
 }

@@ -32,7 +32,9 @@
 // end in establish and carry.
 //
 // The datapath is chosen once at start (engines.go, setUpDatapath): sockmap only when this kernel passes
-// the probe and the self-test (sockmap.Start), and per listener (ListenerOptions.Datapath). The engines
+// the probe and the self-test (sockmap.Start), and per listener (ListenerOptions.Datapath); under auto with
+// the kernel engine loaded, automove.go moves each plain tunnel between sockmap and the event loop as its
+// traffic changes (policy in datapath/auto). The engines
 // and the contract they meet are in package datapath; the kernel engine's counters are read by the
 // metrics at scrape time (sockmap.Engine.Stats). Plain HTTP requests are reverse-proxied (httpproxy.go,
 // serveRequest; httpidle.go bounds their silences). metrics.go holds the Prometheus metrics.

@@ -24,6 +24,9 @@ func (s *Server) setUpDatapath() error {
 			s.kernel, s.cfg.Datapath = k, DatapathSockmap
 			s.log.Info("datapath chosen", "datapath", DatapathSockmap, "requested", requested,
 				"why", "the kernel passed the probe and the self-test")
+			if requested == DatapathAuto {
+				return s.startAutoMoves()
+			}
 			return nil
 		}
 		if requested == DatapathSockmap {
@@ -99,9 +102,11 @@ func (s *Server) kernelStats() sockmap.Stats {
 func (s *Server) Datapath() Datapath { return s.cfg.Datapath }
 
 // kernelFallback counts a tunnel the kernel datapath handed to the copy datapath.
-func (s *Server) kernelFallback(_ *datapath.Pair, reason string) {
-	s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
-	s.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
+func (s *Server) kernelFallback(p *datapath.Pair, reason string) {
+	if !s.auto.movingPair(p) { // a move counts its tunnel itself (automove.go)
+		s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
+		s.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
+	}
 	s.metrics.datapathFallbacks.WithLabelValues(reason).Inc()
 }
 

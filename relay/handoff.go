@@ -67,7 +67,7 @@ type ParkedTunnel struct {
 // Park stops t's engine at a byte boundary, keeping its sockets open: the bytes it read and did not
 // write become State.Peeked. The timeouts leave it alone while parked.
 func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
-	if !s.tunnels.CanMove(t) {
+	if !s.auto.release(t) || !s.tunnels.CanMove(t) {
 		return nil, ErrNotMovable
 	}
 	kind := t.pair.Kind()

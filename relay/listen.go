@@ -174,9 +174,11 @@ func (s *Server) track(add func()) bool {
 }
 
 func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
+	perTunnel := false
 	switch dp {
 	case DatapathAuto, "":
 		dp = s.cfg.Datapath
+		perTunnel = s.auto != nil
 	case DatapathCopy, DatapathSplice:
 	case DatapathSockmap:
 		if s.kernel == nil && s.kernelSkipped != nil {
@@ -194,5 +196,5 @@ func (s *Server) listenerInfo(name string, dp Datapath) (listenerInfo, error) {
 		}
 		return listenerInfo{}, fmt.Errorf("listener %q: datapath %q: %w; accepted here: %s", name, dp, ErrDatapathUnavailable, accepted)
 	}
-	return listenerInfo{name: name, datapath: dp}, nil
+	return listenerInfo{name: name, datapath: dp, perTunnel: perTunnel}, nil
 }

@@ -55,6 +55,7 @@ func (s *Server) establish(o opening) (*Tunnel, error) {
 	}
 	t.pair.ID = t.ID
 	s.reserve(t, engine) // before the 101: a splice tunnel short of descriptors runs on copy
+	s.auto.track(t, o.listener)
 	s.metrics.tunnelOpened(t)
 	// After add, so that a CloseTunnelsTo running now either finds the tunnel or has marked the server.
 	if s.evicted(o.up.lease.Server) {

@@ -92,6 +92,10 @@ type listenerInfo struct {
 	datapath Datapath // resolved: never auto
 	trusted  []netip.Prefix
 	limiter  *limiter // the listener's own Limits; nil without
+
+	// perTunnel: the listener is on auto and the relay's auto loaded the kernel engine, so its plain tunnels
+	// move between engines as their traffic changes (automove.go).
+	perTunnel bool
 }
 
 // limitersFor returns the limiters a handshake or connection on listener passes: the server's, then the

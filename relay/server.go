@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/auto"
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
 	"github.com/sockrelay/sockrelay/datapath/sockmap"
 	"github.com/sockrelay/sockrelay/upstream"
@@ -93,6 +94,10 @@ type Config struct {
 	// dialControl, set only by tests, runs on each upstream socket before its connect (net.Dialer.Control):
 	// an error from it is the relay's own socket failing.
 	dialControl func(network, address string, c syscall.RawConn) error
+	// autoPolicy and autoDecide, set only by tests, stand in for auto.DefaultPolicy and auto.Decide in the
+	// per-tunnel policy of auto (automove.go).
+	autoPolicy *auto.Policy
+	autoDecide func(auto.Policy, auto.Sample, auto.History) auto.Decision
 }
 
 // Defaults for Config's zero values (see package settings for why each is what it is).
@@ -134,6 +139,7 @@ type Server struct {
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
 	// kernelAdopted: kernel runs over the BPF objects of the relay this one replaced (Config.KernelObjects).
 	kernelAdopted bool
+	auto          *autoMover // moves auto's tunnels between sockmap and the loops; nil unless auto loaded sockmap
 
 	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
 	// see HoldDrain.
@@ -348,6 +354,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.log.Warn("drain time over, closing tunnels", "tunnels", s.tunnels.Len())
 	}
 	s.tunnels.CloseAll()
+	s.auto.close() // after CloseAll: no move still waits on a reader, or carries a pair onto a closed engine
 	s.stopOnce.Do(func() { close(s.stop) })
 	if s.kernel != nil {
 		s.kernel.Close()

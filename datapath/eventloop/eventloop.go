@@ -276,6 +276,9 @@ func (h *Handle) Bytes() (aToB, bToA int64) {
 	return h.t.written[0].Load(), h.t.written[1].Load()
 }
 
+// Reads returns how many reads returned bytes so far, both ways: with Bytes, the bytes per read.
+func (h *Handle) Reads() int64 { return h.t.reads.Load() }
+
 // LastActive returns when bytes last moved, to the loop's clock (read once per epoll_wait); it is the tunnel's
 // start until then. Idle timeouts compare it with now, with no system call per tunnel.
 func (h *Handle) LastActive() time.Time {

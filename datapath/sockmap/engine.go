@@ -364,3 +364,19 @@ func (k *Engine) release(kt *kernelTunnel) {
 	}
 	kt.closeSockets()
 }
+
+// Counts returns the verdict's counts of kt's two sockets (datapath.Counter); the caller holds the pair's
+// lock, so kt is not released meanwhile (its counters are zero once it has left the maps).
+func (kt *kernelTunnel) Counts() datapath.Counts {
+	var c datapath.Counts
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		if st, err := kt.k.maps.Stats(s.cookie); err == nil {
+			c.Bytes += st.Bytes + st.Passed
+			c.Segments += st.Skbs
+			c.Demotions += st.Demotions
+		}
+	}
+	return c
+}
+
+var _ datapath.Counter = (*kernelTunnel)(nil)

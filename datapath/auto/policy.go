@@ -1,0 +1,210 @@
+// Package auto is the per-tunnel policy of `--datapath auto` where the kernel engine runs: each plain tunnel
+// starts in the kernel (sockmap) and moves to the event loop (copy) and back as its traffic changes
+// (docs/datapath.md, "auto per tunnel"). The package is pure: Decide takes a sample of a tunnel's counters
+// and its history and says whether to move it, and why; the relay gathers the counters and moves the pairs.
+package auto
+
+import (
+	"fmt"
+	"time"
+)
+
+// Engine is where a tunnel runs, as the policy sees it.
+type Engine int8
+
+const (
+	// Kernel is the sockmap engine.
+	Kernel Engine = iota
+	// Loop is the copy engine's event loop.
+	Loop
+)
+
+func (e Engine) String() string {
+	if e == Kernel {
+		return "sockmap"
+	}
+	return "copy"
+}
+
+// Reason says why a tunnel moves; it labels sockrelay_tunnel_moves_total.
+type Reason string
+
+const (
+	// ReasonDemotions: a kernel tunnel kept reaching its held limit (small-segment bulk, issue 16), so most
+	// of its bytes passed through userspace anyway, at a higher cost than the loop's.
+	ReasonDemotions Reason = "demotions"
+	// ReasonChatty: a kernel tunnel carried many small segments a second; each costs the kernel a work item
+	// and about three context switches, more than the loop pays per message.
+	ReasonChatty Reason = "chatty"
+	// ReasonQuiet: a loop tunnel moved no byte for Policy.QuietFor; idle tunnels cost nothing in the kernel.
+	ReasonQuiet Reason = "quiet"
+	// ReasonCalm: a tunnel that left the kernel for being chatty now carries few segments a second.
+	ReasonCalm Reason = "calm"
+	// ReasonLargeSegments: a loop tunnel that did not leave the kernel for demotions reads large segments,
+	// which the kernel moves for less.
+	ReasonLargeSegments Reason = "large_segments"
+	// ReasonForced: a test's policy moved it (Policy.Flip).
+	ReasonForced Reason = "forced"
+)
+
+// Reasons lists every Reason a relay's policy moves a tunnel for, for metrics to start at 0 (ReasonForced is
+// only ever a test's).
+var Reasons = []Reason{ReasonDemotions, ReasonChatty, ReasonQuiet, ReasonCalm, ReasonLargeSegments}
+
+// Policy is the thresholds. Rates are per second of the sample; a sample shorter than Interval/2 (the
+// sampler ran late or early) is still a valid rate.
+type Policy struct {
+	// Interval is how often the sampler reads every auto tunnel's counters.
+	Interval time.Duration
+	// LeaveDemotions: a kernel tunnel demoted this many times within one sample moves to the loop.
+	LeaveDemotions uint64
+	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel with at least ChattySegments segments a
+	// second, averaging at most ChattyBytesPerSegment bytes, moves to the loop.
+	ChattySegments        float64
+	ChattyBytesPerSegment float64
+	// CalmSegments: a loop tunnel that left the kernel for being chatty goes back below this many
+	// segments (reads) a second. Well under ChattySegments, so that a tunnel near one threshold does not
+	// cross back and forth (hysteresis).
+	CalmSegments float64
+	// LargeBytesPerSegment: a loop tunnel that did not leave the kernel for demotions goes back when its
+	// reads average at least this many bytes, with at least CalmSegments of them a second.
+	LargeBytesPerSegment float64
+	// QuietFor: a loop tunnel with no byte either way for this long goes back to the kernel.
+	QuietFor time.Duration
+	// MinDwell is the least time a tunnel stays on an engine before it may move again; MaxDwell caps the
+	// dwell, which doubles each time a tunnel comes back to an engine it left less than 4 dwells before.
+	MinDwell, MaxDwell time.Duration
+	// MovesPerSecond caps the moves the sampler starts, all tunnels together; MaxInFlight caps the moves
+	// running at once (a move off the kernel can wait on a reader that stopped).
+	MovesPerSecond int
+	MaxInFlight    int
+	// Flip, for tests only, moves every tunnel to the other engine at every sample, after MinDwell.
+	Flip bool
+}
+
+// DefaultPolicy is the policy in force unless a test sets another (docs/datapath.md, "auto per tunnel",
+// says why each value is what it is).
+var DefaultPolicy = Policy{
+	Interval:              time.Second,
+	LeaveDemotions:        2,
+	ChattySegments:        1000,
+	ChattyBytesPerSegment: 4096,
+	CalmSegments:          200,
+	LargeBytesPerSegment:  32 << 10,
+	QuietFor:              10 * time.Second,
+	MinDwell:              5 * time.Second,
+	MaxDwell:              5 * time.Minute,
+	MovesPerSecond:        200,
+	MaxInFlight:           4,
+}
+
+// Validate says which field is out of range.
+func (p Policy) Validate() error {
+	switch {
+	case p.Interval <= 0:
+		return fmt.Errorf("auto policy: interval %v: must be positive", p.Interval)
+	case p.CalmSegments >= p.ChattySegments && !p.Flip:
+		return fmt.Errorf("auto policy: calm segments %.0f/s must be below chatty segments %.0f/s, or tunnels would oscillate",
+			p.CalmSegments, p.ChattySegments)
+	case p.MaxDwell < p.MinDwell:
+		return fmt.Errorf("auto policy: max dwell %v below min dwell %v", p.MaxDwell, p.MinDwell)
+	case p.MovesPerSecond <= 0 || p.MaxInFlight <= 0:
+		return fmt.Errorf("auto policy: moves per second (%d) and moves in flight (%d) must be positive",
+			p.MovesPerSecond, p.MaxInFlight)
+	}
+	return nil
+}
+
+// Sample is what a tunnel's engine counted over Elapsed, both directions together.
+type Sample struct {
+	Engine  Engine
+	Elapsed time.Duration
+	// Bytes moved (on the kernel: redirected plus passed), Segments (the verdict's skbs, or the loop's
+	// reads) and Demotions over Elapsed.
+	Bytes, Segments, Demotions uint64
+}
+
+// History is what the policy keeps of a tunnel between samples. Observe and Moved update it.
+type History struct {
+	// On is how long the tunnel has been on its engine; Quiet, how long it has moved no byte.
+	On, Quiet time.Duration
+	// Dwell is the least time it stays on its engine now (0: Policy.MinDwell).
+	Dwell time.Duration
+	// Left is why it last left the kernel, "" while it never did.
+	Left Reason
+	// Moves is how many moves it made.
+	Moves int
+}
+
+// Decision is Decide's answer.
+type Decision struct {
+	Move   bool
+	To     Engine
+	Reason Reason
+}
+
+// Observe adds a sample to h, before Decide.
+func (h *History) Observe(s Sample) {
+	h.On += s.Elapsed
+	if s.Bytes == 0 {
+		h.Quiet += s.Elapsed
+	} else {
+		h.Quiet = 0
+	}
+}
+
+// Moved records that the tunnel moved as d said. A tunnel has two engines, so a move back is to the engine
+// it left h.On ago: within four dwells of leaving it, the dwell doubles (up to MaxDwell), so that a tunnel
+// whose traffic sits between two classes moves ever more rarely; a move after a longer stay starts from
+// MinDwell again.
+func (h *History) Moved(p Policy, from Engine, d Decision) {
+	dwell := max(h.Dwell, p.MinDwell)
+	if h.Moves > 0 && h.On < 4*dwell {
+		h.Dwell = min(2*dwell, p.MaxDwell)
+	} else {
+		h.Dwell = p.MinDwell
+	}
+	if from == Kernel {
+		h.Left = d.Reason
+	}
+	h.On, h.Quiet = 0, 0
+	h.Moves++
+}
+
+// Decide says whether a tunnel whose latest sample is s, and whose history (s observed) is h, should move,
+// where and why.
+func Decide(p Policy, s Sample, h History) Decision {
+	if h.On < max(h.Dwell, p.MinDwell) || s.Elapsed <= 0 {
+		return Decision{}
+	}
+	if p.Flip {
+		return Decision{Move: true, To: 1 - s.Engine, Reason: ReasonForced}
+	}
+	secs := s.Elapsed.Seconds()
+	segRate := float64(s.Segments) / secs
+	perSeg := 0.0
+	if s.Segments > 0 {
+		perSeg = float64(s.Bytes) / float64(s.Segments)
+	}
+	switch s.Engine {
+	case Kernel:
+		switch {
+		case s.Demotions >= p.LeaveDemotions:
+			return Decision{Move: true, To: Loop, Reason: ReasonDemotions}
+		case segRate >= p.ChattySegments && perSeg <= p.ChattyBytesPerSegment:
+			return Decision{Move: true, To: Loop, Reason: ReasonChatty}
+		}
+	case Loop:
+		switch {
+		case h.Quiet >= p.QuietFor:
+			return Decision{Move: true, To: Kernel, Reason: ReasonQuiet}
+		case h.Left == ReasonDemotions:
+			// Its bulk would demote again: only quiet brings it back.
+		case h.Left == ReasonChatty && s.Bytes > 0 && segRate < p.CalmSegments:
+			return Decision{Move: true, To: Kernel, Reason: ReasonCalm}
+		case segRate >= p.CalmSegments && perSeg >= p.LargeBytesPerSegment:
+			return Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}
+		}
+	}
+	return Decision{}
+}

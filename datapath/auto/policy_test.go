@@ -1,0 +1,146 @@
+package auto
+
+import (
+	"testing"
+	"time"
+)
+
+func TestDecide(t *testing.T) {
+	p := DefaultPolicy
+	settled := History{On: time.Minute}
+	sec := time.Second
+	cases := []struct {
+		name string
+		s    Sample
+		h    History
+		want Decision
+	}{
+		{"kernel idle stays", Sample{Engine: Kernel, Elapsed: sec}, settled, Decision{}},
+		{"kernel chatty leaves", Sample{Engine: Kernel, Elapsed: sec, Bytes: 2000 * 100, Segments: 2000}, settled,
+			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
+		{"kernel chatty over two seconds is a rate", Sample{Engine: Kernel, Elapsed: 2 * sec, Bytes: 1500 * 100, Segments: 1500}, settled,
+			Decision{}},
+		{"kernel at the chatty rate with large segments stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 2000 * 64 << 10, Segments: 2000}, settled,
+			Decision{}},
+		{"kernel below the chatty rate stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 999 * 100, Segments: 999}, settled,
+			Decision{}},
+		{"kernel demoting twice leaves", Sample{Engine: Kernel, Elapsed: sec, Bytes: 1 << 30, Segments: 1 << 20, Demotions: 2}, settled,
+			Decision{Move: true, To: Loop, Reason: ReasonDemotions}},
+		{"kernel demoting once stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 1 << 30, Segments: 1 << 14, Demotions: 1}, settled,
+			Decision{}},
+		{"kernel chatty within the dwell stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 5000 * 100, Segments: 5000}, History{On: 4 * sec},
+			Decision{}},
+		{"kernel chatty within a doubled dwell stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 5000 * 100, Segments: 5000}, History{On: 9 * sec, Dwell: 10 * sec},
+			Decision{}},
+		{"loop quiet returns", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: 10 * sec, Left: ReasonDemotions},
+			Decision{Move: true, To: Kernel, Reason: ReasonQuiet}},
+		{"loop quiet not long enough stays", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: 9 * sec, Left: ReasonChatty},
+			Decision{}},
+		{"loop calm after chatty returns", Sample{Engine: Loop, Elapsed: sec, Bytes: 100 * 100, Segments: 100}, History{On: time.Minute, Left: ReasonChatty},
+			Decision{Move: true, To: Kernel, Reason: ReasonCalm}},
+		{"loop between calm and chatty stays (hysteresis)", Sample{Engine: Loop, Elapsed: sec, Bytes: 500 * 100, Segments: 500}, History{On: time.Minute, Left: ReasonChatty},
+			Decision{}},
+		{"loop large segments returns", Sample{Engine: Loop, Elapsed: sec, Bytes: 500 * 64 << 10, Segments: 500}, History{On: time.Minute, Left: ReasonChatty},
+			Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}},
+		{"loop bulk that demoted stays while busy", Sample{Engine: Loop, Elapsed: sec, Bytes: 500 * 64 << 10, Segments: 500}, History{On: time.Minute, Left: ReasonDemotions},
+			Decision{}},
+		{"loop bulk that demoted stays while slow", Sample{Engine: Loop, Elapsed: sec, Bytes: 10, Segments: 1}, History{On: time.Minute, Left: ReasonDemotions},
+			Decision{}},
+		{"a zero-length sample decides nothing", Sample{Engine: Kernel, Demotions: 5}, settled, Decision{}},
+		{"loop idle for one sample stays", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: sec}, Decision{}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := Decide(p, tc.s, tc.h); got != tc.want {
+				t.Errorf("Decide(%+v, %+v) = %+v, want %+v", tc.s, tc.h, got, tc.want)
+			}
+		})
+	}
+	flip := DefaultPolicy
+	flip.Flip, flip.MinDwell = true, 0
+	for _, e := range []Engine{Kernel, Loop} {
+		if got := Decide(flip, Sample{Engine: e, Elapsed: time.Millisecond}, History{}); got != (Decision{Move: true, To: 1 - e, Reason: ReasonForced}) {
+			t.Errorf("Flip on %v: %+v", e, got)
+		}
+	}
+}
+
+// TestHistory checks the bookkeeping Decide relies on: quiet time grows only while no byte moves, and
+// a tunnel that comes back soon after leaving waits twice as long before it may move again, up to MaxDwell.
+func TestHistory(t *testing.T) {
+	p := DefaultPolicy
+	var h History
+	for _, b := range []uint64{0, 0, 5, 0, 0, 0} {
+		h.Observe(Sample{Engine: Loop, Elapsed: time.Second, Bytes: b})
+	}
+	if h.Quiet != 3*time.Second || h.On != 6*time.Second {
+		t.Fatalf("after quiet, quiet, bytes, quiet ×3: Quiet %v On %v, want 3s and 6s", h.Quiet, h.On)
+	}
+	// First move: the dwell is the minimum. Each quick return doubles it, to the cap.
+	h.Moved(p, Kernel, Decision{Move: true, To: Loop, Reason: ReasonChatty})
+	if h.Dwell != p.MinDwell || h.Left != ReasonChatty || h.On != 0 || h.Moves != 1 {
+		t.Fatalf("after the first move: %+v", h)
+	}
+	var dwells []time.Duration
+	for range 8 {
+		h.On = max(h.Dwell, p.MinDwell) // it moves as soon as it may
+		h.Moved(p, Loop, Decision{Move: true, To: Kernel, Reason: ReasonCalm})
+		dwells = append(dwells, h.Dwell)
+	}
+	want := []time.Duration{10 * time.Second, 20 * time.Second, 40 * time.Second, 80 * time.Second,
+		160 * time.Second, 5 * time.Minute, 5 * time.Minute, 5 * time.Minute}
+	for i := range want {
+		if dwells[i] != want[i] {
+			t.Fatalf("dwells after quick returns: %v, want %v", dwells, want)
+		}
+	}
+	if h.Left != ReasonChatty {
+		t.Errorf("moves off the loop changed why it left the kernel: %q", h.Left)
+	}
+	// A long stay starts over.
+	h.On = time.Hour
+	h.Moved(p, Kernel, Decision{Move: true, To: Loop, Reason: ReasonDemotions})
+	if h.Dwell != p.MinDwell || h.Left != ReasonDemotions {
+		t.Errorf("after a long stay: dwell %v left %q, want %v and demotions", h.Dwell, h.Left, p.MinDwell)
+	}
+}
+
+// TestNoOscillation feeds a tunnel whose traffic sits just across the chatty threshold on the kernel and just
+// across the calm one on the loop (the worst case: the counts of its engine say move every time) for an hour
+// of samples, and counts its moves: the doubling dwell keeps them to a handful.
+func TestNoOscillation(t *testing.T) {
+	p := DefaultPolicy
+	var h History
+	e := Kernel
+	moves := 0
+	for range 3600 {
+		s := Sample{Engine: e, Elapsed: time.Second, Bytes: 1000 * 100, Segments: 1000}
+		if e == Loop {
+			s.Bytes, s.Segments = 150*100, 150
+		}
+		h.Observe(s)
+		if d := Decide(p, s, h); d.Move {
+			h.Moved(p, e, d)
+			e = d.To
+			moves++
+		}
+	}
+	t.Logf("%d moves in an hour", moves)
+	if moves > 20 {
+		t.Errorf("%d moves in an hour of samples that sit across both thresholds, want at most 20", moves)
+	}
+	if moves < 2 {
+		t.Errorf("%d moves: the case does not exercise the dwell", moves)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	if err := DefaultPolicy.Validate(); err != nil {
+		t.Fatalf("default policy: %v", err)
+	}
+	bad := DefaultPolicy
+	bad.CalmSegments = bad.ChattySegments
+	if err := bad.Validate(); err == nil {
+		t.Error("calm at the chatty threshold passed")
+	}
+}

@@ -1,0 +1,68 @@
+package sockmap
+
+import (
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/eventloop"
+)
+
+// TestCounts: what auto's policy reads of a pair (Pair.Counts), on the kernel (the verdict's counters) and
+// on the event loop after a move (its own), each from 0 on its engine: bytes, and one segment per message
+// when messages do not overlap.
+func TestCounts(t *testing.T) {
+	requireSockmap(t)
+	k, _ := newTestEngine(t)
+	loops, err := datapath.StartEventLoop(eventloop.Options{Loops: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loops.Close() })
+	client, up, p := carryPair(t, k)
+	_ = kernelDirOf(t, k, true)
+	exchange := func(from, to *net.TCPConn, size, times int) {
+		t.Helper()
+		msg, got := make([]byte, size), make([]byte, size)
+		for range times {
+			if _, err := from.Write(msg); err != nil {
+				t.Fatal(err)
+			}
+			_ = to.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(to, got); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	exchange(client, up, 100, 3)
+	exchange(up, client, 40, 2)
+	c, kernelCarrier, ok := p.Counts()
+	if !ok || c != (datapath.Counts{Bytes: 380, Segments: 5}) {
+		t.Errorf("kernel counts %+v (ok %v), want 380 bytes in 5 segments", c, ok)
+	}
+
+	if err := datapath.Move(p, loops); err != nil {
+		t.Fatal(err)
+	}
+	c, loopCarrier, ok := p.Counts()
+	if !ok || c != (datapath.Counts{}) || loopCarrier == kernelCarrier {
+		t.Errorf("counts just after the move %+v (ok %v, same carrier %v), want 0 from a new carrier", c, ok, loopCarrier == kernelCarrier)
+	}
+	exchange(up, client, 1000, 4)
+	// The loop counts a write once sendmsg has returned, which can be after the reader has the bytes.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		c, _, _ = p.Counts()
+		if c == (datapath.Counts{Bytes: 4000, Segments: 4}) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("loop counts %+v, want 4000 bytes in 4 segments", c)
+		}
+	}
+	p.End(datapath.ReasonShutdown, true)
+	if _, _, ok := p.Counts(); ok {
+		t.Error("an ended pair has counts")
+	}
+}

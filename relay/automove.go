@@ -1,0 +1,324 @@
+package relay
+
+import (
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/auto"
+)
+
+// Per-tunnel auto (docs/datapath.md, "auto per tunnel"): where `auto` resolved to the kernel engine, each
+// plain tunnel of a listener on auto starts there, and one goroutine, the sampler, reads every such tunnel's
+// counters each Policy.Interval (the verdict's, or the event loop's: no work on the data path), asks
+// auto.Decide whether it should move, and moves it with datapath.Move on a goroutine of its own. At most
+// Policy.MaxInFlight moves run at once and at most Policy.MovesPerSecond start a second: a move off the
+// kernel waits, with no time limit, while a reader has stopped and the kernel holds bytes for it, so the
+// sampler never waits for a move, and a stuck move holds one slot, not the sampler.
+
+// autoMover is the sampler and the moves it starts.
+type autoMover struct {
+	s      *Server
+	policy auto.Policy
+	// decide is auto.Decide unless a test's (Config.autoDecide).
+	decide func(auto.Policy, auto.Sample, auto.History) auto.Decision
+	slots  chan struct{} // one per move in flight
+
+	mu      sync.Mutex
+	tracked map[*Tunnel]*autoTrack
+	// pairs are the pairs being moved: a move counts its tunnel in sockrelay_tunnels_active itself, the
+	// kernel engine's fallback to copy included (Server.kernelFallback asks movingPair).
+	pairs   map[*datapath.Pair]bool
+	moving  sync.WaitGroup
+	stop    chan struct{}
+	done    chan struct{}
+	stopped bool
+}
+
+// autoTrack is what the sampler keeps of one tunnel; guarded by autoMover.mu.
+type autoTrack struct {
+	hist auto.History
+	// last are the counts of carrier at lastAt: a sample is the difference to the next ones while the
+	// same carrier holds the pair (each engine counts from 0).
+	last    datapath.Counts
+	carrier datapath.Carrier
+	lastAt  time.Time
+	moving  bool // a move of it runs; the sampler leaves it alone
+	moves   int  // moves completed, for /debug/tunnels
+}
+
+// startAutoMoves starts the sampler on a server whose auto datapath loaded the kernel engine, and says once
+// in the log the policy in force.
+func (s *Server) startAutoMoves() error {
+	p := auto.DefaultPolicy
+	if s.cfg.autoPolicy != nil {
+		p = *s.cfg.autoPolicy
+	}
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	decide := s.cfg.autoDecide
+	if decide == nil {
+		decide = auto.Decide
+	}
+	m := &autoMover{s: s, policy: p, decide: decide, slots: make(chan struct{}, p.MaxInFlight),
+		tracked: map[*Tunnel]*autoTrack{}, pairs: map[*datapath.Pair]bool{}, stop: make(chan struct{}), done: make(chan struct{})}
+	s.auto = m
+	s.log.Info("datapath policy: per tunnel", "start", auto.Kernel, "interval", p.Interval,
+		"to_loop_demotions_per_sample", p.LeaveDemotions, "to_loop_segments_per_s", p.ChattySegments,
+		"to_loop_max_bytes_per_segment", p.ChattyBytesPerSegment, "to_kernel_below_segments_per_s", p.CalmSegments,
+		"to_kernel_bytes_per_segment", p.LargeBytesPerSegment, "to_kernel_quiet", p.QuietFor,
+		"min_dwell", p.MinDwell, "max_dwell", p.MaxDwell, "moves_per_s", p.MovesPerSecond,
+		"moves_in_flight", p.MaxInFlight)
+	go m.run()
+	return nil
+}
+
+// track puts a tunnel that has just opened under the policy, when its listener is on auto and it has no TLS
+// (TLS stays on copy: the kernel engine refuses it).
+func (m *autoMover) track(t *Tunnel, l listenerInfo) {
+	if m == nil || !l.perTunnel || t.pair.TLS() {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.stopped {
+		m.tracked[t] = &autoTrack{}
+	}
+}
+
+// movesOf is how many moves t made, and whether the policy moves it at all.
+func (m *autoMover) movesOf(t *Tunnel) (moves int, tracked bool) {
+	if m == nil {
+		return 0, false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	tr, ok := m.tracked[t]
+	if !ok {
+		return 0, false
+	}
+	return tr.moves, true
+}
+
+// run samples every Policy.Interval until close.
+func (m *autoMover) run() {
+	defer close(m.done)
+	tick := time.NewTicker(m.policy.Interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-m.stop:
+			return
+		case now := <-tick.C:
+			m.sample(now)
+		}
+	}
+}
+
+// autoMove is a move the sampler decided on.
+type autoMove struct {
+	t    *Tunnel
+	tr   *autoTrack
+	from auto.Engine
+	d    auto.Decision
+}
+
+// sample reads every tracked tunnel's counts, forgets the tunnels that ended, and starts the moves the policy
+// asks for, within the caps.
+func (m *autoMover) sample(now time.Time) {
+	m.mu.Lock()
+	tunnels := make([]*Tunnel, 0, len(m.tracked))
+	for t := range m.tracked {
+		tunnels = append(tunnels, t)
+	}
+	m.mu.Unlock()
+	budget := max(1, int(float64(m.policy.MovesPerSecond)*m.policy.Interval.Seconds()))
+	var moves []autoMove
+	for _, t := range tunnels {
+		select {
+		case <-t.Done():
+			m.mu.Lock()
+			delete(m.tracked, t)
+			m.mu.Unlock()
+			continue
+		default:
+		}
+		if t.Parked() {
+			continue // an upgrade is handing it over
+		}
+		// Read outside m.mu: a kernel tunnel's counts are a map lookup per socket.
+		counts, carrier, ok := t.pair.Counts()
+		kind := t.pair.Kind()
+		m.mu.Lock()
+		tr := m.tracked[t]
+		if !ok || tr == nil || tr.moving {
+			m.mu.Unlock()
+			continue
+		}
+		if carrier != tr.carrier {
+			tr.carrier, tr.last, tr.lastAt = carrier, counts, now // a new engine counts from 0
+			m.mu.Unlock()
+			continue
+		}
+		from := auto.Loop
+		if kind == DatapathSockmap {
+			from = auto.Kernel
+		}
+		s := auto.Sample{Engine: from, Elapsed: now.Sub(tr.lastAt), Bytes: counts.Bytes - tr.last.Bytes,
+			Segments: counts.Segments - tr.last.Segments, Demotions: counts.Demotions - tr.last.Demotions}
+		tr.last, tr.lastAt = counts, now
+		tr.hist.Observe(s)
+		d := m.decide(m.policy, s, tr.hist)
+		if _, half := t.pair.HalfClosedSince(); half && d.To == auto.Kernel {
+			// A socket that got its FIN cannot enter a sockhash: the kernel engine would hand the pair to
+			// the goroutine copier, where it would stay.
+			d.Move = false
+		}
+		if d.Move && len(moves) < budget {
+			tr.moving, m.pairs[t.pair] = true, true
+			moves = append(moves, autoMove{t: t, tr: tr, from: from, d: d})
+		}
+		m.mu.Unlock()
+	}
+	for i, mv := range moves {
+		select {
+		case m.slots <- struct{}{}:
+		default:
+			// Every slot holds a move still running (a reader that stopped, most likely): the rest wait
+			// for a later sample.
+			m.mu.Lock()
+			for _, left := range moves[i:] {
+				left.tr.moving = false
+				delete(m.pairs, left.t.pair)
+			}
+			m.mu.Unlock()
+			return
+		}
+		m.moving.Add(1)
+		go m.move(mv)
+	}
+}
+
+// engineOf is the server's engine for a policy's engine.
+func (m *autoMover) engineOf(e auto.Engine) datapath.Engine {
+	if e == auto.Kernel {
+		return m.s.kernel
+	}
+	return m.s.copier
+}
+
+// kindOf is the datapath kind of a policy's engine.
+func kindOf(e auto.Engine) Datapath {
+	if e == auto.Kernel {
+		return DatapathSockmap
+	}
+	return DatapathCopy
+}
+
+// release takes t out of the policy for good, before an upgrade parks it, so that no move carries it onto
+// an engine while it is handed over. false when a move of it runs now: it cannot be parked then (it stays
+// here and drains), and stays where that move leaves it.
+func (m *autoMover) release(t *Tunnel) bool {
+	if m == nil {
+		return true
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	tr, ok := m.tracked[t]
+	delete(m.tracked, t)
+	return !ok || !tr.moving
+}
+
+// movingPair reports whether a move of p runs now.
+func (m *autoMover) movingPair(p *datapath.Pair) bool {
+	if m == nil {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.pairs[p]
+}
+
+// move runs one move on its own goroutine and records how it went. The tunnel's count in
+// sockrelay_tunnels_active moves to the datapath it is on after the move, whatever happened: moved, failed,
+// ended first (its kind then stays, and tunnelEnded counts it off there), or fell back from the kernel to
+// copy (kernelFallback leaves the count to this).
+func (m *autoMover) move(mv autoMove) {
+	defer m.moving.Done()
+	defer func() { <-m.slots }()
+	from, to := kindOf(mv.from), kindOf(mv.d.To)
+	err := datapath.Move(mv.t.pair, m.engineOf(mv.d.To))
+	if now := mv.t.pair.Kind(); now != from {
+		active := m.s.metrics.tunnelsActive
+		active.WithLabelValues(string(from)).Dec()
+		active.WithLabelValues(string(now)).Inc()
+	}
+	m.mu.Lock()
+	mv.tr.moving = false
+	delete(m.pairs, mv.t.pair)
+	switch {
+	case err == nil:
+		mv.tr.moves++
+		mv.tr.hist.Moved(m.policy, mv.from, mv.d)
+	case !errors.Is(err, datapath.ErrPairEnded):
+		mv.tr.hist.On = 0 // not again before a dwell
+	}
+	m.mu.Unlock()
+	switch {
+	case err == nil:
+		m.s.metrics.tunnelMoves.WithLabelValues(string(from), string(to), string(mv.d.Reason)).Inc()
+		m.s.log.Debug("tunnel moved", "id", mv.t.ID, "from", from, "to", to, "reason", mv.d.Reason)
+	case errors.Is(err, datapath.ErrPairEnded):
+	default:
+		// Move leaves the pair where it was, or ended (the kernel engine resets a pair it could not give
+		// back): never without an engine.
+		m.s.metrics.tunnelMoveFailures.WithLabelValues(string(from), string(to)).Inc()
+		m.s.log.Warn("tunnel move failed", "id", mv.t.ID, "from", from, "to", to, "reason", mv.d.Reason,
+			"ended", mv.t.pair.Ending(), "err", err)
+	}
+}
+
+// close stops the sampler and waits for the moves in flight, which end once their pairs do: the caller
+// has closed every tunnel first, so that none waits on a reader, and no move carries a pair onto an engine
+// being closed.
+func (m *autoMover) close() {
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	if m.stopped {
+		m.mu.Unlock()
+		return
+	}
+	m.stopped = true
+	m.tracked = map[*Tunnel]*autoTrack{}
+	m.mu.Unlock()
+	close(m.stop)
+	<-m.done
+	m.moving.Wait()
+}
+
+// moveMetrics are sockrelay_tunnel_moves_total and sockrelay_tunnel_move_failures_total, every series at 0
+// from the start.
+func moveMetrics() (moves, failures *prometheus.CounterVec) {
+	moves = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sockrelay_tunnel_moves_total",
+		Help: "Live tunnels moved between datapaths by auto's per-tunnel policy, by from, to and reason.",
+	}, []string{"from", "to", "reason"})
+	failures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sockrelay_tunnel_move_failures_total",
+		Help: "Moves of live tunnels that failed, by from and to: the tunnel stayed where it was, or was reset if the kernel engine could not give it back.",
+	}, []string{"from", "to"})
+	for _, e := range []auto.Engine{auto.Kernel, auto.Loop} {
+		from, to := kindOf(e), kindOf(1-e)
+		failures.WithLabelValues(string(from), string(to))
+		for _, r := range auto.Reasons {
+			moves.WithLabelValues(string(from), string(to), string(r))
+		}
+	}
+	return moves, failures
+}

@@ -1,0 +1,556 @@
+package relay
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/datapath/auto"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
+)
+
+// withAutoPolicy runs the relay's per-tunnel policy with p and, when set, decide.
+func withAutoPolicy(p auto.Policy, decide func(auto.Policy, auto.Sample, auto.History) auto.Decision) func(*Config) {
+	return func(c *Config) {
+		c.autoPolicy = &p
+		c.autoDecide = decide
+	}
+}
+
+// moves is sockrelay_tunnel_moves_total for from, to (and reason, when not empty).
+func (r *testRelay) moves(from, to Datapath, reason auto.Reason) float64 {
+	want := map[string]string{"from": string(from), "to": string(to)}
+	if reason != "" {
+		want["reason"] = string(reason)
+	}
+	return metricSum(r.Reg, "sockrelay_tunnel_moves_total", want)
+}
+
+// onlyTunnel is r's one live tunnel.
+func onlyTunnel(t testing.TB, r *testRelay) *Tunnel {
+	t.Helper()
+	ts := r.Tunnels().Tunnels()
+	if len(ts) != 1 {
+		t.Fatalf("%d live tunnels, want 1", len(ts))
+	}
+	return ts[0]
+}
+
+// waitFor polls cond every few ms until it holds, failing the test with what after d.
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(2 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, d)
+		}
+	}
+}
+
+// phasedWriter writes the first n bytes of seed's stream to c: small writes (size bytes every gap) while
+// chatty is set, nothing while it is not, and the rest at once, then its FIN, when finish is closed.
+type phasedWriter struct {
+	chatty atomic.Bool
+	finish chan struct{}
+}
+
+func (w *phasedWriter) run(c *net.TCPConn, seed uint64, n int64, size int, gap time.Duration) error {
+	src := streamReader(seed, n)
+	buf := make([]byte, size)
+	left := n
+	for {
+		select {
+		case <-w.finish:
+			if err := writeStream(c, src, nil); err != nil {
+				return err
+			}
+			return c.CloseWrite()
+		case <-time.After(gap):
+		}
+		if !w.chatty.Load() || left < int64(size) {
+			continue
+		}
+		if _, err := io.ReadFull(src, buf); err != nil {
+			return err
+		}
+		if _, err := c.Write(buf); err != nil {
+			return err
+		}
+		left -= int64(size)
+	}
+}
+
+// TestAutoMovesChattyTunnelAndBack: on auto, a tunnel starts on sockmap; once it carries many small
+// messages a second it moves to the event loop, and once quiet it moves back, with a checksummed stream each
+// way throughout that arrives whole, then EOF.
+func TestAutoMovesChattyTunnelAndBack(t *testing.T) {
+	requireSockmap(t)
+	p := auto.Policy{Interval: 50 * time.Millisecond, LeaveDemotions: 1 << 20, ChattySegments: 200,
+		ChattyBytesPerSegment: 4096, CalmSegments: 20, LargeBytesPerSegment: 1 << 30, QuietFor: 300 * time.Millisecond,
+		MinDwell: 200 * time.Millisecond, MaxDwell: time.Second, MovesPerSecond: 100, MaxInFlight: 2}
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(p, nil))
+	if r.Datapath() != DatapathSockmap || r.auto == nil {
+		t.Fatalf("datapath %s, per-tunnel policy %v: want sockmap with the policy", r.Datapath(), r.auto != nil)
+	}
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	waitInKernel(t, r)
+	tun := onlyTunnel(t, r)
+	if moves, tracked := r.auto.movesOf(tun); !tracked || moves != 0 {
+		t.Fatalf("tunnel tracked %v with %d moves, want tracked with 0", tracked, moves)
+	}
+
+	const n = 1 << 20
+	ends := []struct {
+		conn              *net.TCPConn
+		rd                io.Reader
+		sendSeed, expSeed uint64
+	}{{c.TCPConn, c.R, 1, 2}, {u.TCPConn, u.R, 2, 1}}
+	writers := []*phasedWriter{{finish: make(chan struct{})}, {finish: make(chan struct{})}}
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for i, e := range ends {
+		writers[i].chatty.Store(true)
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			if err := writers[i].run(e.conn, e.sendSeed, n, 64, time.Millisecond); err != nil {
+				errs <- fmt.Errorf("end %d: write: %v", i, err)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			got := newStreamCheck(e.expSeed, n)
+			if _, err := copyWithin(e.conn, got, e.rd, 60*time.Second); err != nil {
+				errs <- fmt.Errorf("end %d: read: %v", i, err)
+			}
+			if d := got.Diff(); d != "" {
+				errs <- fmt.Errorf("end %d received a wrong stream: %s", i, d)
+			}
+		}()
+	}
+
+	// The move is counted once datapath.Move has returned, a moment after the loop carries the pair.
+	waitFor(t, 10*time.Second, "chatty tunnel moved to the event loop", func() bool {
+		return r.moves(DatapathSockmap, DatapathCopy, auto.ReasonChatty) == 1
+	})
+	if !tun.pair.OnEventLoop() {
+		t.Error("moved, but not on the event loop")
+	}
+	if tun.Datapath() != DatapathCopy {
+		t.Errorf("datapath on the loop: %s", tun.Datapath())
+	}
+	for _, w := range writers {
+		w.chatty.Store(false)
+	}
+	waitFor(t, 10*time.Second, "quiet tunnel moved back to sockmap", func() bool {
+		return r.moves(DatapathCopy, DatapathSockmap, "") == 1
+	})
+	if got := tun.Datapath(); got != DatapathSockmap {
+		t.Errorf("moved back, but on %s", got)
+	}
+	if got := r.moves(DatapathSockmap, DatapathCopy, ""); got != 1 {
+		t.Errorf("moves sockmap→copy: %v, want 1", got)
+	}
+	if moves, _ := r.auto.movesOf(tun); moves != 2 {
+		t.Errorf("tunnel moves: %d, want 2", moves)
+	}
+	if got := testutil.ToFloat64(r.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap))); got != 1 {
+		t.Errorf("sockrelay_tunnels_active{sockmap} = %v, want 1", got)
+	}
+	rec := httptest.NewRecorder()
+	r.listTunnels(rec, httptest.NewRequest(http.MethodGet, "/debug/tunnels", nil))
+	var infos []TunnelInfo
+	if err := json.Unmarshal(rec.Body.Bytes(), &infos); err != nil || len(infos) != 1 {
+		t.Fatalf("/debug/tunnels: %v: %s", err, rec.Body.String())
+	}
+	if info := infos[0]; info.Moves != 2 || !info.Auto || info.Datapath != DatapathSockmap {
+		t.Errorf("/debug/tunnels entry: %+v", info)
+	}
+	for _, w := range writers {
+		close(w.finish)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if !t.Failed() {
+		waitTunnelsGone(t, r)
+	}
+	if got := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil); got != 0 {
+		t.Errorf("move failures: %v", got)
+	}
+	if !t.Failed() && !containsAll(r.Log.String(), []string{"datapath policy: per tunnel", "to_loop_segments_per_s=200"}) {
+		t.Errorf("the start log does not say the policy in force:\n%s", r.Log.String())
+	}
+}
+
+// TestAutoWithoutKernelMovesNothing: where the kernel engine does not load (a 6.1 kernel refuses sockmap),
+// auto runs a userspace datapath as before, with no sampler and nothing tracked.
+func TestAutoWithoutKernelMovesNothing(t *testing.T) {
+	refused := func(*slog.Logger, func(*datapath.Pair, string), uint64) (*sockmap.Engine, error) {
+		return nil, fmt.Errorf("sockmap: %w: this kernel refuses it", ErrDatapathUnavailable)
+	}
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, func(c *Config) { c.startKernel = refused })
+	if r.auto != nil || r.Datapath() == DatapathSockmap {
+		t.Fatalf("datapath %s, per-tunnel policy %v: want a userspace datapath and no policy", r.Datapath(), r.auto != nil)
+	}
+	openTunnel(t, r.Addr, up, nil, nil)
+	if moves, tracked := r.auto.movesOf(onlyTunnel(t, r)); tracked || moves != 0 {
+		t.Errorf("tunnel tracked %v with %d moves", tracked, moves)
+	}
+	if strings.Contains(r.Log.String(), "datapath policy: per tunnel") {
+		t.Error("the log says a per-tunnel policy is in force")
+	}
+}
+
+// TestAutoPinnedWhenForced: with the datapath named, for the relay or for a listener, no tunnel is tracked
+// and none moves, even under a policy that moves every tracked tunnel every few ms.
+func TestAutoPinnedWhenForced(t *testing.T) {
+	requireSockmap(t)
+	flip := flipPolicy(5*time.Millisecond, 4)
+	for _, named := range []string{"relay", "listener"} {
+		t.Run(named, func(t *testing.T) {
+			up := startUpstream(t)
+			r := startRelay(t, DatapathSockmap, []string{up.Addr}, withAutoPolicy(flip, nil))
+			addr := r.Addr
+			if named == "listener" {
+				r = startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flip, nil))
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				go r.ServeListenerWith(ln, ListenerOptions{Name: "pinned", Datapath: DatapathSockmap})
+				addr = ln.Addr().String()
+			} else if r.auto != nil {
+				t.Fatal("--datapath sockmap runs the per-tunnel policy")
+			}
+			openTunnel(t, addr, up, nil, nil)
+			waitInKernel(t, r)
+			time.Sleep(100 * time.Millisecond)
+			tun := onlyTunnel(t, r)
+			if got := tun.Datapath(); got != DatapathSockmap {
+				t.Errorf("pinned tunnel on %s", got)
+			}
+			if _, tracked := r.auto.movesOf(tun); tracked {
+				t.Error("pinned tunnel under the policy")
+			}
+		})
+	}
+}
+
+// flipPolicy moves every tunnel to the other engine at every other sample (the first sample on an engine
+// only takes its counts), every interval, with moves in flight capped at inFlight.
+func flipPolicy(interval time.Duration, inFlight int) auto.Policy {
+	p := auto.DefaultPolicy
+	p.Flip, p.Interval, p.MinDwell, p.MaxDwell = true, interval, 0, 0
+	p.MovesPerSecond, p.MaxInFlight = 1_000_000, inFlight
+	return p
+}
+
+// pacedWrite writes the first n bytes of seed's stream to c in writes of 1 to 4 KiB a millisecond apart
+// until pace passes, then the rest at once; it stops after stopAt bytes when stopAt < n.
+func pacedWrite(c net.Conn, seed uint64, n, stopAt int64, pace time.Time) error {
+	src := streamReader(seed, min(n, stopAt))
+	buf := make([]byte, 4<<10)
+	for i := 0; time.Now().Before(pace); i++ {
+		k, err := io.ReadFull(src, buf[:1+(i*1543)%len(buf)])
+		if k > 0 {
+			if _, werr := c.Write(buf[:k]); werr != nil {
+				return werr
+			}
+		}
+		if err != nil {
+			return nil // all of it written
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return writeStream(c, src, nil)
+}
+
+// stressEnd is how one tunnel of TestAutoMoveStress ends.
+type stressEnd int
+
+const (
+	finTogether stressEnd = iota
+	finClientFirst
+	finUpstreamFirst
+	rstClient   // the client resets its connection halfway through its stream
+	rstUpstream // the upstream does
+)
+
+// TestAutoMoveStress moves 50 tunnels between sockmap and the event loop every few milliseconds while each
+// carries a checksummed stream each way: thousands of moves, and every stream must arrive whole and then
+// EOF, or, where a side resets, arrive as an exact prefix and then the reset. The kernel's maps are empty
+// at the end, no move failed, and each tunnel ended for the reason its peers gave (a FIN each way, or a
+// reset). CI-sized: about 3 s, 2 MiB each way per tunnel, generated and checked as it goes.
+func TestAutoMoveStress(t *testing.T) {
+	requireSockmap(t)
+	const (
+		tunnels = 50
+		n       = 2 << 20
+	)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(3*time.Millisecond, 16), nil))
+	type tun struct {
+		c   *clientConn
+		u   *upstreamConn
+		end stressEnd
+	}
+	ts := make([]tun, tunnels)
+	for i := range ts {
+		ts[i].c, ts[i].u = openTunnel(t, r.Addr, up, nil, nil)
+		ts[i].end = stressEnd(i % 5)
+	}
+	pace := time.Now().Add(2500 * time.Millisecond)
+	var wg sync.WaitGroup
+	errs := make(chan error, 4*tunnels)
+	for i, tn := range ts {
+		seedUp, seedDown := uint64(2*i), uint64(2*i+1)
+		type side struct {
+			name              string
+			conn              *net.TCPConn
+			rd                io.Reader
+			sendSeed, expSeed uint64
+			resets, peerReset bool // this side resets; the other side does
+			waitEOF           bool // it sends only once it has read the other's whole stream
+		}
+		sides := []side{
+			{"client", tn.c.TCPConn, tn.c.R, seedUp, seedDown, tn.end == rstClient, tn.end == rstUpstream, tn.end == finUpstreamFirst},
+			{"upstream", tn.u.TCPConn, tn.u.R, seedDown, seedUp, tn.end == rstUpstream, tn.end == rstClient, tn.end == finClientFirst},
+		}
+		for _, s := range sides {
+			gotEOF := make(chan struct{})
+			wg.Add(2)
+			go func() { // reader
+				defer wg.Done()
+				defer close(gotEOF)
+				got := newStreamCheck(s.expSeed, n)
+				_, err := copyWithin(s.conn, got, s.rd, 60*time.Second)
+				switch {
+				case s.resets:
+					return // its own close ends its reads
+				case got.firstDiff >= 0:
+					errs <- fmt.Errorf("tunnel %d: %s received a corrupted stream: %s", i, s.name, got.Diff())
+				case s.peerReset && !isReset(err):
+					errs <- fmt.Errorf("tunnel %d: %s: read after the peer's reset ended with %v after %d bytes, want a reset", i, s.name, err, got.Len())
+				case s.peerReset:
+				case err != nil:
+					errs <- fmt.Errorf("tunnel %d: %s: read: %v after %d bytes", i, s.name, err, got.Len())
+				case got.Diff() != "":
+					errs <- fmt.Errorf("tunnel %d: %s received a wrong stream: %s", i, s.name, got.Diff())
+				}
+			}()
+			go func() { // writer
+				defer wg.Done()
+				if s.waitEOF {
+					<-gotEOF
+				}
+				stopAt := int64(n)
+				switch {
+				case s.resets:
+					stopAt = n / 2
+				case s.peerReset:
+					// Silent, so that the reset reaches a relay that is only reading from the resetter: a
+					// relay writing to it at that moment reads EOF, not the reset (TCP hands the error to
+					// the failed write only), and may carry a FIN before the reset, on every engine
+					// alike. That is a separate matter from moves.
+					<-gotEOF
+					return
+				}
+				err := pacedWrite(s.conn, s.sendSeed, n, stopAt, pace)
+				switch {
+				case s.resets:
+					_ = s.conn.SetLinger(0)
+					_ = s.conn.Close()
+				case s.peerReset:
+					// Writes after the peer's reset fail; that is the reset, not an error of the relay.
+				case err != nil:
+					errs <- fmt.Errorf("tunnel %d: %s: write: %v", i, s.name, err)
+				default:
+					if err := s.conn.CloseWrite(); err != nil {
+						errs <- fmt.Errorf("tunnel %d: %s: shutdown write: %v", i, s.name, err)
+					}
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if !t.Failed() {
+		waitTunnelsGone(t, r)
+	}
+	toLoop, toKernel := r.moves(DatapathSockmap, DatapathCopy, ""), r.moves(DatapathCopy, DatapathSockmap, "")
+	failed := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil)
+	t.Logf("moves: %v sockmap→copy, %v copy→sockmap, %v failed", toLoop, toKernel, failed)
+	if toLoop+toKernel < 1000 {
+		t.Errorf("%v moves in all, want at least 1000: the test did not stress the moves", toLoop+toKernel)
+	}
+	if failed != 0 {
+		t.Errorf("%v moves failed", failed)
+	}
+	for reason, want := range map[string]float64{ReasonClosed: 30, ReasonClientReset: 10, ReasonUpstreamReset: 10} {
+		if got := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": reason}); got != want {
+			t.Errorf("tunnels closed as %s: %v, want %v", reason, got, want)
+		}
+	}
+	for _, dp := range []Datapath{DatapathSockmap, DatapathCopy} {
+		if got := testutil.ToFloat64(r.metrics.tunnelsActive.WithLabelValues(string(dp))); got != 0 {
+			t.Errorf("sockrelay_tunnels_active{%s} = %v after every tunnel ended, want 0", dp, got)
+		}
+	}
+}
+
+func noMoves(auto.Policy, auto.Sample, auto.History) auto.Decision { return auto.Decision{} }
+
+// trackOf returns whether a move of t runs now, and how many it made.
+func (m *autoMover) trackOf(t *Tunnel) (moving bool, moves int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if tr := m.tracked[t]; tr != nil {
+		return tr.moving, tr.moves
+	}
+	return false, 0
+}
+
+// TestAutoMoveStuckHoldsOneSlot: a move off the kernel waits, with no time limit, while the reader has
+// stopped and the kernel holds bytes for it. Such a move holds one of the policy's slots and nothing else:
+// the sampler goes on, and another tunnel keeps moving meanwhile. Once the reader reads again the stuck move
+// completes, and its stream arrives whole.
+func TestAutoMoveStuckHoldsOneSlot(t *testing.T) {
+	requireSockmap(t)
+	const n = 32 << 20
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(10*time.Millisecond, 2), nil))
+	stuckC, stuckU := openTunnel(t, r.Addr, up, nil, nil)
+	waitInKernel(t, r)
+	stuck := onlyTunnel(t, r)
+	openTunnel(t, r.Addr, up, nil, nil) // idle, free to move
+	var other *Tunnel
+	for _, tn := range r.Tunnels().Tunnels() {
+		if tn != stuck {
+			other = tn
+		}
+	}
+	// The client does not read: the upstream's bytes fill the client's buffers, then the kernel's.
+	writeErr := make(chan error, 1)
+	go func() {
+		err := writeStream(stuckU, streamReader(9, n), nil)
+		if err == nil {
+			err = stuckU.CloseWrite()
+		}
+		writeErr <- err
+	}()
+	// Stuck: a move of it has run for 300 ms, off the kernel.
+	var since time.Time
+	waitFor(t, 20*time.Second, "a move of the tunnel whose reader stopped to wait", func() bool {
+		moving, _ := r.auto.trackOf(stuck)
+		switch {
+		case !moving:
+			since = time.Time{}
+		case since.IsZero():
+			since = time.Now()
+		}
+		return moving && time.Since(since) > 300*time.Millisecond
+	})
+	_, stuckMoves := r.auto.trackOf(stuck)
+	_, before := r.auto.trackOf(other)
+	time.Sleep(300 * time.Millisecond)
+	_, after := r.auto.trackOf(other)
+	if after-before < 3 {
+		t.Errorf("the other tunnel moved %d times in 300 ms while one move was stuck, want at least 3", after-before)
+	}
+	if moving, moves := r.auto.trackOf(stuck); !moving || moves != stuckMoves {
+		t.Fatalf("the stuck move ended by itself (moving %v, moves %d → %d): the test did not hold one", moving, stuckMoves, moves)
+	}
+	// The reader reads again: the move completes, and every byte arrives once, in order.
+	got := newStreamCheck(9, n)
+	if _, err := copyWithin(stuckC, got, stuckC.R, 60*time.Second); err != nil {
+		t.Fatalf("client read: %v after %d bytes", err, got.Len())
+	}
+	if d := got.Diff(); d != "" {
+		t.Errorf("the client received a wrong stream: %s", d)
+	}
+	if err := <-writeErr; err != nil {
+		t.Errorf("upstream write: %v", err)
+	}
+	waitFor(t, 10*time.Second, "the stuck move to complete", func() bool {
+		moving, moves := r.auto.trackOf(stuck)
+		return !moving && moves > stuckMoves
+	})
+	if got := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil); got != 0 {
+		t.Errorf("move failures: %v", got)
+	}
+}
+
+// TestAutoParkTakesTunnelOutOfThePolicy: an upgrade parks a tunnel only when no move of it runs, and the
+// policy leaves a parked tunnel alone from then on; Resume carries it on where it was.
+func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
+	requireSockmap(t)
+	toLoopOnce := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
+		if s.Engine == auto.Kernel {
+			return auto.Decision{Move: true, To: auto.Loop, Reason: auto.ReasonChatty}
+		}
+		return auto.Decision{}
+	}
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toLoopOnce))
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	tun := onlyTunnel(t, r)
+	waitFor(t, 10*time.Second, "the tunnel moved to the event loop", func() bool {
+		moving, moves := r.auto.trackOf(tun)
+		return !moving && moves == 1 && tun.pair.OnEventLoop()
+	})
+
+	// A move in flight: the tunnel cannot be parked now.
+	r.auto.mu.Lock()
+	r.auto.tracked[tun].moving = true
+	r.auto.mu.Unlock()
+	if _, err := r.Park(tun); !errors.Is(err, ErrNotMovable) {
+		t.Fatalf("Park during a move: %v, want ErrNotMovable", err)
+	}
+	if _, tracked := r.auto.movesOf(tun); tracked {
+		t.Error("a tunnel an upgrade tried to park is still under the policy")
+	}
+
+	// Tracked again with no move running: Park takes it out of the policy and parks it.
+	r.auto.mu.Lock()
+	r.auto.tracked[tun] = &autoTrack{moves: 1}
+	r.auto.mu.Unlock()
+	pt, err := r.Park(tun)
+	if err != nil {
+		t.Fatalf("Park: %v", err)
+	}
+	if _, tracked := r.auto.movesOf(tun); tracked {
+		t.Error("a parked tunnel is still under the policy")
+	}
+	r.Resume(pt)
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
+		t.Fatalf("after Resume the upstream read %q, %v", got, err)
+	}
+	if tun.Datapath() != DatapathCopy {
+		t.Errorf("resumed on %s, want copy, where it was parked", tun.Datapath())
+	}
+}
