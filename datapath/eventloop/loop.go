@@ -233,7 +233,7 @@ const tunnelEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLL
 // add takes t, whose descriptors watch added, and makes its first pass, which sends the peeked bytes.
 func (l *loop) add(t *tunnel) {
 	for i := range t.ends {
-		fd := t.ends[i].fd
+		fd := int(t.ends[i].fd)
 		l.byFD[int32(fd)] = t
 		// The edges that came since watch were dropped, a FIN's RDHUP among them, which the first pass's
 		// short read would then miss (it clears readable, waiting for an edge). EPOLL_CTL_MOD re-arms the

@@ -11,10 +11,10 @@ import (
 
 // socket is one of a tunnel's descriptors with the readiness the loop last learned of it.
 type socket struct {
-	fd       int
-	readable bool // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
-	writable bool // as readable, for EPOLLOUT and writes
-	hup      bool // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
+	fd       int32 // an int32 beside the bools: a socket then takes 8 bytes, and a tunnel record its size class
+	readable bool  // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
+	writable bool  // as readable, for EPOLLOUT and writes
+	hup      bool  // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
 }
 
 // direction moves bytes from one socket to the other. Direction 0 is a→b, 1 is b→a.
@@ -46,8 +46,8 @@ type tunnel struct {
 
 func newTunnel(l *loop, afd, bfd int, aPeeked, bPeeked []byte, onEnd func(End)) *tunnel {
 	t := &tunnel{loop: l, onEnd: onEnd, first: SideNone}
-	t.ends[0] = socket{fd: afd, readable: true, writable: true}
-	t.ends[1] = socket{fd: bfd, readable: true, writable: true}
+	t.ends[0] = socket{fd: int32(afd), readable: true, writable: true}
+	t.ends[1] = socket{fd: int32(bfd), readable: true, writable: true}
 	t.dirs[0] = direction{src: 0, dst: 1, out: clone(aPeeked)}
 	t.dirs[1] = direction{src: 1, dst: 0, out: clone(bPeeked)}
 	t.unsent.Store(int64(len(aPeeked) + len(bPeeked)))
@@ -68,13 +68,13 @@ func clone(p []byte) []byte {
 // ready records the readiness epoll reported for fd and moves what it allows.
 func (t *tunnel) ready(fd int32, events uint32) {
 	s := &t.ends[0]
-	if int32(t.ends[1].fd) == fd {
+	if t.ends[1].fd == fd {
 		s = &t.ends[1]
 	}
 	// A pending error (a reset, most often) ends the tunnel now: the directions may be stalled on the other
 	// socket and would not read or write this one until it drains, which may be never.
 	if events&unix.EPOLLERR != 0 {
-		if soErr, err := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
+		if soErr, err := unix.GetsockoptInt(int(s.fd), unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
 			side := SideA
 			if s == &t.ends[1] {
 				side = SideB
@@ -119,7 +119,7 @@ func (t *tunnel) move(d *direction) bool {
 			if !dst.writable {
 				return true // dst's EPOLLOUT edge resumes this direction; src is not read meanwhile
 			}
-			n, err := unix.SendmsgN(dst.fd, d.out, nil, nil, unix.MSG_NOSIGNAL)
+			n, err := unix.SendmsgN(int(dst.fd), d.out, nil, nil, unix.MSG_NOSIGNAL)
 			if err == unix.EAGAIN {
 				dst.writable = false
 				return true
@@ -143,7 +143,7 @@ func (t *tunnel) move(d *direction) bool {
 		if d.eof {
 			if !d.shut {
 				d.shut = true
-				if err := unix.Shutdown(dst.fd, unix.SHUT_WR); err != nil {
+				if err := unix.Shutdown(int(dst.fd), unix.SHUT_WR); err != nil {
 					t.fail(Side(d.dst), fmt.Errorf("carry FIN to side %s: %w", Side(d.dst), err))
 					return false
 				}
@@ -164,7 +164,7 @@ func (t *tunnel) move(d *direction) bool {
 		if d.buf == nil {
 			d.buf = t.loop.borrow()
 		}
-		n, err := unix.Read(src.fd, *d.buf)
+		n, err := unix.Read(int(src.fd), *d.buf)
 		if err == unix.EINTR {
 			continue
 		}
@@ -230,7 +230,7 @@ func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
 	t.ended = true
 	l := t.loop
 	for i := range t.ends {
-		fd := t.ends[i].fd
+		fd := int(t.ends[i].fd)
 		if l.byFD[int32(fd)] == t {
 			delete(l.byFD, int32(fd))
 			// Close alone would remove fd from the epoll set, but only once no other descriptor refers to the
@@ -265,7 +265,7 @@ func (t *tunnel) hasUnsent() bool {
 		return true
 	}
 	for i := range t.ends {
-		if n, err := unix.IoctlGetInt(t.ends[i].fd, unix.SIOCOUTQ); err == nil && n > 0 {
+		if n, err := unix.IoctlGetInt(int(t.ends[i].fd), unix.SIOCOUTQ); err == nil && n > 0 {
 			return true
 		}
 	}
@@ -282,7 +282,7 @@ func (t *tunnel) tcpProgress() uint64 {
 	}
 	var sum uint64
 	for i := range t.ends {
-		if ti, err := unix.GetsockoptTCPInfo(t.ends[i].fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+		if ti, err := unix.GetsockoptTCPInfo(int(t.ends[i].fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
 			sum += ti.Bytes_acked + ti.Bytes_received
 		}
 	}
@@ -317,7 +317,7 @@ func (t *tunnel) detach(take func(afd, bfd int) error) (Detached, error) {
 	t.ended = true // runAgain, later events and commands now pass it by
 	l := t.loop
 	for i := range t.ends {
-		fd := t.ends[i].fd
+		fd := int(t.ends[i].fd)
 		delete(l.byFD, int32(fd))
 		_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 		unix.Close(fd) // the socket lives on in take's duplicate
