@@ -11,16 +11,17 @@ import (
 
 // socket is one of a tunnel's descriptors with the readiness the loop last learned of it.
 type socket struct {
-	fd       int
-	readable bool // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
-	writable bool // as readable, for EPOLLOUT and writes
-	hup      bool // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
+	fd       int32 // int32, as epoll names it: the record of an idle tunnel stays small
+	readable bool  // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
+	writable bool  // as readable, for EPOLLOUT and writes
+	hup      bool  // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
 }
 
 // direction moves bytes from one socket to the other. Direction 0 is a→b, 1 is b→a.
 type direction struct {
 	buf      *[]byte // the borrowed buffer while out lies in it; nil while idle or sending peeked bytes
 	out      []byte  // bytes read from src (or peeked) that dst has not yet taken
+	pipe     *pipe   // a splice tunnel's borrowed pipe, while bytes sit in it (pipe.held); sent after out
 	src, dst uint8   // indices into tunnel.ends (small, and after out: every idle tunnel keeps two directions)
 	eof      bool    // src sent FIN
 	shut     bool    // the FIN was carried: dst was shut down for writing after the last byte
@@ -36,6 +37,7 @@ type tunnel struct {
 	added  bool // its descriptors are registered with the loop
 	ended  bool
 	queued bool // in loop.again
+	splice bool // the directions move bytes through pipes (Spec.Splice)
 	first  Side // the side whose FIN came first, for End
 
 	written    [2]atomic.Int64 // bytes written each way (index = direction)
@@ -45,8 +47,8 @@ type tunnel struct {
 
 func newTunnel(l *loop, afd, bfd int, aPeeked, bPeeked []byte, onEnd func(End)) *tunnel {
 	t := &tunnel{loop: l, onEnd: onEnd, first: SideNone}
-	t.ends[0] = socket{fd: afd, readable: true, writable: true}
-	t.ends[1] = socket{fd: bfd, readable: true, writable: true}
+	t.ends[0] = socket{fd: int32(afd), readable: true, writable: true}
+	t.ends[1] = socket{fd: int32(bfd), readable: true, writable: true}
 	t.dirs[0] = direction{src: 0, dst: 1, out: clone(aPeeked)}
 	t.dirs[1] = direction{src: 1, dst: 0, out: clone(bPeeked)}
 	t.unsent.Store(int64(len(aPeeked) + len(bPeeked)))
@@ -67,13 +69,13 @@ func clone(p []byte) []byte {
 // ready records the readiness epoll reported for fd and moves what it allows.
 func (t *tunnel) ready(fd int32, events uint32) {
 	s := &t.ends[0]
-	if int32(t.ends[1].fd) == fd {
+	if t.ends[1].fd == fd {
 		s = &t.ends[1]
 	}
 	// A pending error (a reset, most often) ends the tunnel now: the directions may be stalled on the other
 	// socket and would not read or write this one until it drains, which may be never.
 	if events&unix.EPOLLERR != 0 {
-		if soErr, err := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
+		if soErr, err := unix.GetsockoptInt(int(s.fd), unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
 			side := SideA
 			if s == &t.ends[1] {
 				side = SideB
@@ -118,7 +120,7 @@ func (t *tunnel) move(d *direction) bool {
 			if !dst.writable {
 				return true // dst's EPOLLOUT edge resumes this direction; src is not read meanwhile
 			}
-			n, err := unix.SendmsgN(dst.fd, d.out, nil, nil, unix.MSG_NOSIGNAL)
+			n, err := unix.SendmsgN(int(dst.fd), d.out, nil, nil, unix.MSG_NOSIGNAL)
 			if err == unix.EAGAIN {
 				dst.writable = false
 				return true
@@ -139,10 +141,15 @@ func (t *tunnel) move(d *direction) bool {
 				d.buf = nil
 			}
 		}
+		if d.pipe != nil {
+			if sent, ok := t.sendPipe(d, dst); !ok || !sent {
+				return ok
+			}
+		}
 		if d.eof {
 			if !d.shut {
 				d.shut = true
-				if err := unix.Shutdown(dst.fd, unix.SHUT_WR); err != nil {
+				if err := unix.Shutdown(int(dst.fd), unix.SHUT_WR); err != nil {
 					t.fail(Side(d.dst), fmt.Errorf("carry FIN to side %s: %w", Side(d.dst), err))
 					return false
 				}
@@ -160,10 +167,19 @@ func (t *tunnel) move(d *direction) bool {
 			return true
 		}
 		reads++
+		if t.splice {
+			if d.pipe = t.loop.takePipe(); d.pipe != nil {
+				if !t.spliceIn(d, src) {
+					return false
+				}
+				continue
+			}
+			// No pipe to be had: this read goes through a buffer, as a copy tunnel's would.
+		}
 		if d.buf == nil {
 			d.buf = t.loop.borrow()
 		}
-		n, err := unix.Read(src.fd, *d.buf)
+		n, err := unix.Read(int(src.fd), *d.buf)
 		if err == unix.EINTR {
 			continue
 		}
@@ -199,6 +215,61 @@ func (t *tunnel) move(d *direction) bool {
 	}
 }
 
+// sendPipe splices what d's pipe holds to dst and gives the pipe back once it is empty. sent says the pipe
+// was emptied (and given back); ok is false when the tunnel ended.
+func (t *tunnel) sendPipe(d *direction, dst *socket) (sent, ok bool) {
+	for d.pipe.held > 0 {
+		if !dst.writable {
+			return false, true // dst's EPOLLOUT edge resumes this direction; src is not read meanwhile
+		}
+		n, err := spliceOut(d.pipe, int(dst.fd))
+		if err == unix.EAGAIN {
+			dst.writable = false
+			return false, true
+		}
+		if err == nil && n == 0 {
+			err = errors.New("splice moved nothing")
+		}
+		if err != nil {
+			t.fail(Side(d.dst), fmt.Errorf("splice to side %s: %w", Side(d.dst), err))
+			return false, false
+		}
+		d.pipe.held -= int32(n)
+		t.written[d.src].Add(int64(n))
+		t.unsent.Add(-int64(n))
+		t.lastActive.Store(t.loop.now)
+	}
+	t.loop.putPipe(d.pipe)
+	d.pipe = nil
+	return true, true
+}
+
+// spliceIn moves what src has into d's empty pipe, noting EOF and EAGAIN as move's read does; it reports false
+// when the tunnel ended. Unlike a read into a buffer, a short splice does not say the socket is empty (the
+// pipe's slots may have run out before its bytes), so src stays readable until a splice returns EAGAIN.
+func (t *tunnel) spliceIn(d *direction, src *socket) bool {
+	n, err := spliceIn(int(src.fd), d.pipe)
+	switch {
+	case err == unix.EAGAIN:
+		src.readable = false
+	case err != nil:
+		t.fail(Side(d.src), fmt.Errorf("splice from side %s: %w", Side(d.src), err))
+		return false
+	case n == 0:
+		d.eof = true
+		if t.first == SideNone {
+			t.first = Side(d.src)
+		}
+	default:
+		d.pipe.held = int32(n)
+		t.unsent.Add(int64(n))
+		return true
+	}
+	t.loop.putPipe(d.pipe) // empty
+	d.pipe = nil
+	return true
+}
+
 func (t *tunnel) runAgainLater() {
 	if !t.queued {
 		t.queued = true
@@ -228,7 +299,7 @@ func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
 	t.ended = true
 	l := t.loop
 	for i := range t.ends {
-		fd := t.ends[i].fd
+		fd := int(t.ends[i].fd)
 		if l.byFD[int32(fd)] == t {
 			delete(l.byFD, int32(fd))
 			// Close alone would remove fd from the epoll set, but only once no other descriptor refers to the
@@ -244,6 +315,10 @@ func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
 		if d := &t.dirs[i]; d.buf != nil {
 			l.giveBack(d.buf)
 			d.buf = nil
+		}
+		if d := &t.dirs[i]; d.pipe != nil {
+			l.putPipe(d.pipe) // closed if it holds bytes: they are dropped with the tunnel (End.Unsent)
+			d.pipe = nil
 		}
 	}
 	if t.added {
@@ -263,7 +338,7 @@ func (t *tunnel) hasUnsent() bool {
 		return true
 	}
 	for i := range t.ends {
-		if n, err := unix.IoctlGetInt(t.ends[i].fd, unix.SIOCOUTQ); err == nil && n > 0 {
+		if n, err := unix.IoctlGetInt(int(t.ends[i].fd), unix.SIOCOUTQ); err == nil && n > 0 {
 			return true
 		}
 	}
@@ -280,11 +355,31 @@ func (t *tunnel) tcpProgress() uint64 {
 	}
 	var sum uint64
 	for i := range t.ends {
-		if ti, err := unix.GetsockoptTCPInfo(t.ends[i].fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+		if ti, err := unix.GetsockoptTCPInfo(int(t.ends[i].fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
 			sum += ti.Bytes_acked + ti.Bytes_received
 		}
 	}
 	return sum
+}
+
+// unpipe reads the bytes in the directions' pipes back into memory and gives the empty pipes back. A direction
+// reads into its pipe only once out is empty, so the pipe's bytes become out. The tunnel carries on as before
+// if Detach fails later: move sends out first, as it sends peeked bytes.
+func (t *tunnel) unpipe() error {
+	for i := range t.dirs {
+		d := &t.dirs[i]
+		if d.pipe == nil {
+			continue
+		}
+		b, err := d.pipe.drain()
+		if err != nil {
+			return fmt.Errorf("direction %d: %w", i, err)
+		}
+		d.out = b
+		t.loop.putPipe(d.pipe)
+		d.pipe = nil
+	}
+	return nil
 }
 
 // writtenBoth is the bytes the loop has written both ways.
@@ -297,6 +392,9 @@ func (t *tunnel) writtenBoth() uint64 {
 func (t *tunnel) detach(take func(afd, bfd int) error) (Detached, error) {
 	if t.ended {
 		return Detached{}, ErrEnded
+	}
+	if err := t.unpipe(); err != nil {
+		return Detached{}, fmt.Errorf("detach: %w", err)
 	}
 	var dups [2]int
 	for i := range t.ends {
@@ -315,7 +413,7 @@ func (t *tunnel) detach(take func(afd, bfd int) error) (Detached, error) {
 	t.ended = true // runAgain, later events and commands now pass it by
 	l := t.loop
 	for i := range t.ends {
-		fd := t.ends[i].fd
+		fd := int(t.ends[i].fd)
 		delete(l.byFD, int32(fd))
 		_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 		unix.Close(fd) // the socket lives on in take's duplicate
