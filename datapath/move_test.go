@@ -163,6 +163,7 @@ func (tn *tunnel) exchange(t *testing.T, move func()) {
 // and the pair ends as closed.
 func TestMove(t *testing.T) {
 	copier, splicer, loop := datapath.Copier{}, &datapath.Splicer{}, startEventLoop(t)
+	spliced := loop.Splice() // splice on the event loop
 	for _, tc := range []struct {
 		name     string
 		from, to datapath.Engine
@@ -170,10 +171,13 @@ func TestMove(t *testing.T) {
 		{"copy-splice", copier, splicer}, {"splice-copy", splicer, copier},
 		{"eventloop-splice", loop, splicer}, {"splice-eventloop", splicer, loop},
 		{"eventloop-copy", loop, copier}, {"copy-eventloop", copier, loop},
+		{"loopsplice-copy", spliced, copier}, {"copy-loopsplice", copier, spliced},
+		{"loopsplice-eventloop", spliced, loop}, {"eventloop-loopsplice", loop, spliced},
+		{"loopsplice-splice", spliced, splicer}, {"splice-loopsplice", splicer, spliced},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tn := newTunnel(t, tc.from.Kind(), 8<<20)
-			fds := openFDs(t)
+			fds, pooled := openFDs(t), loop.Stats().Loops[0].PipesFree
 			tc.from.Carry(tn.pair)
 			moves, engines := 0, []datapath.Engine{tc.to, tc.from}
 			tn.exchange(t, func() {
@@ -201,8 +205,9 @@ func TestMove(t *testing.T) {
 			if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
 				t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
 			}
-			// The relay's two sockets are closed, and nothing a move made is left open.
-			waitOpenFDs(t, fds-2)
+			// The relay's two sockets are closed, and nothing a move made is left open but the empty pipes
+			// the loop keeps for reuse.
+			waitOpenFDs(t, fds-2+2*int(loop.Stats().Loops[0].PipesFree-pooled))
 			// The client's moves at 1 to 4 MiB come before the upstream sends its second half, so the
 			// pair is live for them whatever the timing; later ones may find it ended.
 			if moves < 4 {
@@ -227,5 +232,55 @@ func TestMoveRefused(t *testing.T) {
 	}
 	if p.Kind() != datapath.Copy {
 		t.Errorf("the refused pair's kind is %s, want copy", p.Kind())
+	}
+}
+
+// A spliced pair on the event loop whose pipe holds bytes when it moves (its upstream stopped reading) hands
+// those bytes to the next engine as peeked bytes, written before anything else the client sent: the upstream
+// then reads the client's stream whole and in order, whichever engine carries the pair next.
+func TestMoveSplicedWithBytesInPipe(t *testing.T) {
+	loop := startEventLoop(t)
+	for _, tc := range []struct {
+		name string
+		to   datapath.Engine
+	}{{"copy", datapath.Copier{}}, {"eventloop", loop}, {"splice", &datapath.Splicer{}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			tn := newTunnel(t, datapath.Splice, 32<<20) // more than the socket buffers on the way hold
+			loop.Splice().Carry(tn.pair)
+			// The upstream does not read: the client writes until the relay stops taking bytes.
+			sent := 100
+			for sent < len(tn.toUpstream) {
+				_ = tn.client.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+				n, err := tn.client.Write(tn.toUpstream[sent:min(sent+16<<10, len(tn.toUpstream))])
+				sent += n
+				if isTimeout(err) {
+					break
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if sent == len(tn.toUpstream) {
+				t.Fatal("the relay took the whole stream from a client whose upstream does not read")
+			}
+			if st := loop.Stats().Loops[0]; st.PipesInUse != 1 {
+				t.Fatalf("the stalled pair's loop lends %d pipes, want 1 (holding bytes)", st.PipesInUse)
+			}
+			if err := datapath.Move(tn.pair, tc.to); err != nil {
+				t.Fatalf("move to %s: %v", tc.name, err)
+			}
+			if st := loop.Stats().Loops[0]; st.PipesInUse != 0 {
+				t.Errorf("after the move the loop lends %d pipes, want 0", st.PipesInUse)
+			}
+			_ = tn.client.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			go func() {
+				_, _ = tn.client.Write(tn.toUpstream[sent:])
+				_ = tn.client.CloseWrite()
+			}()
+			got, err := readAllWithin(tn.upstream, 30*time.Second)
+			if err != nil || diffStreams(got, tn.toUpstream) != "" {
+				t.Fatalf("upstream read %d bytes, %v: %s", len(got), err, diffStreams(got, tn.toUpstream))
+			}
+		})
 	}
 }
