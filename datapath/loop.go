@@ -78,11 +78,13 @@ type EventLoopStats struct {
 	Loops []eventloop.LoopStats // one per loop, in loop order
 	// BufSize is the size of a lent buffer: a loop holds BuffersInUse × BufSize bytes for bytes in flight.
 	BufSize int
+	// PipeSize is the capacity of a lent pipe: spliced tunnels' pipes hold at most PipesInUse × PipeSize.
+	PipeSize int
 }
 
 // Stats returns the loops' counters.
 func (e *EventLoop) Stats() EventLoopStats {
-	return EventLoopStats{Loops: e.loops.Stats(), BufSize: e.loops.BufSize()}
+	return EventLoopStats{Loops: e.loops.Stats(), BufSize: e.loops.BufSize(), PipeSize: e.loops.PipeSize()}
 }
 
 // Carry hands p's sockets to a loop; a TLS pair, or one the loops cannot take, runs on the Copier.

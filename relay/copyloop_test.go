@@ -12,36 +12,61 @@ import (
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
 )
 
-// TestCopyCarriesPlainTunnelsOnEventLoops: with --datapath copy the loops run from the start, one per two CPUs, each
-// with its series at 0; a plain tunnel is carried by a loop (sockrelay_eventloop_tunnels) and holds no buffer
-// while idle; once it has ended the loops carry nothing.
+// TestCopyCarriesPlainTunnelsOnEventLoops: with --datapath copy or splice the loops run from the start, one per
+// two CPUs, each with its series at 0; a plain tunnel is carried by a loop (sockrelay_eventloop_tunnels) as a
+// tunnel of that datapath and holds no buffer and no pipe while idle, and no descriptor but its two sockets
+// (splice on goroutines held a pipe per direction for the tunnel's life: 4 more); once it has ended the loops
+// carry nothing.
 func TestCopyCarriesPlainTunnelsOnEventLoops(t *testing.T) {
+	for _, dp := range []Datapath{DatapathCopy, DatapathSplice} {
+		t.Run(string(dp), func(t *testing.T) { testPlainTunnelsOnEventLoops(t, dp) })
+	}
+}
+
+func testPlainTunnelsOnEventLoops(t *testing.T, dp Datapath) {
 	up := startUpstream(t)
-	r := startRelay(t, DatapathCopy, []string{up.Addr})
+	r := startRelay(t, dp, []string{up.Addr})
 	want := []string{fmt.Sprintf("sockrelay_eventloop_loops %d", copyLoops())}
 	for i := range copyLoops() {
 		want = append(want, fmt.Sprintf(`sockrelay_eventloop_tunnels{loop="%d"} 0`, i),
-			fmt.Sprintf(`sockrelay_eventloop_buffer_bytes{loop="%d"} 0`, i))
+			fmt.Sprintf(`sockrelay_eventloop_buffer_bytes{loop="%d"} 0`, i),
+			fmt.Sprintf(`sockrelay_eventloop_pipe_bytes{loop="%d"} 0`, i))
 	}
 	want = append(want, `sockrelay_datapath_fallbacks_total{reason="eventloop_start_failed"} 0`,
 		`sockrelay_datapath_fallbacks_total{reason="eventloop_carry_failed"} 0`)
 	waitScrapeHas(t, r, want...)
 
+	fds := openFDs(t)
 	c, u := openTunnel(t, r.Addr, up, []byte("ping"), []byte("pong"))
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 1)
-	if ts := r.Tunnels().Tunnels(); len(ts) != 1 || !ts[0].Info().EventLoop {
-		t.Errorf("/debug/tunnels does not say the tunnel runs on an event loop: %+v", ts)
+	if ts := r.Tunnels().Tunnels(); len(ts) != 1 || !ts[0].Info().EventLoop || ts[0].Datapath() != dp {
+		t.Errorf("/debug/tunnels does not say the tunnel runs on an event loop as %s: %+v", dp, ts)
 	}
-	// The handshake's bytes have crossed: the idle tunnel holds no buffer.
+	// The handshake's bytes have crossed: the idle tunnel holds no buffer and no pipe.
 	got := make([]byte, 4)
 	if _, err := u.Read(got); err != nil || string(got) != "ping" {
 		t.Fatalf("upstream read %q, %v; want ping", got, err)
 	}
 	waitMetric(t, r, "sockrelay_eventloop_buffer_bytes", 0)
+	waitMetric(t, r, "sockrelay_eventloop_pipe_bytes", 0)
+	// The client's and the upstream's sockets are in this process too; the loop may keep empty pipes for reuse.
+	if n, pooled := openFDs(t)-fds, pooledPipes(r); n != 4+2*pooled {
+		t.Errorf("an idle %s tunnel holds %d descriptors in this process, want 4 (its 2 and its peers' 2) and "+
+			"2 for each of the %d pipes the loops keep", dp, n, pooled)
+	}
 	_ = c.Close()
 	_ = u.Close()
 	waitTunnelsGone(t, r)
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 0)
+}
+
+// pooledPipes is how many empty pipes the relay's loops keep for reuse.
+func pooledPipes(r *testRelay) int {
+	var n int64
+	for _, l := range r.copier.Stats().Loops {
+		n += l.PipesFree
+	}
+	return int(n)
 }
 
 // waitMetric waits until the series of name, summed, read want.

@@ -228,8 +228,9 @@ func (c *bytesCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(down), "upstream_to_client")
 }
 
-// loopCollector reports the copy datapath's event loops at scrape time: how many run, and per loop the
-// tunnels it carries, the bytes of buffer it holds for bytes in flight, and the readiness events it handled.
+// loopCollector reports the copy datapath's event loops (which carry splice tunnels too) at scrape time: how
+// many run, and per loop the tunnels it carries, the bytes of buffer and of pipe it holds for bytes in flight,
+// the readiness events it handled, and the pipes it could not make.
 // Every loop the engine will start has its series at 0 before it runs.
 type loopCollector struct {
 	stats func() datapath.EventLoopStats
@@ -244,6 +245,10 @@ var (
 		"Bytes of buffer each event loop holds now for bytes its destinations have not taken (buffers lent × buffer size); an idle tunnel holds none.", []string{"loop"}, nil)
 	loopEventsDesc = prometheus.NewDesc("sockrelay_eventloop_events_total",
 		"Readiness events each event loop of the copy datapath has handled.", []string{"loop"}, nil)
+	loopPipeDesc = prometheus.NewDesc("sockrelay_eventloop_pipe_bytes",
+		"Bytes of pipe each event loop lends now to splice tunnels for bytes their destinations have not taken (pipes lent × pipe size); an idle tunnel holds none.", []string{"loop"}, nil)
+	loopPipeFailuresDesc = prometheus.NewDesc("sockrelay_eventloop_pipe_failures_total",
+		"Pipes a splice tunnel's direction could not have (out of descriptors, or the user's pipe allowance spent); each time, the bytes went through a buffer instead.", []string{"loop"}, nil)
 )
 
 func (c *loopCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -251,6 +256,8 @@ func (c *loopCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- loopTunnelsDesc
 	ch <- loopBufferDesc
 	ch <- loopEventsDesc
+	ch <- loopPipeDesc
+	ch <- loopPipeFailuresDesc
 }
 
 func (c *loopCollector) Collect(ch chan<- prometheus.Metric) {
@@ -265,6 +272,8 @@ func (c *loopCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(loopTunnelsDesc, prometheus.GaugeValue, float64(l.Tunnels), loop)
 		ch <- prometheus.MustNewConstMetric(loopBufferDesc, prometheus.GaugeValue, float64(l.BuffersInUse)*float64(st.BufSize), loop)
 		ch <- prometheus.MustNewConstMetric(loopEventsDesc, prometheus.CounterValue, float64(l.Events), loop)
+		ch <- prometheus.MustNewConstMetric(loopPipeDesc, prometheus.GaugeValue, float64(l.PipesInUse)*float64(st.PipeSize), loop)
+		ch <- prometheus.MustNewConstMetric(loopPipeFailuresDesc, prometheus.CounterValue, float64(l.PipeFailures), loop)
 	}
 }
 

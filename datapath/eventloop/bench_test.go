@@ -32,6 +32,8 @@ func BenchmarkPingPong(b *testing.B) {
 	}{
 		{name: "eventloop", carry: carryOnLoops(b)},
 		{name: "goroutines", carry: carryWithGoroutines},
+		{name: "eventloop-splice", carry: carrySplicedOnLoops(b)},
+		{name: "goroutines-splice", carry: carrySplicingWithGoroutines},
 	}
 	for _, tunnels := range []int{1, 100} {
 		for _, e := range engines {
@@ -51,6 +53,70 @@ func carryOnLoops(b *testing.B) func(*testing.B, *net.TCPConn, *net.TCPConn) {
 		once.Do(func() { ls = startLoops(b, Options{}) })
 		if _, err := ls.Carry(a, c, nil, nil, nil); err != nil {
 			sub.Fatal(err)
+		}
+	}
+}
+
+// carrySplicedOnLoops is carryOnLoops with the tunnels spliced (Spec.Splice).
+func carrySplicedOnLoops(b *testing.B) func(*testing.B, *net.TCPConn, *net.TCPConn) {
+	var (
+		once sync.Once
+		ls   *Loops
+	)
+	return func(sub *testing.B, a, c *net.TCPConn) {
+		once.Do(func() { ls = startLoops(b, Options{}) })
+		if _, err := ls.CarryWith(a, c, Spec{Splice: true}); err != nil {
+			sub.Fatal(err)
+		}
+	}
+}
+
+// carrySplicingWithGoroutines carries a and c the way the splice datapath on goroutines does (datapath.Splicer):
+// a goroutine and a 64 KiB pipe per direction for the tunnel's life, each splice that would block parking the
+// goroutine in Go's netpoller.
+func carrySplicingWithGoroutines(b *testing.B, a, c *net.TCPConn) {
+	b.Cleanup(func() { a.Close(); c.Close() })
+	for _, d := range [][2]*net.TCPConn{{c, a}, {a, c}} {
+		r, w, err := newPipe(64 << 10)
+		if err != nil {
+			b.Fatal(err)
+		}
+		got, err := unix.FcntlInt(uintptr(w), unix.F_SETPIPE_SZ, 64<<10)
+		if err != nil {
+			b.Fatal(err)
+		}
+		p := &pipe{r: int32(r), w: int32(w), size: int32(got)}
+		go spliceWithGoroutine(d[0], d[1], p)
+	}
+}
+
+func spliceWithGoroutine(dst, src *net.TCPConn, p *pipe) {
+	defer p.close()
+	defer func() { _ = dst.CloseWrite() }()
+	srcRaw, err := src.SyscallConn()
+	if err != nil {
+		return
+	}
+	dstRaw, err := dst.SyscallConn()
+	if err != nil {
+		return
+	}
+	for {
+		var (
+			n    int
+			serr error
+		)
+		err := srcRaw.Read(func(fd uintptr) bool { n, serr = spliceIn(int(fd), p); return serr != unix.EAGAIN })
+		if err != nil || serr != nil || n == 0 {
+			return
+		}
+		p.held = int32(n)
+		for p.held > 0 {
+			err := dstRaw.Write(func(fd uintptr) bool { n, serr = spliceOut(p, int(fd)); return serr != unix.EAGAIN })
+			if err != nil || serr != nil {
+				return
+			}
+			p.held -= int32(n)
 		}
 	}
 }

@@ -75,11 +75,12 @@ func (o Options) withDefaults() (Options, error) {
 
 // Loops is a set of running event loops. Its methods are safe for concurrent use.
 type Loops struct {
-	loops   []*loop
-	bufSize int
-	next    atomic.Uint32 // round-robin choice of the loop for the next tunnel
-	mu      sync.Mutex    // guards closed against Carry racing Close
-	closed  bool
+	loops    []*loop
+	bufSize  int
+	pipeSize int
+	next     atomic.Uint32 // round-robin choice of the loop for the next tunnel
+	mu       sync.Mutex    // guards closed against Carry racing Close
+	closed   bool
 }
 
 // Start opens and starts opts.Loops event loops. On error nothing is left open.
@@ -88,7 +89,7 @@ func Start(opts Options) (*Loops, error) {
 	if err != nil {
 		return nil, err
 	}
-	ls := &Loops{bufSize: opts.BufSize}
+	ls := &Loops{bufSize: opts.BufSize, pipeSize: opts.PipeSize}
 	for i := range opts.Loops {
 		l, err := newLoop(i, opts)
 		if err != nil {
@@ -229,6 +230,10 @@ func (ls *Loops) Stats() []LoopStats {
 
 // BufSize is the size of the buffer a direction borrows while it holds unsent bytes (Options.BufSize).
 func (ls *Loops) BufSize() int { return ls.bufSize }
+
+// PipeSize is the capacity asked for a splice tunnel's pipe (Options.PipeSize); the kernel may give less once
+// the user's pipe allowance is spent, never more.
+func (ls *Loops) PipeSize() int { return ls.pipeSize }
 
 // Close resets every tunnel still carried (their onEnd gets ReasonLoopsClosed), stops the loops and waits for
 // their threads to finish. Draining tunnels first is the caller's job. Close is safe to call twice.
