@@ -73,15 +73,16 @@ var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamR
 	ReasonKernelError, ReasonIdleTimeout, ReasonLifetime, ReasonHalfClosed}
 
 // fallbackReasons are the values of sockrelay_datapath_fallbacks_total{reason}: the kernel datapath could
-// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see sockmap.Engine.Carry), or a
-// splice tunnel could not have its pipes (pipe_unavailable, see Server.reserve). A tunnel with TLS on a side runs on copy by design and is not one of them.
+// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see sockmap.Engine.Carry). A
+// tunnel with TLS on a side runs on copy by design and is not one of them.
 //
-// A plain copy tunnel runs on goroutines instead of the event loops when the loops cannot start
+// A plain copy or splice tunnel runs on copy goroutines instead of the event loops when the loops cannot start
 // (eventloop_start_failed: out of descriptors for epoll_create, most often) or cannot take its sockets
 // (eventloop_carry_failed: no descriptor left to duplicate them with, or no room in its epoll set); see
-// copyEngine.
+// copyEngine and spliceEngine. (A splice tunnel's direction that cannot have a pipe copies through a buffer on
+// its loop, counted in sockrelay_eventloop_pipe_failures_total: not a fallback.)
 var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
-	"socket_closing", "busy_at_handoff", "pipe_unavailable", fallbackLoopStart, fallbackLoopCarry}
+	"socket_closing", "busy_at_handoff", fallbackLoopStart, fallbackLoopCarry}
 
 // The fallback reasons of the copy datapath's event loops.
 const (

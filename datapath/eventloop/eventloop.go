@@ -65,7 +65,7 @@ func (o Options) withDefaults() (Options, error) {
 		o.KeepFree = 64
 	}
 	if o.PipeSize == 0 {
-		o.PipeSize = 64 << 10
+		o.PipeSize = defaultPipeSize
 	}
 	if o.KeepPipes == 0 {
 		o.KeepPipes = 16

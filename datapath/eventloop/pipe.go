@@ -30,6 +30,22 @@ var newPipe = func(size int) (r, w int, err error) {
 	return fds[0], fds[1], nil
 }
 
+// defaultPipeSize is Options.PipeSize's default: 64 KiB moves a bulk stream in few system calls, and lets 512
+// directions hold a pipe before a non-root user's allowance (fs/pipe-user-pages-soft, 64 MiB) is spent, after
+// which the kernel hands out two-page pipes (Go's own io.Copy grows its pipes to 1 MiB: 32 at once).
+const defaultPipeSize = 64 << 10
+
+// CheckPipe makes a pipe as a loop makes one for a splice tunnel, and closes it: an error says splice cannot
+// run in this process.
+func CheckPipe() error {
+	p, err := (&loop{pipeSize: defaultPipeSize}).makePipe()
+	if err != nil {
+		return err
+	}
+	p.close()
+	return nil
+}
+
 // makePipe makes a pipe of about size bytes with l's pipe maker.
 func (l *loop) makePipe() (*pipe, error) {
 	mk := l.newPipe
