@@ -89,19 +89,33 @@ func waitMetric(t *testing.T, r *testRelay, name string, want float64) {
 // copy tunnels run on goroutines instead, byte-exact and ending cleanly, each counted as a fallback with the
 // cause in the log; no tunnel is reset or blamed on a peer.
 func TestCopyLoopsUnavailable(t *testing.T) {
+	for _, dp := range []Datapath{DatapathCopy, DatapathSplice} {
+		t.Run(string(dp), func(t *testing.T) { testLoopsUnavailable(t, dp) })
+	}
+}
+
+// testLoopsUnavailable is TestCopyLoopsUnavailable on dp; a splice tunnel that runs on copy goroutines
+// counts as a copy tunnel from then on (sockrelay_tunnels_active), so that its end is counted where it ran.
+func testLoopsUnavailable(t *testing.T, dp Datapath) {
 	up := startUpstream(t)
 	fail := func(eventloop.Options) (*datapath.EventLoop, error) {
 		return nil, fmt.Errorf("copy datapath: start event loop 0: epoll_create1: %w", unix.EMFILE)
 	}
-	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.startLoops = fail })
+	r := startRelay(t, dp, []string{up.Addr}, func(c *Config) { c.startLoops = fail })
 	for i := range 2 {
 		runDuplex(t, r, up, duplexCase{toUpstream: 1 << 20, toClient: 1 << 20, pipelined: 100, with101: 100}, uint64(i))
 	}
+	waitTunnelsGone(t, r)
 	if n := metricSum(r.Reg, "sockrelay_datapath_fallbacks_total", map[string]string{"reason": fallbackLoopStart}); n != 3 {
 		t.Errorf("eventloop_start_failed fallbacks = %v, want 3 (at start, then one per tunnel)", n)
 	}
 	if n := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": ReasonClosed}); n != 2 {
 		t.Errorf("sockrelay_tunnels_closed_total{reason=%q} = %v, want 2", ReasonClosed, n)
+	}
+	for _, d := range []Datapath{DatapathCopy, DatapathSplice} {
+		if n := metricSum(r.Reg, "sockrelay_tunnels_active", map[string]string{"datapath": string(d)}); n != 0 {
+			t.Errorf("sockrelay_tunnels_active{datapath=%q} = %v after every tunnel ended, want 0", d, n)
+		}
 	}
 	if n := metricSum(r.Reg, "sockrelay_eventloop_loops", nil); n != 0 {
 		t.Errorf("sockrelay_eventloop_loops = %v with loops that could not start", n)
