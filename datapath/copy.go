@@ -22,7 +22,7 @@ func (Copier) Close() error               { return nil }
 
 // Carry starts p's two directions; p ends when both have carried their FIN or either has failed.
 func (Copier) Carry(p *Pair) {
-	u := newUserspace(p, Copy)
+	u := newUserspace(p)
 	if held, _ := p.Hold(Copy, u, nil); held {
 		u.run(copyPump)
 	}

@@ -5,8 +5,8 @@
 //
 // # The contract
 //
-// An Engine carries pairs: Copy (a userspace buffer), Splice (splice(2) through a pipe) and the kernel
-// engine of datapath/sockmap. Accepts says whether an engine can carry two endpoints at all (splice and
+// An Engine carries pairs: Copy (a userspace buffer), Splice (splice(2) through a pipe, on the event loop:
+// EventLoop.Splice) and the kernel engine of datapath/sockmap. Accepts says whether an engine can carry two endpoints at all (splice and
 // sockmap cannot carry TLS: the bytes must be decrypted in userspace); the caller picks an engine that
 // accepts the pair and calls Carry, which takes the sockets over and returns at once.
 //
@@ -27,8 +27,8 @@
 // Move hands a live pair from the engine carrying it to another, without losing, duplicating or
 // reordering a byte: the carrier's Stop returns once the old engine holds no byte of the pair (every byte
 // it read is written, nothing more is read), and the new engine then starts from the sockets as they are.
-// Copy (on goroutines or on the event loop), Splice and the kernel engine can stop. The event loop and the
-// kernel engine give a pair back as new Go connections of their descriptors, which replace the pair's own
+// Copy (on goroutines or on the event loop), Splice and the kernel engine can stop. The event loop (copy and
+// splice) and the kernel engine give a pair back as new Go connections of their descriptors, which replace the pair's own
 // (closed when the engine took the descriptors).
 //
 // # Lock order

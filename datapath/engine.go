@@ -6,8 +6,8 @@ import (
 	"time"
 )
 
-// An Engine carries pairs. Copy and Splice hold nothing between pairs; the kernel engine owns BPF objects
-// and an event loop, and is closed after its last pair has ended.
+// An Engine carries pairs. The Copier holds nothing between pairs; the event loops (copy and splice) and the
+// kernel engine own threads and descriptors, and are closed after their last pair has ended.
 type Engine interface {
 	Kind() Kind
 	// Accepts reports whether the engine can carry bytes between a and b.
@@ -15,12 +15,6 @@ type Engine interface {
 	// Carry takes over p's sockets and returns at once; p ends through p.End or p.Fail.
 	Carry(p *Pair)
 	Close() error
-}
-
-// A Reserver is an engine that must take resources for a pair before the pair's client is told its tunnel
-// is open, so that running short fails the choice of engine rather than a tunnel already promised.
-type Reserver interface {
-	Reserve(p *Pair) error
 }
 
 // A Carrier is an engine's hold on one pair while it carries it (Pair.Hold).

@@ -30,7 +30,8 @@ func dupConn(t *testing.T, c *net.TCPConn) *net.TCPConn {
 // carries the new one. Every byte arrives once, in order, each FIN after the last byte before it, and the
 // counters go on.
 func TestParkAndRestore(t *testing.T) {
-	copier, splicer, loop := datapath.Copier{}, &datapath.Splicer{}, startEventLoop(t)
+	copier, loop := datapath.Copier{}, startEventLoop(t)
+	splicer := loop.Splice()
 	for _, tc := range []struct {
 		name     string
 		from, to datapath.Engine

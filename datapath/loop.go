@@ -28,6 +28,9 @@ type EventLoop struct {
 	// EMFILE, no descriptor left to duplicate its sockets with) and that the Copier carries instead. It runs
 	// on the caller's goroutine of Carry.
 	OnFallback func(p *Pair, err error)
+	// splice: this engine is of kind Splice and its tunnels move bytes with splice(2) through pipes the
+	// loops lend while bytes are in flight (Splice).
+	splice bool
 }
 
 var _ Engine = (*EventLoop)(nil)
@@ -42,7 +45,23 @@ func StartEventLoop(opts eventloop.Options) (*EventLoop, error) {
 	return &EventLoop{loops: ls}, nil
 }
 
-func (*EventLoop) Kind() Kind { return Copy }
+// Splice returns the splice engine on the same loops: its pairs' bytes move socket → pipe → socket with
+// splice(2), never entering userspace, through a pipe a direction borrows from its loop only while bytes
+// sit in it and gives back once it is empty (eventloop.Spec.Splice). An idle spliced pair holds its two
+// sockets and no pipe; a direction that cannot have a pipe (out of descriptors) copies through a buffer until
+// it can. A pair the loops cannot take runs on the Copier, as e's do (OnFallback, which the returned engine
+// starts without). Closing either engine stops the loops both use.
+func (e *EventLoop) Splice() *EventLoop {
+	return &EventLoop{loops: e.loops, splice: true}
+}
+
+// Kind is Copy, or Splice for the engine Splice returns.
+func (e *EventLoop) Kind() Kind {
+	if e.splice {
+		return Splice
+	}
+	return Copy
+}
 
 // Accepts takes plain endpoints only: TLS bytes must be decrypted, which crypto/tls does on a goroutine.
 func (*EventLoop) Accepts(a, b Endpoint) bool { return a.TLS == nil && b.TLS == nil }
@@ -59,11 +78,13 @@ type EventLoopStats struct {
 	Loops []eventloop.LoopStats // one per loop, in loop order
 	// BufSize is the size of a lent buffer: a loop holds BuffersInUse × BufSize bytes for bytes in flight.
 	BufSize int
+	// PipeSize is the capacity of a lent pipe: spliced tunnels' pipes hold at most PipesInUse × PipeSize.
+	PipeSize int
 }
 
 // Stats returns the loops' counters.
 func (e *EventLoop) Stats() EventLoopStats {
-	return EventLoopStats{Loops: e.loops.Stats(), BufSize: e.loops.BufSize()}
+	return EventLoopStats{Loops: e.loops.Stats(), BufSize: e.loops.BufSize(), PipeSize: e.loops.PipeSize()}
 }
 
 // Carry hands p's sockets to a loop; a TLS pair, or one the loops cannot take, runs on the Copier.
@@ -74,7 +95,7 @@ func (e *EventLoop) Carry(p *Pair) {
 	}
 	c := &loopCarrier{p: p}
 	c.ended.Add(1)
-	held, err := p.Hold(Copy, c, func() error { return c.attach(e.loops) })
+	held, err := p.Hold(e.Kind(), c, func() error { return c.attach(e.loops, e.splice) })
 	if err != nil {
 		// The sockets are untouched (eventloop.Loops.Carry leaves them as they were on error), and no
 		// peer did anything wrong: the pair runs on goroutines instead.
@@ -88,7 +109,7 @@ func (e *EventLoop) Carry(p *Pair) {
 }
 
 // OnEventLoop reports whether an event loop carries p now (a copy pair may also run on goroutines: TLS,
-// or a fallback).
+// or a fallback), spliced or not.
 func (p *Pair) OnEventLoop() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -114,8 +135,9 @@ var (
 	_ Stopper          = (*loopCarrier)(nil)
 )
 
-// attach gives the pair's sockets and unsent peeked bytes to a loop. It runs under p.mu (Pair.Hold).
-func (c *loopCarrier) attach(ls *eventloop.Loops) error {
+// attach gives the pair's sockets and unsent peeked bytes to a loop, spliced or not. It runs under p.mu
+// (Pair.Hold).
+func (c *loopCarrier) attach(ls *eventloop.Loops, splice bool) error {
 	dirs := c.p.Directions()
 	h, err := ls.CarryWith(c.p.client.Conn, c.p.upstream.Conn, eventloop.Spec{
 		APeeked:  dirs[0].src.Peeked,
@@ -123,6 +145,7 @@ func (c *loopCarrier) attach(ls *eventloop.Loops) error {
 		Finished: [2]bool{dirs[0].Finished(), dirs[1].Finished()},
 		OnEnd:    c.onEnd,
 		OnFIN:    c.onFIN,
+		Splice:   splice,
 	})
 	if err != nil {
 		return fmt.Errorf("event loop: %w", err)

@@ -28,6 +28,28 @@ func startEventLoop(t testing.TB) *datapath.EventLoop {
 	return e
 }
 
+// startLoopEngine starts an event-loop engine of one loop as startEventLoop does, and returns its splice
+// engine (EventLoop.Splice) when splice is set.
+func startLoopEngine(t testing.TB, splice bool) *datapath.EventLoop {
+	t.Helper()
+	e := startEventLoop(t)
+	if splice {
+		return e.Splice()
+	}
+	return e
+}
+
+// forEachLoopEngine runs test on the event loop's copy engine and on its splice engine: both meet the pair
+// contract.
+func forEachLoopEngine(t *testing.T, test func(t *testing.T, splice bool)) {
+	for _, m := range []struct {
+		name   string
+		splice bool
+	}{{"copy", false}, {"splice", true}} {
+		t.Run(m.name, func(t *testing.T) { test(t, m.splice) })
+	}
+}
+
 // awaitEnd waits for p to end and returns its reason.
 func awaitEnd(t testing.TB, p *datapath.Pair) string {
 	t.Helper()
@@ -42,14 +64,19 @@ func awaitEnd(t testing.TB, p *datapath.Pair) string {
 // The event loop meets the pair contract as the Copier does: peeked bytes first, both streams byte-exact, the
 // client's FIN carried while the other direction still flows (the pair is half-closed meanwhile), a clean end
 // once both FINs are carried, the counts in the pair's counters, and no buffer held once the pair has ended.
-func TestEventLoopCarriesPair(t *testing.T) {
-	e := startEventLoop(t)
-	tn := newTunnel(t, datapath.Copy, 4<<20)
+func TestEventLoopCarriesPair(t *testing.T) { forEachLoopEngine(t, testEventLoopCarriesPair) }
+
+func testEventLoopCarriesPair(t *testing.T, splice bool) {
+	e := startLoopEngine(t, splice)
+	tn := newTunnel(t, e.Kind(), 4<<20)
 	ended := make(chan struct{})
 	var halfClosedSeen atomic.Bool
-	tn.pair = datapath.NewPair(datapath.Copy, datapath.Endpoint{Conn: tn.pair.Client().Conn, Peeked: tn.toUpstream[:100]},
+	tn.pair = datapath.NewPair(e.Kind(), datapath.Endpoint{Conn: tn.pair.Client().Conn, Peeked: tn.toUpstream[:100]},
 		datapath.Endpoint{Conn: tn.pair.Upstream().Conn, Peeked: tn.toClient[:100]}, func(*datapath.Pair) { close(ended) })
 	e.Carry(tn.pair)
+	if got := tn.pair.Kind(); got != e.Kind() || !tn.pair.OnEventLoop() {
+		t.Errorf("the carried pair is of kind %s, on the loop: %v; want %s on the loop", got, tn.pair.OnEventLoop(), e.Kind())
+	}
 	tn.exchange(t, func() {
 		if _, ok := tn.pair.HalfClosedSince(); ok {
 			halfClosedSeen.Store(true)
@@ -66,14 +93,18 @@ func TestEventLoopCarriesPair(t *testing.T) {
 	if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
 		t.Errorf("counted %d and %d bytes, want %d and %d", up, down, len(tn.toUpstream), len(tn.toClient))
 	}
-	if st := e.Stats().Loops[0]; st.Tunnels != 0 || st.BuffersInUse != 0 {
-		t.Errorf("after the pair ended the loop carries %d tunnels and lends %d buffers, want 0 and 0",
-			st.Tunnels, st.BuffersInUse)
+	if st := e.Stats().Loops[0]; st.Tunnels != 0 || st.BuffersInUse != 0 || st.PipesInUse != 0 {
+		t.Errorf("after the pair ended the loop carries %d tunnels and lends %d buffers and %d pipes, want none",
+			st.Tunnels, st.BuffersInUse, st.PipesInUse)
 	}
 }
 
 // A reset on one side resets the other, and the pair ends once, blamed on the side that reset (Blame).
 func TestEventLoopResetBlamesTheSide(t *testing.T) {
+	forEachLoopEngine(t, testEventLoopResetBlamesTheSide)
+}
+
+func testEventLoopResetBlamesTheSide(t *testing.T, splice bool) {
 	for _, tc := range []struct {
 		name string
 		side func(tn *tunnel) (resets, other *net.TCPConn)
@@ -83,8 +114,8 @@ func TestEventLoopResetBlamesTheSide(t *testing.T) {
 		{"upstream resets", func(tn *tunnel) (*net.TCPConn, *net.TCPConn) { return tn.upstream, tn.client }, datapath.ReasonUpstreamReset},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := startEventLoop(t)
-			tn := newTunnel(t, datapath.Copy, 1<<10)
+			e := startLoopEngine(t, splice)
+			tn := newTunnel(t, e.Kind(), 1<<10)
 			e.Carry(tn.pair)
 			resets, other := tc.side(tn)
 			_ = resets.SetLinger(0)
@@ -104,10 +135,14 @@ func TestEventLoopResetBlamesTheSide(t *testing.T) {
 // end (a FIN without abort, a reset with it), the pair's counters hold what the loop moved, and the loop holds
 // nothing of it.
 func TestEventLoopReleaseEndsTheTunnel(t *testing.T) {
+	forEachLoopEngine(t, testEventLoopReleaseEndsTheTunnel)
+}
+
+func testEventLoopReleaseEndsTheTunnel(t *testing.T, splice bool) {
 	for _, abort := range []bool{false, true} {
 		t.Run(map[bool]string{false: "close", true: "abort"}[abort], func(t *testing.T) {
-			e := startEventLoop(t)
-			tn := newTunnel(t, datapath.Copy, 1<<10)
+			e := startLoopEngine(t, splice)
+			tn := newTunnel(t, e.Kind(), 1<<10)
 			e.Carry(tn.pair)
 			got := make([]byte, 100)
 			_ = tn.upstream.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -144,8 +179,12 @@ func TestEventLoopReleaseEndsTheTunnel(t *testing.T) {
 // reader that stopped leaves bytes unsent, which the pair reports (so that an idle timeout resets rather
 // than hides them behind a FIN).
 func TestEventLoopActivityAndUnsent(t *testing.T) {
-	e := startEventLoop(t)
-	tn := newTunnel(t, datapath.Copy, 1<<10)
+	forEachLoopEngine(t, testEventLoopActivityAndUnsent)
+}
+
+func testEventLoopActivityAndUnsent(t *testing.T, splice bool) {
+	e := startLoopEngine(t, splice)
+	tn := newTunnel(t, e.Kind(), 1<<10)
 	start := time.Now()
 	e.Carry(tn.pair)
 	if at, ok := tn.pair.LastActive(); !ok || at.Before(start.Add(-time.Second)) {
@@ -191,8 +230,12 @@ func TestEventLoopActivityAndUnsent(t *testing.T) {
 // flows. Progress is sampled every 500 ms for 3 s; nearly every sample must differ from the one before (on
 // loopback, whose MSS is 64 KiB, the reader's window opens and TCP acknowledges about every 320 ms).
 func TestEventLoopProgressMovesWithASlowReader(t *testing.T) {
-	e := startEventLoop(t)
-	tn := newTunnel(t, datapath.Copy, 1<<10)
+	forEachLoopEngine(t, testEventLoopProgressMovesWithASlowReader)
+}
+
+func testEventLoopProgressMovesWithASlowReader(t *testing.T, splice bool) {
+	e := startLoopEngine(t, splice)
+	tn := newTunnel(t, e.Kind(), 1<<10)
 	e.Carry(tn.pair)
 	stop := make(chan struct{})
 	t.Cleanup(func() { close(stop) })
@@ -266,8 +309,12 @@ func TestEventLoopRefusesTLS(t *testing.T) {
 // Out of descriptors (EMFILE when the loop duplicates a socket), the pair runs on the Copier instead: the
 // fallback is reported with the error, no peer is blamed, and the bytes cross as on any engine.
 func TestEventLoopOutOfDescriptorsFallsBack(t *testing.T) {
-	e := startEventLoop(t)
-	tn := newTunnel(t, datapath.Copy, 256<<10)
+	forEachLoopEngine(t, testEventLoopOutOfDescriptorsFallsBack)
+}
+
+func testEventLoopOutOfDescriptorsFallsBack(t *testing.T, splice bool) {
+	e := startLoopEngine(t, splice)
+	tn := newTunnel(t, e.Kind(), 256<<10)
 	var fellBack error
 	e.OnFallback = func(_ *datapath.Pair, err error) { fellBack = err }
 	fdlimit.WithDescriptorsLeft(t, 1, func() { e.Carry(tn.pair) })
@@ -285,9 +332,11 @@ func TestEventLoopOutOfDescriptorsFallsBack(t *testing.T) {
 
 // A pair that moves onto the loop after one direction carried its FIN: the loop neither reads that direction
 // nor shuts its destination down again, and the other direction flows to its own FIN; the pair ends closed.
-func TestMoveToEventLoopHalfClosed(t *testing.T) {
-	e := startEventLoop(t)
-	tn := newTunnel(t, datapath.Copy, 1<<20)
+func TestMoveToEventLoopHalfClosed(t *testing.T) { forEachLoopEngine(t, testMoveToEventLoopHalfClosed) }
+
+func testMoveToEventLoopHalfClosed(t *testing.T, splice bool) {
+	e := startLoopEngine(t, splice)
+	tn := newTunnel(t, e.Kind(), 1<<20)
 	datapath.Copier{}.Carry(tn.pair)
 	if _, err := tn.client.Write(tn.toUpstream[100:]); err != nil {
 		t.Fatal(err)
@@ -333,8 +382,12 @@ func readAllWithin(c *net.TCPConn, d time.Duration) ([]byte, error) {
 // Out of descriptors for the connections a move off the loop needs (EMFILE), the move fails and the pair
 // stays on the loop, untouched: its bytes still cross exactly and it ends closed.
 func TestMoveOffEventLoopOutOfDescriptors(t *testing.T) {
-	e := startEventLoop(t)
-	tn := newTunnel(t, datapath.Copy, 1<<20)
+	forEachLoopEngine(t, testMoveOffEventLoopOutOfDescriptors)
+}
+
+func testMoveOffEventLoopOutOfDescriptors(t *testing.T, splice bool) {
+	e := startLoopEngine(t, splice)
+	tn := newTunnel(t, e.Kind(), 1<<20)
 	e.Carry(tn.pair)
 	for _, left := range []int{1, 2} { // the loop's second duplicate fails, or the new connection's
 		var err error

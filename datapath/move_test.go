@@ -158,11 +158,12 @@ func (tn *tunnel) exchange(t *testing.T, move func()) {
 }
 
 // TestMove hands a live pair back and forth between two engines (the copy engine on goroutines, the event
-// loop, splice) while both directions carry 8 MiB (a move
+// loop, splice on the event loop) while both directions carry 8 MiB (a move
 // after each MiB either side reads), the client half-closing first: every byte arrives once, in order, each FIN after the last byte before it,
 // and the pair ends as closed.
 func TestMove(t *testing.T) {
-	copier, splicer, loop := datapath.Copier{}, &datapath.Splicer{}, startEventLoop(t)
+	copier, loop := datapath.Copier{}, startEventLoop(t)
+	splicer := loop.Splice()
 	for _, tc := range []struct {
 		name     string
 		from, to datapath.Engine
@@ -173,7 +174,7 @@ func TestMove(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tn := newTunnel(t, tc.from.Kind(), 8<<20)
-			fds := openFDs(t)
+			fds, pooled := openFDs(t), loop.Stats().Loops[0].PipesFree
 			tc.from.Carry(tn.pair)
 			moves, engines := 0, []datapath.Engine{tc.to, tc.from}
 			tn.exchange(t, func() {
@@ -201,8 +202,9 @@ func TestMove(t *testing.T) {
 			if up != uint64(len(tn.toUpstream)) || down != uint64(len(tn.toClient)) {
 				t.Errorf("counted %d and %d bytes, want %d each", up, down, len(tn.toUpstream))
 			}
-			// The relay's two sockets are closed, and nothing a move made is left open.
-			waitOpenFDs(t, fds-2)
+			// The relay's two sockets are closed, and nothing a move made is left open but the empty pipes
+			// the loop keeps for reuse.
+			waitOpenFDs(t, fds-2+2*int(loop.Stats().Loops[0].PipesFree-pooled))
 			// The client's moves at 1 to 4 MiB come before the upstream sends its second half, so the
 			// pair is live for them whatever the timing; later ones may find it ended.
 			if moves < 4 {
@@ -219,13 +221,64 @@ func TestMoveRefused(t *testing.T) {
 	client, up := tn.pair.Client(), tn.pair.Upstream()
 	client.TLS = tls.Client(client.Conn, &tls.Config{})
 	p := datapath.NewPair(datapath.Copy, client, up, nil)
-	if (&datapath.Splicer{}).Accepts(client, up) {
+	splicer := startEventLoop(t).Splice()
+	if splicer.Accepts(client, up) {
 		t.Fatal("splice accepts a TLS endpoint")
 	}
-	if err := datapath.Move(p, &datapath.Splicer{}); err == nil {
+	if err := datapath.Move(p, splicer); err == nil {
 		t.Fatal("a TLS pair moved to splice")
 	}
 	if p.Kind() != datapath.Copy {
 		t.Errorf("the refused pair's kind is %s, want copy", p.Kind())
+	}
+}
+
+// A spliced pair on the event loop whose pipe holds bytes when it moves (its upstream stopped reading) hands
+// those bytes to the next engine as peeked bytes, written before anything else the client sent: the upstream
+// then reads the client's stream whole and in order, whichever engine carries the pair next.
+func TestMoveSplicedWithBytesInPipe(t *testing.T) {
+	loop := startEventLoop(t)
+	for _, tc := range []struct {
+		name string
+		to   datapath.Engine
+	}{{"copy", datapath.Copier{}}, {"eventloop", loop}, {"splice", loop.Splice()}} {
+		t.Run(tc.name, func(t *testing.T) {
+			tn := newTunnel(t, datapath.Splice, 32<<20) // more than the socket buffers on the way hold
+			loop.Splice().Carry(tn.pair)
+			// The upstream does not read: the client writes until the relay stops taking bytes.
+			sent := 100
+			for sent < len(tn.toUpstream) {
+				_ = tn.client.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+				n, err := tn.client.Write(tn.toUpstream[sent:min(sent+16<<10, len(tn.toUpstream))])
+				sent += n
+				if isTimeout(err) {
+					break
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if sent == len(tn.toUpstream) {
+				t.Fatal("the relay took the whole stream from a client whose upstream does not read")
+			}
+			if st := loop.Stats().Loops[0]; st.PipesInUse != 1 {
+				t.Fatalf("the stalled pair's loop lends %d pipes, want 1 (holding bytes)", st.PipesInUse)
+			}
+			if err := datapath.Move(tn.pair, tc.to); err != nil {
+				t.Fatalf("move to %s: %v", tc.name, err)
+			}
+			if st := loop.Stats().Loops[0]; st.PipesInUse != 0 {
+				t.Errorf("after the move the loop lends %d pipes, want 0", st.PipesInUse)
+			}
+			_ = tn.client.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			go func() {
+				_, _ = tn.client.Write(tn.toUpstream[sent:])
+				_ = tn.client.CloseWrite()
+			}()
+			got, err := readAllWithin(tn.upstream, 30*time.Second)
+			if err != nil || diffStreams(got, tn.toUpstream) != "" {
+				t.Fatalf("upstream read %d bytes, %v: %s", len(got), err, diffStreams(got, tn.toUpstream))
+			}
+		})
 	}
 }

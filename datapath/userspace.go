@@ -8,16 +8,10 @@ import (
 	"time"
 )
 
-// userspace is the carrier of the userspace engines, Copy and Splice: a goroutine per direction pumps
-// bytes, and a third ends the pair when both have returned.
+// userspace is the carrier of the goroutine engine, the Copier (TLS pairs, and those the event loops cannot
+// take): a goroutine per direction pumps bytes, and a third ends the pair when both have returned.
 type userspace struct {
-	p    *Pair
-	kind Kind
-	// pipes are a splice pair's pipes, client → upstream and upstream → client, made by Reserve before
-	// the client sees its 101. Until the directions run (pipesInUse), Release closes them; after,
-	// awaitDirections does once both directions have returned. Both guarded by p.mu.
-	pipes      [2]*Pipe
-	pipesInUse bool
+	p *Pair
 
 	wg sync.WaitGroup
 	// stopping is set by Stop; stopped is closed by awaitDirections once both directions have returned,
@@ -27,40 +21,15 @@ type userspace struct {
 	gaveBack bool
 }
 
-func newUserspace(p *Pair, kind Kind) *userspace {
-	return &userspace{p: p, kind: kind, stopped: make(chan struct{})}
+func newUserspace(p *Pair) *userspace {
+	return &userspace{p: p, stopped: make(chan struct{})}
 }
 
 func (u *userspace) Pending() (uint64, uint64) { return 0, 0 }
 func (u *userspace) LastActive() time.Time     { return time.Time{} }
 
-// Release closes pipes no direction uses yet. The caller holds u.p.mu.
-func (u *userspace) Release() {
-	if !u.pipesInUse {
-		u.closePipes()
-	}
-}
-
-// closePipes closes the pair's splice pipes, if any. The caller holds u.p.mu.
-func (u *userspace) closePipes() {
-	for _, p := range u.pipes {
-		if p != nil {
-			p.Close()
-		}
-	}
-}
-
-// usePipes hands the pipes to the directions; false when the pair has already ended (and Release closed
-// them) or is held by another carrier.
-func (u *userspace) usePipes() bool {
-	u.p.mu.Lock()
-	defer u.p.mu.Unlock()
-	if u.p.ending || u.p.carrier != u {
-		return false
-	}
-	u.pipesInUse = true
-	return true
-}
+// Release has nothing to free: closing the pair's conns ends the directions.
+func (u *userspace) Release() {}
 
 // run runs pump for both directions of the pair, each in its own goroutine, and ends the pair when both
 // have carried their FIN or either has failed. The goroutines run named functions (pumpDirection,
@@ -105,9 +74,6 @@ func pumpDirection(u *userspace, d *Direction, pump func(*Direction) error) {
 // Stop asked.
 func awaitDirections(u *userspace) {
 	u.wg.Wait()
-	u.p.mu.Lock()
-	u.closePipes() // no direction uses them any more
-	u.p.mu.Unlock()
 	if u.stopping.Load() && u.p.Let(u) {
 		u.gaveBack = true
 		close(u.stopped)

@@ -12,36 +12,61 @@ import (
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
 )
 
-// TestCopyCarriesPlainTunnelsOnEventLoops: with --datapath copy the loops run from the start, one per two CPUs, each
-// with its series at 0; a plain tunnel is carried by a loop (sockrelay_eventloop_tunnels) and holds no buffer
-// while idle; once it has ended the loops carry nothing.
+// TestCopyCarriesPlainTunnelsOnEventLoops: with --datapath copy or splice the loops run from the start, one per
+// two CPUs, each with its series at 0; a plain tunnel is carried by a loop (sockrelay_eventloop_tunnels) as a
+// tunnel of that datapath and holds no buffer and no pipe while idle, and no descriptor but its two sockets
+// (splice on goroutines held a pipe per direction for the tunnel's life: 4 more); once it has ended the loops
+// carry nothing.
 func TestCopyCarriesPlainTunnelsOnEventLoops(t *testing.T) {
+	for _, dp := range []Datapath{DatapathCopy, DatapathSplice} {
+		t.Run(string(dp), func(t *testing.T) { testPlainTunnelsOnEventLoops(t, dp) })
+	}
+}
+
+func testPlainTunnelsOnEventLoops(t *testing.T, dp Datapath) {
 	up := startUpstream(t)
-	r := startRelay(t, DatapathCopy, []string{up.Addr})
+	r := startRelay(t, dp, []string{up.Addr})
 	want := []string{fmt.Sprintf("sockrelay_eventloop_loops %d", copyLoops())}
 	for i := range copyLoops() {
 		want = append(want, fmt.Sprintf(`sockrelay_eventloop_tunnels{loop="%d"} 0`, i),
-			fmt.Sprintf(`sockrelay_eventloop_buffer_bytes{loop="%d"} 0`, i))
+			fmt.Sprintf(`sockrelay_eventloop_buffer_bytes{loop="%d"} 0`, i),
+			fmt.Sprintf(`sockrelay_eventloop_pipe_bytes{loop="%d"} 0`, i))
 	}
 	want = append(want, `sockrelay_datapath_fallbacks_total{reason="eventloop_start_failed"} 0`,
 		`sockrelay_datapath_fallbacks_total{reason="eventloop_carry_failed"} 0`)
 	waitScrapeHas(t, r, want...)
 
+	fds := openFDs(t)
 	c, u := openTunnel(t, r.Addr, up, []byte("ping"), []byte("pong"))
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 1)
-	if ts := r.Tunnels().Tunnels(); len(ts) != 1 || !ts[0].Info().EventLoop {
-		t.Errorf("/debug/tunnels does not say the tunnel runs on an event loop: %+v", ts)
+	if ts := r.Tunnels().Tunnels(); len(ts) != 1 || !ts[0].Info().EventLoop || ts[0].Datapath() != dp {
+		t.Errorf("/debug/tunnels does not say the tunnel runs on an event loop as %s: %+v", dp, ts)
 	}
-	// The handshake's bytes have crossed: the idle tunnel holds no buffer.
+	// The handshake's bytes have crossed: the idle tunnel holds no buffer and no pipe.
 	got := make([]byte, 4)
 	if _, err := u.Read(got); err != nil || string(got) != "ping" {
 		t.Fatalf("upstream read %q, %v; want ping", got, err)
 	}
 	waitMetric(t, r, "sockrelay_eventloop_buffer_bytes", 0)
+	waitMetric(t, r, "sockrelay_eventloop_pipe_bytes", 0)
+	// The client's and the upstream's sockets are in this process too; the loop may keep empty pipes for reuse.
+	if n, pooled := openFDs(t)-fds, pooledPipes(r); n != 4+2*pooled {
+		t.Errorf("an idle %s tunnel holds %d descriptors in this process, want 4 (its 2 and its peers' 2) and "+
+			"2 for each of the %d pipes the loops keep", dp, n, pooled)
+	}
 	_ = c.Close()
 	_ = u.Close()
 	waitTunnelsGone(t, r)
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 0)
+}
+
+// pooledPipes is how many empty pipes the relay's loops keep for reuse.
+func pooledPipes(r *testRelay) int {
+	var n int64
+	for _, l := range r.copier.Stats().Loops {
+		n += l.PipesFree
+	}
+	return int(n)
 }
 
 // waitMetric waits until the series of name, summed, read want.
@@ -64,19 +89,33 @@ func waitMetric(t *testing.T, r *testRelay, name string, want float64) {
 // copy tunnels run on goroutines instead, byte-exact and ending cleanly, each counted as a fallback with the
 // cause in the log; no tunnel is reset or blamed on a peer.
 func TestCopyLoopsUnavailable(t *testing.T) {
+	for _, dp := range []Datapath{DatapathCopy, DatapathSplice} {
+		t.Run(string(dp), func(t *testing.T) { testLoopsUnavailable(t, dp) })
+	}
+}
+
+// testLoopsUnavailable is TestCopyLoopsUnavailable on dp; a splice tunnel that runs on copy goroutines
+// counts as a copy tunnel from then on (sockrelay_tunnels_active), so that its end is counted where it ran.
+func testLoopsUnavailable(t *testing.T, dp Datapath) {
 	up := startUpstream(t)
 	fail := func(eventloop.Options) (*datapath.EventLoop, error) {
 		return nil, fmt.Errorf("copy datapath: start event loop 0: epoll_create1: %w", unix.EMFILE)
 	}
-	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.startLoops = fail })
+	r := startRelay(t, dp, []string{up.Addr}, func(c *Config) { c.startLoops = fail })
 	for i := range 2 {
 		runDuplex(t, r, up, duplexCase{toUpstream: 1 << 20, toClient: 1 << 20, pipelined: 100, with101: 100}, uint64(i))
 	}
+	waitTunnelsGone(t, r)
 	if n := metricSum(r.Reg, "sockrelay_datapath_fallbacks_total", map[string]string{"reason": fallbackLoopStart}); n != 3 {
 		t.Errorf("eventloop_start_failed fallbacks = %v, want 3 (at start, then one per tunnel)", n)
 	}
 	if n := metricSum(r.Reg, "sockrelay_tunnels_closed_total", map[string]string{"reason": ReasonClosed}); n != 2 {
 		t.Errorf("sockrelay_tunnels_closed_total{reason=%q} = %v, want 2", ReasonClosed, n)
+	}
+	for _, d := range []Datapath{DatapathCopy, DatapathSplice} {
+		if n := metricSum(r.Reg, "sockrelay_tunnels_active", map[string]string{"datapath": string(d)}); n != 0 {
+			t.Errorf("sockrelay_tunnels_active{datapath=%q} = %v after every tunnel ended, want 0", d, n)
+		}
 	}
 	if n := metricSum(r.Reg, "sockrelay_eventloop_loops", nil); n != 0 {
 		t.Errorf("sockrelay_eventloop_loops = %v with loops that could not start", n)

@@ -38,7 +38,7 @@ func DatapathAvailable(d Datapath) error {
 	case DatapathCopy:
 		return nil
 	case DatapathSplice:
-		return (&datapath.Splicer{}).Available()
+		return datapath.SpliceAvailable()
 	case DatapathSockmap:
 		if err := sockmap.SelfTest(slog.New(slog.DiscardHandler)); err != nil {
 			return fmt.Errorf("%w: sockmap: %v", ErrDatapathUnavailable, err)

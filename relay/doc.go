@@ -20,9 +20,9 @@
 //  9. Establish: open.go (establish) picks the engine the endpoints allow (engineFor: TLS runs on copy),
 //     makes the Tunnel (tunnel.go) and its datapath.Pair, registers it (registry.go) and checks for
 //     eviction; the WebSocket front then writes the 101 (websocket.go, writeSwitch).
-//  10. Carry: open.go (carry) hands the pair to its engine: datapath.Copier, datapath.Splicer, or the
-//     kernel engine, package datapath/sockmap (handoff.go, loop.go, drain.go, backpressure.go). A pair the
-//     kernel cannot take runs on copy.
+//  10. Carry: open.go (carry) hands the pair to its engine: copy or splice on the event loops (engines.go,
+//     datapath.EventLoop; TLS pairs on datapath.Copier), or the kernel engine, package datapath/sockmap
+//     (handoff.go, loop.go, drain.go, backpressure.go). A pair the kernel cannot take runs on copy.
 //  11. While it lives: timeouts.go (idle, lifetime, half-close), tunnellog.go ("tunnel alive" lines),
 //     admin.go (/debug/tunnels, closing one), routing.go (CloseTunnelsTo on a reload).
 //  12. End: datapath.Pair.End (the engine's carrier released, both sockets closed, once), then open.go

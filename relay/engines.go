@@ -52,11 +52,11 @@ func (s *Server) setUpDatapath() error {
 	return nil
 }
 
-// startCopyLoops starts the copy datapath's event loops now when it is the relay's datapath, so that their
-// threads and metrics are there before the first tunnel; a failure is counted and logged, and tunnels run
-// on goroutines until the loops can start.
+// startCopyLoops starts the copy datapath's event loops now when they carry the relay's datapath (copy, or
+// splice, which runs on the same loops), so that their threads and metrics are there before the first tunnel;
+// a failure is counted and logged, and tunnels run on goroutines until the loops can start.
 func (s *Server) startCopyLoops() {
-	if s.cfg.Datapath == DatapathCopy {
+	if s.cfg.Datapath == DatapathCopy || s.cfg.Datapath == DatapathSplice {
 		s.copier.eventLoop()
 	}
 }
@@ -192,6 +192,48 @@ func (c *copyEngine) Close() error {
 		return loops.Close()
 	}
 	return nil
+}
+
+// spliceEngine is the splice datapath: the copy datapath's event loops carry its tunnels spliced
+// (datapath.EventLoop.Splice), each direction borrowing a pipe only while bytes sit in it, so an idle splice
+// tunnel holds its two sockets and nothing else. A tunnel the loops cannot take (they cannot start, or cannot
+// duplicate its sockets) runs on copy goroutines instead, counted and logged as the copy engine's are, and
+// counted as a copy tunnel from then on; no peer is blamed.
+type spliceEngine struct {
+	copy *copyEngine // whose loops carry the splice tunnels too
+}
+
+var _ datapath.Engine = (*spliceEngine)(nil)
+
+func (e *spliceEngine) Kind() Datapath { return DatapathSplice }
+
+// Accepts refuses TLS endpoints: without kernel TLS the bytes must be decrypted in userspace.
+func (e *spliceEngine) Accepts(a, b datapath.Endpoint) bool { return a.TLS == nil && b.TLS == nil }
+
+// Close does nothing: the loops are the copy engine's, which closes them.
+func (e *spliceEngine) Close() error { return nil }
+
+// Carry hands the pair to the loops, spliced; on copy goroutines when they cannot take it.
+func (e *spliceEngine) Carry(p *datapath.Pair) {
+	loops := e.copy.eventLoop()
+	if loops == nil {
+		e.onCopy(p)
+		datapath.Copier{}.Carry(p)
+		return
+	}
+	spliced := loops.Splice()
+	spliced.OnFallback = func(p *datapath.Pair, err error) {
+		e.copy.fellBack(p, err)
+		e.onCopy(p)
+	}
+	spliced.Carry(p)
+}
+
+// onCopy moves a splice tunnel that runs on copy instead to copy's count of live tunnels, where its end
+// will be counted.
+func (e *spliceEngine) onCopy(*datapath.Pair) {
+	e.copy.metrics.tunnelsActive.WithLabelValues(string(DatapathSplice)).Dec()
+	e.copy.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
 }
 
 // Stats returns the loops' counters: one zero entry per loop the engine will start before they run, so that

@@ -189,7 +189,6 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 		return nil, err
 	}
 	t.pair.ID = t.ID
-	s.reserve(t, s.engine(kind)) // a splice tunnel's pipes; one short of descriptors runs on copy
 	s.metrics.tunnelsActive.WithLabelValues(string(t.Datapath())).Inc()
 	return t, nil
 }

@@ -126,7 +126,7 @@ func TestShutdownClosesTunnelsAfterDrain(t *testing.T) {
 }
 
 // openFDs counts this process's open file descriptors.
-func openFDs(t *testing.T) int {
+func openFDs(t testing.TB) int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {

@@ -75,15 +75,16 @@ var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamR
 	ReasonKernelError, ReasonIdleTimeout, ReasonLifetime, ReasonHalfClosed}
 
 // fallbackReasons are the values of sockrelay_datapath_fallbacks_total{reason}: the kernel datapath could
-// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see sockmap.Engine.Carry), or a
-// splice tunnel could not have its pipes (pipe_unavailable, see Server.reserve). A tunnel with TLS on a side runs on copy by design and is not one of them.
+// not be used at start (sockmap_*) or a tunnel could not enter it (the others, see sockmap.Engine.Carry). A
+// tunnel with TLS on a side runs on copy by design and is not one of them.
 //
-// A plain copy tunnel runs on goroutines instead of the event loops when the loops cannot start
+// A plain copy or splice tunnel runs on copy goroutines instead of the event loops when the loops cannot start
 // (eventloop_start_failed: out of descriptors for epoll_create, most often) or cannot take its sockets
 // (eventloop_carry_failed: no descriptor left to duplicate them with, or no room in its epoll set); see
-// copyEngine.
+// copyEngine and spliceEngine. (A splice tunnel's direction that cannot have a pipe copies through a buffer on
+// its loop, counted in sockrelay_eventloop_pipe_failures_total: not a fallback.)
 var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
-	"socket_closing", "busy_at_handoff", "pipe_unavailable", fallbackLoopStart, fallbackLoopCarry}
+	"socket_closing", "busy_at_handoff", fallbackLoopStart, fallbackLoopCarry}
 
 // The fallback reasons of the copy datapath's event loops.
 const (
@@ -232,8 +233,9 @@ func (c *bytesCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(down), "upstream_to_client")
 }
 
-// loopCollector reports the copy datapath's event loops at scrape time: how many run, and per loop the
-// tunnels it carries, the bytes of buffer it holds for bytes in flight, and the readiness events it handled.
+// loopCollector reports the copy datapath's event loops (which carry splice tunnels too) at scrape time: how
+// many run, and per loop the tunnels it carries, the bytes of buffer and of pipe it holds for bytes in flight,
+// the readiness events it handled, and the pipes it could not make.
 // Every loop the engine will start has its series at 0 before it runs.
 type loopCollector struct {
 	stats func() datapath.EventLoopStats
@@ -248,6 +250,10 @@ var (
 		"Bytes of buffer each event loop holds now for bytes its destinations have not taken (buffers lent × buffer size); an idle tunnel holds none.", []string{"loop"}, nil)
 	loopEventsDesc = prometheus.NewDesc("sockrelay_eventloop_events_total",
 		"Readiness events each event loop of the copy datapath has handled.", []string{"loop"}, nil)
+	loopPipeDesc = prometheus.NewDesc("sockrelay_eventloop_pipe_bytes",
+		"Bytes of pipe each event loop lends now to splice tunnels for bytes their destinations have not taken (pipes lent × pipe size); an idle tunnel holds none.", []string{"loop"}, nil)
+	loopPipeFailuresDesc = prometheus.NewDesc("sockrelay_eventloop_pipe_failures_total",
+		"Pipes a splice tunnel's direction could not have (out of descriptors, or the user's pipe allowance spent); each time, the bytes went through a buffer instead.", []string{"loop"}, nil)
 )
 
 func (c *loopCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -255,6 +261,8 @@ func (c *loopCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- loopTunnelsDesc
 	ch <- loopBufferDesc
 	ch <- loopEventsDesc
+	ch <- loopPipeDesc
+	ch <- loopPipeFailuresDesc
 }
 
 func (c *loopCollector) Collect(ch chan<- prometheus.Metric) {
@@ -269,6 +277,8 @@ func (c *loopCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(loopTunnelsDesc, prometheus.GaugeValue, float64(l.Tunnels), loop)
 		ch <- prometheus.MustNewConstMetric(loopBufferDesc, prometheus.GaugeValue, float64(l.BuffersInUse)*float64(st.BufSize), loop)
 		ch <- prometheus.MustNewConstMetric(loopEventsDesc, prometheus.CounterValue, float64(l.Events), loop)
+		ch <- prometheus.MustNewConstMetric(loopPipeDesc, prometheus.GaugeValue, float64(l.PipesInUse)*float64(st.PipeSize), loop)
+		ch <- prometheus.MustNewConstMetric(loopPipeFailuresDesc, prometheus.CounterValue, float64(l.PipeFailures), loop)
 	}
 }
 

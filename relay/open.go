@@ -54,7 +54,6 @@ func (s *Server) establish(o opening) (*Tunnel, error) {
 		return nil, fmt.Errorf("%w: %v", errShuttingDownAtOpen, err)
 	}
 	t.pair.ID = t.ID
-	s.reserve(t, engine) // before the 101: a splice tunnel short of descriptors runs on copy
 	s.auto.track(t, o.listener)
 	s.metrics.tunnelOpened(t)
 	// After add, so that a CloseTunnelsTo running now either finds the tunnel or has marked the server.
@@ -90,22 +89,6 @@ func (s *Server) engine(kind Datapath) datapath.Engine {
 		return s.splicer
 	default:
 		return s.copier
-	}
-}
-
-// reserve takes what t's engine needs before the client sees its 101. A splice tunnel that cannot have
-// its pipes (out of descriptors: splice needs 6 a tunnel, copy 2) runs on copy instead, said in the log
-// with the cause and counted as a fallback, rather than being reset after its 101 and blamed on a peer.
-func (s *Server) reserve(t *Tunnel, engine datapath.Engine) {
-	r, ok := engine.(datapath.Reserver)
-	if !ok {
-		return
-	}
-	if err := r.Reserve(t.pair); err != nil {
-		t.pair.SetKind(DatapathCopy)
-		s.metrics.datapathFallbacks.WithLabelValues("pipe_unavailable").Inc()
-		s.log.Warn("splice pipes unavailable, the tunnel runs on the copy datapath", "client", t.ClientAddr,
-			"upstream", t.UpstreamAddr, "err", err)
 	}
 }
 

@@ -86,8 +86,8 @@ type Config struct {
 
 	// startKernel, set only by tests, stands in for sockmap.Start when the relay starts the kernel datapath.
 	startKernel func(log *slog.Logger, onFallback func(*datapath.Pair, string), heldLimit uint64) (*sockmap.Engine, error)
-	// newPipe, set only by tests, stands in for newPipe when splice tunnels get their pipes.
-	newPipe func(size int) (*datapath.Pipe, error)
+	// newPipe, set only by tests, stands in for pipe2(2) when the event loops make pipes for splice tunnels.
+	newPipe func(size int) (r, w int, err error)
 	// startLoops, set only by tests, stands in for datapath.StartEventLoop when the copy datapath starts its
 	// event loops.
 	startLoops func(eventloop.Options) (*datapath.EventLoop, error)
@@ -135,7 +135,7 @@ type Server struct {
 	unreadMu sync.Mutex
 	unread   map[net.Conn]struct{}
 	kernel   *sockmap.Engine // nil unless the datapath is sockmap
-	splicer  *datapath.Splicer
+	splicer  *spliceEngine
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
 	// kernelAdopted: kernel runs over the BPF objects of the relay this one replaced (Config.KernelObjects).
 	kernelAdopted bool
@@ -240,10 +240,11 @@ func NewServer(cfg Config) (*Server, error) {
 		stop:    make(chan struct{}),
 		settled: make(chan struct{}),
 		limiter: newLimiter(cfg.Limits),
-		splicer: &datapath.Splicer{NewPipe: cfg.newPipe},
 	}
 	s.SetRouter(router)
-	s.copier = &copyEngine{log: cfg.Logger, start: cfg.startLoops, opts: eventloop.Options{Loops: copyLoops()}}
+	s.copier = &copyEngine{log: cfg.Logger, start: cfg.startLoops,
+		opts: eventloop.Options{Loops: copyLoops(), NewPipe: cfg.newPipe}}
+	s.splicer = &spliceEngine{copy: s.copier}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats, s.copier.Stats)
 	s.copier.metrics = s.metrics
 	defer s.dropKernelObjects() // those the kernel engine did not adopt

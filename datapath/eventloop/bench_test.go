@@ -32,6 +32,8 @@ func BenchmarkPingPong(b *testing.B) {
 	}{
 		{name: "eventloop", carry: carryOnLoops(b)},
 		{name: "goroutines", carry: carryWithGoroutines},
+		{name: "eventloop-splice", carry: carrySplicedOnLoops(b)},
+		{name: "goroutines-splice", carry: carrySplicingWithGoroutines},
 	}
 	for _, tunnels := range []int{1, 100} {
 		for _, e := range engines {
@@ -51,6 +53,70 @@ func carryOnLoops(b *testing.B) func(*testing.B, *net.TCPConn, *net.TCPConn) {
 		once.Do(func() { ls = startLoops(b, Options{}) })
 		if _, err := ls.Carry(a, c, nil, nil, nil); err != nil {
 			sub.Fatal(err)
+		}
+	}
+}
+
+// carrySplicedOnLoops is carryOnLoops with the tunnels spliced (Spec.Splice).
+func carrySplicedOnLoops(b *testing.B) func(*testing.B, *net.TCPConn, *net.TCPConn) {
+	var (
+		once sync.Once
+		ls   *Loops
+	)
+	return func(sub *testing.B, a, c *net.TCPConn) {
+		once.Do(func() { ls = startLoops(b, Options{}) })
+		if _, err := ls.CarryWith(a, c, Spec{Splice: true}); err != nil {
+			sub.Fatal(err)
+		}
+	}
+}
+
+// carrySplicingWithGoroutines carries a and c the way the splice datapath on goroutines does (datapath.Splicer):
+// a goroutine and a 64 KiB pipe per direction for the tunnel's life, each splice that would block parking the
+// goroutine in Go's netpoller.
+func carrySplicingWithGoroutines(b *testing.B, a, c *net.TCPConn) {
+	b.Cleanup(func() { a.Close(); c.Close() })
+	for _, d := range [][2]*net.TCPConn{{c, a}, {a, c}} {
+		r, w, err := newPipe(64 << 10)
+		if err != nil {
+			b.Fatal(err)
+		}
+		got, err := unix.FcntlInt(uintptr(w), unix.F_SETPIPE_SZ, 64<<10)
+		if err != nil {
+			b.Fatal(err)
+		}
+		p := &pipe{r: int32(r), w: int32(w), size: int32(got)}
+		go spliceWithGoroutine(d[0], d[1], p)
+	}
+}
+
+func spliceWithGoroutine(dst, src *net.TCPConn, p *pipe) {
+	defer p.close()
+	defer func() { _ = dst.CloseWrite() }()
+	srcRaw, err := src.SyscallConn()
+	if err != nil {
+		return
+	}
+	dstRaw, err := dst.SyscallConn()
+	if err != nil {
+		return
+	}
+	for {
+		var (
+			n    int
+			serr error
+		)
+		err := srcRaw.Read(func(fd uintptr) bool { n, serr = spliceIn(int(fd), p); return serr != unix.EAGAIN })
+		if err != nil || serr != nil || n == 0 {
+			return
+		}
+		p.held = int32(n)
+		for p.held > 0 {
+			err := dstRaw.Write(func(fd uintptr) bool { n, serr = spliceOut(p, int(fd)); return serr != unix.EAGAIN })
+			if err != nil || serr != nil {
+				return
+			}
+			p.held -= int32(n)
 		}
 	}
 }
@@ -120,6 +186,34 @@ func TestMain(m *testing.M) {
 // listens for the relay's upstream connections with an echo server, carries each pair, then has the peer run
 // b.N round trips spread over its clients.
 func benchPingPong(b *testing.B, tunnels int, carry func(*testing.B, *net.TCPConn, *net.TCPConn)) {
+	benchWithPeer(b, tunnels, 64, carry)
+}
+
+// BenchmarkBulk streams 64 KiB writes through one relayed tunnel to the echo peer, which sends them back, with
+// each engine side by side in the same run: MB/s counts one direction, and relay-cpu-ns/op is the relay's CPU
+// per 64 KiB each way. The peers run in a child process, as for BenchmarkPingPong.
+func BenchmarkBulk(b *testing.B) {
+	engines := []struct {
+		name  string
+		carry func(b *testing.B, a, c *net.TCPConn)
+	}{
+		{name: "eventloop", carry: carryOnLoops(b)},
+		{name: "goroutines", carry: carryWithGoroutines},
+		{name: "eventloop-splice", carry: carrySplicedOnLoops(b)},
+		{name: "goroutines-splice", carry: carrySplicingWithGoroutines},
+	}
+	for _, e := range engines {
+		b.Run("engine="+e.name, func(b *testing.B) {
+			b.SetBytes(64 << 10)
+			benchWithPeer(b, 1, 64<<10, e.carry)
+		})
+	}
+}
+
+// benchWithPeer runs b.N round trips of size-byte messages over tunnels relayed tunnels to the peer process.
+// Messages of 64 KiB and more stream: the peer writes them all while it reads the echo, rather than waiting for
+// each to come back.
+func benchWithPeer(b *testing.B, tunnels, size int, carry func(*testing.B, *net.TCPConn, *net.TCPConn)) {
 	front, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -130,7 +224,7 @@ func benchPingPong(b *testing.B, tunnels int, carry func(*testing.B, *net.TCPCon
 		b.Fatal(err)
 	}
 	peer := exec.Command(self, "-test.run=^$")
-	peer.Env = append(os.Environ(), benchPeerEnv+"="+front.Addr().String()+","+strconv.Itoa(tunnels))
+	peer.Env = append(os.Environ(), benchPeerEnv+"="+front.Addr().String()+","+strconv.Itoa(tunnels)+","+strconv.Itoa(size))
 	peer.Stderr = os.Stderr
 	toPeer, _ := peer.StdinPipe()
 	fromPeer, _ := peer.StdoutPipe()
@@ -167,10 +261,15 @@ func benchPingPong(b *testing.B, tunnels int, carry func(*testing.B, *net.TCPCon
 }
 
 // benchPeer is the child process: an echo server, and clients that run the round trips the parent asks for.
-// arg is "front-address,clients".
+// arg is "front-address,clients,message-size".
 func benchPeer(arg string) error {
-	frontAddr, n, _ := strings.Cut(arg, ",")
+	frontAddr, rest, _ := strings.Cut(arg, ",")
+	n, sz, _ := strings.Cut(rest, ",")
 	clients, err := strconv.Atoi(n)
+	if err != nil {
+		return err
+	}
+	size, err := strconv.Atoi(sz)
 	if err != nil {
 		return err
 	}
@@ -199,16 +298,26 @@ func benchPeer(arg string) error {
 		return fmt.Errorf("read round count: %w", err)
 	}
 	var wg sync.WaitGroup
-	errs := make(chan error, clients)
+	errs := make(chan error, 2*clients)
 	for i, c := range conns {
 		mine := rounds / clients
 		if i < rounds%clients {
 			mine++
 		}
 		wg.Add(1)
+		if size >= 64<<10 {
+			wg.Add(1)
+			go func() { defer wg.Done(); errs <- streamTo(c, mine, size) }()
+			go func() {
+				defer wg.Done()
+				_, err := io.CopyN(io.Discard, c, int64(mine)*int64(size))
+				errs <- err
+			}()
+			continue
+		}
 		go func() {
 			defer wg.Done()
-			msg, got := make([]byte, 64), make([]byte, 64)
+			msg, got := make([]byte, size), make([]byte, size)
 			for range mine {
 				if _, err := c.Write(msg); err != nil {
 					errs <- err
@@ -223,10 +332,23 @@ func benchPeer(arg string) error {
 	}
 	wg.Wait()
 	close(errs)
-	if err := <-errs; err != nil {
-		return err
+	for err := range errs {
+		if err != nil {
+			return err
+		}
 	}
 	fmt.Println("done")
+	return nil
+}
+
+// streamTo writes n messages of size bytes to c.
+func streamTo(c net.Conn, n, size int) error {
+	msg := make([]byte, size)
+	for range n {
+		if _, err := c.Write(msg); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -234,7 +356,7 @@ func benchPeer(arg string) error {
 // splice).
 func echoUntilEOF(c net.Conn) {
 	defer c.Close()
-	buf := make([]byte, 4<<10)
+	buf := make([]byte, 64<<10)
 	for {
 		n, err := c.Read(buf)
 		if n > 0 {

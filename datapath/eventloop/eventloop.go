@@ -39,12 +39,21 @@ type Options struct {
 	// KeepFree is how many drained buffers each loop keeps for reuse rather than handing them to the garbage
 	// collector. Default 64.
 	KeepFree int
+	// PipeSize is the capacity asked for the pipe a splice tunnel's direction borrows while bytes sit in it
+	// (Spec.Splice), and so the most one splice takes from a socket. Default 64 KiB.
+	PipeSize int
+	// KeepPipes is how many empty pipes each loop keeps for reuse (two descriptors each); beyond it a drained
+	// pipe is closed. Default 16.
+	KeepPipes int
+	// NewPipe, when set, stands in for pipe2(2) (tests run out of descriptors with it). It returns the read
+	// and write ends, nonblocking.
+	NewPipe func(size int) (r, w int, err error)
 }
 
 func (o Options) withDefaults() (Options, error) {
-	if o.Loops < 0 || o.BufSize < 0 || o.KeepFree < 0 {
-		return o, fmt.Errorf("eventloop options: Loops (%d), BufSize (%d) and KeepFree (%d) must not be negative",
-			o.Loops, o.BufSize, o.KeepFree)
+	if o.Loops < 0 || o.BufSize < 0 || o.KeepFree < 0 || o.PipeSize < 0 || o.KeepPipes < 0 {
+		return o, fmt.Errorf("eventloop options: Loops (%d), BufSize (%d), KeepFree (%d), PipeSize (%d) and "+
+			"KeepPipes (%d) must not be negative", o.Loops, o.BufSize, o.KeepFree, o.PipeSize, o.KeepPipes)
 	}
 	if o.Loops == 0 {
 		o.Loops = runtime.NumCPU()
@@ -55,16 +64,23 @@ func (o Options) withDefaults() (Options, error) {
 	if o.KeepFree == 0 {
 		o.KeepFree = 64
 	}
+	if o.PipeSize == 0 {
+		o.PipeSize = defaultPipeSize
+	}
+	if o.KeepPipes == 0 {
+		o.KeepPipes = 16
+	}
 	return o, nil
 }
 
 // Loops is a set of running event loops. Its methods are safe for concurrent use.
 type Loops struct {
-	loops   []*loop
-	bufSize int
-	next    atomic.Uint32 // round-robin choice of the loop for the next tunnel
-	mu      sync.Mutex    // guards closed against Carry racing Close
-	closed  bool
+	loops    []*loop
+	bufSize  int
+	pipeSize int
+	next     atomic.Uint32 // round-robin choice of the loop for the next tunnel
+	mu       sync.Mutex    // guards closed against Carry racing Close
+	closed   bool
 }
 
 // Start opens and starts opts.Loops event loops. On error nothing is left open.
@@ -73,7 +89,7 @@ func Start(opts Options) (*Loops, error) {
 	if err != nil {
 		return nil, err
 	}
-	ls := &Loops{bufSize: opts.BufSize}
+	ls := &Loops{bufSize: opts.BufSize, pipeSize: opts.PipeSize}
 	for i := range opts.Loops {
 		l, err := newLoop(i, opts)
 		if err != nil {
@@ -109,6 +125,11 @@ type Spec struct {
 	// OnFIN, when set, is called on the loop's thread when direction dir (0: a→b, 1: b→a) has carried its FIN,
 	// after its last byte; like OnEnd, it must not block.
 	OnFIN func(dir int)
+	// Splice moves the tunnel's bytes with splice(2) through a pipe each direction borrows while bytes sit in
+	// it (Options.PipeSize), rather than through a buffer: they never enter userspace. Peeked bytes are still
+	// written from memory, first. A direction that cannot have a pipe (out of descriptors) reads into a buffer
+	// instead, until a pipe can be had.
+	Splice bool
 }
 
 // CarryWith is Carry with the whole Spec.
@@ -142,6 +163,7 @@ func (ls *Loops) CarryWith(a, b *net.TCPConn, s Spec) (*Handle, error) {
 	_ = b.Close()
 	t := newTunnel(l, afd, bfd, s.APeeked, s.BPeeked, s.OnEnd)
 	t.onFIN = s.OnFIN
+	t.splice = s.Splice
 	for i, done := range s.Finished {
 		if done {
 			t.dirs[i].out, t.dirs[i].eof, t.dirs[i].shut = nil, true, true
@@ -184,6 +206,9 @@ type LoopStats struct {
 	Events       int64 // readiness events handled since start
 	Wakeups      int64 // epoll_wait calls that returned since start
 	BuffersInUse int64 // buffers lent to directions holding unsent bytes
+	PipesInUse   int64 // pipes lent to splice directions holding unsent bytes
+	PipesFree    int64 // empty pipes kept for reuse (Options.KeepPipes at most)
+	PipeFailures int64 // pipes that could not be made since start; the direction read into a buffer instead
 }
 
 // Stats returns each loop's counters, in loop order.
@@ -195,6 +220,9 @@ func (ls *Loops) Stats() []LoopStats {
 			Events:       l.events.Load(),
 			Wakeups:      l.wakeups.Load(),
 			BuffersInUse: l.buffersInUse.Load(),
+			PipesInUse:   l.pipesInUse.Load(),
+			PipesFree:    l.pipesFree.Load(),
+			PipeFailures: l.pipeFailures.Load(),
 		}
 	}
 	return out
@@ -202,6 +230,10 @@ func (ls *Loops) Stats() []LoopStats {
 
 // BufSize is the size of the buffer a direction borrows while it holds unsent bytes (Options.BufSize).
 func (ls *Loops) BufSize() int { return ls.bufSize }
+
+// PipeSize is the capacity asked for a splice tunnel's pipe (Options.PipeSize); the kernel may give less once
+// the user's pipe allowance is spent, never more.
+func (ls *Loops) PipeSize() int { return ls.pipeSize }
 
 // Close resets every tunnel still carried (their onEnd gets ReasonLoopsClosed), stops the loops and waits for
 // their threads to finish. Draining tunnels first is the caller's job. Close is safe to call twice.

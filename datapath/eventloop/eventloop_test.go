@@ -16,7 +16,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func TestCarryIsByteExactBothWays(t *testing.T) {
+func TestCarryIsByteExactBothWays(t *testing.T) { forEachMode(t, testCarryIsByteExactBothWays) }
+
+func testCarryIsByteExactBothWays(t *testing.T, splice bool) {
 	cases := []struct {
 		name             string
 		aToB, bToA       int // bytes each way, peeked bytes included
@@ -34,7 +36,7 @@ func TestCarryIsByteExactBothWays(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			seed := uint64(i) * 1000
 			sendA, sendB := newStream(seed+1), newStream(seed+2)
-			r := carry(t, ls, sendA.next(tc.aPeeked), sendB.next(tc.bPeeked), nil)
+			r := carryAs(t, ls, splice, sendA.next(tc.aPeeked), sendB.next(tc.bPeeked), nil)
 			var wg sync.WaitGroup
 			errs := make(chan error, 6)
 			send := func(c *net.TCPConn, s *stream, n int, chunkSeed uint64) {
@@ -69,8 +71,12 @@ func TestCarryIsByteExactBothWays(t *testing.T) {
 // One side's FIN reaches the other after all of that side's bytes, and the other direction keeps flowing
 // after it.
 func TestCarryHalfCloseKeepsTheOtherDirection(t *testing.T) {
+	forEachMode(t, testCarryHalfCloseKeepsTheOtherDirection)
+}
+
+func testCarryHalfCloseKeepsTheOtherDirection(t *testing.T, splice bool) {
 	ls := startLoops(t, Options{Loops: 1})
-	r := carry(t, ls, nil, nil, nil)
+	r := carryAs(t, ls, splice, nil, nil, nil)
 	if err := writeStream(r.peerA, newStream(1), 100<<10, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +124,10 @@ func readUntilError(c *net.TCPConn) error {
 }
 
 func TestCarryResetOnOneSideResetsTheOther(t *testing.T) {
+	forEachMode(t, testCarryResetOnOneSideResetsTheOther)
+}
+
+func testCarryResetOnOneSideResetsTheOther(t *testing.T, splice bool) {
 	cases := []struct {
 		name    string
 		resetB  bool // which peer resets: b's, else a's
@@ -131,7 +141,7 @@ func TestCarryResetOnOneSideResetsTheOther(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ls := startLoops(t, Options{Loops: 1, BufSize: 4 << 10})
-			r := carry(t, ls, nil, nil, smallBuffers)
+			r := carryAs(t, ls, splice, nil, nil, smallBuffers)
 			if tc.stalled {
 				fillUntilStalled(t, r, newStream(9))
 			}
@@ -236,12 +246,14 @@ func socketBuffers(t *testing.T, r *rig) int64 {
 	return 2 * sum
 }
 
-func TestCarryThousandPingPongTunnels(t *testing.T) {
+func TestCarryThousandPingPongTunnels(t *testing.T) { forEachMode(t, testCarryThousandPingPongTunnels) }
+
+func testCarryThousandPingPongTunnels(t *testing.T, splice bool) {
 	const tunnels, rounds, size = 1000, 10, 32
 	ls := startLoops(t, Options{Loops: 2})
 	rigs := make([]*rig, tunnels)
 	for i := range rigs {
-		rigs[i] = carry(t, ls, nil, nil, nil)
+		rigs[i] = carryAs(t, ls, splice, nil, nil, nil)
 	}
 	var wg sync.WaitGroup
 	errs := make(chan error, 2*tunnels)
@@ -289,7 +301,9 @@ func TestCarryThousandPingPongTunnels(t *testing.T) {
 	}
 }
 
-func TestHandleCloseEndsBothSides(t *testing.T) {
+func TestHandleCloseEndsBothSides(t *testing.T) { forEachMode(t, testHandleCloseEndsBothSides) }
+
+func testHandleCloseEndsBothSides(t *testing.T, splice bool) {
 	cases := []struct {
 		name    string
 		abort   bool
@@ -302,7 +316,7 @@ func TestHandleCloseEndsBothSides(t *testing.T) {
 	ls := startLoops(t, Options{Loops: 1})
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			r := carry(t, ls, []byte("hi"), nil, nil)
+			r := carryAs(t, ls, splice, []byte("hi"), nil, nil)
 			got := make([]byte, 2)
 			if _, err := io.ReadFull(r.peerB, got); err != nil || string(got) != "hi" {
 				t.Fatalf("peeked bytes: read %q, %v", got, err)
@@ -322,7 +336,9 @@ func TestHandleCloseEndsBothSides(t *testing.T) {
 }
 
 // Tunnels ended every way, and one still open when the loops close, leave no descriptor behind.
-func TestCarryLeaksNoDescriptors(t *testing.T) {
+func TestCarryLeaksNoDescriptors(t *testing.T) { forEachMode(t, testCarryLeaksNoDescriptors) }
+
+func testCarryLeaksNoDescriptors(t *testing.T, splice bool) {
 	before := openFDs(t)
 	// The subtest's cleanups close the test's own conns before the count after.
 	t.Run("tunnels", func(t *testing.T) {
@@ -330,13 +346,13 @@ func TestCarryLeaksNoDescriptors(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		closed := carry(t, ls, nil, nil, nil)
+		closed := carryAs(t, ls, splice, nil, nil, nil)
 		_ = closed.peerA.CloseWrite()
 		_ = closed.peerB.CloseWrite()
-		reset(t, carry(t, ls, nil, nil, nil).peerA)
-		carry(t, ls, nil, nil, nil).h.Close(false)
-		carry(t, ls, nil, nil, nil).h.Close(true)
-		open := carry(t, ls, nil, nil, nil)
+		reset(t, carryAs(t, ls, splice, nil, nil, nil).peerA)
+		carryAs(t, ls, splice, nil, nil, nil).h.Close(false)
+		carryAs(t, ls, splice, nil, nil, nil).h.Close(true)
+		open := carryAs(t, ls, splice, nil, nil, nil)
 		closed.end(t)
 		ls.Close()
 		if e := open.end(t); e.Reason != ReasonLoopsClosed {
@@ -344,7 +360,7 @@ func TestCarryLeaksNoDescriptors(t *testing.T) {
 		}
 		ls.Close() // twice is safe
 		a, b := tcpPair(t, nil)
-		if _, err := ls.Carry(a, b, nil, nil, nil); !errors.Is(err, ErrClosed) {
+		if _, err := ls.CarryWith(a, b, Spec{Splice: splice}); !errors.Is(err, ErrClosed) {
 			t.Errorf("Carry after Close = %v, want ErrClosed", err)
 		}
 	})
@@ -427,7 +443,9 @@ func TestCarryEpollAddFails(t *testing.T) {
 // Bytes and a FIN that arrived before Carry are carried: the loop hears of them although the readiness
 // they raised came before it took the tunnel (the first pass's short read would otherwise wait for an edge
 // that never comes, and the FIN would never be read).
-func TestCarryFINBeforeCarry(t *testing.T) {
+func TestCarryFINBeforeCarry(t *testing.T) { forEachMode(t, testCarryFINBeforeCarry) }
+
+func testCarryFINBeforeCarry(t *testing.T, splice bool) {
 	ls := startLoops(t, Options{Loops: 1})
 	peerA, a := tcpPair(t, nil)
 	b, peerB := tcpPair(t, nil)
@@ -438,7 +456,7 @@ func TestCarryFINBeforeCarry(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(50 * time.Millisecond) // they have arrived at b
-	if _, err := ls.Carry(a, b, nil, nil, nil); err != nil {
+	if _, err := ls.CarryWith(a, b, Spec{Splice: splice}); err != nil {
 		t.Fatal(err)
 	}
 	_ = peerA.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -477,9 +495,11 @@ func TestIdleTunnelsHoldNoBuffers(t *testing.T) {
 }
 
 // Bytes and LastActive are live: they move while the tunnel carries, before it ends.
-func TestHandleCountersAreLive(t *testing.T) {
+func TestHandleCountersAreLive(t *testing.T) { forEachMode(t, testHandleCountersAreLive) }
+
+func testHandleCountersAreLive(t *testing.T, splice bool) {
 	ls := startLoops(t, Options{Loops: 1})
-	r := carry(t, ls, nil, nil, nil)
+	r := carryAs(t, ls, splice, nil, nil, nil)
 	started := r.h.LastActive()
 	if started.IsZero() || time.Since(started) > testTimeout {
 		t.Fatalf("LastActive before any byte = %v, want the tunnel's start", started)

@@ -67,10 +67,17 @@ type rig struct {
 // carry builds a rig on ls: a is the relay's end of a connection from peerA, b its end of one to peerB.
 func carry(t testing.TB, ls *Loops, aPeeked, bPeeked []byte, setup func(fd uintptr)) *rig {
 	t.Helper()
+	return carryAs(t, ls, false, aPeeked, bPeeked, setup)
+}
+
+// carryAs is carry, the tunnel spliced (Spec.Splice) when splice is set.
+func carryAs(t testing.TB, ls *Loops, splice bool, aPeeked, bPeeked []byte, setup func(fd uintptr)) *rig {
+	t.Helper()
 	peerA, a := tcpPair(t, setup)
 	b, peerB := tcpPair(t, setup)
 	r := &rig{peerA: peerA, peerB: peerB, ends: make(chan End, 1)}
-	h, err := ls.Carry(a, b, aPeeked, bPeeked, func(e End) { r.ends <- e })
+	h, err := ls.CarryWith(a, b, Spec{APeeked: aPeeked, BPeeked: bPeeked, Splice: splice,
+		OnEnd: func(e End) { r.ends <- e }})
 	if err != nil {
 		t.Fatalf("carry: %v", err)
 	}
@@ -79,6 +86,17 @@ func carry(t testing.TB, ls *Loops, aPeeked, bPeeked []byte, setup func(fd uintp
 		_ = c.SetDeadline(time.Now().Add(testTimeout))
 	}
 	return r
+}
+
+// forEachMode runs test on both ways a loop moves bytes: through lent buffers (copy) and through lent pipes
+// (splice): every invariant holds on both.
+func forEachMode(t *testing.T, test func(t *testing.T, splice bool)) {
+	for _, m := range []struct {
+		name   string
+		splice bool
+	}{{"copy", false}, {"splice", true}} {
+		t.Run(m.name, func(t *testing.T) { test(t, m.splice) })
+	}
 }
 
 // end waits for the tunnel's End.

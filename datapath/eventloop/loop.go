@@ -67,11 +67,19 @@ type loop struct {
 	events       atomic.Int64
 	wakeups      atomic.Int64
 	buffersInUse atomic.Int64
+	pipesInUse   atomic.Int64
+	pipesFree    atomic.Int64
+	pipeFailures atomic.Int64
 
 	byFD  map[int32]*tunnel
 	free  []*[]byte // drained buffers kept for reuse; the loop is single-threaded, so no sync.Pool is needed
 	again []*tunnel // tunnels that stopped a pass with work left (passReads), run before the next wait
 	now   int64     // the loop's clock, read once per wakeup, in Unix nanoseconds
+
+	pipeSize  int
+	keepPipes int
+	newPipe   func(size int) (r, w int, err error) // Options.NewPipe; nil: pipe2
+	pipes     []*pipe                              // empty pipes kept for reuse
 }
 
 func newLoop(id int, opts Options) (*loop, error) {
@@ -95,6 +103,7 @@ func newLoop(id int, opts Options) (*loop, error) {
 	return &loop{
 		id: id, epfd: epfd, wakefd: wakefd, bufSize: opts.BufSize, keepFree: opts.KeepFree,
 		stopped: make(chan struct{}), byFD: make(map[int32]*tunnel),
+		pipeSize: opts.PipeSize, keepPipes: opts.KeepPipes, newPipe: opts.NewPipe,
 	}, nil
 }
 
@@ -274,6 +283,11 @@ func (l *loop) stop() {
 			t.end(SideNone, ReasonLoopsClosed, nil, true)
 		}
 	}
+	for _, p := range l.pipes {
+		p.close()
+	}
+	l.pipes = nil
+	l.pipesFree.Store(0)
 	unix.Close(l.wakefd)
 	unix.Close(l.epfd)
 }

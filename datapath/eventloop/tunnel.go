@@ -11,7 +11,7 @@ import (
 
 // socket is one of a tunnel's descriptors with the readiness the loop last learned of it.
 type socket struct {
-	fd       int32 // an int32 beside the bools: a socket then takes 8 bytes, and a tunnel record its size class
+	fd       int32 // int32, as epoll names it: the record of an idle tunnel stays small
 	readable bool  // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
 	writable bool  // as readable, for EPOLLOUT and writes
 	hup      bool  // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
@@ -21,6 +21,7 @@ type socket struct {
 type direction struct {
 	buf      *[]byte // the borrowed buffer while out lies in it; nil while idle or sending peeked bytes
 	out      []byte  // bytes read from src (or peeked) that dst has not yet taken
+	pipe     *pipe   // a splice tunnel's borrowed pipe, while bytes sit in it (pipe.held); sent after out
 	src, dst uint8   // indices into tunnel.ends (small, and after out: every idle tunnel keeps two directions)
 	eof      bool    // src sent FIN
 	shut     bool    // the FIN was carried: dst was shut down for writing after the last byte
@@ -36,6 +37,7 @@ type tunnel struct {
 	added  bool // its descriptors are registered with the loop
 	ended  bool
 	queued bool // in loop.again
+	splice bool // the directions move bytes through pipes (Spec.Splice)
 	first  Side // the side whose FIN came first, for End
 
 	written    [2]atomic.Int64 // bytes written each way (index = direction)
@@ -140,6 +142,11 @@ func (t *tunnel) move(d *direction) bool {
 				d.buf = nil
 			}
 		}
+		if d.pipe != nil {
+			if sent, ok := t.sendPipe(d, dst); !ok || !sent {
+				return ok
+			}
+		}
 		if d.eof {
 			if !d.shut {
 				d.shut = true
@@ -161,6 +168,15 @@ func (t *tunnel) move(d *direction) bool {
 			return true
 		}
 		reads++
+		if t.splice {
+			if d.pipe = t.loop.takePipe(); d.pipe != nil {
+				if !t.spliceIn(d, src) {
+					return false
+				}
+				continue
+			}
+			// No pipe to be had: this read goes through a buffer, as a copy tunnel's would.
+		}
 		if d.buf == nil {
 			d.buf = t.loop.borrow()
 		}
@@ -199,6 +215,61 @@ func (t *tunnel) move(d *direction) bool {
 		}
 		// The write comes straight after the read, in the same pass: a small message crosses in one wakeup.
 	}
+}
+
+// sendPipe splices what d's pipe holds to dst and gives the pipe back once it is empty. sent says the pipe
+// was emptied (and given back); ok is false when the tunnel ended.
+func (t *tunnel) sendPipe(d *direction, dst *socket) (sent, ok bool) {
+	for d.pipe.held > 0 {
+		if !dst.writable {
+			return false, true // dst's EPOLLOUT edge resumes this direction; src is not read meanwhile
+		}
+		n, err := spliceOut(d.pipe, int(dst.fd))
+		if err == unix.EAGAIN {
+			dst.writable = false
+			return false, true
+		}
+		if err == nil && n == 0 {
+			err = errors.New("splice moved nothing")
+		}
+		if err != nil {
+			t.fail(Side(d.dst), fmt.Errorf("splice to side %s: %w", Side(d.dst), err))
+			return false, false
+		}
+		d.pipe.held -= int32(n)
+		t.written[d.src].Add(int64(n))
+		t.unsent.Add(-int64(n))
+		t.lastActive.Store(t.loop.now)
+	}
+	t.loop.putPipe(d.pipe)
+	d.pipe = nil
+	return true, true
+}
+
+// spliceIn moves what src has into d's empty pipe, noting EOF and EAGAIN as move's read does; it reports false
+// when the tunnel ended. Unlike a read into a buffer, a short splice does not say the socket is empty (the
+// pipe's slots may have run out before its bytes), so src stays readable until a splice returns EAGAIN.
+func (t *tunnel) spliceIn(d *direction, src *socket) bool {
+	n, err := spliceIn(int(src.fd), d.pipe)
+	switch {
+	case err == unix.EAGAIN:
+		src.readable = false
+	case err != nil:
+		t.fail(Side(d.src), fmt.Errorf("splice from side %s: %w", Side(d.src), err))
+		return false
+	case n == 0:
+		d.eof = true
+		if t.first == SideNone {
+			t.first = Side(d.src)
+		}
+	default:
+		d.pipe.held = int32(n)
+		t.unsent.Add(int64(n))
+		return true
+	}
+	t.loop.putPipe(d.pipe) // empty
+	d.pipe = nil
+	return true
 }
 
 func (t *tunnel) runAgainLater() {
@@ -247,6 +318,10 @@ func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
 			l.giveBack(d.buf)
 			d.buf = nil
 		}
+		if d := &t.dirs[i]; d.pipe != nil {
+			l.putPipe(d.pipe) // closed if it holds bytes: they are dropped with the tunnel (End.Unsent)
+			d.pipe = nil
+		}
 	}
 	if t.added {
 		l.tunnels.Add(-1)
@@ -289,6 +364,26 @@ func (t *tunnel) tcpProgress() uint64 {
 	return sum
 }
 
+// unpipe reads the bytes in the directions' pipes back into memory and gives the empty pipes back. A direction
+// reads into its pipe only once out is empty, so the pipe's bytes become out. The tunnel carries on as before
+// if Detach fails later: move sends out first, as it sends peeked bytes.
+func (t *tunnel) unpipe() error {
+	for i := range t.dirs {
+		d := &t.dirs[i]
+		if d.pipe == nil {
+			continue
+		}
+		b, err := d.pipe.drain()
+		if err != nil {
+			return fmt.Errorf("direction %d: %w", i, err)
+		}
+		d.out = b
+		t.loop.putPipe(d.pipe)
+		d.pipe = nil
+	}
+	return nil
+}
+
 // writtenBoth is the bytes the loop has written both ways.
 func (t *tunnel) writtenBoth() uint64 {
 	return uint64(t.written[0].Load() + t.written[1].Load())
@@ -299,6 +394,9 @@ func (t *tunnel) writtenBoth() uint64 {
 func (t *tunnel) detach(take func(afd, bfd int) error) (Detached, error) {
 	if t.ended {
 		return Detached{}, ErrEnded
+	}
+	if err := t.unpipe(); err != nil {
+		return Detached{}, fmt.Errorf("detach: %w", err)
 	}
 	var dups [2]int
 	for i := range t.ends {

@@ -153,21 +153,35 @@ func TestMoveCopyToSockmap(t *testing.T) {
 // pair ends closed on sockmap with the maps left empty.
 func TestMoveEventLoopToSockmap(t *testing.T) {
 	requireSockmap(t)
+	for _, splice := range []bool{false, true} {
+		t.Run(map[bool]string{false: "copy", true: "splice"}[splice], func(t *testing.T) {
+			testMoveEventLoopToSockmap(t, splice)
+		})
+	}
+}
+
+// testMoveEventLoopToSockmap is TestMoveEventLoopToSockmap from the event loop's copy engine, or from its
+// splice engine (EventLoop.Splice).
+func testMoveEventLoopToSockmap(t *testing.T, splice bool) {
 	k, _ := newTestEngine(t)
 	loops, err := datapath.StartEventLoop(eventloop.Options{Loops: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { loops.Close() })
+	from := loops
+	if splice {
+		from = loops.Splice()
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	client, relayClient, relayUp, up := tunnelEnds(t)
 	const half = 1 << 20
 	toUp, toClient := stream(21, 2*half), stream(22, 2*half)
-	p := datapath.NewPair(datapath.Copy, datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},
+	p := datapath.NewPair(from.Kind(), datapath.Endpoint{Conn: relayClient, Peeked: toUp[:100]},
 		datapath.Endpoint{Conn: relayUp, Peeked: toClient[:100]}, nil)
 	t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
-	loops.Carry(p)
+	from.Carry(p)
 
 	sides := []struct {
 		name      string
