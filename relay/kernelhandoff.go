@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync/atomic"
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/sockmap"
@@ -15,22 +16,53 @@ import (
 // kernel tunnels can move too (HandKernelTunnels): each leaves the old engine with its sockets left in
 // the maps, so that the verdict goes on moving its bytes in the kernel, and the new engine adopts it.
 
+// kernelShares is what the relay knows of the other processes that read its kernel engine's ring buffer,
+// so that each one's end is told to the engine (sockmap.Engine.Unshare) once, and only its own: the
+// process this one adopted the objects from, and the one they were last exported to.
+type kernelShares struct {
+	// exported: the objects were exported to a process an upgrade started, which may not have adopted
+	// them yet (WithdrawKernelExport).
+	exported atomic.Bool
+	// adoptedEnded: the process the objects were adopted from reads them no more (UnshareKernel).
+	adoptedEnded atomic.Bool
+	// eventsStopped: this engine reads the ring buffer no more (StopKernelEvents).
+	eventsStopped atomic.Bool
+}
+
 // ExportKernel returns descriptors of the kernel engine's BPF objects for the process an upgrade starts,
-// which the caller closes; none when this relay runs no kernel engine.
+// which the caller closes; none when this relay runs no kernel engine. Until WithdrawKernelExport, that
+// process counts as a reader of the ring buffer.
 func (s *Server) ExportKernel() (map[string]*os.File, error) {
 	if s.kernel == nil {
 		return nil, nil
 	}
-	return s.kernel.Export()
+	files, err := s.kernel.Export()
+	if err == nil {
+		if s.kernelShares.exported.Swap(true) {
+			s.kernel.Unshare() // an earlier export's process, which did not adopt them, is not withdrawn yet
+		}
+	}
+	return files, err
+}
+
+// WithdrawKernelExport says that the process the BPF objects were exported to did not adopt them (it
+// failed to start, or runs another datapath or BPF build): it reads no mode events. A call without such
+// an export does nothing.
+func (s *Server) WithdrawKernelExport() {
+	if s.kernel != nil && s.kernelShares.exported.Swap(false) {
+		s.kernel.Unshare()
+	}
 }
 
 // HandKernelTunnels makes the kernel tunnels movable: the new process adopted the BPF objects.
 func (s *Server) HandKernelTunnels() { s.tunnels.kernelMovable.Store(true) }
 
-// UnshareKernel tells the kernel engine that no other process reads its ring buffer any more: the old
-// process is gone, or the new one did not adopt the objects.
+// UnshareKernel tells the kernel engine that the process it adopted the BPF objects from reads their
+// ring buffer no more: that process stopped reading (KernelEventsStopped there) or is gone. Only then:
+// an event it read for a tunnel of this one is found by the engine's sweeps alone. Later calls, or calls
+// without adopted objects, do nothing.
 func (s *Server) UnshareKernel() {
-	if s.kernel != nil {
+	if s.kernel != nil && s.kernelAdopted && !s.kernelShares.adoptedEnded.Swap(true) {
 		s.kernel.Unshare()
 	}
 }
@@ -38,12 +70,20 @@ func (s *Server) UnshareKernel() {
 // StopKernelEvents stops the kernel engine's reading of the ring buffer once it has handed over its
 // objects and holds no kernel tunnel: the new process's engine reads every event from then on.
 func (s *Server) StopKernelEvents() {
-	if s.kernel == nil || !s.tunnels.kernelMovable.Load() || s.kernel.Tunnels() > 0 {
+	if s.kernel == nil || !s.tunnels.kernelMovable.Load() || s.kernel.Tunnels() > 0 || s.kernelShares.eventsStopped.Load() {
 		return
 	}
 	if err := s.kernel.StopEvents(); err != nil {
 		s.log.Warn("upgrade: could not stop reading the kernel datapath's mode events", "err", err)
+		return
 	}
+	s.kernelShares.eventsStopped.Store(true)
+}
+
+// KernelEventsStopped reports whether this relay reads no mode events of a kernel engine: it runs none,
+// or StopKernelEvents stopped them. The process it handed its objects to may then stop its sweeps.
+func (s *Server) KernelEventsStopped() bool {
+	return s.kernel == nil || s.kernelShares.eventsStopped.Load()
 }
 
 // KernelAdopted reports whether the kernel engine runs over the BPF objects of the relay this one

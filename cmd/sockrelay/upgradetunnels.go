@@ -67,7 +67,7 @@ func (m *tunnelMover) run(drained <-chan struct{}) {
 		if n == 0 {
 			select {
 			case <-drained:
-				_ = m.conn.Send(handover.Message{Type: handover.TypeDone, Done: &handover.Done{Tunnels: m.moved}}, nil)
+				_ = m.conn.Send(handover.Message{Type: handover.TypeDone, Done: &handover.Done{Tunnels: m.moved, EventsStopped: m.srv.KernelEventsStopped()}}, nil)
 				return
 			case <-time.After(50 * time.Millisecond):
 			}
@@ -297,7 +297,7 @@ func (a *adopter) run() {
 			if !errors.Is(err, os.ErrClosed) && !peerGone(err) {
 				a.log.Warn("upgrade: the old process's handover of tunnels broke off", "pid", a.from, "err", err)
 			}
-			a.srv.UnshareKernel() // the old process reads no more mode events
+			go unshareWhenGone(a.srv, a.from, a.log) // it may still read mode events until it exits
 			return
 		}
 		switch m.Type {
@@ -333,7 +333,11 @@ func (a *adopter) run() {
 			delete(prepared, m.Commit.Batch)
 		case handover.TypeDone:
 			a.log.Info("upgrade: tunnels adopted from the old process", "pid", a.from, "tunnels", adopted)
-			a.srv.UnshareKernel() // the old process stopped reading mode events before it was done
+			if m.Done.EventsStopped {
+				a.srv.UnshareKernel() // the old process reads no more mode events
+			} else {
+				go unshareWhenGone(a.srv, a.from, a.log) // it still reads them, for the tunnels it kept
+			}
 			return
 		default:
 			closeAllFiles(files)

@@ -28,10 +28,13 @@ import (
 // edge-triggered registration reports the state the socket is in when it is added), as it reports a FIN
 // or an error that came in between; and Adopt starts the relay of a direction it finds demoted.
 //
-// Once the objects are shared, both processes may read the mode-change ring buffer, and an event is
-// read by one reader only. An engine that shares its objects therefore rechecks every tunnel each
-// sharedSweep, as it does after lost events; the old process stops reading (StopEvents) once it holds
-// no kernel tunnel, and the new one stops sweeping (Unshare) once the old one has gone.
+// Once the objects are shared, both processes may read the mode-change ring buffer, and an event one
+// reads the other may never see. An engine that shares its objects therefore rechecks every tunnel each
+// sharedSweep, as it does after lost events, while any other process may read (sharers counts them: the
+// process it adopted from, each process it exported to). The old process stops reading (StopEvents) once
+// it holds no kernel tunnel and tells the new one, or exits; the new one then calls Unshare, and once no
+// other reader is left the loop rechecks every tunnel one last time, for an event the other read before
+// it stopped.
 
 // sharedSweep is how often an engine that shares its BPF objects rechecks every tunnel's mode: the
 // longest a direction demoted while the other process read its event waits for its relay.
@@ -89,7 +92,7 @@ func StartAdopted(log *slog.Logger, onFallback func(p *datapath.Pair, reason str
 	if err != nil {
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
-	k.shared.Store(true)
+	k.share()
 	if err := k.selfTest(); err != nil {
 		k.Close()
 		return nil, fmt.Errorf("sockmap: %w", err)
@@ -107,22 +110,47 @@ func (k *Engine) Export() (map[string]*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
-	k.shared.Store(true)
+	k.share()
 	return files, nil
 }
 
-// Unshare stops the sweeps of a shared engine: no other process reads the ring buffer any more.
-func (k *Engine) Unshare() { k.shared.Store(false) }
+// Shared reports whether another process may still read the engine's mode-change ring buffer, so that
+// the engine sweeps its tunnels for events that process read.
+func (k *Engine) Shared() bool { return k.sharers.Load() > 0 }
+
+// share counts one more process that may read the ring buffer (sharers).
+func (k *Engine) share() { k.sharers.Add(1) }
+
+// Unshare says that one of the processes that shared the objects (the one this engine adopted them from,
+// or one it exported them to that did not adopt them) reads the ring buffer no more: it stopped reading
+// (StopEvents) or is gone. Once none is left, the loop rechecks every tunnel one last time and stops the
+// sweeps. A call with no sharer left does nothing.
+func (k *Engine) Unshare() {
+	for {
+		n := k.sharers.Load()
+		if n <= 0 {
+			return
+		}
+		if k.sharers.CompareAndSwap(n, n-1) {
+			if n == 1 {
+				k.lastSweep.Store(true)
+			}
+			return
+		}
+	}
+}
 
 // StopEvents stops this engine's reading of the ring buffer, for the process it handed its tunnels to:
 // called once it holds no kernel tunnel. Tunnels it still carried would find their demotions only at the
 // sweep.
 func (k *Engine) StopEvents() error { return k.maps.CloseEvents() }
 
-// sweepIfShared rechecks every tunnel each sharedSweep while the engine shares its objects. Only the loop
-// calls it.
+// sweepIfShared rechecks every tunnel each sharedSweep while the engine shares its objects, and once more
+// when sharing has ended: an event the other process read between the last sweep and its StopEvents
+// would be lost otherwise. Only the loop calls it.
 func (k *Engine) sweepIfShared() {
-	if !k.shared.Load() || time.Since(k.sweptAt) < sharedSweep {
+	last := k.lastSweep.Swap(false)
+	if !last && (k.sharers.Load() <= 0 || time.Since(k.sweptAt) < sharedSweep || k.hooks.pauseSweeps.Load()) {
 		return
 	}
 	k.sweptAt = time.Now()

@@ -33,7 +33,7 @@ func adoptingEngine(t *testing.T, k *Engine) *Engine {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k2.shared.Store(true)
+	k2.share()
 	t.Cleanup(func() {
 		k2.Close()
 		if t.Failed() {
@@ -303,5 +303,76 @@ func TestStartAdoptedLeavesLiveTunnels(t *testing.T) {
 	}
 	if d := diffStreams(got, msg); d != "" {
 		t.Errorf("the live tunnel after the self-test: %s", d)
+	}
+}
+
+// TestSharedSweepsUntilEveryReaderStops: a demotion whose event another reader of the shared ring buffer
+// took is found by the sweeps while any other reader is left, and by one last recheck once the last stops.
+// With two sharers (the process the engine adopted from, and one it exported to) the end of one leaves
+// the sweeps on; once none is left, the loop rechecks every tunnel once more, the periodic sweeps paused
+// here so that only that last recheck can find the demotion.
+func TestSharedSweepsUntilEveryReaderStops(t *testing.T) {
+	for _, tc := range []struct {
+		name            string
+		sharers         int
+		pauseSweeps     bool
+		unshareAfterDem bool // Unshare once the direction is demoted, else before the stream starts
+	}{
+		{"one of two readers stopped: the sweeps go on", 2, false, false},
+		{"the last reader stopped: one last recheck", 1, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, _ := newTestEngine(t)
+			for range tc.sharers {
+				files, err := k.Export()
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, f := range files {
+					f.Close()
+				}
+			}
+			if !tc.unshareAfterDem {
+				k.Unshare()
+			}
+			if tc.pauseSweeps {
+				k.pauseSweeps()
+			}
+			k.stealModeEvents(true)
+			c, u, p := carryPair(t, k)
+			d := kernelDirOf(t, k, false)
+			const size = 64 << 20
+			data := stream(41, size)
+			wrote := make(chan error, 1)
+			go sendStream(u, data, wrote)
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the direction was not demoted within 10s while the client did not read")
+				}
+			}
+			if tc.unshareAfterDem {
+				time.Sleep(3 * sharedSweep)
+				k.mu.Lock()
+				relaying := d.relaying
+				k.mu.Unlock()
+				if relaying {
+					t.Fatal("the direction is relayed before sharing ended: the case tests nothing")
+				}
+				k.stealModeEvents(false) // the other process stopped reading
+				k.Unshare()
+			}
+			if diff, err := readStream(c, data, 20*time.Second); err != nil || diff != "" {
+				t.Fatalf("stream to the client (a demotion whose event another reader took was never found): %v %s", err, diff)
+			}
+			if werr := <-wrote; werr != nil {
+				t.Fatalf("upstream write: %v", werr)
+			}
+			c.CloseWrite()
+			waitEnded(t, p)
+			assertMapsEmpty(t, k)
+		})
 	}
 }

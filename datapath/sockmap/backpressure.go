@@ -56,6 +56,9 @@ func (k *Engine) readModeChanges() {
 			k.hooks.droppedModeEvents.Add(1)
 			continue
 		}
+		if k.hooks.stealModeEvents.Load() {
+			continue
+		}
 		if ev.Kind == loader.Demoted {
 			k.demotions.Add(1)
 		}

@@ -20,7 +20,7 @@ func (k *Engine) loop() {
 		if timeout < 0 || timeout > lostEventsCheckMs {
 			timeout = lostEventsCheckMs
 		}
-		if k.shared.Load() {
+		if k.sharers.Load() > 0 || k.lastSweep.Load() {
 			timeout = min(timeout, int(sharedSweep/time.Millisecond))
 		}
 		n, err := unix.EpollWait(k.epfd, events, timeout)
