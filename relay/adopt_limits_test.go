@@ -1,10 +1,12 @@
 package relay
 
 import (
+	"bufio"
 	"context"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"testing"
 	"time"
 )
@@ -23,7 +25,7 @@ func handOverTo(t *testing.T, from *testRelay, to *testRelay, tun *Tunnel, liste
 	}
 	adopted, err := to.Adopt(Adoption{ID: tun.ID, ClientAddr: tun.ClientAddr, UpstreamAddr: tun.UpstreamAddr,
 		Pool: tun.Pool, Listener: listener, Datapath: pt.Datapath, Started: tun.Started, LastActive: pt.LastActive,
-		ClientIP: pt.ClientIP, State: pt.State, Client: client, Upstream: upstream})
+		ClientIP: pt.ClientIP, Kernel: pt.Kernel, State: pt.State, Client: client, Upstream: upstream})
 	if err != nil {
 		t.Fatalf("adopt tunnel %d: %v", tun.ID, err)
 	}
@@ -148,4 +150,101 @@ func TestHoldDrainWaitsForAdoptions(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Shutdown had not returned 10s after the hold was released and the tunnel ended")
 	}
+}
+
+// TestHandOverKeepsClientIPBehindProxy: a tunnel opened through a trusted proxy, handed over on each
+// engine that can move (copy, and sockmap with the BPF objects adopted), counts in the new process under
+// the client's address the proxy named, not the proxy's: a handshake from that client past the
+// listener's max_tunnels_per_ip is refused there.
+func TestHandOverKeepsClientIPBehindProxy(t *testing.T) {
+	const client = "198.51.100.7"
+	trusted := []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	request := "GET /tunnel HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"X-Forwarded-For: " + client + "\r\nSec-WebSocket-Key: " + testKey + "\r\nSec-WebSocket-Version: 13\r\n\r\n"
+	for _, dp := range []Datapath{DatapathCopy, DatapathSockmap} {
+		t.Run(string(dp), func(t *testing.T) {
+			if dp == DatapathSockmap {
+				requireSockmap(t)
+			}
+			up := startUpstream(t)
+			old := startRelay(t, dp, []string{up.Addr})
+			oldEdge := serveEdge(t, old, ListenerOptions{Name: "edge", TrustedProxies: trusted})
+			var objs func(*Config)
+			if dp == DatapathSockmap {
+				files, err := old.ExportKernel()
+				if err != nil {
+					t.Fatal(err)
+				}
+				objs = func(c *Config) { c.KernelObjects = files }
+				old.HandKernelTunnels()
+			}
+			next := startRelay(t, dp, []string{up.Addr}, func(c *Config) {
+				if objs != nil {
+					objs(c)
+				}
+			})
+			edge := serveEdge(t, next, ListenerOptions{Name: "edge", TrustedProxies: trusted, Limits: Limits{MaxTunnelsPerIP: 1}})
+
+			c, u := openTunnelWith(t, oldEdge, up, request, nil, nil)
+			defer c.Close()
+			defer u.Close()
+			tuns := old.Tunnels().Tunnels()
+			if len(tuns) != 1 {
+				t.Fatalf("the old server carries %d tunnels, want 1", len(tuns))
+			}
+			waitKind(t, tuns[0], dp)
+			moved := handOverTo(t, old, next, tuns[0], "edge")
+			if moved.pair.Kind() != dp {
+				t.Fatalf("the adopted tunnel runs on %s, want %s", moved.pair.Kind(), dp)
+			}
+			if moved.clientIP != client {
+				t.Errorf("the adopted tunnel counts under %q, want the client's address %q", moved.clientIP, client)
+			}
+			if code := handshakeStatus(t, edge, request); code != http.StatusServiceUnavailable {
+				t.Errorf("a second handshake from %s while its adopted tunnel holds the one slot: %d, want 503", client, code)
+			}
+		})
+	}
+}
+
+// serveEdge serves a listener of r with opts on a loopback port, and returns its address.
+func serveEdge(t *testing.T, r *testRelay, opts ListenerOptions) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	edge, err := r.PrepareListener(ln, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go edge.Serve()
+	return ln.Addr().String()
+}
+
+// waitKind waits until tun runs on dp: a tunnel enters the kernel once its handshake is done.
+func waitKind(t *testing.T, tun *Tunnel, dp Datapath) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); tun.pair.Kind() != dp; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the tunnel runs on %s after 5s, want %s", tun.pair.Kind(), dp)
+		}
+	}
+}
+
+// handshakeStatus sends request to the relay at addr and returns the response's status.
+func handshakeStatus(t *testing.T, addr, request string) int {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, _ = c.Write([]byte(request))
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	return resp.StatusCode
 }

@@ -145,7 +145,7 @@ func (s *Server) parkKernel(t *Tunnel) (*ParkedTunnel, error) {
 		return nil, err
 	}
 	pt := &ParkedTunnel{T: t, Datapath: DatapathSockmap, State: t.pair.State(), HalfClosedTimeout: t.halfClosedTimeout,
-		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent, Kernel: &st}
+		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent, ClientIP: t.clientIP, Kernel: &st}
 	pt.LastActive = later(t.Started, later(t.activeAt, later(pt.State.LastActive, last)))
 	return pt, nil
 }
