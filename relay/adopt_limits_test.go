@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/sockrelay/sockrelay/internal/fdlimit"
 )
 
 // handOverTo moves the live tunnel tun from the server from to the server to, on to's listener, as an
@@ -247,4 +249,69 @@ func handshakeStatus(t *testing.T, addr, request string) int {
 		t.Fatalf("handshake: %v", err)
 	}
 	return resp.StatusCode
+}
+
+// TestAdoptedKernelTunnelFailureLeavesNoEntries: a kernel tunnel that no engine can carry on once its
+// engine has let go of it (here: no descriptor left for the engine's duplicates), whether the new process
+// adopting it or the old one resuming it after a refusal, is reset, and its sockets leave every BPF map;
+// closing them would leave their entries in the state map for good.
+func TestAdoptedKernelTunnelFailureLeavesNoEntries(t *testing.T) {
+	requireSockmap(t)
+	for _, resume := range []bool{false, true} {
+		name := map[bool]string{false: "adopted by the new process", true: "resumed by the old process"}[resume]
+		t.Run(name, func(t *testing.T) {
+			up := startUpstream(t)
+			old := startRelay(t, DatapathSockmap, []string{up.Addr})
+			files, err := old.ExportKernel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			old.HandKernelTunnels()
+			next := startRelay(t, DatapathSockmap, []string{up.Addr}, func(c *Config) { c.KernelObjects = files })
+			c, u := openTunnel(t, old.Addr, up, nil, nil)
+			defer c.Close()
+			defer u.Close()
+			tuns := old.Tunnels().Tunnels()
+			if len(tuns) != 1 {
+				t.Fatalf("the old server carries %d tunnels, want 1", len(tuns))
+			}
+			waitKind(t, tuns[0], DatapathSockmap)
+			pt, err := old.Park(tuns[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			failed := pt.T.pair
+			if resume {
+				fdlimit.WithDescriptorsLeft(t, 0, func() { old.Resume(pt) })
+			} else {
+				client, upstream, err := pt.Files()
+				if err != nil {
+					t.Fatal(err)
+				}
+				adopted, err := next.Adopt(Adoption{ID: pt.T.ID, ClientAddr: pt.T.ClientAddr, UpstreamAddr: pt.T.UpstreamAddr,
+					Pool: pt.T.Pool, Datapath: pt.Datapath, Started: pt.T.Started, ClientIP: pt.ClientIP, Kernel: pt.Kernel,
+					State: pt.State, Client: client, Upstream: upstream})
+				if err != nil {
+					t.Fatal(err)
+				}
+				old.HandedOver(pt)
+				failed = adopted.pair
+				fdlimit.WithDescriptorsLeft(t, 0, func() { next.CarryAdopted(adopted) })
+			}
+			select {
+			case <-failed.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("the tunnel no engine could carry did not end")
+			}
+			n, err := next.kernel.Entries()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for name, entries := range n {
+				if entries != 0 {
+					t.Errorf("BPF map %s holds %d entries after the tunnel no engine could carry ended", name, entries)
+				}
+			}
+		})
+	}
 }

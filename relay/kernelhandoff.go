@@ -155,7 +155,16 @@ func (s *Server) resumeKernel(pt *ParkedTunnel) {
 	if err := s.kernel.Adopt(pt.T.pair, *pt.Kernel); err != nil {
 		s.log.Error("upgrade: a kernel tunnel the new process did not take cannot be carried on here; resetting it",
 			"id", pt.T.ID, "err", err)
+		s.discardKernel(pt.T, *pt.Kernel)
 		pt.T.pair.Fail(datapath.ReasonKernelError, err, true)
+	}
+}
+
+// discardKernel takes the sockets of a kernel tunnel that no engine carries out of the BPF maps, before
+// its pair is ended: closing them would leave their entries in the state map.
+func (s *Server) discardKernel(t *Tunnel, st sockmap.TunnelState) {
+	if err := s.kernel.Discard(st); err != nil {
+		s.log.Warn("upgrade: removing a kernel tunnel that could not be carried from the BPF maps", "id", t.ID, "err", err)
 	}
 }
 
@@ -183,6 +192,7 @@ func (s *Server) carryAdoptedKernel(t *Tunnel) {
 	t.adoptedKernel = nil
 	if err := s.kernel.Adopt(t.pair, st); err != nil {
 		s.log.Error("upgrade: an adopted kernel tunnel cannot be carried here; resetting it", "id", t.ID, "err", err)
+		s.discardKernel(t, st) // the old process has let go of it
 		t.pair.Fail(datapath.ReasonKernelError, err, true)
 	}
 }

@@ -309,6 +309,21 @@ func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
 	return nil
 }
 
+// Discard takes the sockets st names out of every map: for a kernel tunnel that no engine carries any
+// more, the engine that let go of it having forgotten it, and that Adopt could not take (it ran out of
+// descriptors, its epoll had no room, the pair ended). Its pair is to be ended after: closing its sockets
+// would take them out of the sockhashes, not out of the state map (socks), which is keyed by cookie and
+// would keep the entries for good. Not for a tunnel another engine still carries (a refusal, the old
+// process keeping it): the entries are that engine's. A cookie is never reused, so an entry of another
+// tunnel is never removed.
+func (k *Engine) Discard(st TunnelState) error {
+	err := k.maps.Remove(loader.Socket{Cookie: st.Cookies[0]}, loader.Socket{Cookie: st.Cookies[1]})
+	if err != nil {
+		return fmt.Errorf("discard kernel tunnel: %w", err)
+	}
+	return nil
+}
+
 // attachAdopted puts kt, whose sockets are in the maps already, into the loop's epoll and tables, closes
 // its conns as attach does, and starts the relay of a direction the verdict demoted meanwhile. It runs
 // under the pair's lock (Pair.Hold); on error nothing is left in the epoll.
