@@ -144,7 +144,7 @@ func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
 // stopVerdict reads every passed byte of kt into held and takes kt's sockets out of the verdict map,
 // again while bytes were passed meanwhile (step 3 of stopAlive).
 func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
-	socks := [2]loader.Socket{{FD: kt.client.fd, Cookie: kt.client.cookie}, {FD: kt.up.fd, Cookie: kt.up.cookie}}
+	socks := [2]loader.Socket{{Cookie: kt.client.cookie}, {Cookie: kt.up.cookie}} // by cookie: StopVerdict needs no descriptor
 	if err := k.holdVerdict(kt); err != nil {
 		return err
 	}
@@ -174,16 +174,16 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		// (TCP calls data_ready at a FIN whatever the low-water mark): its passed bytes are the last of
 		// its stream, and may be read with the verdict stopped. Any other passed bytes need the verdict
 		// back to be read in order.
-		var again []loader.Socket
+		var again []int
 		for i, u := range unread {
 			if u && !closing[i] {
-				again = append(again, socks[i])
+				again = append(again, i)
 			}
 		}
 		if len(again) == 0 {
 			return k.readAllPassed(kt, held)
 		}
-		err = k.maps.RestartVerdict(again...)
+		err = k.restartVerdict(kt, again)
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			// The source got its FIN since (sock_map_sk_state_allowed refuses it): most likely its
 			// data_ready ran the verdict over the whole queue before StopVerdict, as above. Were it
@@ -197,6 +197,23 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		}
 	}
 	return fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
+}
+
+// restartVerdict puts the sources of kt's directions dirs back into the verdict map (RestartVerdict), under
+// k.mu and only while kt has not been released: the map takes the socket by descriptor, and a released
+// tunnel's descriptor numbers may name other sockets already, which would enter the map under its cookie.
+func (k *Engine) restartVerdict(kt *kernelTunnel, dirs []int) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return errTunnelEnded
+	}
+	socks := make([]loader.Socket, 0, len(dirs))
+	for _, i := range dirs {
+		src := kt.dirs[i].src
+		socks = append(socks, loader.Socket{FD: src.fd, Cookie: src.cookie})
+	}
+	return k.maps.RestartVerdict(socks...)
 }
 
 // sourcesClosing reports, per direction of kt, whether its source has received its peer's FIN.

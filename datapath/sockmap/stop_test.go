@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
 )
@@ -474,4 +476,28 @@ func readAllWithinLen(c *net.TCPConn, n int, d time.Duration) ([]byte, error) {
 	buf := make([]byte, n)
 	got, err := io.ReadFull(c, buf)
 	return buf[:got], err
+}
+
+// TestRestartVerdictAfterRelease: a give-back that puts a source back into the verdict map does so only
+// while its tunnel has not been released. Once the pair ended, its descriptor numbers may name other
+// sockets (here another socket is put on the client's number), and putting one into the map under the
+// tunnel's cookie would have the verdict run on it.
+func TestRestartVerdictAfterRelease(t *testing.T) {
+	k, _ := newTestEngine(t)
+	_, _, p := carryPair(t, k)
+	kt := p.Carrier().(*kernelTunnel)
+	fd := kt.client.fd
+	p.End(datapath.ReasonShutdown, true)
+	waitEnded(t, p)
+	other, _, _, otherEnd := tunnelEnds(t)
+	defer other.Close()
+	defer otherEnd.Close()
+	if err := withFD(other, func(ofd int) { _ = unix.Dup3(ofd, fd, unix.O_CLOEXEC) }); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := k.restartVerdict(kt, []int{0}); !errors.Is(err, errTunnelEnded) {
+		t.Errorf("restartVerdict on a released tunnel returned %v, want errTunnelEnded", err)
+	}
+	assertMapsEmpty(t, k)
 }
