@@ -44,11 +44,18 @@ func (kt *kernelTunnel) Stop() error { return kt.stopAlive() }
 // errStopping is returned by a second stopAlive while the first runs.
 var errStopping = errors.New("the kernel engine is giving this pair back already")
 
+// ErrBusy is returned for a pair the kernel engine cannot give back now without risk, and goes on
+// carrying: it may be given back later, once what kept it busy is over.
+var ErrBusy = errors.New("sockmap: the pair is busy, still carried in the kernel; try again later")
+
 // stopAlive gives the pair back alive with every byte the engine took written or kept as peeked bytes. A pair
 // that ends meanwhile gives ErrPairEnded. One that cannot be given back (a stall, no descriptor left for
 // its new conns) is ended, reset, since it has left the verdict: its error says why.
 func (kt *kernelTunnel) stopAlive() error {
 	k, p := kt.k, kt.p
+	if err := k.refuseHalfClosedPassing(kt); err != nil {
+		return err
+	}
 	relays, err := k.leaveLoop(kt)
 	switch {
 	case errors.Is(err, datapath.ErrPairEnded), errors.Is(err, errStopping):
@@ -78,6 +85,54 @@ func (kt *kernelTunnel) stopAlive() error {
 		return fmt.Errorf("give the kernel pair back: %w", err)
 	}
 	return nil
+}
+
+// refuseHalfClosedPassing refuses, with ErrBusy, to give back a pair a direction of which has its
+// verdict passing bytes (demoted, or passed bytes not relayed yet) while its source's write side is shut
+// (the engine carried the other direction's FIN: FIN_WAIT1/2) and it has not received a FIN itself. Bytes
+// passed to such a source between the last read of step 3 and StopVerdict could not be read in order: TCP
+// refuses to put a socket that is not ESTABLISHED back into the verdict map. Most passed bytes come while
+// a direction is demoted, so the pair stays on sockmap until it is not.
+func (k *Engine) refuseHalfClosedPassing(kt *kernelTunnel) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return datapath.ErrPairEnded
+	}
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		if d.finDone {
+			continue
+		}
+		state, err := tcpState(d.src.fd)
+		if err != nil || state == unix.BPF_TCP_ESTABLISHED || finReceived(state) {
+			continue // an error is the end's, which the give-back finds
+		}
+		st, err := k.maps.Stats(d.src.cookie)
+		if d.relaying || (err == nil && (st.Demoted || st.Passed != d.userRead)) {
+			return fmt.Errorf("give the kernel pair back: a direction is demoted while its source is half-closed: %w", ErrBusy)
+		}
+	}
+	return nil
+}
+
+// tcpState is the TCP state of the socket fd (include/net/tcp_states.h).
+func tcpState(fd int) (uint8, error) {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0, fmt.Errorf("TCP_INFO: %w", err)
+	}
+	return info.State, nil
+}
+
+// finReceived reports whether a socket in TCP state has received its peer's FIN: CLOSE_WAIT, LAST_ACK,
+// CLOSING, TIME_WAIT or CLOSE. FIN_WAIT1 and FIN_WAIT2 have sent one and not received one.
+func finReceived(state uint8) bool {
+	switch state {
+	case unix.BPF_TCP_CLOSE_WAIT, unix.BPF_TCP_LAST_ACK, unix.BPF_TCP_CLOSING, unix.BPF_TCP_TIME_WAIT, unix.BPF_TCP_CLOSE:
+		return true
+	}
+	return false
 }
 
 // leaveLoop takes kt out of the loop's epoll and tables and asks its relaying goroutines to stop, whose
@@ -159,7 +214,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		if unread[0] || unread[1] {
 			continue // passed while the last were read
 		}
-		closing, err := k.sourcesClosing(kt)
+		closing, halfClosed, err := k.sourcesClosing(kt)
 		if err != nil {
 			return err
 		}
@@ -176,7 +231,13 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		// back to be read in order.
 		var again []int
 		for i, u := range unread {
-			if u && !closing[i] {
+			switch {
+			case !u || closing[i]:
+			case halfClosed[i]:
+				// It cannot go back into the verdict map (not ESTABLISHED), and read now its passed bytes
+				// would leave the bytes behind them unreadable: reset rather than stall.
+				return fmt.Errorf("bytes were passed to a half-closed source after its verdict stopped; they cannot be read in order")
+			default:
 				again = append(again, i)
 			}
 		}
@@ -216,22 +277,24 @@ func (k *Engine) restartVerdict(kt *kernelTunnel, dirs []int) error {
 	return k.maps.RestartVerdict(socks...)
 }
 
-// sourcesClosing reports, per direction of kt, whether its source has received its peer's FIN.
-func (k *Engine) sourcesClosing(kt *kernelTunnel) ([2]bool, error) {
+// sourcesClosing reports, per direction of kt, whether its source has received its peer's FIN (closing),
+// and whether it has sent one without receiving one (halfClosed: FIN_WAIT1/2, the engine carried the other
+// direction's FIN into it): such a source cannot go back into the verdict map.
+func (k *Engine) sourcesClosing(kt *kernelTunnel) (closing, halfClosed [2]bool, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	var closing [2]bool
 	if kt.released {
-		return closing, errTunnelEnded
+		return closing, halfClosed, errTunnelEnded
 	}
 	for i := range kt.dirs {
-		info, err := unix.GetsockoptTCPInfo(kt.dirs[i].src.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		state, err := tcpState(kt.dirs[i].src.fd)
 		if err != nil {
-			return closing, fmt.Errorf("TCP_INFO: %w", err)
+			return closing, halfClosed, err
 		}
-		closing[i] = info.State != unix.BPF_TCP_ESTABLISHED
+		closing[i] = finReceived(state)
+		halfClosed[i] = !closing[i] && state != unix.BPF_TCP_ESTABLISHED
 	}
-	return closing, nil
+	return closing, halfClosed, nil
 }
 
 // holdVerdict keeps the verdict from running on kt's sources while the engine reads their passed bytes
