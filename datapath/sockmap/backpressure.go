@@ -77,7 +77,7 @@ func (k *Engine) readModeChanges() {
 		if ok && ev.Kind == loader.Broken {
 			k.log.Error("kernel tunnel reset: TCP repeated bytes already delivered and they could not be cut off",
 				"id", d.kt.p.ID)
-			d.kt.p.End(datapath.ReasonKernelError, true)
+			d.kt.p.EndIfHeld(d.kt, datapath.ReasonKernelError, true) // unless given back meanwhile
 		}
 	}
 }

@@ -89,14 +89,15 @@ func (k *Engine) checkDrains() {
 	}
 	k.drain = keep
 	k.mu.Unlock()
+	// Only while kt still carries its pair: a LetGo or Stop since k.mu was released gave it back.
 	for _, kt := range finished {
-		kt.p.End(datapath.ReasonClosed, false)
+		kt.p.EndIfHeld(kt, datapath.ReasonClosed, false)
 	}
 	for _, kt := range stalled {
-		kt.p.End(datapath.ReasonStalled, true)
+		kt.p.EndIfHeld(kt, datapath.ReasonStalled, true)
 	}
 	for _, kt := range broken {
-		kt.p.End(datapath.ReasonKernelError, true)
+		kt.p.EndIfHeld(kt, datapath.ReasonKernelError, true)
 	}
 }
 

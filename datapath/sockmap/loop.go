@@ -79,7 +79,7 @@ func (k *Engine) recheckAll() {
 	}
 	k.mu.Unlock()
 	for _, kt := range broken {
-		kt.p.End(datapath.ReasonKernelError, true)
+		kt.p.EndIfHeld(kt, datapath.ReasonKernelError, true)
 	}
 }
 
@@ -119,7 +119,7 @@ func (k *Engine) handle(ev unix.EpollEvent) {
 		// Read under k.mu: release closes the descriptor, and its number may then name another socket.
 		err := socketError(s.fd)
 		k.mu.Unlock()
-		kt.p.Fail(datapath.Blame(s.isClient, err), err, true)
+		kt.p.FailIfHeld(kt, datapath.Blame(s.isClient, err), err, true) // unless given back meanwhile
 		return
 	}
 	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
