@@ -134,8 +134,9 @@ func (s *Server) dropKernelObjects() {
 }
 
 // parkKernel lets go of a kernel tunnel with its sockets left in the maps (sockmap.Engine.LetGo): the
-// parked tunnel's Kernel is what the new process's engine needs. A tunnel in a transient state gives
-// sockmap.ErrBusy, and stays carried here.
+// parked tunnel's Kernel is what the new process's engine needs. A tunnel in a transient state (its
+// handshake finishing, a give-back under way) gives an error wrapping sockmap.ErrBusy, and is left as it
+// was: it may be parked later.
 func (s *Server) parkKernel(t *Tunnel) (*ParkedTunnel, error) {
 	last, _ := t.pair.LastActive()
 	t.parked.Store(true)

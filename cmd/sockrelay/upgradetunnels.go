@@ -107,15 +107,17 @@ func (m *tunnelMover) round() (n int, err error) {
 const parkers = 16
 
 // parkAll parks ts, parkers at a time, and returns those parked, in ts's order; a tunnel that ended
-// meanwhile, or cannot move after all, is left to drain here.
+// meanwhile, or cannot move after all, is left to drain here. One that is busy (sockmap.ErrBusy: its
+// handshake finishing) is offered again in the next round.
 func (m *tunnelMover) parkAll(ts []*relay.Tunnel) []*relay.ParkedTunnel {
 	out := make([]*relay.ParkedTunnel, len(ts))
+	errs := make([]error, len(ts))
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range min(parkers, len(ts)) {
 		wg.Go(func() {
 			for i := range next {
-				out[i], _ = m.srv.Park(ts[i])
+				out[i], errs[i] = m.srv.Park(ts[i])
 			}
 		})
 	}
@@ -125,6 +127,11 @@ func (m *tunnelMover) parkAll(ts []*relay.Tunnel) []*relay.ParkedTunnel {
 	}
 	close(next)
 	wg.Wait()
+	for i, err := range errs {
+		if errors.Is(err, sockmap.ErrBusy) {
+			delete(m.tried, ts[i].ID)
+		}
+	}
 	return slices.DeleteFunc(out, func(pt *relay.ParkedTunnel) bool { return pt == nil })
 }
 

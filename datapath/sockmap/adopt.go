@@ -168,10 +168,16 @@ func (k *Engine) Tunnels() int {
 // engine that Adopts it (over the same objects) carries on from the returned state. Its relaying
 // goroutines stop first, at a byte boundary; bytes one read and did not write become p's peeked bytes.
 // p gets new conns of its sockets (for their descriptors to be handed over) and no carrier; its State is
-// the rest. A pair that ended gives datapath.ErrPairEnded.
+// the rest. A pair that ended gives datapath.ErrPairEnded; one not carried yet, or being given back
+// already, ErrBusy (it may be let go of later).
 func (k *Engine) LetGo(p *datapath.Pair) (TunnelState, error) {
-	kt, ok := p.Carrier().(*kernelTunnel)
-	if !ok || kt.k != k {
+	c := p.Carrier()
+	kt, ok := c.(*kernelTunnel)
+	switch {
+	case c == nil && !p.Ending():
+		// Its handshake is finishing: it enters the kernel in a moment (or falls back to copy).
+		return TunnelState{}, fmt.Errorf("let go of pair %d: no engine carries it yet: %w", p.ID, ErrBusy)
+	case !ok || kt.k != k:
 		return TunnelState{}, fmt.Errorf("let go of pair %d: the kernel engine does not carry it", p.ID)
 	}
 	relays, err := k.leaveLoop(kt)

@@ -2,6 +2,7 @@ package sockmap
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -375,4 +376,63 @@ func TestSharedSweepsUntilEveryReaderStops(t *testing.T) {
 			assertMapsEmpty(t, k)
 		})
 	}
+}
+
+// TestLetGoBusy: a pair the engine cannot let go of now, but may a moment later, gives ErrBusy and is left
+// as it was: one whose handshake is finishing (registered as a kernel tunnel, not carried yet), and one
+// the engine is giving back already (a move off sockmap waiting for a client that does not read).
+func TestLetGoBusy(t *testing.T) {
+	t.Run("not carried yet", func(t *testing.T) {
+		k, _ := newTestEngine(t)
+		_, relayClient, relayUp, _ := tunnelEnds(t)
+		p := datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient}, datapath.Endpoint{Conn: relayUp}, nil)
+		t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
+		if _, err := k.LetGo(p); !errors.Is(err, ErrBusy) {
+			t.Errorf("LetGo of a pair not carried yet returned %v, want ErrBusy", err)
+		}
+		k.Carry(p)
+		if p.Kind() != datapath.Sockmap || p.Ending() {
+			t.Fatalf("the pair did not enter the kernel after the refused LetGo: it runs on %s, ended %q", p.Kind(), p.Reason())
+		}
+		if _, err := k.LetGo(p); err != nil {
+			t.Errorf("LetGo once carried: %v", err)
+		}
+	})
+	t.Run("given back already", func(t *testing.T) {
+		k, _ := newTestEngine(t)
+		k.heldLimit = 0 // never demoted: the kernel holds what the client does not read
+		_, up, p := carryPair(t, k)
+		go func() { _, _ = up.Write(stream(62, 32<<20)) }() // the client reads none of it
+		d := kernelDirOf(t, k, false)
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			k.mu.Lock()
+			st, handed, err := k.dirProgress(d, d.dst.fd)
+			k.mu.Unlock()
+			if err == nil && st.Bytes > handed+4<<20 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the kernel never held bytes for the client that does not read")
+			}
+		}
+		moved := make(chan error, 1)
+		go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+		kt := p.Carrier().(*kernelTunnel)
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			k.mu.Lock()
+			stopping := kt.stopping
+			k.mu.Unlock()
+			if stopping {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the move did not begin within 5s")
+			}
+		}
+		if _, err := k.LetGo(p); !errors.Is(err, ErrBusy) {
+			t.Errorf("LetGo during a move off sockmap returned %v, want ErrBusy", err)
+		}
+		p.End(datapath.ReasonShutdown, true)
+		<-moved
+	})
 }

@@ -41,12 +41,13 @@ var _ datapath.Stopper = (*kernelTunnel)(nil)
 // Stop gives the pair back alive (datapath.Stopper); see stopAlive.
 func (kt *kernelTunnel) Stop() error { return kt.stopAlive() }
 
-// errStopping is returned by a second stopAlive while the first runs.
-var errStopping = errors.New("the kernel engine is giving this pair back already")
+// ErrBusy is returned for a pair the kernel engine cannot give back or let go of now, and which is left as
+// it is: it may be given back later, once what kept it busy is over (a handshake finishing, a give-back
+// under way, a half-closed pair's demoted direction).
+var ErrBusy = errors.New("sockmap: the pair is busy; try again later")
 
-// ErrBusy is returned for a pair the kernel engine cannot give back now without risk, and goes on
-// carrying: it may be given back later, once what kept it busy is over.
-var ErrBusy = errors.New("sockmap: the pair is busy, still carried in the kernel; try again later")
+// errStopping is returned by a second stopAlive or LetGo while the first runs.
+var errStopping = fmt.Errorf("the kernel engine is giving this pair back already: %w", ErrBusy)
 
 // stopAlive gives the pair back alive with every byte the engine took written or kept as peeked bytes. A pair
 // that ends meanwhile gives ErrPairEnded. One that cannot be given back (a stall, no descriptor left for
