@@ -29,8 +29,14 @@ import (
 // or an error that came in between; and Adopt starts the relay of a direction it finds demoted.
 //
 // Once the objects are shared, both processes may read the mode-change ring buffer, and an event one
-// reads the other may never see. An engine that shares its objects therefore rechecks every tunnel each
-// sharedSweep, as it does after lost events, while any other process may read (sharers counts them: the
+// reads the other may never see; or both may see it: the ring buffer's reader (cilium/ebpf ringbuf)
+// advances the consumer position with a load, then a store, so two readers can read the same event.
+// Duplicates are harmless because an event is only a hint checked against the verdict's state: a
+// Demoted event starts a relay that does nothing if one runs (and that stops once the verdict redirects
+// and every passed byte is relayed), demotions are counted from the verdict's own count, once, by the
+// engine that carries the tunnel, a Resumed event only wakes the relay to look, and a Broken one ends a
+// tunnel only if the verdict's state says broken. An engine that shares its objects rechecks every
+// tunnel each sharedSweep, as it does after lost events, while any other process may read (sharers counts them: the
 // process it adopted from, each process it exported to). The old process stops reading (StopEvents) once
 // it holds no kernel tunnel and tells the new one, or exits; the new one then calls Unshare, and once no
 // other reader is left the loop rechecks every tunnel one last time, for an event the other read before
@@ -67,6 +73,9 @@ type DirState struct {
 	UserRead    uint64 `json:"user_read,omitempty"`
 	UserWritten uint64 `json:"user_written,omitempty"`
 	ResumeGen   uint64 `json:"resume_gen,omitempty"`
+	// Demotions is how many of its source's demotions the engine counted (Stats): the adopter counts
+	// those past them.
+	Demotions uint64 `json:"demotions,omitempty"`
 }
 
 // errStopAsked stops a relaying goroutine's wait for earlier bytes to be handed on: LetGo or Stop asked it to
@@ -222,6 +231,9 @@ func (k *Engine) handedState(kt *kernelTunnel) (st TunnelState, held [2][]byte, 
 		d := &kt.dirs[i]
 		st.Dirs[i] = DirState{HeldLimit: d.limit, FINDone: d.finDone, UserRead: d.userRead,
 			UserWritten: d.userWritten, ResumeGen: d.resumeGen}
+		if d.demoted != nil {
+			st.Dirs[i].Demotions = d.counted
+		}
 		held[i], d.heldBack = d.heldBack, nil
 	}
 	if client, err = pollConn(kt.client.fd); err != nil {
@@ -291,6 +303,9 @@ func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
 		ds := st.Dirs[i]
 		kt.dirs[i] = kernelDir{kt: kt, src: src, dst: dst, limit: ds.HeldLimit, dir: pdirs[i], finSeen: ds.FINDone,
 			finDone: ds.FINDone, userRead: ds.UserRead, userWritten: ds.UserWritten, resumeGen: ds.ResumeGen}
+		if ds.Demotions > 0 {
+			kt.dirs[i].demoted = &demoted{counted: ds.Demotions}
+		}
 	}
 	defer func() {
 		if !adopted { // p as it was: its held-back bytes are its peeked bytes again
@@ -360,7 +375,11 @@ func (k *Engine) attachAdopted(kt *kernelTunnel) error {
 		if d.finDone {
 			continue
 		}
-		if vs, err := k.maps.Stats(d.src.cookie); len(d.heldBack) > 0 || (err == nil && (vs.Demoted || vs.Passed != d.userRead)) {
+		vs, err := k.maps.Stats(d.src.cookie)
+		if err == nil {
+			k.countDemotionsLocked(d, vs.Demotions) // demoted while no engine held it
+		}
+		if len(d.heldBack) > 0 || (err == nil && (vs.Demoted || vs.Passed != d.userRead)) {
 			k.startRelayLocked(d)
 		}
 	}

@@ -436,3 +436,51 @@ func TestLetGoBusy(t *testing.T) {
 		<-moved
 	})
 }
+
+// TestDemotionsCountedByTheirEngine: with the objects shared, a demotion is counted by the engine that
+// carries the tunnel, once, whichever process reads its event: here the carrying engine reads no events
+// (StopEvents), its sweep finds the demotion, and the other engine, which reads every event, counts none.
+func TestDemotionsCountedByTheirEngine(t *testing.T) {
+	k, _ := newTestEngine(t)
+	k.heldLimit = 64 << 10
+	k.setSendBuffer(64 << 10)
+	k2 := adoptingEngine(t, k)
+	if err := k.StopEvents(); err != nil {
+		t.Fatal(err)
+	}
+	c, u, p := carryPair(t, k)
+	_ = c.SetReadBuffer(64 << 10)
+	d := kernelDirOf(t, k, false)
+	const size = 16 << 20
+	data := stream(43, size)
+	wrote := make(chan error, 1)
+	go sendStream(u, data, wrote)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the direction was not demoted within 10s while the client did not read")
+		}
+	}
+	if diff, err := readStream(c, data, 30*time.Second); err != nil || diff != "" {
+		t.Fatalf("stream to the client: %v %s", err, diff)
+	}
+	if werr := <-wrote; werr != nil {
+		t.Fatalf("upstream write: %v", werr)
+	}
+	st, err := k.maps.Stats(d.src.cookie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := k.Stats().Demotions; got != st.Demotions {
+		t.Errorf("the carrying engine counted %d demotions, the verdict made %d", got, st.Demotions)
+	}
+	if got := k2.Stats().Demotions; got != 0 {
+		t.Errorf("the engine that carries no tunnel counted %d demotions (the other's, whose events it read)", got)
+	}
+	c.CloseWrite()
+	u.CloseWrite()
+	waitEnded(t, p)
+	assertMapsEmpty(t, k)
+}

@@ -48,6 +48,7 @@ func (k *Engine) checkDrains() {
 		case st.Demoted || st.Passed != d.userRead:
 			// Bytes before the FIN were passed to userspace: they go first, and the FIN after them.
 			// Normally a demotion event has started the relay already; this covers a lost event.
+			k.countDemotionsLocked(d, st.Demotions)
 			k.startRelayLocked(d)
 			d.settled = 0
 			d.nextCheck = now.Add(drainMaxCheck)

@@ -180,6 +180,9 @@ type demoted struct {
 	maxPassedRead atomic.Int64
 	// overflow belongs to the relaying goroutine, as userRead does.
 	overflow overflowWatch
+	// counted is how many of the source's demotions (the verdict's count) the engine has counted in
+	// Stats, under Engine.mu: each once, whether its event or a recheck found it.
+	counted uint64
 }
 
 var (

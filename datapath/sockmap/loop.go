@@ -66,6 +66,9 @@ func (k *Engine) recheckAll() {
 	k.mu.Lock()
 	for _, d := range k.bySrc {
 		st, err := k.maps.Stats(d.src.cookie)
+		if err == nil {
+			k.countDemotionsLocked(d, st.Demotions) // its event may have been lost, or read by another process
+		}
 		switch {
 		case err != nil || d.relaying:
 		case st.Broken:
