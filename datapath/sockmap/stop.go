@@ -77,7 +77,7 @@ func (kt *kernelTunnel) stopAlive() error {
 	if err == nil {
 		err = kt.giveBack(held)
 	}
-	if errors.Is(err, errTunnelEnded) || errors.Is(err, datapath.ErrPairEnded) {
+	if (errors.Is(err, errTunnelEnded) || errors.Is(err, datapath.ErrPairEnded)) && k.ending(kt) {
 		<-p.Done()
 		return datapath.ErrPairEnded
 	}
@@ -134,6 +134,16 @@ func finReceived(state uint8) bool {
 		return true
 	}
 	return false
+}
+
+// ending reports whether kt's pair is ending: released (its End runs), or the pair says so. errTunnelEnded
+// also comes from a verdict lookup or a socket query that failed while kt was held: then the pair is not
+// ending by itself, and waiting for its end would wait forever.
+func (k *Engine) ending(kt *kernelTunnel) bool {
+	k.mu.Lock()
+	released := kt.released
+	k.mu.Unlock()
+	return released || kt.p.Ending()
 }
 
 // leaveLoop takes kt out of the loop's epoll and tables and asks its relaying goroutines to stop, whose
@@ -342,7 +352,9 @@ func (kt *kernelTunnel) releaseVerdictHold() {
 
 // readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
 // still on their way through a psock's backlog. Passed bytes that stay unreadable for stallTimeout, none
-// read meanwhile, are an error: the pair is reset rather than left waiting.
+// read meanwhile and no socket of kt with bytes left to send, are an error: the pair is reset rather than
+// left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
+// the source's psock behind the bytes redirected into the source), as awaitHandedOn waits for it.
 func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
 	interval := handedOnFirstCheck
 	lastRead, lastMove := kt.dirs[0].userRead+kt.dirs[1].userRead, time.Now()
@@ -354,7 +366,7 @@ func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
 		now := time.Now()
 		if read := kt.dirs[0].userRead + kt.dirs[1].userRead; read != lastRead {
 			lastRead, lastMove, interval = read, now, handedOnFirstCheck
-		} else if now.Sub(lastMove) > stallTimeout {
+		} else if now.Sub(lastMove) > stallTimeout && !k.anyUnsent(kt) {
 			return errors.New("passed bytes did not become readable")
 		}
 		select {
@@ -364,6 +376,14 @@ func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
 		}
 		interval = min(2*interval, handedOnMaxCheck)
 	}
+}
+
+// anyUnsent reports whether a socket of kt still has bytes to send (hasUnsent), under k.mu so that a
+// release cannot close the descriptors meanwhile; false once released.
+func (k *Engine) anyUnsent(kt *kernelTunnel) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return !kt.released && (hasUnsent(kt.client.fd) || hasUnsent(kt.up.fd))
 }
 
 // readPassedRound reads what kt's sources hold of their passed bytes into held, under k.mu so that a

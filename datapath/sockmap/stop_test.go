@@ -13,6 +13,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
+	"github.com/sockrelay/sockrelay/loader"
 )
 
 // openFDs counts the process's open descriptors.
@@ -553,6 +554,34 @@ func TestMoveSockmapHalfClosedDemoted(t *testing.T) {
 	waitEnded(t, p)
 	if p.Reason() != datapath.ReasonClosed {
 		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
+	}
+	assertMapsEmpty(t, k)
+}
+
+// TestMoveSockmapLookupFailsWhileHeld: a give-back whose verdict lookups fail while the engine still holds
+// the pair (its entries gone from the state map behind the engine's back, as a failed lookup looks) ends
+// the pair with an error, rather than wait forever for an end that nothing else brings.
+func TestMoveSockmapLookupFailsWhileHeld(t *testing.T) {
+	k, _ := newTestEngine(t)
+	_, _, p := carryPair(t, k)
+	kt := p.Carrier().(*kernelTunnel)
+	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
+		t.Fatal(err)
+	}
+	moved := make(chan error, 1)
+	go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+	select {
+	case err := <-moved:
+		if err == nil {
+			t.Fatal("the move succeeded with the verdict's state gone")
+		}
+		t.Logf("the move returned: %v", err)
+	case <-time.After(15 * time.Second):
+		t.Fatal("the move did not return within 15s: it waits for an end that nothing brings")
+	}
+	waitEnded(t, p)
+	if p.Reason() != datapath.ReasonKernelError {
+		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonKernelError)
 	}
 	assertMapsEmpty(t, k)
 }
