@@ -484,3 +484,31 @@ func TestDemotionsCountedByTheirEngine(t *testing.T) {
 	waitEnded(t, p)
 	assertMapsEmpty(t, k)
 }
+
+// TestLateEndSparesPairLetGo: the loop picks a tunnel to end for a socket error (the client reset) under
+// the engine's lock and ends it after; a LetGo in between hands the pair on (to another process, in an
+// upgrade), and the late end must not end it there.
+func TestLateEndSparesPairLetGo(t *testing.T) {
+	k, _ := newTestEngine(t)
+	let := make(chan error, 1)
+	k.beforeLateEnd(func(kt *kernelTunnel) {
+		_, err := k.LetGo(kt.p)
+		let <- err
+	})
+	client, _, p := carryPair(t, k)
+	_ = client.SetLinger(0)
+	client.Close() // a reset: EPOLLERR on the relay's socket
+	select {
+	case err := <-let:
+		if err != nil {
+			t.Fatalf("let go between the pick and the end: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the loop did not pick the reset tunnel within 10s")
+	}
+	time.Sleep(50 * time.Millisecond) // the late end, if any, has run
+	if p.Ending() {
+		t.Errorf("the pair let go of was ended by the engine that let go: %q (%v)", p.Reason(), p.Err())
+	}
+	p.End(datapath.ReasonShutdown, true)
+}

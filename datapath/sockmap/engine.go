@@ -84,6 +84,9 @@ type testHooks struct {
 	// shared ring buffer takes it; pauseSweeps stops the periodic sweeps of a shared engine (not the
 	// last one, once sharing ends), so that only that last one can find what the stolen events said.
 	stealModeEvents, pauseSweeps atomic.Bool
+	// beforeLateEnd, when set, runs in handle between its pick of a tunnel to end for a socket error,
+	// under k.mu, and the end, after k.mu: where a LetGo or Stop may give the pair back meanwhile.
+	beforeLateEnd func(kt *kernelTunnel)
 }
 
 // kernelTunnel is a pair's state on the kernel path, and the engine's hold on the pair (its Carrier).

@@ -25,3 +25,7 @@ func (k *Engine) stealModeEvents(on bool) { k.hooks.stealModeEvents.Store(on) }
 // pauseSweeps stops k's periodic sweeps while it shares its objects; the last one, once sharing ends,
 // still runs.
 func (k *Engine) pauseSweeps() { k.hooks.pauseSweeps.Store(true) }
+
+// beforeLateEnd makes f run in the loop between its pick of a tunnel to end for a socket error and that
+// end, k.mu released. Set before the engine carries a pair.
+func (k *Engine) beforeLateEnd(f func(kt *kernelTunnel)) { k.hooks.beforeLateEnd = f }

@@ -122,6 +122,9 @@ func (k *Engine) handle(ev unix.EpollEvent) {
 		// Read under k.mu: release closes the descriptor, and its number may then name another socket.
 		err := socketError(s.fd)
 		k.mu.Unlock()
+		if k.hooks.beforeLateEnd != nil {
+			k.hooks.beforeLateEnd(kt)
+		}
 		kt.p.FailIfHeld(kt, datapath.Blame(s.isClient, err), err, true) // unless given back meanwhile
 		return
 	}
