@@ -224,10 +224,11 @@ func serveEdge(t *testing.T, r *testRelay, opts ListenerOptions) string {
 	return ln.Addr().String()
 }
 
-// waitKind waits until tun runs on dp: a tunnel enters the kernel once its handshake is done.
+// waitKind waits until an engine of dp carries tun: a tunnel enters the kernel once its handshake is done
+// (its pair is of that kind from the start, with no carrier until then).
 func waitKind(t *testing.T, tun *Tunnel, dp Datapath) {
 	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); tun.pair.Kind() != dp; time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Second); tun.pair.Kind() != dp || tun.pair.Carrier() == nil; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the tunnel runs on %s after 5s, want %s", tun.pair.Kind(), dp)
 		}
