@@ -319,6 +319,29 @@ func (p *Pair) Fail(reason string, err error, abort bool) {
 	})
 }
 
+// EndIfHeld is End, only while c holds the pair; it reports whether it ended it.
+func (p *Pair) EndIfHeld(c Carrier, reason string, abort bool) bool {
+	return p.FailIfHeld(c, reason, nil, abort)
+}
+
+// FailIfHeld is Fail, only while c holds the pair and it is not ending; it reports whether it ended it.
+// An engine that decided to end a pair while holding only its own lock, and ends it after releasing that
+// lock, calls this: meanwhile it may have given the pair back (GiveBack, Let), and another engine may
+// carry it now, which must not be ended for the first one's reason.
+func (p *Pair) FailIfHeld(c Carrier, reason string, err error, abort bool) bool {
+	p.mu.Lock()
+	held := !p.ending && p.carrier == c
+	if held {
+		// Hold, Let and GiveBack refuse an ending pair: c stays its carrier until Fail releases it.
+		p.ending = true
+	}
+	p.mu.Unlock()
+	if held {
+		p.Fail(reason, err, abort)
+	}
+	return held
+}
+
 // resetOnClose makes the close of fd send a reset (SO_LINGER 0), as SetLinger(0) does for a conn.
 func resetOnClose(fd int) {
 	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})

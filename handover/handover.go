@@ -222,6 +222,10 @@ type Commit struct {
 // Done ends the tunnels' handover; Tunnels is how many the old process handed over.
 type Done struct {
 	Tunnels int `json:"tunnels"`
+	// EventsStopped: the old process reads the kernel datapath's mode events no more (it holds no kernel
+	// tunnel, or runs no kernel engine), so the new one may stop its sweeps for events it read. Without
+	// it the new process sweeps until the old one has exited.
+	EventsStopped bool `json:"events_stopped,omitempty"`
 }
 
 // Encode returns the frame of m, which carries nfds descriptors.

@@ -87,8 +87,9 @@ func (s *Sockmap) Export() (map[string]*os.File, error) {
 }
 
 // CloseEvents stops this process's reading of the mode-change ring buffer, which it shares with the
-// process it handed its objects to: each event is read by one reader only, and from here on that
-// process's. A ReadModeChange blocked meanwhile returns an error wrapping os.ErrClosed.
+// process it handed its objects to: from here on only that process reads the events. While both read,
+// an event may be read by either or, rarely, by both (the reader advances the consumer position with a
+// load, then a store). A ReadModeChange blocked meanwhile returns an error wrapping os.ErrClosed.
 func (s *Sockmap) CloseEvents() error {
 	if err := s.events.Close(); err != nil {
 		return fmt.Errorf("close demotion event reader: %w", err)

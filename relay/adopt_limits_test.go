@@ -1,12 +1,16 @@
 package relay
 
 import (
+	"bufio"
 	"context"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/sockrelay/sockrelay/internal/fdlimit"
 )
 
 // handOverTo moves the live tunnel tun from the server from to the server to, on to's listener, as an
@@ -23,7 +27,7 @@ func handOverTo(t *testing.T, from *testRelay, to *testRelay, tun *Tunnel, liste
 	}
 	adopted, err := to.Adopt(Adoption{ID: tun.ID, ClientAddr: tun.ClientAddr, UpstreamAddr: tun.UpstreamAddr,
 		Pool: tun.Pool, Listener: listener, Datapath: pt.Datapath, Started: tun.Started, LastActive: pt.LastActive,
-		ClientIP: pt.ClientIP, State: pt.State, Client: client, Upstream: upstream})
+		ClientIP: pt.ClientIP, Kernel: pt.Kernel, State: pt.State, Client: client, Upstream: upstream})
 	if err != nil {
 		t.Fatalf("adopt tunnel %d: %v", tun.ID, err)
 	}
@@ -147,5 +151,168 @@ func TestHoldDrainWaitsForAdoptions(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Shutdown had not returned 10s after the hold was released and the tunnel ended")
+	}
+}
+
+// TestHandOverKeepsClientIPBehindProxy: a tunnel opened through a trusted proxy, handed over on each
+// engine that can move (copy, and sockmap with the BPF objects adopted), counts in the new process under
+// the client's address the proxy named, not the proxy's: a handshake from that client past the
+// listener's max_tunnels_per_ip is refused there.
+func TestHandOverKeepsClientIPBehindProxy(t *testing.T) {
+	const client = "198.51.100.7"
+	trusted := []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	request := "GET /tunnel HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"X-Forwarded-For: " + client + "\r\nSec-WebSocket-Key: " + testKey + "\r\nSec-WebSocket-Version: 13\r\n\r\n"
+	for _, dp := range []Datapath{DatapathCopy, DatapathSockmap} {
+		t.Run(string(dp), func(t *testing.T) {
+			if dp == DatapathSockmap {
+				requireSockmap(t)
+			}
+			up := startUpstream(t)
+			old := startRelay(t, dp, []string{up.Addr})
+			oldEdge := serveEdge(t, old, ListenerOptions{Name: "edge", TrustedProxies: trusted})
+			var objs func(*Config)
+			if dp == DatapathSockmap {
+				files, err := old.ExportKernel()
+				if err != nil {
+					t.Fatal(err)
+				}
+				objs = func(c *Config) { c.KernelObjects = files }
+				old.HandKernelTunnels()
+			}
+			next := startRelay(t, dp, []string{up.Addr}, func(c *Config) {
+				if objs != nil {
+					objs(c)
+				}
+			})
+			edge := serveEdge(t, next, ListenerOptions{Name: "edge", TrustedProxies: trusted, Limits: Limits{MaxTunnelsPerIP: 1}})
+
+			c, u := openTunnelWith(t, oldEdge, up, request, nil, nil)
+			defer c.Close()
+			defer u.Close()
+			tuns := old.Tunnels().Tunnels()
+			if len(tuns) != 1 {
+				t.Fatalf("the old server carries %d tunnels, want 1", len(tuns))
+			}
+			waitKind(t, tuns[0], dp)
+			moved := handOverTo(t, old, next, tuns[0], "edge")
+			if moved.pair.Kind() != dp {
+				t.Fatalf("the adopted tunnel runs on %s, want %s", moved.pair.Kind(), dp)
+			}
+			if moved.clientIP != client {
+				t.Errorf("the adopted tunnel counts under %q, want the client's address %q", moved.clientIP, client)
+			}
+			if code := handshakeStatus(t, edge, request); code != http.StatusServiceUnavailable {
+				t.Errorf("a second handshake from %s while its adopted tunnel holds the one slot: %d, want 503", client, code)
+			}
+		})
+	}
+}
+
+// serveEdge serves a listener of r with opts on a loopback port, and returns its address.
+func serveEdge(t *testing.T, r *testRelay, opts ListenerOptions) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	edge, err := r.PrepareListener(ln, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go edge.Serve()
+	return ln.Addr().String()
+}
+
+// waitKind waits until an engine of dp carries tun: a tunnel enters the kernel once its handshake is done
+// (its pair is of that kind from the start, with no carrier until then).
+func waitKind(t *testing.T, tun *Tunnel, dp Datapath) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); tun.pair.Kind() != dp || tun.pair.Carrier() == nil; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the tunnel runs on %s after 5s, want %s", tun.pair.Kind(), dp)
+		}
+	}
+}
+
+// handshakeStatus sends request to the relay at addr and returns the response's status.
+func handshakeStatus(t *testing.T, addr, request string) int {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, _ = c.Write([]byte(request))
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	return resp.StatusCode
+}
+
+// TestAdoptedKernelTunnelFailureLeavesNoEntries: a kernel tunnel that no engine can carry on once its
+// engine has let go of it (here: no descriptor left for the engine's duplicates), whether the new process
+// adopting it or the old one resuming it after a refusal, is reset, and its sockets leave every BPF map;
+// closing them would leave their entries in the state map for good.
+func TestAdoptedKernelTunnelFailureLeavesNoEntries(t *testing.T) {
+	requireSockmap(t)
+	for _, resume := range []bool{false, true} {
+		name := map[bool]string{false: "adopted by the new process", true: "resumed by the old process"}[resume]
+		t.Run(name, func(t *testing.T) {
+			up := startUpstream(t)
+			old := startRelay(t, DatapathSockmap, []string{up.Addr})
+			files, err := old.ExportKernel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			old.HandKernelTunnels()
+			next := startRelay(t, DatapathSockmap, []string{up.Addr}, func(c *Config) { c.KernelObjects = files })
+			c, u := openTunnel(t, old.Addr, up, nil, nil)
+			defer c.Close()
+			defer u.Close()
+			tuns := old.Tunnels().Tunnels()
+			if len(tuns) != 1 {
+				t.Fatalf("the old server carries %d tunnels, want 1", len(tuns))
+			}
+			waitKind(t, tuns[0], DatapathSockmap)
+			pt, err := old.Park(tuns[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			failed := pt.T.pair
+			if resume {
+				fdlimit.WithDescriptorsLeft(t, 0, func() { old.Resume(pt) })
+			} else {
+				client, upstream, err := pt.Files()
+				if err != nil {
+					t.Fatal(err)
+				}
+				adopted, err := next.Adopt(Adoption{ID: pt.T.ID, ClientAddr: pt.T.ClientAddr, UpstreamAddr: pt.T.UpstreamAddr,
+					Pool: pt.T.Pool, Datapath: pt.Datapath, Started: pt.T.Started, ClientIP: pt.ClientIP, Kernel: pt.Kernel,
+					State: pt.State, Client: client, Upstream: upstream})
+				if err != nil {
+					t.Fatal(err)
+				}
+				old.HandedOver(pt)
+				failed = adopted.pair
+				fdlimit.WithDescriptorsLeft(t, 0, func() { next.CarryAdopted(adopted) })
+			}
+			select {
+			case <-failed.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("the tunnel no engine could carry did not end")
+			}
+			n, err := next.kernel.Entries()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for name, entries := range n {
+				if entries != 0 {
+					t.Errorf("BPF map %s holds %d entries after the tunnel no engine could carry ended", name, entries)
+				}
+			}
+		})
 	}
 }

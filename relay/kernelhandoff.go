@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync/atomic"
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/sockmap"
@@ -15,22 +16,53 @@ import (
 // kernel tunnels can move too (HandKernelTunnels): each leaves the old engine with its sockets left in
 // the maps, so that the verdict goes on moving its bytes in the kernel, and the new engine adopts it.
 
+// kernelShares is what the relay knows of the other processes that read its kernel engine's ring buffer,
+// so that each one's end is told to the engine (sockmap.Engine.Unshare) once, and only its own: the
+// process this one adopted the objects from, and the one they were last exported to.
+type kernelShares struct {
+	// exported: the objects were exported to a process an upgrade started, which may not have adopted
+	// them yet (WithdrawKernelExport).
+	exported atomic.Bool
+	// adoptedEnded: the process the objects were adopted from reads them no more (UnshareKernel).
+	adoptedEnded atomic.Bool
+	// eventsStopped: this engine reads the ring buffer no more (StopKernelEvents).
+	eventsStopped atomic.Bool
+}
+
 // ExportKernel returns descriptors of the kernel engine's BPF objects for the process an upgrade starts,
-// which the caller closes; none when this relay runs no kernel engine.
+// which the caller closes; none when this relay runs no kernel engine. Until WithdrawKernelExport, that
+// process counts as a reader of the ring buffer.
 func (s *Server) ExportKernel() (map[string]*os.File, error) {
 	if s.kernel == nil {
 		return nil, nil
 	}
-	return s.kernel.Export()
+	files, err := s.kernel.Export()
+	if err == nil {
+		if s.kernelShares.exported.Swap(true) {
+			s.kernel.Unshare() // an earlier export's process, which did not adopt them, is not withdrawn yet
+		}
+	}
+	return files, err
+}
+
+// WithdrawKernelExport says that the process the BPF objects were exported to did not adopt them (it
+// failed to start, or runs another datapath or BPF build): it reads no mode events. A call without such
+// an export does nothing.
+func (s *Server) WithdrawKernelExport() {
+	if s.kernel != nil && s.kernelShares.exported.Swap(false) {
+		s.kernel.Unshare()
+	}
 }
 
 // HandKernelTunnels makes the kernel tunnels movable: the new process adopted the BPF objects.
 func (s *Server) HandKernelTunnels() { s.tunnels.kernelMovable.Store(true) }
 
-// UnshareKernel tells the kernel engine that no other process reads its ring buffer any more: the old
-// process is gone, or the new one did not adopt the objects.
+// UnshareKernel tells the kernel engine that the process it adopted the BPF objects from reads their
+// ring buffer no more: that process stopped reading (KernelEventsStopped there) or is gone. Only then:
+// an event it read for a tunnel of this one is found by the engine's sweeps alone. Later calls, or calls
+// without adopted objects, do nothing.
 func (s *Server) UnshareKernel() {
-	if s.kernel != nil {
+	if s.kernel != nil && s.kernelAdopted && !s.kernelShares.adoptedEnded.Swap(true) {
 		s.kernel.Unshare()
 	}
 }
@@ -38,12 +70,20 @@ func (s *Server) UnshareKernel() {
 // StopKernelEvents stops the kernel engine's reading of the ring buffer once it has handed over its
 // objects and holds no kernel tunnel: the new process's engine reads every event from then on.
 func (s *Server) StopKernelEvents() {
-	if s.kernel == nil || !s.tunnels.kernelMovable.Load() || s.kernel.Tunnels() > 0 {
+	if s.kernel == nil || !s.tunnels.kernelMovable.Load() || s.kernel.Tunnels() > 0 || s.kernelShares.eventsStopped.Load() {
 		return
 	}
 	if err := s.kernel.StopEvents(); err != nil {
 		s.log.Warn("upgrade: could not stop reading the kernel datapath's mode events", "err", err)
+		return
 	}
+	s.kernelShares.eventsStopped.Store(true)
+}
+
+// KernelEventsStopped reports whether this relay reads no mode events of a kernel engine: it runs none,
+// or StopKernelEvents stopped them. The process it handed its objects to may then stop its sweeps.
+func (s *Server) KernelEventsStopped() bool {
+	return s.kernel == nil || s.kernelShares.eventsStopped.Load()
 }
 
 // ReadsSharedKernelEvents reports whether this process still reads the mode-change ring buffer it shares
@@ -102,8 +142,9 @@ func (s *Server) dropKernelObjects() {
 }
 
 // parkKernel lets go of a kernel tunnel with its sockets left in the maps (sockmap.Engine.LetGo): the
-// parked tunnel's Kernel is what the new process's engine needs. A tunnel in a transient state gives
-// sockmap.ErrBusy, and stays carried here.
+// parked tunnel's Kernel is what the new process's engine needs. A tunnel in a transient state (its
+// handshake finishing, a give-back under way) gives an error wrapping sockmap.ErrBusy, and is left as it
+// was: it may be parked later.
 func (s *Server) parkKernel(t *Tunnel) (*ParkedTunnel, error) {
 	last, _ := t.pair.LastActive()
 	t.parked.Store(true)
@@ -113,7 +154,7 @@ func (s *Server) parkKernel(t *Tunnel) (*ParkedTunnel, error) {
 		return nil, err
 	}
 	pt := &ParkedTunnel{T: t, Datapath: DatapathSockmap, State: t.pair.State(), HalfClosedTimeout: t.halfClosedTimeout,
-		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent, Kernel: &st}
+		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent, ClientIP: t.clientIP, Kernel: &st}
 	pt.LastActive = later(t.Started, later(t.activeAt, later(pt.State.LastActive, last)))
 	return pt, nil
 }
@@ -123,7 +164,16 @@ func (s *Server) resumeKernel(pt *ParkedTunnel) {
 	if err := s.kernel.Adopt(pt.T.pair, *pt.Kernel); err != nil {
 		s.log.Error("upgrade: a kernel tunnel the new process did not take cannot be carried on here; resetting it",
 			"id", pt.T.ID, "err", err)
+		s.discardKernel(pt.T, *pt.Kernel)
 		pt.T.pair.Fail(datapath.ReasonKernelError, err, true)
+	}
+}
+
+// discardKernel takes the sockets of a kernel tunnel that no engine carries out of the BPF maps, before
+// its pair is ended: closing them would leave their entries in the state map.
+func (s *Server) discardKernel(t *Tunnel, st sockmap.TunnelState) {
+	if err := s.kernel.Discard(st); err != nil {
+		s.log.Warn("upgrade: removing a kernel tunnel that could not be carried from the BPF maps", "id", t.ID, "err", err)
 	}
 }
 
@@ -151,6 +201,7 @@ func (s *Server) carryAdoptedKernel(t *Tunnel) {
 	t.adoptedKernel = nil
 	if err := s.kernel.Adopt(t.pair, st); err != nil {
 		s.log.Error("upgrade: an adopted kernel tunnel cannot be carried here; resetting it", "id", t.ID, "err", err)
+		s.discardKernel(t, st) // the old process has let go of it
 		t.pair.Fail(datapath.ReasonKernelError, err, true)
 	}
 }

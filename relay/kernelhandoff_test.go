@@ -64,3 +64,63 @@ func dupOf(t *testing.T, f *os.File) *os.File {
 	}
 	return os.NewFile(uintptr(fd), f.Name())
 }
+
+// TestKernelSharingEndsWithEveryReader: a relay that adopted its kernel engine's objects from a live old
+// process (A) and exported them to a newer one (C) shares them with both; the end of one leaves the
+// engine sharing (its sweeps on) while the other may still read the ring buffer, each end counts once,
+// and only the last one ends the sharing.
+func TestKernelSharingEndsWithEveryReader(t *testing.T) {
+	requireSockmap(t)
+	for _, tc := range []struct {
+		name  string
+		steps []string // "export", "withdraw", "unshare"; the engine must stay shared until the last
+	}{
+		{"the new process failed, the old one reads on", []string{"export", "withdraw", "withdraw"}},
+		{"the old process stopped, the new one reads on", []string{"export", "unshare", "unshare"}},
+		{"a failed upgrade, then a second one that took the objects", []string{"export", "withdraw", "export", "unshare"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			old, err := sockmap.Start(slog.New(slog.DiscardHandler), nil, 0) // as the old process's engine
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { old.Close() })
+			files, err := old.Export()
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := startRelay(t, DatapathSockmap, []string{"127.0.0.1:1"}, func(c *Config) { c.KernelObjects = files })
+			if !r.KernelAdopted() {
+				t.Fatal("the relay did not adopt the objects")
+			}
+			for i, step := range tc.steps {
+				switch step {
+				case "export":
+					exported, err := r.ExportKernel()
+					if err != nil {
+						t.Fatal(err)
+					}
+					for _, f := range exported {
+						f.Close()
+					}
+				case "withdraw":
+					r.WithdrawKernelExport()
+				case "unshare":
+					r.UnshareKernel()
+				}
+				if !r.kernel.Shared() {
+					t.Fatalf("after %v the engine no longer shares its objects, while another process may still read them", tc.steps[:i+1])
+				}
+			}
+			switch tc.steps[len(tc.steps)-1] {
+			case "withdraw":
+				r.UnshareKernel()
+			default:
+				r.WithdrawKernelExport()
+			}
+			if r.kernel.Shared() {
+				t.Error("the engine still shares its objects once both other processes stopped reading")
+			}
+		})
+	}
+}

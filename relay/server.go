@@ -139,7 +139,8 @@ type Server struct {
 	copier   *copyEngine // event loops for plain tunnels, goroutines for TLS ones
 	// kernelAdopted: kernel runs over the BPF objects of the relay this one replaced (Config.KernelObjects).
 	kernelAdopted bool
-	auto          *autoMover // moves auto's tunnels between sockmap and the loops; nil unless auto loaded sockmap
+	auto          *autoMover   // moves auto's tunnels between sockmap and the loops; nil unless auto loaded sockmap
+	kernelShares  kernelShares // which other processes read the kernel engine's ring buffer (kernelhandoff.go)
 
 	// drainHolds keep Shutdown from waiting for the live tunnels (and then closing them) until released:
 	// see HoldDrain.

@@ -641,7 +641,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		if adopted {
 			srv.HandKernelTunnels()
 		} else {
-			srv.UnshareKernel()
+			srv.WithdrawKernelExport()
 		}
 	}
 	up.upgrader.serving(handed, srv.Tunnels(), letGo) // before confirm: an upgrade may follow at once

@@ -73,7 +73,7 @@ func (m *tunnelMover) run(settled, drained <-chan struct{}) {
 			continue
 		}
 		if isClosed(drained) || (final && !m.srv.ReadsSharedKernelEvents()) {
-			_ = m.conn.Send(handover.Message{Type: handover.TypeDone, Done: &handover.Done{Tunnels: m.moved}}, nil)
+			_ = m.conn.Send(handover.Message{Type: handover.TypeDone, Done: &handover.Done{Tunnels: m.moved, EventsStopped: m.srv.KernelEventsStopped()}}, nil)
 			return
 		}
 		// A tick between settled and the last round: a handshake net/http let go of (hijacked) just
@@ -127,15 +127,17 @@ func (m *tunnelMover) round() (n int, err error) {
 const parkers = 16
 
 // parkAll parks ts, parkers at a time, and returns those parked, in ts's order; a tunnel that ended
-// meanwhile, or cannot move after all, is left to drain here.
+// meanwhile, or cannot move after all, is left to drain here. One that is busy (sockmap.ErrBusy: its
+// handshake finishing) is offered again in the next round.
 func (m *tunnelMover) parkAll(ts []*relay.Tunnel) []*relay.ParkedTunnel {
 	out := make([]*relay.ParkedTunnel, len(ts))
+	errs := make([]error, len(ts))
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range min(parkers, len(ts)) {
 		wg.Go(func() {
 			for i := range next {
-				out[i], _ = m.srv.Park(ts[i])
+				out[i], errs[i] = m.srv.Park(ts[i])
 			}
 		})
 	}
@@ -145,6 +147,11 @@ func (m *tunnelMover) parkAll(ts []*relay.Tunnel) []*relay.ParkedTunnel {
 	}
 	close(next)
 	wg.Wait()
+	for i, err := range errs {
+		if errors.Is(err, sockmap.ErrBusy) {
+			delete(m.tried, ts[i].ID)
+		}
+	}
 	return slices.DeleteFunc(out, func(pt *relay.ParkedTunnel) bool { return pt == nil })
 }
 
@@ -317,7 +324,7 @@ func (a *adopter) run() {
 			if !errors.Is(err, os.ErrClosed) && !peerGone(err) {
 				a.log.Warn("upgrade: the old process's handover of tunnels broke off", "pid", a.from, "err", err)
 			}
-			a.srv.UnshareKernel() // the old process reads no more mode events
+			go unshareWhenGone(a.srv, a.from, a.log) // it may still read mode events until it exits
 			return
 		}
 		switch m.Type {
@@ -353,7 +360,11 @@ func (a *adopter) run() {
 			delete(prepared, m.Commit.Batch)
 		case handover.TypeDone:
 			a.log.Info("upgrade: tunnels adopted from the old process", "pid", a.from, "tunnels", adopted)
-			a.srv.UnshareKernel() // the old process stopped reading mode events before it was done
+			if m.Done.EventsStopped {
+				a.srv.UnshareKernel() // the old process reads no more mode events
+			} else {
+				go unshareWhenGone(a.srv, a.from, a.log) // it still reads them, for the tunnels it kept
+			}
 			return
 		default:
 			closeAllFiles(files)

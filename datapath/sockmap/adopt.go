@@ -28,10 +28,19 @@ import (
 // edge-triggered registration reports the state the socket is in when it is added), as it reports a FIN
 // or an error that came in between; and Adopt starts the relay of a direction it finds demoted.
 //
-// Once the objects are shared, both processes may read the mode-change ring buffer, and an event is
-// read by one reader only. An engine that shares its objects therefore rechecks every tunnel each
-// sharedSweep, as it does after lost events; the old process stops reading (StopEvents) once it holds
-// no kernel tunnel, and the new one stops sweeping (Unshare) once the old one has gone.
+// Once the objects are shared, both processes may read the mode-change ring buffer, and an event one
+// reads the other may never see; or both may see it: the ring buffer's reader (cilium/ebpf ringbuf)
+// advances the consumer position with a load, then a store, so two readers can read the same event.
+// Duplicates are harmless because an event is only a hint checked against the verdict's state: a
+// Demoted event starts a relay that does nothing if one runs (and that stops once the verdict redirects
+// and every passed byte is relayed), demotions are counted from the verdict's own count, once, by the
+// engine that carries the tunnel, a Resumed event only wakes the relay to look, and a Broken one ends a
+// tunnel only if the verdict's state says broken. An engine that shares its objects rechecks every
+// tunnel each sharedSweep, as it does after lost events, while any other process may read (sharers counts them: the
+// process it adopted from, each process it exported to). The old process stops reading (StopEvents) once
+// it holds no kernel tunnel and tells the new one, or exits; the new one then calls Unshare, and once no
+// other reader is left the loop rechecks every tunnel one last time, for an event the other read before
+// it stopped.
 
 // sharedSweep is how often an engine that shares its BPF objects rechecks every tunnel's mode: the
 // longest a direction demoted while the other process read its event waits for its relay.
@@ -64,6 +73,9 @@ type DirState struct {
 	UserRead    uint64 `json:"user_read,omitempty"`
 	UserWritten uint64 `json:"user_written,omitempty"`
 	ResumeGen   uint64 `json:"resume_gen,omitempty"`
+	// Demotions is how many of its source's demotions the engine counted (Stats): the adopter counts
+	// those past them.
+	Demotions uint64 `json:"demotions,omitempty"`
 }
 
 // errStopAsked stops a relaying goroutine's wait for earlier bytes to be handed on: LetGo or Stop asked it to
@@ -89,7 +101,7 @@ func StartAdopted(log *slog.Logger, onFallback func(p *datapath.Pair, reason str
 	if err != nil {
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
-	k.shared.Store(true)
+	k.share()
 	if err := k.selfTest(); err != nil {
 		k.Close()
 		return nil, fmt.Errorf("sockmap: %w", err)
@@ -107,22 +119,47 @@ func (k *Engine) Export() (map[string]*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}
-	k.shared.Store(true)
+	k.share()
 	return files, nil
 }
 
-// Unshare stops the sweeps of a shared engine: no other process reads the ring buffer any more.
-func (k *Engine) Unshare() { k.shared.Store(false) }
+// Shared reports whether another process may still read the engine's mode-change ring buffer, so that
+// the engine sweeps its tunnels for events that process read.
+func (k *Engine) Shared() bool { return k.sharers.Load() > 0 }
+
+// share counts one more process that may read the ring buffer (sharers).
+func (k *Engine) share() { k.sharers.Add(1) }
+
+// Unshare says that one of the processes that shared the objects (the one this engine adopted them from,
+// or one it exported them to that did not adopt them) reads the ring buffer no more: it stopped reading
+// (StopEvents) or is gone. Once none is left, the loop rechecks every tunnel one last time and stops the
+// sweeps. A call with no sharer left does nothing.
+func (k *Engine) Unshare() {
+	for {
+		n := k.sharers.Load()
+		if n <= 0 {
+			return
+		}
+		if k.sharers.CompareAndSwap(n, n-1) {
+			if n == 1 {
+				k.lastSweep.Store(true)
+			}
+			return
+		}
+	}
+}
 
 // StopEvents stops this engine's reading of the ring buffer, for the process it handed its tunnels to:
 // called once it holds no kernel tunnel. Tunnels it still carried would find their demotions only at the
 // sweep.
 func (k *Engine) StopEvents() error { return k.maps.CloseEvents() }
 
-// sweepIfShared rechecks every tunnel each sharedSweep while the engine shares its objects. Only the loop
-// calls it.
+// sweepIfShared rechecks every tunnel each sharedSweep while the engine shares its objects, and once more
+// when sharing has ended: an event the other process read between the last sweep and its StopEvents
+// would be lost otherwise. Only the loop calls it.
 func (k *Engine) sweepIfShared() {
-	if !k.shared.Load() || time.Since(k.sweptAt) < sharedSweep {
+	last := k.lastSweep.Swap(false)
+	if !last && (k.sharers.Load() <= 0 || time.Since(k.sweptAt) < sharedSweep || k.hooks.pauseSweeps.Load()) {
 		return
 	}
 	k.sweptAt = time.Now()
@@ -140,10 +177,16 @@ func (k *Engine) Tunnels() int {
 // engine that Adopts it (over the same objects) carries on from the returned state. Its relaying
 // goroutines stop first, at a byte boundary; bytes one read and did not write become p's peeked bytes.
 // p gets new conns of its sockets (for their descriptors to be handed over) and no carrier; its State is
-// the rest. A pair that ended gives datapath.ErrPairEnded.
+// the rest. A pair that ended gives datapath.ErrPairEnded; one not carried yet, or being given back
+// already, ErrBusy (it may be let go of later).
 func (k *Engine) LetGo(p *datapath.Pair) (TunnelState, error) {
-	kt, ok := p.Carrier().(*kernelTunnel)
-	if !ok || kt.k != k {
+	c := p.Carrier()
+	kt, ok := c.(*kernelTunnel)
+	switch {
+	case c == nil && !p.Ending():
+		// Its handshake is finishing: it enters the kernel in a moment (or falls back to copy).
+		return TunnelState{}, fmt.Errorf("let go of pair %d: no engine carries it yet: %w", p.ID, ErrBusy)
+	case !ok || kt.k != k:
 		return TunnelState{}, fmt.Errorf("let go of pair %d: the kernel engine does not carry it", p.ID)
 	}
 	relays, err := k.leaveLoop(kt)
@@ -188,6 +231,9 @@ func (k *Engine) handedState(kt *kernelTunnel) (st TunnelState, held [2][]byte, 
 		d := &kt.dirs[i]
 		st.Dirs[i] = DirState{HeldLimit: d.limit, FINDone: d.finDone, UserRead: d.userRead,
 			UserWritten: d.userWritten, ResumeGen: d.resumeGen}
+		if d.demoted != nil {
+			st.Dirs[i].Demotions = d.counted
+		}
 		held[i], d.heldBack = d.heldBack, nil
 	}
 	if client, err = pollConn(kt.client.fd); err != nil {
@@ -257,6 +303,9 @@ func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
 		ds := st.Dirs[i]
 		kt.dirs[i] = kernelDir{kt: kt, src: src, dst: dst, limit: ds.HeldLimit, dir: pdirs[i], finSeen: ds.FINDone,
 			finDone: ds.FINDone, userRead: ds.UserRead, userWritten: ds.UserWritten, resumeGen: ds.ResumeGen}
+		if ds.Demotions > 0 {
+			kt.dirs[i].demoted = &demoted{counted: ds.Demotions}
+		}
 	}
 	defer func() {
 		if !adopted { // p as it was: its held-back bytes are its peeked bytes again
@@ -278,6 +327,21 @@ func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
 		return datapath.ErrPairEnded
 	}
 	adopted = true
+	return nil
+}
+
+// Discard takes the sockets st names out of every map: for a kernel tunnel that no engine carries any
+// more, the engine that let go of it having forgotten it, and that Adopt could not take (it ran out of
+// descriptors, its epoll had no room, the pair ended). Its pair is to be ended after: closing its sockets
+// would take them out of the sockhashes, not out of the state map (socks), which is keyed by cookie and
+// would keep the entries for good. Not for a tunnel another engine still carries (a refusal, the old
+// process keeping it): the entries are that engine's. A cookie is never reused, so an entry of another
+// tunnel is never removed.
+func (k *Engine) Discard(st TunnelState) error {
+	err := k.maps.Remove(loader.Socket{Cookie: st.Cookies[0]}, loader.Socket{Cookie: st.Cookies[1]})
+	if err != nil {
+		return fmt.Errorf("discard kernel tunnel: %w", err)
+	}
 	return nil
 }
 
@@ -311,7 +375,11 @@ func (k *Engine) attachAdopted(kt *kernelTunnel) error {
 		if d.finDone {
 			continue
 		}
-		if vs, err := k.maps.Stats(d.src.cookie); len(d.heldBack) > 0 || (err == nil && (vs.Demoted || vs.Passed != d.userRead)) {
+		vs, err := k.maps.Stats(d.src.cookie)
+		if err == nil {
+			k.countDemotionsLocked(d, vs.Demotions) // demoted while no engine held it
+		}
+		if len(d.heldBack) > 0 || (err == nil && (vs.Demoted || vs.Passed != d.userRead)) {
 			k.startRelayLocked(d)
 		}
 	}

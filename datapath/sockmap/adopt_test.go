@@ -2,6 +2,7 @@ package sockmap
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -33,7 +34,7 @@ func adoptingEngine(t *testing.T, k *Engine) *Engine {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k2.shared.Store(true)
+	k2.share()
 	t.Cleanup(func() {
 		k2.Close()
 		if t.Failed() {
@@ -304,4 +305,210 @@ func TestStartAdoptedLeavesLiveTunnels(t *testing.T) {
 	if d := diffStreams(got, msg); d != "" {
 		t.Errorf("the live tunnel after the self-test: %s", d)
 	}
+}
+
+// TestSharedSweepsUntilEveryReaderStops: a demotion whose event another reader of the shared ring buffer
+// took is found by the sweeps while any other reader is left, and by one last recheck once the last stops.
+// With two sharers (the process the engine adopted from, and one it exported to) the end of one leaves
+// the sweeps on; once none is left, the loop rechecks every tunnel once more, the periodic sweeps paused
+// here so that only that last recheck can find the demotion.
+func TestSharedSweepsUntilEveryReaderStops(t *testing.T) {
+	for _, tc := range []struct {
+		name            string
+		sharers         int
+		pauseSweeps     bool
+		unshareAfterDem bool // Unshare once the direction is demoted, else before the stream starts
+	}{
+		{"one of two readers stopped: the sweeps go on", 2, false, false},
+		{"the last reader stopped: one last recheck", 1, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, _ := newTestEngine(t)
+			for range tc.sharers {
+				files, err := k.Export()
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, f := range files {
+					f.Close()
+				}
+			}
+			if !tc.unshareAfterDem {
+				k.Unshare()
+			}
+			if tc.pauseSweeps {
+				k.pauseSweeps()
+			}
+			k.stealModeEvents(true)
+			c, u, p := carryPair(t, k)
+			d := kernelDirOf(t, k, false)
+			const size = 64 << 20
+			data := stream(41, size)
+			wrote := make(chan error, 1)
+			go sendStream(u, data, wrote)
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the direction was not demoted within 10s while the client did not read")
+				}
+			}
+			if tc.unshareAfterDem {
+				time.Sleep(3 * sharedSweep)
+				k.mu.Lock()
+				relaying := d.relaying
+				k.mu.Unlock()
+				if relaying {
+					t.Fatal("the direction is relayed before sharing ended: the case tests nothing")
+				}
+				k.stealModeEvents(false) // the other process stopped reading
+				k.Unshare()
+			}
+			if diff, err := readStream(c, data, 20*time.Second); err != nil || diff != "" {
+				t.Fatalf("stream to the client (a demotion whose event another reader took was never found): %v %s", err, diff)
+			}
+			if werr := <-wrote; werr != nil {
+				t.Fatalf("upstream write: %v", werr)
+			}
+			c.CloseWrite()
+			waitEnded(t, p)
+			assertMapsEmpty(t, k)
+		})
+	}
+}
+
+// TestLetGoBusy: a pair the engine cannot let go of now, but may a moment later, gives ErrBusy and is left
+// as it was: one whose handshake is finishing (registered as a kernel tunnel, not carried yet), and one
+// the engine is giving back already (a move off sockmap waiting for a client that does not read).
+func TestLetGoBusy(t *testing.T) {
+	t.Run("not carried yet", func(t *testing.T) {
+		k, _ := newTestEngine(t)
+		_, relayClient, relayUp, _ := tunnelEnds(t)
+		p := datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient}, datapath.Endpoint{Conn: relayUp}, nil)
+		t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
+		if _, err := k.LetGo(p); !errors.Is(err, ErrBusy) {
+			t.Errorf("LetGo of a pair not carried yet returned %v, want ErrBusy", err)
+		}
+		k.Carry(p)
+		if p.Kind() != datapath.Sockmap || p.Ending() {
+			t.Fatalf("the pair did not enter the kernel after the refused LetGo: it runs on %s, ended %q", p.Kind(), p.Reason())
+		}
+		if _, err := k.LetGo(p); err != nil {
+			t.Errorf("LetGo once carried: %v", err)
+		}
+	})
+	t.Run("given back already", func(t *testing.T) {
+		k, _ := newTestEngine(t)
+		k.heldLimit = 0 // never demoted: the kernel holds what the client does not read
+		_, up, p := carryPair(t, k)
+		go func() { _, _ = up.Write(stream(62, 32<<20)) }() // the client reads none of it
+		d := kernelDirOf(t, k, false)
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			k.mu.Lock()
+			st, handed, err := k.dirProgress(d, d.dst.fd)
+			k.mu.Unlock()
+			if err == nil && st.Bytes > handed+4<<20 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the kernel never held bytes for the client that does not read")
+			}
+		}
+		moved := make(chan error, 1)
+		go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+		kt := p.Carrier().(*kernelTunnel)
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			k.mu.Lock()
+			stopping := kt.stopping
+			k.mu.Unlock()
+			if stopping {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the move did not begin within 5s")
+			}
+		}
+		if _, err := k.LetGo(p); !errors.Is(err, ErrBusy) {
+			t.Errorf("LetGo during a move off sockmap returned %v, want ErrBusy", err)
+		}
+		p.End(datapath.ReasonShutdown, true)
+		<-moved
+	})
+}
+
+// TestDemotionsCountedByTheirEngine: with the objects shared, a demotion is counted by the engine that
+// carries the tunnel, once, whichever process reads its event: here the carrying engine reads no events
+// (StopEvents), its sweep finds the demotion, and the other engine, which reads every event, counts none.
+func TestDemotionsCountedByTheirEngine(t *testing.T) {
+	k, _ := newTestEngine(t)
+	k.heldLimit = 64 << 10
+	k.setSendBuffer(64 << 10)
+	k2 := adoptingEngine(t, k)
+	if err := k.StopEvents(); err != nil {
+		t.Fatal(err)
+	}
+	c, u, p := carryPair(t, k)
+	_ = c.SetReadBuffer(64 << 10)
+	d := kernelDirOf(t, k, false)
+	const size = 16 << 20
+	data := stream(43, size)
+	wrote := make(chan error, 1)
+	go sendStream(u, data, wrote)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the direction was not demoted within 10s while the client did not read")
+		}
+	}
+	if diff, err := readStream(c, data, 30*time.Second); err != nil || diff != "" {
+		t.Fatalf("stream to the client: %v %s", err, diff)
+	}
+	if werr := <-wrote; werr != nil {
+		t.Fatalf("upstream write: %v", werr)
+	}
+	st, err := k.maps.Stats(d.src.cookie)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := k.Stats().Demotions; got != st.Demotions {
+		t.Errorf("the carrying engine counted %d demotions, the verdict made %d", got, st.Demotions)
+	}
+	if got := k2.Stats().Demotions; got != 0 {
+		t.Errorf("the engine that carries no tunnel counted %d demotions (the other's, whose events it read)", got)
+	}
+	c.CloseWrite()
+	u.CloseWrite()
+	waitEnded(t, p)
+	assertMapsEmpty(t, k)
+}
+
+// TestLateEndSparesPairLetGo: the loop picks a tunnel to end for a socket error (the client reset) under
+// the engine's lock and ends it after; a LetGo in between hands the pair on (to another process, in an
+// upgrade), and the late end must not end it there.
+func TestLateEndSparesPairLetGo(t *testing.T) {
+	k, _ := newTestEngine(t)
+	let := make(chan error, 1)
+	k.beforeLateEnd(func(kt *kernelTunnel) {
+		_, err := k.LetGo(kt.p)
+		let <- err
+	})
+	client, _, p := carryPair(t, k)
+	_ = client.SetLinger(0)
+	client.Close() // a reset: EPOLLERR on the relay's socket
+	select {
+	case err := <-let:
+		if err != nil {
+			t.Fatalf("let go between the pick and the end: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the loop did not pick the reset tunnel within 10s")
+	}
+	time.Sleep(50 * time.Millisecond) // the late end, if any, has run
+	if p.Ending() {
+		t.Errorf("the pair let go of was ended by the engine that let go: %q (%v)", p.Reason(), p.Err())
+	}
+	p.End(datapath.ReasonShutdown, true)
 }

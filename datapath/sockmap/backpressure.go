@@ -56,14 +56,16 @@ func (k *Engine) readModeChanges() {
 			k.hooks.droppedModeEvents.Add(1)
 			continue
 		}
-		if ev.Kind == loader.Demoted {
-			k.demotions.Add(1)
+		if k.hooks.stealModeEvents.Load() {
+			continue
 		}
 		k.mu.Lock()
 		d, ok := k.bySrc[ev.Cookie]
 		switch {
 		case !ok:
+			// Another engine's tunnel (the objects are shared): counted there, by its event or a recheck.
 		case ev.Kind == loader.Demoted:
+			k.countDemotionsLocked(d, ev.Demotions)
 			k.startRelayLocked(d)
 		case ev.Kind == loader.Resumed && d.srcConn != nil:
 			// The goroutine waits in Go's poller for bytes that will not come now: the source's
@@ -71,12 +73,35 @@ func (k *Engine) readModeChanges() {
 			_ = d.srcConn.SetReadDeadline(time.Now())
 		}
 		k.mu.Unlock()
-		if ok && ev.Kind == loader.Broken {
+		if ok && ev.Kind == loader.Broken && k.verdictBroken(ev.Cookie) {
 			k.log.Error("kernel tunnel reset: TCP repeated bytes already delivered and they could not be cut off",
 				"id", d.kt.p.ID)
-			d.kt.p.End(datapath.ReasonKernelError, true)
+			d.kt.p.EndIfHeld(d.kt, datapath.ReasonKernelError, true) // unless given back meanwhile
 		}
 	}
+}
+
+// verdictBroken reports whether the verdict's state of the socket cookie says it dropped bytes: a Broken
+// event is acted on only then, since an event may be a duplicate of one already read (loader,
+// ReadModeChange: two readers of a shared ring buffer).
+func (k *Engine) verdictBroken(cookie uint64) bool {
+	st, err := k.maps.Stats(cookie)
+	return err == nil && st.Broken
+}
+
+// countDemotionsLocked counts in Stats the demotions of d's source up to demotions (the verdict's count)
+// that the engine has not counted yet: whether the event or a recheck finds a demotion first, and
+// whichever reader of a shared ring buffer reads the event, each is counted once, by the engine that
+// carries the tunnel. The caller holds k.mu.
+func (k *Engine) countDemotionsLocked(d *kernelDir, demotions uint64) {
+	if demotions == 0 || (d.demoted != nil && demotions <= d.counted) {
+		return
+	}
+	if d.demoted == nil {
+		d.demoted = &demoted{}
+	}
+	k.demotions.Add(demotions - d.counted)
+	d.counted = demotions
 }
 
 // startRelayLocked starts relayPassed for d unless it runs already. The caller holds k.mu, so d's

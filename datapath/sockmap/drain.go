@@ -48,6 +48,7 @@ func (k *Engine) checkDrains() {
 		case st.Demoted || st.Passed != d.userRead:
 			// Bytes before the FIN were passed to userspace: they go first, and the FIN after them.
 			// Normally a demotion event has started the relay already; this covers a lost event.
+			k.countDemotionsLocked(d, st.Demotions)
 			k.startRelayLocked(d)
 			d.settled = 0
 			d.nextCheck = now.Add(drainMaxCheck)
@@ -89,14 +90,15 @@ func (k *Engine) checkDrains() {
 	}
 	k.drain = keep
 	k.mu.Unlock()
+	// Only while kt still carries its pair: a LetGo or Stop since k.mu was released gave it back.
 	for _, kt := range finished {
-		kt.p.End(datapath.ReasonClosed, false)
+		kt.p.EndIfHeld(kt, datapath.ReasonClosed, false)
 	}
 	for _, kt := range stalled {
-		kt.p.End(datapath.ReasonStalled, true)
+		kt.p.EndIfHeld(kt, datapath.ReasonStalled, true)
 	}
 	for _, kt := range broken {
-		kt.p.End(datapath.ReasonKernelError, true)
+		kt.p.EndIfHeld(kt, datapath.ReasonKernelError, true)
 	}
 }
 

@@ -40,10 +40,13 @@ type Engine struct {
 	// relays counts the relaying goroutines started, for the self-test; relayWG waits for them at Close.
 	relays  atomic.Uint64
 	relayWG sync.WaitGroup
-	// shared is set while another process may read the mode-change ring buffer too (Export, Adopt): an
-	// event it read for one of this engine's tunnels is lost to this one, so the loop rechecks every
-	// tunnel each sharedSweep (adopt.go).
-	shared atomic.Bool
+	// sharers counts the other processes that may read the mode-change ring buffer too: the one this
+	// engine adopted its objects from (StartAdopted) and each one it exported them to (Export), until
+	// Unshare says that one stopped. An event another reader read for one of this engine's tunnels is
+	// lost to this one, so while any may read, the loop rechecks every tunnel each sharedSweep (adopt.go).
+	sharers atomic.Int32
+	// lastSweep asks the loop for one last recheck of every tunnel: the last other reader stopped.
+	lastSweep atomic.Bool
 	// sweptAt is when the loop last rechecked every tunnel because the objects are shared; only the loop
 	// touches it.
 	sweptAt time.Time
@@ -77,6 +80,13 @@ type testHooks struct {
 	// as a full ring buffer would count it.
 	dropModeEvents    atomic.Bool
 	droppedModeEvents atomic.Uint64
+	// stealModeEvents makes readModeChanges drop every event uncounted, as another process reading the
+	// shared ring buffer takes it; pauseSweeps stops the periodic sweeps of a shared engine (not the
+	// last one, once sharing ends), so that only that last one can find what the stolen events said.
+	stealModeEvents, pauseSweeps atomic.Bool
+	// beforeLateEnd, when set, runs in handle between its pick of a tunnel to end for a socket error,
+	// under k.mu, and the end, after k.mu: where a LetGo or Stop may give the pair back meanwhile.
+	beforeLateEnd func(kt *kernelTunnel)
 }
 
 // kernelTunnel is a pair's state on the kernel path, and the engine's hold on the pair (its Carrier).
@@ -173,6 +183,9 @@ type demoted struct {
 	maxPassedRead atomic.Int64
 	// overflow belongs to the relaying goroutine, as userRead does.
 	overflow overflowWatch
+	// counted is how many of the source's demotions (the verdict's count) the engine has counted in
+	// Stats, under Engine.mu: each once, whether its event or a recheck found it.
+	counted uint64
 }
 
 var (

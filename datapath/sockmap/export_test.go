@@ -17,3 +17,15 @@ func (k *Engine) dropModeEvents() { k.hooks.dropModeEvents.Store(true) }
 
 // droppedModeEvents is how many mode events k dropped since dropModeEvents.
 func (k *Engine) droppedModeEvents() uint64 { return k.hooks.droppedModeEvents.Load() }
+
+// stealModeEvents makes k drop every mode event from now on without counting it lost, as another process
+// reading the shared ring buffer takes it, until it is called with false (that process stopped reading).
+func (k *Engine) stealModeEvents(on bool) { k.hooks.stealModeEvents.Store(on) }
+
+// pauseSweeps stops k's periodic sweeps while it shares its objects; the last one, once sharing ends,
+// still runs.
+func (k *Engine) pauseSweeps() { k.hooks.pauseSweeps.Store(true) }
+
+// beforeLateEnd makes f run in the loop between its pick of a tunnel to end for a socket error and that
+// end, k.mu released. Set before the engine carries a pair.
+func (k *Engine) beforeLateEnd(f func(kt *kernelTunnel)) { k.hooks.beforeLateEnd = f }

@@ -20,7 +20,7 @@ func (k *Engine) loop() {
 		if timeout < 0 || timeout > lostEventsCheckMs {
 			timeout = lostEventsCheckMs
 		}
-		if k.shared.Load() {
+		if k.sharers.Load() > 0 || k.lastSweep.Load() {
 			timeout = min(timeout, int(sharedSweep/time.Millisecond))
 		}
 		n, err := unix.EpollWait(k.epfd, events, timeout)
@@ -66,6 +66,9 @@ func (k *Engine) recheckAll() {
 	k.mu.Lock()
 	for _, d := range k.bySrc {
 		st, err := k.maps.Stats(d.src.cookie)
+		if err == nil {
+			k.countDemotionsLocked(d, st.Demotions) // its event may have been lost, or read by another process
+		}
 		switch {
 		case err != nil || d.relaying:
 		case st.Broken:
@@ -79,7 +82,7 @@ func (k *Engine) recheckAll() {
 	}
 	k.mu.Unlock()
 	for _, kt := range broken {
-		kt.p.End(datapath.ReasonKernelError, true)
+		kt.p.EndIfHeld(kt, datapath.ReasonKernelError, true)
 	}
 }
 
@@ -119,7 +122,10 @@ func (k *Engine) handle(ev unix.EpollEvent) {
 		// Read under k.mu: release closes the descriptor, and its number may then name another socket.
 		err := socketError(s.fd)
 		k.mu.Unlock()
-		kt.p.Fail(datapath.Blame(s.isClient, err), err, true)
+		if k.hooks.beforeLateEnd != nil {
+			k.hooks.beforeLateEnd(kt)
+		}
+		kt.p.FailIfHeld(kt, datapath.Blame(s.isClient, err), err, true) // unless given back meanwhile
 		return
 	}
 	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {

@@ -41,14 +41,22 @@ var _ datapath.Stopper = (*kernelTunnel)(nil)
 // Stop gives the pair back alive (datapath.Stopper); see stopAlive.
 func (kt *kernelTunnel) Stop() error { return kt.stopAlive() }
 
-// errStopping is returned by a second stopAlive while the first runs.
-var errStopping = errors.New("the kernel engine is giving this pair back already")
+// ErrBusy is returned for a pair the kernel engine cannot give back or let go of now, and which is left as
+// it is: it may be given back later, once what kept it busy is over (a handshake finishing, a give-back
+// under way, a half-closed pair's demoted direction).
+var ErrBusy = errors.New("sockmap: the pair is busy; try again later")
+
+// errStopping is returned by a second stopAlive or LetGo while the first runs.
+var errStopping = fmt.Errorf("the kernel engine is giving this pair back already: %w", ErrBusy)
 
 // stopAlive gives the pair back alive with every byte the engine took written or kept as peeked bytes. A pair
 // that ends meanwhile gives ErrPairEnded. One that cannot be given back (a stall, no descriptor left for
 // its new conns) is ended, reset, since it has left the verdict: its error says why.
 func (kt *kernelTunnel) stopAlive() error {
 	k, p := kt.k, kt.p
+	if err := k.refuseHalfClosedPassing(kt); err != nil {
+		return err
+	}
 	relays, err := k.leaveLoop(kt)
 	switch {
 	case errors.Is(err, datapath.ErrPairEnded), errors.Is(err, errStopping):
@@ -69,7 +77,7 @@ func (kt *kernelTunnel) stopAlive() error {
 	if err == nil {
 		err = kt.giveBack(held)
 	}
-	if errors.Is(err, errTunnelEnded) || errors.Is(err, datapath.ErrPairEnded) {
+	if (errors.Is(err, errTunnelEnded) || errors.Is(err, datapath.ErrPairEnded)) && k.ending(kt) {
 		<-p.Done()
 		return datapath.ErrPairEnded
 	}
@@ -78,6 +86,64 @@ func (kt *kernelTunnel) stopAlive() error {
 		return fmt.Errorf("give the kernel pair back: %w", err)
 	}
 	return nil
+}
+
+// refuseHalfClosedPassing refuses, with ErrBusy, to give back a pair a direction of which has its
+// verdict passing bytes (demoted, or passed bytes not relayed yet) while its source's write side is shut
+// (the engine carried the other direction's FIN: FIN_WAIT1/2) and it has not received a FIN itself. Bytes
+// passed to such a source between the last read of step 3 and StopVerdict could not be read in order: TCP
+// refuses to put a socket that is not ESTABLISHED back into the verdict map. Most passed bytes come while
+// a direction is demoted, so the pair stays on sockmap until it is not.
+func (k *Engine) refuseHalfClosedPassing(kt *kernelTunnel) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return datapath.ErrPairEnded
+	}
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		if d.finDone {
+			continue
+		}
+		state, err := tcpState(d.src.fd)
+		if err != nil || state == unix.BPF_TCP_ESTABLISHED || finReceived(state) {
+			continue // an error is the end's, which the give-back finds
+		}
+		st, err := k.maps.Stats(d.src.cookie)
+		if d.relaying || (err == nil && (st.Demoted || st.Passed != d.userRead)) {
+			return fmt.Errorf("give the kernel pair back: a direction is demoted while its source is half-closed: %w", ErrBusy)
+		}
+	}
+	return nil
+}
+
+// tcpState is the TCP state of the socket fd (include/net/tcp_states.h).
+func tcpState(fd int) (uint8, error) {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0, fmt.Errorf("TCP_INFO: %w", err)
+	}
+	return info.State, nil
+}
+
+// finReceived reports whether a socket in TCP state has received its peer's FIN: CLOSE_WAIT, LAST_ACK,
+// CLOSING, TIME_WAIT or CLOSE. FIN_WAIT1 and FIN_WAIT2 have sent one and not received one.
+func finReceived(state uint8) bool {
+	switch state {
+	case unix.BPF_TCP_CLOSE_WAIT, unix.BPF_TCP_LAST_ACK, unix.BPF_TCP_CLOSING, unix.BPF_TCP_TIME_WAIT, unix.BPF_TCP_CLOSE:
+		return true
+	}
+	return false
+}
+
+// ending reports whether kt's pair is ending: released (its End runs), or the pair says so. errTunnelEnded
+// also comes from a verdict lookup or a socket query that failed while kt was held: then the pair is not
+// ending by itself, and waiting for its end would wait forever.
+func (k *Engine) ending(kt *kernelTunnel) bool {
+	k.mu.Lock()
+	released := kt.released
+	k.mu.Unlock()
+	return released || kt.p.Ending()
 }
 
 // leaveLoop takes kt out of the loop's epoll and tables and asks its relaying goroutines to stop, whose
@@ -144,7 +210,7 @@ func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
 // stopVerdict reads every passed byte of kt into held and takes kt's sockets out of the verdict map,
 // again while bytes were passed meanwhile (step 3 of stopAlive).
 func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
-	socks := [2]loader.Socket{{FD: kt.client.fd, Cookie: kt.client.cookie}, {FD: kt.up.fd, Cookie: kt.up.cookie}}
+	socks := [2]loader.Socket{{Cookie: kt.client.cookie}, {Cookie: kt.up.cookie}} // by cookie: StopVerdict needs no descriptor
 	if err := k.holdVerdict(kt); err != nil {
 		return err
 	}
@@ -159,7 +225,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		if unread[0] || unread[1] {
 			continue // passed while the last were read
 		}
-		closing, err := k.sourcesClosing(kt)
+		closing, halfClosed, err := k.sourcesClosing(kt)
 		if err != nil {
 			return err
 		}
@@ -174,16 +240,22 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		// (TCP calls data_ready at a FIN whatever the low-water mark): its passed bytes are the last of
 		// its stream, and may be read with the verdict stopped. Any other passed bytes need the verdict
 		// back to be read in order.
-		var again []loader.Socket
+		var again []int
 		for i, u := range unread {
-			if u && !closing[i] {
-				again = append(again, socks[i])
+			switch {
+			case !u || closing[i]:
+			case halfClosed[i]:
+				// It cannot go back into the verdict map (not ESTABLISHED), and read now its passed bytes
+				// would leave the bytes behind them unreadable: reset rather than stall.
+				return fmt.Errorf("bytes were passed to a half-closed source after its verdict stopped; they cannot be read in order")
+			default:
+				again = append(again, i)
 			}
 		}
 		if len(again) == 0 {
 			return k.readAllPassed(kt, held)
 		}
-		err = k.maps.RestartVerdict(again...)
+		err = k.restartVerdict(kt, again)
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			// The source got its FIN since (sock_map_sk_state_allowed refuses it): most likely its
 			// data_ready ran the verdict over the whole queue before StopVerdict, as above. Were it
@@ -199,22 +271,41 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 	return fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
 }
 
-// sourcesClosing reports, per direction of kt, whether its source has received its peer's FIN.
-func (k *Engine) sourcesClosing(kt *kernelTunnel) ([2]bool, error) {
+// restartVerdict puts the sources of kt's directions dirs back into the verdict map (RestartVerdict), under
+// k.mu and only while kt has not been released: the map takes the socket by descriptor, and a released
+// tunnel's descriptor numbers may name other sockets already, which would enter the map under its cookie.
+func (k *Engine) restartVerdict(kt *kernelTunnel, dirs []int) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	var closing [2]bool
 	if kt.released {
-		return closing, errTunnelEnded
+		return errTunnelEnded
+	}
+	socks := make([]loader.Socket, 0, len(dirs))
+	for _, i := range dirs {
+		src := kt.dirs[i].src
+		socks = append(socks, loader.Socket{FD: src.fd, Cookie: src.cookie})
+	}
+	return k.maps.RestartVerdict(socks...)
+}
+
+// sourcesClosing reports, per direction of kt, whether its source has received its peer's FIN (closing),
+// and whether it has sent one without receiving one (halfClosed: FIN_WAIT1/2, the engine carried the other
+// direction's FIN into it): such a source cannot go back into the verdict map.
+func (k *Engine) sourcesClosing(kt *kernelTunnel) (closing, halfClosed [2]bool, err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return closing, halfClosed, errTunnelEnded
 	}
 	for i := range kt.dirs {
-		info, err := unix.GetsockoptTCPInfo(kt.dirs[i].src.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		state, err := tcpState(kt.dirs[i].src.fd)
 		if err != nil {
-			return closing, fmt.Errorf("TCP_INFO: %w", err)
+			return closing, halfClosed, err
 		}
-		closing[i] = info.State != unix.BPF_TCP_ESTABLISHED
+		closing[i] = finReceived(state)
+		halfClosed[i] = !closing[i] && state != unix.BPF_TCP_ESTABLISHED
 	}
-	return closing, nil
+	return closing, halfClosed, nil
 }
 
 // holdVerdict keeps the verdict from running on kt's sources while the engine reads their passed bytes
@@ -261,7 +352,9 @@ func (kt *kernelTunnel) releaseVerdictHold() {
 
 // readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
 // still on their way through a psock's backlog. Passed bytes that stay unreadable for stallTimeout, none
-// read meanwhile, are an error: the pair is reset rather than left waiting.
+// read meanwhile and no socket of kt with bytes left to send, are an error: the pair is reset rather than
+// left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
+// the source's psock behind the bytes redirected into the source), as awaitHandedOn waits for it.
 func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
 	interval := handedOnFirstCheck
 	lastRead, lastMove := kt.dirs[0].userRead+kt.dirs[1].userRead, time.Now()
@@ -273,7 +366,7 @@ func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
 		now := time.Now()
 		if read := kt.dirs[0].userRead + kt.dirs[1].userRead; read != lastRead {
 			lastRead, lastMove, interval = read, now, handedOnFirstCheck
-		} else if now.Sub(lastMove) > stallTimeout {
+		} else if now.Sub(lastMove) > stallTimeout && !k.anyUnsent(kt) {
 			return errors.New("passed bytes did not become readable")
 		}
 		select {
@@ -283,6 +376,14 @@ func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
 		}
 		interval = min(2*interval, handedOnMaxCheck)
 	}
+}
+
+// anyUnsent reports whether a socket of kt still has bytes to send (hasUnsent), under k.mu so that a
+// release cannot close the descriptors meanwhile; false once released.
+func (k *Engine) anyUnsent(kt *kernelTunnel) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return !kt.released && (hasUnsent(kt.client.fd) || hasUnsent(kt.up.fd))
 }
 
 // readPassedRound reads what kt's sources hold of their passed bytes into held, under k.mu so that a

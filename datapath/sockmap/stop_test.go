@@ -9,8 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
+	"github.com/sockrelay/sockrelay/loader"
 )
 
 // openFDs counts the process's open descriptors.
@@ -474,4 +477,111 @@ func readAllWithinLen(c *net.TCPConn, n int, d time.Duration) ([]byte, error) {
 	buf := make([]byte, n)
 	got, err := io.ReadFull(c, buf)
 	return buf[:got], err
+}
+
+// TestRestartVerdictAfterRelease: a give-back that puts a source back into the verdict map does so only
+// while its tunnel has not been released. Once the pair ended, its descriptor numbers may name other
+// sockets (here another socket is put on the client's number), and putting one into the map under the
+// tunnel's cookie would have the verdict run on it.
+func TestRestartVerdictAfterRelease(t *testing.T) {
+	k, _ := newTestEngine(t)
+	_, _, p := carryPair(t, k)
+	kt := p.Carrier().(*kernelTunnel)
+	fd := kt.client.fd
+	p.End(datapath.ReasonShutdown, true)
+	waitEnded(t, p)
+	other, _, _, otherEnd := tunnelEnds(t)
+	defer other.Close()
+	defer otherEnd.Close()
+	if err := withFD(other, func(ofd int) { _ = unix.Dup3(ofd, fd, unix.O_CLOEXEC) }); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := k.restartVerdict(kt, []int{0}); !errors.Is(err, errTunnelEnded) {
+		t.Errorf("restartVerdict on a released tunnel returned %v, want errTunnelEnded", err)
+	}
+	assertMapsEmpty(t, k)
+}
+
+// TestMoveSockmapHalfClosedDemoted: a kernel pair whose client has half-closed (the FIN carried by the
+// kernel engine, so the upstream's socket, the source of the other direction, has sent its FIN and
+// received none) and whose upstream → client direction is demoted for a client that does not read yet is
+// not given back: bytes passed to that source once its verdict stopped could not be read in order (it
+// cannot go back into the verdict map). The move is refused with ErrBusy, the pair stays in the kernel,
+// and the client then gets every byte, in order, and EOF.
+func TestMoveSockmapHalfClosedDemoted(t *testing.T) {
+	k, _ := newTestEngine(t)
+	k.heldLimit = 16 << 10
+	k.setSendBuffer(64 << 10)
+	const size = 8 << 20
+	toUp, toClient := stream(91, 64<<10), stream(92, size)
+	client, up, p := carryPair(t, k)
+	_ = client.SetReadBuffer(64 << 10)
+	if _, err := client.Write(toUp); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := readAllWithin(up, 10*time.Second); err != nil || diffStreams(got, toUp) != "" {
+		t.Fatalf("upstream read %d bytes, %v: %s", len(got), err, diffStreams(got, toUp))
+	}
+	wrote := make(chan error, 1)
+	go sendStream(up, toClient, wrote)
+	d := kernelDirOf(t, k, false)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the upstream → client direction was not demoted within 10s while the client did not read")
+		}
+	}
+	if err := datapath.Move(p, datapath.Copier{}); !errors.Is(err, ErrBusy) {
+		t.Errorf("moving the half-closed pair with its other direction demoted returned %v, want ErrBusy", err)
+	}
+	if p.Kind() != datapath.Sockmap || p.Ending() {
+		t.Fatalf("after the refused move the pair runs on %s, ending %v (%q); want it still in the kernel", p.Kind(), p.Ending(), p.Reason())
+	}
+	go func() {
+		if werr := <-wrote; werr == nil {
+			_ = up.CloseWrite()
+		}
+	}()
+	if got, err := readAllWithin(client, 30*time.Second); err != nil || diffStreams(got, toClient) != "" {
+		t.Fatalf("client read %d bytes, %v: %s", len(got), err, diffStreams(got, toClient))
+	}
+	waitEnded(t, p)
+	if p.Reason() != datapath.ReasonClosed {
+		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
+	}
+	assertMapsEmpty(t, k)
+}
+
+// TestMoveSockmapLookupFailsWhileHeld: a give-back whose verdict lookups fail while the engine still holds
+// the pair (its entries gone from the state map behind the engine's back, as a failed lookup looks) ends
+// the pair with an error, rather than wait forever for an end that nothing else brings.
+func TestMoveSockmapLookupFailsWhileHeld(t *testing.T) {
+	k, _ := newTestEngine(t)
+	_, _, p := carryPair(t, k)
+	kt := p.Carrier().(*kernelTunnel)
+	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
+		t.Fatal(err)
+	}
+	moved := make(chan error, 1)
+	go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+	select {
+	case err := <-moved:
+		if err == nil {
+			t.Fatal("the move succeeded with the verdict's state gone")
+		}
+		t.Logf("the move returned: %v", err)
+	case <-time.After(15 * time.Second):
+		t.Fatal("the move did not return within 15s: it waits for an end that nothing brings")
+	}
+	waitEnded(t, p)
+	if p.Reason() != datapath.ReasonKernelError {
+		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonKernelError)
+	}
+	assertMapsEmpty(t, k)
 }
