@@ -175,7 +175,7 @@ func splicePump(d *Direction, p *Pipe) error {
 			return ReadErr(err)
 		}
 		if n == 0 {
-			return nil // EOF, and the pipe is empty
+			return d.AtEOF() // EOF, and the pipe is empty
 		}
 		// Drain the pipe completely before reading again: the next read then always has the whole pipe,
 		// and an EAGAIN from it can only mean the socket has nothing.
