@@ -76,7 +76,7 @@ func copyPump(d *Direction) error {
 		}
 		if n == 0 {
 			copyBuffers.Put(bp)
-			return nil // EOF
+			return d.AtEOF() // the peer's FIN, or a reset a write to it took the error of
 		}
 		w, werr := d.dst.Conn.Write((*bp)[:n])
 		if errors.Is(werr, os.ErrDeadlineExceeded) {
@@ -109,7 +109,7 @@ func streamPump(d *Direction) error {
 			}
 		}
 		if rerr == io.EOF {
-			return nil
+			return d.AtEOF()
 		}
 		if rerr != nil {
 			return ReadErr(rerr)

@@ -22,6 +22,8 @@ type Direction struct {
 	// finished points at the pair's record that this direction has carried its FIN, so that an engine
 	// the pair moves to does not carry it again.
 	finished *atomic.Bool
+	// srcShut is the other direction's finished: whether the source's own write side is shut (AtEOF).
+	srcShut *atomic.Bool
 	// fromClient is true for client → upstream; it decides which side an error is blamed on.
 	fromClient bool
 }
@@ -29,8 +31,8 @@ type Direction struct {
 // Directions returns p's two directions: client → upstream, then upstream → client.
 func (p *Pair) Directions() [2]*Direction {
 	return [2]*Direction{
-		{src: &p.client, dst: &p.upstream, counter: &p.toUpstream, finished: &p.finished[0], fromClient: true},
-		{src: &p.upstream, dst: &p.client, counter: &p.toClient, finished: &p.finished[1]},
+		{src: &p.client, dst: &p.upstream, counter: &p.toUpstream, finished: &p.finished[0], srcShut: &p.finished[1], fromClient: true},
+		{src: &p.upstream, dst: &p.client, counter: &p.toClient, finished: &p.finished[1], srcShut: &p.finished[0]},
 	}
 }
 
@@ -157,7 +159,12 @@ func (d *Direction) Finished() bool { return d.finished.Load() }
 func (d *Direction) MarkFinished() { d.finished.Store(true) }
 
 // Finish carries the source's FIN to the destination, after every byte before it has been written.
+//
+// The FIN is marked before the shutdown: the other direction, reading this destination's EOF, must not find
+// the socket closed by this FIN and the peer's answer without the mark, and take it for a reset (AtEOF). A
+// failed shutdown ends the pair, so the early mark is never relied on.
 func (d *Direction) Finish() error {
+	d.MarkFinished()
 	if d.dst.TLS != nil {
 		// close_notify first, so that the peer can tell the end from a truncation; then the FIN.
 		if err := d.dst.TLS.CloseWrite(); err != nil {
@@ -167,6 +174,52 @@ func (d *Direction) Finish() error {
 	if err := d.dst.Conn.CloseWrite(); err != nil {
 		return WriteErr(fmt.Errorf("shutdown write: %w", err))
 	}
-	d.MarkFinished()
 	return nil
+}
+
+// AtEOF is what a pump returns when a read of the source returned 0: nil for the peer's FIN, or a ReadErr
+// when the peer reset the socket (ResetAtEOF), so that the reset ends the pair as a reset rather than being
+// carried on as a FIN.
+func (d *Direction) AtEOF() error {
+	raw, err := d.src.Conn.SyscallConn()
+	if err != nil {
+		return ReadErr(fmt.Errorf("raw source conn at EOF: %w", err))
+	}
+	var reset error
+	if err := raw.Control(func(fd uintptr) { reset = ResetAtEOF(int(fd), d.srcShut.Load()) }); err != nil {
+		// The source is closed: the pair is ending, most often because the other direction's write to
+		// this same peer failed (the reset this EOF stands for). No FIN is carried into that end.
+		return ReadErr(fmt.Errorf("source at EOF: %w", err))
+	}
+	if reset != nil {
+		return ReadErr(reset)
+	}
+	return nil
+}
+
+// tcpClose is TCP_CLOSE (include/net/tcp_states.h).
+const tcpClose = 7
+
+// ResetAtEOF tells a peer's reset from its FIN on TCP socket fd, whose read has just returned 0; writeShut
+// says whether the socket's own write side was shut (its FIN sent).
+//
+// A reset's error is taken by the first system call on the socket that reports it: when a write to the
+// resetting peer fails with it (ECONNRESET, or EPIPE), a read of the same socket then returns 0, as at a FIN.
+// Carrying that "FIN" would let the other peer see a clean end before the reset (docs/datapath.md, "FIN, RST
+// and the end of a tunnel"). The state tells them apart: a socket that received a FIN is CLOSE_WAIT (LAST_ACK,
+// CLOSING or, once shut itself, TIME_WAIT, whose socket reads as CLOSE), while a reset one is CLOSE. It
+// returns nil for a FIN, else the socket's pending error, or ECONNRESET when a write took it. A FIN followed
+// by a reset before the read counts as the reset: the reset tears both sides down either way.
+func ResetAtEOF(fd int, writeShut bool) error {
+	if writeShut {
+		return nil // a socket closed by both FINs reads as CLOSE too; a reset after them reads as an error
+	}
+	ti, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil || ti.State != tcpClose {
+		return nil
+	}
+	if soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
+		return unix.Errno(soErr)
+	}
+	return unix.ECONNRESET
 }

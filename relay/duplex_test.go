@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"testing"
@@ -315,6 +316,85 @@ func TestResetClosesBoth(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestResetWhileWrittenToIsAReset: a peer resets while the relay is writing to it (the other peer's stream
+// fills its buffers, and it does not read). The relay's failed write takes the socket's error, after which a
+// read of that socket returns 0 as at a FIN; the other peer must still see a reset, never a clean EOF first,
+// and the tunnel must be blamed on the peer that reset. The datapath's two directions race for the reset
+// socket, so each case resets many tunnels.
+func TestResetWhileWrittenToIsAReset(t *testing.T) {
+	const rounds = 50
+	for _, dp := range testDatapaths {
+		for _, resetter := range []string{"client", "upstream"} {
+			t.Run(string(dp)+"/"+resetter, func(t *testing.T) {
+				up := startUpstream(t)
+				r := startRelay(t, dp, []string{up.Addr})
+				eofs := 0
+				for range rounds {
+					if resetWhileWrittenTo(t, r, up, resetter == "client") {
+						eofs++
+					}
+				}
+				if eofs > 0 {
+					t.Errorf("of %d resets, %d reached the other peer as a clean EOF", rounds, eofs)
+				}
+			})
+		}
+	}
+}
+
+// resetWhileWrittenTo opens a tunnel, has one peer (the victim) send until the other, which does not read,
+// leaves the relay's write to it blocked, then resets that other peer. It reports whether the victim read a
+// clean EOF rather than a reset; it fails the test on another end, or a reason that blames the wrong side.
+func resetWhileWrittenTo(t *testing.T, r *testRelay, up *fakeUpstream, clientResets bool) (cleanEOF bool) {
+	t.Helper()
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	tun := r.Tunnels().Tunnels()[0]
+	resetter, victim, rd, want := u.TCPConn, c.TCPConn, io.Reader(c.R), ReasonUpstreamReset
+	if clientResets {
+		resetter, victim, rd, want = c.TCPConn, u.TCPConn, u.R, ReasonClientReset
+	}
+	_ = resetter.SetReadBuffer(16 << 10)
+	fillUntilBlocked(t, victim)
+	// The victim has stopped writing: a write of its own would take its socket's error, and its read would
+	// then return 0 too.
+	_ = resetter.SetLinger(0)
+	_ = resetter.Close()
+	_, err := readAllWithin(victim, rd, 5*time.Second)
+	if err != nil && !isReset(err) {
+		t.Fatalf("the victim's read ended with %v, want a reset", err)
+	}
+	select {
+	case <-tun.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("tunnel did not end")
+	}
+	if tun.Reason() != want {
+		t.Errorf("reason %q, want %q", tun.Reason(), want)
+	}
+	waitTunnelsGone(t, r)
+	return err == nil
+}
+
+// fillUntilBlocked writes to c until a write makes no progress for 50 ms: the peer at the far end of the
+// tunnel does not read, so the relay's write to it is blocked then.
+func fillUntilBlocked(t *testing.T, c *net.TCPConn) {
+	t.Helper()
+	chunk := make([]byte, 16<<10)
+	for sent := 0; sent < 256<<20; {
+		_ = c.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+		n, err := c.Write(chunk)
+		sent += n
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			_ = c.SetWriteDeadline(time.Time{})
+			return
+		}
+		if err != nil {
+			t.Fatalf("write before the reset: %v", err)
+		}
+	}
+	t.Fatal("256 MiB written and no write blocked: the relay reads without bound")
 }
 
 // TestFullCloseWhileOtherSideSends: the client closes (not half-closes) while the upstream keeps sending.

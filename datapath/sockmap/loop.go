@@ -129,9 +129,16 @@ func (k *Engine) handle(ev unix.EpollEvent) {
 		return
 	}
 	if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
-		d := &kt.dirs[1]
+		d, back := &kt.dirs[1], &kt.dirs[0] // back writes to s
 		if s.isClient {
-			d = &kt.dirs[0]
+			d, back = &kt.dirs[0], &kt.dirs[1]
+		}
+		// A reset whose error a write to s took first (the psock's worker) raises no EPOLLERR: it must
+		// not be drained as a FIN.
+		if err := datapath.ResetAtEOF(s.fd, back.finDone); err != nil {
+			k.mu.Unlock()
+			kt.p.Fail(datapath.Blame(s.isClient, err), err, true)
+			return
 		}
 		if !d.finSeen {
 			d.finSeen = true
