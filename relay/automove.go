@@ -137,6 +137,7 @@ func (m *autoMover) sample(now time.Time) {
 	}
 	m.mu.Unlock()
 	budget := max(1, int(float64(m.policy.MovesPerSecond)*m.policy.Interval.Seconds()))
+	m.readKernelCounts()
 	var moves []autoMove
 	for _, t := range tunnels {
 		select {
@@ -150,7 +151,8 @@ func (m *autoMover) sample(now time.Time) {
 		if t.Parked() {
 			continue // an upgrade is handing it over
 		}
-		// Read outside m.mu: a kernel tunnel's counts are a map lookup per socket.
+		// Read outside m.mu: a kernel tunnel's counts can be a map lookup per socket (one inserted since
+		// readKernelCounts).
 		counts, carrier, ok := t.pair.Counts()
 		kind := t.pair.Kind()
 		m.mu.Lock()
@@ -200,6 +202,18 @@ func (m *autoMover) sample(now time.Time) {
 		}
 		m.moving.Add(1)
 		go m.move(mv)
+	}
+}
+
+// readKernelCounts reads every kernel tunnel's counters at once, so that each one's Counts in this sample
+// costs no system call: one batched read, not two map lookups per tunnel, idle ones included. On failure
+// each tunnel's Counts looks its sockets up, as before.
+func (m *autoMover) readKernelCounts() {
+	if m.s.kernel == nil {
+		return
+	}
+	if err := m.s.kernel.ReadCounts(); err != nil {
+		m.s.log.Warn("auto sampler: batched read of kernel counts failed; reading each tunnel's", "err", err)
 	}
 }
 

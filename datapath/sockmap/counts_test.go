@@ -66,3 +66,38 @@ func TestCounts(t *testing.T) {
 		t.Error("an ended pair has counts")
 	}
 }
+
+// TestReadCounts: once a sampler has read every socket's counters at once (ReadCounts), a pair's Counts
+// are what that read saw, with no map lookup of their own: bytes sent after it show only after the next
+// ReadCounts.
+func TestReadCounts(t *testing.T) {
+	requireSockmap(t)
+	k, _ := newTestEngine(t)
+	client, up, p := carryPair(t, k)
+	_ = kernelDirOf(t, k, true)
+	send := func(size int) {
+		t.Helper()
+		msg, got := make([]byte, size), make([]byte, size)
+		if _, err := client.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		_ = up.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(up, got); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(100)
+	if err := k.ReadCounts(); err != nil {
+		t.Fatal(err)
+	}
+	send(50)
+	if c, _, ok := p.Counts(); !ok || c != (datapath.Counts{Bytes: 100, Segments: 1}) {
+		t.Errorf("counts after ReadCounts and 50 more bytes %+v (ok %v), want the 100 bytes ReadCounts read", c, ok)
+	}
+	if err := k.ReadCounts(); err != nil {
+		t.Fatal(err)
+	}
+	if c, _, ok := p.Counts(); !ok || c != (datapath.Counts{Bytes: 150, Segments: 2}) {
+		t.Errorf("counts after the next ReadCounts %+v (ok %v), want 150 bytes in 2 segments", c, ok)
+	}
+}
