@@ -90,6 +90,16 @@ func (m *autoMover) track(t *Tunnel, l listenerInfo) {
 	}
 }
 
+// trackCarried puts a tunnel this process carries again, adopted in an upgrade or resumed after a failed
+// park, under the policy when its listener here is on auto, with a fresh history: a tunnel's engine changes
+// in an upgrade, and its counts start from 0 there.
+func (s *Server) trackCarried(t *Tunnel) {
+	s.listenersMu.Lock()
+	perTunnel := s.autoListeners[t.Listener]
+	s.listenersMu.Unlock()
+	s.auto.track(t, listenerInfo{name: t.Listener, perTunnel: perTunnel})
+}
+
 // movesOf is how many moves t made, and whether the policy moves it at all.
 func (m *autoMover) movesOf(t *Tunnel) (moves int, tracked bool) {
 	if m == nil {

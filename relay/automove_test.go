@@ -553,4 +553,59 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 	if tun.Datapath() != DatapathCopy {
 		t.Errorf("resumed on %s, want copy, where it was parked", tun.Datapath())
 	}
+	// Resumed after the failed park, the tunnel is under the policy again, from a fresh history.
+	if moves, tracked := r.auto.movesOf(tun); !tracked || moves != 0 {
+		t.Errorf("resumed tunnel tracked %v with %d moves, want tracked again with 0", tracked, moves)
+	}
+}
+
+// TestAutoTracksAdoptedTunnels: a tunnel an upgrade hands over comes under the new process's policy when
+// the listener it is adopted on is on auto there, and the policy moves it; adopted on a listener with a
+// datapath of its own, it stays pinned.
+func TestAutoTracksAdoptedTunnels(t *testing.T) {
+	requireSockmap(t)
+	toKernel := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
+		if s.Engine == auto.Loop {
+			return auto.Decision{Move: true, To: auto.Kernel, Reason: auto.ReasonQuiet}
+		}
+		return auto.Decision{}
+	}
+	for _, tc := range []struct {
+		listener Datapath
+		tracked  bool
+	}{{DatapathAuto, true}, {DatapathCopy, false}} {
+		t.Run(string(tc.listener), func(t *testing.T) {
+			up := startUpstream(t)
+			old := startRelay(t, DatapathCopy, []string{up.Addr})
+			next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toKernel))
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			edge, err := next.PrepareListener(ln, ListenerOptions{Name: "edge", Datapath: tc.listener})
+			if err != nil {
+				t.Fatal(err)
+			}
+			go edge.Serve()
+			c, u := openTunnel(t, old.Addr, up, nil, nil)
+			tun := handOverTo(t, old, next, onlyTunnel(t, old), "edge")
+			if _, tracked := next.auto.movesOf(tun); tracked != tc.tracked {
+				t.Fatalf("adopted tunnel under the policy: %v, want %v", tracked, tc.tracked)
+			}
+			if tc.tracked {
+				waitFor(t, 10*time.Second, "the adopted tunnel moved to the kernel", func() bool {
+					_, moves := next.auto.trackOf(tun)
+					return moves == 1 && tun.Datapath() == DatapathSockmap
+				})
+			}
+			if _, err := c.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 4)
+			_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
+				t.Fatalf("after the handover the upstream read %q, %v", got, err)
+			}
+		})
+	}
 }
