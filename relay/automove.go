@@ -180,8 +180,7 @@ func (m *autoMover) sample(now time.Time) {
 		if kind == DatapathSockmap {
 			from = auto.Kernel
 		}
-		s := auto.Sample{Engine: from, Elapsed: now.Sub(tr.lastAt), Bytes: counts.Bytes - tr.last.Bytes,
-			Segments: counts.Segments - tr.last.Segments, Demotions: counts.Demotions - tr.last.Demotions}
+		s := sampleOf(from, now.Sub(tr.lastAt), tr.last, counts)
 		tr.last, tr.lastAt = counts, now
 		tr.hist.Observe(s)
 		d := m.decide(m.policy, s, tr.hist)
@@ -213,6 +212,19 @@ func (m *autoMover) sample(now time.Time) {
 		m.moving.Add(1)
 		go m.move(mv)
 	}
+}
+
+// sampleOf is what an engine counted of a tunnel between two readings, each direction apart. Segments are
+// counted modulo 2³² on the loop (datapath.DirCounts), so their difference is taken modulo 2³²: exact, since
+// no direction reads 2³² times between two samples.
+func sampleOf(e auto.Engine, elapsed time.Duration, last, now datapath.Counts) auto.Sample {
+	s := auto.Sample{Engine: e, Elapsed: elapsed}
+	for i, d := range now.Dirs {
+		l := last.Dirs[i]
+		s.Dirs[i] = auto.Flow{Bytes: d.Bytes - l.Bytes, Segments: uint64(uint32(d.Segments - l.Segments)),
+			Demotions: d.Demotions - l.Demotions}
+	}
+	return s
 }
 
 // readKernelCounts reads every kernel tunnel's counters at once, so that each one's Counts in this sample

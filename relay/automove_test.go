@@ -609,3 +609,30 @@ func TestAutoTracksAdoptedTunnels(t *testing.T) {
 		})
 	}
 }
+
+// TestSampleOf: a sample is the difference of two readings each direction apart, and the loop's segment
+// counts, which wrap at 2³², give the reads between the readings across a wrap.
+func TestSampleOf(t *testing.T) {
+	dirs := func(up, down datapath.DirCounts) datapath.Counts {
+		return datapath.Counts{Dirs: [2]datapath.DirCounts{up, down}}
+	}
+	for _, tc := range []struct {
+		name      string
+		last, now datapath.Counts
+		want      [2]auto.Flow
+	}{
+		{"each direction apart",
+			dirs(datapath.DirCounts{Bytes: 100, Segments: 1}, datapath.DirCounts{Bytes: 5, Segments: 5, Demotions: 1}),
+			dirs(datapath.DirCounts{Bytes: 1100, Segments: 3}, datapath.DirCounts{Bytes: 5, Segments: 5, Demotions: 3}),
+			[2]auto.Flow{{Bytes: 1000, Segments: 2}, {Demotions: 2}}},
+		{"segments across the loop's wrap",
+			dirs(datapath.DirCounts{Segments: 1<<32 - 10}, datapath.DirCounts{}),
+			dirs(datapath.DirCounts{Segments: 5}, datapath.DirCounts{}),
+			[2]auto.Flow{{Segments: 15}, {}}},
+	} {
+		s := sampleOf(auto.Loop, time.Second, tc.last, tc.now)
+		if s.Dirs != tc.want || s.Engine != auto.Loop || s.Elapsed != time.Second {
+			t.Errorf("%s: %+v, want %+v", tc.name, s.Dirs, tc.want)
+		}
+	}
+}

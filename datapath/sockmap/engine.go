@@ -54,7 +54,7 @@ type Engine struct {
 	// counted are every socket's counts as the last ReadCounts read them, by cookie; nil until a sampler
 	// first calls ReadCounts, and a tunnel's Counts then come from them, not from a map lookup per socket.
 	countsMu sync.Mutex
-	counted  map[uint64]datapath.Counts
+	counted  map[uint64]datapath.DirCounts
 
 	epfd   int
 	wakefd int // eventfd that wakes the loop to stop
@@ -383,13 +383,13 @@ func (k *Engine) release(kt *kernelTunnel) {
 	kt.closeSockets()
 }
 
-// Counts returns the verdict's counts of kt's two sockets (datapath.Counter): as the last ReadCounts read
-// them once a sampler calls it (a socket inserted since is looked up), else a map lookup per socket. The
-// caller holds the pair's lock, so kt is not released meanwhile (its counters are zero once it has left the
-// maps).
+// Counts returns the verdict's counts of kt's two sockets (datapath.Counter), each the direction it reads:
+// as the last ReadCounts read them once a sampler calls it (a socket inserted since is looked up), else a
+// map lookup per socket. The caller holds the pair's lock, so kt is not released meanwhile (its counters
+// are zero once it has left the maps).
 func (kt *kernelTunnel) Counts() datapath.Counts {
 	var c datapath.Counts
-	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+	for i, s := range []*kernelSide{&kt.client, &kt.up} {
 		sc, ok := kt.k.countedOf(s.cookie)
 		if !ok {
 			st, err := kt.k.maps.Stats(s.cookie)
@@ -398,16 +398,14 @@ func (kt *kernelTunnel) Counts() datapath.Counts {
 			}
 			sc = countsOf(st)
 		}
-		c.Bytes += sc.Bytes
-		c.Segments += sc.Segments
-		c.Demotions += sc.Demotions
+		c.Dirs[i] = sc
 	}
 	return c
 }
 
-// countsOf is what auto's policy reads of one socket's counters.
-func countsOf(st loader.Stats) datapath.Counts {
-	return datapath.Counts{Bytes: st.Bytes + st.Passed, Segments: st.Skbs, Demotions: st.Demotions}
+// countsOf is what auto's policy reads of one socket's counters: the direction it reads.
+func countsOf(st loader.Stats) datapath.DirCounts {
+	return datapath.DirCounts{Bytes: st.Bytes + st.Passed, Segments: st.Skbs, Demotions: st.Demotions}
 }
 
 // ReadCounts reads every socket's counters in one batched read of the state map (a system call per 4096
@@ -418,7 +416,7 @@ func (k *Engine) ReadCounts() error {
 	k.countsMu.Lock()
 	defer k.countsMu.Unlock()
 	if k.counted == nil {
-		k.counted = map[uint64]datapath.Counts{}
+		k.counted = map[uint64]datapath.DirCounts{}
 	}
 	clear(k.counted) // keeps its buckets: the next read fills them again
 	err := k.maps.StatsAll(func(cookie uint64, st loader.Stats) { k.counted[cookie] = countsOf(st) })
@@ -431,7 +429,7 @@ func (k *Engine) ReadCounts() error {
 
 // countedOf is a socket's counts as the last ReadCounts read them; false when it did not read the socket,
 // or was never called.
-func (k *Engine) countedOf(cookie uint64) (datapath.Counts, bool) {
+func (k *Engine) countedOf(cookie uint64) (datapath.DirCounts, bool) {
 	k.countsMu.Lock()
 	defer k.countsMu.Unlock()
 	c, ok := k.counted[cookie]
