@@ -58,8 +58,9 @@ type Policy struct {
 	Interval time.Duration
 	// LeaveDemotions: a kernel tunnel demoted this many times within one sample moves to the loop.
 	LeaveDemotions uint64
-	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel with at least ChattySegments segments a
-	// second, averaging at most ChattyBytesPerSegment bytes, moves to the loop.
+	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel whose directions averaging at most
+	// ChattyBytesPerSegment bytes a segment carry at least ChattySegments segments a second together, with
+	// no bulk direction (larger segments, CalmSegments a second or more), moves to the loop.
 	ChattySegments        float64
 	ChattyBytesPerSegment float64
 	// CalmSegments: a loop tunnel that left the kernel for being chatty goes back below this many
@@ -67,7 +68,7 @@ type Policy struct {
 	// cross back and forth (hysteresis).
 	CalmSegments float64
 	// LargeBytesPerSegment: a loop tunnel that did not leave the kernel for demotions goes back when its
-	// reads average at least this many bytes, with at least CalmSegments of them a second.
+	// directions whose reads average at least this many bytes read at least CalmSegments a second together.
 	LargeBytesPerSegment float64
 	// QuietFor: a loop tunnel with no byte either way for this long goes back to the kernel.
 	QuietFor time.Duration
