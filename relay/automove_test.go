@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -560,24 +561,37 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 }
 
 // TestAutoTracksAdoptedTunnels: a tunnel an upgrade hands over comes under the new process's policy when
-// the listener it is adopted on is on auto there, and the policy moves it; adopted on a listener with a
+// the listener it is adopted on is on auto there, and the policy moves it, a copy tunnel to the kernel and
+// a kernel tunnel (the new process adopted the BPF objects) to the loop; adopted on a listener with a
 // datapath of its own, it stays pinned.
 func TestAutoTracksAdoptedTunnels(t *testing.T) {
 	requireSockmap(t)
-	toKernel := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
-		if s.Engine == auto.Loop {
-			return auto.Decision{Move: true, To: auto.Kernel, Reason: auto.ReasonQuiet}
-		}
-		return auto.Decision{}
+	toOther := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
+		return auto.Decision{Move: true, To: 1 - s.Engine, Reason: auto.ReasonForced}
 	}
 	for _, tc := range []struct {
-		listener Datapath
+		name     string
+		old      Datapath // the old process's, whose tunnel is handed over
+		listener Datapath // the new process's listener's
 		tracked  bool
-	}{{DatapathAuto, true}, {DatapathCopy, false}} {
-		t.Run(string(tc.listener), func(t *testing.T) {
+		movedTo  Datapath
+	}{
+		{"copy tunnel on auto", DatapathCopy, DatapathAuto, true, DatapathSockmap},
+		{"kernel tunnel on auto", DatapathSockmap, DatapathAuto, true, DatapathCopy},
+		{"copy tunnel on copy", DatapathCopy, DatapathCopy, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			up := startUpstream(t)
-			old := startRelay(t, DatapathCopy, []string{up.Addr})
-			next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toKernel))
+			old := startRelay(t, tc.old, []string{up.Addr})
+			var files map[string]*os.File
+			if tc.old == DatapathSockmap {
+				var err error
+				if files, err = old.ExportKernel(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toOther),
+				func(c *Config) { c.KernelObjects = files })
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
@@ -588,14 +602,21 @@ func TestAutoTracksAdoptedTunnels(t *testing.T) {
 			}
 			go edge.Serve()
 			c, u := openTunnel(t, old.Addr, up, nil, nil)
+			if tc.old == DatapathSockmap {
+				if !next.KernelAdopted() {
+					t.Fatal("the new relay did not adopt the old one's BPF objects")
+				}
+				old.HandKernelTunnels() // the new process adopted the objects
+				waitInKernel(t, old)
+			}
 			tun := handOverTo(t, old, next, onlyTunnel(t, old), "edge")
 			if _, tracked := next.auto.movesOf(tun); tracked != tc.tracked {
 				t.Fatalf("adopted tunnel under the policy: %v, want %v", tracked, tc.tracked)
 			}
 			if tc.tracked {
-				waitFor(t, 10*time.Second, "the adopted tunnel moved to the kernel", func() bool {
-					_, moves := next.auto.trackOf(tun)
-					return moves == 1 && tun.Datapath() == DatapathSockmap
+				waitFor(t, 10*time.Second, "the adopted tunnel moved to "+string(tc.movedTo), func() bool {
+					moving, moves := next.auto.trackOf(tun)
+					return !moving && moves >= 1 && tun.Datapath() == tc.movedTo
 				})
 			}
 			if _, err := c.Write([]byte("ping")); err != nil {
