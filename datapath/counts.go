@@ -1,15 +1,22 @@
 package datapath
 
-// Counts are what an engine has counted of a pair since it began to carry it, both directions together: the
+// Counts are what an engine has counted of a pair since it began to carry it, each direction apart: the
 // per-tunnel policy of auto (datapath/auto) compares two of them to classify a tunnel's traffic. Reading them
 // costs the engine no work on its data path: the kernel engine's come from the verdict's per-socket counters
-// (a map lookup per socket), the event loop's from its per-tunnel atomics.
+// (each socket's are the direction it reads), the event loop's from its per-tunnel atomics.
 type Counts struct {
+	// Dirs are client → upstream, then upstream → client.
+	Dirs [2]DirCounts
+}
+
+// DirCounts are one direction's counts.
+type DirCounts struct {
 	// Bytes moved: on the kernel, redirected plus passed for userspace to relay while demoted.
 	Bytes uint64
-	// Segments: the verdict's skbs redirected, or the loop's reads that returned bytes.
+	// Segments: the verdict's skbs redirected, or the loop's reads that returned bytes, which wrap at 2³²
+	// (two share an atomic): compare two of them modulo 2³².
 	Segments uint64
-	// Demotions: times a direction reached its held limit (the kernel engine only).
+	// Demotions: times the direction reached its held limit (the kernel engine only).
 	Demotions uint64
 }
 
@@ -35,7 +42,9 @@ func (p *Pair) Counts() (c Counts, carrier Carrier, ok bool) {
 // Counts returns the loop's counts of the pair.
 func (c *loopCarrier) Counts() Counts {
 	up, down := c.h.Bytes()
-	return Counts{Bytes: uint64(up + down), Segments: uint64(c.h.Reads())}
+	upReads, downReads := c.h.Reads()
+	return Counts{Dirs: [2]DirCounts{{Bytes: uint64(up), Segments: uint64(upReads)},
+		{Bytes: uint64(down), Segments: uint64(downReads)}}}
 }
 
 var _ Counter = (*loopCarrier)(nil)

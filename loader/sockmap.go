@@ -277,10 +277,46 @@ func (s *Sockmap) Stats(cookie uint64) (Stats, error) {
 	if err := s.objs.Socks.Lookup(cookie, &state); err != nil {
 		return Stats{}, fmt.Errorf("read counters of socket %d: %w", cookie, err)
 	}
-	v := state.St
+	return statsOf(state.St), nil
+}
+
+// statsOf is the verdict's counters of a socket as Stats.
+func statsOf(v bpf.SockrelaySockStats) Stats {
 	return Stats{Bytes: v.Bytes, Skbs: v.Skbs, LastNs: v.LastNs, Dropped: v.Dropped, Passed: v.Passed,
 		Demotions: v.Demotions, Demoted: v.Mode != 0, Broken: v.Broken != 0, Overlaps: v.Overlaps,
-		OverlapBytes: v.OverlapBytes}, nil
+		OverlapBytes: v.OverlapBytes}
+}
+
+// statsBatch is how many sockets one batched read of the state map returns at most: a hash map's batch
+// returns whole buckets, and fails with ENOSPC only when a bucket holds more than this.
+const statsBatch = 4096
+
+// StatsAll reads the counters of every socket in the state map, statsBatch sockets a system call, and calls
+// fn with each: a sampler that wants every tunnel's counters pays one system call per statsBatch sockets,
+// not one per socket (Stats). The map may change while it is read (a batch read of a hash map walks it
+// bucket by bucket): a socket inserted meanwhile may be missed, one removed may be seen, none twice.
+// Where the objects are shared with another process, its sockets are in the map too.
+func (s *Sockmap) StatsAll(fn func(cookie uint64, st Stats)) error {
+	return s.statsAll(statsBatch, fn)
+}
+
+// statsAll is StatsAll with batch sockets a system call (a test's smaller batches cover the cursor).
+func (s *Sockmap) statsAll(batch int, fn func(cookie uint64, st Stats)) error {
+	keys := make([]uint64, batch)
+	vals := make([]bpf.SockrelayTunnelSock, batch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := s.objs.Socks.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			fn(keys[i], statsOf(vals[i].St))
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil // the end of the map, whatever this batch held
+		case err != nil:
+			return fmt.Errorf("read counters of every socket: %w", err)
+		}
+	}
 }
 
 // ModeChange is the verdict's notice that a socket changed mode.

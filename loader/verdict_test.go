@@ -3,6 +3,7 @@ package loader
 import (
 	"bytes"
 	"errors"
+	"net"
 	"testing"
 	"time"
 
@@ -136,4 +137,75 @@ func readModeChange(t *testing.T, s *Sockmap, timeout time.Duration) ModeChange 
 		t.Fatalf("no mode change within %v: %v", timeout, err)
 	}
 	return ev
+}
+
+// TestStatsAll: one batched read of the state map gives every socket's counters, as Stats gives each
+// one's, across batches smaller than the map (the cursor carries on where the last batch stopped), and
+// nothing of a socket removed.
+func TestStatsAll(t *testing.T) {
+	s, err := Open(Options{})
+	if err != nil {
+		requireBPF(t, err)
+	}
+	t.Cleanup(func() { s.Close() })
+	const tunnels = 5
+	want := map[uint64]Stats{}
+	var removed Socket
+	for i := range tunnels {
+		client, a := loopbackPair(t)
+		upstream, b := loopbackPair(t)
+		sa, sb := socketOf(t, a, 4<<20), socketOf(t, b, 4<<20)
+		if err := s.Insert(sa, sb); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Remove(sa, sb) })
+		for _, c := range []*net.TCPConn{client, upstream} {
+			if err := c.SetDeadline(time.Now().Add(time.Minute)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		msg, got := bytes.Repeat([]byte{'s'}, 100*(i+1)), make([]byte, 100*(i+1))
+		mustWrite(t, client, msg)
+		mustReadFull(t, upstream, got)
+		if i == tunnels-1 {
+			if err := s.Remove(sa, sb); err != nil {
+				t.Fatal(err)
+			}
+			removed = sa
+			continue
+		}
+		for _, sk := range []Socket{sa, sb} {
+			st, err := s.Stats(sk.Cookie)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want[sk.Cookie] = st
+		}
+		if want[sa.Cookie].Bytes != uint64(len(msg)) {
+			t.Fatalf("tunnel %d: %d bytes redirected, want %d", i, want[sa.Cookie].Bytes, len(msg))
+		}
+	}
+	for _, batch := range []int{3, statsBatch} {
+		got := map[uint64]Stats{}
+		err := s.statsAll(batch, func(cookie uint64, st Stats) {
+			if _, twice := got[cookie]; twice {
+				t.Errorf("batch %d: socket %d read twice", batch, cookie)
+			}
+			got[cookie] = st
+		})
+		if err != nil {
+			t.Fatalf("batch %d: %v", batch, err)
+		}
+		if _, ok := got[removed.Cookie]; ok {
+			t.Errorf("batch %d: removed socket %d read", batch, removed.Cookie)
+		}
+		for cookie, st := range want {
+			if got[cookie] != st {
+				t.Errorf("batch %d: socket %d: %+v, want %+v", batch, cookie, got[cookie], st)
+			}
+		}
+		if len(got) != len(want) {
+			t.Errorf("batch %d: %d sockets read, want %d", batch, len(got), len(want))
+		}
+	}
 }

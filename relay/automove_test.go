@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -552,5 +553,107 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 	}
 	if tun.Datapath() != DatapathCopy {
 		t.Errorf("resumed on %s, want copy, where it was parked", tun.Datapath())
+	}
+	// Resumed after the failed park, the tunnel is under the policy again, from a fresh history.
+	if moves, tracked := r.auto.movesOf(tun); !tracked || moves != 0 {
+		t.Errorf("resumed tunnel tracked %v with %d moves, want tracked again with 0", tracked, moves)
+	}
+}
+
+// TestAutoTracksAdoptedTunnels: a tunnel an upgrade hands over comes under the new process's policy when
+// the listener it is adopted on is on auto there, and the policy moves it, a copy tunnel to the kernel and
+// a kernel tunnel (the new process adopted the BPF objects) to the loop; adopted on a listener with a
+// datapath of its own, it stays pinned.
+func TestAutoTracksAdoptedTunnels(t *testing.T) {
+	requireSockmap(t)
+	toOther := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
+		return auto.Decision{Move: true, To: 1 - s.Engine, Reason: auto.ReasonForced}
+	}
+	for _, tc := range []struct {
+		name     string
+		old      Datapath // the old process's, whose tunnel is handed over
+		listener Datapath // the new process's listener's
+		tracked  bool
+		movedTo  Datapath
+	}{
+		{"copy tunnel on auto", DatapathCopy, DatapathAuto, true, DatapathSockmap},
+		{"kernel tunnel on auto", DatapathSockmap, DatapathAuto, true, DatapathCopy},
+		{"copy tunnel on copy", DatapathCopy, DatapathCopy, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := startUpstream(t)
+			old := startRelay(t, tc.old, []string{up.Addr})
+			var files map[string]*os.File
+			if tc.old == DatapathSockmap {
+				var err error
+				if files, err = old.ExportKernel(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toOther),
+				func(c *Config) { c.KernelObjects = files })
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			edge, err := next.PrepareListener(ln, ListenerOptions{Name: "edge", Datapath: tc.listener})
+			if err != nil {
+				t.Fatal(err)
+			}
+			go edge.Serve()
+			c, u := openTunnel(t, old.Addr, up, nil, nil)
+			if tc.old == DatapathSockmap {
+				if !next.KernelAdopted() {
+					t.Fatal("the new relay did not adopt the old one's BPF objects")
+				}
+				old.HandKernelTunnels() // the new process adopted the objects
+				waitInKernel(t, old)
+			}
+			tun := handOverTo(t, old, next, onlyTunnel(t, old), "edge")
+			if _, tracked := next.auto.movesOf(tun); tracked != tc.tracked {
+				t.Fatalf("adopted tunnel under the policy: %v, want %v", tracked, tc.tracked)
+			}
+			if tc.tracked {
+				waitFor(t, 10*time.Second, "the adopted tunnel moved to "+string(tc.movedTo), func() bool {
+					moving, moves := next.auto.trackOf(tun)
+					return !moving && moves >= 1 && tun.Datapath() == tc.movedTo
+				})
+			}
+			if _, err := c.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 4)
+			_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
+				t.Fatalf("after the handover the upstream read %q, %v", got, err)
+			}
+		})
+	}
+}
+
+// TestSampleOf: a sample is the difference of two readings each direction apart, and the loop's segment
+// counts, which wrap at 2³², give the reads between the readings across a wrap.
+func TestSampleOf(t *testing.T) {
+	dirs := func(up, down datapath.DirCounts) datapath.Counts {
+		return datapath.Counts{Dirs: [2]datapath.DirCounts{up, down}}
+	}
+	for _, tc := range []struct {
+		name      string
+		last, now datapath.Counts
+		want      [2]auto.Flow
+	}{
+		{"each direction apart",
+			dirs(datapath.DirCounts{Bytes: 100, Segments: 1}, datapath.DirCounts{Bytes: 5, Segments: 5, Demotions: 1}),
+			dirs(datapath.DirCounts{Bytes: 1100, Segments: 3}, datapath.DirCounts{Bytes: 5, Segments: 5, Demotions: 3}),
+			[2]auto.Flow{{Bytes: 1000, Segments: 2}, {Demotions: 2}}},
+		{"segments across the loop's wrap",
+			dirs(datapath.DirCounts{Segments: 1<<32 - 10}, datapath.DirCounts{}),
+			dirs(datapath.DirCounts{Segments: 5}, datapath.DirCounts{}),
+			[2]auto.Flow{{Segments: 15}, {}}},
+	} {
+		s := sampleOf(auto.Loop, time.Second, tc.last, tc.now)
+		if s.Dirs != tc.want || s.Engine != auto.Loop || s.Elapsed != time.Second {
+			t.Errorf("%s: %+v, want %+v", tc.name, s.Dirs, tc.want)
+		}
 	}
 }

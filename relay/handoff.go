@@ -100,9 +100,10 @@ func (pt *ParkedTunnel) Files() (client, upstream *os.File, err error) {
 }
 
 // Resume carries a parked tunnel on here, on the engine that carried it (the new process did not take
-// it).
+// it), and puts it back under auto's policy where its listener is on auto.
 func (s *Server) Resume(pt *ParkedTunnel) {
 	pt.T.parked.Store(false)
+	defer s.trackCarried(pt.T)
 	if pt.Kernel != nil {
 		s.resumeKernel(pt)
 		return
@@ -228,10 +229,12 @@ func (s *Server) adoptLease(pool, addr string) *upstream.Lease {
 	return nil
 }
 
-// CarryAdopted starts carrying an adopted tunnel: the old process has let go of it.
+// CarryAdopted starts carrying an adopted tunnel: the old process has let go of it. Where its listener
+// here is on auto, auto's policy moves it from then on.
 func (s *Server) CarryAdopted(t *Tunnel) {
 	t.parked.Store(false)
 	s.logOpened(t)
+	defer s.trackCarried(t)
 	if t.adoptedKernel != nil {
 		s.carryAdoptedKernel(t)
 		return

@@ -158,6 +158,14 @@ func (s *Server) listenerSetup(opts ListenerOptions) (listenerInfo, error) {
 		s.listenerLimiters[info.name] = info.limiter
 		s.listenersMu.Unlock()
 	}
+	if info.perTunnel {
+		s.listenersMu.Lock()
+		if s.autoListeners == nil {
+			s.autoListeners = map[string]bool{}
+		}
+		s.autoListeners[info.name] = true
+		s.listenersMu.Unlock()
+	}
 	s.metrics.knowListener(info.name, info.datapath, s.Router().Pools())
 	return info, nil
 }

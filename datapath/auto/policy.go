@@ -58,8 +58,9 @@ type Policy struct {
 	Interval time.Duration
 	// LeaveDemotions: a kernel tunnel demoted this many times within one sample moves to the loop.
 	LeaveDemotions uint64
-	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel with at least ChattySegments segments a
-	// second, averaging at most ChattyBytesPerSegment bytes, moves to the loop.
+	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel whose directions averaging at most
+	// ChattyBytesPerSegment bytes a segment carry at least ChattySegments segments a second together, with
+	// no bulk direction (larger segments, CalmSegments a second or more), moves to the loop.
 	ChattySegments        float64
 	ChattyBytesPerSegment float64
 	// CalmSegments: a loop tunnel that left the kernel for being chatty goes back below this many
@@ -67,7 +68,7 @@ type Policy struct {
 	// cross back and forth (hysteresis).
 	CalmSegments float64
 	// LargeBytesPerSegment: a loop tunnel that did not leave the kernel for demotions goes back when its
-	// reads average at least this many bytes, with at least CalmSegments of them a second.
+	// directions whose reads average at least this many bytes read at least CalmSegments a second together.
 	LargeBytesPerSegment float64
 	// QuietFor: a loop tunnel with no byte either way for this long goes back to the kernel.
 	QuietFor time.Duration
@@ -115,13 +116,32 @@ func (p Policy) Validate() error {
 	return nil
 }
 
-// Sample is what a tunnel's engine counted over Elapsed, both directions together.
+// Sample is what a tunnel's engine counted over Elapsed, each direction apart.
 type Sample struct {
 	Engine  Engine
 	Elapsed time.Duration
-	// Bytes moved (on the kernel: redirected plus passed), Segments (the verdict's skbs, or the loop's
-	// reads) and Demotions over Elapsed.
+	// Dirs are client → upstream, then upstream → client.
+	Dirs [2]Flow
+}
+
+// Flow is one direction's counts over a sample: Bytes moved (on the kernel: redirected plus passed),
+// Segments (the verdict's skbs, or the loop's reads) and Demotions.
+type Flow struct {
 	Bytes, Segments, Demotions uint64
+}
+
+// Total is both directions together.
+func (s Sample) Total() Flow {
+	a, b := s.Dirs[0], s.Dirs[1]
+	return Flow{Bytes: a.Bytes + b.Bytes, Segments: a.Segments + b.Segments, Demotions: a.Demotions + b.Demotions}
+}
+
+// perSegment is the flow's bytes per segment, 0 without a segment.
+func (f Flow) perSegment() float64 {
+	if f.Segments == 0 {
+		return 0
+	}
+	return float64(f.Bytes) / float64(f.Segments)
 }
 
 // History is what the policy keeps of a tunnel between samples. Observe and Moved update it.
@@ -146,7 +166,7 @@ type Decision struct {
 // Observe adds a sample to h, before Decide.
 func (h *History) Observe(s Sample) {
 	h.On += s.Elapsed
-	if s.Bytes == 0 {
+	if s.Total().Bytes == 0 {
 		h.Quiet += s.Elapsed
 	} else {
 		h.Quiet = 0
@@ -181,17 +201,14 @@ func Decide(p Policy, s Sample, h History) Decision {
 		return Decision{Move: true, To: 1 - s.Engine, Reason: ReasonForced}
 	}
 	secs := s.Elapsed.Seconds()
-	segRate := float64(s.Segments) / secs
-	perSeg := 0.0
-	if s.Segments > 0 {
-		perSeg = float64(s.Bytes) / float64(s.Segments)
-	}
+	total := s.Total()
+	segRate := float64(total.Segments) / secs
 	switch s.Engine {
 	case Kernel:
 		switch {
-		case s.Demotions >= p.LeaveDemotions:
+		case total.Demotions >= p.LeaveDemotions:
 			return Decision{Move: true, To: Loop, Reason: ReasonDemotions}
-		case segRate >= p.ChattySegments && perSeg <= p.ChattyBytesPerSegment:
+		case p.chatty(s, secs):
 			return Decision{Move: true, To: Loop, Reason: ReasonChatty}
 		}
 	case Loop:
@@ -200,11 +217,45 @@ func Decide(p Policy, s Sample, h History) Decision {
 			return Decision{Move: true, To: Kernel, Reason: ReasonQuiet}
 		case h.Left == ReasonDemotions:
 			// Its bulk would demote again: only quiet brings it back.
-		case h.Left == ReasonChatty && s.Bytes > 0 && segRate < p.CalmSegments:
+		case h.Left == ReasonChatty && total.Bytes > 0 && segRate < p.CalmSegments:
 			return Decision{Move: true, To: Kernel, Reason: ReasonCalm}
-		case segRate >= p.CalmSegments && perSeg >= p.LargeBytesPerSegment:
+		case p.largeSegments(s, secs):
 			return Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}
 		}
 	}
 	return Decision{}
+}
+
+// chatty says whether a kernel tunnel carries many small segments: its directions whose segments average
+// at most ChattyBytesPerSegment carry ChattySegments a second together, and no direction is bulk (larger
+// segments, at least CalmSegments of them a second). Each direction is classified apart: a chatty direction
+// stays chatty beside a quiet one or one with a few large messages, whose bytes would hide its small
+// segments in an average of both; bulk one way with small acks the other is bulk, which the kernel carries
+// for less.
+func (p Policy) chatty(s Sample, secs float64) bool {
+	small := 0.0
+	for _, f := range s.Dirs {
+		rate := float64(f.Segments) / secs
+		switch {
+		case f.Segments == 0:
+		case f.perSegment() <= p.ChattyBytesPerSegment:
+			small += rate
+		case rate >= p.CalmSegments:
+			return false // a bulk direction
+		}
+	}
+	return small >= p.ChattySegments
+}
+
+// largeSegments says whether a loop tunnel's directions whose reads average at least LargeBytesPerSegment
+// read at least CalmSegments a second together: bulk of large segments, whatever the other direction
+// carries (acks, small messages).
+func (p Policy) largeSegments(s Sample, secs float64) bool {
+	large := 0.0
+	for _, f := range s.Dirs {
+		if f.Segments > 0 && f.perSegment() >= p.LargeBytesPerSegment {
+			large += float64(f.Segments) / secs
+		}
+	}
+	return large >= p.CalmSegments
 }

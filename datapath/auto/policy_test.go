@@ -16,37 +16,50 @@ func TestDecide(t *testing.T) {
 		want Decision
 	}{
 		{"kernel idle stays", Sample{Engine: Kernel, Elapsed: sec}, settled, Decision{}},
-		{"kernel chatty leaves", Sample{Engine: Kernel, Elapsed: sec, Bytes: 2000 * 100, Segments: 2000}, settled,
+		{"kernel chatty leaves", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 2000 * 100, Segments: 2000}}}, settled,
 			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
-		{"kernel chatty over two seconds is a rate", Sample{Engine: Kernel, Elapsed: 2 * sec, Bytes: 1500 * 100, Segments: 1500}, settled,
+		{"kernel chatty over two seconds is a rate", Sample{Engine: Kernel, Elapsed: 2 * sec, Dirs: [2]Flow{{Bytes: 1500 * 100, Segments: 1500}}}, settled,
 			Decision{}},
-		{"kernel at the chatty rate with large segments stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 2000 * 64 << 10, Segments: 2000}, settled,
+		{"kernel at the chatty rate with large segments stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 2000 * 64 << 10, Segments: 2000}}}, settled,
 			Decision{}},
-		{"kernel below the chatty rate stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 999 * 100, Segments: 999}, settled,
+		{"kernel below the chatty rate stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 999 * 100, Segments: 999}}}, settled,
 			Decision{}},
-		{"kernel demoting twice leaves", Sample{Engine: Kernel, Elapsed: sec, Bytes: 1 << 30, Segments: 1 << 20, Demotions: 2}, settled,
+		{"kernel demoting twice leaves", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 1 << 30, Segments: 1 << 20, Demotions: 2}}}, settled,
 			Decision{Move: true, To: Loop, Reason: ReasonDemotions}},
-		{"kernel demoting once stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 1 << 30, Segments: 1 << 14, Demotions: 1}, settled,
+		{"kernel demoting once stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 1 << 30, Segments: 1 << 14, Demotions: 1}}}, settled,
 			Decision{}},
-		{"kernel chatty within the dwell stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 5000 * 100, Segments: 5000}, History{On: 4 * sec},
+		{"kernel chatty within the dwell stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: 4 * sec},
 			Decision{}},
-		{"kernel chatty within a doubled dwell stays", Sample{Engine: Kernel, Elapsed: sec, Bytes: 5000 * 100, Segments: 5000}, History{On: 9 * sec, Dwell: 10 * sec},
+		{"kernel chatty within a doubled dwell stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: 9 * sec, Dwell: 10 * sec},
 			Decision{}},
 		{"loop quiet returns", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: 10 * sec, Left: ReasonDemotions},
 			Decision{Move: true, To: Kernel, Reason: ReasonQuiet}},
 		{"loop quiet not long enough stays", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: 9 * sec, Left: ReasonChatty},
 			Decision{}},
-		{"loop calm after chatty returns", Sample{Engine: Loop, Elapsed: sec, Bytes: 100 * 100, Segments: 100}, History{On: time.Minute, Left: ReasonChatty},
+		{"loop calm after chatty returns", Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 100 * 100, Segments: 100}}}, History{On: time.Minute, Left: ReasonChatty},
 			Decision{Move: true, To: Kernel, Reason: ReasonCalm}},
-		{"loop between calm and chatty stays (hysteresis)", Sample{Engine: Loop, Elapsed: sec, Bytes: 500 * 100, Segments: 500}, History{On: time.Minute, Left: ReasonChatty},
+		{"loop between calm and chatty stays (hysteresis)", Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 500 * 100, Segments: 500}}}, History{On: time.Minute, Left: ReasonChatty},
 			Decision{}},
-		{"loop large segments returns", Sample{Engine: Loop, Elapsed: sec, Bytes: 500 * 64 << 10, Segments: 500}, History{On: time.Minute, Left: ReasonChatty},
+		{"loop large segments returns", Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 500 * 64 << 10, Segments: 500}}}, History{On: time.Minute, Left: ReasonChatty},
 			Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}},
-		{"loop bulk that demoted stays while busy", Sample{Engine: Loop, Elapsed: sec, Bytes: 500 * 64 << 10, Segments: 500}, History{On: time.Minute, Left: ReasonDemotions},
+		{"loop bulk that demoted stays while busy", Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 500 * 64 << 10, Segments: 500}}}, History{On: time.Minute, Left: ReasonDemotions},
 			Decision{}},
-		{"loop bulk that demoted stays while slow", Sample{Engine: Loop, Elapsed: sec, Bytes: 10, Segments: 1}, History{On: time.Minute, Left: ReasonDemotions},
+		{"loop bulk that demoted stays while slow", Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 10, Segments: 1}}}, History{On: time.Minute, Left: ReasonDemotions},
 			Decision{}},
-		{"a zero-length sample decides nothing", Sample{Engine: Kernel, Demotions: 5}, settled, Decision{}},
+		// Each direction is classified apart (Dirs: client → upstream, upstream → client).
+		{"kernel chatty one way, quiet the other, leaves", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{}, {Bytes: 1500 * 64, Segments: 1500}}}, settled,
+			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
+		{"kernel chatty both ways, each below the rate, leaves", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 600 * 64, Segments: 600}, {Bytes: 600 * 64, Segments: 600}}}, settled,
+			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
+		{"kernel chatty one way, a few large messages the other, leaves", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 1500 * 64, Segments: 1500}, {Bytes: 10 << 20, Segments: 10}}}, settled,
+			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
+		{"kernel bulk one way, acks the other, stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 300 * 8 << 10, Segments: 300}, {Bytes: 2000 * 16, Segments: 2000}}}, settled,
+			Decision{}},
+		{"loop bulk one way, acks the other, returns", Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 2000 * 16, Segments: 2000}, {Bytes: 500 * 64 << 10, Segments: 500}}}, History{On: time.Minute, Left: ReasonChatty},
+			Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}},
+		{"loop chatty one way, a few large messages the other, stays", Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 1500 * 64, Segments: 1500}, {Bytes: 10 << 20, Segments: 10}}}, History{On: time.Minute, Left: ReasonChatty},
+			Decision{}},
+		{"a zero-length sample decides nothing", Sample{Engine: Kernel, Dirs: [2]Flow{{Demotions: 5}}}, settled, Decision{}},
 		{"loop idle for one sample stays", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: sec}, Decision{}},
 	}
 	for _, tc := range cases {
@@ -71,7 +84,7 @@ func TestHistory(t *testing.T) {
 	p := DefaultPolicy
 	var h History
 	for _, b := range []uint64{0, 0, 5, 0, 0, 0} {
-		h.Observe(Sample{Engine: Loop, Elapsed: time.Second, Bytes: b})
+		h.Observe(Sample{Engine: Loop, Elapsed: time.Second, Dirs: [2]Flow{{Bytes: b}}})
 	}
 	if h.Quiet != 3*time.Second || h.On != 6*time.Second {
 		t.Fatalf("after quiet, quiet, bytes, quiet ×3: Quiet %v On %v, want 3s and 6s", h.Quiet, h.On)
@@ -114,9 +127,10 @@ func TestNoOscillation(t *testing.T) {
 	e := Kernel
 	moves := 0
 	for range 3600 {
-		s := Sample{Engine: e, Elapsed: time.Second, Bytes: 1000 * 100, Segments: 1000}
+		s := Sample{Engine: e, Elapsed: time.Second, Dirs: [2]Flow{{Bytes: 500 * 100, Segments: 500}, {Bytes: 500 * 100, Segments: 500}}}
 		if e == Loop {
-			s.Bytes, s.Segments = 150*100, 150
+			s.Dirs[0] = Flow{Bytes: 150 * 100, Segments: 150}
+			s.Dirs[1] = Flow{}
 		}
 		h.Observe(s)
 		if d := Decide(p, s, h); d.Move {

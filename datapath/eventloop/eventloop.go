@@ -308,8 +308,13 @@ func (h *Handle) Bytes() (aToB, bToA int64) {
 	return h.t.written[0].Load(), h.t.written[1].Load()
 }
 
-// Reads returns how many reads returned bytes so far, both ways: with Bytes, the bytes per read.
-func (h *Handle) Reads() int64 { return h.t.reads.Load() }
+// Reads returns how many reads returned bytes so far each way, modulo 2³² (the two counts share one
+// atomic): with Bytes, the bytes per read. The difference of two readings a wrap apart is still right in
+// uint32 arithmetic.
+func (h *Handle) Reads() (aToB, bToA uint32) {
+	n := uint64(h.t.reads.Load())
+	return uint32(n), uint32(n >> 32)
+}
 
 // LastActive returns when bytes last moved, to the loop's clock (read once per epoll_wait); it is the tunnel's
 // start until then. Idle timeouts compare it with now, with no system call per tunnel.

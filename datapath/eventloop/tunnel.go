@@ -41,7 +41,7 @@ type tunnel struct {
 	first  Side // the side whose FIN came first, for End
 
 	written    [2]atomic.Int64 // bytes written each way (index = direction)
-	reads      atomic.Int64    // reads that returned bytes, both ways: segments, for auto's policy
+	reads      atomic.Int64    // reads that returned bytes, a→b in the low 32 bits, b→a in the high: segments, for auto's policy
 	unsent     atomic.Int64
 	lastActive atomic.Int64 // Unix nanoseconds, from the loop's clock
 }
@@ -205,7 +205,7 @@ func (t *tunnel) move(d *direction) bool {
 		}
 		d.out = (*d.buf)[:n]
 		t.unsent.Add(int64(n))
-		t.reads.Add(1)
+		t.reads.Add(1 << (32 * d.src))
 		// A short read took all the socket held: the read that would return EAGAIN is skipped (a message
 		// costs one read, not two). Bytes arriving after it raise a new edge, since the kernel wakes epoll on
 		// every arrival. Not after a hangup edge: the FIN or error behind it was reported already and no
