@@ -150,13 +150,12 @@ func (m *autoMover) sample(now time.Time) {
 	m.readKernelCounts()
 	var moves []autoMove
 	for _, t := range tunnels {
-		select {
-		case <-t.Done():
+		// Ending, not Done: Done makes the pair's channel, which an idle tunnel would then keep for its life.
+		if t.pair.Ending() {
 			m.mu.Lock()
 			delete(m.tracked, t)
 			m.mu.Unlock()
 			continue
-		default:
 		}
 		if t.Parked() {
 			continue // an upgrade is handing it over
