@@ -228,3 +228,37 @@ func TestSpliceEndWithBytesInPipeClosesIt(t *testing.T) {
 		t.Errorf("%d descriptors more open after the tunnel than before, want %d (the pooled pipes')", got, want)
 	}
 }
+
+// The bytes behind an urgent byte (MSG_OOB) cross, as a read through a buffer carries them: a splice stops at
+// the urgent mark (EAGAIN on a nonblocking socket, 0 once the FIN is in), so a spliced direction that trusted
+// it would carry "hello", then the FIN, and lose "world".
+func TestCarryBytesAfterUrgentByte(t *testing.T) { forEachMode(t, testCarryBytesAfterUrgentByte) }
+
+func testCarryBytesAfterUrgentByte(t *testing.T, splice bool) {
+	ls := startLoops(t, Options{Loops: 1})
+	r := carryAs(t, ls, splice, nil, nil, nil)
+	raw, err := r.peerA.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.peerA.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	var oobErr error
+	if err := raw.Control(func(fd uintptr) { oobErr = unix.Sendto(int(fd), []byte("X"), unix.MSG_OOB, nil) }); err != nil {
+		t.Fatal(err)
+	}
+	if oobErr != nil {
+		t.Fatalf("send the urgent byte: %v", oobErr)
+	}
+	if _, err := r.peerA.Write([]byte("world")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the loop has met the mark before the FIN comes
+	if err := r.peerA.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := io.ReadAll(r.peerB); err != nil || string(got) != "helloworld" {
+		t.Errorf("side b's peer read %q, then %v; want \"helloworld\" (the urgent byte left out), then EOF", got, err)
+	}
+}

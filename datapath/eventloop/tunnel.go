@@ -170,10 +170,14 @@ func (t *tunnel) move(d *direction) bool {
 		reads++
 		if t.splice {
 			if d.pipe = t.loop.takePipe(); d.pipe != nil {
-				if !t.spliceIn(d, src) {
+				ok, atMark := t.spliceIn(d, src)
+				if !ok {
 					return false
 				}
-				continue
+				if !atMark {
+					continue
+				}
+				// Stopped at an urgent mark: this read goes through a buffer, which passes the mark.
 			}
 			// No pipe to be had: this read goes through a buffer, as a copy tunnel's would.
 		}
@@ -249,14 +253,18 @@ func (t *tunnel) sendPipe(d *direction, dst *socket) (sent, ok bool) {
 // spliceIn moves what src has into d's empty pipe, noting EOF and EAGAIN as move's read does; it reports false
 // when the tunnel ended. Unlike a read into a buffer, a short splice does not say the socket is empty (the
 // pipe's slots may have run out before its bytes), so src stays readable until a splice returns EAGAIN.
-func (t *tunnel) spliceIn(d *direction, src *socket) bool {
+// atMark says the splice stopped at an urgent mark (MSG_OOB) with bytes still queued behind it: the caller
+// reads them through a buffer instead (src is left readable and the pipe given back).
+func (t *tunnel) spliceIn(d *direction, src *socket) (ok, atMark bool) {
 	n, err := spliceIn(int(src.fd), d.pipe)
 	switch {
+	case (err == unix.EAGAIN || err == nil && n == 0) && atUrgentMark(int(src.fd)):
+		atMark = true
 	case err == unix.EAGAIN:
 		src.readable = false
 	case err != nil:
 		t.fail(Side(d.src), fmt.Errorf("splice from side %s: %w", Side(d.src), err))
-		return false
+		return false, false
 	case n == 0:
 		d.eof = true
 		if t.first == SideNone {
@@ -265,11 +273,20 @@ func (t *tunnel) spliceIn(d *direction, src *socket) bool {
 	default:
 		d.pipe.held = int32(n)
 		t.unsent.Add(int64(n))
-		return true
+		return true, false
 	}
 	t.loop.putPipe(d.pipe) // empty
 	d.pipe = nil
-	return true
+	return true, atMark
+}
+
+// atUrgentMark reports whether fd, whose splice has just moved nothing, stopped at an urgent mark (MSG_OOB).
+// A TCP splice stops there, returning EAGAIN (or 0 once the FIN is in) with the bytes behind the mark queued,
+// and SIOCINQ counts none of them; a read skips the urgent byte (SO_OOBINLINE is off) and goes on. It costs
+// an ioctl only where a splice came back empty.
+func atUrgentMark(fd int) bool {
+	n, err := unix.IoctlGetInt(fd, unix.SIOCATMARK)
+	return err == nil && n != 0
 }
 
 func (t *tunnel) runAgainLater() {
