@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/internal/tcpstate"
 )
 
 // socket is one of a tunnel's descriptors with the readiness the loop last learned of it.
@@ -199,6 +201,9 @@ func (t *tunnel) move(d *direction) bool {
 			return false
 		}
 		if n == 0 {
+			if !t.atEOF(d) {
+				return false
+			}
 			d.eof = true
 			if t.first == SideNone {
 				t.first = Side(d.src)
@@ -266,6 +271,9 @@ func (t *tunnel) spliceIn(d *direction, src *socket) (ok, atMark bool) {
 		t.fail(Side(d.src), fmt.Errorf("splice from side %s: %w", Side(d.src), err))
 		return false, false
 	case n == 0:
+		if !t.atEOF(d) {
+			return false, false
+		}
 		d.eof = true
 		if t.first == SideNone {
 			t.first = Side(d.src)
@@ -287,6 +295,19 @@ func (t *tunnel) spliceIn(d *direction, src *socket) (ok, atMark bool) {
 func atUrgentMark(fd int) bool {
 	n, err := unix.IoctlGetInt(fd, unix.SIOCATMARK)
 	return err == nil && n != 0
+}
+
+// atEOF checks that d's source, whose read returned 0, sent a FIN and was not reset, and reports false when it
+// was reset and the tunnel ended: a reset whose error a write took before the loop had the socket (the kernel
+// engine's worker during a give-back, a parked tunnel's last write) reads as 0, and carrying it as a FIN would
+// let the other peer take a truncated stream for a whole one. The socket's own write side was shut once the
+// other direction carried its FIN.
+func (t *tunnel) atEOF(d *direction) bool {
+	if err := tcpstate.ResetAtEOF(int(t.ends[d.src].fd), t.dirs[1-d.src].shut); err != nil {
+		t.fail(Side(d.src), fmt.Errorf("read from side %s: %w", Side(d.src), err))
+		return false
+	}
+	return true
 }
 
 func (t *tunnel) runAgainLater() {
