@@ -22,6 +22,9 @@ func (s *Server) setUpDatapath() error {
 		k, err := s.startKernelPath()
 		if err == nil {
 			s.kernel, s.cfg.Datapath = k, DatapathSockmap
+			// A pair the kernel refuses (or a move to it gives up on) runs on the event loops, whose
+			// counters auto's policy reads, rather than on goroutines for good.
+			k.SetFallback(s.copier)
 			s.log.Info("datapath chosen", "datapath", DatapathSockmap, "requested", requested,
 				"why", "the kernel passed the probe and the self-test")
 			if requested == DatapathAuto {

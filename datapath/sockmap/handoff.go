@@ -186,15 +186,27 @@ func (k *Engine) attach(kt *kernelTunnel, heldLimit uint64) error {
 	return nil
 }
 
+// SetFallback makes e carry the pairs that cannot enter the kernel, instead of the goroutine Copier: the relay
+// passes its copy engine, so that such a pair (one moved from the event loops, most often) lands back on the
+// loops, whose counters auto's policy reads, rather than on goroutines that keep none, for good.
+func (k *Engine) SetFallback(e datapath.Engine) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.fallback = e
+}
+
 // runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy).
 // Whatever the handoff already wrote is not written again: peeked bytes are written once.
 func (k *Engine) runInUserspace(p *datapath.Pair, reason string) {
-	p.SetKind(k.fallback.Kind())
+	k.mu.Lock()
+	fallback := k.fallback
+	k.mu.Unlock()
+	p.SetKind(fallback.Kind())
 	k.log.Info("tunnel falls back to the copy datapath", "id", p.ID, "reason", reason)
 	if k.onFallback != nil {
 		k.onFallback(p, reason)
 	}
-	k.fallback.Carry(p)
+	fallback.Carry(p)
 }
 
 var (
