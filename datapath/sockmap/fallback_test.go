@@ -1,12 +1,17 @@
 package sockmap
 
 import (
+	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/internal/fdlimit"
 )
 
 // recordingEngine is a fallback engine that notes each pair it is handed and carries it on the Copier.
@@ -60,5 +65,50 @@ func TestFallbackEngineCarriesRefusedPair(t *testing.T) {
 	_ = upstream.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if got, err := io.ReadAll(upstream); err != nil || string(got) != "bye" {
 		t.Errorf("the upstream read %q, then %v; want \"bye\", then EOF", got, err)
+	}
+}
+
+// A pair the kernel engine cannot duplicate a socket of (no descriptor left, EMFILE) runs on the fallback
+// engine, counted with reason no_descriptor: a healthy tunnel is not reset, and no peer is blamed.
+func TestCarryOutOfDescriptorsFallsBack(t *testing.T) {
+	// One descriptor left, taken first or not: neither side's duplicate, or the client's but not the
+	// upstream's. (With none left at all, RLIMIT_NOFILE is 0 and F_DUPFD fails with EINVAL instead.)
+	for _, takeLast := range []bool{true, false} {
+		t.Run(fmt.Sprintf("last taken %v", takeLast), func(t *testing.T) {
+			k, _ := newTestEngine(t)
+			rec := &recordingEngine{}
+			k.SetFallback(rec)
+			var reasons []string
+			k.onFallback = func(_ *datapath.Pair, reason string) { reasons = append(reasons, reason) }
+			client, relayClient, relayUp, upstream := tunnelEnds(t)
+			p := datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient}, datapath.Endpoint{Conn: relayUp}, nil)
+			t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
+			before := openFDs(t)
+			fdlimit.WithDescriptorsLeft(t, 1, func() {
+				if takeLast {
+					fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer unix.Close(fd)
+				}
+				k.Carry(p)
+			})
+			if p.Ending() || !rec.took(p) || !slices.Equal(reasons, []string{"no_descriptor"}) {
+				t.Fatalf("out of descriptors: the pair ended %q, taken by the fallback: %v, fallbacks %q; "+
+					"want it alive on the fallback, counted once as no_descriptor", p.Reason(), rec.took(p), reasons)
+			}
+			if got := openFDs(t); got != before {
+				t.Errorf("%d descriptors open after the fallback, %d before: the engine leaked a duplicate", got, before)
+			}
+			if _, err := client.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
+			_ = upstream.SetReadDeadline(time.Now().Add(5 * time.Second))
+			got := make([]byte, 4)
+			if _, err := io.ReadFull(upstream, got); err != nil || string(got) != "ping" {
+				t.Errorf("the upstream read %q, %v; want \"ping\"", got, err)
+			}
+		})
 	}
 }

@@ -80,6 +80,13 @@ func (k *Engine) carryLimited(p *datapath.Pair, heldLimit uint64) {
 	if kt.client, err = k.newSide(kt, p.Client().Conn, true); err == nil {
 		kt.up, err = k.newSide(kt, p.Upstream().Conn, false)
 	}
+	if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+		// Out of descriptors for the engine's duplicates: the pair's own conns still carry it in userspace,
+		// and no peer did anything wrong.
+		k.log.Warn("no descriptor for a kernel tunnel's socket", "id", p.ID, "err", err)
+		k.runInUserspace(p, "no_descriptor")
+		return
+	}
 	if err != nil {
 		p.Fail(datapath.ReasonClientError, err, true)
 		return
