@@ -112,3 +112,38 @@ func TestCarryOutOfDescriptorsFallsBack(t *testing.T) {
 		})
 	}
 }
+
+// A peer that resets while its pair is being given back (out of the loop, which would have seen it) ends the
+// pair as that peer's reset: the pair is not handed on with a reset socket whose read the next engine could
+// take for a FIN (TCP_CLOSE is no FIN received unless the engine carried one into that socket).
+func TestGiveBackOfResetSocketResets(t *testing.T) {
+	k, _ := newTestEngine(t)
+	client, upstream, p := carryPair(t, k)
+	k.beforeSettle(func(kt *kernelTunnel) {
+		_ = client.SetLinger(0)
+		_ = client.Close()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			if state, err := tcpState(kt.client.fd); err == nil && state == tcpClose {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Error("the relay's client socket is not TCP_CLOSE 5s after the client's reset")
+				return
+			}
+		}
+	})
+	next := &recordingEngine{}
+	err := datapath.Move(p, next)
+	if err == nil || next.took(p) {
+		t.Fatalf("Move of a pair whose client reset during the give-back: %v, taken by the next engine: %v; "+
+			"want an error and the pair not handed on", err, next.took(p))
+	}
+	waitEnded(t, p)
+	if p.Reason() != datapath.ReasonClientReset {
+		t.Errorf("the pair ended %q, want %q", p.Reason(), datapath.ReasonClientReset)
+	}
+	_ = upstream.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, upstream); !datapath.IsReset(err) {
+		t.Errorf("the upstream's read ended with %v, want a reset", err)
+	}
+}
