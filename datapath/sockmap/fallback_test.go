@@ -1,6 +1,7 @@
 package sockmap
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"slices"
@@ -145,5 +146,65 @@ func TestGiveBackOfResetSocketResets(t *testing.T) {
 	_ = upstream.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.Copy(io.Discard, upstream); !datapath.IsReset(err) {
 		t.Errorf("the upstream's read ended with %v, want a reset", err)
+	}
+}
+
+// A destination that does not take the bytes the handoff writes (the event loop's held bytes on a move, or a
+// source's queued bytes) does not hold the handoff, and with it both directions, until it reads: after a
+// bounded wait the pair runs on the fallback engine, counted as slow_reader, with every byte still to come
+// in order.
+func TestHandoffSlowReaderFallsBack(t *testing.T) {
+	const size = 16 << 20
+	for _, peeked := range []bool{true, false} { // the bytes are the pair's peeked ones, or queued in its source
+		t.Run(map[bool]string{true: "peeked", false: "queued"}[peeked], func(t *testing.T) {
+			k, _ := newTestEngine(t)
+			rec := &recordingEngine{}
+			k.SetFallback(rec)
+			var reasons []string
+			k.onFallback = func(_ *datapath.Pair, reason string) { reasons = append(reasons, reason) }
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			client, relayClient, err := loopbackPair(ctx, 0, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			relayUp, upstream, err := loopbackPair(ctx, 0, 4<<10) // the upstream reads nothing until the end
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { client.Close(); upstream.Close() })
+			_ = relayUp.SetWriteBuffer(4 << 10)
+			want := stream(1, size)
+			var toUp []byte
+			if peeked {
+				toUp = want
+			} else {
+				go func() { _, _ = client.Write(want) }() // blocks until the relay has read most of it
+				time.Sleep(50 * time.Millisecond)
+			}
+			p := datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: relayClient, Peeked: toUp},
+				datapath.Endpoint{Conn: relayUp}, nil)
+			t.Cleanup(func() { p.End(datapath.ReasonShutdown, true) })
+			carried := make(chan struct{})
+			go func() { k.Carry(p); close(carried) }()
+			select {
+			case <-carried:
+			case <-time.After(5 * time.Second):
+				_, _ = io.Copy(io.Discard, io.LimitReader(upstream, size)) // let the handoff go on
+				t.Fatal("the handoff's write to a destination that does not read held it for 5s")
+			}
+			if p.Ending() || !rec.took(p) || !slices.Equal(reasons, []string{"slow_reader"}) {
+				t.Fatalf("the pair ended %q, taken by the fallback: %v, fallbacks %q; want it alive on the "+
+					"fallback, counted once as slow_reader", p.Reason(), rec.took(p), reasons)
+			}
+			_ = upstream.SetReadDeadline(time.Now().Add(20 * time.Second))
+			got := make([]byte, size)
+			if _, err := io.ReadFull(upstream, got); err != nil {
+				t.Fatal(err)
+			}
+			if d := diffStreams(got, want); d != "" {
+				t.Errorf("the upstream's stream: %s", d)
+			}
+		})
 	}
 }

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -95,11 +97,12 @@ func (k *Engine) carryLimited(p *datapath.Pair, heldLimit uint64) {
 	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up, limit: heldLimit, dir: pdirs[0]}
 	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit, dir: pdirs[1]}
 	for i, d := range pdirs {
-		if err := d.WritePeeked(); err != nil {
-			p.Fail(d.Blame(err), err, true)
+		switch err := writeLeftovers(d, kt.dirs[i].src.fd); {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The destination does not take them: the pair has no carrier meanwhile, so a slow reader
+			// would stall both directions (and a move's slot) for as long as it likes.
+			k.runInUserspace(p, "slow_reader")
 			return
-		}
-		switch err := drainQueued(d, kt.dirs[i].src.fd); {
 		case errors.Is(err, errSourceClosed):
 			// The source already sent its FIN: it cannot enter a sockhash (EOPNOTSUPP from
 			// sock_map_sk_state_allowed).
@@ -216,6 +219,24 @@ func (k *Engine) runInUserspace(p *datapath.Pair, reason string) {
 	fallback.Carry(p)
 }
 
+// handoffWriteTimeout bounds what the handoff writes to each destination: the peeked bytes (on a move from
+// the event loop, every byte it held) and the source's queued bytes. A destination with room takes them at
+// once; one that has none within it is a slow reader, and the pair runs in userspace, where waiting for it
+// holds up nothing else.
+const handoffWriteTimeout = 250 * time.Millisecond
+
+// writeLeftovers writes d's peeked bytes, then the bytes queued in its source (srcFD), within
+// handoffWriteTimeout: on os.ErrDeadlineExceeded what was not written stays d's peeked bytes, for the next
+// engine to write first.
+func writeLeftovers(d *datapath.Direction, srcFD int) error {
+	_ = d.Dst().SetWriteDeadline(time.Now().Add(handoffWriteTimeout))
+	defer func() { _ = d.Dst().SetWriteDeadline(time.Time{}) }()
+	if err := d.WritePeeked(); err != nil {
+		return err
+	}
+	return drainQueued(d, srcFD)
+}
+
 var (
 	errSourceClosed = errors.New("source sent FIN before the handoff")
 	errSourceBusy   = errors.New("source kept sending during the handoff")
@@ -248,6 +269,9 @@ func drainQueued(d *datapath.Direction, srcFD int) error {
 		}
 		w, werr := d.Dst().Write((*bp)[:n])
 		d.Count(w)
+		if errors.Is(werr, os.ErrDeadlineExceeded) {
+			d.HoldBackAgain(append([]byte(nil), (*bp)[w:n]...)) // read from the source: they must not be lost
+		}
 		if werr != nil {
 			return datapath.WriteErr(werr)
 		}
