@@ -205,18 +205,20 @@ func (k *Engine) SetFallback(e datapath.Engine) {
 	k.fallback = e
 }
 
-// runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy).
+// runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy), then tells
+// onFallback.
 // Whatever the handoff already wrote is not written again: peeked bytes are written once.
 func (k *Engine) runInUserspace(p *datapath.Pair, reason string) {
 	k.mu.Lock()
 	fallback := k.fallback
 	k.mu.Unlock()
-	p.SetKind(fallback.Kind())
 	k.log.Info("tunnel falls back to the copy datapath", "id", p.ID, "reason", reason)
+	// The fallback's Hold gives the pair its kind, unless the pair ended first: then it keeps sockmap, under
+	// which its end is counted. onFallback is told after, and reads the kind the pair has then.
+	fallback.Carry(p)
 	if k.onFallback != nil {
 		k.onFallback(p, reason)
 	}
-	fallback.Carry(p)
 }
 
 // handoffWriteTimeout bounds what the handoff writes to each destination: the peeked bytes (on a move from
