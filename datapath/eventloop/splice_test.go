@@ -1,12 +1,14 @@
 package eventloop
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -260,5 +262,44 @@ func testCarryBytesAfterUrgentByte(t *testing.T, splice bool) {
 	}
 	if got, err := io.ReadAll(r.peerB); err != nil || string(got) != "helloworld" {
 		t.Errorf("side b's peer read %q, then %v; want \"helloworld\" (the urgent byte left out), then EOF", got, err)
+	}
+}
+
+// A Detach that cannot read a pipe's bytes back whole ends the tunnel with a reset: the bytes it read back
+// before the failure are gone with the attempt, so carrying on (or handing over) would leave a hole in the
+// stream that the peer would take for a whole one.
+func TestSpliceDetachDrainFailureResets(t *testing.T) {
+	t.Cleanup(func() { readPipe = unix.Read }) // after the loops have closed
+	var reads atomic.Int32
+	readPipe = func(fd int, b []byte) (int, error) {
+		if reads.Add(1) > 1 {
+			return 0, unix.EIO
+		}
+		return unix.Read(fd, b[:min(len(b), 100)])
+	}
+	ls := startLoops(t, Options{Loops: 1, PipeSize: 16 << 10})
+	r := carryAs(t, ls, true, nil, nil, smallBuffers)
+	fillUntilStalled(t, r, newStream(11))
+	if r.h.Unsent() <= 100 {
+		t.Fatalf("stalled tunnel holds %d bytes, want more than the 100 the first read takes back", r.h.Unsent())
+	}
+	_, err := r.h.Detach(func(afd, bfd int) error {
+		unix.Close(afd)
+		unix.Close(bfd)
+		return errors.New("take was called")
+	})
+	if !errors.Is(err, ErrEnded) || !errors.Is(err, unix.EIO) {
+		t.Fatalf("Detach with a pipe that cannot be read back: %v, want ErrEnded with the read's EIO", err)
+	}
+	select {
+	case e := <-r.ends:
+		if e.Reason != ReasonError {
+			t.Errorf("end = %+v, want an error", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the tunnel did not end after its pipe could not be read back")
+	}
+	if err := readUntilError(r.peerB); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("side b's peer read ended with %v, want ECONNRESET", err)
 	}
 }

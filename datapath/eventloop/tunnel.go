@@ -404,7 +404,9 @@ func (t *tunnel) tcpProgress() uint64 {
 
 // unpipe reads the bytes in the directions' pipes back into memory and gives the empty pipes back. A direction
 // reads into its pipe only once out is empty, so the pipe's bytes become out. The tunnel carries on as before
-// if Detach fails later: move sends out first, as it sends peeked bytes.
+// if Detach fails later: move sends out first, as it sends peeked bytes. A pipe that cannot be read back
+// ends the tunnel with a reset (the error wraps ErrEnded): the bytes read from it before the error are gone,
+// and carrying on would leave a hole in the stream.
 func (t *tunnel) unpipe() error {
 	for i := range t.dirs {
 		d := &t.dirs[i]
@@ -413,7 +415,9 @@ func (t *tunnel) unpipe() error {
 		}
 		b, err := d.pipe.drain()
 		if err != nil {
-			return fmt.Errorf("direction %d: %w", i, err)
+			err = fmt.Errorf("direction %d: %w", i, err)
+			t.end(SideNone, ReasonError, err, true)
+			return fmt.Errorf("%w: %w", ErrEnded, err)
 		}
 		d.out = b
 		t.loop.putPipe(d.pipe)
