@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/internal/tcpstate"
 )
 
 // Direction is one way through a pair: bytes read from its source are written to its destination.
@@ -197,29 +199,7 @@ func (d *Direction) AtEOF() error {
 	return nil
 }
 
-// tcpClose is TCP_CLOSE (include/net/tcp_states.h).
-const tcpClose = 7
-
 // ResetAtEOF tells a peer's reset from its FIN on TCP socket fd, whose read has just returned 0; writeShut
-// says whether the socket's own write side was shut (its FIN sent).
-//
-// A reset's error is taken by the first system call on the socket that reports it: when a write to the
-// resetting peer fails with it (ECONNRESET, or EPIPE), a read of the same socket then returns 0, as at a FIN.
-// Carrying that "FIN" would let the other peer see a clean end before the reset (docs/datapath.md, "FIN, RST
-// and the end of a tunnel"). The state tells them apart: a socket that received a FIN is CLOSE_WAIT (LAST_ACK,
-// CLOSING or, once shut itself, TIME_WAIT, whose socket reads as CLOSE), while a reset one is CLOSE. It
-// returns nil for a FIN, else the socket's pending error, or ECONNRESET when a write took it. A FIN followed
-// by a reset before the read counts as the reset: the reset tears both sides down either way.
-func ResetAtEOF(fd int, writeShut bool) error {
-	if writeShut {
-		return nil // a socket closed by both FINs reads as CLOSE too; a reset after them reads as an error
-	}
-	ti, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-	if err != nil || ti.State != tcpClose {
-		return nil
-	}
-	if soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
-		return unix.Errno(soErr)
-	}
-	return unix.ECONNRESET
-}
+// says whether the socket's own write side was shut (its FIN sent). It returns nil for a FIN, else the
+// socket's pending error, or ECONNRESET when a write took it (tcpstate.ResetAtEOF says how).
+func ResetAtEOF(fd int, writeShut bool) error { return tcpstate.ResetAtEOF(fd, writeShut) }

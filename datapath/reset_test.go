@@ -101,3 +101,48 @@ func fillUntilBlocked(t *testing.T, c *net.TCPConn) {
 	}
 	t.Fatal("256 MiB written and no write blocked: the far peer's engine reads without bound")
 }
+
+// TestResetTakenBeforeCarryIsAReset: a pair reaches an engine after one peer's reset, whose error a write
+// elsewhere already took (the kernel engine's worker writing to it during a give-back, or a parked tunnel's
+// last write), so the engine's first read of that socket returns 0, as at a FIN. The other peer must learn of
+// the end as a reset, not a clean EOF.
+func TestResetTakenBeforeCarryIsAReset(t *testing.T) {
+	loops := startEventLoop(t)
+	for _, c := range []struct {
+		name string
+		e    datapath.Engine
+	}{{"copy", datapath.Copier{}}, {"eventloop", loops}, {"splice", loops.Splice()}} {
+		t.Run(c.name, func(t *testing.T) {
+			client, relayClient := loopbackPair(t)
+			relayUp, upstream := loopbackPair(t)
+			_ = client.SetLinger(0)
+			_ = client.Close()
+			takeResetWithWrite(t, relayClient)
+			p := datapath.NewPair(c.e.Kind(), datapath.Endpoint{Conn: relayClient}, datapath.Endpoint{Conn: relayUp}, nil)
+			t.Cleanup(func() { p.End("test_over", true) })
+			c.e.Carry(p)
+			_ = upstream.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.Copy(io.Discard, upstream); !datapath.IsReset(err) {
+				t.Errorf("the upstream's read ended with %v, want a reset", err)
+			}
+			if got := awaitEnd(t, p); got != datapath.ReasonClientReset {
+				t.Errorf("the pair ended with %q, want %q", got, datapath.ReasonClientReset)
+			}
+		})
+	}
+}
+
+// takeResetWithWrite writes to c until a write fails with the reset its peer sent, which takes the socket's
+// pending error: a read of c then returns 0.
+func takeResetWithWrite(t *testing.T, c *net.TCPConn) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if _, err := c.Write([]byte("x")); err != nil {
+			if !datapath.IsReset(err) {
+				t.Fatalf("write to the reset socket: %v, want a reset", err)
+			}
+			return
+		}
+	}
+	t.Fatal("no write to the reset socket failed")
+}

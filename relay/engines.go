@@ -22,6 +22,9 @@ func (s *Server) setUpDatapath() error {
 		k, err := s.startKernelPath()
 		if err == nil {
 			s.kernel, s.cfg.Datapath = k, DatapathSockmap
+			// A pair the kernel refuses (or a move to it gives up on) runs on the event loops, whose
+			// counters auto's policy reads, rather than on goroutines for good.
+			k.SetFallback(s.copier)
 			s.log.Info("datapath chosen", "datapath", DatapathSockmap, "requested", requested,
 				"why", "the kernel passed the probe and the self-test")
 			if requested == DatapathAuto {
@@ -101,11 +104,12 @@ func (s *Server) kernelStats() sockmap.Stats {
 // Datapath is the datapath this server's tunnels use, auto resolved.
 func (s *Server) Datapath() Datapath { return s.cfg.Datapath }
 
-// kernelFallback counts a tunnel the kernel datapath handed to the copy datapath.
+// kernelFallback counts a tunnel the kernel datapath handed to the copy datapath, once the fallback engine
+// has taken it: a pair that ended first keeps its kind, and its end is counted off that.
 func (s *Server) kernelFallback(p *datapath.Pair, reason string) {
-	if !s.auto.movingPair(p) { // a move counts its tunnel itself (automove.go)
+	if now := p.Kind(); now != DatapathSockmap && !s.auto.movingPair(p) { // a move counts its tunnel itself (automove.go)
 		s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
-		s.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
+		s.metrics.tunnelsActive.WithLabelValues(string(now)).Inc()
 	}
 	s.metrics.datapathFallbacks.WithLabelValues(reason).Inc()
 }
@@ -215,23 +219,24 @@ func (e *spliceEngine) Close() error { return nil }
 
 // Carry hands the pair to the loops, spliced; on copy goroutines when they cannot take it.
 func (e *spliceEngine) Carry(p *datapath.Pair) {
+	defer e.onCopy(p)
 	loops := e.copy.eventLoop()
 	if loops == nil {
-		e.onCopy(p)
 		datapath.Copier{}.Carry(p)
 		return
 	}
 	spliced := loops.Splice()
-	spliced.OnFallback = func(p *datapath.Pair, err error) {
-		e.copy.fellBack(p, err)
-		e.onCopy(p)
-	}
+	spliced.OnFallback = e.copy.fellBack
 	spliced.Carry(p)
 }
 
 // onCopy moves a splice tunnel that runs on copy instead to copy's count of live tunnels, where its end
-// will be counted.
-func (e *spliceEngine) onCopy(*datapath.Pair) {
+// will be counted. It runs once the Copier has taken the pair, from the kind the pair has then: one that
+// ended first stays splice, and its end is counted off splice.
+func (e *spliceEngine) onCopy(p *datapath.Pair) {
+	if p.Kind() != DatapathCopy {
+		return
+	}
 	e.copy.metrics.tunnelsActive.WithLabelValues(string(DatapathSplice)).Dec()
 	e.copy.metrics.tunnelsActive.WithLabelValues(string(DatapathCopy)).Inc()
 }

@@ -84,7 +84,7 @@ var tunnelEndReasons = []string{ReasonClosed, ReasonClientReset, ReasonUpstreamR
 // copyEngine and spliceEngine. (A splice tunnel's direction that cannot have a pipe copies through a buffer on
 // its loop, counted in sockrelay_eventloop_pipe_failures_total: not a fallback.)
 var fallbackReasons = []string{"sockmap_unavailable", "sockmap_selftest_failed", "insert_failed",
-	"socket_closing", "busy_at_handoff", fallbackLoopStart, fallbackLoopCarry}
+	"socket_closing", "busy_at_handoff", "no_descriptor", "slow_reader", fallbackLoopStart, fallbackLoopCarry}
 
 // The fallback reasons of the copy datapath's event loops.
 const (

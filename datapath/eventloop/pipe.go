@@ -1,6 +1,7 @@
 package eventloop
 
 import (
+	"errors"
 	"fmt"
 
 	"golang.org/x/sys/unix"
@@ -109,18 +110,24 @@ func (p *pipe) close() {
 func (p *pipe) drain() ([]byte, error) {
 	b := make([]byte, p.held)
 	for off := 0; off < len(b); {
-		m, err := unix.Read(int(p.r), b[off:])
+		m, err := readPipe(int(p.r), b[off:])
 		if err == unix.EINTR {
 			continue
 		}
-		if err != nil || m == 0 {
-			return nil, fmt.Errorf("read back %d bytes from a pipe: %d read, then %v", len(b), off, err)
+		if err == nil && m == 0 {
+			err = errors.New("end of pipe")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read back %d bytes from a pipe: %d read, then %w", len(b), off, err)
 		}
 		off += m
 	}
 	p.held = 0
 	return b, nil
 }
+
+// readPipe reads a pipe back in drain; a test replaces it to make that read fail.
+var readPipe = unix.Read
 
 const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 

@@ -1,12 +1,14 @@
 package eventloop
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -226,5 +228,78 @@ func TestSpliceEndWithBytesInPipeClosesIt(t *testing.T) {
 	})
 	if got, want := openFDs(t)-before, 2*int(ls.Stats()[0].PipesFree); got != want {
 		t.Errorf("%d descriptors more open after the tunnel than before, want %d (the pooled pipes')", got, want)
+	}
+}
+
+// The bytes behind an urgent byte (MSG_OOB) cross, as a read through a buffer carries them: a splice stops at
+// the urgent mark (EAGAIN on a nonblocking socket, 0 once the FIN is in), so a spliced direction that trusted
+// it would carry "hello", then the FIN, and lose "world".
+func TestCarryBytesAfterUrgentByte(t *testing.T) { forEachMode(t, testCarryBytesAfterUrgentByte) }
+
+func testCarryBytesAfterUrgentByte(t *testing.T, splice bool) {
+	ls := startLoops(t, Options{Loops: 1})
+	r := carryAs(t, ls, splice, nil, nil, nil)
+	raw, err := r.peerA.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.peerA.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	var oobErr error
+	if err := raw.Control(func(fd uintptr) { oobErr = unix.Sendto(int(fd), []byte("X"), unix.MSG_OOB, nil) }); err != nil {
+		t.Fatal(err)
+	}
+	if oobErr != nil {
+		t.Fatalf("send the urgent byte: %v", oobErr)
+	}
+	if _, err := r.peerA.Write([]byte("world")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the loop has met the mark before the FIN comes
+	if err := r.peerA.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := io.ReadAll(r.peerB); err != nil || string(got) != "helloworld" {
+		t.Errorf("side b's peer read %q, then %v; want \"helloworld\" (the urgent byte left out), then EOF", got, err)
+	}
+}
+
+// A Detach that cannot read a pipe's bytes back whole ends the tunnel with a reset: the bytes it read back
+// before the failure are gone with the attempt, so carrying on (or handing over) would leave a hole in the
+// stream that the peer would take for a whole one.
+func TestSpliceDetachDrainFailureResets(t *testing.T) {
+	t.Cleanup(func() { readPipe = unix.Read }) // after the loops have closed
+	var reads atomic.Int32
+	readPipe = func(fd int, b []byte) (int, error) {
+		if reads.Add(1) > 1 {
+			return 0, unix.EIO
+		}
+		return unix.Read(fd, b[:min(len(b), 100)])
+	}
+	ls := startLoops(t, Options{Loops: 1, PipeSize: 16 << 10})
+	r := carryAs(t, ls, true, nil, nil, smallBuffers)
+	fillUntilStalled(t, r, newStream(11))
+	if r.h.Unsent() <= 100 {
+		t.Fatalf("stalled tunnel holds %d bytes, want more than the 100 the first read takes back", r.h.Unsent())
+	}
+	_, err := r.h.Detach(func(afd, bfd int) error {
+		unix.Close(afd)
+		unix.Close(bfd)
+		return errors.New("take was called")
+	})
+	if !errors.Is(err, ErrEnded) || !errors.Is(err, unix.EIO) {
+		t.Fatalf("Detach with a pipe that cannot be read back: %v, want ErrEnded with the read's EIO", err)
+	}
+	select {
+	case e := <-r.ends:
+		if e.Reason != ReasonError {
+			t.Errorf("end = %+v, want an error", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the tunnel did not end after its pipe could not be read back")
+	}
+	if err := readUntilError(r.peerB); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("side b's peer read ended with %v, want ECONNRESET", err)
 	}
 }

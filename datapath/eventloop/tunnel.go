@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/internal/tcpstate"
 )
 
 // socket is one of a tunnel's descriptors with the readiness the loop last learned of it.
@@ -170,10 +172,14 @@ func (t *tunnel) move(d *direction) bool {
 		reads++
 		if t.splice {
 			if d.pipe = t.loop.takePipe(); d.pipe != nil {
-				if !t.spliceIn(d, src) {
+				ok, atMark := t.spliceIn(d, src)
+				if !ok {
 					return false
 				}
-				continue
+				if !atMark {
+					continue
+				}
+				// Stopped at an urgent mark: this read goes through a buffer, which passes the mark.
 			}
 			// No pipe to be had: this read goes through a buffer, as a copy tunnel's would.
 		}
@@ -195,6 +201,9 @@ func (t *tunnel) move(d *direction) bool {
 			return false
 		}
 		if n == 0 {
+			if !t.atEOF(d) {
+				return false
+			}
 			d.eof = true
 			if t.first == SideNone {
 				t.first = Side(d.src)
@@ -249,15 +258,22 @@ func (t *tunnel) sendPipe(d *direction, dst *socket) (sent, ok bool) {
 // spliceIn moves what src has into d's empty pipe, noting EOF and EAGAIN as move's read does; it reports false
 // when the tunnel ended. Unlike a read into a buffer, a short splice does not say the socket is empty (the
 // pipe's slots may have run out before its bytes), so src stays readable until a splice returns EAGAIN.
-func (t *tunnel) spliceIn(d *direction, src *socket) bool {
+// atMark says the splice stopped at an urgent mark (MSG_OOB) with bytes still queued behind it: the caller
+// reads them through a buffer instead (src is left readable and the pipe given back).
+func (t *tunnel) spliceIn(d *direction, src *socket) (ok, atMark bool) {
 	n, err := spliceIn(int(src.fd), d.pipe)
 	switch {
+	case (err == unix.EAGAIN || err == nil && n == 0) && atUrgentMark(int(src.fd)):
+		atMark = true
 	case err == unix.EAGAIN:
 		src.readable = false
 	case err != nil:
 		t.fail(Side(d.src), fmt.Errorf("splice from side %s: %w", Side(d.src), err))
-		return false
+		return false, false
 	case n == 0:
+		if !t.atEOF(d) {
+			return false, false
+		}
 		d.eof = true
 		if t.first == SideNone {
 			t.first = Side(d.src)
@@ -265,10 +281,32 @@ func (t *tunnel) spliceIn(d *direction, src *socket) bool {
 	default:
 		d.pipe.held = int32(n)
 		t.unsent.Add(int64(n))
-		return true
+		return true, false
 	}
 	t.loop.putPipe(d.pipe) // empty
 	d.pipe = nil
+	return true, atMark
+}
+
+// atUrgentMark reports whether fd, whose splice has just moved nothing, stopped at an urgent mark (MSG_OOB).
+// A TCP splice stops there, returning EAGAIN (or 0 once the FIN is in) with the bytes behind the mark queued,
+// and SIOCINQ counts none of them; a read skips the urgent byte (SO_OOBINLINE is off) and goes on. It costs
+// an ioctl only where a splice came back empty.
+func atUrgentMark(fd int) bool {
+	n, err := unix.IoctlGetInt(fd, unix.SIOCATMARK)
+	return err == nil && n != 0
+}
+
+// atEOF checks that d's source, whose read returned 0, sent a FIN and was not reset, and reports false when it
+// was reset and the tunnel ended: a reset whose error a write took before the loop had the socket (the kernel
+// engine's worker during a give-back, a parked tunnel's last write) reads as 0, and carrying it as a FIN would
+// let the other peer take a truncated stream for a whole one. The socket's own write side was shut once the
+// other direction carried its FIN.
+func (t *tunnel) atEOF(d *direction) bool {
+	if err := tcpstate.ResetAtEOF(int(t.ends[d.src].fd), t.dirs[1-d.src].shut); err != nil {
+		t.fail(Side(d.src), fmt.Errorf("read from side %s: %w", Side(d.src), err))
+		return false
+	}
 	return true
 }
 
@@ -366,7 +404,9 @@ func (t *tunnel) tcpProgress() uint64 {
 
 // unpipe reads the bytes in the directions' pipes back into memory and gives the empty pipes back. A direction
 // reads into its pipe only once out is empty, so the pipe's bytes become out. The tunnel carries on as before
-// if Detach fails later: move sends out first, as it sends peeked bytes.
+// if Detach fails later: move sends out first, as it sends peeked bytes. A pipe that cannot be read back
+// ends the tunnel with a reset (the error wraps ErrEnded): the bytes read from it before the error are gone,
+// and carrying on would leave a hole in the stream.
 func (t *tunnel) unpipe() error {
 	for i := range t.dirs {
 		d := &t.dirs[i]
@@ -375,7 +415,9 @@ func (t *tunnel) unpipe() error {
 		}
 		b, err := d.pipe.drain()
 		if err != nil {
-			return fmt.Errorf("direction %d: %w", i, err)
+			err = fmt.Errorf("direction %d: %w", i, err)
+			t.end(SideNone, ReasonError, err, true)
+			return fmt.Errorf("%w: %w", ErrEnded, err)
 		}
 		d.out = b
 		t.loop.putPipe(d.pipe)

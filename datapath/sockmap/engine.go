@@ -92,6 +92,9 @@ type testHooks struct {
 	// beforeLateEnd, when set, runs in handle between its pick of a tunnel to end for a socket error,
 	// under k.mu, and the end, after k.mu: where a LetGo or Stop may give the pair back meanwhile.
 	beforeLateEnd func(kt *kernelTunnel)
+	// beforeSettle, when set, runs in stopAlive once kt has left the loop, before its bytes are settled and
+	// it is given back: where a peer's reset goes unseen by the loop.
+	beforeSettle func(kt *kernelTunnel)
 }
 
 // kernelTunnel is a pair's state on the kernel path, and the engine's hold on the pair (its Carrier).

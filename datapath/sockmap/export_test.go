@@ -29,3 +29,7 @@ func (k *Engine) pauseSweeps() { k.hooks.pauseSweeps.Store(true) }
 // beforeLateEnd makes f run in the loop between its pick of a tunnel to end for a socket error and that
 // end, k.mu released. Set before the engine carries a pair.
 func (k *Engine) beforeLateEnd(f func(kt *kernelTunnel)) { k.hooks.beforeLateEnd = f }
+
+// beforeSettle makes f run in stopAlive once a tunnel has left the loop, before it is given back. Set before
+// the engine carries a pair.
+func (k *Engine) beforeSettle(f func(kt *kernelTunnel)) { k.hooks.beforeSettle = f }

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -80,6 +82,13 @@ func (k *Engine) carryLimited(p *datapath.Pair, heldLimit uint64) {
 	if kt.client, err = k.newSide(kt, p.Client().Conn, true); err == nil {
 		kt.up, err = k.newSide(kt, p.Upstream().Conn, false)
 	}
+	if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+		// Out of descriptors for the engine's duplicates: the pair's own conns still carry it in userspace,
+		// and no peer did anything wrong.
+		k.log.Warn("no descriptor for a kernel tunnel's socket", "id", p.ID, "err", err)
+		k.runInUserspace(p, "no_descriptor")
+		return
+	}
 	if err != nil {
 		p.Fail(datapath.ReasonClientError, err, true)
 		return
@@ -88,11 +97,12 @@ func (k *Engine) carryLimited(p *datapath.Pair, heldLimit uint64) {
 	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up, limit: heldLimit, dir: pdirs[0]}
 	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit, dir: pdirs[1]}
 	for i, d := range pdirs {
-		if err := d.WritePeeked(); err != nil {
-			p.Fail(d.Blame(err), err, true)
+		switch err := writeLeftovers(d, kt.dirs[i].src.fd); {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The destination does not take them: the pair has no carrier meanwhile, so a slow reader
+			// would stall both directions (and a move's slot) for as long as it likes.
+			k.runInUserspace(p, "slow_reader")
 			return
-		}
-		switch err := drainQueued(d, kt.dirs[i].src.fd); {
 		case errors.Is(err, errSourceClosed):
 			// The source already sent its FIN: it cannot enter a sockhash (EOPNOTSUPP from
 			// sock_map_sk_state_allowed).
@@ -186,15 +196,47 @@ func (k *Engine) attach(kt *kernelTunnel, heldLimit uint64) error {
 	return nil
 }
 
-// runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy).
+// SetFallback makes e carry the pairs that cannot enter the kernel, instead of the goroutine Copier: the relay
+// passes its copy engine, so that such a pair (one moved from the event loops, most often) lands back on the
+// loops, whose counters auto's policy reads, rather than on goroutines that keep none, for good.
+func (k *Engine) SetFallback(e datapath.Engine) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.fallback = e
+}
+
+// runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy), then tells
+// onFallback.
 // Whatever the handoff already wrote is not written again: peeked bytes are written once.
 func (k *Engine) runInUserspace(p *datapath.Pair, reason string) {
-	p.SetKind(k.fallback.Kind())
+	k.mu.Lock()
+	fallback := k.fallback
+	k.mu.Unlock()
 	k.log.Info("tunnel falls back to the copy datapath", "id", p.ID, "reason", reason)
+	// The fallback's Hold gives the pair its kind, unless the pair ended first: then it keeps sockmap, under
+	// which its end is counted. onFallback is told after, and reads the kind the pair has then.
+	fallback.Carry(p)
 	if k.onFallback != nil {
 		k.onFallback(p, reason)
 	}
-	k.fallback.Carry(p)
+}
+
+// handoffWriteTimeout bounds what the handoff writes to each destination: the peeked bytes (on a move from
+// the event loop, every byte it held) and the source's queued bytes. A destination with room takes them at
+// once; one that has none within it is a slow reader, and the pair runs in userspace, where waiting for it
+// holds up nothing else.
+const handoffWriteTimeout = 250 * time.Millisecond
+
+// writeLeftovers writes d's peeked bytes, then the bytes queued in its source (srcFD), within
+// handoffWriteTimeout: on os.ErrDeadlineExceeded what was not written stays d's peeked bytes, for the next
+// engine to write first.
+func writeLeftovers(d *datapath.Direction, srcFD int) error {
+	_ = d.Dst().SetWriteDeadline(time.Now().Add(handoffWriteTimeout))
+	defer func() { _ = d.Dst().SetWriteDeadline(time.Time{}) }()
+	if err := d.WritePeeked(); err != nil {
+		return err
+	}
+	return drainQueued(d, srcFD)
 }
 
 var (
@@ -229,6 +271,9 @@ func drainQueued(d *datapath.Direction, srcFD int) error {
 		}
 		w, werr := d.Dst().Write((*bp)[:n])
 		d.Count(w)
+		if errors.Is(werr, os.ErrDeadlineExceeded) {
+			d.HoldBackAgain(append([]byte(nil), (*bp)[w:n]...)) // read from the source: they must not be lost
+		}
 		if werr != nil {
 			return datapath.WriteErr(werr)
 		}

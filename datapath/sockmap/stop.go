@@ -73,6 +73,9 @@ func (kt *kernelTunnel) stopAlive() error {
 			return datapath.ErrPairEnded
 		}
 	}
+	if k.hooks.beforeSettle != nil {
+		k.hooks.beforeSettle(kt)
+	}
 	held, err := k.settleStopped(kt)
 	if err == nil {
 		err = kt.giveBack(held)
@@ -559,6 +562,11 @@ func (kt *kernelTunnel) giveBack(held [2][]byte) error {
 		k.mu.Unlock()
 		return errTunnelEnded
 	}
+	if reason, err := kt.resetSide(); err != nil {
+		k.mu.Unlock()
+		kt.p.Fail(reason, err, true)
+		return datapath.ErrPairEnded
+	}
 	client, err := pollConn(kt.client.fd)
 	if err != nil {
 		k.mu.Unlock()
@@ -582,6 +590,28 @@ func (kt *kernelTunnel) giveBack(held [2][]byte) error {
 		return datapath.ErrPairEnded
 	}
 	return nil
+}
+
+// resetSide finds a socket of kt that its peer reset: TCP_CLOSE while the direction writing into it has not
+// carried its FIN (finReceived counts TCP_CLOSE as a FIN, which it is only once both FINs crossed). The
+// loop would have ended the pair, but kt has left it, and a psock worker's write to the socket may have
+// taken the reset's error, so the next engine's first read would return 0 and carry a FIN. It returns the
+// reason to end the pair with, and the error; nil when neither was reset. The caller holds k.mu.
+func (kt *kernelTunnel) resetSide() (string, error) {
+	for i, s := range []*kernelSide{&kt.client, &kt.up} {
+		into := &kt.dirs[1-i] // upstream → client writes into the client's socket, and the other way
+		if into.finDone {
+			continue
+		}
+		if state, err := tcpState(s.fd); err != nil || state != unix.BPF_TCP_CLOSE {
+			continue // an error is the end's, which the give-back finds
+		}
+		if s.isClient {
+			return datapath.ReasonClientReset, fmt.Errorf("give the kernel pair back: the client reset: %w", unix.ECONNRESET)
+		}
+		return datapath.ReasonUpstreamReset, fmt.Errorf("give the kernel pair back: the upstream reset: %w", unix.ECONNRESET)
+	}
+	return "", nil
 }
 
 // detach takes kt's sockets out of the maps once it has been given back, folding its counters into the
