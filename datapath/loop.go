@@ -13,8 +13,8 @@ import (
 	"github.com/sockrelay/sockrelay/datapath/eventloop"
 )
 
-// EventLoop is the copy engine for plain (non-TLS) pairs: a few event loops (datapath/eventloop), one per
-// locked OS thread, own the pairs' descriptors and move their bytes through buffers lent only while bytes are
+// EventLoop is the copy engine for plain (non-TLS) pairs: a few event loops (datapath/eventloop), each a
+// goroutine blocking in its own epoll_wait, own the pairs' descriptors and move their bytes through buffers lent only while bytes are
 // in flight, instead of two goroutines and their buffers per pair. It is of kind Copy: it moves the same
 // bytes the same way the Copier does, and a pair it cannot take (TLS, or no descriptor left to take the
 // sockets with) runs on the Copier.

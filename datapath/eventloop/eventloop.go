@@ -1,5 +1,5 @@
-// Package eventloop carries plain TCP tunnels on a few event loops, one per locked OS thread, each with its own
-// epoll instance, instead of two goroutines and two buffers per tunnel.
+// Package eventloop carries plain TCP tunnels on a few event loops, each a goroutine that blocks in epoll_wait on
+// its own epoll instance, instead of two goroutines and two buffers per tunnel.
 //
 // A tunnel's two descriptors are taken out of Go's netpoller (duplicated, then the Go connections are closed),
 // so a message wakes one loop thread and no goroutine. An idle tunnel holds no buffer: a direction borrows one

@@ -529,3 +529,26 @@ func testHandleCountersAreLive(t *testing.T, splice bool) {
 		t.Errorf("Unsent = %d with everything delivered, want 0", n)
 	}
 }
+
+// TestBusyLoopPassesThroughTheScheduler checks that a loop kept busy for several yieldEvery periods passes
+// through Go's scheduler (yield): a loop goroutine that never does is preempted and loses its P to sysmon
+// over and over while it waits in epoll_wait.
+func TestBusyLoopPassesThroughTheScheduler(t *testing.T) {
+	ls := startLoops(t, Options{Loops: 1})
+	r := carry(t, ls, nil, nil, nil)
+	msg := make([]byte, 64)
+	// Round trips until the loop's clock has covered four periods: each wakes the loop at least once.
+	for start := time.Now(); time.Since(start) < 4*yieldEvery; {
+		for _, ends := range [][2]*net.TCPConn{{r.peerA, r.peerB}, {r.peerB, r.peerA}} {
+			if _, err := ends[0].Write(msg); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(ends[1], msg); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n := ls.loops[0].yields.Load(); n < 2 {
+		t.Errorf("the loop yielded %d times over four yield periods of traffic, want at least 2", n)
+	}
+}

@@ -66,6 +66,7 @@ type loop struct {
 	tunnels      atomic.Int64
 	events       atomic.Int64
 	wakeups      atomic.Int64
+	yields       atomic.Int64 // passes through Go's scheduler (yield)
 	buffersInUse atomic.Int64
 	pipesInUse   atomic.Int64
 	pipesFree    atomic.Int64
@@ -75,6 +76,8 @@ type loop struct {
 	free  []*[]byte // drained buffers kept for reuse; the loop is single-threaded, so no sync.Pool is needed
 	again []*tunnel // tunnels that stopped a pass with work left (passReads), run before the next wait
 	now   int64     // the loop's clock, read once per wakeup, in Unix nanoseconds
+	// lastYield is when the loop last passed through Go's scheduler (yield), to its clock.
+	lastYield int64
 
 	pipeSize  int
 	keepPipes int
@@ -126,8 +129,9 @@ func (l *loop) send(c command) bool {
 
 // run is the loop's thread: wait, handle every ready descriptor, run commands, repeat until cmdStop.
 func (l *loop) run() {
-	// One OS thread per loop: epoll_wait blocks it, and the tunnels' state is touched by this thread only.
-	runtime.LockOSThread()
+	// The tunnels' state is touched by this goroutine only. It is not locked to its OS thread: yield (below)
+	// then costs a trip through the run queue, where a locked goroutine would hand its P and thread to
+	// another thread and back (four futex calls instead of about two, measured).
 	defer close(l.stopped)
 	events := make([]unix.EpollEvent, maxEvents)
 	for {
@@ -135,6 +139,7 @@ func (l *loop) run() {
 		if len(l.again) > 0 {
 			timeout = 0
 		}
+		l.yield()
 		n, err := unix.EpollWait(l.epfd, events, timeout)
 		if err != nil {
 			if err == unix.EINTR {
@@ -163,6 +168,24 @@ func (l *loop) run() {
 			return
 		}
 	}
+}
+
+// yieldEvery is how often a busy loop gives way in Go's scheduler (yield): under the scheduler's 10 ms, after
+// which sysmon counts a goroutine that has not been rescheduled as hogging its P.
+const yieldEvery = 5 * time.Millisecond
+
+// yield passes through Go's scheduler once yieldEvery has gone by on the loop's clock. The loop goroutine
+// never parks (it blocks in epoll_wait), so without this its P's scheduling tick would never move: sysmon
+// would then preempt it and take its P at every tick it found the loop inside epoll_wait, staying awake at
+// its shortest (20 µs) interval to do so. Measured at 100 tunnels and 10 000 messages/s: 0.23 nanosleep
+// and 0.07 P hand-offs per message from sysmon before, 0.01 and none after, for about 200 yields a second.
+func (l *loop) yield() {
+	if l.now-l.lastYield < int64(yieldEvery) {
+		return
+	}
+	l.lastYield = l.now
+	l.yields.Add(1)
+	runtime.Gosched()
 }
 
 // runAgain gives the tunnels that stopped their last pass early another pass.

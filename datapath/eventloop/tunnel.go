@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -123,7 +124,7 @@ func (t *tunnel) move(d *direction) bool {
 			if !dst.writable {
 				return true // dst's EPOLLOUT edge resumes this direction; src is not read meanwhile
 			}
-			n, err := unix.SendmsgN(int(dst.fd), d.out, nil, nil, unix.MSG_NOSIGNAL)
+			n, err := send(int(dst.fd), d.out)
 			if err == unix.EAGAIN {
 				dst.writable = false
 				return true
@@ -186,7 +187,7 @@ func (t *tunnel) move(d *direction) bool {
 		if d.buf == nil {
 			d.buf = t.loop.borrow()
 		}
-		n, err := unix.Read(int(src.fd), *d.buf)
+		n, err := recv(int(src.fd), *d.buf)
 		if err == unix.EINTR {
 			continue
 		}
@@ -478,4 +479,28 @@ func (t *tunnel) detach(take func(afd, bfd int) error) (Detached, error) {
 		l.tunnels.Add(-1)
 	}
 	return d, nil
+}
+
+// recv reads what a socket holds into p with recvfrom(2) and no address, which goes to the socket's receive
+// directly where read(2) passes through the file layer first. A loop's sockets are nonblocking, so the call
+// never blocks, and it is made raw: without entersyscall and exitsyscall around it, as Go's own netpoller
+// makes its epoll_wait(0).
+func recv(fd int, p []byte) (int, error) {
+	n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(p))),
+		uintptr(len(p)), 0, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
+}
+
+// send writes p to a socket with sendto(2), no address and MSG_NOSIGNAL (a reset peer is an EPIPE, not a
+// SIGPIPE): sendmsg(2) would also copy in a message header and an iovec. Raw, as recv.
+func send(fd int, p []byte) (int, error) {
+	n, _, e := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(p))),
+		uintptr(len(p)), unix.MSG_NOSIGNAL, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
 }
