@@ -267,8 +267,14 @@ func TestMoveSplicedWithBytesInPipe(t *testing.T) {
 			if err := datapath.Move(tn.pair, tc.to); err != nil {
 				t.Fatalf("move to %s: %v", tc.name, err)
 			}
-			if st := loop.Stats().Loops[0]; st.PipesInUse != 0 {
-				t.Errorf("after the move the loop lends %d pipes, want 0", st.PipesInUse)
+			// Moved back onto splice, the pair may borrow a pipe again at once for what the client had
+			// queued, which its stalled upstream leaves there: only one, never the old one as well.
+			want := int64(0)
+			if tc.name == "splice" {
+				want = 1
+			}
+			if st := loop.Stats().Loops[0]; st.PipesInUse > want {
+				t.Errorf("after the move the loop lends %d pipes, want at most %d", st.PipesInUse, want)
 			}
 			_ = tn.client.SetWriteDeadline(time.Now().Add(30 * time.Second))
 			go func() {
