@@ -419,8 +419,6 @@ func TestAutoMoveStress(t *testing.T) {
 	}
 }
 
-func noMoves(auto.Policy, auto.Sample, auto.History) auto.Decision { return auto.Decision{} }
-
 // trackOf returns whether a move of t runs now, and how many it made.
 func (m *autoMover) trackOf(t *Tunnel) (moving bool, moves int) {
 	m.mu.Lock()
