@@ -29,3 +29,7 @@ func (k *Engine) pauseSweeps() { k.hooks.pauseSweeps.Store(true) }
 // beforeLateEnd makes f run in the loop between its pick of a tunnel to end for a socket error and that
 // end, k.mu released. Set before the engine carries a pair.
 func (k *Engine) beforeLateEnd(f func(kt *kernelTunnel)) { k.hooks.beforeLateEnd = f }
+
+// afterSettle makes f run with the bytes each give-back of k read and did not write, per direction, before
+// they become the pair's peeked bytes. Set before the engine carries a pair.
+func (k *Engine) afterSettle(f func(held [2][]byte)) { k.hooks.afterSettle = f }

@@ -74,6 +74,11 @@ func (kt *kernelTunnel) stopAlive() error {
 		}
 	}
 	held, err := k.settleStopped(kt)
+	if errors.Is(err, errHeldLimit) {
+		if err = k.rejoin(kt, held); err == nil {
+			return fmt.Errorf("give the kernel pair back: %w", errHeldLimit)
+		}
+	}
 	if err == nil {
 		err = kt.giveBack(held)
 	}
@@ -194,6 +199,18 @@ const passedRereads = 4
 // stopVerdictTries bounds how often step 3 of stopAlive runs again for bytes passed during it.
 const stopVerdictTries = 100
 
+// giveBackHeldLimit bounds the bytes of a direction that a give-back holds in memory (the pair's peeked
+// bytes once given back): a relaying goroutine's unwritten bytes and the passed bytes read in step 3. A
+// sender that keeps its source's window full has the verdict pass its bytes however the hold is set
+// (tcp_data_ready calls data_ready once the window left is under an MSS, whatever the low-water mark),
+// and every read of them opens the window again, so without a bound a give-back of a demoted bulk
+// direction read tens of MB (docs/datapath.md, "How a kernel pair is given back").
+const giveBackHeldLimit = 4 << 20
+
+// errHeldLimit is returned by step 3 of stopAlive when a direction passed more than giveBackHeldLimit
+// bytes while the sockets were all in the verdict map: the pair stays on sockmap (rejoin).
+var errHeldLimit = fmt.Errorf("a direction passed more than %d bytes during the give-back: %w", giveBackHeldLimit, ErrBusy)
+
 // settleStopped runs steps 3 and 4 of stopAlive. It returns, per direction, the bytes read and not written: a
 // stopped goroutine's, then the passed ones.
 func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
@@ -201,10 +218,14 @@ func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
 	for i := range kt.dirs {
 		held[i], kt.dirs[i].heldBack = kt.dirs[i].heldBack, nil
 	}
-	if err := k.stopVerdict(kt, &held); err != nil {
-		return held, err
+	err := k.stopVerdict(kt, &held)
+	if err == nil {
+		err = k.awaitHandedOn(kt)
 	}
-	return held, k.awaitHandedOn(kt)
+	if k.hooks.afterSettle != nil {
+		k.hooks.afterSettle(held)
+	}
+	return held, err
 }
 
 // stopVerdict reads every passed byte of kt into held and takes kt's sockets out of the verdict map,
@@ -214,8 +235,23 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 	if err := k.holdVerdict(kt); err != nil {
 		return err
 	}
+	limit := giveBackHeldLimit
+	inVerdict := []int{0, 1} // the directions whose source is in the verdict map
 	for range stopVerdictTries {
-		if err := k.readAllPassed(kt, held); err != nil {
+		err := k.readAllPassed(kt, held, limit)
+		if errors.Is(err, errHeldLimit) {
+			// Refused only with every source back in the verdict map, as the pair was. One that cannot
+			// go back (it got its FIN) leaves the give-back to finish, unbounded.
+			err = k.restartVerdict(kt, slices.DeleteFunc([]int{0, 1}, func(i int) bool { return slices.Contains(inVerdict, i) }))
+			if err == nil {
+				return errHeldLimit
+			}
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				limit = math.MaxInt
+				err = k.readAllPassed(kt, held, limit)
+			}
+		}
+		if err != nil {
 			return err
 		}
 		unread, err := k.passedUnread(kt)
@@ -232,6 +268,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		if err := k.maps.StopVerdict(socks[:]...); err != nil {
 			return err
 		}
+		inVerdict = nil
 		time.Sleep(stopSettleGap)
 		if unread, err = k.passedUnread(kt); err != nil {
 			return err
@@ -253,7 +290,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			}
 		}
 		if len(again) == 0 {
-			return k.readAllPassed(kt, held)
+			return k.readAllPassed(kt, held, math.MaxInt) // a FIN's last bytes, with the verdict stopped
 		}
 		err = k.restartVerdict(kt, again)
 		if errors.Is(err, unix.EOPNOTSUPP) {
@@ -262,11 +299,12 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			// after, the bytes behind the passed ones would stay unreadable to the next engine
 			// (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"); not seen in the move tests.
 			_ = k.maps.StopVerdict(socks[:]...)
-			return k.readAllPassed(kt, held)
+			return k.readAllPassed(kt, held, math.MaxInt)
 		}
 		if err != nil {
 			return err
 		}
+		inVerdict = again
 	}
 	return fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
 }
@@ -350,16 +388,66 @@ func (kt *kernelTunnel) releaseVerdictHold() {
 	}
 }
 
+// rejoin puts kt back on the kernel engine as it was before stopAlive began, for a give-back refused with
+// errHeldLimit, its sources back in the verdict map: they get their low-water mark and window clamp back
+// (which runs the verdict over the bytes that waited under the hold), the tunnel re-enters the loop's epoll
+// and tables, a FIN seen and not carried is drained again, and each direction's bytes read and not
+// written (held) go first on a relaying goroutine (writeHeldBack), started for a direction with bytes held
+// or passed. On error (the tunnel ended, or the epoll refused it) the caller ends the pair.
+func (k *Engine) rejoin(kt *kernelTunnel, held [2][]byte) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return errTunnelEnded
+	}
+	kt.releaseVerdictHold()
+	sides := []*kernelSide{&kt.client, &kt.up}
+	for i, s := range sides {
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
+			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
+		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
+			for _, added := range sides[:i] {
+				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
+			}
+			return fmt.Errorf("epoll add: %w", err)
+		}
+	}
+	k.socks[kt.client.cookie] = &kt.client
+	k.socks[kt.up.cookie] = &kt.up
+	k.bySrc[kt.client.cookie] = &kt.dirs[0]
+	k.bySrc[kt.up.cookie] = &kt.dirs[1]
+	kt.stopping = false
+	now := time.Now()
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		d.stop = false
+		d.heldBack = held[i]
+		if d.finDone {
+			continue
+		}
+		if d.finSeen {
+			d.interval, d.nextCheck, d.lastMove = drainFirstCheck, now, now
+			k.drain = append(k.drain, d)
+		}
+		st, err := k.maps.Stats(d.src.cookie)
+		if len(d.heldBack) > 0 || (err == nil && (st.Demoted || st.Passed != d.userRead)) {
+			k.startRelayLocked(d)
+		}
+	}
+	return nil
+}
+
 // readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
-// still on their way through a psock's backlog. Passed bytes that stay unreadable for stallTimeout, none
+// still on their way through a psock's backlog. It holds no more than limit bytes of a direction: a
+// direction with passed bytes beyond it is errHeldLimit. Passed bytes that stay unreadable for stallTimeout, none
 // read meanwhile and no socket of kt with bytes left to send, are an error: the pair is reset rather than
 // left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
 // the source's psock behind the bytes redirected into the source), as awaitHandedOn waits for it.
-func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
+func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte, limit int) error {
 	interval := handedOnFirstCheck
 	lastRead, lastMove := kt.dirs[0].userRead+kt.dirs[1].userRead, time.Now()
 	for {
-		unread, err := k.readPassedRound(kt, held)
+		unread, err := k.readPassedRound(kt, held, limit)
 		if err != nil || !unread {
 			return err
 		}
@@ -387,8 +475,9 @@ func (k *Engine) anyUnsent(kt *kernelTunnel) bool {
 }
 
 // readPassedRound reads what kt's sources hold of their passed bytes into held, under k.mu so that a
-// release cannot close the descriptors meanwhile, and reports whether passed bytes are still to come.
-func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte) (anyUnread bool, err error) {
+// release cannot close the descriptors meanwhile, and reports whether passed bytes are still to come;
+// errHeldLimit past limit bytes of a direction.
+func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, limit int) (anyUnread bool, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if kt.released {
@@ -405,7 +494,7 @@ func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte) (anyUnread b
 			case st.Broken:
 				return false, errBroken
 			}
-			ranVerdict, err := readPassedOut(d, st.Passed, &held[i])
+			ranVerdict, err := readPassedOut(d, st.Passed, &held[i], limit)
 			if err != nil {
 				return false, err
 			}
@@ -444,10 +533,14 @@ func (k *Engine) passedUnread(kt *kernelTunnel) ([2]bool, error) {
 // one read takes them all, before the window it opens lets new bytes in. A read that finds new bytes in
 // the receive queue under holdVerdict's low-water mark returns EAGAIN: the low-water mark is lowered and
 // raised again, which runs the verdict over them (tcp_set_rcvlowat calls tcp_data_ready), once per call;
-// ranVerdict says it did. The caller holds k.mu.
-func readPassedOut(d *kernelDir, passed uint64, held *[]byte) (ranVerdict bool, err error) {
+// ranVerdict says it did. It reads no more than held has room for under limit: errHeldLimit when passed
+// bytes are left beyond it. The caller holds k.mu.
+func readPassedOut(d *kernelDir, passed uint64, held *[]byte, limit int) (ranVerdict bool, err error) {
 	for d.userRead < passed {
-		want := int(passed - d.userRead)
+		want := int(min(passed-d.userRead, uint64(max(limit-len(*held), 0))))
+		if want == 0 {
+			return ranVerdict, errHeldLimit
+		}
 		*held = slices.Grow(*held, want)
 		n, err := unix.Read(d.src.fd, (*held)[len(*held):len(*held)+want])
 		switch {

@@ -2,10 +2,12 @@ package sockmap
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -584,4 +586,154 @@ func TestMoveSockmapLookupFailsWhileHeld(t *testing.T) {
 		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonKernelError)
 	}
 	assertMapsEmpty(t, k)
+}
+
+// countingByte is the byte at offset i of countingStream: each aligned 4 bytes hold their own offset
+// (little-endian), so that a lost, repeated or reordered byte shows at once.
+func countingByte(i int) byte { return byte((i &^ 3) >> (8 * (i & 3))) }
+
+// fillCounting fills b with countingStream's bytes from offset off.
+func fillCounting(b []byte, off int) {
+	for j := range b {
+		b[j] = countingByte(off + j)
+	}
+}
+
+// A demoted bulk direction (a held limit of 16 KiB, a client that writes as fast as it can, an upstream
+// that reads as fast as it can, TCP's buffers autotuned up to tcp_rmem[2]) is moved to copy, again while
+// the move is refused (ErrBusy): no give-back, refused or not, holds more than giveBackHeldLimit bytes of
+// a direction, the move is done in the end, and the stream arrives byte-exact, with bytes read by a
+// refused give-back written by the kernel engine. Unbounded, a give-back held more (up to 55 MB) in about
+// a third of the moves here, so the test moves several pairs one after the other (docs/datapath.md, "How
+// a kernel pair is given back").
+func TestMoveSockmapDemotedBulkHoldsLittle(t *testing.T) {
+	k, _ := newTestEngine(t)
+	k.heldLimit = 16 << 10
+	var heldMu sync.Mutex
+	var heldAtMove []int
+	k.afterSettle(func(held [2][]byte) {
+		heldMu.Lock()
+		defer heldMu.Unlock()
+		heldAtMove = append(heldAtMove, len(held[0]), len(held[1]))
+	})
+	for round := range 6 {
+		t.Run(fmt.Sprintf("pair %d", round), func(t *testing.T) {
+			heldMu.Lock()
+			heldAtMove = nil
+			heldMu.Unlock()
+			moveDemotedBulk(t, k)
+			heldMu.Lock()
+			defer heldMu.Unlock()
+			t.Logf("bytes held per direction at each give-back: %v", heldAtMove)
+			if len(heldAtMove) == 0 {
+				t.Fatal("no give-back ran")
+			}
+			for _, n := range heldAtMove {
+				if n > giveBackHeldLimit {
+					t.Errorf("a give-back held %d bytes of a direction, want at most %d", n, giveBackHeldLimit)
+				}
+			}
+		})
+	}
+}
+
+// moveDemotedBulk is one pair of TestMoveSockmapDemotedBulkHoldsLittle on k: it checks the stream, that
+// the pair ends closed on copy, and logs how often the move was refused.
+func moveDemotedBulk(t *testing.T, k *Engine) {
+	client, up, p := carryPair(t, k)
+	var refused, sentAll, gotAll atomic.Int64
+	const before, after = 48 << 20, 16 << 20 // bytes read by the upstream before the move, sent after it
+	moved := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 256<<10)
+		_ = client.SetWriteDeadline(time.Now().Add(60 * time.Second))
+		sent, afterFrom := 0, -1
+		for ; afterFrom < 0 || sent < afterFrom+after; sent += len(buf) {
+			if afterFrom < 0 {
+				select {
+				case <-moved:
+					afterFrom = sent
+				default:
+				}
+			}
+			fillCounting(buf, sent)
+			if _, err := client.Write(buf); err != nil {
+				t.Errorf("client write at %d: %v", sent, err)
+				return
+			}
+		}
+		sentAll.Store(int64(sent))
+		if err := client.CloseWrite(); err != nil {
+			t.Errorf("client half-close: %v", err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 256<<10)
+		_ = up.SetReadDeadline(time.Now().Add(60 * time.Second))
+		var once sync.Once
+		for got := 0; ; {
+			n, err := up.Read(buf)
+			for j := range buf[:n] {
+				if buf[j] != countingByte(got+j) {
+					t.Errorf("upstream byte %d is %#x, want %#x", got+j, buf[j], countingByte(got+j))
+					return
+				}
+			}
+			got += n
+			if got >= before {
+				once.Do(func() {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						defer close(moved)
+						if k.Stats().Demotions == 0 {
+							t.Error("no direction was demoted before the move")
+						}
+						for try := 1; ; try++ {
+							err := datapath.Move(p, datapath.Copier{})
+							if errors.Is(err, ErrBusy) && try < 1000 {
+								refused.Add(1)
+								time.Sleep(time.Millisecond)
+								continue
+							}
+							if err != nil {
+								t.Errorf("move from sockmap to copy, try %d: %v", try, err)
+							}
+							return
+						}
+					}()
+				})
+			}
+			if err == io.EOF {
+				gotAll.Store(int64(got))
+				return
+			}
+			if err != nil {
+				t.Errorf("upstream read %d bytes, then: %v", got, err)
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	if gotAll.Load() != sentAll.Load() {
+		t.Errorf("the upstream read %d bytes before EOF, the client sent %d", gotAll.Load(), sentAll.Load())
+	}
+	if err := up.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := readAllWithin(client, 10*time.Second); len(got) != 0 || err != nil {
+		t.Errorf("the client read %d bytes, %v; want EOF", len(got), err)
+	}
+	waitEnded(t, p)
+	if p.Reason() != datapath.ReasonClosed {
+		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
+	}
+	t.Logf("the move was refused %d times", refused.Load())
+	if got := p.Kind(); got != datapath.Copy {
+		t.Errorf("the pair ended on %s, want copy", got)
+	}
 }
