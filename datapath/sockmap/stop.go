@@ -200,16 +200,20 @@ const passedRereads = 4
 const stopVerdictTries = 100
 
 // giveBackHeldLimit bounds the bytes of a direction that a give-back holds in memory (the pair's peeked
-// bytes once given back): a relaying goroutine's unwritten bytes and the passed bytes read in step 3. A
-// sender that keeps its source's window full has the verdict pass its bytes however the hold is set
-// (tcp_data_ready calls data_ready once the window left is under an MSS, whatever the low-water mark),
-// and every read of them opens the window again, so without a bound a give-back of a demoted bulk
-// direction read tens of MB (docs/datapath.md, "How a kernel pair is given back").
+// bytes once given back) beyond the passed bytes not read yet when the hold began, which the engine's own
+// bounds keep in check (a stopped reader's included). A sender that keeps its source's window full has the verdict pass its
+// bytes however the hold is set (tcp_data_ready calls data_ready once the window left is under an MSS,
+// whatever the low-water mark), and every read of them opens the window again, so without a bound a
+// give-back of a demoted bulk direction read tens of MB (docs/datapath.md, "How a kernel pair is given
+// back").
 const giveBackHeldLimit = 4 << 20
 
 // errHeldLimit is returned by step 3 of stopAlive when a direction passed more than giveBackHeldLimit
-// bytes while the sockets were all in the verdict map: the pair stays on sockmap (rejoin).
+// bytes during the hold while the sockets were all in the verdict map: the pair stays on sockmap (rejoin).
 var errHeldLimit = fmt.Errorf("a direction passed more than %d bytes during the give-back: %w", giveBackHeldLimit, ErrBusy)
+
+// noHeldLimit is readAllPassed's limit where it reads every passed byte, however many.
+var noHeldLimit = [2]int{math.MaxInt, math.MaxInt}
 
 // settleStopped runs steps 3 and 4 of stopAlive. It returns, per direction, the bytes read and not written: a
 // stopped goroutine's, then the passed ones.
@@ -218,24 +222,33 @@ func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
 	for i := range kt.dirs {
 		held[i], kt.dirs[i].heldBack = kt.dirs[i].heldBack, nil
 	}
-	err := k.stopVerdict(kt, &held)
+	atHold, err := k.stopVerdict(kt, &held)
 	if err == nil {
 		err = k.awaitHandedOn(kt)
 	}
 	if k.hooks.afterSettle != nil {
-		k.hooks.afterSettle(held)
+		k.hooks.afterSettle(held, atHold)
 	}
 	return held, err
 }
 
 // stopVerdict reads every passed byte of kt into held and takes kt's sockets out of the verdict map,
-// again while bytes were passed meanwhile (step 3 of stopAlive).
-func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
+// again while bytes were passed meanwhile (step 3 of stopAlive). It returns, per direction, the bytes the
+// engine held when the hold began (a goroutine's unwritten ones and the passed ones not read yet): it holds
+// no more than the latter and giveBackHeldLimit, or the former where they are more.
+func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) (atHold [2]int, err error) {
 	socks := [2]loader.Socket{{Cookie: kt.client.cookie}, {Cookie: kt.up.cookie}} // by cookie: StopVerdict needs no descriptor
 	if err := k.holdVerdict(kt); err != nil {
-		return err
+		return atHold, err
 	}
-	limit := giveBackHeldLimit
+	passed, err := k.passedAtHold(kt)
+	if err != nil {
+		return atHold, err
+	}
+	// Bytes held in userspace count against the limit too: a goroutine's, or a refused give-back's, which
+	// would otherwise add up over retries with a reader that stopped.
+	limit := [2]int{passed[0] + giveBackHeldLimit, passed[1] + giveBackHeldLimit}
+	atHold = [2]int{len(held[0]) + passed[0], len(held[1]) + passed[1]}
 	inVerdict := []int{0, 1} // the directions whose source is in the verdict map
 	for range stopVerdictTries {
 		err := k.readAllPassed(kt, held, limit)
@@ -244,34 +257,34 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			// go back (it got its FIN) leaves the give-back to finish, unbounded.
 			err = k.restartVerdict(kt, slices.DeleteFunc([]int{0, 1}, func(i int) bool { return slices.Contains(inVerdict, i) }))
 			if err == nil {
-				return errHeldLimit
+				return atHold, errHeldLimit
 			}
 			if errors.Is(err, unix.EOPNOTSUPP) {
-				limit = math.MaxInt
+				limit = noHeldLimit
 				err = k.readAllPassed(kt, held, limit)
 			}
 		}
 		if err != nil {
-			return err
+			return atHold, err
 		}
 		unread, err := k.passedUnread(kt)
 		if err != nil {
-			return err
+			return atHold, err
 		}
 		if unread[0] || unread[1] {
 			continue // passed while the last were read
 		}
 		closing, halfClosed, err := k.sourcesClosing(kt)
 		if err != nil {
-			return err
+			return atHold, err
 		}
 		if err := k.maps.StopVerdict(socks[:]...); err != nil {
-			return err
+			return atHold, err
 		}
 		inVerdict = nil
 		time.Sleep(stopSettleGap)
 		if unread, err = k.passedUnread(kt); err != nil {
-			return err
+			return atHold, err
 		}
 		// A source that had its FIN before StopVerdict had the verdict run over its whole receive queue
 		// (TCP calls data_ready at a FIN whatever the low-water mark): its passed bytes are the last of
@@ -284,13 +297,13 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			case halfClosed[i]:
 				// It cannot go back into the verdict map (not ESTABLISHED), and read now its passed bytes
 				// would leave the bytes behind them unreadable: reset rather than stall.
-				return fmt.Errorf("bytes were passed to a half-closed source after its verdict stopped; they cannot be read in order")
+				return atHold, fmt.Errorf("bytes were passed to a half-closed source after its verdict stopped; they cannot be read in order")
 			default:
 				again = append(again, i)
 			}
 		}
 		if len(again) == 0 {
-			return k.readAllPassed(kt, held, math.MaxInt) // a FIN's last bytes, with the verdict stopped
+			return atHold, k.readAllPassed(kt, held, noHeldLimit) // a FIN's last bytes, with the verdict stopped
 		}
 		err = k.restartVerdict(kt, again)
 		if errors.Is(err, unix.EOPNOTSUPP) {
@@ -299,14 +312,32 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			// after, the bytes behind the passed ones would stay unreadable to the next engine
 			// (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"); not seen in the move tests.
 			_ = k.maps.StopVerdict(socks[:]...)
-			return k.readAllPassed(kt, held, math.MaxInt)
+			return atHold, k.readAllPassed(kt, held, noHeldLimit)
 		}
 		if err != nil {
-			return err
+			return atHold, err
 		}
 		inVerdict = again
 	}
-	return fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
+	return atHold, fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
+}
+
+// passedAtHold is, per direction of kt, how many passed bytes are not read yet as the hold begins.
+func (k *Engine) passedAtHold(kt *kernelTunnel) ([2]int, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var n [2]int
+	if kt.released {
+		return n, errTunnelEnded
+	}
+	for i := range kt.dirs {
+		st, err := k.maps.Stats(kt.dirs[i].src.cookie)
+		if err != nil {
+			return n, errTunnelEnded
+		}
+		n[i] = int(st.Passed - min(st.Passed, kt.dirs[i].userRead))
+	}
+	return n, nil
 }
 
 // restartVerdict puts the sources of kt's directions dirs back into the verdict map (RestartVerdict), under
@@ -438,12 +469,12 @@ func (k *Engine) rejoin(kt *kernelTunnel, held [2][]byte) error {
 }
 
 // readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
-// still on their way through a psock's backlog. It holds no more than limit bytes of a direction: a
+// still on their way through a psock's backlog. It holds no more than limit[i] bytes of direction i: a
 // direction with passed bytes beyond it is errHeldLimit. Passed bytes that stay unreadable for stallTimeout, none
 // read meanwhile and no socket of kt with bytes left to send, are an error: the pair is reset rather than
 // left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
 // the source's psock behind the bytes redirected into the source), as awaitHandedOn waits for it.
-func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte, limit int) error {
+func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte, limit [2]int) error {
 	interval := handedOnFirstCheck
 	lastRead, lastMove := kt.dirs[0].userRead+kt.dirs[1].userRead, time.Now()
 	for {
@@ -476,8 +507,8 @@ func (k *Engine) anyUnsent(kt *kernelTunnel) bool {
 
 // readPassedRound reads what kt's sources hold of their passed bytes into held, under k.mu so that a
 // release cannot close the descriptors meanwhile, and reports whether passed bytes are still to come;
-// errHeldLimit past limit bytes of a direction.
-func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, limit int) (anyUnread bool, err error) {
+// errHeldLimit past limit[i] bytes of direction i.
+func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, limit [2]int) (anyUnread bool, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if kt.released {
@@ -494,7 +525,7 @@ func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, limit int) (
 			case st.Broken:
 				return false, errBroken
 			}
-			ranVerdict, err := readPassedOut(d, st.Passed, &held[i], limit)
+			ranVerdict, err := readPassedOut(d, st.Passed, &held[i], limit[i])
 			if err != nil {
 				return false, err
 			}
