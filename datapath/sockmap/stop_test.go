@@ -291,7 +291,9 @@ func TestMoveSockmapPairEndsDuringStop(t *testing.T) {
 // A kernel pair whose client stops reading while the upstream sends 32 MiB and half-closes moves to copy
 // while the kernel holds bytes for the client and has passed others to userspace (the direction demoted
 // for the slow reader, a goroutine relaying it): once the client reads again, it gets the whole stream
-// once, in order, then EOF.
+// once, in order, then EOF. While the client does not read, a give-back would read the upstream's bytes
+// without end (each read opens its window): past giveBackHeldLimit the move is refused, the pair stays on
+// sockmap with every byte, and the move is tried again as the client reads.
 func TestMoveSockmapSlowReader(t *testing.T) {
 	k, _ := newTestEngine(t)
 	fds := openFDs(t)
@@ -313,12 +315,19 @@ func TestMoveSockmapSlowReader(t *testing.T) {
 			t.Fatal("the direction to the client that does not read was never demoted")
 		}
 	}
-	if _, err := moveRetrying(p, datapath.Copier{}); err != nil {
-		t.Fatalf("move from sockmap to copy: %v", err)
-	}
+	moved := make(chan error, 1)
+	go func() {
+		n, err := moveRetrying(p, datapath.Copier{})
+		t.Logf("the move was refused %d times", n)
+		moved <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the first give-back while the client does not read
 	got, err := readAllWithin(client, 20*time.Second)
 	if err != nil || diffStreams(got, data) != "" {
 		t.Fatalf("client read %d bytes, %v: %s", len(got), err, diffStreams(got, data))
+	}
+	if err := <-moved; err != nil {
+		t.Fatalf("move from sockmap to copy: %v", err)
 	}
 	_ = client.CloseWrite()
 	if _, err := readAllWithin(up, 10*time.Second); err != nil {
