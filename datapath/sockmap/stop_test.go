@@ -657,7 +657,7 @@ func moveDemotedBulk(t *testing.T, k *Engine) {
 	// fullSpeedTries is how often the move is tried with the client sending at full speed: a sender that
 	// outruns the give-back may have it refused every time (under -race, most often). Then the client
 	// pauses (paused) until the move is done, which a give-back must then finish.
-	const fullSpeedTries = 50
+	const fullSpeedTries = 20
 	moved, paused := make(chan struct{}), make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(2)
@@ -717,7 +717,7 @@ func moveDemotedBulk(t *testing.T, k *Engine) {
 								break
 							}
 							refused.Add(1)
-							time.Sleep(time.Millisecond)
+							time.Sleep(10 * time.Millisecond)
 						}
 						if errors.Is(err, ErrBusy) {
 							close(paused)
