@@ -29,7 +29,10 @@ import (
 //     dropped with bytes queued purges them (skmsg.c, sk_psock_destroy). A read that finds new bytes
 //     waiting under the hold gets EAGAIN (tcp_bpf_recvmsg_parser), so the engine runs the verdict over
 //     them first (runVerdictNow). A byte passed between the last read and StopVerdict puts the verdict
-//     back (RestartVerdict) and this step runs again.
+//     back (RestartVerdict) and this step runs again. A direction that would hold more than
+//     giveBackHeldLimit beyond its passed bytes unread at the hold (a sender that outruns the reads, or
+//     a reader that stopped) is not read further: the give-back is refused with ErrBusy, and the tunnel
+//     rejoins the engine as it was (rejoin).
 //  4. The engine waits until every redirected byte has entered its destination's send queue: the sockets
 //     stay targets meanwhile, so redirected bytes still on their way through a psock are still sent.
 //  5. Under the pair's lock, the sockets leave the remaining maps and the pair gets new conns of them; the
@@ -201,11 +204,11 @@ const stopVerdictTries = 100
 
 // giveBackHeldLimit bounds the bytes of a direction that a give-back holds in memory (the pair's peeked
 // bytes once given back) beyond the passed bytes not read yet when the hold began, which the engine's own
-// bounds keep in check (a stopped reader's included). A sender that keeps its source's window full has the verdict pass its
-// bytes however the hold is set (tcp_data_ready calls data_ready once the window left is under an MSS,
-// whatever the low-water mark), and every read of them opens the window again, so without a bound a
-// give-back of a demoted bulk direction read tens of MB (docs/datapath.md, "How a kernel pair is given
-// back").
+// bounds keep in check (a stopped reader's included). A sender that keeps its source's window full has
+// the verdict pass its bytes however the hold is set (tcp_data_ready calls data_ready once the window
+// left is under an MSS, whatever the low-water mark), and every read of them opens the window again, so
+// without a bound a give-back of a demoted bulk direction read tens of MB (docs/datapath.md, "How a
+// kernel pair is given back").
 const giveBackHeldLimit = 4 << 20
 
 // errHeldLimit is returned by step 3 of stopAlive when a direction passed more than giveBackHeldLimit
@@ -470,9 +473,9 @@ func (k *Engine) rejoin(kt *kernelTunnel, held [2][]byte) error {
 
 // readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
 // still on their way through a psock's backlog. It holds no more than limit[i] bytes of direction i: a
-// direction with passed bytes beyond it is errHeldLimit. Passed bytes that stay unreadable for stallTimeout, none
-// read meanwhile and no socket of kt with bytes left to send, are an error: the pair is reset rather than
-// left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
+// direction with passed bytes beyond it is errHeldLimit. Passed bytes that stay unreadable for
+// stallTimeout, none read meanwhile and no socket of kt with bytes left to send, are an error: the pair is
+// reset rather than left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
 // the source's psock behind the bytes redirected into the source), as awaitHandedOn waits for it.
 func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte, limit [2]int) error {
 	interval := handedOnFirstCheck
