@@ -93,10 +93,9 @@ type testHooks struct {
 	// under k.mu, and the end, after k.mu: where a LetGo or Stop may give the pair back meanwhile.
 	beforeLateEnd func(kt *kernelTunnel)
 	// afterSettle, when set, is given the bytes a give-back read and did not write, per direction, once
-	// steps 3 and 4 of stopAlive are done or failed (what becomes the pair's peeked bytes, or goes back
-	// to its relaying goroutines when the give-back is refused), and how many of them it held as the
-	// hold began.
-	afterSettle func(held [2][]byte, atHold [2]int)
+	// steps 3 and 4 of stopAlive are done or failed: what becomes the pair's peeked bytes, or goes back
+	// to its relaying goroutines when the give-back is refused.
+	afterSettle func(held [2][]byte)
 }
 
 // kernelTunnel is a pair's state on the kernel path, and the engine's hold on the pair (its Carrier).

@@ -31,6 +31,6 @@ func (k *Engine) pauseSweeps() { k.hooks.pauseSweeps.Store(true) }
 func (k *Engine) beforeLateEnd(f func(kt *kernelTunnel)) { k.hooks.beforeLateEnd = f }
 
 // afterSettle makes f run with the bytes each give-back of k read and did not write, per direction, before
-// they become the pair's peeked bytes, and how many of them it held as the hold began. Set before the
+// they become the pair's peeked bytes (or, refused, go back to the relaying goroutines). Set before the
 // engine carries a pair.
-func (k *Engine) afterSettle(f func(held [2][]byte, atHold [2]int)) { k.hooks.afterSettle = f }
+func (k *Engine) afterSettle(f func(held [2][]byte)) { k.hooks.afterSettle = f }

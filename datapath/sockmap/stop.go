@@ -30,9 +30,9 @@ import (
 //     waiting under the hold gets EAGAIN (tcp_bpf_recvmsg_parser), so the engine runs the verdict over
 //     them first (runVerdictNow). A byte passed between the last read and StopVerdict puts the verdict
 //     back (RestartVerdict) and this step runs again. A direction that would hold more than
-//     giveBackHeldLimit beyond its passed bytes unread at the hold (a sender that outruns the reads, or
-//     a reader that stopped) is not read further: the give-back is refused with ErrBusy, and the tunnel
-//     rejoins the engine as it was (rejoin).
+//     giveBackHeldLimit (a sender that outruns the reads, or a reader that stopped) is not read
+//     further: the give-back is refused with ErrBusy, and the tunnel rejoins the engine as it was
+//     (rejoin).
 //  4. The engine waits until every redirected byte has entered its destination's send queue: the sockets
 //     stay targets meanwhile, so redirected bytes still on their way through a psock are still sent.
 //  5. Under the pair's lock, the sockets leave the remaining maps and the pair gets new conns of them; the
@@ -203,17 +203,18 @@ const passedRereads = 4
 const stopVerdictTries = 100
 
 // giveBackHeldLimit bounds the bytes of a direction that a give-back holds in memory (the pair's peeked
-// bytes once given back) beyond the passed bytes not read yet when the hold began, which the engine's own
-// bounds keep in check (a stopped reader's included). A sender that keeps its source's window full has
-// the verdict pass its bytes however the hold is set (tcp_data_ready calls data_ready once the window
-// left is under an MSS, whatever the low-water mark), and every read of them opens the window again, so
-// without a bound a give-back of a demoted bulk direction read tens of MB (docs/datapath.md, "How a
-// kernel pair is given back").
-const giveBackHeldLimit = 4 << 20
+// bytes once given back): a relaying goroutine's unwritten bytes, and the passed bytes read in step 3. A
+// sender that keeps its source's window full has the verdict pass its bytes however the hold is set
+// (tcp_data_ready calls data_ready once the window left is under an MSS, whatever the low-water mark),
+// and every read of them opens the window again, so without a bound a give-back of a demoted bulk
+// direction read tens of MB (docs/datapath.md, "How a kernel pair is given back"). It is an absolute
+// bound: one relative to the passed bytes unread as the hold began let retried give-backs hold 30 MB, the
+// sender filling the window between them.
+const giveBackHeldLimit = 8 << 20
 
-// errHeldLimit is returned by step 3 of stopAlive when a direction passed more than giveBackHeldLimit
-// bytes during the hold while the sockets were all in the verdict map: the pair stays on sockmap (rejoin).
-var errHeldLimit = fmt.Errorf("a direction passed more than %d bytes during the give-back: %w", giveBackHeldLimit, ErrBusy)
+// errHeldLimit is returned by step 3 of stopAlive when a direction has more than giveBackHeldLimit bytes
+// to hold while the sockets are all in the verdict map: the pair stays on sockmap (rejoin).
+var errHeldLimit = fmt.Errorf("a direction has more than %d bytes passed for the give-back to hold: %w", giveBackHeldLimit, ErrBusy)
 
 // noHeldLimit is readAllPassed's limit where it reads every passed byte, however many.
 var noHeldLimit = [2]int{math.MaxInt, math.MaxInt}
@@ -225,33 +226,25 @@ func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
 	for i := range kt.dirs {
 		held[i], kt.dirs[i].heldBack = kt.dirs[i].heldBack, nil
 	}
-	atHold, err := k.stopVerdict(kt, &held)
+	err := k.stopVerdict(kt, &held)
 	if err == nil {
 		err = k.awaitHandedOn(kt)
 	}
 	if k.hooks.afterSettle != nil {
-		k.hooks.afterSettle(held, atHold)
+		k.hooks.afterSettle(held)
 	}
 	return held, err
 }
 
 // stopVerdict reads every passed byte of kt into held and takes kt's sockets out of the verdict map,
-// again while bytes were passed meanwhile (step 3 of stopAlive). It returns, per direction, the bytes the
-// engine held when the hold began (a goroutine's unwritten ones and the passed ones not read yet): it holds
-// no more than the latter and giveBackHeldLimit, or the former where they are more.
-func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) (atHold [2]int, err error) {
+// again while bytes were passed meanwhile (step 3 of stopAlive). While both sources are in the verdict
+// map it holds no more than giveBackHeldLimit bytes of a direction: errHeldLimit past it.
+func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 	socks := [2]loader.Socket{{Cookie: kt.client.cookie}, {Cookie: kt.up.cookie}} // by cookie: StopVerdict needs no descriptor
 	if err := k.holdVerdict(kt); err != nil {
-		return atHold, err
+		return err
 	}
-	passed, err := k.passedAtHold(kt)
-	if err != nil {
-		return atHold, err
-	}
-	// Bytes held in userspace count against the limit too: a goroutine's, or a refused give-back's, which
-	// would otherwise add up over retries with a reader that stopped.
-	limit := [2]int{passed[0] + giveBackHeldLimit, passed[1] + giveBackHeldLimit}
-	atHold = [2]int{len(held[0]) + passed[0], len(held[1]) + passed[1]}
+	limit := [2]int{giveBackHeldLimit, giveBackHeldLimit}
 	inVerdict := []int{0, 1} // the directions whose source is in the verdict map
 	for range stopVerdictTries {
 		err := k.readAllPassed(kt, held, limit)
@@ -260,7 +253,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) (atHold [2]int, 
 			// go back (it got its FIN) leaves the give-back to finish, unbounded.
 			err = k.restartVerdict(kt, slices.DeleteFunc([]int{0, 1}, func(i int) bool { return slices.Contains(inVerdict, i) }))
 			if err == nil {
-				return atHold, errHeldLimit
+				return errHeldLimit
 			}
 			if errors.Is(err, unix.EOPNOTSUPP) {
 				limit = noHeldLimit
@@ -268,26 +261,26 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) (atHold [2]int, 
 			}
 		}
 		if err != nil {
-			return atHold, err
+			return err
 		}
 		unread, err := k.passedUnread(kt)
 		if err != nil {
-			return atHold, err
+			return err
 		}
 		if unread[0] || unread[1] {
 			continue // passed while the last were read
 		}
 		closing, halfClosed, err := k.sourcesClosing(kt)
 		if err != nil {
-			return atHold, err
+			return err
 		}
 		if err := k.maps.StopVerdict(socks[:]...); err != nil {
-			return atHold, err
+			return err
 		}
 		inVerdict = nil
 		time.Sleep(stopSettleGap)
 		if unread, err = k.passedUnread(kt); err != nil {
-			return atHold, err
+			return err
 		}
 		// A source that had its FIN before StopVerdict had the verdict run over its whole receive queue
 		// (TCP calls data_ready at a FIN whatever the low-water mark): its passed bytes are the last of
@@ -300,13 +293,13 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) (atHold [2]int, 
 			case halfClosed[i]:
 				// It cannot go back into the verdict map (not ESTABLISHED), and read now its passed bytes
 				// would leave the bytes behind them unreadable: reset rather than stall.
-				return atHold, fmt.Errorf("bytes were passed to a half-closed source after its verdict stopped; they cannot be read in order")
+				return fmt.Errorf("bytes were passed to a half-closed source after its verdict stopped; they cannot be read in order")
 			default:
 				again = append(again, i)
 			}
 		}
 		if len(again) == 0 {
-			return atHold, k.readAllPassed(kt, held, noHeldLimit) // a FIN's last bytes, with the verdict stopped
+			return k.readAllPassed(kt, held, noHeldLimit) // a FIN's last bytes, with the verdict stopped
 		}
 		err = k.restartVerdict(kt, again)
 		if errors.Is(err, unix.EOPNOTSUPP) {
@@ -315,32 +308,14 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) (atHold [2]int, 
 			// after, the bytes behind the passed ones would stay unreadable to the next engine
 			// (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"); not seen in the move tests.
 			_ = k.maps.StopVerdict(socks[:]...)
-			return atHold, k.readAllPassed(kt, held, noHeldLimit)
+			return k.readAllPassed(kt, held, noHeldLimit)
 		}
 		if err != nil {
-			return atHold, err
+			return err
 		}
 		inVerdict = again
 	}
-	return atHold, fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
-}
-
-// passedAtHold is, per direction of kt, how many passed bytes are not read yet as the hold begins.
-func (k *Engine) passedAtHold(kt *kernelTunnel) ([2]int, error) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	var n [2]int
-	if kt.released {
-		return n, errTunnelEnded
-	}
-	for i := range kt.dirs {
-		st, err := k.maps.Stats(kt.dirs[i].src.cookie)
-		if err != nil {
-			return n, errTunnelEnded
-		}
-		n[i] = int(st.Passed - min(st.Passed, kt.dirs[i].userRead))
-	}
-	return n, nil
+	return fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
 }
 
 // restartVerdict puts the sources of kt's directions dirs back into the verdict map (RestartVerdict), under
