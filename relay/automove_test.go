@@ -437,8 +437,8 @@ func (m *autoMover) trackOf(t *Tunnel) (moving bool, moves int) {
 // completes, and its stream arrives whole.
 func TestAutoMoveStuckHoldsOneSlot(t *testing.T) {
 	requireSockmap(t)
-	// No more than the kernel engine holds for a reader that stopped and a give-back may read on top (4 MiB,
-	// docs/datapath.md, "How a kernel pair is given back"): past that the move is refused, not stuck.
+	// No more than a give-back may hold (8 MiB, docs/datapath.md, "How a kernel pair is given back"), some
+	// of it in the client's buffers: a move that would hold more is refused, not stuck.
 	const n = 8 << 20
 	up := startUpstream(t)
 	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(10*time.Millisecond, 2), nil))
