@@ -95,6 +95,10 @@ type testHooks struct {
 	// beforeSettle, when set, runs in stopAlive once kt has left the loop, before its bytes are settled and
 	// it is given back: where a peer's reset goes unseen by the loop.
 	beforeSettle func(kt *kernelTunnel)
+	// afterSettle, when set, is given the bytes a give-back read and did not write, per direction, once
+	// steps 3 and 4 of stopAlive are done or failed: what becomes the pair's peeked bytes, or goes back
+	// to its relaying goroutines when the give-back is refused.
+	afterSettle func(held [2][]byte)
 }
 
 // kernelTunnel is a pair's state on the kernel path, and the engine's hold on the pair (its Carrier).

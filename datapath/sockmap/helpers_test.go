@@ -2,6 +2,7 @@ package sockmap
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -149,5 +150,20 @@ func assertMapsEmpty(t testing.TB, k *Engine) {
 		if c != 0 {
 			t.Errorf("BPF map %s holds %d entries after every tunnel ended", name, c)
 		}
+	}
+}
+
+// moveRetrying is datapath.Move(p, to), again while the kernel engine refuses to give p back for now
+// (ErrBusy: a give-back that would hold more than giveBackHeldLimit, which the auto policy retries later),
+// for up to 20s. Each try stops the pair's relaying goroutines, so tries are 10ms apart: time for them to
+// write what a refused give-back handed them. It returns how many times the move was refused, and the last
+// error.
+func moveRetrying(p *datapath.Pair, to datapath.Engine) (refused int, err error) {
+	for deadline := time.Now().Add(20 * time.Second); ; refused++ {
+		err = datapath.Move(p, to)
+		if !errors.Is(err, ErrBusy) || time.Now().After(deadline) {
+			return refused, err
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

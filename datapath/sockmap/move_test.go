@@ -43,7 +43,7 @@ func TestMoveCopyToSockmap(t *testing.T) {
 			backOnce.Do(func() {
 				go func() {
 					defer close(movedBack)
-					if err := datapath.Move(p, datapath.Copier{}); err != nil {
+					if _, err := moveRetrying(p, datapath.Copier{}); err != nil {
 						t.Errorf("move back to copy: %v", err)
 					}
 					if p.Kind() != datapath.Copy {

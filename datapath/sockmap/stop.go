@@ -29,7 +29,10 @@ import (
 //     dropped with bytes queued purges them (skmsg.c, sk_psock_destroy). A read that finds new bytes
 //     waiting under the hold gets EAGAIN (tcp_bpf_recvmsg_parser), so the engine runs the verdict over
 //     them first (runVerdictNow). A byte passed between the last read and StopVerdict puts the verdict
-//     back (RestartVerdict) and this step runs again.
+//     back (RestartVerdict) and this step runs again. A direction that would hold more than
+//     giveBackHeldLimit (a sender that outruns the reads, or a reader that stopped) is not read
+//     further: the give-back is refused with ErrBusy, and the tunnel rejoins the engine as it was
+//     (rejoin).
 //  4. The engine waits until every redirected byte has entered its destination's send queue: the sockets
 //     stay targets meanwhile, so redirected bytes still on their way through a psock are still sent.
 //  5. Under the pair's lock, the sockets leave the remaining maps and the pair gets new conns of them; the
@@ -77,6 +80,11 @@ func (kt *kernelTunnel) stopAlive() error {
 		k.hooks.beforeSettle(kt)
 	}
 	held, err := k.settleStopped(kt)
+	if errors.Is(err, errHeldLimit) {
+		if err = k.rejoin(kt, held); err == nil {
+			return fmt.Errorf("give the kernel pair back: %w", errHeldLimit)
+		}
+	}
 	if err == nil {
 		err = kt.giveBack(held)
 	}
@@ -197,6 +205,23 @@ const passedRereads = 4
 // stopVerdictTries bounds how often step 3 of stopAlive runs again for bytes passed during it.
 const stopVerdictTries = 100
 
+// giveBackHeldLimit bounds the bytes of a direction that a give-back holds in memory (the pair's peeked
+// bytes once given back): a relaying goroutine's unwritten bytes, and the passed bytes read in step 3. A
+// sender that keeps its source's window full has the verdict pass its bytes however the hold is set
+// (tcp_data_ready calls data_ready once the window left is under an MSS, whatever the low-water mark),
+// and every read of them opens the window again, so without a bound a give-back of a demoted bulk
+// direction read tens of MB (docs/datapath.md, "How a kernel pair is given back"). It is an absolute
+// bound: one relative to the passed bytes unread as the hold began let retried give-backs hold 30 MB, the
+// sender filling the window between them.
+const giveBackHeldLimit = 8 << 20
+
+// errHeldLimit is returned by step 3 of stopAlive when a direction has more than giveBackHeldLimit bytes
+// to hold while the sockets are all in the verdict map: the pair stays on sockmap (rejoin).
+var errHeldLimit = fmt.Errorf("a direction has more than %d bytes passed for the give-back to hold: %w", giveBackHeldLimit, ErrBusy)
+
+// noHeldLimit is readAllPassed's limit where it reads every passed byte, however many.
+var noHeldLimit = [2]int{math.MaxInt, math.MaxInt}
+
 // settleStopped runs steps 3 and 4 of stopAlive. It returns, per direction, the bytes read and not written: a
 // stopped goroutine's, then the passed ones.
 func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
@@ -204,21 +229,41 @@ func (k *Engine) settleStopped(kt *kernelTunnel) ([2][]byte, error) {
 	for i := range kt.dirs {
 		held[i], kt.dirs[i].heldBack = kt.dirs[i].heldBack, nil
 	}
-	if err := k.stopVerdict(kt, &held); err != nil {
-		return held, err
+	err := k.stopVerdict(kt, &held)
+	if err == nil {
+		err = k.awaitHandedOn(kt)
 	}
-	return held, k.awaitHandedOn(kt)
+	if k.hooks.afterSettle != nil {
+		k.hooks.afterSettle(held)
+	}
+	return held, err
 }
 
 // stopVerdict reads every passed byte of kt into held and takes kt's sockets out of the verdict map,
-// again while bytes were passed meanwhile (step 3 of stopAlive).
+// again while bytes were passed meanwhile (step 3 of stopAlive). While both sources are in the verdict
+// map it holds no more than giveBackHeldLimit bytes of a direction: errHeldLimit past it.
 func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 	socks := [2]loader.Socket{{Cookie: kt.client.cookie}, {Cookie: kt.up.cookie}} // by cookie: StopVerdict needs no descriptor
 	if err := k.holdVerdict(kt); err != nil {
 		return err
 	}
+	limit := [2]int{giveBackHeldLimit, giveBackHeldLimit}
+	inVerdict := []int{0, 1} // the directions whose source is in the verdict map
 	for range stopVerdictTries {
-		if err := k.readAllPassed(kt, held); err != nil {
+		err := k.readAllPassed(kt, held, limit)
+		if errors.Is(err, errHeldLimit) {
+			// Refused only with every source back in the verdict map, as the pair was. One that cannot
+			// go back (it got its FIN) leaves the give-back to finish, unbounded.
+			err = k.restartVerdict(kt, slices.DeleteFunc([]int{0, 1}, func(i int) bool { return slices.Contains(inVerdict, i) }))
+			if err == nil {
+				return errHeldLimit
+			}
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				limit = noHeldLimit
+				err = k.readAllPassed(kt, held, limit)
+			}
+		}
+		if err != nil {
 			return err
 		}
 		unread, err := k.passedUnread(kt)
@@ -235,6 +280,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 		if err := k.maps.StopVerdict(socks[:]...); err != nil {
 			return err
 		}
+		inVerdict = nil
 		time.Sleep(stopSettleGap)
 		if unread, err = k.passedUnread(kt); err != nil {
 			return err
@@ -256,7 +302,7 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			}
 		}
 		if len(again) == 0 {
-			return k.readAllPassed(kt, held)
+			return k.readAllPassed(kt, held, noHeldLimit) // a FIN's last bytes, with the verdict stopped
 		}
 		err = k.restartVerdict(kt, again)
 		if errors.Is(err, unix.EOPNOTSUPP) {
@@ -265,11 +311,12 @@ func (k *Engine) stopVerdict(kt *kernelTunnel, held *[2][]byte) error {
 			// after, the bytes behind the passed ones would stay unreadable to the next engine
 			// (tcp_recvmsg_locked warns "TCP recvmsg seq # bug"); not seen in the move tests.
 			_ = k.maps.StopVerdict(socks[:]...)
-			return k.readAllPassed(kt, held)
+			return k.readAllPassed(kt, held, noHeldLimit)
 		}
 		if err != nil {
 			return err
 		}
+		inVerdict = again
 	}
 	return fmt.Errorf("bytes kept being passed while the verdict was stopped, %d times", stopVerdictTries)
 }
@@ -353,16 +400,66 @@ func (kt *kernelTunnel) releaseVerdictHold() {
 	}
 }
 
+// rejoin puts kt back on the kernel engine as it was before stopAlive began, for a give-back refused with
+// errHeldLimit, its sources back in the verdict map: they get their low-water mark and window clamp back
+// (which runs the verdict over the bytes that waited under the hold), the tunnel re-enters the loop's epoll
+// and tables, a FIN seen and not carried is drained again, and each direction's bytes read and not
+// written (held) go first on a relaying goroutine (writeHeldBack), started for a direction with bytes held
+// or passed. On error (the tunnel ended, or the epoll refused it) the caller ends the pair.
+func (k *Engine) rejoin(kt *kernelTunnel, held [2][]byte) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if kt.released {
+		return errTunnelEnded
+	}
+	kt.releaseVerdictHold()
+	sides := []*kernelSide{&kt.client, &kt.up}
+	for i, s := range sides {
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
+			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
+		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
+			for _, added := range sides[:i] {
+				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
+			}
+			return fmt.Errorf("epoll add: %w", err)
+		}
+	}
+	k.socks[kt.client.cookie] = &kt.client
+	k.socks[kt.up.cookie] = &kt.up
+	k.bySrc[kt.client.cookie] = &kt.dirs[0]
+	k.bySrc[kt.up.cookie] = &kt.dirs[1]
+	kt.stopping = false
+	now := time.Now()
+	for i := range kt.dirs {
+		d := &kt.dirs[i]
+		d.stop = false
+		d.heldBack = held[i]
+		if d.finDone {
+			continue
+		}
+		if d.finSeen {
+			d.interval, d.nextCheck, d.lastMove = drainFirstCheck, now, now
+			k.drain = append(k.drain, d)
+		}
+		st, err := k.maps.Stats(d.src.cookie)
+		if len(d.heldBack) > 0 || (err == nil && (st.Demoted || st.Passed != d.userRead)) {
+			k.startRelayLocked(d)
+		}
+	}
+	return nil
+}
+
 // readAllPassed reads into held every byte the verdict has passed to kt's sources so far, waiting for those
-// still on their way through a psock's backlog. Passed bytes that stay unreadable for stallTimeout, none
-// read meanwhile and no socket of kt with bytes left to send, are an error: the pair is reset rather than
-// left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
+// still on their way through a psock's backlog. It holds no more than limit[i] bytes of direction i: a
+// direction with passed bytes beyond it is errHeldLimit. Passed bytes that stay unreadable for
+// stallTimeout, none read meanwhile and no socket of kt with bytes left to send, are an error: the pair is
+// reset rather than left waiting. Bytes left to send are a slow reader's, which passed bytes can wait behind (they wait in
 // the source's psock behind the bytes redirected into the source), as awaitHandedOn waits for it.
-func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte) error {
+func (k *Engine) readAllPassed(kt *kernelTunnel, held *[2][]byte, limit [2]int) error {
 	interval := handedOnFirstCheck
 	lastRead, lastMove := kt.dirs[0].userRead+kt.dirs[1].userRead, time.Now()
 	for {
-		unread, err := k.readPassedRound(kt, held)
+		unread, err := k.readPassedRound(kt, held, limit)
 		if err != nil || !unread {
 			return err
 		}
@@ -390,8 +487,9 @@ func (k *Engine) anyUnsent(kt *kernelTunnel) bool {
 }
 
 // readPassedRound reads what kt's sources hold of their passed bytes into held, under k.mu so that a
-// release cannot close the descriptors meanwhile, and reports whether passed bytes are still to come.
-func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte) (anyUnread bool, err error) {
+// release cannot close the descriptors meanwhile, and reports whether passed bytes are still to come;
+// errHeldLimit past limit[i] bytes of direction i.
+func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte, limit [2]int) (anyUnread bool, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if kt.released {
@@ -408,7 +506,7 @@ func (k *Engine) readPassedRound(kt *kernelTunnel, held *[2][]byte) (anyUnread b
 			case st.Broken:
 				return false, errBroken
 			}
-			ranVerdict, err := readPassedOut(d, st.Passed, &held[i])
+			ranVerdict, err := readPassedOut(d, st.Passed, &held[i], limit[i])
 			if err != nil {
 				return false, err
 			}
@@ -447,10 +545,14 @@ func (k *Engine) passedUnread(kt *kernelTunnel) ([2]bool, error) {
 // one read takes them all, before the window it opens lets new bytes in. A read that finds new bytes in
 // the receive queue under holdVerdict's low-water mark returns EAGAIN: the low-water mark is lowered and
 // raised again, which runs the verdict over them (tcp_set_rcvlowat calls tcp_data_ready), once per call;
-// ranVerdict says it did. The caller holds k.mu.
-func readPassedOut(d *kernelDir, passed uint64, held *[]byte) (ranVerdict bool, err error) {
+// ranVerdict says it did. It reads no more than held has room for under limit: errHeldLimit when passed
+// bytes are left beyond it. The caller holds k.mu.
+func readPassedOut(d *kernelDir, passed uint64, held *[]byte, limit int) (ranVerdict bool, err error) {
 	for d.userRead < passed {
-		want := int(passed - d.userRead)
+		want := int(min(passed-d.userRead, uint64(max(limit-len(*held), 0))))
+		if want == 0 {
+			return ranVerdict, errHeldLimit
+		}
 		*held = slices.Grow(*held, want)
 		n, err := unix.Read(d.src.fd, (*held)[len(*held):len(*held)+want])
 		switch {

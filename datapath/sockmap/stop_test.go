@@ -2,10 +2,12 @@ package sockmap
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -166,7 +168,7 @@ func TestMoveSockmapToCopy(t *testing.T) {
 			toUp, toClient := stream(31, size), stream(32, size)
 			client, up, p := kernelPairWithPeeked(t, k, toUp, toClient)
 			exchange(t, client, up, toUp, toClient, 100, size, 2<<20, func() {
-				if err := datapath.Move(p, to); err != nil {
+				if _, err := moveRetrying(p, to); err != nil {
 					t.Errorf("move from sockmap to copy: %v", err)
 				}
 			})
@@ -191,7 +193,7 @@ func TestMoveSockmapRoundTrips(t *testing.T) {
 			if got := p.Kind(); got != datapath.Sockmap {
 				t.Errorf("round %d: the pair runs on %s before the move to copy, want sockmap", r, got)
 			}
-			if err := datapath.Move(p, datapath.Copier{}); err != nil {
+			if _, err := moveRetrying(p, datapath.Copier{}); err != nil {
 				t.Errorf("round %d: move from sockmap to copy: %v", r, err)
 			}
 		})
@@ -231,7 +233,7 @@ func TestMoveSockmapHalfClosed(t *testing.T) {
 	if err != nil || diffStreams(got, toUp) != "" {
 		t.Fatalf("upstream read %d bytes, %v: %s", len(got), err, diffStreams(got, toUp))
 	}
-	if err := datapath.Move(p, datapath.Copier{}); err != nil {
+	if _, err := moveRetrying(p, datapath.Copier{}); err != nil {
 		t.Fatalf("move the half-closed pair to copy: %v", err)
 	}
 	go func() {
@@ -266,7 +268,7 @@ func TestMoveSockmapPairEndsDuringStop(t *testing.T) {
 		}
 	}
 	moved := make(chan error, 1)
-	go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+	go func() { _, err := moveRetrying(p, datapath.Copier{}); moved <- err }()
 	select {
 	case err := <-moved:
 		t.Fatalf("the move returned %v with bytes still held for the client", err)
@@ -289,7 +291,9 @@ func TestMoveSockmapPairEndsDuringStop(t *testing.T) {
 // A kernel pair whose client stops reading while the upstream sends 32 MiB and half-closes moves to copy
 // while the kernel holds bytes for the client and has passed others to userspace (the direction demoted
 // for the slow reader, a goroutine relaying it): once the client reads again, it gets the whole stream
-// once, in order, then EOF.
+// once, in order, then EOF. While the client does not read, a give-back would read the upstream's bytes
+// without end (each read opens its window): past giveBackHeldLimit the move is refused, the pair stays on
+// sockmap with every byte, and the move is tried again as the client reads.
 func TestMoveSockmapSlowReader(t *testing.T) {
 	k, _ := newTestEngine(t)
 	fds := openFDs(t)
@@ -311,12 +315,19 @@ func TestMoveSockmapSlowReader(t *testing.T) {
 			t.Fatal("the direction to the client that does not read was never demoted")
 		}
 	}
-	if err := datapath.Move(p, datapath.Copier{}); err != nil {
-		t.Fatalf("move from sockmap to copy: %v", err)
-	}
+	moved := make(chan error, 1)
+	go func() {
+		n, err := moveRetrying(p, datapath.Copier{})
+		t.Logf("the move was refused %d times", n)
+		moved <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the first give-back while the client does not read
 	got, err := readAllWithin(client, 20*time.Second)
 	if err != nil || diffStreams(got, data) != "" {
 		t.Fatalf("client read %d bytes, %v: %s", len(got), err, diffStreams(got, data))
+	}
+	if err := <-moved; err != nil {
+		t.Fatalf("move from sockmap to copy: %v", err)
 	}
 	_ = client.CloseWrite()
 	if _, err := readAllWithin(up, 10*time.Second); err != nil {
@@ -351,7 +362,7 @@ func TestMoveSockmapDemoted(t *testing.T) {
 		if k.Stats().Demotions == 0 {
 			t.Error("no direction was demoted before the move")
 		}
-		if err := datapath.Move(p, datapath.Copier{}); err != nil {
+		if _, err := moveRetrying(p, datapath.Copier{}); err != nil {
 			t.Errorf("move from sockmap to copy: %v", err)
 		}
 	})
@@ -391,7 +402,7 @@ func TestMoveSockmapDuringFINDrain(t *testing.T) {
 		}
 	}
 	moved := make(chan error, 1)
-	go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+	go func() { _, err := moveRetrying(p, datapath.Copier{}); moved <- err }()
 	got, err := readAllWithin(up, 20*time.Second)
 	if err != nil || diffStreams(got, toUp) != "" {
 		t.Fatalf("upstream read %d bytes, %v: %s", len(got), err, diffStreams(got, toUp))
@@ -450,7 +461,7 @@ func TestMoveSockmapPassedBytesBehindHold(t *testing.T) {
 		}
 	}
 	moved := make(chan error, 1)
-	go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+	go func() { _, err := moveRetrying(p, datapath.Copier{}); moved <- err }()
 	got, err := readAllWithinLen(client, size, 20*time.Second)
 	if err != nil || diffStreams(got, data) != "" {
 		t.Fatalf("client read %d bytes, %v: %s", len(got), err, diffStreams(got, data))
@@ -569,7 +580,7 @@ func TestMoveSockmapLookupFailsWhileHeld(t *testing.T) {
 		t.Fatal(err)
 	}
 	moved := make(chan error, 1)
-	go func() { moved <- datapath.Move(p, datapath.Copier{}) }()
+	go func() { _, err := moveRetrying(p, datapath.Copier{}); moved <- err }()
 	select {
 	case err := <-moved:
 		if err == nil {
@@ -584,4 +595,169 @@ func TestMoveSockmapLookupFailsWhileHeld(t *testing.T) {
 		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonKernelError)
 	}
 	assertMapsEmpty(t, k)
+}
+
+// countingByte is the byte at offset i of countingStream: each aligned 4 bytes hold their own offset
+// (little-endian), so that a lost, repeated or reordered byte shows at once.
+func countingByte(i int) byte { return byte((i &^ 3) >> (8 * (i & 3))) }
+
+// fillCounting fills b with countingStream's bytes from offset off.
+func fillCounting(b []byte, off int) {
+	for j := range b {
+		b[j] = countingByte(off + j)
+	}
+}
+
+// A demoted bulk direction (a held limit of 16 KiB, a client that writes as fast as it can, an upstream
+// that reads as fast as it can, TCP's buffers autotuned up to tcp_rmem[2]) is moved to copy, again while
+// the move is refused (ErrBusy): no give-back, refused or not, holds more than giveBackHeldLimit bytes of
+// a direction, the move is done in the end, and the stream arrives byte-exact, with bytes read by a
+// refused give-back written by the kernel engine. Unbounded, a give-back held more (up to 81 MB) in about
+// a third of the moves here, so the test moves several pairs one after the other (docs/datapath.md, "How
+// a kernel pair is given back").
+func TestMoveSockmapDemotedBulkHoldsLittle(t *testing.T) {
+	k, _ := newTestEngine(t)
+	k.heldLimit = 16 << 10
+	var heldMu sync.Mutex
+	var heldAtMove [][2]int // per give-back and direction: bytes held
+	k.afterSettle(func(held [2][]byte) {
+		heldMu.Lock()
+		defer heldMu.Unlock()
+		heldAtMove = append(heldAtMove, [2]int{len(held[0]), len(held[1])})
+	})
+	for round := range 6 {
+		t.Run(fmt.Sprintf("pair %d", round), func(t *testing.T) {
+			heldMu.Lock()
+			heldAtMove = nil
+			heldMu.Unlock()
+			moveDemotedBulk(t, k)
+			heldMu.Lock()
+			defer heldMu.Unlock()
+			t.Logf("bytes held per direction at each give-back: %v", heldAtMove)
+			if len(heldAtMove) == 0 {
+				t.Fatal("no give-back ran")
+			}
+			for _, dirs := range heldAtMove {
+				for _, n := range dirs {
+					if n > giveBackHeldLimit {
+						t.Errorf("a give-back held %d bytes of a direction, want at most %d", n, giveBackHeldLimit)
+					}
+				}
+			}
+		})
+	}
+}
+
+// moveDemotedBulk is one pair of TestMoveSockmapDemotedBulkHoldsLittle on k: it checks the stream, that
+// the pair ends closed on copy, and logs how often the move was refused.
+func moveDemotedBulk(t *testing.T, k *Engine) {
+	client, up, p := carryPair(t, k)
+	var refused, sentAll, gotAll atomic.Int64
+	const before, after = 48 << 20, 16 << 20 // bytes read by the upstream before the move, sent after it
+	// fullSpeedTries is how often the move is tried with the client sending at full speed: a sender that
+	// outruns the give-back may have it refused every time (under -race, most often). Then the client
+	// pauses (paused) until the move is done, which a give-back must then finish.
+	const fullSpeedTries = 20
+	moved, paused := make(chan struct{}), make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 256<<10)
+		_ = client.SetWriteDeadline(time.Now().Add(60 * time.Second))
+		sent, afterFrom := 0, -1
+		for ; afterFrom < 0 || sent < afterFrom+after; sent += len(buf) {
+			if afterFrom < 0 {
+				select {
+				case <-moved:
+					afterFrom = sent
+				case <-paused:
+					<-moved
+					afterFrom = sent
+				default:
+				}
+			}
+			fillCounting(buf, sent)
+			if _, err := client.Write(buf); err != nil {
+				t.Errorf("client write at %d: %v", sent, err)
+				return
+			}
+		}
+		sentAll.Store(int64(sent))
+		if err := client.CloseWrite(); err != nil {
+			t.Errorf("client half-close: %v", err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 256<<10)
+		_ = up.SetReadDeadline(time.Now().Add(60 * time.Second))
+		var once sync.Once
+		for got := 0; ; {
+			n, err := up.Read(buf)
+			for j := range buf[:n] {
+				if buf[j] != countingByte(got+j) {
+					t.Errorf("upstream byte %d is %#x, want %#x", got+j, buf[j], countingByte(got+j))
+					return
+				}
+			}
+			got += n
+			if got >= before {
+				once.Do(func() {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						defer close(moved)
+						if k.Stats().Demotions == 0 {
+							t.Error("no direction was demoted before the move")
+						}
+						var err error
+						for range fullSpeedTries {
+							if err = datapath.Move(p, datapath.Copier{}); !errors.Is(err, ErrBusy) {
+								break
+							}
+							refused.Add(1)
+							time.Sleep(10 * time.Millisecond)
+						}
+						if errors.Is(err, ErrBusy) {
+							close(paused)
+							var n int
+							n, err = moveRetrying(p, datapath.Copier{})
+							refused.Add(int64(n))
+							t.Logf("refused %d times at full speed; the client paused", fullSpeedTries)
+						}
+						if err != nil {
+							t.Errorf("move from sockmap to copy, refused %d times, then: %v", refused.Load(), err)
+						}
+					}()
+				})
+			}
+			if err == io.EOF {
+				gotAll.Store(int64(got))
+				return
+			}
+			if err != nil {
+				t.Errorf("upstream read %d bytes, then: %v", got, err)
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	if gotAll.Load() != sentAll.Load() {
+		t.Errorf("the upstream read %d bytes before EOF, the client sent %d", gotAll.Load(), sentAll.Load())
+	}
+	if err := up.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := readAllWithin(client, 10*time.Second); len(got) != 0 || err != nil {
+		t.Errorf("the client read %d bytes, %v; want EOF", len(got), err)
+	}
+	waitEnded(t, p)
+	if p.Reason() != datapath.ReasonClosed {
+		t.Errorf("the pair ended with %q (%v), want %q", p.Reason(), p.Err(), datapath.ReasonClosed)
+	}
+	t.Logf("the move was refused %d times", refused.Load())
+	if got := p.Kind(); got != datapath.Copy {
+		t.Errorf("the pair ended on %s, want copy", got)
+	}
 }
