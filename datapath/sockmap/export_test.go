@@ -33,6 +33,7 @@ func (k *Engine) beforeLateEnd(f func(kt *kernelTunnel)) { k.hooks.beforeLateEnd
 // beforeSettle makes f run in stopAlive once a tunnel has left the loop, before it is given back. Set before
 // the engine carries a pair.
 func (k *Engine) beforeSettle(f func(kt *kernelTunnel)) { k.hooks.beforeSettle = f }
+
 // afterSettle makes f run with the bytes each give-back of k read and did not write, per direction, before
 // they become the pair's peeked bytes (or, refused, go back to the relaying goroutines). Set before the
 // engine carries a pair.
