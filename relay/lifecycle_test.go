@@ -143,6 +143,10 @@ func TestNoFDLeak(t *testing.T) {
 			up := startUpstream(t)
 			r := startRelay(t, dp, []string{up.Addr})
 			runDuplex(t, r, up, duplexCase{toUpstream: 1000, toClient: 1000}, 1) // warm up the listener and poller
+			// The event loops start with the first tunnel they carry, on any datapath: on sockmap, the first
+			// that falls back (socket_closing, at a client's reset during the handoff). Their epoll and
+			// wake-up descriptors live as long as the relay.
+			r.copier.eventLoop()
 			before := openFDs(t)
 			for i := range 20 {
 				switch i % 3 {
