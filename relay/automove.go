@@ -9,6 +9,7 @@ import (
 
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/auto"
+	"github.com/sockrelay/sockrelay/datapath/sockmap"
 )
 
 // Per-tunnel auto (docs/datapath.md, "auto per tunnel"): where `auto` resolved to the kernel engine, each
@@ -308,6 +309,11 @@ func (m *autoMover) move(mv autoMove) {
 		m.s.metrics.tunnelMoves.WithLabelValues(string(from), string(to), string(mv.d.Reason)).Inc()
 		m.s.log.Debug("tunnel moved", "id", mv.t.ID, "from", from, "to", to, "reason", mv.d.Reason)
 	case errors.Is(err, datapath.ErrPairEnded):
+	case errors.Is(err, sockmap.ErrBusy):
+		// The kernel engine declined to give the pair back now (its sender outran the give-back's bound,
+		// or a half-closed source): the tunnel stays on sockmap as it was, and is tried again after a dwell.
+		m.s.metrics.tunnelMovesDeferred.WithLabelValues(string(from), string(to)).Inc()
+		m.s.log.Debug("tunnel move deferred", "id", mv.t.ID, "from", from, "to", to, "reason", mv.d.Reason, "err", err)
 	default:
 		// Move leaves the pair where it was, or ended (the kernel engine resets a pair it could not give
 		// back): never without an engine.
@@ -337,9 +343,9 @@ func (m *autoMover) close() {
 	m.moving.Wait()
 }
 
-// moveMetrics are sockrelay_tunnel_moves_total and sockrelay_tunnel_move_failures_total, every series at 0
-// from the start.
-func moveMetrics() (moves, failures *prometheus.CounterVec) {
+// moveMetrics are sockrelay_tunnel_moves_total, sockrelay_tunnel_move_failures_total and
+// sockrelay_tunnel_moves_deferred_total, every series at 0 from the start.
+func moveMetrics() (moves, failures, deferred *prometheus.CounterVec) {
 	moves = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sockrelay_tunnel_moves_total",
 		Help: "Live tunnels moved between datapaths by auto's per-tunnel policy, by from, to and reason.",
@@ -348,12 +354,17 @@ func moveMetrics() (moves, failures *prometheus.CounterVec) {
 		Name: "sockrelay_tunnel_move_failures_total",
 		Help: "Moves of live tunnels that failed, by from and to: the tunnel stayed where it was, or was reset if the kernel engine could not give it back.",
 	}, []string{"from", "to"})
+	deferred = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sockrelay_tunnel_moves_deferred_total",
+		Help: "Moves of live tunnels the engine declined for now (busy), by from and to: the tunnel stayed where it was, to be tried again after a dwell.",
+	}, []string{"from", "to"})
 	for _, e := range []auto.Engine{auto.Kernel, auto.Loop} {
 		from, to := kindOf(e), kindOf(1-e)
 		failures.WithLabelValues(string(from), string(to))
+		deferred.WithLabelValues(string(from), string(to))
 		for _, r := range auto.Reasons {
 			moves.WithLabelValues(string(from), string(to), string(r))
 		}
 	}
-	return moves, failures
+	return moves, failures, deferred
 }

@@ -31,8 +31,8 @@ type Metrics struct {
 	kernelResumes     prometheus.CounterFunc
 	kernelRepeatsCut  prometheus.CounterFunc
 	upstreamRetries   prometheus.Counter
-	// tunnelMoves and tunnelMoveFailures count auto's moves of live tunnels (automove.go).
-	tunnelMoves, tunnelMoveFailures *prometheus.CounterVec
+	// tunnelMoves, tunnelMoveFailures and tunnelMovesDeferred count auto's moves of live tunnels (automove.go).
+	tunnelMoves, tunnelMoveFailures, tunnelMovesDeferred *prometheus.CounterVec
 
 	mu        sync.Mutex
 	listeners map[string]Datapath // served so far, by name: their series start at 0 for each new pool
@@ -151,8 +151,8 @@ func newMetrics(reg prometheus.Registerer, tunnels *Registry, router func() Rout
 	for _, reason := range fallbackReasons {
 		m.datapathFallbacks.WithLabelValues(reason)
 	}
-	m.tunnelMoves, m.tunnelMoveFailures = moveMetrics()
-	reg.MustRegister(m.tunnelMoves, m.tunnelMoveFailures)
+	m.tunnelMoves, m.tunnelMoveFailures, m.tunnelMovesDeferred = moveMetrics()
+	reg.MustRegister(m.tunnelMoves, m.tunnelMoveFailures, m.tunnelMovesDeferred)
 	reg.MustRegister(m.kernelDemotions, m.kernelResumes, m.kernelRepeatsCut, m.datapathFallbacks, m.tunnelsOpened, m.tunnelsActive, m.tunnelsEnded, m.handshakeFailures,
 		m.handshakeDuration, m.httpRequests, m.upstreamRetries, &bytesCollector{tunnels: tunnels},
 		&upstreamCollector{router: router}, &loopCollector{stats: loops})
