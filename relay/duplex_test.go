@@ -305,18 +305,25 @@ func TestResetClosesBoth(t *testing.T) {
 				if !errors.Is(err, unix.ECONNRESET) {
 					t.Errorf("other side read %v, want a reset", err)
 				}
-				select {
-				case <-tun.Done():
-				case <-time.After(5 * time.Second):
-					t.Fatal("tunnel did not end")
-				}
-				if tun.Reason() != want {
-					t.Errorf("reason %q, want %q", tun.Reason(), want)
-				}
-				waitTunnelsGone(t, r)
+				awaitTunnelEnd(t, r, tun, want)
 			})
 		}
 	}
+}
+
+// awaitTunnelEnd waits 5s at most for tun to end, fails t unless it ended for want, then waits until r
+// holds no tunnel.
+func awaitTunnelEnd(t *testing.T, r *testRelay, tun *Tunnel, want string) {
+	t.Helper()
+	select {
+	case <-tun.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("tunnel did not end")
+	}
+	if tun.Reason() != want {
+		t.Errorf("reason %q, want %q", tun.Reason(), want)
+	}
+	waitTunnelsGone(t, r)
 }
 
 // TestResetWhileWrittenToIsAReset: a peer resets while the relay is writing to it (the other peer's stream
@@ -366,15 +373,7 @@ func resetWhileWrittenTo(t *testing.T, r *testRelay, up *fakeUpstream, clientRes
 	if err != nil && !isReset(err) {
 		t.Fatalf("the victim's read ended with %v, want a reset", err)
 	}
-	select {
-	case <-tun.Done():
-	case <-time.After(5 * time.Second):
-		t.Fatal("tunnel did not end")
-	}
-	if tun.Reason() != want {
-		t.Errorf("reason %q, want %q", tun.Reason(), want)
-	}
-	waitTunnelsGone(t, r)
+	awaitTunnelEnd(t, r, tun, want)
 	return err == nil
 }
 
