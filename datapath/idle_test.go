@@ -15,21 +15,9 @@ import (
 // end, which nothing but the caller refers to (loopbackPair's cleanup would keep it alive).
 func peerAndRelayEnd(t testing.TB) (peer, relay *net.TCPConn) {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	c, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	a, err := l.(*net.TCPListener).AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c.(*net.TCPConn), a
+	peer, relay = dialLoopback(t)
+	t.Cleanup(func() { peer.Close() })
+	return peer, relay
 }
 
 // collected reports whether the conns behind ws are gone after two collections (weak pointers read nil

@@ -17,6 +17,14 @@ import (
 // loopbackPair returns both ends of a fresh TCP connection on 127.0.0.1, closed at the test's end.
 func loopbackPair(t testing.TB) (dialed, accepted *net.TCPConn) {
 	t.Helper()
+	c, a := dialLoopback(t)
+	t.Cleanup(func() { c.Close(); a.Close() })
+	return c, a
+}
+
+// dialLoopback returns both ends of a fresh TCP connection on 127.0.0.1; closing them is the caller's.
+func dialLoopback(t testing.TB) (dialed, accepted *net.TCPConn) {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -28,9 +36,9 @@ func loopbackPair(t testing.TB) (dialed, accepted *net.TCPConn) {
 	}
 	a, err := l.(*net.TCPListener).AcceptTCP()
 	if err != nil {
+		c.Close()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close(); a.Close() })
 	return c.(*net.TCPConn), a
 }
 

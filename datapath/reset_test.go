@@ -1,14 +1,13 @@
 package datapath_test
 
 import (
-	"errors"
 	"io"
 	"net"
-	"os"
 	"testing"
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/internal/streamtest"
 )
 
 // resetRounds is how many tunnels TestResetWhileWrittenToIsAReset resets per case: the engine's two
@@ -66,7 +65,7 @@ func resetWhileWrittenTo(t *testing.T, e datapath.Engine, clientResets bool) (cl
 	}
 	_ = resetter.SetReadBuffer(16 << 10)
 	e.Carry(p)
-	fillUntilBlocked(t, victim)
+	streamtest.FillUntilBlocked(t, victim)
 	// The victim has stopped writing: a write of its own would take its socket's error, and its read would
 	// then return 0 too.
 	_ = resetter.SetLinger(0)
@@ -80,26 +79,6 @@ func resetWhileWrittenTo(t *testing.T, e datapath.Engine, clientResets bool) (cl
 		t.Fatalf("the victim's read ended with %v, want a reset", err)
 	}
 	return cleanEOF, awaitEnd(t, p)
-}
-
-// fillUntilBlocked writes to c until a write makes no progress for 50 ms: the peer at the far end of the
-// tunnel does not read, so the engine's write to it is blocked then.
-func fillUntilBlocked(t *testing.T, c *net.TCPConn) {
-	t.Helper()
-	chunk := make([]byte, 16<<10)
-	for sent := 0; sent < 256<<20; {
-		_ = c.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
-		n, err := c.Write(chunk)
-		sent += n
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			_ = c.SetWriteDeadline(time.Time{})
-			return
-		}
-		if err != nil {
-			t.Fatalf("write before the reset: %v", err)
-		}
-	}
-	t.Fatal("256 MiB written and no write blocked: the far peer's engine reads without bound")
 }
 
 // TestResetTakenBeforeCarryIsAReset: a pair reaches an engine after one peer's reset, whose error a write

@@ -190,12 +190,9 @@ func TestHandOverKeepsClientIPBehindProxy(t *testing.T) {
 			c, u := openTunnelWith(t, oldEdge, up, request, nil, nil)
 			defer c.Close()
 			defer u.Close()
-			tuns := old.Tunnels().Tunnels()
-			if len(tuns) != 1 {
-				t.Fatalf("the old server carries %d tunnels, want 1", len(tuns))
-			}
-			waitKind(t, tuns[0], dp)
-			moved := handOverTo(t, old, next, tuns[0], "edge")
+			tun := onlyTunnel(t, old)
+			waitKind(t, tun, dp)
+			moved := handOverTo(t, old, next, tun, "edge")
 			if moved.pair.Kind() != dp {
 				t.Fatalf("the adopted tunnel runs on %s, want %s", moved.pair.Kind(), dp)
 			}
@@ -272,12 +269,9 @@ func TestAdoptedKernelTunnelFailureLeavesNoEntries(t *testing.T) {
 			c, u := openTunnel(t, old.Addr, up, nil, nil)
 			defer c.Close()
 			defer u.Close()
-			tuns := old.Tunnels().Tunnels()
-			if len(tuns) != 1 {
-				t.Fatalf("the old server carries %d tunnels, want 1", len(tuns))
-			}
-			waitKind(t, tuns[0], DatapathSockmap)
-			pt, err := old.Park(tuns[0])
+			tun := onlyTunnel(t, old)
+			waitKind(t, tun, DatapathSockmap)
+			pt, err := old.Park(tun)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -183,6 +183,19 @@ func TestAutoMovesChattyTunnelAndBack(t *testing.T) {
 	for _, w := range writers {
 		close(w.finish)
 	}
+	endWorkers(t, r, &wg, errs)
+	if got := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil); got != 0 {
+		t.Errorf("move failures: %v", got)
+	}
+	if !t.Failed() && !containsAll(r.Log.String(), []string{"datapath policy: per tunnel", "to_loop_segments_per_s=200"}) {
+		t.Errorf("the start log does not say the policy in force:\n%s", r.Log.String())
+	}
+}
+
+// endWorkers waits for wg's goroutines, fails t with each error they sent on errs, then, unless t failed,
+// waits until r holds no tunnel.
+func endWorkers(t *testing.T, r *testRelay, wg *sync.WaitGroup, errs chan error) {
+	t.Helper()
 	wg.Wait()
 	close(errs)
 	for err := range errs {
@@ -190,12 +203,6 @@ func TestAutoMovesChattyTunnelAndBack(t *testing.T) {
 	}
 	if !t.Failed() {
 		waitTunnelsGone(t, r)
-	}
-	if got := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil); got != 0 {
-		t.Errorf("move failures: %v", got)
-	}
-	if !t.Failed() && !containsAll(r.Log.String(), []string{"datapath policy: per tunnel", "to_loop_segments_per_s=200"}) {
-		t.Errorf("the start log does not say the policy in force:\n%s", r.Log.String())
 	}
 }
 
@@ -390,14 +397,7 @@ func TestAutoMoveStress(t *testing.T) {
 			}()
 		}
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
-	if !t.Failed() {
-		waitTunnelsGone(t, r)
-	}
+	endWorkers(t, r, &wg, errs)
 	toLoop, toKernel := r.moves(DatapathSockmap, DatapathCopy, ""), r.moves(DatapathCopy, DatapathSockmap, "")
 	failed := metricSum(r.Reg, "sockrelay_tunnel_move_failures_total", nil)
 	t.Logf("moves: %v sockmap→copy, %v copy→sockmap, %v failed", toLoop, toKernel, failed)

@@ -6,13 +6,14 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"runtime"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sockrelay/sockrelay/internal/streamtest"
 )
 
 // finOrder says which side of a duplex transfer sends its FIN first.
@@ -304,18 +305,25 @@ func TestResetClosesBoth(t *testing.T) {
 				if !errors.Is(err, unix.ECONNRESET) {
 					t.Errorf("other side read %v, want a reset", err)
 				}
-				select {
-				case <-tun.Done():
-				case <-time.After(5 * time.Second):
-					t.Fatal("tunnel did not end")
-				}
-				if tun.Reason() != want {
-					t.Errorf("reason %q, want %q", tun.Reason(), want)
-				}
-				waitTunnelsGone(t, r)
+				awaitTunnelEnd(t, r, tun, want)
 			})
 		}
 	}
+}
+
+// awaitTunnelEnd waits 5s at most for tun to end, fails t unless it ended for want, then waits until r
+// holds no tunnel.
+func awaitTunnelEnd(t *testing.T, r *testRelay, tun *Tunnel, want string) {
+	t.Helper()
+	select {
+	case <-tun.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("tunnel did not end")
+	}
+	if tun.Reason() != want {
+		t.Errorf("reason %q, want %q", tun.Reason(), want)
+	}
+	waitTunnelsGone(t, r)
 }
 
 // TestResetWhileWrittenToIsAReset: a peer resets while the relay is writing to it (the other peer's stream
@@ -356,7 +364,7 @@ func resetWhileWrittenTo(t *testing.T, r *testRelay, up *fakeUpstream, clientRes
 		resetter, victim, rd, want = c.TCPConn, u.TCPConn, u.R, ReasonClientReset
 	}
 	_ = resetter.SetReadBuffer(16 << 10)
-	fillUntilBlocked(t, victim)
+	streamtest.FillUntilBlocked(t, victim)
 	// The victim has stopped writing: a write of its own would take its socket's error, and its read would
 	// then return 0 too.
 	_ = resetter.SetLinger(0)
@@ -365,36 +373,8 @@ func resetWhileWrittenTo(t *testing.T, r *testRelay, up *fakeUpstream, clientRes
 	if err != nil && !isReset(err) {
 		t.Fatalf("the victim's read ended with %v, want a reset", err)
 	}
-	select {
-	case <-tun.Done():
-	case <-time.After(5 * time.Second):
-		t.Fatal("tunnel did not end")
-	}
-	if tun.Reason() != want {
-		t.Errorf("reason %q, want %q", tun.Reason(), want)
-	}
-	waitTunnelsGone(t, r)
+	awaitTunnelEnd(t, r, tun, want)
 	return err == nil
-}
-
-// fillUntilBlocked writes to c until a write makes no progress for 50 ms: the peer at the far end of the
-// tunnel does not read, so the relay's write to it is blocked then.
-func fillUntilBlocked(t *testing.T, c *net.TCPConn) {
-	t.Helper()
-	chunk := make([]byte, 16<<10)
-	for sent := 0; sent < 256<<20; {
-		_ = c.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
-		n, err := c.Write(chunk)
-		sent += n
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			_ = c.SetWriteDeadline(time.Time{})
-			return
-		}
-		if err != nil {
-			t.Fatalf("write before the reset: %v", err)
-		}
-	}
-	t.Fatal("256 MiB written and no write blocked: the relay reads without bound")
 }
 
 // TestFullCloseWhileOtherSideSends: the client closes (not half-closes) while the upstream keeps sending.

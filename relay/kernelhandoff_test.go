@@ -28,15 +28,7 @@ func TestNewServerAdoptsKernelObjects(t *testing.T) {
 		{"another datapath", DatapathCopy, false, false, "this process's datapath is not sockmap"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			old, err := sockmap.Start(slog.New(slog.DiscardHandler), nil, 0) // as the old process's engine
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { old.Close() })
-			files, err := old.Export()
-			if err != nil {
-				t.Fatal(err)
-			}
+			files := oldEngineObjects(t)
 			if tc.otherBuild { // the events map where the state map belongs: another layout
 				files["socks"].Close()
 				files["socks"] = dupOf(t, files["events"])
@@ -53,6 +45,22 @@ func TestNewServerAdoptsKernelObjects(t *testing.T) {
 			}
 		})
 	}
+}
+
+// oldEngineObjects starts a kernel engine, as the old process's, closed when t ends, and returns the files
+// of the BPF objects it exports.
+func oldEngineObjects(t *testing.T) map[string]*os.File {
+	t.Helper()
+	old, err := sockmap.Start(slog.New(slog.DiscardHandler), nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { old.Close() })
+	files, err := old.Export()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
 }
 
 // dupOf returns a file of a duplicate of f's descriptor.
@@ -80,15 +88,7 @@ func TestKernelSharingEndsWithEveryReader(t *testing.T) {
 		{"a failed upgrade, then a second one that took the objects", []string{"export", "withdraw", "export", "unshare"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			old, err := sockmap.Start(slog.New(slog.DiscardHandler), nil, 0) // as the old process's engine
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { old.Close() })
-			files, err := old.Export()
-			if err != nil {
-				t.Fatal(err)
-			}
+			files := oldEngineObjects(t)
 			r := startRelay(t, DatapathSockmap, []string{"127.0.0.1:1"}, func(c *Config) { c.KernelObjects = files })
 			if !r.KernelAdopted() {
 				t.Fatal("the relay did not adopt the objects")

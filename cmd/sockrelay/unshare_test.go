@@ -19,11 +19,7 @@ func TestWaitGone(t *testing.T) {
 		_ = cmd.Wait()
 		close(exited)
 	}()
-	returned := make(chan struct{})
-	go func() {
-		waitGone(cmd.Process.Pid, slog.New(slog.DiscardHandler))
-		close(returned)
-	}()
+	returned := goWaitGone(cmd.Process.Pid)
 	select {
 	case <-returned:
 		select {
@@ -34,14 +30,20 @@ func TestWaitGone(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("waitGone did not return within 10s of the start of a process that runs 0.3s")
 	}
-	done := make(chan struct{})
-	go func() {
-		waitGone(cmd.Process.Pid, slog.New(slog.DiscardHandler))
-		close(done)
-	}()
+	done := goWaitGone(cmd.Process.Pid)
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("waitGone waited for a process that had exited")
 	}
+}
+
+// goWaitGone runs waitGone(pid) on a goroutine and returns a channel closed once it has returned.
+func goWaitGone(pid int) <-chan struct{} {
+	returned := make(chan struct{})
+	go func() {
+		waitGone(pid, slog.New(slog.DiscardHandler))
+		close(returned)
+	}()
+	return returned
 }

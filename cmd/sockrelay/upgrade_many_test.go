@@ -72,9 +72,24 @@ func (tr *upgradeTraffic) finish(t *testing.T, logs fmt.Stringer) roundTrips {
 	close(tr.stopPings)
 	tr.wg.Wait()
 	tr.up.wg.Wait()
+	checkStreams(t, tr.streams, tr.up, logs)
+	var worst roundTrips
+	for i, err := range tr.pingErrs {
+		if err != nil {
+			t.Errorf("ping-pong tunnel %d: %v", i, err)
+		}
+		worst = roundTrips{max(worst.during, tr.longest[i].during), max(worst.outside, tr.longest[i].outside)}
+	}
+	return worst
+}
+
+// checkStreams fails t for each of ends whose stream either way failed or did not arrive whole at the
+// other end; after five such tunnels it stops t, with logs.
+func checkStreams(t *testing.T, ends []*streamEnd, up *checkedUpstream, logs fmt.Stringer) {
+	t.Helper()
 	bad := 0
-	for _, e := range tr.streams {
-		at := tr.up.result(e.seed)
+	for _, e := range ends {
+		at := up.result(e.seed)
 		switch {
 		case e.res[0].err != nil || e.res[1].err != nil || at[0].err != nil || at[1].err != nil:
 			t.Errorf("tunnel %d: client sent %v, received %v; upstream received %v, sent %v", e.seed,
@@ -89,14 +104,6 @@ func (tr *upgradeTraffic) finish(t *testing.T, logs fmt.Stringer) roundTrips {
 			t.Fatalf("more tunnels failed\n%s", logs)
 		}
 	}
-	var worst roundTrips
-	for i, err := range tr.pingErrs {
-		if err != nil {
-			t.Errorf("ping-pong tunnel %d: %v", i, err)
-		}
-		worst = roundTrips{max(worst.during, tr.longest[i].during), max(worst.outside, tr.longest[i].outside)}
-	}
-	return worst
 }
 
 // rawEcho opens a tunnel through the relay at addr to the checked upstream's echo, sends a few bytes
@@ -137,32 +144,7 @@ func rawEcho(addr string) error {
 // rawHandshakes opens and ends tunnels through addr back to back, from two goroutines, until stop is
 // called; stop returns how many were tried and the errors.
 func rawHandshakes(addr string) (stop func() (int, []error)) {
-	var n atomic.Int64
-	var mu sync.Mutex
-	var errs []error
-	done, wg := make(chan struct{}), sync.WaitGroup{}
-	for range 2 {
-		wg.Go(func() {
-			for {
-				select {
-				case <-done:
-					return
-				default:
-				}
-				n.Add(1)
-				if err := rawEcho(addr); err != nil {
-					mu.Lock()
-					errs = append(errs, err)
-					mu.Unlock()
-				}
-			}
-		})
-	}
-	return func() (int, []error) {
-		close(done)
-		wg.Wait()
-		return int(n.Load()), errs
-	}
+	return tryLoop(func() error { return rawEcho(addr) })
 }
 
 // upgradeUnderTraffic is one run of TestUpgradeManyTunnels.

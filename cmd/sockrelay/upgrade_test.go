@@ -172,13 +172,32 @@ func processGone(pid int) bool {
 // handshakeLoop opens and closes WebSockets through addr back to back, from two goroutines, until stop
 // is called; stop returns how many were tried and the errors.
 func handshakeLoop(addr string) (stop func() (int, []error)) {
+	d := websocket.Dialer{HandshakeTimeout: 5 * time.Second} // safe for concurrent Dials
+	return tryLoop(func() error {
+		ws, _, err := d.Dial("ws://"+addr+"/", nil)
+		if err != nil {
+			return err
+		}
+		defer ws.Close()
+		_ = ws.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if err := ws.WriteMessage(websocket.TextMessage, []byte("x")); err != nil {
+			return err
+		}
+		_, _, err = ws.ReadMessage()
+		return err
+	})
+}
+
+// tryLoop calls try back to back from two goroutines until stop is called; stop returns how many calls
+// were made and their errors.
+func tryLoop(try func() error) (stop func() (int, []error)) {
 	var n atomic.Int64
 	var mu sync.Mutex
 	var errs []error
 	done, wg := make(chan struct{}), sync.WaitGroup{}
 	for range 2 {
 		wg.Go(func() {
-			d := websocket.Dialer{HandshakeTimeout: 5 * time.Second}
 			for {
 				select {
 				case <-done:
@@ -186,16 +205,7 @@ func handshakeLoop(addr string) (stop func() (int, []error)) {
 				default:
 				}
 				n.Add(1)
-				ws, _, err := d.Dial("ws://"+addr+"/", nil)
-				if err == nil {
-					_ = ws.SetWriteDeadline(time.Now().Add(5 * time.Second))
-					_ = ws.SetReadDeadline(time.Now().Add(5 * time.Second))
-					if err = ws.WriteMessage(websocket.TextMessage, []byte("x")); err == nil {
-						_, _, err = ws.ReadMessage()
-					}
-					ws.Close()
-				}
-				if err != nil {
+				if err := try(); err != nil {
 					mu.Lock()
 					errs = append(errs, err)
 					mu.Unlock()

@@ -26,21 +26,30 @@ import (
 // switches per round trip (getrusage over all its threads). With the peers in the same process, the goroutine
 // pumps and the peers would share one Go scheduler and the comparison would say little about a relay.
 func BenchmarkPingPong(b *testing.B) {
-	engines := []struct {
-		name  string
-		carry func(b *testing.B, a, c *net.TCPConn)
-	}{
-		{name: "eventloop", carry: carryOnLoops(b)},
-		{name: "goroutines", carry: carryWithGoroutines},
-		{name: "eventloop-splice", carry: carrySplicedOnLoops(b)},
-		{name: "goroutines-splice", carry: carrySplicingWithGoroutines},
-	}
+	engines := benchEngines(b)
 	for _, tunnels := range []int{1, 100} {
 		for _, e := range engines {
 			b.Run(fmt.Sprintf("engine=%s/tunnels=%d", e.name, tunnels), func(b *testing.B) {
 				benchPingPong(b, tunnels, e.carry)
 			})
 		}
+	}
+}
+
+// benchEngine is one of the engines the benchmarks run side by side: carry hands it a relayed pair.
+type benchEngine struct {
+	name  string
+	carry func(b *testing.B, a, c *net.TCPConn)
+}
+
+// benchEngines are the engines BenchmarkPingPong and BenchmarkBulk compare; the loops start once, on b,
+// for all of b's sub-benchmarks.
+func benchEngines(b *testing.B) []benchEngine {
+	return []benchEngine{
+		{name: "eventloop", carry: carryOnLoops(b)},
+		{name: "goroutines", carry: carryWithGoroutines},
+		{name: "eventloop-splice", carry: carrySplicedOnLoops(b)},
+		{name: "goroutines-splice", carry: carrySplicingWithGoroutines},
 	}
 }
 
@@ -193,16 +202,7 @@ func benchPingPong(b *testing.B, tunnels int, carry func(*testing.B, *net.TCPCon
 // each engine side by side in the same run: MB/s counts one direction, and relay-cpu-ns/op is the relay's CPU
 // per 64 KiB each way. The peers run in a child process, as for BenchmarkPingPong.
 func BenchmarkBulk(b *testing.B) {
-	engines := []struct {
-		name  string
-		carry func(b *testing.B, a, c *net.TCPConn)
-	}{
-		{name: "eventloop", carry: carryOnLoops(b)},
-		{name: "goroutines", carry: carryWithGoroutines},
-		{name: "eventloop-splice", carry: carrySplicedOnLoops(b)},
-		{name: "goroutines-splice", carry: carrySplicingWithGoroutines},
-	}
-	for _, e := range engines {
+	for _, e := range benchEngines(b) {
 		b.Run("engine="+e.name, func(b *testing.B) {
 			b.SetBytes(64 << 10)
 			benchWithPeer(b, 1, 64<<10, e.carry)

@@ -1,5 +1,5 @@
 // Package streamtest holds the stream the throughput benchmarks of relay and datapath/sockmap send through
-// a tunnel, and its check.
+// a tunnel, and its check, and other helpers the tests of relay and datapath share.
 package streamtest
 
 import (
