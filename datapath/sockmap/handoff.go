@@ -160,37 +160,16 @@ func (k *Engine) attach(kt *kernelTunnel, heldLimit uint64) error {
 	if err != nil {
 		return err
 	}
-	sides := []*kernelSide{&kt.client, &kt.up}
-	for i, s := range sides {
-		// Hang-up and error only, edge-triggered: each FIN, hang-up or error is reported once, and the
-		// data_ready that ends every verdict run wakes no one (docs/datapath.md, "The kernel engine owns
-		// the sockets' descriptors").
-		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
-			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
-		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
-			for _, added := range sides[:i] {
-				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
-			}
-			_ = k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie})
-			return fmt.Errorf("epoll add: %w", err)
-		}
+	if err := k.enterLoop(kt); err != nil {
+		_ = k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie})
+		return err
 	}
-	k.socks[kt.client.cookie] = &kt.client
-	k.socks[kt.up.cookie] = &kt.up
-	k.bySrc[kt.client.cookie] = &kt.dirs[0]
-	k.bySrc[kt.up.cookie] = &kt.dirs[1]
-	for _, s := range sides {
-		// Go's runtime takes the descriptor out of its epoll (EPOLL_CTL_DEL) and closes it; the socket
-		// lives on through the engine's duplicate. The pair forgets its conns (Pair.Hold), and so does
-		// the side, so that an idle tunnel keeps no closed conn alive.
-		_ = s.conn.Close()
-		s.conn = nil
-	}
+	kt.forgetConns()
 	// Bytes that arrived between the last userspace read and the insertion sit in the receive queue, and
 	// the verdict runs only on data_ready. Setting SO_RCVLOWAT makes TCP call data_ready (tcp_set_rcvlowat),
 	// which runs the verdict over them now instead of when the sender next speaks (docs/datapath.md,
 	// "How a tunnel enters the kernel").
-	for _, s := range sides {
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
 	}
 	return nil
@@ -279,4 +258,37 @@ func drainQueued(d *datapath.Direction, srcFD int) error {
 		}
 	}
 	return errSourceBusy
+}
+
+// enterLoop registers kt's sockets with the loop's epoll and puts kt in its tables: the twin of leaveLoop.
+// Hang-up and error only, edge-triggered: each FIN, hang-up or error is reported once, and the data_ready
+// that ends every verdict run wakes no one (docs/datapath.md, "The kernel engine owns the sockets'
+// descriptors"). On error nothing is left in the epoll. The caller holds k.mu.
+func (k *Engine) enterLoop(kt *kernelTunnel) error {
+	sides := []*kernelSide{&kt.client, &kt.up}
+	for i, s := range sides {
+		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
+			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
+		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
+			for _, added := range sides[:i] {
+				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
+			}
+			return fmt.Errorf("epoll add: %w", err)
+		}
+	}
+	k.socks[kt.client.cookie] = &kt.client
+	k.socks[kt.up.cookie] = &kt.up
+	k.bySrc[kt.client.cookie] = &kt.dirs[0]
+	k.bySrc[kt.up.cookie] = &kt.dirs[1]
+	return nil
+}
+
+// forgetConns closes kt's conns once its sockets are the engine's: Go's runtime takes each descriptor out of
+// its epoll (EPOLL_CTL_DEL) and closes it, and the socket lives on through the engine's duplicate. The pair
+// forgets its conns (Pair.Hold), and so does each side, so that an idle tunnel keeps no closed conn alive.
+func (kt *kernelTunnel) forgetConns() {
+	for _, s := range []*kernelSide{&kt.client, &kt.up} {
+		_ = s.conn.Close()
+		s.conn = nil
+	}
 }

@@ -413,21 +413,9 @@ func (k *Engine) rejoin(kt *kernelTunnel, held [2][]byte) error {
 		return errTunnelEnded
 	}
 	kt.releaseVerdictHold()
-	sides := []*kernelSide{&kt.client, &kt.up}
-	for i, s := range sides {
-		ev := unix.EpollEvent{Events: unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR | unix.EPOLLET,
-			Fd: int32(s.cookie), Pad: int32(s.cookie >> 32)}
-		if err := unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, s.fd, &ev); err != nil {
-			for _, added := range sides[:i] {
-				_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, added.fd, nil)
-			}
-			return fmt.Errorf("epoll add: %w", err)
-		}
+	if err := k.enterLoop(kt); err != nil {
+		return err
 	}
-	k.socks[kt.client.cookie] = &kt.client
-	k.socks[kt.up.cookie] = &kt.up
-	k.bySrc[kt.client.cookie] = &kt.dirs[0]
-	k.bySrc[kt.up.cookie] = &kt.dirs[1]
 	kt.stopping = false
 	now := time.Now()
 	for i := range kt.dirs {
