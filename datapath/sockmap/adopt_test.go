@@ -353,14 +353,7 @@ func TestSharedSweepsUntilEveryReaderStops(t *testing.T) {
 			data := stream(41, size)
 			wrote := make(chan error, 1)
 			go sendStream(u, data, wrote)
-			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-				if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatal("the direction was not demoted within 10s while the client did not read")
-				}
-			}
+			waitDemoted(t, k, d)
 			if tc.unshareAfterDem {
 				time.Sleep(3 * sharedSweep)
 				k.mu.Lock()
@@ -462,14 +455,7 @@ func TestDemotionsCountedByTheirEngine(t *testing.T) {
 	data := stream(43, size)
 	wrote := make(chan error, 1)
 	go sendStream(u, data, wrote)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the direction was not demoted within 10s while the client did not read")
-		}
-	}
+	waitDemoted(t, k, d)
 	if diff, err := readStream(c, data, 30*time.Second); err != nil || diff != "" {
 		t.Fatalf("stream to the client: %v %s", err, diff)
 	}

@@ -137,14 +137,7 @@ func TestBackpressureLostEvents(t *testing.T) {
 	data := stream(40, size)
 	wrote := make(chan error, 1)
 	go sendStream(u, data, wrote)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the direction was not demoted within 10s while the client did not read")
-		}
-	}
+	waitDemoted(t, k, d)
 	// The demotion's event was dropped, not acted on: only the loop's check for lost events can find the
 	// direction now (every second, from the count of events lost; every drop counts, and a resume
 	// followed by another demotion is found the same way).

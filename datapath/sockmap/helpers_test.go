@@ -167,3 +167,16 @@ func moveRetrying(p *datapath.Pair, to datapath.Engine) (refused int, err error)
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// waitDemoted waits until the verdict has demoted d (its reader did not read), failing the test after 10 s.
+func waitDemoted(t *testing.T, k *Engine, d *kernelDir) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the direction was not demoted within 10s while its reader did not read")
+		}
+	}
+}

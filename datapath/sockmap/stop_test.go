@@ -540,14 +540,7 @@ func TestMoveSockmapHalfClosedDemoted(t *testing.T) {
 	wrote := make(chan error, 1)
 	go sendStream(up, toClient, wrote)
 	d := kernelDirOf(t, k, false)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if st, err := k.maps.Stats(d.src.cookie); err == nil && st.Demoted {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the upstream → client direction was not demoted within 10s while the client did not read")
-		}
-	}
+	waitDemoted(t, k, d)
 	if err := datapath.Move(p, datapath.Copier{}); !errors.Is(err, ErrBusy) {
 		t.Errorf("moving the half-closed pair with its other direction demoted returned %v, want ErrBusy", err)
 	}
