@@ -238,7 +238,8 @@ func (l *loop) runCommands() (stop bool) {
 // closed, so that a failure (ENOSPC at fs.epoll.max_user_watches, ENOMEM: the relay's, not a peer's) leaves the
 // connections to the caller. On error nothing stays in the set.
 //
-// Edge-triggered (EPOLLET): each descriptor is added once with EPOLLIN|EPOLLOUT|EPOLLRDHUP and never modified.
+// Edge-triggered (EPOLLET): each descriptor is added once with EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLPRI and never
+// modified.
 // The tunnel keeps its own readable/writable flags, set by an edge and cleared by EAGAIN, so stopping a source
 // for backpressure is not reading it, and resuming is reading it again when the destination's EPOLLOUT edge
 // comes: no epoll_ctl per stall and resume, as level-triggered interest would need to avoid busy wakeups.
@@ -260,7 +261,8 @@ func (l *loop) watch(fds [2]int) error {
 }
 
 // tunnelEvents is the interest of a tunnel's descriptors (watch).
-const tunnelEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+// EPOLLPRI tells a spliced source that urgent data arrived, whose mark stops a splice (atUrgentMark).
+const tunnelEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLPRI | unix.EPOLLET
 
 // add takes t, whose descriptors watch added, and makes its first pass, which sends the peeked bytes.
 func (l *loop) add(t *tunnel) {

@@ -18,6 +18,9 @@ type socket struct {
 	readable bool  // an EPOLLIN/RDHUP/HUP/ERR edge came and no read has since returned EAGAIN
 	writable bool  // as readable, for EPOLLOUT and writes
 	hup      bool  // an EPOLLRDHUP/HUP/ERR was seen: the socket must be read to EAGAIN, EOF or error
+	// urgent: an EPOLLPRI edge came (urgent data, MSG_OOB, arrived), so an empty splice may have stopped at
+	// its mark (atUrgentMark); cleared once a splice came back empty away from a mark.
+	urgent bool
 }
 
 // direction moves bytes from one socket to the other. Direction 0 is a→b, 1 is b→a.
@@ -97,6 +100,9 @@ func (t *tunnel) ready(fd int32, events uint32) {
 	}
 	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		s.writable = true
+	}
+	if events&unix.EPOLLPRI != 0 {
+		s.urgent = true
 	}
 	if !t.queued {
 		t.pump()
@@ -263,9 +269,12 @@ func (t *tunnel) sendPipe(d *direction, dst *socket) (sent, ok bool) {
 // reads them through a buffer instead (src is left readable and the pipe given back).
 func (t *tunnel) spliceIn(d *direction, src *socket) (ok, atMark bool) {
 	n, err := spliceIn(int(src.fd), d.pipe)
+	if empty := err == unix.EAGAIN || err == nil && n == 0; empty && src.urgent {
+		atMark = atUrgentMark(int(src.fd))
+		src.urgent = atMark // urgent data arrives whole: away from its mark, the mark is behind the reads
+	}
 	switch {
-	case (err == unix.EAGAIN || err == nil && n == 0) && atUrgentMark(int(src.fd)):
-		atMark = true
+	case atMark:
 	case err == unix.EAGAIN:
 		src.readable = false
 	case err != nil:
@@ -292,7 +301,8 @@ func (t *tunnel) spliceIn(d *direction, src *socket) (ok, atMark bool) {
 // atUrgentMark reports whether fd, whose splice has just moved nothing, stopped at an urgent mark (MSG_OOB).
 // A TCP splice stops there, returning EAGAIN (or 0 once the FIN is in) with the bytes behind the mark queued,
 // and SIOCINQ counts none of them; a read skips the urgent byte (SO_OOBINLINE is off) and goes on. It costs
-// an ioctl only where a splice came back empty.
+// an ioctl only where a splice came back empty after urgent data arrived (an EPOLLPRI edge: socket.urgent),
+// not at the end of every message.
 func atUrgentMark(fd int) bool {
 	n, err := unix.IoctlGetInt(fd, unix.SIOCATMARK)
 	return err == nil && n != 0
