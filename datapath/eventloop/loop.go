@@ -14,9 +14,15 @@ import (
 // serves many of them, which is where the loop saves the scheduler hop per message.
 const maxEvents = 256
 
-// passReads bounds the reads one direction makes in a pass before the loop turns to other tunnels, so a bulk
-// tunnel cannot starve the rest; a direction stopped this way is queued to run again before the next wait.
-const passReads = 16
+// passBytes and passReads bound what one direction reads in a pass before the loop turns to other tunnels,
+// so a bulk tunnel cannot hold up the rest: once a direction has read passBytes, or made passReads reads, it
+// is queued (loop.again) and runs again after the next wait's events. A chatty message waits on the loop for
+// about one budget of each bulk direction sharing it: measured with two bulk streams on one loop, a budget of
+// 16 reads of 64 KiB made a pass 2–3 ms; one of 64 KiB makes it about a tenth of that.
+const (
+	passBytes = 64 << 10
+	passReads = 16
+)
 
 // epollCtl is unix.EpollCtl, replaced by tests to inject a failure of EPOLL_CTL_ADD.
 var epollCtl = unix.EpollCtl
@@ -74,7 +80,7 @@ type loop struct {
 
 	byFD  map[int32]*tunnel
 	free  []*[]byte // drained buffers kept for reuse; the loop is single-threaded, so no sync.Pool is needed
-	again []*tunnel // tunnels that stopped a pass with work left (passReads), run before the next wait
+	again []*tunnel // tunnels that stopped a pass with work left (passBytes), run in the next pass
 	now   int64     // the loop's clock, read once per wakeup, in Unix nanoseconds
 	// lastYield is when the loop last passed through Go's scheduler (yield), to its clock.
 	lastYield int64
@@ -127,7 +133,7 @@ func (l *loop) send(c command) bool {
 	return true
 }
 
-// run is the loop's thread: wait, handle every ready descriptor, run commands, repeat until cmdStop.
+// run is the loop's thread: run passes until cmdStop.
 func (l *loop) run() {
 	// The tunnels' state is touched by this goroutine only. It is not locked to its OS thread: yield (below)
 	// then costs a trip through the run queue, where a locked goroutine would hand its P and thread to
@@ -135,39 +141,53 @@ func (l *loop) run() {
 	defer close(l.stopped)
 	events := make([]unix.EpollEvent, maxEvents)
 	for {
-		timeout := -1
-		if len(l.again) > 0 {
-			timeout = 0
-		}
-		l.yield()
-		n, err := unix.EpollWait(l.epfd, events, timeout)
-		if err != nil {
-			if err == unix.EINTR {
-				continue
-			}
-			// epoll_wait fails otherwise only on a bad epfd or events buffer: a bug, not a peer's doing.
-			panic(fmt.Sprintf("eventloop: epoll_wait: %v", err))
-		}
-		l.now = time.Now().UnixNano()
-		l.wakeups.Add(1)
-		l.events.Add(int64(n))
-		l.runAgain()
-		commands := false
-		for _, ev := range events[:n] {
-			if ev.Fd == int32(l.wakefd) {
-				commands = true
-				continue
-			}
-			if t := l.byFD[ev.Fd]; t != nil {
-				t.ready(ev.Fd, ev.Events)
-			}
-		}
-		// Commands run after the batch, so no event left in it can name a descriptor a command reused.
-		if commands && l.runCommands() {
+		if l.pass(events) {
 			l.stop()
 			return
 		}
 	}
+}
+
+// pass waits for readiness (not at all while tunnels wait in again), handles every ready descriptor, then
+// gives the tunnels in again the pass they were promised, then runs the commands; it reports whether one was
+// cmdStop.
+//
+// The tunnels that stopped the last pass early (a bulk direction that spent its passBytes) run after this
+// wait's events, not before: a chatty tunnel's message that arrived meanwhile is carried ahead of them, so it
+// waits behind at most one budget of each bulk direction, not two. Tunnels that spend their budget in this
+// pass go to the next one.
+func (l *loop) pass(events []unix.EpollEvent) (stop bool) {
+	timeout := -1
+	if len(l.again) > 0 {
+		timeout = 0
+	}
+	l.yield()
+	n, err := unix.EpollWait(l.epfd, events, timeout)
+	if err != nil {
+		if err == unix.EINTR {
+			return false
+		}
+		// epoll_wait fails otherwise only on a bad epfd or events buffer: a bug, not a peer's doing.
+		panic(fmt.Sprintf("eventloop: epoll_wait: %v", err))
+	}
+	l.now = time.Now().UnixNano()
+	l.wakeups.Add(1)
+	l.events.Add(int64(n))
+	again := l.again
+	l.again = nil
+	commands := false
+	for _, ev := range events[:n] {
+		if ev.Fd == int32(l.wakefd) {
+			commands = true
+			continue
+		}
+		if t := l.byFD[ev.Fd]; t != nil {
+			t.ready(ev.Fd, ev.Events)
+		}
+	}
+	l.runAgain(again)
+	// Commands run after the batch, so no event left in it can name a descriptor a command reused.
+	return commands && l.runCommands()
 }
 
 // yieldEvery is how often a busy loop gives way in Go's scheduler (yield): under the scheduler's 10 ms, after
@@ -188,10 +208,10 @@ func (l *loop) yield() {
 	runtime.Gosched()
 }
 
-// runAgain gives the tunnels that stopped their last pass early another pass.
-func (l *loop) runAgain() {
-	again := l.again
-	l.again = nil
+// runAgain gives the tunnels that stopped their last pass early (again, taken before this pass's events)
+// another pass. A tunnel an event of this pass already found queued was not pumped for it (ready): it runs
+// here once.
+func (l *loop) runAgain(again []*tunnel) {
 	for _, t := range again {
 		t.queued = false
 		if !t.ended {

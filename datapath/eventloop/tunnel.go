@@ -125,7 +125,7 @@ func (t *tunnel) pump() {
 // carry the FIN once everything before it is sent. It reports false when the tunnel ended.
 func (t *tunnel) move(d *direction) bool {
 	src, dst := &t.ends[d.src], &t.ends[d.dst]
-	for reads := 0; ; {
+	for reads, taken := 0, 0; ; {
 		if len(d.out) > 0 {
 			if !dst.writable {
 				return true // dst's EPOLLOUT edge resumes this direction; src is not read meanwhile
@@ -172,7 +172,7 @@ func (t *tunnel) move(d *direction) bool {
 		if !src.readable {
 			return true
 		}
-		if reads == passReads {
+		if reads == passReads || taken >= passBytes {
 			t.runAgainLater()
 			return true
 		}
@@ -184,6 +184,9 @@ func (t *tunnel) move(d *direction) bool {
 					return false
 				}
 				if !atMark {
+					if d.pipe != nil {
+						taken += int(d.pipe.held)
+					}
 					continue
 				}
 				// Stopped at an urgent mark: this read goes through a buffer, which passes the mark.
@@ -220,6 +223,7 @@ func (t *tunnel) move(d *direction) bool {
 			continue
 		}
 		d.out = (*d.buf)[:n]
+		taken += n
 		t.unsent.Add(int64(n))
 		t.reads.Add(1 << (32 * d.src))
 		// A short read took all the socket held: the read that would return EAGAIN is skipped (a message
