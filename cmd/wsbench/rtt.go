@@ -209,7 +209,9 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 	})
 	defer stop()
 	for n := 0; ctx.Err() == nil; n++ {
-		if tick != nil {
+		// The first message goes at the random point itself, not a period later: a short round (rtt -direct)
+		// would otherwise spend its first period without load.
+		if tick != nil && n > 0 {
 			select {
 			case <-ctx.Done():
 				return out, nil

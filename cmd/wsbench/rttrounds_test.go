@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"slices"
 	"testing"
 	"time"
@@ -103,5 +104,23 @@ func TestParseRTTRounds(t *testing.T) {
 				t.Errorf("direct %q, rounds %d; want %q, %d", w.direct, w.rounds, tc.wantDirect, tc.wantRounds)
 			}
 		})
+	}
+}
+
+// TestRateSendsFromTheFirstPeriod: at a fixed rate, each tunnel sends its first message at a random point
+// of its first period, not a period later; at 1 message a second for 1 s, that is one round trip a tunnel,
+// where a first send a period late would make none.
+func TestRateSendsFromTheFirstPeriod(t *testing.T) {
+	w, _, err := parseRTT([]string{"-url", echoServer(t), "-tunnels", "8", "-rate", "1", "-duration", "1s"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := w.run(t.Context(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A round trip sent in the last moments can be cut by the end of the run: about one a tunnel, at least 4.
+	if n := res.(*rttResult).RTT.Count; n < 4 || n > 8 {
+		t.Errorf("%d round trips from 8 tunnels at 1/s for 1s; want about 8", n)
 	}
 }
