@@ -25,16 +25,17 @@ cd "$(dirname "$0")/.."
 mode=${1:-quick}
 case "$mode" in
 # rtt_rounds pairs of rounds of rtt1_round (one tunnel) and rtt1000_round (1000 tunnels) each side, after a
-# warm-up of rtt1_warmup and rtt1000_warmup each side. bulk_warmup and cpu_warmup run the target's load
+# warm-up of rtt1_warmup and rtt1000_warmup each side: many short pairs, so that the two rounds of a pair
+# are close in time and a burst of other work on the machine spoils few pairs, which the median leaves out. bulk_warmup and cpu_warmup run the target's load
 # unmeasured first, so that a per-tunnel policy (--datapath auto: a sample of a tunnel's traffic a second,
 # and no move before the tunnel is MinDwell, 5 s, old) gets to act before the count.
 quick)
 	duration=2s bulk_duration=2s cpu_duration=1s cpu_rounds=3 idle_tunnels=3000
-	rtt_rounds=5 rtt1_round=300ms rtt1_warmup=500ms rtt1000_round=1s rtt1000_warmup=1s bulk_warmup=3s cpu_warmup=3s
+	rtt_rounds=10 rtt1_round=200ms rtt1_warmup=500ms rtt1000_round=500ms rtt1000_warmup=1s bulk_warmup=3s cpu_warmup=3s
 	;;
 full)
 	duration=20s bulk_duration=10s cpu_duration=5s cpu_rounds=5 idle_tunnels=9000
-	rtt_rounds=5 rtt1_round=2s rtt1_warmup=500ms rtt1000_round=4s rtt1000_warmup=1s bulk_warmup=6s cpu_warmup=6s
+	rtt_rounds=10 rtt1_round=1s rtt1_warmup=500ms rtt1000_round=2s rtt1000_warmup=1s bulk_warmup=6s cpu_warmup=6s
 	;;
 smoke)
 	duration=1s bulk_duration=1s cpu_duration=1s cpu_rounds=2 idle_tunnels=200

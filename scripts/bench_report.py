@@ -247,6 +247,7 @@ def main():
         "| 1000 tunnels p50 / p99 µs (direct's) | round trips/s at 1000 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    swing = direct_swing(r, relays)
     for t in targets:
         if t == "direct":
             raw = [f"{direct_range(r, relays, w, 'p50')} / {direct_range(r, relays, w, 'p99')}" for w, _ in RTT]
@@ -257,6 +258,10 @@ def main():
                f"({us(r[t][w]['direct_rtt']['p50_ns'])} / {us(r[t][w]['direct_rtt']['p99_ns'])})" for w, _ in RTT]
         lines.append(f"| {t} | " + " | ".join(cells) + f" | {ratio(p99[t], best_peer['p99'])} | {raw[0]} | {raw[1]} "
                      f"| {r[t]['rtt1000']['round_trips_per_second']:.0f} |")
+    if swing:
+        lines += ["", f"Direct's own p99 at 1000 tunnels moved {swing[0]:.1f}× between its quickest and slowest round "
+                  f"({us(swing[1])}–{us(swing[2])} µs over {swing[3]} rounds): a ratio's min–max says how much of that "
+                  "a pair of rounds did not cancel, and a gap between targets inside those ranges is noise."]
 
     lines += ["", "## Memory per idle tunnel", "",
               "Tunnels held open without traffic. Per tunnel is the growth over the second half of them, since "
@@ -396,6 +401,14 @@ def main():
     svg_bars(os.path.join(outdir, "handshakes.svg"), "New tunnels per second", "tunnels/s", hs, "higher")
     svg_bars(os.path.join(outdir, "cpu.svg"), "CPU the relay adds per message (median)", "µs of CPU per round trip",
              {t: cpu_med[t] for t in relays}, "lower")
+
+
+def direct_swing(r, relays):
+    """Direct's p99 at 1000 tunnels over every round of the relays' runs: (max ÷ min, min, max, rounds), or
+    None without rounds."""
+    vs = [d["rtt"]["p99_ns"] for t in relays if r[t]["rtt1000"] for d in r[t]["rtt1000"]["direct_rounds"]
+          if d["rtt"]["count"]]
+    return (max(vs) / min(vs), min(vs), max(vs), len(vs)) if vs and min(vs) > 0 else None
 
 
 def rtt_rounds(r, relays):
