@@ -31,7 +31,7 @@ case "$mode" in
 # and no move before the tunnel is MinDwell, 5 s, old) gets to act before the count.
 quick)
 	duration=2s bulk_duration=2s cpu_duration=1s cpu_rounds=3 idle_tunnels=3000
-	rtt_rounds=10 rtt1_round=200ms rtt1_warmup=500ms rtt1000_round=500ms rtt1000_warmup=1s bulk_warmup=3s cpu_warmup=3s
+	rtt_rounds=10 rtt1_round=150ms rtt1_warmup=500ms rtt1000_round=500ms rtt1000_warmup=1s bulk_warmup=3s cpu_warmup=3s
 	;;
 full)
 	duration=20s bulk_duration=10s cpu_duration=5s cpu_rounds=5 idle_tunnels=9000
