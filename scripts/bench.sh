@@ -5,15 +5,16 @@
 # default a new temporary folder, printed at the end, so the work tree stays clean; make bench-update passes
 # docs/bench.
 #
-#   scripts/bench.sh [quick|full|smoke] [OUTDIR]     quick (default) takes about 4 minutes on 2 cores
+#   scripts/bench.sh [quick|full|smoke] [OUTDIR]     quick (default) takes about 6 minutes on 2 cores
 #
 # smoke runs every workload for a second or so, to check this script and the report, not to measure;
 # BENCH_TARGETS="direct sockrelay-copy nginx" runs only those targets (direct must be among them).
 #
 # Workloads: idle (memory per idle tunnel), rtt (32-byte round trips: one tunnel in a closed loop, 1000
-# tunnels at 10 messages/s each), bulk (one
+# tunnels at 10 messages/s each, alternating with the same load sent directly, D,T,T,D,D,T,..., each
+# percentile given as the median of target ÷ direct over the pairs of rounds), bulk (one
 # stream of whole 64 KiB frames and one of 1 KiB frames, each one way into a sink and both ways through an
-# echo, with the relay's demotions, resumes and fallbacks during each), handshakes (new tunnels per second)
+# echo, after an unmeasured warm-up, with the relay's demotions, resumes and fallbacks during each), handshakes (new tunnels per second)
 # and cpu (whole-machine CPU per message at 10 000 messages/s, alternating with the same load sent directly,
 # D,T,D,T,D,T, with the counts that say why) and mixed (the idle tunnels, 100 chatty ones and two bulk
 # streams at once). bench_report.py checks that direct bounds every relay and
@@ -23,9 +24,23 @@ cd "$(dirname "$0")/.."
 
 mode=${1:-quick}
 case "$mode" in
-quick) duration=2s bulk_duration=2s cpu_duration=1s cpu_rounds=3 idle_tunnels=3000 ;;
-full) duration=20s bulk_duration=10s cpu_duration=5s cpu_rounds=5 idle_tunnels=9000 ;;
-smoke) duration=1s bulk_duration=1s cpu_duration=1s cpu_rounds=2 idle_tunnels=200 ;;
+# rtt_rounds pairs of rounds of rtt1_round (one tunnel) and rtt1000_round (1000 tunnels) each side, after a
+# warm-up of rtt1_warmup and rtt1000_warmup each side: many short pairs, so that the two rounds of a pair
+# are close in time and a burst of other work on the machine spoils few pairs, which the median leaves out. bulk_warmup and cpu_warmup run the target's load
+# unmeasured first, so that a per-tunnel policy (--datapath auto: a sample of a tunnel's traffic a second,
+# and no move before the tunnel is MinDwell, 5 s, old) gets to act before the count.
+quick)
+	duration=2s bulk_duration=2s cpu_duration=1s cpu_rounds=3 idle_tunnels=3000
+	rtt_rounds=10 rtt1_round=150ms rtt1_warmup=500ms rtt1000_round=500ms rtt1000_warmup=1s bulk_warmup=3s cpu_warmup=3s
+	;;
+full)
+	duration=20s bulk_duration=10s cpu_duration=5s cpu_rounds=5 idle_tunnels=9000
+	rtt_rounds=10 rtt1_round=1s rtt1_warmup=500ms rtt1000_round=2s rtt1000_warmup=1s bulk_warmup=6s cpu_warmup=6s
+	;;
+smoke)
+	duration=1s bulk_duration=1s cpu_duration=1s cpu_rounds=2 idle_tunnels=200
+	rtt_rounds=2 rtt1_round=200ms rtt1_warmup=100ms rtt1000_round=300ms rtt1000_warmup=200ms bulk_warmup=500ms cpu_warmup=500ms
+	;;
 *)
 	echo "usage: scripts/bench.sh [quick|full|smoke] [OUTDIR]" >&2
 	exit 2
@@ -197,11 +212,11 @@ may_fail() {
 	fi
 }
 
-# bulk NAME SIZE MODE PATH streams one tunnel of SIZE-byte frames for bulk_duration, and keeps how the
-# relay's datapath counters grew meanwhile.
+# bulk NAME SIZE MODE PATH streams one tunnel of SIZE-byte frames for bulk_warmup, unmeasured, then
+# bulk_duration, and keeps how the relay's datapath counters grew over both.
 bulk() {
 	metrics >"$work/before.txt"
-	may_fail "$1" throughput -url "${target_url}$4" -size "$2" -mode "$3" -duration "$bulk_duration"
+	may_fail "$1" throughput -url "${target_url}$4" -size "$2" -mode "$3" -warmup "$bulk_warmup" -duration "$bulk_duration"
 	if [ -s "$work/before.txt" ]; then
 		metrics >"$work/after.txt"
 		relay_counts "$work/before.txt" "$work/after.txt" >"$out/json/$t-$1-relay.json"
@@ -237,21 +252,29 @@ for t in "${targets[@]}"; do
 	fi
 	bin/wsbench idle -url "$target_url" -tunnels "$n" "${idle_pid_flag[@]}" -settle 2s \
 		-json "$out/json/$t-idle.json" >&2
-	bin/wsbench rtt "${awake[@]}" -url "$target_url" -tunnels 1 -warmup 500ms -duration "$duration" -json "$out/json/$t-rtt1.json" >&2
-	# 1000 busy tunnels at a fixed rate, 10 messages/s each: below every target's capacity, so p99 is
-	# latency, not queueing behind a closed loop's backlog (where a slower target sends fewer messages).
-	bin/wsbench rtt "${awake[@]}" -url "$target_url" -tunnels 1000 -rate 10 -warmup 1s -duration "$duration" -json "$out/json/$t-rtt1000.json" >&2
+	# Round trips alternate with the same load sent directly, on tunnels each side keeps open, D,T,T,D,...:
+	# measured target by target, a slow minute of the shared machine landed on one target, and its ratio
+	# to the best peer swung from 0.76× to 1.46× between runs. Direct's figures come from these rounds.
+	if [ "$t" != direct ]; then
+		bin/wsbench rtt "${awake[@]}" -url "$target_url" -direct "ws://$upstream/" -rounds "$rtt_rounds" -tunnels 1 \
+			-warmup "$rtt1_warmup" -duration "$rtt1_round" -json "$out/json/$t-rtt1.json" >&2
+		# 1000 busy tunnels at a fixed rate, 10 messages/s each: below every target's capacity, so p99 is
+		# latency, not queueing behind a closed loop's backlog (where a slower target sends fewer messages).
+		bin/wsbench rtt "${awake[@]}" -url "$target_url" -direct "ws://$upstream/" -rounds "$rtt_rounds" -tunnels 1000 \
+			-rate 10 -warmup "$rtt1000_warmup" -duration "$rtt1000_round" -json "$out/json/$t-rtt1000.json" >&2
+	fi
 	bulk bulk64k-sink 65536 sink sink
 	bulk bulk64k-echo 65536 echo bulk
 	bulk bulk1k-sink 1024 sink sink
 	bulk bulk1k-echo 1024 echo bulk
 	bin/wsbench handshakes -url "$target_url" -duration "$duration" -json "$out/json/$t-handshakes.json" >&2
-	# The direct baseline alternates with the target, D,T,D,T,D,T, so both see the same machine state.
+	# The direct baseline alternates with the target, D,T,D,T,D,T, so both see the same machine state;
+	# the target's load runs cpu_warmup first, unmeasured.
 	if [ "$t" != direct ]; then
 		cpu_pid_flag=()
 		[ -n "$target_pids" ] && cpu_pid_flag=(-pid "$target_pids")
 		bin/wsbench cpu -url "$target_url" -direct "ws://$upstream/" "${cpu_pid_flag[@]}" -rounds "$cpu_rounds" \
-			-tunnels 100 -rate 10000 -duration "$cpu_duration" -json "$out/json/$t-cpu.json" >&2
+			-tunnels 100 -rate 10000 -warmup "$cpu_warmup" -duration "$cpu_duration" -json "$out/json/$t-cpu.json" >&2
 	fi
 	# An edge node's mix at once: the idle tunnels again, 100 chatty ones at 10 messages/s each and two bulk
 	# streams of whole 64 KiB frames.

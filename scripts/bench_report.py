@@ -18,6 +18,9 @@ BULK = (("bulk64k-sink", "64 KiB frames, one way"), ("bulk64k-echo", "64 KiB fra
         ("bulk1k-sink", "1 KiB frames, one way"), ("bulk1k-echo", "1 KiB frames, both ways"))
 PEERS = ("nginx", "haproxy")
 AUTO = "sockrelay-auto"
+RTT = (("rtt1", "1 tunnel"), ("rtt1000", "1000 tunnels"))
+# Direct is the baseline every round-trip ratio divides by: it has no ratio of its own to measure.
+BASELINE = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 0}
 
 
 def load(outdir, target, name, optional=False):
@@ -95,6 +98,18 @@ def ratio(a, b):
     return f"{a / b:.2f}×" if a is not None and b else "–"
 
 
+def ratio_spread(s):
+    """Formats a ratio's spread from wsbench rtt -direct as "median× (min–max)"."""
+    return f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f})"
+
+
+def direct_range(r, relays, w, q):
+    """Direct's own percentile q in workload w over the relays' runs, as "min–max" µs: how much the
+    baseline itself moved during the run."""
+    vs = [r[t][w]["direct_rtt"][f"{q}_ns"] for t in relays if r[t][w]]
+    return f"{us(min(vs))}–{us(max(vs))}" if vs else "–"
+
+
 def color(target):
     if target == "direct":
         return "#9e9e9e"
@@ -128,7 +143,10 @@ def svg_bars(path, title, unit, values, better):
 
 def main():
     outdir, mode, targets = sys.argv[1], sys.argv[2], sys.argv[3:]
-    r = {t: {n: load(outdir, t, n) for n in WORKLOADS} for t in targets}
+    # Round trips run against each relay with direct alternating (wsbench rtt -direct): direct has none of
+    # its own.
+    r = {t: {n: load(outdir, t, n, optional=t == "direct" and n.startswith("rtt")) for n in WORKLOADS}
+         for t in targets}
     for t in targets:
         r[t]["cpu"] = load(outdir, t, "cpu", optional=True)
         for b, _ in BULK:
@@ -136,17 +154,22 @@ def main():
     peers = [t for t in PEERS if t in r]
     relays = [t for t in targets if t != "direct"]
 
-    p50_1 = {t: r[t]["rtt1"]["rtt"]["p50_ns"] for t in targets}
+    # Each round-trip figure is the target's percentile over direct's in the same pair of rounds, median over
+    # the pairs (wsbench rtt -direct); direct is 1 by definition. Comparisons between targets divide these
+    # ratios, so a minute when the whole machine was slower, which slows direct as much, cancels out.
+    rtt_ratio = {(t, w, q): (BASELINE if t == "direct" else r[t][w][f"{q}_ratio"])
+                 for t in targets for w, _ in RTT for q in ("p50", "p99")}
+    p50_1 = {t: rtt_ratio[t, "rtt1", "p50"]["median"] for t in targets}
     # wsbench rtt -cpus-awake: the CPUs were held out of deep idle states (PM QoS, 0 µs) while round trips
     # were measured, so an idle CPU's wake-up (an exit to the host on a VM) does not swamp the relay's cost.
-    if all(r[t][w].get("cpus_awake") for t in targets for w in ("rtt1", "rtt1000")):
+    if all(r[t][w].get("cpus_awake") for t in relays for w, _ in RTT):
         awake_note = ("Every CPU was held out of deep idle states while round trips were measured "
                       "(`wsbench rtt -cpus-awake`, 0 µs on /dev/cpu_dma_latency), so they measure the software "
                       "on the path, not how long an idle CPU takes to wake.")
     else:
         awake_note = ("The CPUs were left to their own idle states (no /dev/cpu_dma_latency to write), so a "
                       "round trip includes waking idle CPUs, which can favour a busier path.")
-    p99 = {t: r[t]["rtt1000"]["rtt"]["p99_ns"] for t in targets}
+    p99 = {t: rtt_ratio[t, "rtt1000", "p99"]["median"] for t in targets}
     mem = {t: (r[t]["idle"]["relay_rss_per_tunnel_bytes"] if t != "direct" else None) for t in targets}
     # A bulk row a target cut holds {"failed": why} instead of figures (scripts/bench.sh).
     gbps = {b: {t: r[t][b].get("gbit_per_second") for t in targets} for b, _ in BULK}
@@ -168,10 +191,12 @@ def main():
     rows = [{"name": f"bulk, {label}, Gbit/s", "better": "higher",
              "values": {t: v for t, v in gbps[b].items() if v is not None}} for b, label in BULK]
     rows.append({"name": "handshakes/s", "better": "higher", "values": hs})
-    for w, label in (("rtt1", "1 tunnel"), ("rtt1000", "1000 tunnels")):
+    # Round trips: each relay's ratio to direct in alternated rounds (median over the pairs) against direct's
+    # 1: a relay whose percentile came out below direct's in most pairs invalidates the run.
+    for w, label in RTT:
         for q in ("p50", "p99"):
-            rows.append({"name": f"round trip {q} at {label}, µs", "better": "lower",
-                         "values": {t: r[t][w]["rtt"][f"{q}_ns"] / 1000 for t in targets}})
+            rows.append({"name": f"round trip {q} at {label}, ÷ direct's in the same rounds", "better": "lower",
+                         "values": {t: rtt_ratio[t, w, q]["median"] for t in targets}})
     # Handshakes run in a closed loop that saturates the machine: their p50 follows the rate (8 workers over
     # handshakes/s), their tail is the scheduler's, so only p50 is a latency direct must bound.
     rows.append({"name": "handshake latency p50, µs", "better": "lower",
@@ -204,17 +229,39 @@ def main():
         "each sending 10 a second (10 000 a second in all, below every target's capacity, so p99 is latency, "
         "not queueing). " + awake_note,
         "",
-        "![p99 round trip at 1000 tunnels](rtt1000.svg)",
+        "**How the ratios are formed.** Each relay is measured in the same run of the load generator as the "
+        "upstream reached directly: both keep their tunnels open, each warms up once, then "
+        f"{rtt_rounds(r, relays)} pairs of rounds alternate, direct first in one pair and the relay first in the "
+        "next (D,T,T,D,...). In each pair the relay's p50 (p99) is divided by direct's p50 (p99); a figure "
+        "below is the median of those ratios over the pairs, with their min–max. So a moment when the whole "
+        "machine was slower slows both sides of a pair alike and leaves the ratio, where one relay measured "
+        "alone would simply look slower. \"vs best peer\" divides the relay's median ratio by the best peer's. "
+        "The µs columns are every round trip of the relay's rounds pooled (direct's, from the same rounds, in "
+        "brackets); direct's row gives the range of its own figures over the relays' runs: how far the machine "
+        "itself moved.",
         "",
-        "| target | 1 tunnel p50 / p99 µs | 1000 tunnels p50 / p99 µs | achieved round trips/s at 1000 "
-        "| p99 at 1000 vs direct | vs best peer |",
-        "|---|---|---|---|---|---|",
+        "![p99 round trip at 1000 tunnels, over direct's](rtt1000.svg)",
+        "",
+        "| target | 1 tunnel p50 ÷ direct | 1 tunnel p99 ÷ direct | 1000 tunnels p50 ÷ direct "
+        "| 1000 tunnels p99 ÷ direct | p99 at 1000 vs best peer | 1 tunnel p50 / p99 µs (direct's) "
+        "| 1000 tunnels p50 / p99 µs (direct's) | round trips/s at 1000 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    swing = direct_swing(r, relays)
     for t in targets:
-        a, b = r[t]["rtt1"]["rtt"], r[t]["rtt1000"]["rtt"]
-        lines.append(f"| {t} | {us(a['p50_ns'])} / {us(a['p99_ns'])} | {us(b['p50_ns'])} / {us(b['p99_ns'])} "
-                     f"| {r[t]['rtt1000']['round_trips_per_second']:.0f} | {ratio(p99[t], p99['direct'])} "
-                     f"| {ratio(p99[t], best_peer['p99'])} |")
+        if t == "direct":
+            raw = [f"{direct_range(r, relays, w, 'p50')} / {direct_range(r, relays, w, 'p99')}" for w, _ in RTT]
+            lines.append(f"| direct | 1 | 1 | 1 | 1 | {ratio(p99[t], best_peer['p99'])} | {raw[0]} | {raw[1]} | – |")
+            continue
+        cells = [ratio_spread(rtt_ratio[t, w, q]) for w, _ in RTT for q in ("p50", "p99")]
+        raw = [f"{us(r[t][w]['rtt']['p50_ns'])} / {us(r[t][w]['rtt']['p99_ns'])} "
+               f"({us(r[t][w]['direct_rtt']['p50_ns'])} / {us(r[t][w]['direct_rtt']['p99_ns'])})" for w, _ in RTT]
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {ratio(p99[t], best_peer['p99'])} | {raw[0]} | {raw[1]} "
+                     f"| {r[t]['rtt1000']['round_trips_per_second']:.0f} |")
+    if swing:
+        lines += ["", f"Direct's own p99 at 1000 tunnels moved {swing[0]:.1f}× between its quickest and slowest round "
+                  f"({us(swing[1])}–{us(swing[2])} µs over {swing[3]} rounds): a ratio's min–max says how much of that "
+                  "a pair of rounds did not cancel, and a gap between targets inside those ranges is noise."]
 
     lines += ["", "## Memory per idle tunnel", "",
               "Tunnels held open without traffic. Per tunnel is the growth over the second half of them, since "
@@ -235,7 +282,8 @@ def main():
               "written 256 KiB at a time: 64 KiB frames (what browsers and most libraries send for a 64 KiB "
               "message) and 1 KiB frames (a client or library that fragments). One way into a sink that discards "
               "at the socket, and both ways through an echo that returns every frame. Gbit/s of payload; both "
-              "ways counts what came back.", "",
+              f"ways counts what came back. Each stream runs {warmup(r, targets, BULK)} s first, not counted, so that "
+              "a per-tunnel policy (auto) gets to move the tunnel before the count.", "",
               "![bulk throughput, 64 KiB frames one way](throughput.svg)", "",
               "| target | " + " | ".join(label for _, label in BULK) + " | 64 KiB one way vs best peer "
               "| 1 KiB one way vs best peer |",
@@ -252,7 +300,7 @@ def main():
     counted = [t for t in relays if any(r[t][b + "-relay"] is not None for b, _ in BULK)]
     if counted:
         lines += ["", "What sockrelay's datapath did during each bulk row (its /metrics counters, growth over the "
-                  "row): a demotion moves a direction of a sockmap tunnel to userspace, a resume moves it back, a "
+                  "row, warm-up included): a demotion moves a direction of a sockmap tunnel to userspace, a resume moves it back, a "
                   "fallback runs a tunnel on a datapath other than the one asked for.", "",
                   "| target | " + " | ".join(label for _, label in BULK) + " |", "|---|---|---|---|---|"]
         for t in counted:
@@ -275,12 +323,13 @@ def main():
 
     cpu_rows = [t for t in relays if r[t]["cpu"]]
     rounds = max((r[t]["cpu"]["rounds"] for t in cpu_rows), default=0)
+    cpu_warmup = max((r[t]["cpu"].get("target_warmup_seconds", 0) for t in cpu_rows), default=0)
     wq_note = next((r[t]["cpu"].get("workqueue_note") for t in cpu_rows if r[t]["cpu"].get("workqueue_note")), None)
     lines += ["", "## CPU per message", "",
               f"100 tunnels echoing 32-byte messages at 10 000 messages/s in all. CPU is the whole machine's busy "
               "time (/proc/stat), because a sockmap relay works in softirq, charged to no process. The same load "
               f"sent straight to the upstream alternates with the load through the target, {rounds} times each "
-              "(D,T,D,T,...); each figure is the median of the target-less-direct differences of the pairs, with "
+              f"(D,T,D,T,...), after the target's load ran {cpu_warmup} s unmeasured; each figure is the median of the target-less-direct differences of the pairs, with "
               "their min–max, per message (a round trip: the message and its echo both cross the relay). Beside "
               "CPU time, counts that contention barely changes say where it goes: the machine's context switches, "
               "softirq time, work-queue executions (tracefs `workqueue:workqueue_execute_start`), and the relay "
@@ -341,8 +390,8 @@ def main():
     with open(os.path.join(outdir, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines))
 
-    svg_bars(os.path.join(outdir, "rtt1000.svg"), "p99 round trip at 1000 tunnels", "ms",
-             {t: p99[t] / 1e6 for t in targets}, "lower")
+    svg_bars(os.path.join(outdir, "rtt1000.svg"), "p99 round trip at 1000 tunnels, over direct's",
+             "median over alternated rounds of p99 ÷ direct's p99", {t: p99[t] for t in targets}, "lower")
     svg_bars(os.path.join(outdir, "idle.svg"), "Relay memory per idle tunnel", "bytes of RSS",
              {t: mem[t] for t in relays}, "lower")
     svg_bars(os.path.join(outdir, "throughput.svg"), "Bulk throughput, whole 64 KiB frames, one way", "Gbit/s",
@@ -352,6 +401,26 @@ def main():
     svg_bars(os.path.join(outdir, "handshakes.svg"), "New tunnels per second", "tunnels/s", hs, "higher")
     svg_bars(os.path.join(outdir, "cpu.svg"), "CPU the relay adds per message (median)", "µs of CPU per round trip",
              {t: cpu_med[t] for t in relays}, "lower")
+
+
+def direct_swing(r, relays):
+    """Direct's p99 at 1000 tunnels over every round of the relays' runs: (max ÷ min, min, max, rounds), or
+    None without rounds."""
+    vs = [d["rtt"]["p99_ns"] for t in relays if r[t]["rtt1000"] for d in r[t]["rtt1000"]["direct_rounds"]
+          if d["rtt"]["count"]]
+    return (max(vs) / min(vs), min(vs), max(vs), len(vs)) if vs and min(vs) > 0 else None
+
+
+def rtt_rounds(r, relays):
+    """The pairs of rounds of the round-trip runs, as text ("5", or "3–5" if they differ)."""
+    ns = sorted({r[t][w]["rounds"] for t in relays for w, _ in RTT if r[t][w]})
+    return "–".join(str(n) for n in (ns[:1] + ns[-1:] if len(ns) > 1 else ns)) or "no"
+
+
+def warmup(r, targets, rows):
+    """The bulk rows' warm-up in seconds, as text (the longest, should they differ)."""
+    ws = [r[t][b].get("warmup_seconds", 0) for t in targets for b, _ in rows]
+    return f"{max(ws, default=0):g}"
 
 
 def goals(r, peers, p99, p50_1, mem, gbps, cpu, cpu_med, best_peer):
@@ -385,11 +454,13 @@ def goals(r, peers, p99, p50_1, mem, gbps, cpu, cpu_med, best_peer):
             continue
         out.append(row(f"Bulk, {label}: auto ≥ {need}× best peer", g >= need * bp,
                        f"{g:.2f} Gbit/s = {g / bp:.2f}× best peer; {peer_list(gbps[b], lambda v: f'{v:.2f}')}"))
+    # Round trips compare ratios to direct in alternated rounds (see the round-trip section), not µs measured
+    # at different times.
     out.append(row("p99 round trip at 1000 busy tunnels: auto ≤ 0.9× best peer", p99[a] <= 0.9 * best_peer["p99"],
-                   f"{us(p99[a])} µs = {p99[a] / best_peer['p99']:.2f}× best peer; "
-                   f"{peer_list(p99, lambda v: us(v) + ' µs')}"))
+                   f"{p99[a]:.2f}× direct = {p99[a] / best_peer['p99']:.2f}× best peer; "
+                   f"{peer_list(p99, lambda v: f'{v:.2f}× direct')}"))
     out.append(row("One-tunnel p50 round trip: auto below both peers", all(p50_1[a] < p50_1[p] for p in peers),
-                   f"{us(p50_1[a])} µs; {peer_list(p50_1, lambda v: us(v) + ' µs')}"))
+                   f"{p50_1[a]:.2f}× direct; {peer_list(p50_1, lambda v: f'{v:.2f}× direct')}"))
     singles = [t for t in r if t.startswith("sockrelay-") and t != a and "failed" not in r[t]["mixed"]]
     if "failed" in r[a]["mixed"]:
         out.append("| Mixed: auto uses no more CPU and memory than the best single datapath, and no less bulk "

@@ -28,6 +28,10 @@ func TestCheckBounds(t *testing.T) {
 			[]string{"p99: auto 68626 is below direct 110935"}, ""},
 		{"rows keep their order", []boundsRow{down(map[string]float64{"direct": 9, "a": 1}), up(map[string]float64{"direct": 1, "b": 9})},
 			[]string{"p99: a 1 is below direct 9", "bulk: b 9 is above direct 1"}, ""},
+		// Round trips come as ratios to direct in alternated rounds (bench_report.py): direct is 1, and a relay
+		// whose median ratio is below 1 beat no relay in most pairs.
+		{"ratios to direct", []boundsRow{down(map[string]float64{"direct": 1, "copy": 0.93, "haproxy": 1.2})},
+			[]string{"p99: copy 0.93 is below direct 1"}, ""},
 		{"no direct", []boundsRow{up(map[string]float64{"copy": 1})}, nil, `row "bulk" has no direct figure`},
 		{"bad direction", []boundsRow{{Name: "x", Better: "faster", Values: map[string]float64{"direct": 1}}}, nil, `better "faster"`},
 	} {

@@ -31,6 +31,10 @@ type cpuWorkload struct {
 	duration time.Duration
 	rounds   int
 	pids     []int
+	// warmup is how long the target's load runs, unmeasured, before the first round: a per-tunnel policy
+	// (--datapath auto) moves tunnels only after a sample of their traffic and a dwell, which a first
+	// round on fresh tunnels would measure before it.
+	warmup time.Duration
 }
 
 func parseCPU(args []string, stderr io.Writer) (*cpuWorkload, string, error) {
@@ -46,6 +50,7 @@ func parseCPU(args []string, stderr io.Writer) (*cpuWorkload, string, error) {
 		fs.IntVar(&w.size, "size", 32, "message size in `BYTES`")
 		fs.Float64Var(&w.rate, "rate", 10000, "messages per second, all tunnels together")
 		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long each measurement lasts")
+		fs.DurationVar(&w.warmup, "warmup", 0, "how long the target's load runs, unmeasured, before the first round")
 	})
 	if err != nil {
 		return nil, "", err
@@ -57,6 +62,8 @@ func parseCPU(args []string, stderr io.Writer) (*cpuWorkload, string, error) {
 		return nil, "", fmt.Errorf("-rate: %v; a positive number of messages per second", w.rate)
 	case w.rounds < 1:
 		return nil, "", fmt.Errorf("-rounds: %d; at least 1", w.rounds)
+	case w.warmup < 0:
+		return nil, "", fmt.Errorf("-warmup: %v; 0 or more", w.warmup)
 	case w.duration < time.Second:
 		// /proc/stat counts in 10 ms ticks: a shorter run would measure mostly rounding.
 		return nil, "", fmt.Errorf("-duration: %v; at least 1s", w.duration)
@@ -140,6 +147,7 @@ type cpuResult struct {
 	Size          int         `json:"size"`
 	Rate          float64     `json:"rate"`
 	Rounds        int         `json:"rounds"`
+	WarmupSeconds float64     `json:"target_warmup_seconds"`
 	Target        []cpuSample `json:"target"`
 	Direct        []cpuSample `json:"direct,omitempty"`
 	Achieved      float64     `json:"achieved_rate"` // the median of the target's rounds
@@ -188,7 +196,7 @@ func (r *cpuResult) table(w io.Writer) {
 }
 
 func (w *cpuWorkload) run(ctx context.Context, progress io.Writer) (result, error) {
-	res := &cpuResult{Tunnels: w.tunnels, Size: w.size, Rate: w.rate, Rounds: w.rounds}
+	res := &cpuResult{Tunnels: w.tunnels, Size: w.size, Rate: w.rate, Rounds: w.rounds, WarmupSeconds: w.warmup.Seconds()}
 	wq, err := openWorkqueueCounter()
 	if err != nil {
 		res.WorkqueueNote = err.Error()
@@ -207,6 +215,11 @@ func (w *cpuWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 		return nil, err
 	}
 	defer closeAll(target)
+	if w.warmup > 0 {
+		if _, _, err := w.load(ctx, w.url, target, w.warmup, progress); err != nil {
+			return nil, fmt.Errorf("warm up: %w", err)
+		}
+	}
 	for range w.rounds {
 		if direct != nil {
 			d, err := w.measure(ctx, w.direct, direct, nil, wq, progress)
@@ -281,18 +294,11 @@ func readCounters(pids []int, wq *workqueueCounter) (counters, error) {
 // counts to it, and those of pids (when not nil) and the work queues (wq, when not nil).
 func (w *cpuWorkload) measure(ctx context.Context, url string, conns []*websocket.Conn, pids []int,
 	wq *workqueueCounter, progress io.Writer) (cpuSample, error) {
-	pinger := &rttWorkload{size: w.size, rate: w.rate / float64(w.tunnels), drain: 5 * time.Second}
-	var trips atomic.Int64
 	before, err := readCounters(pids, wq)
 	if err != nil {
 		return cpuSample{}, err
 	}
-	elapsed, err := runConns(ctx, conns, w.duration, progress,
-		func() string { return fmt.Sprintf("%s: %d messages", url, trips.Load()) },
-		func(ctx context.Context, i int, c *websocket.Conn) error {
-			_, err := pinger.pingPong(ctx, c, i, &trips)
-			return err
-		})
+	trips, elapsed, err := w.load(ctx, url, conns, w.duration, progress)
 	if err != nil {
 		return cpuSample{}, err
 	}
@@ -300,11 +306,26 @@ func (w *cpuWorkload) measure(ctx context.Context, url string, conns []*websocke
 	if err != nil {
 		return cpuSample{}, err
 	}
-	cost, err := costOf(before.cpu, after.cpu, trips.Load(), elapsed)
+	cost, err := costOf(before.cpu, after.cpu, trips, elapsed)
 	if err != nil {
 		return cpuSample{}, err
 	}
 	return sampleOf(cost, before, after, pids != nil, wq != nil), nil
+}
+
+// load sends the load on conns, already open to url, for duration and returns how many messages were
+// echoed and how long it ran.
+func (w *cpuWorkload) load(ctx context.Context, url string, conns []*websocket.Conn, duration time.Duration,
+	progress io.Writer) (int64, time.Duration, error) {
+	pinger := &rttWorkload{size: w.size, rate: w.rate / float64(w.tunnels), drain: rttDrain}
+	var trips atomic.Int64
+	elapsed, err := runConns(ctx, conns, duration, progress,
+		func() string { return fmt.Sprintf("%s: %d messages", url, trips.Load()) },
+		func(ctx context.Context, i int, c *websocket.Conn) error {
+			_, err := pinger.pingPong(ctx, c, i, &trips)
+			return err
+		})
+	return trips.Load(), elapsed, err
 }
 
 // sampleOf divides the counts between two readings by the messages cost covers.

@@ -1,16 +1,18 @@
 // Command wsbench is sockrelay's WebSocket load generator (gorilla/websocket). Each workload prints a table
 // and, with -json FILE, writes its result as JSON:
 //
-//	wsbench rtt  -url ws://127.0.0.1:8080/ [-tunnels 100] [-size 32] [-rate 0] [-duration 5s]
+//	wsbench rtt  -url ws://127.0.0.1:8080/ [-tunnels 100] [-size 32] [-rate 0] [-warmup 0] [-duration 5s] [-direct ws://127.0.0.1:9000/ [-rounds 3]]
 //	wsbench idle -url ws://127.0.0.1:8080/ [-tunnels 1000] [-pid PID[,PID...]] [-settle 2s]
-//	wsbench throughput -url ws://127.0.0.1:8080/sink [-tunnels 1] [-size 65536] [-mode sink|echo] [-duration 5s]
+//	wsbench throughput -url ws://127.0.0.1:8080/sink [-tunnels 1] [-size 65536] [-mode sink|echo] [-warmup 0] [-duration 5s]
 //	wsbench handshakes -url ws://127.0.0.1:8080/ [-tunnels 8] [-duration 5s]
-//	wsbench cpu  -url ws://127.0.0.1:8080/ [-direct ws://127.0.0.1:9000/] [-rounds 3] [-pid PID[,PID...]] [-tunnels 100] [-rate 10000] [-duration 5s]
+//	wsbench cpu  -url ws://127.0.0.1:8080/ [-direct ws://127.0.0.1:9000/] [-rounds 3] [-pid PID[,PID...]] [-tunnels 100] [-rate 10000] [-warmup 0] [-duration 5s]
 //	wsbench mixed -url ws://127.0.0.1:8080/ [-tunnels 1000] [-chatty 100] [-rate 10] [-bulk 2] [-pid PID[,PID...]] [-duration 5s]
 //	wsbench bounds FILE
 //
 // rtt: each tunnel sends a message and waits for its echo, in a closed loop or at -rate messages per second
-// per tunnel; it reports p50, p90, p99, p99.9 and max round trip. idle: opens and holds idle tunnels and
+// per tunnel; it reports p50, p90, p99, p99.9 and max round trip; with -direct, the same load sent to the
+// upstream directly alternates with it round by round, and each percentile is also given as the target's
+// over direct's in the same pair of rounds, median (min–max) over the pairs (see runRounds). idle: opens and holds idle tunnels and
 // reports what each costs the relay whose processes are given (their summed RSS) and the kernel (TCP memory in
 // /proc/net/sockstat). throughput: streams messages, each one whole frame built and masked before the run and
 // written many at a time, one way into wsecho's /sink or both ways through its /bulk echo, and reports

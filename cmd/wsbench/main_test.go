@@ -106,15 +106,18 @@ func TestWorkloadsSmoke(t *testing.T) {
 		{[]string{"rtt", "-tunnels", "4", "-duration", "1s"}, "p99.9", "round_trips_per_second"},
 		{[]string{"rtt", "-tunnels", "2", "-duration", "1s", "-rate", "50", "-size", "1000"}, "p99.9", "rtt"},
 		{[]string{"rtt", "-tunnels", "2", "-duration", "500ms", "-warmup", "500ms", "-rate", "100"}, "p99.9", "rtt"},
+		{[]string{"rtt", "-tunnels", "2", "-duration", "300ms", "-warmup", "200ms", "-rate", "100", "-direct", "DIRECT", "-rounds", "2"}, "target ÷ direct", "p99_ratio"},
 		{[]string{"idle", "-tunnels", "50", "-settle", "200ms"}, "slab/tunnel", "kernel_slab_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", "1"}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"idle", "-tunnels", "20", "-settle", "100ms", "-pid", fmt.Sprintf("1,%d", os.Getpid())}, "RSS/tunnel", "relay_rss_per_tunnel_bytes"},
 		{[]string{"throughput", "-duration", "1s", "-url", url + "sink"}, "Gbit/s", "gbit_per_second"},
+		{[]string{"throughput", "-duration", "1s", "-warmup", "500ms", "-url", url + "sink"}, "Gbit/s", "warmup_seconds"},
 		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-tunnels", "2", "-size", "1000", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
 		{[]string{"throughput", "-duration", "1s", "-mode", "echo", "-size", "65536", "-url", url + "bulk"}, "Gbit/s", "gbit_per_second"},
 		{[]string{"handshakes", "-duration", "1s", "-tunnels", "2"}, "opened/s", "handshakes_per_second"},
 		{[]string{"mixed", "-duration", "1s", "-warmup", "200ms", "-tunnels", "20", "-chatty", "4", "-rate", "50", "-pid", fmt.Sprint(os.Getpid())}, "chatty p99", "bulk_gbit_per_second"},
 		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-rounds", "2", "-direct", "DIRECT", "-pid", fmt.Sprint(os.Getpid())}, "relay adds: machine µs", "relay_cpu_us_per_message"},
+		{[]string{"cpu", "-duration", "1s", "-tunnels", "4", "-rate", "400", "-rounds", "1", "-warmup", "300ms"}, "machine µs", "target_warmup_seconds"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			jsonPath := filepath.Join(t.TempDir(), "out.json")
@@ -153,11 +156,34 @@ func TestWorkloadsSmoke(t *testing.T) {
 				}
 				// With -warmup, the warm-up's round trips are not counted: 2 tunnels at 100/s for 0.5 s
 				// measured are about 100, not the 200 of the whole second.
-				if slices.Contains(tc.args, "-warmup") {
+				if slices.Contains(tc.args, "-warmup") && !slices.Contains(tc.args, "-direct") {
 					count, _ := out.Result["rtt"].(map[string]any)["count"].(float64)
 					if count < 50 || count > 150 {
 						t.Errorf("%v round trips counted with a 500ms warm-up and 500ms measured; want about 100: %s", count, b)
 					}
+				}
+			}
+			if tc.args[0] == "rtt" && slices.Contains(tc.args, "-direct") {
+				// -rounds 2: D,T then T,D on tunnels kept open, each round with round trips, and a ratio per
+				// pair.
+				for _, side := range []string{"target_rounds", "direct_rounds"} {
+					rounds, _ := out.Result[side].([]any)
+					if len(rounds) != 2 {
+						t.Fatalf("%s: %d rounds, want 2: %s", side, len(rounds), b)
+					}
+					for _, r := range rounds {
+						if n, _ := r.(map[string]any)["rtt"].(map[string]any)["count"].(float64); n <= 0 {
+							t.Errorf("%s: a round without round trips: %s", side, b)
+						}
+					}
+				}
+				for _, key := range []string{"p50_ratio", "p99_ratio"} {
+					if n, _ := out.Result[key].(map[string]any)["n"].(float64); n != 2 {
+						t.Errorf("%s over %v pairs, want 2: %s", key, n, b)
+					}
+				}
+				if order, _ := out.Result["order"].(string); order != "D T T D" {
+					t.Errorf("order %q, want \"D T T D\"", order)
 				}
 			}
 			if tc.args[0] == "handshakes" {
@@ -169,6 +195,9 @@ func TestWorkloadsSmoke(t *testing.T) {
 				// -rounds 2 with -direct: D,T,D,T, each with messages, and the relay's spread over 2 pairs.
 				for _, side := range []string{"target", "direct"} {
 					rounds, _ := out.Result[side].([]any)
+					if !slices.Contains(tc.args, "-direct") {
+						break // the -warmup case: one round, no baseline
+					}
 					if len(rounds) != 2 {
 						t.Fatalf("%s: %d rounds, want 2: %s", side, len(rounds), b)
 					}
@@ -178,7 +207,13 @@ func TestWorkloadsSmoke(t *testing.T) {
 						}
 					}
 				}
+				if w, _ := out.Result["target_warmup_seconds"].(float64); slices.Contains(tc.args, "-warmup") && w != 0.3 {
+					t.Errorf("target_warmup_seconds %v, want 0.3: %s", w, b)
+				}
 				for _, key := range []string{"relay_ctxt_per_message", "process_cpu_us_per_message", "process_voluntary_switches_per_message"} {
+					if !slices.Contains(tc.args, "-direct") {
+						break
+					}
 					if n, _ := out.Result[key].(map[string]any)["n"].(float64); n != 2 {
 						t.Errorf("%s over %v rounds, want 2: %s", key, n, b)
 					}
@@ -199,6 +234,10 @@ func TestWorkloadsSmoke(t *testing.T) {
 				if moved, _ := out.Result["bytes"].(float64); moved <= 0 {
 					t.Errorf("no bytes moved: %s", b)
 				}
+				// With -warmup 500ms -duration 1s, the seconds counted are about 1, not the 1.5 streamed.
+				if secs, _ := out.Result["seconds"].(float64); slices.Contains(tc.args, "-warmup") && (secs < 0.9 || secs > 1.4) {
+					t.Errorf("%v s counted with a 500ms warm-up and 1s counted; want about 1: %s", secs, b)
+				}
 			}
 		})
 	}
@@ -218,6 +257,11 @@ func TestBadUsage(t *testing.T) {
 		{[]string{"rtt", "-url", "ws://x/", "-duration", "0s"}, "-duration: 0s"},
 		{[]string{"rtt", "-url", "ws://x/", "-warmup", "-1s"}, "-warmup: -1s"},
 		{[]string{"cpu", "-url", "ws://x/", "-rounds", "0"}, "-rounds: 0; at least 1"},
+		{[]string{"cpu", "-url", "ws://x/", "-warmup", "-1s"}, "-warmup: -1s; 0 or more"},
+		{[]string{"rtt", "-url", "ws://x/", "-rounds", "4"}, "-rounds 4: rounds alternate with the direct baseline; give -direct URL"},
+		{[]string{"rtt", "-url", "ws://x/", "-direct", "ws://d/", "-rounds", "0"}, "-rounds: 0; at least 1"},
+		{[]string{"rtt", "-url", "ws://x/", "-direct", "ws://d/", "-rounds", "many"}, `invalid value "many" for flag -rounds`},
+		{[]string{"throughput", "-url", "ws://x/sink", "-warmup", "-2s"}, "-warmup: -2s; 0 or more"},
 		{[]string{"mixed", "-url", "ws://x/sink"}, "give the upstream's root"},
 		{[]string{"mixed", "-url", "ws://x/", "-chatty", "0"}, "at least 1 chatty tunnel"},
 		{[]string{"mixed", "-url", "ws://x/", "-duration", "100ms"}, "-duration: 100ms; at least 1s"},

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,21 +36,39 @@ type rttWorkload struct {
 	// cpusAwake holds every CPU out of idle states it needs time to leave while the workload runs (see
 	// holdCPUsAwake).
 	cpusAwake bool
+	// direct, when set, is the upstream's own URL: the same load sent there alternates with the target's,
+	// rounds times each (see runRounds).
+	direct string
+	rounds int
 }
 
 func parseRTT(args []string, stderr io.Writer) (*rttWorkload, string, error) {
 	w := &rttWorkload{}
+	roundsSet := false
 	err := w.parse("rtt", args, stderr, 100, func(fs *flag.FlagSet) {
 		fs.IntVar(&w.size, "size", 32, "message size in `BYTES`")
 		fs.Float64Var(&w.rate, "rate", 0, "messages per second per tunnel; 0 sends the next as soon as the echo is back")
-		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to measure")
-		fs.DurationVar(&w.warmup, "warmup", 0, "how long to run first, unmeasured")
+		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to measure (with -direct: each round of each side)")
+		fs.DurationVar(&w.warmup, "warmup", 0, "how long to run first, unmeasured (with -direct: each side once, before the first round)")
 		fs.BoolVar(&w.cpusAwake, "cpus-awake", false, "keep every CPU out of deep idle states while measuring (writes 0 to "+cpuLatencyPath+"; root)")
+		fs.StringVar(&w.direct, "direct", "", "the upstream's own `URL`: the same load sent there alternates with the target's, and each percentile is also given as the target's over direct's, round by round")
+		fs.Func("rounds", "measurements of each side with -direct (default 3)", func(v string) error {
+			n, err := strconv.Atoi(v)
+			w.rounds, roundsSet = n, true
+			return err
+		})
 	})
 	if err != nil {
 		return nil, "", err
 	}
+	if !roundsSet {
+		w.rounds = 3
+	}
 	switch {
+	case roundsSet && w.direct == "":
+		return nil, "", fmt.Errorf("-rounds %d: rounds alternate with the direct baseline; give -direct URL too", w.rounds)
+	case w.rounds < 1:
+		return nil, "", fmt.Errorf("-rounds: %d; at least 1", w.rounds)
 	case w.size < 1 || w.size > 16<<20:
 		return nil, "", fmt.Errorf("-size: %d; accepted 1 to %d", w.size, 16<<20)
 	case w.rate < 0:
@@ -83,11 +102,6 @@ func (r *rttResult) table(w io.Writer) {
 func us(d time.Duration) string { return fmt.Sprintf("%.0fµs", float64(d)/float64(time.Microsecond)) }
 
 func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, error) {
-	var (
-		trips atomic.Int64
-		mu    sync.Mutex
-		all   []time.Duration
-	)
 	if w.cpusAwake {
 		release, err := holdCPUsAwake(cpuLatencyPath)
 		if err != nil {
@@ -95,21 +109,16 @@ func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 		}
 		defer release()
 	}
+	if w.direct != "" {
+		return w.runRounds(ctx, progress)
+	}
 	conns, err := dialAll(ctx, w.url, w.tunnels, progress)
 	if err != nil {
 		return nil, err
 	}
 	defer closeAll(conns)
 	w.measureFrom = time.Now().Add(w.warmup)
-	elapsed, err := runConns(ctx, conns, w.warmup+w.duration, progress,
-		func() string { return fmt.Sprintf("%d round trips", trips.Load()) },
-		func(ctx context.Context, i int, c *websocket.Conn) error {
-			d, err := w.pingPong(ctx, c, i, &trips)
-			mu.Lock()
-			all = append(all, d...)
-			mu.Unlock()
-			return err
-		})
+	all, elapsed, err := w.roundTrips(ctx, conns, w.warmup+w.duration, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -118,15 +127,25 @@ func (w *rttWorkload) run(ctx context.Context, progress io.Writer) (result, erro
 		PerSecond: float64(len(all)) / measured.Seconds(), RTT: summarize(all), CPUsAwake: w.cpusAwake}, nil
 }
 
-// runTunnels opens n tunnels to url, runs them with runConns and closes them.
-func runTunnels(ctx context.Context, url string, n int, duration time.Duration, progress io.Writer,
-	status func() string, each func(ctx context.Context, i int, c *websocket.Conn) error) (time.Duration, error) {
-	conns, err := dialAll(ctx, url, n, progress)
-	if err != nil {
-		return 0, err
-	}
-	defer closeAll(conns)
-	return runConns(ctx, conns, duration, progress, status, each)
+// roundTrips runs round trips on every one of conns for duration and returns those measured (sent from
+// w.measureFrom on) and how long they ran.
+func (w *rttWorkload) roundTrips(ctx context.Context, conns []*websocket.Conn, duration time.Duration,
+	progress io.Writer) ([]time.Duration, time.Duration, error) {
+	var (
+		trips atomic.Int64
+		mu    sync.Mutex
+		all   []time.Duration
+	)
+	elapsed, err := runConns(ctx, conns, duration, progress,
+		func() string { return fmt.Sprintf("%d round trips", trips.Load()) },
+		func(ctx context.Context, i int, c *websocket.Conn) error {
+			d, err := w.pingPong(ctx, c, i, &trips)
+			mu.Lock()
+			all = append(all, d...)
+			mu.Unlock()
+			return err
+		})
+	return all, elapsed, err
 }
 
 // runConns runs each on every one of conns at once, for duration, showing status as progress once a second.
@@ -190,7 +209,9 @@ func (w *rttWorkload) pingPong(ctx context.Context, c *websocket.Conn, id int, t
 	})
 	defer stop()
 	for n := 0; ctx.Err() == nil; n++ {
-		if tick != nil {
+		// The first message goes at the random point itself, not a period later: a short round (rtt -direct)
+		// would otherwise spend its first period without load.
+		if tick != nil && n > 0 {
 			select {
 			case <-ctx.Done():
 				return out, nil

@@ -23,6 +23,10 @@ type throughputWorkload struct {
 	size     int
 	mode     string
 	duration time.Duration
+	// warmup is streamed before duration and not counted: a per-tunnel policy (--datapath auto) moves a
+	// tunnel only after a sample of its traffic and a dwell, so a row that starts counting at once
+	// measures where a new tunnel starts, not where its traffic takes it.
+	warmup time.Duration
 }
 
 func parseThroughput(args []string, stderr io.Writer) (*throughputWorkload, string, error) {
@@ -30,7 +34,8 @@ func parseThroughput(args []string, stderr io.Writer) (*throughputWorkload, stri
 	err := w.parse("throughput", args, stderr, 1, func(fs *flag.FlagSet) {
 		fs.IntVar(&w.size, "size", 64<<10, "message size in `BYTES`")
 		fs.StringVar(&w.mode, "mode", "sink", "sink (one way: the upstream discards, the URL ends in /sink) or echo (both ways, the URL ends in /bulk)")
-		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to stream")
+		fs.DurationVar(&w.duration, "duration", 5*time.Second, "how long to stream, counted")
+		fs.DurationVar(&w.warmup, "warmup", 0, "how long to stream first, not counted")
 	})
 	if err != nil {
 		return nil, "", err
@@ -46,6 +51,8 @@ func parseThroughput(args []string, stderr io.Writer) (*throughputWorkload, stri
 		return nil, "", fmt.Errorf("-mode echo needs an upstream that echoes whole frames with large buffers: a -url ending in /bulk (wsecho's), not %q", w.url)
 	case w.duration <= 0:
 		return nil, "", fmt.Errorf("-duration: %v; a positive duration, e.g. 5s", w.duration)
+	case w.warmup < 0:
+		return nil, "", fmt.Errorf("-warmup: %v; 0 or more", w.warmup)
 	}
 	return w, w.jsonPath, nil
 }
@@ -55,9 +62,11 @@ type throughputResult struct {
 	Tunnels int     `json:"tunnels"`
 	Size    int     `json:"size"`
 	Mode    string  `json:"mode"`
-	Seconds float64 `json:"seconds"`
-	Bytes   int64   `json:"bytes"` // payload sent (sink) or received back (echo)
-	Gbps    float64 `json:"gbit_per_second"`
+	Seconds float64 `json:"seconds"` // counted, after the warm-up
+	Bytes   int64   `json:"bytes"`   // payload sent (sink) or received back (echo) while counted
+	// WarmupSeconds were streamed before, not counted.
+	WarmupSeconds float64 `json:"warmup_seconds"`
+	Gbps          float64 `json:"gbit_per_second"`
 }
 
 func (r *throughputResult) table(w io.Writer) {
@@ -67,15 +76,65 @@ func (r *throughputResult) table(w io.Writer) {
 
 func (w *throughputWorkload) run(ctx context.Context, progress io.Writer) (result, error) {
 	var moved atomic.Int64
-	elapsed, err := runTunnels(ctx, w.url, w.tunnels, w.duration, progress,
+	conns, err := dialAll(ctx, w.url, w.tunnels, progress)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(conns)
+	// The count starts when the warm-up ends: what was moved by then is taken off, and the time from then on
+	// is the time counted.
+	counted := newCountFrom(&moved, w.warmup)
+	defer counted.stop()
+	elapsed, err := runConns(ctx, conns, w.warmup+w.duration, progress,
 		func() string { return fmt.Sprintf("%d MiB", moved.Load()>>20) },
 		func(ctx context.Context, _ int, c *websocket.Conn) error { return w.stream(ctx, c.NetConn(), &moved) })
 	if err != nil {
 		return nil, err
 	}
-	n := moved.Load()
-	return &throughputResult{Tunnels: w.tunnels, Size: w.size, Mode: w.mode, Seconds: elapsed.Seconds(), Bytes: n,
-		Gbps: float64(n) * 8 / elapsed.Seconds() / 1e9}, nil
+	n, seconds := counted.since(moved.Load(), elapsed)
+	return &throughputResult{Tunnels: w.tunnels, Size: w.size, Mode: w.mode, Seconds: seconds, Bytes: n,
+		Gbps: float64(n) * 8 / seconds / 1e9, WarmupSeconds: w.warmup.Seconds()}, nil
+}
+
+// countFrom is where a count starts after a warm-up: the count and the time when the warm-up ended.
+type countFrom struct {
+	warmup time.Duration
+	timer  *time.Timer
+	done   chan struct{}
+	base   int64
+	at     time.Duration // since the start
+}
+
+// newCountFrom reads count when warmup has passed; at 0 it counts from the start.
+func newCountFrom(count *atomic.Int64, warmup time.Duration) *countFrom {
+	c := &countFrom{warmup: warmup, done: make(chan struct{})}
+	if warmup <= 0 {
+		close(c.done)
+		return c
+	}
+	start := time.Now()
+	c.timer = time.AfterFunc(warmup, func() {
+		c.base, c.at = count.Load(), time.Since(start)
+		close(c.done)
+	})
+	return c
+}
+
+// since returns what was counted after the warm-up, given the count at the end and the time the run took
+// in all, and for how many seconds. A run that ended before its warm-up did (it failed) counts it all.
+func (c *countFrom) since(end int64, elapsed time.Duration) (int64, float64) {
+	select {
+	case <-c.done:
+		return end - c.base, (elapsed - c.at).Seconds()
+	default:
+		return end, elapsed.Seconds()
+	}
+}
+
+func (c *countFrom) stop() {
+	if c.timer != nil {
+		c.timer.Stop()
+	}
 }
 
 // stream writes pre-built frames on conn, the tunnel's socket after the handshake, until ctx ends, counting
