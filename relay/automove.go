@@ -2,6 +2,7 @@ package relay
 
 import (
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -93,10 +94,22 @@ func (m *autoMover) track(t *Tunnel, l listenerInfo) {
 
 // trackCarried puts a tunnel this process carries again, adopted in an upgrade or resumed after a failed
 // park, under the policy when its listener here is on auto, with a fresh history: a tunnel's engine changes
-// in an upgrade, and its counts start from 0 there.
+// in an upgrade, and its counts start from 0 there. A tunnel whose listener is not prepared here yet waits
+// for it (listenerSetup tracks it then, if the listener is on auto), rather than stay pinned for good.
 func (s *Server) trackCarried(t *Tunnel) {
+	if s.auto == nil {
+		return
+	}
 	s.listenersMu.Lock()
-	perTunnel := s.autoListeners[t.Listener]
+	perTunnel, known := s.autoListeners[t.Listener]
+	if !known {
+		if s.adoptedEarly == nil {
+			s.adoptedEarly = map[string][]*Tunnel{}
+		}
+		// The ended ones are dropped as others come, so that a listener never prepared keeps few.
+		waiting := slices.DeleteFunc(s.adoptedEarly[t.Listener], func(w *Tunnel) bool { return w.pair.Ending() })
+		s.adoptedEarly[t.Listener] = append(waiting, t)
+	}
 	s.listenersMu.Unlock()
 	s.auto.track(t, listenerInfo{name: t.Listener, perTunnel: perTunnel})
 }

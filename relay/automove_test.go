@@ -657,3 +657,55 @@ func TestSampleOf(t *testing.T) {
 		}
 	}
 }
+
+// TestAutoTracksTunnelAdoptedBeforeItsListener: a tunnel handed over in an upgrade before the new process
+// has prepared the listener it came in on comes under the policy once that listener is prepared on auto,
+// and stays pinned when it is prepared with a datapath of its own.
+func TestAutoTracksTunnelAdoptedBeforeItsListener(t *testing.T) {
+	requireSockmap(t)
+	toOther := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
+		return auto.Decision{Move: true, To: 1 - s.Engine, Reason: auto.ReasonForced}
+	}
+	for _, tc := range []struct {
+		listener Datapath // the new process's listener's, prepared after the adoption
+		tracked  bool
+	}{{DatapathAuto, true}, {DatapathCopy, false}} {
+		t.Run(string(tc.listener), func(t *testing.T) {
+			up := startUpstream(t)
+			old := startRelay(t, DatapathCopy, []string{up.Addr})
+			next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toOther))
+			c, u := openTunnel(t, old.Addr, up, nil, nil)
+			tun := handOverTo(t, old, next, onlyTunnel(t, old), "late")
+			if _, tracked := next.auto.movesOf(tun); tracked {
+				t.Fatal("adopted tunnel under the policy before its listener was prepared")
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			late, err := next.PrepareListener(ln, ListenerOptions{Name: "late", Datapath: tc.listener})
+			if err != nil {
+				t.Fatal(err)
+			}
+			go late.Serve()
+			if _, tracked := next.auto.movesOf(tun); tracked != tc.tracked {
+				t.Fatalf("adopted tunnel under the policy once its listener is prepared on %s: %v, want %v",
+					tc.listener, tracked, tc.tracked)
+			}
+			if tc.tracked {
+				waitFor(t, 10*time.Second, "the adopted tunnel moved to sockmap", func() bool {
+					moving, moves := next.auto.trackOf(tun)
+					return !moving && moves >= 1 && tun.Datapath() == DatapathSockmap
+				})
+			}
+			if _, err := c.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 4)
+			_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
+				t.Fatalf("after the handover the upstream read %q, %v", got, err)
+			}
+		})
+	}
+}
