@@ -94,6 +94,8 @@ type Config struct {
 	// dialControl, set only by tests, runs on each upstream socket before its connect (net.Dialer.Control):
 	// an error from it is the relay's own socket failing.
 	dialControl func(network, address string, c syscall.RawConn) error
+	// Auto are the settings of auto's per-tunnel policy (AutoOptions); the zero value measures at start.
+	Auto AutoOptions
 	// autoPolicy and autoDecide, set only by tests, stand in for auto.DefaultPolicy and auto.Decide in the
 	// per-tunnel policy of auto (automove.go).
 	autoPolicy *auto.Policy
