@@ -756,7 +756,7 @@ func TestMeasureCosts(t *testing.T) {
 			t.Errorf("%s: %d rounds, want %d", name, len(v), probeRounds)
 		}
 		for _, x := range v {
-			if x <= 0 {
+			if x < 0 || x == 0 && name != "direct" {
 				t.Errorf("%s: %v context switches per message", name, x)
 			}
 		}
