@@ -31,6 +31,9 @@ const (
 	probeWarmup = 5
 	// probeTimeout bounds the whole measurement; past it the rounds done so far are all there is.
 	probeTimeout = 800 * time.Millisecond
+	// probeHostWindow is how long the measurement first watches how busy the host is, sending nothing
+	// (auto.MaxHostBusy): /proc/stat counts in 10 ms ticks, 20 of them a CPU over this window.
+	probeHostWindow = 200 * time.Millisecond
 	// probeRounds is how many rounds the measurement makes (auto.Costs.Verdict needs auto.MinRounds).
 	probeRounds = 5
 	// probeMessage is the size of a message.
@@ -54,9 +57,15 @@ func (p probePath) String() string {
 // context switches, machine-wide: the kernel engine's work items run in kworker threads, outside this
 // process.
 func machineCounters() (busyTicks, ctxt uint64, err error) {
+	busyTicks, _, ctxt, err = procStat()
+	return busyTicks, ctxt, err
+}
+
+// procStat is machineCounters with all CPU time (busy, idle and iowait) too.
+func procStat() (busyTicks, allTicks, ctxt uint64, err error) {
 	data, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0, 0, fmt.Errorf("read machine counters: %w", err)
+		return 0, 0, 0, fmt.Errorf("read machine counters: %w", err)
 	}
 	found := 0
 	for _, line := range strings.Split(string(data), "\n") {
@@ -65,7 +74,10 @@ func machineCounters() (busyTicks, ctxt uint64, err error) {
 		case len(f) > 8 && f[0] == "cpu":
 			for i, v := range f[1:] {
 				n, _ := strconv.ParseUint(v, 10, 64)
-				if i != 3 && i != 4 { // idle, iowait
+				if i < 8 { // guest time is counted in user time already
+					allTicks += n
+				}
+				if i != 3 && i != 4 && i < 8 { // idle, iowait
 					busyTicks += n
 				}
 			}
@@ -76,9 +88,31 @@ func machineCounters() (busyTicks, ctxt uint64, err error) {
 		}
 	}
 	if found != 2 {
-		return 0, 0, errors.New("read machine counters: /proc/stat has no cpu or ctxt line")
+		return 0, 0, 0, errors.New("read machine counters: /proc/stat has no cpu or ctxt line")
 	}
-	return busyTicks, ctxt, nil
+	return busyTicks, allTicks, ctxt, nil
+}
+
+// hostBusy is the fraction of the machine's CPU time that was busy over window, while the relay's probe
+// sends nothing.
+func hostBusy(ctx context.Context, window time.Duration) (float64, error) {
+	busy0, all0, _, err := procStat()
+	if err != nil {
+		return 0, err
+	}
+	select {
+	case <-time.After(window):
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	busy1, all1, _, err := procStat()
+	if err != nil {
+		return 0, err
+	}
+	if all1 == all0 {
+		return 0, errors.New("no CPU time passed in /proc/stat")
+	}
+	return float64(busy1-busy0) / float64(all1-all0), nil
 }
 
 // measureCosts runs the rounds until they are done, ctx ends, or one fails.
@@ -87,6 +121,11 @@ func (s *Server) measureCosts(ctx context.Context, m *autoMover) auto.Costs {
 	defer cancel()
 	var c auto.Costs
 	var busy [3]uint64
+	var err error
+	if c.HostBusy, err = hostBusy(ctx, probeHostWindow); err != nil {
+		c.Err = fmt.Errorf("how busy the host is: %w", err)
+		return c
+	}
 	for round := range probeRounds {
 		var perMsg [3]float64
 		var ticks [3]uint64

@@ -27,12 +27,23 @@ type Costs struct {
 	// BusyKernel, BusyLoop and BusyDirect are machine busy CPU µs per message over all the rounds together:
 	// /proc/stat counts it in ticks of 10 ms, too coarse for one round. Logged, not decided on.
 	BusyKernel, BusyLoop, BusyDirect float64
+	// HostBusy is the fraction of the machine's CPU time that was busy just before the rounds, while the
+	// relay sent nothing: other processes' work.
+	HostBusy float64
 	// Err is why the measurement stopped short, if it did.
 	Err error
 }
 
 // MinRounds is how many complete rounds a measurement needs to decide on.
 const MinRounds = 3
+
+// MaxHostBusy is the most of the machine's CPU time that other work may take before the rounds for the costs
+// to be conclusive. On a loaded host the kernel's context switches per message fell by half (its work
+// items run on CPUs already awake, several at a time), and one moment's load must not decide the policy
+// for the relay's life: an in-process measurement of 64-byte round trips on a 2-vCPU VM at load average
+// 4-5 once said the kernel was cheaper (0.83 against 1.09 context switches a message, every round), while
+// make bench's 100 tunnels on an idle one say 3.85 against 1.82.
+const MaxHostBusy = 0.5
 
 // Margin is how much cheaper, as a fraction of the dearer, an engine must be per message in the median of
 // the rounds, and ahead in every round, for the costs to be conclusive. Every round, because on a busy
@@ -73,14 +84,15 @@ const (
 	VerdictLoopCheaper Verdict = "loop_cheaper"
 	// VerdictKernelCheaper: the same, the other way.
 	VerdictKernelCheaper Verdict = "kernel_cheaper"
-	// VerdictInconclusive: too few rounds, rounds that disagree, or a difference within Margin.
+	// VerdictInconclusive: too few rounds, a host busy past MaxHostBusy, rounds that disagree, or a
+	// difference within Margin.
 	VerdictInconclusive Verdict = "inconclusive"
 )
 
 // Verdict compares the engines' medians of what the relay adds per message.
 func (c Costs) Verdict() Verdict {
 	k, l := c.relay(c.Kernel), c.relay(c.Loop)
-	if len(k) < MinRounds || len(l) != len(k) {
+	if len(k) < MinRounds || len(l) != len(k) || c.HostBusy > MaxHostBusy {
 		return VerdictInconclusive
 	}
 	mk, ml := median(k), median(l)
@@ -123,8 +135,11 @@ func Measured(c Costs) (Policy, string) {
 		return LoopFirst, "a message costs less on the loop here, and an idle tunnel does too: tunnels stay on the loop"
 	default:
 		why := "the costs measured here do not say which engine a message costs less on"
-		if c.Err != nil {
+		switch {
+		case c.Err != nil:
 			why = fmt.Sprintf("the measurement stopped short (%v)", c.Err)
+		case c.HostBusy > MaxHostBusy:
+			why = fmt.Sprintf("the host was %.0f%% busy before the measurement (over %.0f%%)", 100*c.HostBusy, 100*MaxHostBusy)
 		}
 		return LoopFirst, why + ": the default, tunnels stay on the loop"
 	}
