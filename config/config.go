@@ -49,6 +49,9 @@ type Config struct {
 	// KernelHeldLimit is, on sockmap, the most bytes the kernel holds per tunnel direction for a slow
 	// reader before userspace takes the direction over. Default 4 MiB, accepted 64 KiB to 1 GiB.
 	KernelHeldLimit int
+	// Auto is the per-tunnel policy of datapath auto where the kernel datapath loads (docs/datapath.md,
+	// "auto per tunnel"). Default: measured at start, every threshold the measured policy's.
+	Auto Auto
 	// TunnelLogInterval, when not 0, logs each tunnel that lives longer than it, at that interval.
 	TunnelLogInterval time.Duration
 	Timeouts          Timeouts
@@ -86,6 +89,25 @@ func parent(path string) string {
 		return path[:i]
 	}
 	return ""
+}
+
+// Auto are the settings of auto's per-tunnel policy. A threshold left 0 is the policy's own.
+type Auto struct {
+	// Start is measured (default: measure what a message costs on each engine at start, and choose),
+	// copy (tunnels start and stay on the event loop) or sockmap (they start in the kernel, the first
+	// version's policy).
+	Start string
+	// ChattySegments: a kernel tunnel carrying at least this many small segments a second moves to the
+	// loop. 1 to 1,000,000.
+	ChattySegments float64
+	// BusySegments: a loop tunnel reading at least this many segments a second moves to the kernel
+	// (measured policy only, where a message measured cheaper in the kernel; or to force it). 1 to 1,000,000.
+	BusySegments float64
+	// Quiet: a tunnel with no byte either way for this long moves to the engine idle tunnels go to. 1s to 1h.
+	Quiet time.Duration
+	// MinDwell and MaxDwell bound how long a tunnel stays on an engine before it moves again (the dwell
+	// doubles on quick returns up to MaxDwell). 100ms to 1h; MaxDwell not below MinDwell.
+	MinDwell, MaxDwell time.Duration
 }
 
 // Timeouts are the relay's deadlines. Each is more than 0.

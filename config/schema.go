@@ -33,6 +33,7 @@ var (
 	logLevels  = []string{"debug", "info", "warn", "error"}
 	logFormats = []string{"text", "json"}
 	datapaths  = []string{"auto", "sockmap", "splice", "copy"}
+	autoStarts = []string{"measured", "copy", "sockmap"}
 	balances   = []string{BalanceRoundRobin, BalanceLeastTunnels, BalanceHash, BalanceRandomTwo}
 	hashBys    = []string{HashByClientIP, HashByHeader, HashByCookie, HashByPath}
 	checkTypes = []string{CheckTCP, CheckHTTP, CheckWebSocket}
@@ -49,6 +50,7 @@ func defaults() *Config {
 		LogLevel:        "info",
 		LogFormat:       "text",
 		Datapath:        "auto",
+		Auto:            Auto{Start: "measured"},
 		KernelHeldLimit: settings.DefaultKernelHeldLimit,
 		Timeouts: Timeouts{
 			ClientHeader:     settings.DefaultClientHeaderTimeout,
@@ -86,7 +88,7 @@ type routeRef struct {
 func (d *decoder) config(root *yaml.Node) *Config {
 	c := defaults()
 	d.refs.pools = map[string]*yaml.Node{}
-	f := d.mapping(root, "", "a configuration", "admin", "log_level", "log_format", "datapath", "kernel_held_limit",
+	f := d.mapping(root, "", "a configuration", "admin", "log_level", "log_format", "datapath", "auto", "kernel_held_limit",
 		"tunnel_log_interval", "timeouts", "max_header_bytes", "limits", "listeners", "pools")
 	if f == nil {
 		return c
@@ -96,6 +98,9 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	d.oneOf(f, "log_format", "a log format", &c.LogFormat, logFormats...)
 	d.oneOf(f, "datapath", "a datapath", &c.Datapath, datapaths...)
 	d.size(f, "kernel_held_limit", &c.KernelHeldLimit, settings.KernelHeldLimit)
+	if n, path := f.get("auto"); n != nil {
+		d.auto(n, path, &c.Auto)
+	}
 	d.duration(f, "tunnel_log_interval", &c.TunnelLogInterval, tunnelTimeout)
 	if n, path := f.get("timeouts"); n != nil {
 		if t := d.mapping(n, path, "the timeouts", "client_header", "connect", "upstream_response", "shutdown",
@@ -630,4 +635,22 @@ func (d *decoder) dns(n *yaml.Node, path string) *DNS {
 	d.duration(f, "interval", &s.Interval, between(time.Second, 24*time.Hour))
 	d.integer(f, "max_tunnels", &s.MaxTunnels, 0, maxMaxTunnels)
 	return s
+}
+
+// auto reads the auto section: auto's per-tunnel policy.
+func (d *decoder) auto(n *yaml.Node, path string, a *Auto) {
+	f := d.mapping(n, path, "auto's per-tunnel policy", "start", "chatty_segments", "busy_segments", "quiet",
+		"min_dwell", "max_dwell")
+	if f == nil {
+		return
+	}
+	d.oneOf(f, "start", "a start policy", &a.Start, autoStarts...)
+	d.number(f, "chatty_segments", &a.ChattySegments, 1, maxRate)
+	d.number(f, "busy_segments", &a.BusySegments, 1, maxRate)
+	d.duration(f, "quiet", &a.Quiet, between(time.Second, time.Hour))
+	d.duration(f, "min_dwell", &a.MinDwell, between(100*time.Millisecond, time.Hour))
+	if d.duration(f, "max_dwell", &a.MaxDwell, between(100*time.Millisecond, time.Hour)) && a.MaxDwell < a.MinDwell {
+		n, p := f.get("max_dwell")
+		d.errorf(n, p, "%v is below min_dwell %v; accepted min_dwell to 1h", a.MaxDwell, a.MinDwell)
+	}
 }

@@ -1,8 +1,13 @@
 package relay
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"math"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -13,7 +18,8 @@ import (
 )
 
 // Per-tunnel auto (docs/datapath.md, "auto per tunnel"): where `auto` resolved to the kernel engine, each
-// plain tunnel of a listener on auto starts there, and one goroutine, the sampler, reads every such tunnel's
+// plain tunnel of a listener on auto starts on the policy's start engine (by default the event loop, until
+// and unless the start measurement, autoprobe.go, says otherwise), and one goroutine, the sampler, reads every such tunnel's
 // counters each Policy.Interval (the verdict's, or the event loop's: no work on the data path), asks
 // auto.Decide whether it should move, and moves it with datapath.Move on a goroutine of its own. At most
 // Policy.MaxInFlight moves run at once and at most Policy.MovesPerSecond start a second: a move off the
@@ -22,8 +28,10 @@ import (
 
 // autoMover is the sampler and the moves it starts.
 type autoMover struct {
-	s      *Server
-	policy auto.Policy
+	s *Server
+	// policy is the policy in force: the measured one replaces the default once the start measurement
+	// is done (Interval, MovesPerSecond and MaxInFlight are the same in both).
+	policy atomic.Pointer[auto.Policy]
 	// decide is auto.Decide unless a test's (Config.autoDecide).
 	decide func(auto.Policy, auto.Sample, auto.History) auto.Decision
 	slots  chan struct{} // one per move in flight
@@ -33,7 +41,8 @@ type autoMover struct {
 	// pairs are the pairs being moved: a move counts its tunnel in sockrelay_tunnels_active itself, the
 	// kernel engine's fallback to copy included (Server.kernelFallback asks movingPair).
 	pairs   map[*datapath.Pair]bool
-	moving  sync.WaitGroup
+	moving  sync.WaitGroup // moves, and the start measurement
+	measure context.CancelFunc
 	stop    chan struct{}
 	done    chan struct{}
 	stopped bool
@@ -51,31 +60,97 @@ type autoTrack struct {
 	moves   int  // moves completed, for /debug/tunnels
 }
 
-// startAutoMoves starts the sampler on a server whose auto datapath loaded the kernel engine, and says once
-// in the log the policy in force.
+// startAutoMoves starts the sampler on a server whose auto datapath loaded the kernel engine, and, unless
+// the configuration names the start engine (or a test its policy), the start measurement in the
+// background. The log says once the policy in force: at once, or with what was measured once the
+// measurement is done.
 func (s *Server) startAutoMoves() error {
-	p := auto.DefaultPolicy
-	if s.cfg.autoPolicy != nil {
-		p = *s.cfg.autoPolicy
-	}
-	if err := p.Validate(); err != nil {
+	p, measure, err := s.cfg.Auto.policy()
+	if err != nil {
 		return err
+	}
+	chosen := "no: auto.start is " + s.cfg.Auto.Start
+	if s.cfg.autoPolicy != nil {
+		p, measure, chosen = *s.cfg.autoPolicy, false, "no: a test's policy"
+		if err := p.Validate(); err != nil {
+			return err
+		}
 	}
 	decide := s.cfg.autoDecide
 	if decide == nil {
 		decide = auto.Decide
 	}
-	m := &autoMover{s: s, policy: p, decide: decide, slots: make(chan struct{}, p.MaxInFlight),
+	m := &autoMover{s: s, decide: decide, slots: make(chan struct{}, p.MaxInFlight),
 		tracked: map[*Tunnel]*autoTrack{}, pairs: map[*datapath.Pair]bool{}, stop: make(chan struct{}), done: make(chan struct{})}
+	m.policy.Store(&p)
 	s.auto = m
-	s.log.Info("datapath policy: per tunnel", "start", auto.Kernel, "interval", p.Interval,
-		"to_loop_demotions_per_sample", p.LeaveDemotions, "to_loop_segments_per_s", p.ChattySegments,
-		"to_loop_max_bytes_per_segment", p.ChattyBytesPerSegment, "to_kernel_below_segments_per_s", p.CalmSegments,
-		"to_kernel_bytes_per_segment", p.LargeBytesPerSegment, "to_kernel_quiet", p.QuietFor,
-		"min_dwell", p.MinDwell, "max_dwell", p.MaxDwell, "moves_per_s", p.MovesPerSecond,
-		"moves_in_flight", p.MaxInFlight)
+	if measure {
+		ctx, cancel := context.WithCancel(context.Background())
+		m.measure = cancel
+		m.moving.Add(1)
+		go m.measureAndApply(ctx)
+	} else {
+		s.log.Info("datapath policy: per tunnel", append([]any{"measured", chosen}, policyAttrs(p)...)...)
+	}
 	go m.run()
 	return nil
+}
+
+// measureAndApply runs the start measurement and puts the policy it calls for in force, with the
+// configuration's thresholds over it.
+func (m *autoMover) measureAndApply(ctx context.Context) {
+	defer m.moving.Done()
+	began := time.Now()
+	c := m.s.measureCosts(ctx, m)
+	took := time.Since(began)
+	p, why := auto.Measured(c)
+	p = m.s.cfg.Auto.over(p)
+	if err := p.Validate(); err != nil { // AutoOptions.policy checked every policy Measured returns
+		m.s.log.Error("auto policy: the measured policy is invalid; the default stays in force", "err", err)
+		return
+	}
+	if ctx.Err() != nil {
+		return // closed meanwhile
+	}
+	m.policy.Store(&p)
+	kernel, loop := c.Medians()
+	attrs := []any{"measured", c.Verdict(), "why", why, "measure_ms", took.Milliseconds(), "host_busy", round2(c.HostBusy), "rounds", len(c.Kernel),
+		"kernel_ctxsw_per_msg", round2(kernel), "loop_ctxsw_per_msg", round2(loop),
+		"direct_ctxsw_per_msg", c.Direct, "busy_us_per_msg_kernel_loop_direct",
+		[]float64{round2(c.BusyKernel), round2(c.BusyLoop), round2(c.BusyDirect)},
+		"kernel_idle_bytes", auto.KernelIdleBytes, "loop_idle_bytes", auto.LoopIdleBytes}
+	if c.Err != nil {
+		attrs = append(attrs, "err", c.Err)
+	}
+	m.s.log.Info("datapath policy: per tunnel", append(attrs, policyAttrs(p)...)...)
+}
+
+// round2 rounds v to two decimals, for the log.
+func round2(v float64) float64 { return math.Round(v*100) / 100 }
+
+// policyAttrs are the policy's settings, for the log.
+func policyAttrs(p auto.Policy) []any {
+	return []any{"start", p.Start, "idle_on", p.Idle, "interval", p.Interval,
+		"to_loop_demotions_per_sample", p.LeaveDemotions, "to_loop_segments_per_s", p.ChattySegments,
+		"to_loop_max_bytes_per_segment", p.ChattyBytesPerSegment, "to_kernel_below_segments_per_s", p.CalmSegments,
+		"to_kernel_bytes_per_segment", p.LargeBytesPerSegment, "to_kernel_busy_segments_per_s", p.BusySegments,
+		"to_idle_quiet", p.QuietFor, "min_dwell", p.MinDwell, "max_dwell", p.MaxDwell, "moves_per_s", p.MovesPerSecond,
+		"moves_in_flight", p.MaxInFlight}
+}
+
+// startKind is the datapath a new tunnel of a listener on auto starts on.
+func (m *autoMover) startKind() Datapath { return kindOf(m.policy.Load().Start) }
+
+// probing marks p as a pair of the start measurement (on), or no longer (off): a kernel fallback of it
+// counts no tunnel, as a move's does not.
+func (m *autoMover) probing(p *datapath.Pair, on bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if on {
+		m.pairs[p] = true
+	} else {
+		delete(m.pairs, p)
+	}
 }
 
 // track puts a tunnel that has just opened under the policy, when its listener is on auto and it has no TLS
@@ -93,10 +168,22 @@ func (m *autoMover) track(t *Tunnel, l listenerInfo) {
 
 // trackCarried puts a tunnel this process carries again, adopted in an upgrade or resumed after a failed
 // park, under the policy when its listener here is on auto, with a fresh history: a tunnel's engine changes
-// in an upgrade, and its counts start from 0 there.
+// in an upgrade, and its counts start from 0 there. A tunnel whose listener is not prepared here yet waits
+// for it (listenerSetup tracks it then, if the listener is on auto), rather than stay pinned for good.
 func (s *Server) trackCarried(t *Tunnel) {
+	if s.auto == nil {
+		return
+	}
 	s.listenersMu.Lock()
-	perTunnel := s.autoListeners[t.Listener]
+	perTunnel, known := s.autoListeners[t.Listener]
+	if !known {
+		if s.adoptedEarly == nil {
+			s.adoptedEarly = map[string][]*Tunnel{}
+		}
+		// The ended ones are dropped as others come, so that a listener never prepared keeps few.
+		waiting := slices.DeleteFunc(s.adoptedEarly[t.Listener], func(w *Tunnel) bool { return w.pair.Ending() })
+		s.adoptedEarly[t.Listener] = append(waiting, t)
+	}
 	s.listenersMu.Unlock()
 	s.auto.track(t, listenerInfo{name: t.Listener, perTunnel: perTunnel})
 }
@@ -118,7 +205,7 @@ func (m *autoMover) movesOf(t *Tunnel) (moves int, tracked bool) {
 // run samples every Policy.Interval until close.
 func (m *autoMover) run() {
 	defer close(m.done)
-	tick := time.NewTicker(m.policy.Interval)
+	tick := time.NewTicker(m.policy.Load().Interval)
 	defer tick.Stop()
 	for {
 		select {
@@ -147,7 +234,8 @@ func (m *autoMover) sample(now time.Time) {
 		tunnels = append(tunnels, t)
 	}
 	m.mu.Unlock()
-	budget := max(1, int(float64(m.policy.MovesPerSecond)*m.policy.Interval.Seconds()))
+	p := *m.policy.Load()
+	budget := max(1, int(float64(p.MovesPerSecond)*p.Interval.Seconds()))
 	m.readKernelCounts()
 	var moves []autoMove
 	for _, t := range tunnels {
@@ -183,7 +271,7 @@ func (m *autoMover) sample(now time.Time) {
 		s := sampleOf(from, now.Sub(tr.lastAt), tr.last, counts)
 		tr.last, tr.lastAt = counts, now
 		tr.hist.Observe(s)
-		d := m.decide(m.policy, s, tr.hist)
+		d := m.decide(p, s, tr.hist)
 		if _, half := t.pair.HalfClosedSince(); half && d.To == auto.Kernel {
 			// A socket that got its FIN cannot enter a sockhash: the kernel engine would hand the pair to
 			// the goroutine copier, where it would stay.
@@ -299,7 +387,7 @@ func (m *autoMover) move(mv autoMove) {
 	switch {
 	case err == nil:
 		mv.tr.moves++
-		mv.tr.hist.Moved(m.policy, mv.from, mv.d)
+		mv.tr.hist.Moved(*m.policy.Load(), mv.from, mv.d)
 	case !errors.Is(err, datapath.ErrPairEnded):
 		mv.tr.hist.On = 0 // not again before a dwell
 	}
@@ -323,7 +411,8 @@ func (m *autoMover) move(mv autoMove) {
 	}
 }
 
-// close stops the sampler and waits for the moves in flight, which end once their pairs do: the caller
+// close stops the sampler and the start measurement, and waits for them and for the moves in flight,
+// which end once their pairs do: the caller
 // has closed every tunnel first, so that none waits on a reader, and no move carries a pair onto an engine
 // being closed.
 func (m *autoMover) close() {
@@ -338,9 +427,77 @@ func (m *autoMover) close() {
 	m.stopped = true
 	m.tracked = map[*Tunnel]*autoTrack{}
 	m.mu.Unlock()
+	if m.measure != nil {
+		m.measure()
+	}
 	close(m.stop)
 	<-m.done
 	m.moving.Wait()
+}
+
+// AutoOptions are the settings of auto's per-tunnel policy (configuration `auto`, docs/datapath.md, "auto
+// per tunnel"). The zero value measures at start and keeps the thresholds of the policy it chooses.
+type AutoOptions struct {
+	// Start is AutoStartMeasured (or ""), AutoStartCopy or AutoStartSockmap.
+	Start string
+	// ChattySegments, BusySegments, QuietFor, MinDwell and MaxDwell, when not 0, replace the policy's
+	// (auto.Policy's fields of the same names).
+	ChattySegments, BusySegments float64
+	QuietFor, MinDwell, MaxDwell time.Duration
+}
+
+// The values of AutoOptions.Start.
+const (
+	// AutoStartMeasured: measure what a message costs on each engine at start, and follow auto.Measured.
+	AutoStartMeasured = "measured"
+	// AutoStartCopy: auto.LoopFirst, with no measurement.
+	AutoStartCopy = "copy"
+	// AutoStartSockmap: auto.KernelFirst, with no measurement (the first version's policy).
+	AutoStartSockmap = "sockmap"
+)
+
+// policy is the policy in force from the start, and whether the start measurement is to replace it. Every
+// policy it may be replaced with is checked now, with the options over it, so that a threshold out of range
+// fails the start, naming the option.
+func (o AutoOptions) policy() (p auto.Policy, measure bool, err error) {
+	var candidates []auto.Policy
+	switch o.Start {
+	case "", AutoStartMeasured:
+		p, measure = o.over(auto.LoopFirst), true
+		candidates = []auto.Policy{auto.LoopFirst, auto.KernelForBusy}
+	case AutoStartCopy:
+		p, candidates = o.over(auto.LoopFirst), []auto.Policy{auto.LoopFirst}
+	case AutoStartSockmap:
+		p, candidates = o.over(auto.KernelFirst), []auto.Policy{auto.KernelFirst}
+	default:
+		return p, false, fmt.Errorf("auto.start %q: accepted %s, %s or %s", o.Start, AutoStartMeasured, AutoStartCopy, AutoStartSockmap)
+	}
+	for _, c := range candidates {
+		if err := o.over(c).Validate(); err != nil {
+			return p, false, fmt.Errorf("auto settings %+v, over the %s-first policy: %w", o, kindOf(c.Start), err)
+		}
+	}
+	return p, measure, nil
+}
+
+// over is p with the options' thresholds that are set.
+func (o AutoOptions) over(p auto.Policy) auto.Policy {
+	if o.ChattySegments != 0 {
+		p.ChattySegments = o.ChattySegments
+	}
+	if o.BusySegments != 0 {
+		p.BusySegments = o.BusySegments
+	}
+	if o.QuietFor != 0 {
+		p.QuietFor = o.QuietFor
+	}
+	if o.MinDwell != 0 {
+		p.MinDwell = o.MinDwell
+	}
+	if o.MaxDwell != 0 {
+		p.MaxDwell = o.MaxDwell
+	}
+	return p
 }
 
 // moveMetrics are sockrelay_tunnel_moves_total, sockrelay_tunnel_move_failures_total and

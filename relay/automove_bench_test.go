@@ -4,34 +4,16 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 )
 
-// machineCounters are /proc/stat's busy CPU time (all but idle and iowait, in USER_HZ ticks) and context
-// switches, machine-wide: the kernel engine's work items run in kworker threads, outside this process.
-func machineCounters(b *testing.B) (busyTicks, ctxt uint64) {
-	data, err := os.ReadFile("/proc/stat")
+// benchCounters are machineCounters, failing b if they cannot be read.
+func benchCounters(b *testing.B) (busyTicks, ctxt uint64) {
+	busyTicks, ctxt, err := machineCounters()
 	if err != nil {
 		b.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		switch {
-		case len(f) > 8 && f[0] == "cpu":
-			for i, v := range f[1:] {
-				n, _ := strconv.ParseUint(v, 10, 64)
-				if i != 3 && i != 4 { // idle, iowait
-					busyTicks += n
-				}
-			}
-		case len(f) == 2 && f[0] == "ctxt":
-			ctxt, _ = strconv.ParseUint(f[1], 10, 64)
-		}
 	}
 	return busyTicks, ctxt
 }
@@ -54,9 +36,9 @@ func BenchmarkChattyCost(b *testing.B) {
 					}
 					clients, ups, crs, urs := benchPathsN(b, dp, tunnels)
 					time.Sleep(100 * time.Millisecond) // into the kernel
-					busy0, ctxt0 := machineCounters(b)
+					busy0, ctxt0 := benchCounters(b)
 					trips := chattyRun(b, clients, ups, crs, urs, rate, dur)
-					busy1, ctxt1 := machineCounters(b)
+					busy1, ctxt1 := benchCounters(b)
 					// USER_HZ is 100 on Linux: a tick is 10 ms.
 					b.ReportMetric(float64(busy1-busy0)*10_000/float64(trips), "cpu-µs/rt")
 					b.ReportMetric(float64(ctxt1-ctxt0)/float64(trips), "ctxsw/rt")

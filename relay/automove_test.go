@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -655,5 +656,153 @@ func TestSampleOf(t *testing.T) {
 		if s.Dirs != tc.want || s.Engine != auto.Loop || s.Elapsed != time.Second {
 			t.Errorf("%s: %+v, want %+v", tc.name, s.Dirs, tc.want)
 		}
+	}
+}
+
+// TestAutoTracksTunnelAdoptedBeforeItsListener: a tunnel handed over in an upgrade before the new process
+// has prepared the listener it came in on comes under the policy once that listener is prepared on auto,
+// and stays pinned when it is prepared with a datapath of its own.
+func TestAutoTracksTunnelAdoptedBeforeItsListener(t *testing.T) {
+	requireSockmap(t)
+	toOther := func(_ auto.Policy, s auto.Sample, _ auto.History) auto.Decision {
+		return auto.Decision{Move: true, To: 1 - s.Engine, Reason: auto.ReasonForced}
+	}
+	for _, tc := range []struct {
+		listener Datapath // the new process's listener's, prepared after the adoption
+		tracked  bool
+	}{{DatapathAuto, true}, {DatapathCopy, false}} {
+		t.Run(string(tc.listener), func(t *testing.T) {
+			up := startUpstream(t)
+			old := startRelay(t, DatapathCopy, []string{up.Addr})
+			next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), toOther))
+			c, u := openTunnel(t, old.Addr, up, nil, nil)
+			tun := handOverTo(t, old, next, onlyTunnel(t, old), "late")
+			if _, tracked := next.auto.movesOf(tun); tracked {
+				t.Fatal("adopted tunnel under the policy before its listener was prepared")
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			late, err := next.PrepareListener(ln, ListenerOptions{Name: "late", Datapath: tc.listener})
+			if err != nil {
+				t.Fatal(err)
+			}
+			go late.Serve()
+			if _, tracked := next.auto.movesOf(tun); tracked != tc.tracked {
+				t.Fatalf("adopted tunnel under the policy once its listener is prepared on %s: %v, want %v",
+					tc.listener, tracked, tc.tracked)
+			}
+			if tc.tracked {
+				waitFor(t, 10*time.Second, "the adopted tunnel moved to sockmap", func() bool {
+					moving, moves := next.auto.trackOf(tun)
+					return !moving && moves >= 1 && tun.Datapath() == DatapathSockmap
+				})
+			}
+			if _, err := c.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 4)
+			_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
+				t.Fatalf("after the handover the upstream read %q, %v", got, err)
+			}
+		})
+	}
+}
+
+// TestAutoMeasuresAtStart: with no start engine configured, the relay measures what a message costs on each
+// engine in the background, logs what it measured and the policy in force once, and tunnels start on the
+// policy's engine (the loop, which every measured policy starts on).
+func TestAutoMeasuresAtStart(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr})
+	waitFor(t, 10*time.Second, "the policy measured at start in the log", func() bool {
+		return strings.Contains(r.Log.String(), `msg="datapath policy: per tunnel" measured=`) &&
+			!strings.Contains(r.Log.String(), "measured=no")
+	})
+	log := r.Log.String()
+	if n := strings.Count(log, "datapath policy: per tunnel"); n != 1 {
+		t.Errorf("the policy logged %d times, want once:\n%s", n, log)
+	}
+	if !containsAll(log, []string{"kernel_ctxsw_per_msg=", "loop_ctxsw_per_msg=", "start=copy", "rounds="}) {
+		t.Errorf("the start log does not say what was measured and the policy:\n%s", log)
+	}
+	c, u := openTunnel(t, r.Addr, up, nil, nil)
+	defer c.Close()
+	defer u.Close()
+	tun := onlyTunnel(t, r)
+	if got := tun.Datapath(); got != DatapathCopy {
+		t.Errorf("a new tunnel started on %s, want copy", got)
+	}
+	if _, tracked := r.auto.movesOf(tun); !tracked {
+		t.Error("a new tunnel on auto is not under the policy")
+	}
+}
+
+// TestMeasureCosts: the start measurement completes its rounds on an idle relay, each a count per message
+// on every path, and leaves nothing in the kernel's maps.
+func TestMeasureCosts(t *testing.T) {
+	requireSockmap(t)
+	r := startRelay(t, DatapathAuto, []string{"127.0.0.1:9"}, withAutoPolicy(auto.LoopFirst, nil))
+	c := r.measureCosts(context.Background(), r.auto)
+	if c.Err != nil {
+		t.Fatal(c.Err)
+	}
+	t.Logf("costs %+v, verdict %s", c, c.Verdict())
+	for name, v := range map[string][]float64{"kernel": c.Kernel, "loop": c.Loop, "direct": c.Direct} {
+		if len(v) != probeRounds {
+			t.Errorf("%s: %d rounds, want %d", name, len(v), probeRounds)
+		}
+		for _, x := range v {
+			if x < 0 || x == 0 && name != "direct" {
+				t.Errorf("%s: %v context switches per message", name, x)
+			}
+		}
+	}
+	assertMapsEmpty(t, r.kernel)
+	if got := metricSum(r.Reg, "sockrelay_tunnels_total", nil); got != 0 {
+		t.Errorf("the measurement counted %v tunnels", got)
+	}
+}
+
+// TestAutoOptions: the configured start engine and thresholds are the policy in force, and one out of
+// range fails the start with an error that names it.
+func TestAutoOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		o       AutoOptions
+		want    func(auto.Policy) bool
+		measure bool
+		err     string
+	}{
+		{"default measures, loop first meanwhile", AutoOptions{}, func(p auto.Policy) bool { return p == auto.LoopFirst }, true, ""},
+		{"copy", AutoOptions{Start: AutoStartCopy}, func(p auto.Policy) bool { return p == auto.LoopFirst }, false, ""},
+		{"sockmap", AutoOptions{Start: AutoStartSockmap}, func(p auto.Policy) bool { return p == auto.KernelFirst }, false, ""},
+		{"thresholds over sockmap", AutoOptions{Start: AutoStartSockmap, ChattySegments: 500, QuietFor: time.Minute, MinDwell: time.Second},
+			func(p auto.Policy) bool {
+				return p.ChattySegments == 500 && p.QuietFor == time.Minute && p.MinDwell == time.Second && p.Start == auto.Kernel
+			}, false, ""},
+		{"busy over measured", AutoOptions{BusySegments: 50}, func(p auto.Policy) bool { return p.BusySegments == 50 }, true, ""},
+		{"unknown start", AutoOptions{Start: "kernel"}, nil, false, `auto.start "kernel"`},
+		{"chatty below calm on sockmap", AutoOptions{Start: AutoStartSockmap, ChattySegments: 100}, nil, false, "calm segments"},
+		{"max dwell below min dwell", AutoOptions{MinDwell: time.Hour}, nil, false, "max dwell"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, measure, err := tc.o.policy()
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want one naming %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tc.want(p) || measure != tc.measure {
+				t.Errorf("policy %+v, measure %v", p, measure)
+			}
+		})
 	}
 }

@@ -158,13 +158,16 @@ func (s *Server) listenerSetup(opts ListenerOptions) (listenerInfo, error) {
 		s.listenerLimiters[info.name] = info.limiter
 		s.listenersMu.Unlock()
 	}
-	if info.perTunnel {
-		s.listenersMu.Lock()
-		if s.autoListeners == nil {
-			s.autoListeners = map[string]bool{}
-		}
-		s.autoListeners[info.name] = true
-		s.listenersMu.Unlock()
+	s.listenersMu.Lock()
+	if s.autoListeners == nil {
+		s.autoListeners = map[string]bool{}
+	}
+	s.autoListeners[info.name] = info.perTunnel
+	early := s.adoptedEarly[info.name]
+	delete(s.adoptedEarly, info.name)
+	s.listenersMu.Unlock()
+	for _, t := range early {
+		s.auto.track(t, info)
 	}
 	s.metrics.knowListener(info.name, info.datapath, s.Router().Pools())
 	return info, nil

@@ -46,7 +46,11 @@ func (s *Server) establish(o opening) (*Tunnel, error) {
 		clientIP:          o.clientIP,
 		halfClosedTimeout: o.halfClosedTimeout,
 	}
-	engine := s.engineFor(o.listener.datapath, o.client, o.upstream)
+	kind := o.listener.datapath
+	if o.listener.perTunnel {
+		kind = s.auto.startKind() // auto's policy says where its tunnels start
+	}
+	engine := s.engineFor(kind, o.client, o.upstream)
 	t.pair = datapath.NewPair(engine.Kind(), o.client, o.upstream, func(*datapath.Pair) { s.tunnelEnded(t) })
 	// The tunnel is registered before the client sees its 101: a shutdown that races this handshake then
 	// either refuses it here or finds it live and closes it; it never misses it.

@@ -94,6 +94,8 @@ type Config struct {
 	// dialControl, set only by tests, runs on each upstream socket before its connect (net.Dialer.Control):
 	// an error from it is the relay's own socket failing.
 	dialControl func(network, address string, c syscall.RawConn) error
+	// Auto are the settings of auto's per-tunnel policy (AutoOptions); the zero value measures at start.
+	Auto AutoOptions
 	// autoPolicy and autoDecide, set only by tests, stand in for auto.DefaultPolicy and auto.Decide in the
 	// per-tunnel policy of auto (automove.go).
 	autoPolicy *auto.Policy
@@ -129,9 +131,12 @@ type Server struct {
 	tcpListeners []net.Listener // of ServeTCP
 	// listenerLimiters are the listeners' own limits by name (those with any), for adopted tunnels.
 	listenerLimiters map[string]*limiter
-	// autoListeners are the listeners whose tunnels auto's policy moves (listenerInfo.perTunnel), by name,
-	// for tunnels adopted in an upgrade or resumed after a failed park.
+	// autoListeners are the listeners prepared here, by name, each with whether auto's policy moves its
+	// tunnels (listenerInfo.perTunnel), for tunnels adopted in an upgrade or resumed after a failed park.
 	autoListeners map[string]bool
+	// adoptedEarly are tunnels carried again on a listener not prepared yet, by its name: the policy takes
+	// them when it is prepared on auto (trackCarried, listenerSetup).
+	adoptedEarly map[string][]*Tunnel
 	// unread are the connections accepted whose first request head has not been read yet
 	// (http.StateNew). Shutdown lets them send it before it stops the servers, which close such a
 	// connection unanswered once they are shutting down.

@@ -211,7 +211,7 @@ func TestRunEndToEnd(t *testing.T) {
 			}
 			want := dp
 			if dp == "auto" {
-				want = autoChoice()
+				want = autoTunnels()
 			}
 			if _, body := httpGet(t, admin+"/metrics"); !strings.Contains(body, fmt.Sprintf(`sockrelay_tunnels_total{datapath=%q,listener="default",pool="default"} 2`, want)) {
 				t.Errorf("/metrics lacks sockrelay_tunnels_total{datapath=%q,listener=\"default\",pool=\"default\"} 2", want)

@@ -521,6 +521,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		rl = &reloader{o: o, started: o.file.cfg, pools: ps, log: log}
 		rcfg.Router, rcfg.Reload = router, rl.reload
 		rcfg.Limits = relayLimits(o.file.cfg.Limits)
+		rcfg.Auto = relayAuto(o.file.cfg.Auto)
 	}
 	srv, err := relay.NewServer(rcfg)
 	if err != nil {
@@ -814,4 +815,10 @@ func (o *runOptions) upstreamsLogged() string {
 		names = append(names, "pool "+p.Name)
 	}
 	return strings.Join(names, ",")
+}
+
+// relayAuto is the relay's form of the file's auto settings.
+func relayAuto(a config.Auto) relay.AutoOptions {
+	return relay.AutoOptions{Start: a.Start, ChattySegments: a.ChattySegments, BusySegments: a.BusySegments,
+		QuietFor: a.Quiet, MinDwell: a.MinDwell, MaxDwell: a.MaxDwell}
 }

@@ -166,6 +166,9 @@ func TestRunDrain(t *testing.T) {
 				} else if dp != "auto" && want != dp {
 					t.Errorf("datapath chosen %q, want %q", want, dp)
 				}
+				if dp == "auto" {
+					want = autoTunnels()
+				}
 
 				opened := time.Now()
 				ws := dialWS(t, r.listen)
@@ -486,6 +489,15 @@ var autoChoice = sync.OnceValue(func() string {
 	}
 	return "splice"
 })
+
+// autoTunnels is the datapath --datapath auto's new tunnels start on: where it chose sockmap, its per-tunnel
+// policy starts them on the event loop (copy); else its choice.
+func autoTunnels() string {
+	if autoChoice() == "sockmap" {
+		return "copy"
+	}
+	return autoChoice()
+}
 
 // TestHalfClosedTimeoutSettings: the half-close timeouts default to 5s (WebSocket) and 60s (tcp), come
 // from the file's timeouts.half_closed and tcp_half_closed, yield to their flags, are refused under 1s,

@@ -1,11 +1,14 @@
 // Package auto is the per-tunnel policy of `--datapath auto` where the kernel engine runs: each plain tunnel
-// starts in the kernel (sockmap) and moves to the event loop (copy) and back as its traffic changes
-// (docs/datapath.md, "auto per tunnel"). The package is pure: Decide takes a sample of a tunnel's counters
-// and its history and says whether to move it, and why; the relay gathers the counters and moves the pairs.
+// starts on the engine the policy names (Policy.Start) and moves between the kernel (sockmap) and the event
+// loop (copy) as its traffic changes (docs/datapath.md, "auto per tunnel"). The package is pure: Decide
+// takes a sample of a tunnel's counters and its history and says whether to move it, and why; Measured
+// derives the policy from what a message costs on each engine, as the relay measured it at start; the relay
+// gathers the counters and moves the pairs.
 package auto
 
 import (
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -36,26 +39,32 @@ const (
 	// ReasonChatty: a kernel tunnel carried many small segments a second; each costs the kernel a work item
 	// and about three context switches, more than the loop pays per message.
 	ReasonChatty Reason = "chatty"
-	// ReasonQuiet: a loop tunnel moved no byte for Policy.QuietFor; idle tunnels cost nothing in the kernel.
+	// ReasonQuiet: a tunnel moved no byte for Policy.QuietFor, on the engine that is not Policy.Idle.
 	ReasonQuiet Reason = "quiet"
 	// ReasonCalm: a tunnel that left the kernel for being chatty now carries few segments a second.
 	ReasonCalm Reason = "calm"
 	// ReasonLargeSegments: a loop tunnel that did not leave the kernel for demotions reads large segments,
 	// which the kernel moves for less.
 	ReasonLargeSegments Reason = "large_segments"
+	// ReasonBusy: a loop tunnel read at least Policy.BusySegments a second, where a message measured
+	// cheaper in the kernel than on the loop.
+	ReasonBusy Reason = "busy"
 	// ReasonForced: a test's policy moved it (Policy.Flip).
 	ReasonForced Reason = "forced"
 )
 
 // Reasons lists every Reason a relay's policy moves a tunnel for, for metrics to start at 0 (ReasonForced is
 // only ever a test's).
-var Reasons = []Reason{ReasonDemotions, ReasonChatty, ReasonQuiet, ReasonCalm, ReasonLargeSegments}
+var Reasons = []Reason{ReasonDemotions, ReasonChatty, ReasonQuiet, ReasonCalm, ReasonLargeSegments, ReasonBusy}
 
 // Policy is the thresholds. Rates are per second of the sample; a sample shorter than Interval/2 (the
 // sampler ran late or early) is still a valid rate.
 type Policy struct {
 	// Interval is how often the sampler reads every auto tunnel's counters.
 	Interval time.Duration
+	// Start is the engine a new tunnel starts on; Idle, the one a tunnel with no byte either way for
+	// QuietFor moves to (the cheaper one per idle tunnel).
+	Start, Idle Engine
 	// LeaveDemotions: a kernel tunnel demoted this many times within one sample moves to the loop.
 	LeaveDemotions uint64
 	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel whose directions averaging at most
@@ -64,16 +73,22 @@ type Policy struct {
 	ChattySegments        float64
 	ChattyBytesPerSegment float64
 	// CalmSegments: a loop tunnel that left the kernel for being chatty goes back below this many
-	// segments (reads) a second. Well under ChattySegments, so that a tunnel near one threshold does not
-	// cross back and forth (hysteresis).
+	// segments (reads) a second (0: never). Well under ChattySegments, so that a tunnel near one threshold
+	// does not cross back and forth (hysteresis).
 	CalmSegments float64
 	// LargeBytesPerSegment: a loop tunnel that did not leave the kernel for demotions goes back when its
-	// directions whose reads average at least this many bytes read at least CalmSegments a second together.
+	// directions whose reads average at least this many bytes read at least CalmSegments a second together
+	// (0: never).
 	LargeBytesPerSegment float64
-	// QuietFor: a loop tunnel with no byte either way for this long goes back to the kernel.
+	// BusySegments: a loop tunnel that did not leave the kernel for demotions or for being chatty moves to
+	// the kernel once it reads at least this many segments a second, both directions together (0: never).
+	BusySegments float64
+	// QuietFor: a tunnel not on Idle with no byte either way for this long moves to Idle.
 	QuietFor time.Duration
 	// MinDwell is the least time a tunnel stays on an engine before it may move again; MaxDwell caps the
 	// dwell, which doubles each time a tunnel comes back to an engine it left less than 4 dwells before.
+	// A tunnel's first move needs no dwell: one sample's clear evidence moves it off its first engine,
+	// and nothing has moved it before, so nothing can oscillate yet.
 	MinDwell, MaxDwell time.Duration
 	// MovesPerSecond caps the moves the sampler starts, all tunnels together; MaxInFlight caps the moves
 	// running at once (a move off the kernel can wait on a reader that stopped).
@@ -83,10 +98,13 @@ type Policy struct {
 	Flip bool
 }
 
-// DefaultPolicy is the policy in force unless a test sets another (docs/datapath.md, "auto per tunnel",
-// says why each value is what it is).
-var DefaultPolicy = Policy{
+// KernelFirst is the first version's policy (configuration `auto.start: sockmap`): every tunnel starts in the
+// kernel, leaves it when chatty or demoting, and comes back when calm, quiet or reading large segments
+// (docs/datapath.md, "auto per tunnel", says why each value is what it is).
+var KernelFirst = Policy{
 	Interval:              time.Second,
+	Start:                 Kernel,
+	Idle:                  Kernel,
 	LeaveDemotions:        2,
 	ChattySegments:        1000,
 	ChattyBytesPerSegment: 4096,
@@ -99,11 +117,59 @@ var DefaultPolicy = Policy{
 	MaxInFlight:           4,
 }
 
+// DefaultPolicy is KernelFirst: the thresholds tests start from.
+var DefaultPolicy = KernelFirst
+
+// LoopFirst is the policy where a message costs no more on the loop than in the kernel, or where that could
+// not be measured (configuration `auto.start: copy`, and the fallback of `measured`): every tunnel starts on
+// the loop, which also holds an idle tunnel for less (IdleTunnelBytes), and stays there. A tunnel that
+// comes to the kernel another way (adopted from an upgrade whose old process ran it there) leaves it at its
+// first sample with traffic (10 segments a second: any), or once quiet, or on demotions. Large segments
+// do not move to the kernel: its bulk measured slower than the loop's, with demotions, on 6.18 (make bench).
+var LoopFirst = Policy{
+	Interval:              time.Second,
+	Start:                 Loop,
+	Idle:                  Loop,
+	LeaveDemotions:        2,
+	ChattySegments:        10,
+	ChattyBytesPerSegment: math.Inf(1),
+	QuietFor:              10 * time.Second,
+	MinDwell:              5 * time.Second,
+	MaxDwell:              5 * time.Minute,
+	MovesPerSecond:        200,
+	MaxInFlight:           4,
+}
+
+// KernelForBusy is the policy where a message measured clearly cheaper in the kernel than on the loop: a
+// tunnel starts on the loop (idle, it costs less there), moves to the kernel once it reads BusySegments a
+// second, and back once quiet, or on demotions (after which only quiet would bring it back).
+var KernelForBusy = Policy{
+	Interval:              time.Second,
+	Start:                 Loop,
+	Idle:                  Loop,
+	LeaveDemotions:        2,
+	ChattySegments:        math.Inf(1),
+	ChattyBytesPerSegment: 4096,
+	BusySegments:          200,
+	QuietFor:              10 * time.Second,
+	MinDwell:              5 * time.Second,
+	MaxDwell:              5 * time.Minute,
+	MovesPerSecond:        200,
+	MaxInFlight:           4,
+}
+
 // Validate says which field is out of range.
 func (p Policy) Validate() error {
 	switch {
 	case p.Interval <= 0:
 		return fmt.Errorf("auto policy: interval %v: must be positive", p.Interval)
+	case p.Start != Kernel && p.Start != Loop || p.Idle != Kernel && p.Idle != Loop:
+		return fmt.Errorf("auto policy: start %d or idle %d is not an engine", p.Start, p.Idle)
+	case p.ChattySegments <= 0 || p.CalmSegments < 0 || p.BusySegments < 0 || p.LargeBytesPerSegment < 0:
+		return fmt.Errorf("auto policy: chatty segments %v/s must be positive, and calm %v/s, busy %v/s and large segment bytes %v not negative",
+			p.ChattySegments, p.CalmSegments, p.BusySegments, p.LargeBytesPerSegment)
+	case p.QuietFor <= 0:
+		return fmt.Errorf("auto policy: quiet %v: must be positive", p.QuietFor)
 	case p.CalmSegments >= p.ChattySegments && !p.Flip:
 		return fmt.Errorf("auto policy: calm segments %.0f/s must be below chatty segments %.0f/s, or tunnels would oscillate",
 			p.CalmSegments, p.ChattySegments)
@@ -194,7 +260,7 @@ func (h *History) Moved(p Policy, from Engine, d Decision) {
 // Decide says whether a tunnel whose latest sample is s, and whose history (s observed) is h, should move,
 // where and why.
 func Decide(p Policy, s Sample, h History) Decision {
-	if h.On < max(h.Dwell, p.MinDwell) || s.Elapsed <= 0 {
+	if s.Elapsed <= 0 || h.Moves > 0 && h.On < max(h.Dwell, p.MinDwell) {
 		return Decision{}
 	}
 	if p.Flip {
@@ -210,10 +276,12 @@ func Decide(p Policy, s Sample, h History) Decision {
 			return Decision{Move: true, To: Loop, Reason: ReasonDemotions}
 		case p.chatty(s, secs):
 			return Decision{Move: true, To: Loop, Reason: ReasonChatty}
+		case p.Idle == Loop && h.Quiet >= p.QuietFor:
+			return Decision{Move: true, To: Loop, Reason: ReasonQuiet}
 		}
 	case Loop:
 		switch {
-		case h.Quiet >= p.QuietFor:
+		case p.Idle == Kernel && h.Quiet >= p.QuietFor:
 			return Decision{Move: true, To: Kernel, Reason: ReasonQuiet}
 		case h.Left == ReasonDemotions:
 			// Its bulk would demote again: only quiet brings it back.
@@ -221,6 +289,8 @@ func Decide(p Policy, s Sample, h History) Decision {
 			return Decision{Move: true, To: Kernel, Reason: ReasonCalm}
 		case p.largeSegments(s, secs):
 			return Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}
+		case h.Left != ReasonChatty && p.BusySegments > 0 && segRate >= p.BusySegments:
+			return Decision{Move: true, To: Kernel, Reason: ReasonBusy}
 		}
 	}
 	return Decision{}
@@ -251,6 +321,9 @@ func (p Policy) chatty(s Sample, secs float64) bool {
 // read at least CalmSegments a second together: bulk of large segments, whatever the other direction
 // carries (acks, small messages).
 func (p Policy) largeSegments(s Sample, secs float64) bool {
+	if p.LargeBytesPerSegment <= 0 {
+		return false
+	}
 	large := 0.0
 	for _, f := range s.Dirs {
 		if f.Segments > 0 && f.perSegment() >= p.LargeBytesPerSegment {

@@ -1,6 +1,7 @@
 package auto
 
 import (
+	"strings"
 	"testing"
 	"time"
 )
@@ -28,10 +29,12 @@ func TestDecide(t *testing.T) {
 			Decision{Move: true, To: Loop, Reason: ReasonDemotions}},
 		{"kernel demoting once stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 1 << 30, Segments: 1 << 14, Demotions: 1}}}, settled,
 			Decision{}},
-		{"kernel chatty within the dwell stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: 4 * sec},
+		{"kernel chatty within the dwell stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: 4 * sec, Moves: 1},
 			Decision{}},
-		{"kernel chatty within a doubled dwell stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: 9 * sec, Dwell: 10 * sec},
+		{"kernel chatty within a doubled dwell stays", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: 9 * sec, Dwell: 10 * sec, Moves: 2},
 			Decision{}},
+		{"kernel chatty at its first sample leaves: the first move needs no dwell", Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: sec},
+			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
 		{"loop quiet returns", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: 10 * sec, Left: ReasonDemotions},
 			Decision{Move: true, To: Kernel, Reason: ReasonQuiet}},
 		{"loop quiet not long enough stays", Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: 9 * sec, Left: ReasonChatty},
@@ -65,6 +68,55 @@ func TestDecide(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := Decide(p, tc.s, tc.h); got != tc.want {
+				t.Errorf("Decide(%+v, %+v) = %+v, want %+v", tc.s, tc.h, got, tc.want)
+			}
+		})
+	}
+	for _, tc := range []struct {
+		name string
+		p    Policy
+		s    Sample
+		h    History
+		want Decision
+	}{
+		// LoopFirst: tunnels start on the loop and stay; a kernel tunnel (adopted) leaves at any traffic.
+		{"loop first: busy loop tunnel stays", LoopFirst, Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 100, Segments: 5000}}}, History{On: sec},
+			Decision{}},
+		{"loop first: loop bulk of large segments stays", LoopFirst, Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 500 * 64 << 10, Segments: 500}}}, History{On: time.Minute},
+			Decision{}},
+		{"loop first: quiet loop tunnel stays", LoopFirst, Sample{Engine: Loop, Elapsed: sec}, History{On: time.Minute, Quiet: time.Minute},
+			Decision{}},
+		{"loop first: kernel tunnel with 10 segments a second leaves at its first sample", LoopFirst, Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 10 * 64, Segments: 10}}}, History{On: sec},
+			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
+		{"loop first: kernel bulk of large segments leaves", LoopFirst, Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 500 * 64 << 10, Segments: 500}}}, History{On: sec},
+			Decision{Move: true, To: Loop, Reason: ReasonChatty}},
+		{"loop first: kernel tunnel below 10 segments a second stays", LoopFirst, Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 9 * 64, Segments: 9}}}, History{On: sec},
+			Decision{}},
+		{"loop first: quiet kernel tunnel leaves", LoopFirst, Sample{Engine: Kernel, Elapsed: sec}, History{On: 10 * sec, Quiet: 10 * sec},
+			Decision{Move: true, To: Loop, Reason: ReasonQuiet}},
+		// KernelForBusy: start on the loop, busy to the kernel, quiet back.
+		{"kernel for busy: loop tunnel at the busy rate leaves at its first sample", KernelForBusy, Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 100 * 64, Segments: 100}, {Bytes: 100 * 64, Segments: 100}}}, History{On: sec},
+			Decision{Move: true, To: Kernel, Reason: ReasonBusy}},
+		{"kernel for busy: loop tunnel below the busy rate stays", KernelForBusy, Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 199 * 64, Segments: 199}}}, History{On: sec},
+			Decision{}},
+		{"kernel for busy: busy loop tunnel that demoted stays", KernelForBusy, Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 64, Segments: 5000}}}, History{On: time.Minute, Moves: 1, Left: ReasonDemotions},
+			Decision{}},
+		{"kernel for busy: busy kernel tunnel stays however chatty", KernelForBusy, Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 50000 * 64, Segments: 50000}}}, History{On: time.Minute, Moves: 1},
+			Decision{}},
+		{"kernel for busy: kernel tunnel with some traffic stays", KernelForBusy, Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 64, Segments: 1}}}, History{On: time.Minute, Moves: 1},
+			Decision{}},
+		{"kernel for busy: quiet kernel tunnel goes back", KernelForBusy, Sample{Engine: Kernel, Elapsed: sec}, History{On: time.Minute, Quiet: 10 * sec, Moves: 1},
+			Decision{Move: true, To: Loop, Reason: ReasonQuiet}},
+		{"kernel for busy: demoting kernel tunnel leaves", KernelForBusy, Sample{Engine: Kernel, Elapsed: sec, Dirs: [2]Flow{{Bytes: 1 << 30, Segments: 1 << 20, Demotions: 2}}}, History{On: time.Minute, Moves: 1},
+			Decision{Move: true, To: Loop, Reason: ReasonDemotions}},
+		{"kernel for busy: back on the loop within the dwell stays", KernelForBusy, Sample{Engine: Loop, Elapsed: sec, Dirs: [2]Flow{{Bytes: 5000 * 64, Segments: 5000}}}, History{On: 4 * sec, Moves: 2},
+			Decision{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.p.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			if got := Decide(tc.p, tc.s, tc.h); got != tc.want {
 				t.Errorf("Decide(%+v, %+v) = %+v, want %+v", tc.s, tc.h, got, tc.want)
 			}
 		})
@@ -149,12 +201,27 @@ func TestNoOscillation(t *testing.T) {
 }
 
 func TestValidate(t *testing.T) {
-	if err := DefaultPolicy.Validate(); err != nil {
-		t.Fatalf("default policy: %v", err)
+	for _, p := range []Policy{KernelFirst, LoopFirst, KernelForBusy} {
+		if err := p.Validate(); err != nil {
+			t.Fatalf("%+v: %v", p, err)
+		}
 	}
-	bad := DefaultPolicy
-	bad.CalmSegments = bad.ChattySegments
-	if err := bad.Validate(); err == nil {
-		t.Error("calm at the chatty threshold passed")
+	for _, tc := range []struct {
+		name   string
+		change func(*Policy)
+		want   string
+	}{
+		{"calm at the chatty threshold", func(p *Policy) { p.CalmSegments = p.ChattySegments }, "calm segments"},
+		{"no chatty threshold", func(p *Policy) { p.ChattySegments = 0 }, "chatty segments"},
+		{"negative busy", func(p *Policy) { p.BusySegments = -1 }, "busy"},
+		{"no quiet time", func(p *Policy) { p.QuietFor = 0 }, "quiet"},
+		{"a start that is no engine", func(p *Policy) { p.Start = 7 }, "start"},
+		{"max dwell below min dwell", func(p *Policy) { p.MaxDwell = p.MinDwell - 1 }, "max dwell"},
+	} {
+		bad := DefaultPolicy
+		tc.change(&bad)
+		if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error naming %q", tc.name, err, tc.want)
+		}
 	}
 }
