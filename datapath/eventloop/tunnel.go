@@ -38,7 +38,8 @@ type tunnel struct {
 	loop   *loop
 	ends   [2]socket
 	dirs   [2]direction
-	owner  Owner // told of the FINs and the end (Spec.Owner, or Spec.OnEnd and OnFIN wrapped in funcOwner)
+	// owner is told of the FINs and the end (Spec.Owner, or Spec.OnEnd and OnFIN as a funcOwner).
+	owner  Owner
 	added  bool // its descriptors are registered with the loop
 	ended  bool
 	queued bool // in loop.again
