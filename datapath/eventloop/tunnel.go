@@ -33,12 +33,12 @@ type direction struct {
 	shut     bool    // the FIN was carried: dst was shut down for writing after the last byte
 }
 
-// tunnel is a carried pair of sockets. Fields other than the atomics belong to the loop's thread.
+// tunnel is a carried pair of sockets. Fields other than the atomics belong to the loop's thread. Its owner is
+// told of the FINs and the end (Spec.Owner, or Spec.OnEnd and OnFIN as a funcOwner).
 type tunnel struct {
 	loop   *loop
 	ends   [2]socket
 	dirs   [2]direction
-	// owner is told of the FINs and the end (Spec.Owner, or Spec.OnEnd and OnFIN as a funcOwner).
 	owner  Owner
 	added  bool // its descriptors are registered with the loop
 	ended  bool
