@@ -32,10 +32,17 @@ type Direction struct {
 
 // Directions returns p's two directions: client → upstream, then upstream → client.
 func (p *Pair) Directions() [2]*Direction {
-	return [2]*Direction{
-		{src: &p.client, dst: &p.upstream, counter: &p.toUpstream, finished: &p.finished[0], srcShut: &p.finished[1], fromClient: true},
-		{src: &p.upstream, dst: &p.client, counter: &p.toClient, finished: &p.finished[1], srcShut: &p.finished[0]},
+	up, down := p.Direction(0), p.Direction(1)
+	return [2]*Direction{&up, &down}
+}
+
+// Direction returns p's direction i (0: client → upstream, 1: upstream → client) as a value: an engine that
+// carries a pair for its life makes it when it needs it rather than keeping one (48 bytes an idle pair).
+func (p *Pair) Direction(i int) Direction {
+	if i == 0 {
+		return Direction{src: &p.client, dst: &p.upstream, counter: &p.toUpstream, finished: &p.finished[0], srcShut: &p.finished[1], fromClient: true}
 	}
+	return Direction{src: &p.upstream, dst: &p.client, counter: &p.toClient, finished: &p.finished[1], srcShut: &p.finished[0]}
 }
 
 // Src and Dst are the direction's source and destination sockets.

@@ -41,7 +41,7 @@ func (p *Pair) Park() error {
 		return fmt.Errorf("park: %w", err)
 	}
 	p.mu.Lock()
-	p.lastActive = last
+	p.lastActive = unixNano(last)
 	p.mu.Unlock()
 	return nil
 }
@@ -55,7 +55,7 @@ func (p *Pair) State() State {
 		Finished:   [2]bool{p.finished[0].Load(), p.finished[1].Load()},
 		ToUpstream: p.toUpstream.Load(),
 		ToClient:   p.toClient.Load(),
-		LastActive: p.lastActive,
+		LastActive: timeOf(p.lastActive),
 	}
 	if t, ok := p.HalfClosedSince(); ok {
 		st.HalfClosedAt = t
@@ -76,6 +76,21 @@ func RestorePair(kind Kind, client, upstream Endpoint, st State, onEnd func(*Pai
 	if !st.HalfClosedAt.IsZero() {
 		p.halfClosedAt.Store(st.HalfClosedAt.UnixNano())
 	}
-	p.lastActive = st.LastActive
+	p.lastActive = unixNano(st.LastActive)
 	return p
+}
+
+// unixNano is t as Unix nanoseconds, and 0 for the zero time; timeOf is its inverse.
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func timeOf(ns int64) time.Time {
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
 }

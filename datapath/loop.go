@@ -120,12 +120,11 @@ func (p *Pair) OnEventLoop() bool {
 // loopCarrier is the EventLoop's hold on one pair.
 type loopCarrier struct {
 	p *Pair
-	h *eventloop.Handle // set by attach, under p.mu, before the carrier holds the pair
-	// ended is done on the loop's thread once the tunnel has ended and its descriptors are closed; end is
-	// written before. (A WaitGroup, not a channel: an idle pair keeps its carrier, and a channel is 96
-	// bytes more.)
+	h eventloop.Handle // set by attach, under p.mu, before the carrier holds the pair
+	// ended is done on the loop's thread once the tunnel has ended and its descriptors are closed, and its
+	// final counts are in h.Bytes. (A WaitGroup, not a channel: an idle pair keeps its carrier, and a
+	// channel is 96 bytes more.)
 	ended sync.WaitGroup
-	end   eventloop.End
 	// folded: the tunnel's final counts are in the pair's counters (Pending then returns 0). Guarded by p.mu.
 	folded bool
 }
@@ -133,6 +132,9 @@ type loopCarrier struct {
 var (
 	_ activityReporter = (*loopCarrier)(nil)
 	_ Stopper          = (*loopCarrier)(nil)
+	// The carrier is the loop's owner of the tunnel: one record tells it of FINs and the end, where two
+	// closures would be kept for the tunnel's life.
+	_ eventloop.Owner = (*loopCarrier)(nil)
 )
 
 // attach gives the pair's sockets and unsent peeked bytes to a loop, spliced or not. It runs under p.mu
@@ -143,8 +145,7 @@ func (c *loopCarrier) attach(ls *eventloop.Loops, splice bool) error {
 		APeeked:  dirs[0].src.Peeked,
 		BPeeked:  dirs[1].src.Peeked,
 		Finished: [2]bool{dirs[0].Finished(), dirs[1].Finished()},
-		OnEnd:    c.onEnd,
-		OnFIN:    c.onFIN,
+		Owner:    c,
 		Splice:   splice,
 	})
 	if err != nil {
@@ -152,22 +153,21 @@ func (c *loopCarrier) attach(ls *eventloop.Loops, splice bool) error {
 	}
 	// The loop has its own copy, and counts them as moved.
 	dirs[0].src.Peeked, dirs[1].src.Peeked = nil, nil
-	c.h = h
+	c.h = *h
 	return nil
 }
 
-// onFIN runs on the loop's thread when direction dir (0: client → upstream, as the pair's) has carried
+// TunnelFIN runs on the loop's thread when direction dir (0: client → upstream, as the pair's) has carried
 // its FIN. It reaches the pair through c rather than through the directions attach used, which an idle
 // tunnel would otherwise keep for its life.
-func (c *loopCarrier) onFIN(dir int) {
+func (c *loopCarrier) TunnelFIN(dir int) {
 	c.p.finished[dir].Store(true)
 	c.p.MarkHalfClosed()
 }
 
-// onEnd runs on the loop's thread, which must not block: it records the end and leaves ending the pair
-// (which takes the pair's lock and runs the relay's end of a tunnel) to a goroutine.
-func (c *loopCarrier) onEnd(e eventloop.End) {
-	c.end = e
+// TunnelEnded runs on the loop's thread, which must not block: it records the end and leaves ending the
+// pair (which takes the pair's lock and runs the relay's end of a tunnel) to a goroutine.
+func (c *loopCarrier) TunnelEnded(e eventloop.End) {
 	c.ended.Done()
 	go endLoopPair(c.p, e)
 }
@@ -216,7 +216,8 @@ func (c *loopCarrier) Release() {
 	c.ended.Wait()
 	if !c.folded {
 		c.folded = true
-		c.p.AddBytes(uint64(c.end.AToB), uint64(c.end.BToA))
+		up, down := c.h.Bytes() // final: the loop wrote the last before ended was done
+		c.p.AddBytes(uint64(up), uint64(down))
 	}
 }
 

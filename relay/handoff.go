@@ -81,7 +81,7 @@ func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
 	}
 	pt := &ParkedTunnel{T: t, Datapath: kind, State: t.pair.State(), HalfClosedTimeout: t.halfClosedTimeout,
 		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent, ClientIP: t.clientIP}
-	pt.LastActive = later(t.Started, later(t.activeAt, pt.State.LastActive))
+	pt.LastActive = later(t.Started, later(t.activeAt(), pt.State.LastActive))
 	return pt, nil
 }
 
@@ -172,10 +172,10 @@ func (s *Server) Adopt(a Adoption) (*Tunnel, error) {
 	}
 	t := &Tunnel{
 		Started: a.Started, ClientAddr: a.ClientAddr, UpstreamAddr: a.UpstreamAddr,
-		Pool: a.Pool, Listener: a.Listener, halfClosedTimeout: a.HalfClosedTimeout, activeAt: a.LastActive,
+		Pool: a.Pool, Listener: a.Listener, halfClosedTimeout: a.HalfClosedTimeout,
 		lease: s.adoptLease(a.Pool, a.UpstreamAddr), req: requestInfo{uri: a.URI, host: a.Host, userAgent: a.UserAgent},
 		clientIP: ip, releaseSlot: s.holdSlots(a.Listener, ip),
-		adoptedKernel: a.Kernel,
+		adopted: &adoption{activeAt: a.LastActive, kernel: a.Kernel},
 	}
 	t.parked.Store(true)
 	t.pair = datapath.RestorePair(kind, datapath.Endpoint{Conn: client}, datapath.Endpoint{Conn: up}, a.State,
@@ -235,7 +235,7 @@ func (s *Server) CarryAdopted(t *Tunnel) {
 	t.parked.Store(false)
 	s.logOpened(t)
 	defer s.trackCarried(t)
-	if t.adoptedKernel != nil {
+	if t.adopted != nil && t.adopted.kernel != nil {
 		s.carryAdoptedKernel(t)
 		return
 	}

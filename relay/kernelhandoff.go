@@ -155,7 +155,7 @@ func (s *Server) parkKernel(t *Tunnel) (*ParkedTunnel, error) {
 	}
 	pt := &ParkedTunnel{T: t, Datapath: DatapathSockmap, State: t.pair.State(), HalfClosedTimeout: t.halfClosedTimeout,
 		URI: t.req.uri, Host: t.req.host, UserAgent: t.req.userAgent, ClientIP: t.clientIP, Kernel: &st}
-	pt.LastActive = later(t.Started, later(t.activeAt, later(pt.State.LastActive, last)))
+	pt.LastActive = later(t.Started, later(t.activeAt(), later(pt.State.LastActive, last)))
 	return pt, nil
 }
 
@@ -197,8 +197,8 @@ func (s *Server) adoptedKind(a Adoption, client, upstream *net.TCPConn) (Datapat
 
 // carryAdoptedKernel has the kernel engine adopt an adopted kernel tunnel, whose sockets are in the maps.
 func (s *Server) carryAdoptedKernel(t *Tunnel) {
-	st := *t.adoptedKernel
-	t.adoptedKernel = nil
+	st := *t.adopted.kernel
+	t.adopted.kernel = nil
 	if err := s.kernel.Adopt(t.pair, st); err != nil {
 		s.log.Error("upgrade: an adopted kernel tunnel cannot be carried here; resetting it", "id", t.ID, "err", err)
 		s.discardKernel(t, st) // the old process has let go of it

@@ -96,7 +96,7 @@ func (tn *Tunnel) lastActive(now time.Time, seen map[uint64]*tunnelActivity) tim
 	if a == nil {
 		// From zero: what moved before the first scan counts as activity now, so that no tunnel is
 		// closed sooner than its timeout after its last byte.
-		a = &tunnelActivity{at: later(tn.Started, tn.activeAt)}
+		a = &tunnelActivity{at: later(tn.Started, tn.activeAt())}
 		seen[tn.ID] = a
 	}
 	if progress != a.progress {

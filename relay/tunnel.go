@@ -44,10 +44,25 @@ type Tunnel struct {
 	// parked: no engine carries the tunnel while an upgrade hands it over (Server.Park, Server.Adopt);
 	// the timeouts leave it alone meanwhile.
 	parked atomic.Bool
-	// activeAt is when a byte last moved before this process adopted the tunnel; zero otherwise.
+	// adopted is what only a tunnel adopted in an upgrade keeps; nil for this process's own tunnels, which
+	// are then 32 bytes smaller for their whole life.
+	adopted *adoption
+}
+
+// adoption is what a tunnel another process handed over keeps besides what every tunnel keeps.
+type adoption struct {
+	// activeAt is when a byte last moved before this process adopted the tunnel.
 	activeAt time.Time
-	// adoptedKernel is the kernel engine's state of an adopted kernel tunnel, until CarryAdopted.
-	adoptedKernel *sockmap.TunnelState
+	// kernel is the kernel engine's state of an adopted kernel tunnel, until CarryAdopted.
+	kernel *sockmap.TunnelState
+}
+
+// activeAt is when a byte last moved before this process adopted the tunnel; zero if it did not.
+func (t *Tunnel) activeAt() time.Time {
+	if t.adopted == nil {
+		return time.Time{}
+	}
+	return t.adopted.activeAt
 }
 
 // Reason names why a tunnel ended; it labels logs and sockrelay_tunnels_closed_total.

@@ -125,11 +125,50 @@ type Spec struct {
 	// OnFIN, when set, is called on the loop's thread when direction dir (0: a→b, 1: b→a) has carried its FIN,
 	// after its last byte; like OnEnd, it must not block.
 	OnFIN func(dir int)
+	// Owner, when set, is told of the FINs and the end instead of OnEnd and OnFIN (which are then ignored):
+	// one interface that the caller's own record of the tunnel implements, where two funcs would be two
+	// closures every idle tunnel keeps.
+	Owner Owner
 	// Splice moves the tunnel's bytes with splice(2) through a pipe each direction borrows while bytes sit in
 	// it (Options.PipeSize), rather than through a buffer: they never enter userspace. Peeked bytes are still
 	// written from memory, first. A direction that cannot have a pipe (out of descriptors) reads into a buffer
 	// instead, until a pipe can be had.
 	Splice bool
+}
+
+// Owner is told, on the loop's thread, what Spec.OnFIN and Spec.OnEnd are told; its methods must not block.
+type Owner interface {
+	TunnelFIN(dir int)
+	TunnelEnded(End)
+}
+
+// owner is s.Owner, or s's funcs as an Owner (nil when there are none).
+func (s Spec) owner() Owner {
+	if s.Owner != nil {
+		return s.Owner
+	}
+	if s.OnEnd == nil && s.OnFIN == nil {
+		return nil
+	}
+	return funcOwner{onEnd: s.OnEnd, onFIN: s.OnFIN}
+}
+
+// funcOwner is an Owner made of Spec.OnEnd and Spec.OnFIN, either of which may be nil.
+type funcOwner struct {
+	onEnd func(End)
+	onFIN func(dir int)
+}
+
+func (o funcOwner) TunnelFIN(dir int) {
+	if o.onFIN != nil {
+		o.onFIN(dir)
+	}
+}
+
+func (o funcOwner) TunnelEnded(e End) {
+	if o.onEnd != nil {
+		o.onEnd(e)
+	}
 }
 
 // CarryWith is Carry with the whole Spec.
@@ -161,8 +200,7 @@ func (ls *Loops) CarryWith(a, b *net.TCPConn, s Spec) (*Handle, error) {
 	// on in the duplicates.
 	_ = a.Close()
 	_ = b.Close()
-	t := newTunnel(l, afd, bfd, s.APeeked, s.BPeeked, s.OnEnd)
-	t.onFIN = s.OnFIN
+	t := newTunnel(l, afd, bfd, s.APeeked, s.BPeeked, s.owner())
 	t.splice = s.Splice
 	for i, done := range s.Finished {
 		if done {

@@ -33,13 +33,13 @@ type direction struct {
 	shut     bool    // the FIN was carried: dst was shut down for writing after the last byte
 }
 
-// tunnel is a carried pair of sockets. Fields other than the atomics belong to the loop's thread.
+// tunnel is a carried pair of sockets. Fields other than the atomics belong to the loop's thread. Its owner is
+// told of the FINs and the end (Spec.Owner, or Spec.OnEnd and OnFIN as a funcOwner).
 type tunnel struct {
 	loop   *loop
 	ends   [2]socket
 	dirs   [2]direction
-	onEnd  func(End)
-	onFIN  func(dir int)
+	owner  Owner
 	added  bool // its descriptors are registered with the loop
 	ended  bool
 	queued bool // in loop.again
@@ -52,8 +52,8 @@ type tunnel struct {
 	lastActive atomic.Int64 // Unix nanoseconds, from the loop's clock
 }
 
-func newTunnel(l *loop, afd, bfd int, aPeeked, bPeeked []byte, onEnd func(End)) *tunnel {
-	t := &tunnel{loop: l, onEnd: onEnd, first: SideNone}
+func newTunnel(l *loop, afd, bfd int, aPeeked, bPeeked []byte, owner Owner) *tunnel {
+	t := &tunnel{loop: l, owner: owner, first: SideNone}
 	t.ends[0] = socket{fd: int32(afd), readable: true, writable: true}
 	t.ends[1] = socket{fd: int32(bfd), readable: true, writable: true}
 	t.dirs[0] = direction{src: 0, dst: 1, out: clone(aPeeked)}
@@ -163,8 +163,8 @@ func (t *tunnel) move(d *direction) bool {
 					t.fail(Side(d.dst), fmt.Errorf("carry FIN to side %s: %w", Side(d.dst), err))
 					return false
 				}
-				if t.onFIN != nil {
-					t.onFIN(int(d.src))
+				if t.owner != nil {
+					t.owner.TunnelFIN(int(d.src))
 				}
 			}
 			return true
@@ -379,8 +379,8 @@ func (t *tunnel) end(first Side, reason Reason, err error, abort bool) {
 	if t.added {
 		l.tunnels.Add(-1)
 	}
-	if t.onEnd != nil {
-		t.onEnd(End{
+	if t.owner != nil {
+		t.owner.TunnelEnded(End{
 			First: first, Reason: reason, Err: err,
 			AToB: t.written[0].Load(), BToA: t.written[1].Load(), Unsent: t.unsent.Load(),
 		})

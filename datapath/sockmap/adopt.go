@@ -170,7 +170,7 @@ func (k *Engine) sweepIfShared() {
 func (k *Engine) Tunnels() int {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return len(k.bySrc) / 2
+	return len(k.socks) / 2
 }
 
 // LetGo lets go of p, a pair k carries, leaving its sockets in the maps: the verdict goes on, and the
@@ -261,7 +261,7 @@ func (k *Engine) forget(kt *kernelTunnel, folded *[2]uint64) error {
 	*folded = [2]uint64{kt.client.folded + up, kt.up.folded + down}
 	for i := range kt.dirs {
 		if kt.dirs[i].finDone {
-			kt.dirs[i].dir.MarkFinished()
+			kt.dirs[i].markFinished()
 		}
 	}
 	kt.released = true
@@ -301,7 +301,7 @@ func (k *Engine) Adopt(p *datapath.Pair, st TunnelState) error {
 	pdirs := p.Directions()
 	for i, src, dst := 0, &kt.client, &kt.up; i < 2; i, src, dst = i+1, &kt.up, &kt.client {
 		ds := st.Dirs[i]
-		kt.dirs[i] = kernelDir{kt: kt, src: src, dst: dst, limit: ds.HeldLimit, dir: pdirs[i], finSeen: ds.FINDone,
+		kt.dirs[i] = kernelDir{kt: kt, src: src, dst: dst, limit: ds.HeldLimit, finSeen: ds.FINDone,
 			finDone: ds.FINDone, userRead: ds.UserRead, userWritten: ds.UserWritten, resumeGen: ds.ResumeGen}
 		if ds.Demotions > 0 {
 			kt.dirs[i].demoted = &demoted{counted: ds.Demotions}
@@ -394,7 +394,7 @@ func (k *Engine) writeHeldBack(d *kernelDir, dst *net.TCPConn, fail func(reason 
 		return false
 	}
 	w, err := dst.Write(held)
-	d.dir.Count(w)
+	d.count(w)
 	d.userWritten += uint64(w)
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && k.stopAsked(d) {
 		d.heldBack = held[w:]

@@ -246,7 +246,8 @@ func waitRelaying(t *testing.T, k *Engine) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
 		k.mu.Lock()
-		for _, d := range k.bySrc {
+		for _, s := range k.socks {
+			d := s.srcDir()
 			if d.relaying {
 				k.mu.Unlock()
 				return

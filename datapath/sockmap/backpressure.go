@@ -60,7 +60,7 @@ func (k *Engine) readModeChanges() {
 			continue
 		}
 		k.mu.Lock()
-		d, ok := k.bySrc[ev.Cookie]
+		d, ok := k.dirFrom(ev.Cookie)
 		switch {
 		case !ok:
 			// Another engine's tunnel (the objects are shared): counted there, by its event or a recheck.
@@ -308,7 +308,7 @@ func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 			return
 		}
 		w, err := dst.Write((*bp)[:n])
-		d.dir.Count(w)
+		d.count(w)
 		d.userRead += uint64(n)
 		d.userWritten += uint64(w)
 		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && k.stopAsked(d) {

@@ -64,8 +64,7 @@ type Engine struct {
 	// reused as soon as release closes it, and an event read before the release would then name
 	// another tunnel's socket; a cookie is never reused. The eventfd's token is 0, which no cookie is.
 	socks  map[uint64]*kernelSide
-	bySrc  map[uint64]*kernelDir // by the cookie of the direction's source, for demotion events
-	drain  []*kernelDir          // directions whose source sent FIN, waiting for their bytes to be handed on
+	drain  []*kernelDir // directions whose source sent FIN, waiting for their bytes to be handed on
 	done   chan struct{}
 	events chan struct{} // closed when readModeChanges has returned
 
@@ -148,25 +147,58 @@ type kernelSide struct {
 	folded uint64
 }
 
+// srcDir is the direction s is the source of: the direction its verdict counters and demotions are of.
+func (s *kernelSide) srcDir() *kernelDir {
+	if s.isClient {
+		return &s.kt.dirs[0]
+	}
+	return &s.kt.dirs[1]
+}
+
+// dirFrom is the direction of a tunnel the engine carries whose source has the given cookie, for demotion
+// events. One map, by socket, serves both: a second one, by source, cost every idle tunnel two entries.
+// The caller holds k.mu.
+func (k *Engine) dirFrom(cookie uint64) (*kernelDir, bool) {
+	s, ok := k.socks[cookie]
+	if !ok {
+		return nil, false
+	}
+	return s.srcDir(), true
+}
+
+// pairDir is the pair's record of d (its byte counter and FIN mark), made when it is used: a kernel tunnel
+// keeps none for its life.
+func (d *kernelDir) pairDir() datapath.Direction {
+	if d.src.isClient {
+		return d.kt.p.Direction(0)
+	}
+	return d.kt.p.Direction(1)
+}
+
+// count adds n bytes userspace relayed to the pair's counter of d.
+func (d *kernelDir) count(n int) {
+	pd := d.pairDir()
+	pd.Count(n)
+}
+
+// markFinished records on the pair that d carried its FIN.
+func (d *kernelDir) markFinished() {
+	pd := d.pairDir()
+	pd.MarkFinished()
+}
+
 // kernelDir is one direction of a kernel tunnel: bytes of src redirected into dst.
 type kernelDir struct {
 	kt       *kernelTunnel
 	src, dst *kernelSide
 	// finSeen: src sent FIN; finDone: dst's write side is shut, after every byte before the FIN.
 	finSeen, finDone bool
-	// Drain polling: the next check and the interval to it, doubled while nothing moves.
-	nextCheck time.Time
-	interval  time.Duration
-	// settled is the redirected count at the previous check if every byte of it had been handed on then;
-	// the FIN is carried only when a second check finds the same (see checkDrains). Zero otherwise.
-	settled uint64
-	// lastHanded and lastMove detect a stall: redirected bytes that never reach dst.
-	lastHanded uint64
-	lastMove   time.Time
+	// drainWatch is the drain polling of a direction whose source sent FIN, made then (watchDrain): an idle
+	// tunnel would otherwise keep 72 bytes of it a direction (its fields are promoted: d.nextCheck).
+	*drainWatch
 
-	// limit is src's held limit (loader.Socket.HeldLimit); dir counts the bytes userspace relays.
+	// limit is src's held limit (loader.Socket.HeldLimit).
 	limit uint64
-	dir   *datapath.Direction
 	// relaying is set while a goroutine relays src's passed bytes (relayPassed); guarded by
 	// Engine.mu. userRead and userWritten belong to that goroutine while it runs, and are read by
 	// others only under Engine.mu while it does not.
@@ -187,6 +219,28 @@ type kernelDir struct {
 	stop      bool
 	relayDone chan struct{}
 	heldBack  []byte
+}
+
+// drainWatch is the part of a kernelDir that only the drain polling uses (checkDrains), from its FIN on.
+type drainWatch struct {
+	// Drain polling: the next check and the interval to it, doubled while nothing moves.
+	nextCheck time.Time
+	interval  time.Duration
+	// settled is the redirected count at the previous check if every byte of it had been handed on then;
+	// the FIN is carried only when a second check finds the same (see checkDrains). Zero otherwise.
+	settled uint64
+	// lastHanded and lastMove detect a stall: redirected bytes that never reach dst.
+	lastHanded uint64
+	lastMove   time.Time
+}
+
+// watchDrain starts d's drain polling, as of now: its first check is due at once. A direction that was
+// polled before (a Stop that failed, then rejoined) keeps what its polling had learned.
+func (d *kernelDir) watchDrain(now time.Time) {
+	if d.drainWatch == nil {
+		d.drainWatch = &drainWatch{}
+	}
+	d.interval, d.nextCheck, d.lastMove = drainFirstCheck, now, now
 }
 
 // demoted is the part of a kernelDir that its relaying goroutines use and nothing else does.
@@ -242,8 +296,8 @@ func newEngine(log *slog.Logger, onFallback func(*datapath.Pair, string)) (*Engi
 func newEngineOver(log *slog.Logger, onFallback func(*datapath.Pair, string), maps *loader.Sockmap) (*Engine, error) {
 	var err error
 	k := &Engine{maps: maps, log: log, fallback: datapath.Copier{}, onFallback: onFallback, heldLimit: settings.DefaultKernelHeldLimit,
-		socks: make(map[uint64]*kernelSide), bySrc: make(map[uint64]*kernelDir),
-		done: make(chan struct{}), events: make(chan struct{})}
+		socks: make(map[uint64]*kernelSide),
+		done:  make(chan struct{}), events: make(chan struct{})}
 	if k.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		maps.Close()
 		return nil, fmt.Errorf("epoll_create1: %w", err)
@@ -373,7 +427,6 @@ func (k *Engine) release(kt *kernelTunnel) {
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
 		delete(k.socks, s.cookie)
-		delete(k.bySrc, s.cookie)
 	}
 	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
 		k.log.Warn("removing tunnel from BPF maps", "id", kt.p.ID, "err", err)

@@ -94,8 +94,8 @@ func (k *Engine) carryLimited(p *datapath.Pair, heldLimit uint64) {
 		return
 	}
 	pdirs := p.Directions()
-	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up, limit: heldLimit, dir: pdirs[0]}
-	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit, dir: pdirs[1]}
+	kt.dirs[0] = kernelDir{kt: kt, src: &kt.client, dst: &kt.up, limit: heldLimit}
+	kt.dirs[1] = kernelDir{kt: kt, src: &kt.up, dst: &kt.client, limit: heldLimit}
 	for i, d := range pdirs {
 		switch err := writeLeftovers(d, kt.dirs[i].src.fd); {
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -278,8 +278,6 @@ func (k *Engine) enterLoop(kt *kernelTunnel) error {
 	}
 	k.socks[kt.client.cookie] = &kt.client
 	k.socks[kt.up.cookie] = &kt.up
-	k.bySrc[kt.client.cookie] = &kt.dirs[0]
-	k.bySrc[kt.up.cookie] = &kt.dirs[1]
 	return nil
 }
 

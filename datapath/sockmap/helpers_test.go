@@ -117,7 +117,8 @@ func kernelDirOf(t testing.TB, k *Engine, fromClient bool) *kernelDir {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
 		k.mu.Lock()
-		for _, d := range k.bySrc {
+		for _, s := range k.socks {
+			d := s.srcDir()
 			if d.src.isClient == fromClient {
 				k.mu.Unlock()
 				return d

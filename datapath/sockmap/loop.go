@@ -64,7 +64,8 @@ func (k *Engine) recoverLostEvents() {
 func (k *Engine) recheckAll() {
 	var broken []*kernelTunnel
 	k.mu.Lock()
-	for _, d := range k.bySrc {
+	for _, s := range k.socks {
+		d := s.srcDir()
 		st, err := k.maps.Stats(d.src.cookie)
 		if err == nil {
 			k.countDemotionsLocked(d, st.Demotions) // its event may have been lost, or read by another process
@@ -142,9 +143,7 @@ func (k *Engine) handle(ev unix.EpollEvent) {
 		}
 		if !d.finSeen {
 			d.finSeen = true
-			d.interval = drainFirstCheck
-			d.nextCheck = time.Now()
-			d.lastMove = time.Now()
+			d.watchDrain(time.Now())
 			k.drain = append(k.drain, d)
 		}
 	}

@@ -172,7 +172,6 @@ func (k *Engine) leaveLoop(kt *kernelTunnel) ([]chan struct{}, error) {
 	for _, s := range []*kernelSide{&kt.client, &kt.up} {
 		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, s.fd, nil)
 		delete(k.socks, s.cookie)
-		delete(k.bySrc, s.cookie)
 	}
 	k.drain = slices.DeleteFunc(k.drain, func(d *kernelDir) bool { return d.kt == kt })
 	var relays []chan struct{}
@@ -426,7 +425,7 @@ func (k *Engine) rejoin(kt *kernelTunnel, held [2][]byte) error {
 			continue
 		}
 		if d.finSeen {
-			d.interval, d.nextCheck, d.lastMove = drainFirstCheck, now, now
+			d.watchDrain(now)
 			k.drain = append(k.drain, d)
 		}
 		st, err := k.maps.Stats(d.src.cookie)
@@ -716,7 +715,7 @@ func (k *Engine) detach(kt *kernelTunnel) error {
 	kt.p.AddBytes(k.counters(kt))
 	for i := range kt.dirs {
 		if kt.dirs[i].finDone {
-			kt.dirs[i].dir.MarkFinished()
+			kt.dirs[i].markFinished()
 		}
 	}
 	if err := k.maps.Remove(loader.Socket{Cookie: kt.client.cookie}, loader.Socket{Cookie: kt.up.cookie}); err != nil {
