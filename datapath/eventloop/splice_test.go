@@ -265,6 +265,47 @@ func testCarryBytesAfterUrgentByte(t *testing.T, splice bool) {
 	}
 }
 
+// Bytes queued behind an urgent mark before the loop reads at all: the read stops short at the mark, and a
+// short read must not be taken for an empty socket there, or the bytes behind it wait for the peer's next
+// segment (a request and response protocol would deadlock).
+func TestCarryBytesQueuedBehindUrgentMark(t *testing.T) { forEachMode(t, testCarryBytesQueuedBehindUrgentMark) }
+
+func testCarryBytesQueuedBehindUrgentMark(t *testing.T, splice bool) {
+	ls, l := manualLoop(t, Options{})
+	events := make([]unix.EpollEvent, maxEvents)
+	r := carryAs(t, ls, splice, nil, nil, nil)
+	wake := func() { l.send(command{kind: cmdProgress, t: r.h.t, progress: make(chan uint64, 1)}) }
+	for l.tunnels.Load() < 1 {
+		wake()
+		l.pass(events)
+	}
+	raw, err := r.peerA.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.peerA.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	var oobErr error
+	if err := raw.Control(func(fd uintptr) { oobErr = unix.Sendto(int(fd), []byte("X"), unix.MSG_OOB, nil) }); err != nil {
+		t.Fatal(err)
+	}
+	if oobErr != nil {
+		t.Fatalf("send the urgent byte: %v", oobErr)
+	}
+	if _, err := r.peerA.Write([]byte("world")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // all of it is queued at side a before the loop reads
+	for range 5 {
+		l.pass(events)
+		wake() // a wakeup that is no socket's: the loop gets no new edge for side a
+	}
+	if aToB, _ := r.h.Bytes(); aToB != int64(len("helloworld")) {
+		t.Fatalf("a→b carried %d bytes, want %d (the urgent byte left out)", aToB, len("helloworld"))
+	}
+}
+
 // A Detach that cannot read a pipe's bytes back whole ends the tunnel with a reset: the bytes it read back
 // before the failure are gone with the attempt, so carrying on (or handing over) would leave a hole in the
 // stream that the peer would take for a whole one.

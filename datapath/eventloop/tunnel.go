@@ -229,8 +229,10 @@ func (t *tunnel) move(d *direction) bool {
 		// A short read took all the socket held: the read that would return EAGAIN is skipped (a message
 		// costs one read, not two). Bytes arriving after it raise a new edge, since the kernel wakes epoll on
 		// every arrival. Not after a hangup edge: the FIN or error behind it was reported already and no
-		// new edge would come for it, so that socket is read until EOF or error.
-		if n < len(*d.buf) && !src.hup {
+		// new edge would come for it, so that socket is read until EOF or error. Nor when the read stopped
+		// at an urgent mark: TCP ends a read before the urgent byte once it copied anything, with the bytes
+		// behind the mark queued and no new edge to come for them (the next read skips the byte and goes on).
+		if n < len(*d.buf) && !src.hup && !stoppedAtMark(src) {
 			src.readable = false
 		}
 		// The write comes straight after the read, in the same pass: a small message crosses in one wakeup.
@@ -300,6 +302,16 @@ func (t *tunnel) spliceIn(d *direction, src *socket) (ok, atMark bool) {
 	t.loop.putPipe(d.pipe) // empty
 	d.pipe = nil
 	return true, atMark
+}
+
+// stoppedAtMark says a short read of src stopped at an urgent mark, with bytes queued behind it. It asks the
+// kernel only after an EPOLLPRI edge, and forgets the edge once a read is past the mark.
+func stoppedAtMark(src *socket) bool {
+	if !src.urgent {
+		return false
+	}
+	src.urgent = atUrgentMark(int(src.fd))
+	return src.urgent
 }
 
 // atUrgentMark reports whether fd, whose splice has just moved nothing, stopped at an urgent mark (MSG_OOB).
