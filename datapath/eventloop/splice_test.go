@@ -268,7 +268,9 @@ func testCarryBytesAfterUrgentByte(t *testing.T, splice bool) {
 // Bytes queued behind an urgent mark before the loop reads at all: the read stops short at the mark, and a
 // short read must not be taken for an empty socket there, or the bytes behind it wait for the peer's next
 // segment (a request and response protocol would deadlock).
-func TestCarryBytesQueuedBehindUrgentMark(t *testing.T) { forEachMode(t, testCarryBytesQueuedBehindUrgentMark) }
+func TestCarryBytesQueuedBehindUrgentMark(t *testing.T) {
+	forEachMode(t, testCarryBytesQueuedBehindUrgentMark)
+}
 
 func testCarryBytesQueuedBehindUrgentMark(t *testing.T, splice bool) {
 	ls, l := manualLoop(t, Options{})
