@@ -80,7 +80,7 @@ type loop struct {
 
 	byFD  map[int32]*tunnel
 	free  []*[]byte // drained buffers kept for reuse; the loop is single-threaded, so no sync.Pool is needed
-	again []*tunnel // tunnels that stopped a pass with work left (passBytes), run in the next pass
+	again []*tunnel // tunnels that stopped a pass with work left (passBytes or passReads), run in the next pass
 	now   int64     // the loop's clock, read once per wakeup, in Unix nanoseconds
 	// lastYield is when the loop last passed through Go's scheduler (yield), to its clock.
 	lastYield int64
