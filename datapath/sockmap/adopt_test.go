@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/internal/syncbuf"
 	"github.com/sockrelay/sockrelay/loader"
@@ -47,9 +49,9 @@ func adoptingEngine(t *testing.T, k *Engine) *Engine {
 // handOver moves p from k to k2 as an upgrade moves it between processes: k lets go of it, p's sockets
 // cross as new descriptors into a pair restored from its state (its peeked bytes included), p ends here
 // as handed over, and k2 adopts the new pair, after wait. It returns the new pair.
-// Past wait, the window without an owner lasts until until reports true (at most 5 s more): on a loaded
-// machine the peers may not run within a fixed window.
-func handOver(t *testing.T, k, k2 *Engine, p *datapath.Pair, wait time.Duration, until func() bool) *datapath.Pair {
+// Past wait, the window without an owner lasts until until, given the state handed over, reports true (at
+// most 5 s more): on a loaded machine the peers may not run within a fixed window.
+func handOver(t *testing.T, k, k2 *Engine, p *datapath.Pair, wait time.Duration, until func(st TunnelState) bool) *datapath.Pair {
 	t.Helper()
 	st, err := k.LetGo(p)
 	if err != nil {
@@ -79,7 +81,7 @@ func handOver(t *testing.T, k, k2 *Engine, p *datapath.Pair, wait time.Duration,
 	}
 	p.End("handed_over", false) // closes this side's descriptors only
 	time.Sleep(wait)
-	for deadline := time.Now().Add(5 * time.Second); until != nil && !until() && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(5 * time.Second); until != nil && !until(st) && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if err := k2.Adopt(p2, st); err != nil {
@@ -102,7 +104,8 @@ func TestAdoptMovesKernelTunnel(t *testing.T) {
 		pauseReader time.Duration // the upstream's reader pauses after the move
 		stopEvents  bool
 		// relaying: the client's reader stops before the move and reads again after it, so that the
-		// move finds the upstream → client direction demoted and its relaying goroutine in a write.
+		// move finds the upstream → client direction demoted and its relaying goroutine in a write
+		// (waitRelayingStuck), and the adopter finds bytes of it to relay (adopterMustRelay).
 		relaying bool
 	}{
 		{"bytes flowing", 0, 0, false, false},
@@ -205,12 +208,17 @@ func TestAdoptMovesKernelTunnel(t *testing.T) {
 			case <-ctx.Done():
 				t.Fatal("the client never read its first MiB")
 			}
+			var toClientDir *kernelDir
 			if tc.relaying {
-				waitRelaying(t, k)
+				toClientDir = kernelDirOf(t, k, false)
+				waitRelayingStuck(t, k, toClientDir)
 			}
 			before := clientRead.Load()
-			p2 = handOver(t, k, k2, p, 50*time.Millisecond, func() bool {
-				return tc.relaying || clientRead.Load() > before
+			p2 = handOver(t, k, k2, p, 50*time.Millisecond, func(st TunnelState) bool {
+				if tc.relaying {
+					return adopterMustRelay(t, k, p, st, toClientDir)
+				}
+				return clientRead.Load() > before
 			})
 			inWindow = clientRead.Load() - before
 			close(moved)
@@ -241,21 +249,47 @@ func TestAdoptMovesKernelTunnel(t *testing.T) {
 	}
 }
 
-// waitRelaying waits until a goroutine of k relays a demoted direction.
-func waitRelaying(t *testing.T, k *Engine) {
+// waitRelayingStuck waits until a goroutine of k relays d, demoted, and cannot catch up: d's destination
+// holds at least a quarter of the held limit unsent (its reader stopped), so the goroutine may not ask to
+// resume (hasRoom) and waits in a write. A relay seen earlier, while the destination still had room, may
+// catch up and resume before a move: then the move finds nothing demoted (on a loaded machine the psock
+// stalls demote a direction whose reader still reads).
+func waitRelayingStuck(t *testing.T, k *Engine, d *kernelDir) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
 		k.mu.Lock()
-		for _, s := range k.socks {
-			d := s.srcDir()
-			if d.relaying {
-				k.mu.Unlock()
-				return
-			}
+		stuck := false
+		if d.relaying && !d.kt.released {
+			unsent, err := unix.IoctlGetInt(d.dst.fd, unix.SIOCOUTQNSD)
+			stuck = err == nil && uint64(unsent) >= d.limit/4
 		}
 		k.mu.Unlock()
+		if stuck {
+			return
+		}
 	}
-	t.Fatal("no direction was demoted and relayed within 10s")
+	t.Fatal("no direction was demoted and relayed with its destination full within 10s")
+}
+
+// adopterMustRelay reports whether the engine that adopts d's tunnel, handed over with st from p, finds
+// bytes of d to relay, so that Adopt must start its relay: bytes the verdict passed that no relaying
+// goroutine read, or bytes one read and did not write (p's peeked bytes). Neither goes away while no
+// engine holds the tunnel. d is the tunnel's direction on k, the engine that let go of it; the maps are
+// shared.
+func adopterMustRelay(t *testing.T, k *Engine, p *datapath.Pair, st TunnelState, d *kernelDir) bool {
+	t.Helper()
+	i := 0
+	if !d.src.isClient {
+		i = 1
+	}
+	if len(p.State().Peeked[i]) > 0 {
+		return true
+	}
+	vs, err := k.maps.Stats(st.Cookies[i])
+	if err != nil {
+		t.Fatalf("the tunnel handed over left the maps: %v", err)
+	}
+	return vs.Passed > st.Dirs[i].UserRead
 }
 
 // TestAdoptRefusesOtherSockets: a state whose cookies are not the pair's sockets is refused, and the pair
