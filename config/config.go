@@ -49,6 +49,9 @@ type Config struct {
 	// KernelHeldLimit is, on sockmap, the most bytes the kernel holds per tunnel direction for a slow
 	// reader before userspace takes the direction over. Default 4 MiB, accepted 64 KiB to 1 GiB.
 	KernelHeldLimit int
+	// EventLoops is how many event loops (each an OS thread with its own epoll) carry the copy and splice
+	// datapaths' plain tunnels; 0 (default) is one per two CPUs. Accepted 0 to 1024; a restart applies it.
+	EventLoops int
 	// Auto is the per-tunnel policy of datapath auto where the kernel datapath loads (docs/datapath.md,
 	// "auto per tunnel"). Default: measured at start, every threshold the measured policy's.
 	Auto Auto

@@ -39,7 +39,7 @@ func TestBrokenFiles(t *testing.T) {
 		{"only comments", "# nothing yet\n",
 			`sockrelay.yaml: empty file; accepted: a mapping with at least listeners and pools`},
 		{"not a mapping", "- listeners\n",
-			`sockrelay.yaml:1: got a list; accepted: a configuration, a mapping with keys admin, auto, datapath, kernel_held_limit, limits, listeners, log_format, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
+			`sockrelay.yaml:1: got a list; accepted: a configuration, a mapping with keys admin, auto, datapath, event_loops, kernel_held_limit, limits, listeners, log_format, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
 		{"invalid YAML", "listeners:\n  - address: 127.0.0.1:8080\n  routes\n",
 			`sockrelay.yaml:3: invalid YAML: could not find expected ':'`},
 		{"unclosed flow list", "pools: {echo: [\n",
@@ -55,7 +55,7 @@ func TestBrokenFiles(t *testing.T) {
 		{"two documents", minimal + "---\nadmin: \"\"\n",
 			`sockrelay.yaml:8: a second YAML document; accepted: one document per file`},
 		{"unknown top-level key", minimal + "datapth: copy\n",
-			`sockrelay.yaml:8: datapth: unknown key; accepted: admin, auto, datapath, kernel_held_limit, limits, listeners, log_format, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
+			`sockrelay.yaml:8: datapth: unknown key; accepted: admin, auto, datapath, event_loops, kernel_held_limit, limits, listeners, log_format, log_level, max_header_bytes, pools, timeouts, tunnel_log_interval`},
 		{"unknown nested key", "listeners:\n  - address: 127.0.0.1:8080\n    datapth: copy\n    routes: [{pool: echo}]\npools: {echo: {servers: [127.0.0.1:9000]}}\n",
 			`sockrelay.yaml:3: listeners[0].datapth: unknown key; accepted: address, datapath, limits, name, proxy_protocol, routes, tls, tls_passthrough, trusted_proxies, type`},
 		{"unknown key in a server", minimal + "  chat:\n    servers:\n      - {address: 127.0.0.1:9001, weigth: 2}\n",
@@ -92,6 +92,14 @@ func TestBrokenFiles(t *testing.T) {
 			`sockrelay.yaml:8: kernel_held_limit: 32KiB is out of range; accepted 64KiB to 1GiB`},
 		{"size past int64", minimal + "kernel_held_limit: 99999999999999999999GiB\n",
 			`sockrelay.yaml:8: kernel_held_limit: 99999999999999999999GiB is out of range; accepted 64KiB to 1GiB`},
+		{"event loops negative", minimal + "event_loops: -1\n",
+			`sockrelay.yaml:8: event_loops: -1 is out of range; accepted 0 (the default, one per two CPUs) or 1 to 1024`},
+		{"event loops too many", minimal + "event_loops: 5000\n",
+			`sockrelay.yaml:8: event_loops: 5000 is out of range; accepted 0 (the default, one per two CPUs) or 1 to 1024`},
+		{"event loops not a number", minimal + "event_loops: two\n",
+			`sockrelay.yaml:8: event_loops: "two" is not a whole number; accepted 0 (the default, one per two CPUs) or 1 to 1024`},
+		{"event loops quoted", minimal + "event_loops: \"2\"\n",
+			`sockrelay.yaml:8: event_loops: "2" is not a whole number; accepted 0 (the default, one per two CPUs) or 1 to 1024`},
 		{"bad auto start", minimal + "auto: {start: kernel}\n",
 			`sockrelay.yaml:8: auto.start: "kernel" is not a start policy; accepted: measured, copy, sockmap`},
 		{"auto chatty out of range", minimal + "auto: {chatty_segments: 0}\n",
@@ -366,6 +374,7 @@ func TestValues(t *testing.T) {
 admin: ""
 datapath: splice
 kernel_held_limit: 65536
+event_loops: 3
 max_header_bytes: 1 MiB
 tunnel_log_interval: 1h30m
 timeouts: {connect: 250ms}
@@ -397,7 +406,7 @@ pools:
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Admin != "" || c.Datapath != "splice" || c.KernelHeldLimit != 65536 || c.MaxHeaderBytes != 1<<20 ||
+	if c.Admin != "" || c.Datapath != "splice" || c.KernelHeldLimit != 65536 || c.EventLoops != 3 || c.MaxHeaderBytes != 1<<20 ||
 		c.TunnelLogInterval != 90*time.Minute || c.Timeouts.Connect != 250*time.Millisecond || c.Timeouts.Shutdown != 30*time.Second {
 		t.Errorf("top level: %+v", c)
 	}

@@ -419,6 +419,25 @@ func (d *decoder) size(f *fields, key string, dst *int, r settings.Size) bool {
 	return true
 }
 
+// count sets *dst to key's value, a whole number within r (0 for r's default).
+func (d *decoder) count(f *fields, key string, dst *int, r settings.Count) bool {
+	n, path, ok := d.scalar(f, key, r.String())
+	if !ok {
+		return false
+	}
+	var v int64
+	if n.ShortTag() != "!!int" || n.Decode(&v) != nil {
+		d.errorf(n, path, "%q is not a whole number; accepted %s", n.Value, r)
+		return false
+	}
+	if !r.Contains(v) {
+		d.errorf(n, path, "%s is out of range; accepted %s", n.Value, r)
+		return false
+	}
+	*dst = int(v)
+	return true
+}
+
 // list returns the items of key's value, which must be a list, with their paths; nil when absent or not
 // a list (said so).
 func (d *decoder) list(f *fields, key, accepted string) ([]*yaml.Node, string, bool) {

@@ -89,7 +89,7 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	c := defaults()
 	d.refs.pools = map[string]*yaml.Node{}
 	f := d.mapping(root, "", "a configuration", "admin", "log_level", "log_format", "datapath", "auto", "kernel_held_limit",
-		"tunnel_log_interval", "timeouts", "max_header_bytes", "limits", "listeners", "pools")
+		"event_loops", "tunnel_log_interval", "timeouts", "max_header_bytes", "limits", "listeners", "pools")
 	if f == nil {
 		return c
 	}
@@ -98,6 +98,7 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	d.oneOf(f, "log_format", "a log format", &c.LogFormat, logFormats...)
 	d.oneOf(f, "datapath", "a datapath", &c.Datapath, datapaths...)
 	d.size(f, "kernel_held_limit", &c.KernelHeldLimit, settings.KernelHeldLimit)
+	d.count(f, "event_loops", &c.EventLoops, settings.EventLoops)
 	if n, path := f.get("auto"); n != nil {
 		d.auto(n, path, &c.Auto)
 	}

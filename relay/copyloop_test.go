@@ -2,6 +2,7 @@ package relay
 
 import (
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -26,8 +27,8 @@ func TestCopyCarriesPlainTunnelsOnEventLoops(t *testing.T) {
 func testPlainTunnelsOnEventLoops(t *testing.T, dp Datapath) {
 	up := startUpstream(t)
 	r := startRelay(t, dp, []string{up.Addr})
-	want := []string{fmt.Sprintf("sockrelay_eventloop_loops %d", copyLoops())}
-	for i := range copyLoops() {
+	want := []string{fmt.Sprintf("sockrelay_eventloop_loops %d", copyLoops(0))}
+	for i := range copyLoops(0) {
 		want = append(want, fmt.Sprintf(`sockrelay_eventloop_tunnels{loop="%d"} 0`, i),
 			fmt.Sprintf(`sockrelay_eventloop_buffer_bytes{loop="%d"} 0`, i),
 			fmt.Sprintf(`sockrelay_eventloop_pipe_bytes{loop="%d"} 0`, i))
@@ -58,6 +59,44 @@ func testPlainTunnelsOnEventLoops(t *testing.T, dp Datapath) {
 	_ = u.Close()
 	waitTunnelsGone(t, r)
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 0)
+}
+
+// TestCopyRunsConfiguredEventLoops: Config.EventLoops sets how many loops run, whatever the CPUs: each has its
+// series, tunnels are spread over all of them, and the start log says how many run and why (and warns when
+// they outnumber the CPUs).
+func TestCopyRunsConfiguredEventLoops(t *testing.T) {
+	const loops = 3
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(c *Config) { c.EventLoops = loops })
+	waitScrapeHas(t, r, fmt.Sprintf("sockrelay_eventloop_loops %d", loops))
+	for range loops {
+		c, u := openTunnel(t, r.Addr, up, []byte("ping"), []byte("pong"))
+		t.Cleanup(func() { _ = c.Close(); _ = u.Close() })
+	}
+	var want []string
+	for i := range loops {
+		want = append(want, fmt.Sprintf(`sockrelay_eventloop_tunnels{loop="%d"} 1`, i))
+	}
+	waitScrapeHas(t, r, want...)
+	logs := r.Log.String()
+	if !strings.Contains(logs, `msg="event loops started" loops=3`) || !strings.Contains(logs, "set by event_loops") {
+		t.Errorf("the log does not say that 3 loops run as configured:\n%s", logs)
+	}
+	if warned := strings.Contains(logs, "more event loops than CPUs"); warned != (loops > runtime.NumCPU()) {
+		t.Errorf("warned of more loops than CPUs: %v, with %d loops on %d CPUs", warned, loops, runtime.NumCPU())
+	}
+}
+
+// TestEventLoopsOutOfRange: NewServer refuses a number of loops outside settings.EventLoops, naming the field,
+// the value and what is accepted.
+func TestEventLoopsOutOfRange(t *testing.T) {
+	for _, n := range []int{-1, 1025} {
+		_, err := NewServer(Config{Upstreams: []string{"127.0.0.1:1"}, Datapath: DatapathCopy, EventLoops: n})
+		want := fmt.Sprintf("EventLoops: %d is out of range; accepted 0 (the default, one per two CPUs) or 1 to 1024", n)
+		if err == nil || err.Error() != want {
+			t.Errorf("NewServer with EventLoops %d: %v, want %s", n, err, want)
+		}
+	}
 }
 
 // pooledPipes is how many empty pipes the relay's loops keep for reuse.

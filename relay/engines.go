@@ -125,6 +125,8 @@ type copyEngine struct {
 	metrics *Metrics
 	opts    eventloop.Options
 	start   func(eventloop.Options) (*datapath.EventLoop, error) // datapath.StartEventLoop unless a test's
+	// loopsSet: opts.Loops was configured (Config.EventLoops), not the default; the start log says which.
+	loopsSet bool
 
 	mu     sync.Mutex
 	loops  *datapath.EventLoop // nil until started
@@ -151,11 +153,16 @@ func (c *copyEngine) Carry(p *datapath.Pair) {
 	datapath.Copier{}.Carry(p)
 }
 
-// copyLoops is how many event loops the copy datapath runs: one per two CPUs, at least one. The relay's
-// peers share its host's CPUs more often than not, and fewer loops each find more ready sockets per
-// epoll_wait: on a 2-CPU host one loop cost the relay fewer context switches and less CPU per message than
-// two (docs/datapath.md, "Measured in the relay").
-func copyLoops() int { return max(1, runtime.NumCPU()/2) }
+// copyLoops is how many event loops the copy datapath runs: configured (Config.EventLoops) when not 0, else
+// one per two CPUs, at least one. The relay's peers share its host's CPUs more often than not, and fewer
+// loops each find more ready sockets per epoll_wait: on a 2-CPU host one loop cost the relay fewer context
+// switches and less CPU per message than two (docs/datapath.md, "Measured in the relay").
+func copyLoops(configured int) int {
+	if configured > 0 {
+		return configured
+	}
+	return max(1, runtime.NumCPU()/2)
+}
 
 // eventLoop returns the running loops, starting them the first time; nil when they cannot start (then the
 // next tunnel tries again: descriptors may have been freed) or the engine is closed.
@@ -177,7 +184,23 @@ func (c *copyEngine) eventLoop() *datapath.EventLoop {
 	}
 	e.OnFallback = c.fellBack
 	c.loops = e
+	c.logStarted()
 	return e
+}
+
+// logStarted says how many loops run and why, and warns when there are more loops than CPUs: they then
+// take turns on the CPUs, each turn a context switch, with no more CPU to run on.
+func (c *copyEngine) logStarted() {
+	why := "the default, one per two CPUs"
+	if c.loopsSet {
+		why = "set by event_loops (--event-loops)"
+	}
+	cpus := runtime.NumCPU()
+	c.log.Info("event loops started", "loops", c.opts.Loops, "cpus", cpus, "why", why)
+	if c.opts.Loops > cpus {
+		c.log.Warn("more event loops than CPUs: they take turns on the CPUs, which costs context switches and "+
+			"adds no CPU", "loops", c.opts.Loops, "cpus", cpus)
+	}
 }
 
 // fellBack counts and logs a plain pair the loops could not take, which the Copier carries.

@@ -66,6 +66,9 @@ type Config struct {
 	// KernelHeldLimit bounds, on the sockmap datapath, the bytes the kernel holds per tunnel direction for
 	// a reader slower than its sender; past it the direction is relayed by userspace until it catches up.
 	KernelHeldLimit int
+	// EventLoops is how many event loops carry the copy and splice datapaths' plain tunnels; 0 takes the
+	// default, one per two CPUs (copyLoops). At most settings.EventLoops.
+	EventLoops int
 
 	// Reload, when set, re-reads the configuration file: POST /admin/reload calls it. It returns why a
 	// configuration was refused; the one in force then stays.
@@ -203,6 +206,9 @@ func (cfg *Config) checkRanges() error {
 	if err := settings.KernelHeldLimit.Check(int64(cfg.KernelHeldLimit)); err != nil {
 		return fmt.Errorf("KernelHeldLimit: %w", err)
 	}
+	if err := settings.EventLoops.Check(int64(cfg.EventLoops)); err != nil {
+		return fmt.Errorf("EventLoops: %w", err)
+	}
 	return nil
 }
 
@@ -252,7 +258,7 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s.SetRouter(router)
 	s.copier = &copyEngine{log: cfg.Logger, start: cfg.startLoops,
-		opts: eventloop.Options{Loops: copyLoops(), NewPipe: cfg.newPipe}}
+		opts: eventloop.Options{Loops: copyLoops(cfg.EventLoops), NewPipe: cfg.newPipe}, loopsSet: cfg.EventLoops > 0}
 	s.splicer = &spliceEngine{copy: s.copier}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats, s.copier.Stats)
 	s.copier.metrics = s.metrics

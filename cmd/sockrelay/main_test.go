@@ -87,6 +87,9 @@ func TestRunRejectsBadFlags(t *testing.T) {
 		{"huge header limit", append(ok, "--max-header-bytes", "2097152"), []string{"--max-header-bytes", "2097152", "1MiB"}},
 		{"tiny held limit", append(ok, "--kernel-held-limit", "1000"), []string{"--kernel-held-limit", "1000", "64KiB"}},
 		{"huge held limit", append(ok, "--kernel-held-limit", "4294967296"), []string{"--kernel-held-limit", "4294967296", "1GiB"}},
+		{"negative event loops", append(ok, "--event-loops", "-1"), []string{"--event-loops", "-1 is out of range", "0 (the default, one per two CPUs) or 1 to 1024"}},
+		{"too many event loops", append(ok, "--event-loops", "5000"), []string{"--event-loops", "5000 is out of range", "1 to 1024"}},
+		{"event loops not a number", append(ok, "--event-loops", "two"), []string{"--event-loops", `"two" is not a whole number`}},
 		{"bad log level", append(ok, "--log-level", "loud"), []string{"--log-level", "debug, info, warn, error"}},
 		{"bad log format", append(ok, "--log-format", "xml"), []string{"--log-format", "text, json"}},
 	} {

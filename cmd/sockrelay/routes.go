@@ -359,6 +359,7 @@ func restartOnly(old, cfg *config.Config) []string {
 					a.TLS.MinVersion == b.TLS.MinVersion && a.TLS.ReloadInterval == b.TLS.ReloadInterval)
 			})},
 		{"kernel_held_limit", old.KernelHeldLimit != cfg.KernelHeldLimit},
+		{"event_loops", old.EventLoops != cfg.EventLoops},
 		{"auto", old.Auto != cfg.Auto},
 		{"tunnel_log_interval", old.TunnelLogInterval != cfg.TunnelLogInterval},
 		{"timeouts", old.Timeouts != cfg.Timeouts},

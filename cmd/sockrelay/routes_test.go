@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -201,6 +202,21 @@ pools:
 	if why := listenerChange(parseConfig(t, file("auto")), parseConfig(t, file("copy"))); why != "" {
 		t.Errorf("a change of the top-level datapath refuses the reload: %s; want it applied, with the "+
 			"restart-only warning restartOnly already has for datapath (and none when --datapath overrides it)", why)
+	}
+}
+
+// TestReloadKeepsEventLoops: a reload that changes event_loops is applied but for it, and the warning names
+// it: the loops, and the tunnels on them, stay as they started.
+func TestReloadKeepsEventLoops(t *testing.T) {
+	file := func(loops string) string {
+		return "event_loops: " + loops + "\nlisteners: [{address: 127.0.0.1:8080, routes: [{pool: p}]}]\n" +
+			"pools: {p: {servers: [127.0.0.1:9000]}}\n"
+	}
+	if got := restartOnly(parseConfig(t, file("0")), parseConfig(t, file("2"))); !slices.Equal(got, []string{"event_loops"}) {
+		t.Errorf("restart-only settings changed from event_loops 0 to 2: %q, want [event_loops]", got)
+	}
+	if got := restartOnly(parseConfig(t, file("2")), parseConfig(t, file("2"))); len(got) != 0 {
+		t.Errorf("restart-only settings changed with event_loops unchanged: %q, want none", got)
 	}
 }
 

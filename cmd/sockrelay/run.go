@@ -47,6 +47,7 @@ type runOptions struct {
 	httpIdleTimeout     time.Duration
 	maxHeaderBytes      int
 	kernelHeldLimit     int
+	eventLoops          int
 	tunnelLogInterval   time.Duration
 	tunnelIdleTimeout   time.Duration
 	tunnelLifetime      time.Duration
@@ -105,6 +106,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	fs.DurationVar(&o.httpIdleTimeout, "http-idle-timeout", relay.DefaultHTTPIdleTimeout, "cut a plain (not upgraded) request when no byte of it moved for this long")
 	fs.IntVar(&o.maxHeaderBytes, "max-header-bytes", relay.DefaultMaxHeaderBytes, "largest request line and headers a client may send, in bytes")
 	fs.IntVar(&o.kernelHeldLimit, "kernel-held-limit", relay.DefaultKernelHeldLimit, "sockmap: most `BYTES` the kernel may hold per tunnel direction for a slow reader before userspace takes over the direction")
+	fs.IntVar(&o.eventLoops, "event-loops", 0, "`N` event loops (OS threads) carry copy and splice tunnels (0: one per two CPUs; at most 1024)")
 	fs.DurationVar(&o.tunnelLogInterval, "tunnel-log-interval", 0, "log each tunnel that lives longer than this again at this interval, with its bytes so far (0: off; else at least 1s)")
 	fs.DurationVar(&o.tunnelIdleTimeout, "tunnel-idle-timeout", 0, "close a tunnel with no byte either way for this long, FIN to both sides (0: never; else at least 1s)")
 	fs.DurationVar(&o.tunnelLifetime, "tunnel-lifetime", 0, "reset tunnels that have lived this long (0: no limit; else at least 1s)")
@@ -194,6 +196,9 @@ func parseRunFlags(args []string, stderr io.Writer) (*runOptions, error) {
 	if err := settings.KernelHeldLimit.Check(int64(o.kernelHeldLimit)); err != nil {
 		return nil, fmt.Errorf("--kernel-held-limit: %w bytes", err)
 	}
+	if err := settings.EventLoops.Check(int64(o.eventLoops)); err != nil {
+		return nil, fmt.Errorf("--event-loops: %w", err)
+	}
 	if _, err := newLogger(io.Discard, o.logLevel, o.logFormat); err != nil {
 		return nil, err
 	}
@@ -279,6 +284,7 @@ func (o *runOptions) applyFile(cfg *config.Config) {
 	set("http-idle-timeout", func() { o.httpIdleTimeout = cfg.Timeouts.HTTPIdle })
 	set("max-header-bytes", func() { o.maxHeaderBytes = cfg.MaxHeaderBytes })
 	set("kernel-held-limit", func() { o.kernelHeldLimit = cfg.KernelHeldLimit })
+	set("event-loops", func() { o.eventLoops = cfg.EventLoops })
 	set("tunnel-log-interval", func() { o.tunnelLogInterval = cfg.TunnelLogInterval })
 	set("tunnel-idle-timeout", func() { o.tunnelIdleTimeout = cfg.Timeouts.TunnelIdle })
 	set("tunnel-lifetime", func() { o.tunnelLifetime = cfg.Timeouts.TunnelLifetime })
@@ -499,6 +505,7 @@ func serve(ctx context.Context, o *runOptions, log *slog.Logger, ready readyFunc
 		HTTPIdleTimeout:         o.httpIdleTimeout,
 		MaxHeaderBytes:          o.maxHeaderBytes,
 		KernelHeldLimit:         o.kernelHeldLimit,
+		EventLoops:              o.eventLoops,
 		TunnelLogInterval:       o.tunnelLogInterval,
 		TunnelIdleTimeout:       o.tunnelIdleTimeout,
 		TunnelLifetime:          o.tunnelLifetime,

@@ -545,6 +545,46 @@ func TestHalfClosedTimeoutSettings(t *testing.T) {
 	}
 }
 
+// TestEventLoopsSettings: the number of event loops is 0 (the relay's default) unless the file's event_loops
+// or --event-loops sets it, the flag over the file; and it reaches the relay, whose start log says how many
+// loops run.
+func TestEventLoopsSettings(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "sockrelay.yaml")
+	writeFile(t, file, "event_loops: 2\n"+
+		"listeners: [{address: \"127.0.0.1:0\", routes: [{pool: p}]}]\npools: {p: {servers: [\"127.0.0.1:9000\"]}}\n")
+	for _, tc := range []struct {
+		name string
+		args []string
+		want int
+	}{
+		{"default", []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9000"}, 0},
+		{"flag", []string{"--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9000", "--event-loops", "3"}, 3},
+		{"file", []string{"--config", file}, 2},
+		{"flag over file", []string{"--config", file, "--event-loops", "1"}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o, err := parseRunFlags(tc.args, io.Discard)
+			if err == nil {
+				err = o.loadConfig()
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.eventLoops != tc.want {
+				t.Errorf("event loops %d, want %d", o.eventLoops, tc.want)
+			}
+		})
+	}
+	t.Run("reaches the relay", func(t *testing.T) {
+		r := startRelay(t, "--listen", "127.0.0.1:0", "--upstream", newEchoUpstream(t), "--datapath", "copy",
+			"--event-loops", "3", "--log-format", "json")
+		lines := r.logLines(t, "event loops started")
+		if len(lines) != 1 || lines[0]["loops"] != 3.0 {
+			t.Errorf("start log %v, want one line with loops 3:\n%s", lines, r.logs)
+		}
+	})
+}
+
 // TestFlagsAndFileAcceptTheSameValues: each bounded setting is checked against one range (package
 // settings), so a value the command line accepts the configuration file accepts too, and the reverse; and
 // the relay accepts what both pass.
@@ -566,6 +606,7 @@ func TestFlagsAndFileAcceptTheSameValues(t *testing.T) {
 		{"--tunnel-log-interval", "tunnel_log_interval", []string{"0s", "500ms", "1m"}},
 		{"--max-header-bytes", "max_header_bytes", []string{"1023", "1024", "1048576", "1048577"}},
 		{"--kernel-held-limit", "kernel_held_limit", []string{"65535", "65536", "1073741824", "1073741825"}},
+		{"--event-loops", "event_loops", []string{"-1", "0", "1", "1024", "1025"}},
 	} {
 		for _, v := range tc.values {
 			t.Run(tc.flag+"="+v, func(t *testing.T) {

@@ -48,7 +48,33 @@ var (
 	// MaxHeaderBytes: a request line and headers past 1 MiB are a mistake or an attack (nginx's default
 	// buffers hold 4 × 8 KiB), and the relay buffers them per connection.
 	MaxHeaderBytes = Size{Min: 1 << 10, Max: 1 << 20}
+	// EventLoops is the number of event loops (OS threads) of the copy datapath, 0 for the relay's default
+	// (one per two CPUs). The bound is fixed rather than a multiple of this host's CPUs, so that a file
+	// `sockrelay check` passes on one host is not refused on a smaller one; 1024 is past the default of any
+	// host we know of and stops a typo from starting thousands of threads. More loops than CPUs start
+	// (the relay warns): they only take turns on the CPUs.
+	EventLoops = Count{Max: 1024, Zero: "the default, one per two CPUs"}
 )
+
+// Count is the range of a setting that counts things, 0 taking a default.
+type Count struct {
+	Max  int    // the most accepted; the least is 1, or 0 for the default
+	Zero string // what 0 means
+}
+
+// Contains reports whether v is accepted.
+func (r Count) Contains(v int64) bool { return v >= 0 && v <= int64(r.Max) }
+
+// String says what the range accepts: "0 (the default, one per two CPUs) or 1 to 1024".
+func (r Count) String() string { return fmt.Sprintf("0 (%s) or 1 to %d", r.Zero, r.Max) }
+
+// Check returns nil when v is accepted, else an error that gives v and what is accepted.
+func (r Count) Check(v int64) error {
+	if r.Contains(v) {
+		return nil
+	}
+	return fmt.Errorf("%d is out of range; accepted %s", v, r)
+}
 
 // Duration is the range a duration setting accepts.
 type Duration struct {

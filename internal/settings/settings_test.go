@@ -1,6 +1,7 @@
 package settings
 
 import (
+	"fmt"
 	"testing"
 	"time"
 )
@@ -46,6 +47,17 @@ func TestCheckSaysValueAndRange(t *testing.T) {
 	}
 	if err := MaxHeaderBytes.Check(1 << 20); err != nil {
 		t.Errorf("1 MiB refused: %v", err)
+	}
+	for _, v := range []int64{-1, 1025} {
+		want := fmt.Sprintf("%d is out of range; accepted 0 (the default, one per two CPUs) or 1 to 1024", v)
+		if err := EventLoops.Check(v); err == nil || err.Error() != want {
+			t.Errorf("EventLoops.Check(%d) = %v, want %s", v, err, want)
+		}
+	}
+	for _, v := range []int64{0, 1, 1024} {
+		if err := EventLoops.Check(v); err != nil {
+			t.Errorf("EventLoops.Check(%d) refused: %v", v, err)
+		}
 	}
 }
 
