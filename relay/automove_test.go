@@ -547,6 +547,10 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 	if _, tracked := r.auto.movesOf(tun); tracked {
 		t.Error("a tunnel an upgrade tried to park is still under the policy")
 	}
+	r.auto.trackOpen() // as a policy put in force meanwhile does
+	if _, tracked := r.auto.movesOf(tun); tracked {
+		t.Error("a policy put in force tracked again a tunnel an upgrade took out of the policy")
+	}
 
 	// Tracked again with no move running: Park takes it out of the policy and parks it.
 	r.auto.mu.Lock()
