@@ -459,6 +459,9 @@ func (m *autoMover) move(mv autoMove) {
 	}
 	m.mu.Lock()
 	mv.tr.moving = false
+	// The next sample takes a baseline: a sample that read the tunnel's counts and kind before this move
+	// returned, and locks after it, holds the engine it left, and would move it again from there.
+	mv.tr.carrier = nil
 	delete(m.pairs, mv.t.pair)
 	p := *m.policy.Load()
 	switch {
