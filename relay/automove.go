@@ -43,7 +43,8 @@ type autoMover struct {
 	began time.Time
 
 	mu sync.Mutex
-	// tracked are the tunnels the policy in force can move (a released one: an upgrade took it out).
+	// tracked are the tunnels the policy in force can move off their engine, and, marked released, those
+	// an upgrade took out of the policy.
 	tracked map[*Tunnel]*autoTrack
 	// pairs are the pairs being moved: a move counts its tunnel in sockrelay_tunnels_active itself, the
 	// kernel engine's fallback to copy included (Server.kernelFallback asks movingPair).
