@@ -37,7 +37,8 @@ type TunnelInfo struct {
 	BytesToUpstream uint64    `json:"bytes_to_upstream"`
 	BytesToClient   uint64    `json:"bytes_to_client"`
 	Started         time.Time `json:"started"`
-	// Auto says auto's per-tunnel policy moves the tunnel between engines; Moves, how many moves it made.
+	// Auto says the per-tunnel policy in force can move the tunnel off the engine it is on now (auto's
+	// sampler watches it); Moves, how many moves it made in this process, watched now or not.
 	Auto  bool `json:"auto,omitempty"`
 	Moves int  `json:"moves,omitempty"`
 }

@@ -19,9 +19,12 @@ import (
 
 // Per-tunnel auto (docs/datapath.md, "auto per tunnel"): where `auto` resolved to the kernel engine, each
 // plain tunnel of a listener on auto starts on the policy's start engine (by default the event loop, until
-// and unless the start measurement, autoprobe.go, says otherwise), and one goroutine, the sampler, reads every such tunnel's
-// counters each Policy.Interval (the verdict's, or the event loop's: no work on the data path), asks
-// auto.Decide whether it should move, and moves it with datapath.Move on a goroutine of its own. At most
+// and unless the start measurement, autoprobe.go, says otherwise), and one goroutine, the sampler, reads the
+// counters of every such tunnel that the policy in force can move off the engine it is on (auto.Policy.Moves;
+// under LoopFirst, none on the loop) each Policy.Interval (the verdict's, or the event loop's: no work on the
+// data path), asks auto.Decide whether it should move, and moves it with datapath.Move on a goroutine of its
+// own. A tunnel the policy cannot move costs the sampler nothing: it is not tracked until a policy that can
+// move it is put in force (apply). At most
 // Policy.MaxInFlight moves run at once and at most Policy.MovesPerSecond start a second: a move off the
 // kernel waits, with no time limit, while a reader has stopped and the kernel holds bytes for it, so the
 // sampler never waits for a move, and a stuck move holds one slot, not the sampler.
@@ -36,7 +39,12 @@ type autoMover struct {
 	decide func(auto.Policy, auto.Sample, auto.History) auto.Decision
 	slots  chan struct{} // one per move in flight
 
-	mu      sync.Mutex
+	// began is when the sampler started: autoTrack.lastAt counts from it.
+	began time.Time
+
+	mu sync.Mutex
+	// tracked are the tunnels the policy in force can move off their engine, and, marked released, those
+	// an upgrade took out of the policy.
 	tracked map[*Tunnel]*autoTrack
 	// pairs are the pairs being moved: a move counts its tunnel in sockrelay_tunnels_active itself, the
 	// kernel engine's fallback to copy included (Server.kernelFallback asks movingPair).
@@ -51,14 +59,17 @@ type autoMover struct {
 // autoTrack is what the sampler keeps of one tunnel; guarded by autoMover.mu.
 type autoTrack struct {
 	hist auto.History
-	// last are the counts of carrier at lastAt: a sample is the difference to the next ones while the
-	// same carrier holds the pair (each engine counts from 0).
+	// last are the counts of carrier at lastAt (since autoMover.began, monotonic): a sample is the
+	// difference to the next ones while the same carrier holds the pair (each engine counts from 0).
 	last    datapath.Counts
 	carrier datapath.Carrier
-	lastAt  time.Time
+	lastAt  time.Duration
 	moving  bool // a move of it runs; the sampler leaves it alone
-	moves   int  // moves completed, for /debug/tunnels
 }
+
+// released marks in autoMover.tracked a tunnel an upgrade took out of the policy (release): the sampler
+// leaves it alone, and no policy put in force tracks it again, until it ends or is carried here again.
+var released = &autoTrack{}
 
 // startAutoMoves starts the sampler on a server whose auto datapath loaded the kernel engine, and, unless
 // the configuration names the start engine (or a test its policy), the start measurement in the
@@ -80,7 +91,7 @@ func (s *Server) startAutoMoves() error {
 	if decide == nil {
 		decide = auto.Decide
 	}
-	m := &autoMover{s: s, decide: decide, slots: make(chan struct{}, p.MaxInFlight),
+	m := &autoMover{s: s, decide: decide, slots: make(chan struct{}, p.MaxInFlight), began: time.Now(),
 		tracked: map[*Tunnel]*autoTrack{}, pairs: map[*datapath.Pair]bool{}, stop: make(chan struct{}), done: make(chan struct{})}
 	m.policy.Store(&p)
 	s.auto = m
@@ -112,7 +123,7 @@ func (m *autoMover) measureAndApply(ctx context.Context) {
 	if ctx.Err() != nil {
 		return // closed meanwhile
 	}
-	m.policy.Store(&p)
+	m.apply(p)
 	kernel, loop := c.Medians()
 	attrs := []any{"measured", c.Verdict(), "why", why, "measure_ms", took.Milliseconds(), "host_busy", round2(c.HostBusy), "rounds", len(c.Kernel),
 		"kernel_ctxsw_per_msg", round2(kernel), "loop_ctxsw_per_msg", round2(loop),
@@ -123,6 +134,52 @@ func (m *autoMover) measureAndApply(ctx context.Context) {
 		attrs = append(attrs, "err", c.Err)
 	}
 	m.s.log.Info("datapath policy: per tunnel", append(attrs, policyAttrs(p)...)...)
+}
+
+// apply puts p in force. Where p can move tunnels off an engine that the policy before could not, every
+// open tunnel that p can move is tracked now, so that none stays pinned by the change; the tunnels p can
+// no longer move are dropped at the next sample.
+func (m *autoMover) apply(p auto.Policy) {
+	old := m.policy.Swap(&p)
+	if p.Moves(auto.Kernel) && !old.Moves(auto.Kernel) || p.Moves(auto.Loop) && !old.Moves(auto.Loop) {
+		m.trackOpen()
+	}
+}
+
+// trackOpen tracks every open tunnel of a listener on auto, with no TLS, neither ending nor parked nor
+// released, that the policy in force can move and is not tracked yet. A tunnel opening meanwhile is
+// registered before its track reads the policy: it is in the registry here, or its track reads p.
+func (m *autoMover) trackOpen() {
+	for _, t := range m.s.tunnels.Tunnels() {
+		if t.pair.TLS() || t.pair.Ending() || t.Parked() || !m.s.onAuto(t.Listener) {
+			continue
+		}
+		e := engineOfKind(t.pair.Kind())
+		m.mu.Lock()
+		if _, known := m.tracked[t]; !known {
+			m.watch(t, e)
+		}
+		m.mu.Unlock()
+	}
+}
+
+// onAuto says whether the listener of this name is prepared here on auto.
+func (s *Server) onAuto(listener string) bool {
+	s.listenersMu.Lock()
+	defer s.listenersMu.Unlock()
+	return s.autoListeners[listener]
+}
+
+// watch tracks t from a fresh history when the policy in force can move it off e, the engine it is on,
+// and forgets it otherwise; m.mu held.
+func (m *autoMover) watch(t *Tunnel, e auto.Engine) {
+	switch {
+	case m.stopped:
+	case m.policy.Load().Moves(e):
+		m.tracked[t] = &autoTrack{}
+	default:
+		delete(m.tracked, t)
+	}
 }
 
 // round2 rounds v to two decimals, for the log.
@@ -153,17 +210,17 @@ func (m *autoMover) probing(p *datapath.Pair, on bool) {
 	}
 }
 
-// track puts a tunnel that has just opened under the policy, when its listener is on auto and it has no TLS
-// (TLS stays on copy: the kernel engine refuses it).
+// track puts a tunnel that has just opened, or is carried here again, under the policy, when its listener
+// is on auto and it has no TLS (TLS stays on copy: the kernel engine refuses it), and the policy in force
+// can move it off its engine (watch).
 func (m *autoMover) track(t *Tunnel, l listenerInfo) {
 	if m == nil || !l.perTunnel || t.pair.TLS() {
 		return
 	}
+	e := engineOfKind(t.pair.Kind())
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if !m.stopped {
-		m.tracked[t] = &autoTrack{}
-	}
+	m.watch(t, e)
 }
 
 // trackCarried puts a tunnel this process carries again, adopted in an upgrade or resumed after a failed
@@ -188,18 +245,16 @@ func (s *Server) trackCarried(t *Tunnel) {
 	s.auto.track(t, listenerInfo{name: t.Listener, perTunnel: perTunnel})
 }
 
-// movesOf is how many moves t made, and whether the policy moves it at all.
+// movesOf is how many moves t made in this process, and whether the policy in force can move it now (the
+// sampler tracks it).
 func (m *autoMover) movesOf(t *Tunnel) (moves int, tracked bool) {
 	if m == nil {
 		return 0, false
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	tr, ok := m.tracked[t]
-	if !ok {
-		return 0, false
-	}
-	return tr.moves, true
+	m.mu.Unlock()
+	return int(t.moves.Load()), ok && tr != released
 }
 
 // run samples every Policy.Interval until close.
@@ -234,6 +289,9 @@ func (m *autoMover) sample(now time.Time) {
 		tunnels = append(tunnels, t)
 	}
 	m.mu.Unlock()
+	if len(tunnels) == 0 {
+		return
+	}
 	p := *m.policy.Load()
 	budget := max(1, int(float64(p.MovesPerSecond)*p.Interval.Seconds()))
 	m.readKernelCounts()
@@ -253,23 +311,28 @@ func (m *autoMover) sample(now time.Time) {
 		// readKernelCounts).
 		counts, carrier, ok := t.pair.Counts()
 		kind := t.pair.Kind()
+		from := engineOfKind(kind)
+		at := now.Sub(m.began)
 		m.mu.Lock()
 		tr := m.tracked[t]
-		if !ok || tr == nil || tr.moving {
+		if !ok || tr == nil || tr == released || tr.moving {
+			m.mu.Unlock()
+			continue
+		}
+		if !p.Moves(from) {
+			// The policy in force cannot move it off its engine (changed, or the kernel engine fell back
+			// to copy): no work for it until one can (apply).
+			delete(m.tracked, t)
 			m.mu.Unlock()
 			continue
 		}
 		if carrier != tr.carrier {
-			tr.carrier, tr.last, tr.lastAt = carrier, counts, now // a new engine counts from 0
+			tr.carrier, tr.last, tr.lastAt = carrier, counts, at // a new engine counts from 0
 			m.mu.Unlock()
 			continue
 		}
-		from := auto.Loop
-		if kind == DatapathSockmap {
-			from = auto.Kernel
-		}
-		s := sampleOf(from, now.Sub(tr.lastAt), tr.last, counts)
-		tr.last, tr.lastAt = counts, now
+		s := sampleOf(from, at-tr.lastAt, tr.last, counts)
+		tr.last, tr.lastAt = counts, at
 		tr.hist.Observe(s)
 		d := m.decide(p, s, tr.hist)
 		if _, half := t.pair.HalfClosedSince(); half && d.To == auto.Kernel {
@@ -335,6 +398,14 @@ func (m *autoMover) engineOf(e auto.Engine) datapath.Engine {
 	return m.s.copier
 }
 
+// engineOfKind is the policy's engine for a datapath kind: every kind but sockmap is userspace.
+func engineOfKind(k Datapath) auto.Engine {
+	if k == DatapathSockmap {
+		return auto.Kernel
+	}
+	return auto.Loop
+}
+
 // kindOf is the datapath kind of a policy's engine.
 func kindOf(e auto.Engine) Datapath {
 	if e == auto.Kernel {
@@ -353,7 +424,9 @@ func (m *autoMover) release(t *Tunnel) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	tr, ok := m.tracked[t]
-	delete(m.tracked, t)
+	if !m.stopped {
+		m.tracked[t] = released // not tracked again by a policy put in force meanwhile (trackOpen)
+	}
 	return !ok || !tr.moving
 }
 
@@ -376,20 +449,30 @@ func (m *autoMover) move(mv autoMove) {
 	defer func() { <-m.slots }()
 	from, to := kindOf(mv.from), kindOf(mv.d.To)
 	err := datapath.Move(mv.t.pair, m.engineOf(mv.d.To))
-	if now := mv.t.pair.Kind(); now != from {
+	now := mv.t.pair.Kind()
+	if now != from {
 		active := m.s.metrics.tunnelsActive
 		active.WithLabelValues(string(from)).Dec()
 		active.WithLabelValues(string(now)).Inc()
 	}
+	if err == nil {
+		mv.t.moves.Add(1)
+	}
 	m.mu.Lock()
 	mv.tr.moving = false
+	// The next sample takes a baseline: a sample that read the tunnel's counts and kind before this move
+	// returned, and locks after it, holds the engine it left, and would move it again from there.
+	mv.tr.carrier = nil
 	delete(m.pairs, mv.t.pair)
+	p := *m.policy.Load()
 	switch {
 	case err == nil:
-		mv.tr.moves++
-		mv.tr.hist.Moved(*m.policy.Load(), mv.from, mv.d)
+		mv.tr.hist.Moved(p, mv.from, mv.d)
 	case !errors.Is(err, datapath.ErrPairEnded):
 		mv.tr.hist.On = 0 // not again before a dwell
+	}
+	if m.tracked[mv.t] == mv.tr && !p.Moves(engineOfKind(now)) {
+		delete(m.tracked, mv.t) // where it is now, no rule moves it (a kernel tunnel on the loop under LoopFirst)
 	}
 	m.mu.Unlock()
 	switch {

@@ -425,9 +425,16 @@ func (m *autoMover) trackOf(t *Tunnel) (moving bool, moves int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if tr := m.tracked[t]; tr != nil {
-		return tr.moving, tr.moves
+		moving = tr.moving
 	}
-	return false, 0
+	return moving, int(t.moves.Load())
+}
+
+// trackedCount is how many tunnels the sampler tracks.
+func (m *autoMover) trackedCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.tracked)
 }
 
 // TestAutoMoveStuckHoldsOneSlot: a move off the kernel waits, with no time limit, while the reader has
@@ -460,28 +467,37 @@ func TestAutoMoveStuckHoldsOneSlot(t *testing.T) {
 		}
 		writeErr <- err
 	}()
-	// Stuck: a move of it has run for 300 ms, off the kernel.
-	var since time.Time
-	waitFor(t, 20*time.Second, "a move of the tunnel whose reader stopped to wait", func() bool {
-		moving, _ := r.auto.trackOf(stuck)
-		switch {
-		case !moving:
-			since = time.Time{}
-		case since.IsZero():
-			since = time.Now()
+	// Stuck: a move of it that runs while the other tunnel moves 3 times, counted with no time window
+	// (a loaded machine slows the moves, not what they do). A move that had only been slow ends meanwhile
+	// and the test looks again: one off the kernel is stuck for good while the client does not read. A
+	// move that held the sampler would stop the other tunnel's moves, and the wait for them fails.
+	for try := 1; ; try++ {
+		var since time.Time
+		waitFor(t, 20*time.Second, "a move of the tunnel whose reader stopped to wait", func() bool {
+			moving, _ := r.auto.trackOf(stuck)
+			switch {
+			case !moving:
+				since = time.Time{}
+			case since.IsZero():
+				since = time.Now()
+			}
+			return moving && time.Since(since) > 300*time.Millisecond
+		})
+		_, stuckMoves := r.auto.trackOf(stuck)
+		_, before := r.auto.trackOf(other)
+		waitFor(t, 20*time.Second, "the other tunnel to move 3 times while one move is stuck", func() bool {
+			_, moves := r.auto.trackOf(other)
+			return moves >= before+3
+		})
+		moving, moves := r.auto.trackOf(stuck)
+		if moving && moves == stuckMoves {
+			break
 		}
-		return moving && time.Since(since) > 300*time.Millisecond
-	})
+		if try == 5 {
+			t.Fatalf("the stuck move ended by itself 5 times (moving %v, moves %d → %d): the test did not hold one", moving, stuckMoves, moves)
+		}
+	}
 	_, stuckMoves := r.auto.trackOf(stuck)
-	_, before := r.auto.trackOf(other)
-	time.Sleep(300 * time.Millisecond)
-	_, after := r.auto.trackOf(other)
-	if after-before < 3 {
-		t.Errorf("the other tunnel moved %d times in 300 ms while one move was stuck, want at least 3", after-before)
-	}
-	if moving, moves := r.auto.trackOf(stuck); !moving || moves != stuckMoves {
-		t.Fatalf("the stuck move ended by itself (moving %v, moves %d → %d): the test did not hold one", moving, stuckMoves, moves)
-	}
 	// The reader reads again: the move completes, and every byte arrives once, in order.
 	got := newStreamCheck(9, n)
 	if _, err := copyWithin(stuckC, got, stuckC.R, 60*time.Second); err != nil {
@@ -531,10 +547,14 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 	if _, tracked := r.auto.movesOf(tun); tracked {
 		t.Error("a tunnel an upgrade tried to park is still under the policy")
 	}
+	r.auto.trackOpen() // as a policy put in force meanwhile does
+	if _, tracked := r.auto.movesOf(tun); tracked {
+		t.Error("a policy put in force tracked again a tunnel an upgrade took out of the policy")
+	}
 
 	// Tracked again with no move running: Park takes it out of the policy and parks it.
 	r.auto.mu.Lock()
-	r.auto.tracked[tun] = &autoTrack{moves: 1}
+	r.auto.tracked[tun] = &autoTrack{}
 	r.auto.mu.Unlock()
 	pt, err := r.Park(tun)
 	if err != nil {
@@ -555,9 +575,10 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 	if tun.Datapath() != DatapathCopy {
 		t.Errorf("resumed on %s, want copy, where it was parked", tun.Datapath())
 	}
-	// Resumed after the failed park, the tunnel is under the policy again, from a fresh history.
-	if moves, tracked := r.auto.movesOf(tun); !tracked || moves != 0 {
-		t.Errorf("resumed tunnel tracked %v with %d moves, want tracked again with 0", tracked, moves)
+	// Resumed after the failed park, the tunnel is under the policy again, from a fresh history; its
+	// moves are the tunnel's in this process, its one move to the loop.
+	if moves, tracked := r.auto.movesOf(tun); !tracked || moves != 1 {
+		t.Errorf("resumed tunnel tracked %v with %d moves, want tracked again with 1", tracked, moves)
 	}
 }
 
@@ -736,8 +757,9 @@ func TestAutoMeasuresAtStart(t *testing.T) {
 	if got := tun.Datapath(); got != DatapathCopy {
 		t.Errorf("a new tunnel started on %s, want copy", got)
 	}
-	if _, tracked := r.auto.movesOf(tun); !tracked {
-		t.Error("a new tunnel on auto is not under the policy")
+	// Tracked only where the measured policy can move a loop tunnel (KernelForBusy), not under LoopFirst.
+	if _, tracked := r.auto.movesOf(tun); tracked != r.auto.policy.Load().Moves(auto.Loop) {
+		t.Errorf("a new tunnel on the loop tracked %v under %+v", tracked, *r.auto.policy.Load())
 	}
 }
 
@@ -805,4 +827,178 @@ func TestAutoOptions(t *testing.T) {
 			}
 		})
 	}
+}
+
+// loopFirstFast is auto.LoopFirst sampled every 20 ms, with a kernel tunnel quiet after 100 ms.
+func loopFirstFast() auto.Policy {
+	p := auto.LoopFirst
+	p.Interval, p.QuietFor, p.MinDwell = 20*time.Millisecond, 100*time.Millisecond, 100*time.Millisecond
+	return p
+}
+
+// pingThrough sends a few bytes each way through a tunnel and fails t unless they arrive.
+func pingThrough(t *testing.T, c *clientConn, u *upstreamConn) {
+	t.Helper()
+	for _, e := range []struct {
+		w   net.Conn
+		r   io.Reader
+		set func(time.Time) error
+	}{{c.TCPConn, u.R, u.SetReadDeadline}, {u.TCPConn, c.R, c.SetReadDeadline}} {
+		if _, err := e.w.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, 4)
+		_ = e.set(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(e.r, got); err != nil || string(got) != "ping" {
+			t.Fatalf("read %q, %v through the tunnel", got, err)
+		}
+	}
+}
+
+// TestAutoLoopFirstTracksNoLoopTunnel: under LoopFirst no rule moves a tunnel off the loop, so the sampler
+// keeps nothing of the tunnels that open on it (no track, no map entry, no reading a second), while the
+// loop carries them; /debug/tunnels shows each on copy, not under the policy, with no move.
+func TestAutoLoopFirstTracksNoLoopTunnel(t *testing.T) {
+	requireSockmap(t)
+	const n = 20
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(loopFirstFast(), nil))
+	var c *clientConn
+	var u *upstreamConn
+	for range n {
+		c, u = openTunnel(t, r.Addr, up, nil, nil)
+	}
+	time.Sleep(5 * loopFirstFast().Interval) // samples that could track or move one
+	if got := r.auto.trackedCount(); got != 0 {
+		t.Errorf("%d tunnels tracked under LoopFirst with %d open on the loop, want 0", got, n)
+	}
+	for _, tun := range r.Tunnels().Tunnels() {
+		if !tun.pair.OnEventLoop() || tun.Datapath() != DatapathCopy {
+			t.Errorf("tunnel %d on %s, event loop %v: want the loop", tun.ID, tun.Datapath(), tun.pair.OnEventLoop())
+		}
+	}
+	pingThrough(t, c, u)
+	rec := httptest.NewRecorder()
+	r.listTunnels(rec, httptest.NewRequest(http.MethodGet, "/debug/tunnels", nil))
+	var infos []TunnelInfo
+	if err := json.Unmarshal(rec.Body.Bytes(), &infos); err != nil || len(infos) != n {
+		t.Fatalf("/debug/tunnels: %v: %s", err, rec.Body.String())
+	}
+	for _, info := range infos {
+		if info.Datapath != DatapathCopy || info.Auto || info.Moves != 0 {
+			t.Errorf("/debug/tunnels entry: %+v, want copy, not under the policy, no move", info)
+		}
+	}
+}
+
+// TestAutoPolicyChangeTracksOpenTunnels: tunnels opened under LoopFirst are not tracked; once a policy that
+// moves loop tunnels is put in force (as the start measurement does), every open one is, and a busy one
+// moves to the kernel with its stream whole, while the idle ones stay on the loop.
+func TestAutoPolicyChangeTracksOpenTunnels(t *testing.T) {
+	requireSockmap(t)
+	const tunnels, n = 3, 256 << 10
+	up := startUpstream(t)
+	r := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(loopFirstFast(), nil))
+	var cs []*clientConn
+	var us []*upstreamConn
+	for range tunnels {
+		c, u := openTunnel(t, r.Addr, up, nil, nil)
+		cs, us = append(cs, c), append(us, u)
+	}
+	if got := r.auto.trackedCount(); got != 0 {
+		t.Fatalf("%d tunnels tracked under LoopFirst, want 0", got)
+	}
+	busy := auto.KernelForBusy
+	busy.Interval, busy.BusySegments, busy.MinDwell = loopFirstFast().Interval, 50, 100*time.Millisecond
+	r.auto.apply(busy)
+	if got := r.auto.trackedCount(); got != tunnels {
+		t.Fatalf("%d tunnels tracked once a policy that moves loop tunnels is in force, want %d", got, tunnels)
+	}
+
+	// The first tunnel's client writes 64 bytes a millisecond: about 1000 reads a second on the loop.
+	w := &phasedWriter{finish: make(chan struct{})}
+	w.chatty.Store(true)
+	wrote, read := make(chan error, 1), make(chan error, 1)
+	go func() { wrote <- w.run(cs[0].TCPConn, 5, n, 64, time.Millisecond) }()
+	go func() {
+		got := newStreamCheck(5, n)
+		_, err := copyWithin(us[0].TCPConn, got, us[0].R, 60*time.Second)
+		if d := got.Diff(); err == nil && d != "" {
+			err = fmt.Errorf("wrong stream: %s", d)
+		}
+		read <- err
+	}()
+	waitFor(t, 10*time.Second, "the busy tunnel moved to the kernel", func() bool {
+		return r.moves(DatapathCopy, DatapathSockmap, auto.ReasonBusy) == 1
+	})
+	close(w.finish)
+	if err := <-wrote; err != nil {
+		t.Errorf("client write: %v", err)
+	}
+	if err := <-read; err != nil {
+		t.Errorf("upstream read: %v", err)
+	}
+	onLoop := 0
+	for _, tun := range r.Tunnels().Tunnels() {
+		if tun.pair.OnEventLoop() {
+			onLoop++
+		}
+	}
+	if onLoop != tunnels-1 {
+		t.Errorf("%d tunnels on the loop, want the %d idle ones", onLoop, tunnels-1)
+	}
+	for i := 1; i < tunnels; i++ {
+		pingThrough(t, cs[i], us[i])
+	}
+}
+
+// TestAutoAdoptedKernelTunnelLeavesUnderLoopFirst: a kernel tunnel adopted in an upgrade is tracked under
+// LoopFirst (a rule moves it off the kernel), leaves the kernel once quiet, and is then no longer tracked:
+// on the loop no rule of LoopFirst moves it. Its move count stays in /debug/tunnels.
+func TestAutoAdoptedKernelTunnelLeavesUnderLoopFirst(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	old := startRelay(t, DatapathSockmap, []string{up.Addr})
+	files, err := old.ExportKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(loopFirstFast(), nil),
+		func(c *Config) { c.KernelObjects = files })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	edge, err := next.PrepareListener(ln, ListenerOptions{Name: "edge", Datapath: DatapathAuto})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go edge.Serve()
+	c, u := openTunnel(t, old.Addr, up, nil, nil)
+	if !next.KernelAdopted() {
+		t.Fatal("the new relay did not adopt the old one's BPF objects")
+	}
+	old.HandKernelTunnels()
+	waitInKernel(t, old)
+	tun := handOverTo(t, old, next, onlyTunnel(t, old), "edge")
+	if got := tun.Datapath(); got != DatapathSockmap {
+		t.Fatalf("adopted on %s, want sockmap", got)
+	}
+	if _, tracked := next.auto.movesOf(tun); !tracked {
+		t.Fatal("an adopted kernel tunnel is not tracked under LoopFirst")
+	}
+	// Counted once the move has returned, after its track was dropped.
+	waitFor(t, 10*time.Second, "the adopted kernel tunnel moved to the loop once quiet", func() bool {
+		return next.moves(DatapathSockmap, DatapathCopy, auto.ReasonQuiet) == 1
+	})
+	if moves, tracked := next.auto.movesOf(tun); tracked || moves != 1 {
+		t.Errorf("on the loop: tracked %v with %d moves, want untracked with 1", tracked, moves)
+	}
+	if got := next.auto.trackedCount(); got != 0 {
+		t.Errorf("%d tunnels tracked, want 0", got)
+	}
+	if !tun.pair.OnEventLoop() {
+		t.Errorf("moved, but on %s", tun.Datapath())
+	}
+	pingThrough(t, c, u)
 }

@@ -122,7 +122,11 @@ func BenchmarkIdleTunnelMemory(b *testing.B) {
 		n = v
 	}
 	limit := raiseFDLimit(b, uint64(4*n+1000))
-	for _, dp := range benchPaths() {
+	paths := benchPaths()
+	if slices.Contains(testDatapaths, DatapathSockmap) {
+		paths = append(paths, string(DatapathAuto)) // per tunnel: its sampler's share shows against copy's
+	}
+	for _, dp := range paths {
 		b.Run(dp, func(b *testing.B) {
 			// An idle tunnel holds four descriptors in this process (client, relay ×2, upstream), on every
 			// datapath: splice's pipes are lent by its event loop only while bytes are in flight.

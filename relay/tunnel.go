@@ -44,6 +44,9 @@ type Tunnel struct {
 	// parked: no engine carries the tunnel while an upgrade hands it over (Server.Park, Server.Adopt);
 	// the timeouts leave it alone meanwhile.
 	parked atomic.Bool
+	// moves is how many moves auto's policy made of the tunnel in this process, for /debug/tunnels: kept
+	// here, in parked's padding, since the sampler forgets a tunnel it can no longer move.
+	moves atomic.Uint32
 	// adopted is what only a tunnel adopted in an upgrade keeps; nil for this process's own tunnels, which
 	// are then 32 bytes smaller for their whole life.
 	adopted *adoption

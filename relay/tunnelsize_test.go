@@ -14,3 +14,11 @@ func TestTunnelRecordSize(t *testing.T) {
 		t.Errorf("a Tunnel is %d bytes, want at most 208", got)
 	}
 }
+
+// TestAutoTrackSize: what auto's sampler keeps of a tunnel it can move fits the 128-byte size class
+// (it was 152 bytes, in the 160 class, with lastAt a time.Time and the move count in it).
+func TestAutoTrackSize(t *testing.T) {
+	if got := unsafe.Sizeof(autoTrack{}); got > 128 {
+		t.Errorf("an autoTrack is %d bytes, want at most 128", got)
+	}
+}

@@ -182,6 +182,22 @@ func (p Policy) Validate() error {
 	return nil
 }
 
+// Moves says whether some rule of p can move a tunnel off e, whatever its traffic and history, so that
+// the relay's sampler watches only the tunnels it may have to move. It errs towards true: a tunnel watched
+// for nothing costs a sample a second; one left unwatched that a rule would move stays where it is.
+func (p Policy) Moves(e Engine) bool {
+	if p.Flip {
+		return true
+	}
+	if e == Kernel {
+		// Demotions leave the kernel at any LeaveDemotions, and no threshold turns that rule off.
+		return true
+	}
+	// Off the loop: quiet (when the kernel is where idle tunnels go), calm (for a tunnel that left the
+	// kernel for being chatty), large segments, busy. Each is off at 0.
+	return p.Idle == Kernel || p.CalmSegments > 0 || p.LargeBytesPerSegment > 0 || p.BusySegments > 0
+}
+
 // Sample is what a tunnel's engine counted over Elapsed, each direction apart.
 type Sample struct {
 	Engine  Engine

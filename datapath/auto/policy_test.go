@@ -225,3 +225,73 @@ func TestValidate(t *testing.T) {
 		}
 	}
 }
+
+// TestPolicyMoves: Moves says, for each policy the relay runs (the configuration's overrides and the tests'
+// Flip included), whether a tunnel on each engine can move, and agrees with Decide: where it says no, no
+// sample and history of a grid moves a tunnel off that engine, and where it says yes, one does.
+func TestPolicyMoves(t *testing.T) {
+	over := func(p Policy, set func(*Policy)) Policy { set(&p); return p }
+	flip := over(LoopFirst, func(p *Policy) { p.Flip, p.MinDwell, p.MaxDwell = true, 0, 0 })
+	for _, tc := range []struct {
+		name         string
+		p            Policy
+		kernel, loop bool
+	}{
+		{"LoopFirst", LoopFirst, true, false},
+		{"KernelForBusy", KernelForBusy, true, true},
+		{"KernelFirst", KernelFirst, true, true},
+		{"a test's Flip over LoopFirst", flip, true, true},
+		{"busy_segments over LoopFirst (auto.start: copy)", over(LoopFirst, func(p *Policy) { p.BusySegments = 300 }), true, true},
+		{"chatty_segments, quiet and dwells over LoopFirst", over(LoopFirst, func(p *Policy) {
+			p.ChattySegments, p.QuietFor, p.MinDwell, p.MaxDwell = 500, time.Minute, time.Second, time.Hour
+		}), true, false},
+		{"busy_segments over KernelForBusy", over(KernelForBusy, func(p *Policy) { p.BusySegments = 50 }), true, true},
+		{"KernelFirst without calm or large segments: quiet still moves loop tunnels", over(KernelFirst, func(p *Policy) {
+			p.CalmSegments, p.LargeBytesPerSegment = 0, 0
+		}), true, true},
+		{"LoopFirst with calm only", over(LoopFirst, func(p *Policy) { p.CalmSegments = 5 }), true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.p.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			for e, want := range map[Engine]bool{Kernel: tc.kernel, Loop: tc.loop} {
+				if got := tc.p.Moves(e); got != want {
+					t.Errorf("Moves(%s) = %v, want %v", e, got, want)
+				}
+				if moved, s, h := anyMove(tc.p, e); moved != tc.p.Moves(e) {
+					t.Errorf("Moves(%s) = %v, but Decide moves one on the grid: %v (sample %+v, history %+v)", e, tc.p.Moves(e), moved, s, h)
+				}
+			}
+		})
+	}
+}
+
+// anyMove looks for a sample and a history, on a grid of rates, segment sizes, demotions, quiet times and
+// reasons for having left the kernel, for which Decide moves a tunnel on e under p.
+func anyMove(p Policy, e Engine) (bool, Sample, History) {
+	var flows []Flow
+	for _, segs := range []uint64{0, 1, 10, 100, 300, 2000, 1 << 20} {
+		for _, size := range []uint64{1, 64, 4096, 8 << 10, 64 << 10} {
+			for _, dem := range []uint64{0, 1, 2, 10} {
+				flows = append(flows, Flow{Bytes: segs * size, Segments: segs, Demotions: dem})
+			}
+		}
+	}
+	for _, left := range []Reason{"", ReasonChatty, ReasonDemotions, ReasonQuiet, ReasonBusy} {
+		for _, quiet := range []time.Duration{0, time.Second, time.Hour} {
+			for _, moves := range []int{0, 3} {
+				h := History{On: 2 * time.Hour, Quiet: quiet, Left: left, Moves: moves}
+				for _, a := range flows {
+					for _, b := range []Flow{{}, a, {Bytes: 16 * 2000, Segments: 2000}} {
+						s := Sample{Engine: e, Elapsed: time.Second, Dirs: [2]Flow{a, b}}
+						if Decide(p, s, h).Move {
+							return true, s, h
+						}
+					}
+				}
+			}
+		}
+	}
+	return false, Sample{}, History{}
+}
