@@ -69,7 +69,8 @@ type Policy struct {
 	LeaveDemotions uint64
 	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel whose directions averaging at most
 	// ChattyBytesPerSegment bytes a segment carry at least ChattySegments segments a second together, with
-	// no bulk direction (larger segments, CalmSegments a second or more), moves to the loop.
+	// no bulk direction (larger segments, CalmSegments a second or more), moves to the loop, unless a busy
+	// rule holds it in the kernel (BusySegments).
 	ChattySegments        float64
 	ChattyBytesPerSegment float64
 	// CalmSegments: a loop tunnel that left the kernel for being chatty goes back below this many
@@ -80,8 +81,9 @@ type Policy struct {
 	// directions whose reads average at least this many bytes read at least CalmSegments a second together
 	// (0: never).
 	LargeBytesPerSegment float64
-	// BusySegments: a loop tunnel that did not leave the kernel for demotions or for being chatty moves to
-	// the kernel once it reads at least this many segments a second, both directions together (0: never).
+	// BusySegments: a loop tunnel that did not leave the kernel for demotions moves to the kernel once it
+	// reads at least this many segments a second, both directions together (0: never), and a kernel tunnel
+	// reading at least half as many is never chatty: it stays (holdsBusy).
 	BusySegments float64
 	// QuietFor: a tunnel not on Idle with no byte either way for this long moves to Idle.
 	QuietFor time.Duration
@@ -274,7 +276,7 @@ func Decide(p Policy, s Sample, h History) Decision {
 		switch {
 		case total.Demotions >= p.LeaveDemotions:
 			return Decision{Move: true, To: Loop, Reason: ReasonDemotions}
-		case p.chatty(s, secs):
+		case !p.holdsBusy(segRate) && p.chatty(s, secs):
 			return Decision{Move: true, To: Loop, Reason: ReasonChatty}
 		case p.Idle == Loop && h.Quiet >= p.QuietFor:
 			return Decision{Move: true, To: Loop, Reason: ReasonQuiet}
@@ -289,11 +291,20 @@ func Decide(p Policy, s Sample, h History) Decision {
 			return Decision{Move: true, To: Kernel, Reason: ReasonCalm}
 		case p.largeSegments(s, secs):
 			return Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}
-		case h.Left != ReasonChatty && p.BusySegments > 0 && segRate >= p.BusySegments:
+		case p.BusySegments > 0 && segRate >= p.BusySegments:
 			return Decision{Move: true, To: Kernel, Reason: ReasonBusy}
 		}
 	}
 	return Decision{}
+}
+
+// holdsBusy says whether a kernel tunnel reads enough segments a second to stay in the kernel under a busy
+// rule (BusySegments set): half BusySegments, so that a tunnel near the busy rate does not cross back and
+// forth (hysteresis, as calm is to chatty). Such a tunnel is never chatty: the busy rule says busy tunnels
+// belong in the kernel, and a chatty rule that sent them to the loop (LoopFirst's at any traffic, or a
+// configured chatty_segments) would have the busy rule bring them back one dwell later.
+func (p Policy) holdsBusy(segRate float64) bool {
+	return p.BusySegments > 0 && segRate >= p.BusySegments/2
 }
 
 // chatty says whether a kernel tunnel carries many small segments: its directions whose segments average
