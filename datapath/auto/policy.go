@@ -144,7 +144,8 @@ var LoopFirst = Policy{
 
 // KernelForBusy is the policy where a message measured clearly cheaper in the kernel than on the loop: a
 // tunnel starts on the loop (idle, it costs less there), moves to the kernel once it reads BusySegments a
-// second, and back once quiet, or on demotions (after which only quiet would bring it back).
+// second, and back once quiet, or on demotions (after which it goes back for being busy only once it has
+// been quiet QuietFor on the loop).
 var KernelForBusy = Policy{
 	Interval:              time.Second,
 	Start:                 Loop,
@@ -214,8 +215,9 @@ func (f Flow) perSegment() float64 {
 
 // History is what the policy keeps of a tunnel between samples. Observe and Moved update it.
 type History struct {
-	// On is how long the tunnel has been on its engine; Quiet, how long it has moved no byte.
-	On, Quiet time.Duration
+	// On is how long the tunnel has been on its engine; Quiet, how long it has moved no byte; QuietMost,
+	// the longest it went without a byte since it came to its engine.
+	On, Quiet, QuietMost time.Duration
 	// Dwell is the least time it stays on its engine now (0: Policy.MinDwell).
 	Dwell time.Duration
 	// Left is why it last left the kernel, "" while it never did.
@@ -239,6 +241,7 @@ func (h *History) Observe(s Sample) {
 	} else {
 		h.Quiet = 0
 	}
+	h.QuietMost = max(h.QuietMost, h.Quiet)
 }
 
 // Moved records that the tunnel moved as d said. A tunnel has two engines, so a move back is to the engine
@@ -255,7 +258,7 @@ func (h *History) Moved(p Policy, from Engine, d Decision) {
 	if from == Kernel {
 		h.Left = d.Reason
 	}
-	h.On, h.Quiet = 0, 0
+	h.On, h.Quiet, h.QuietMost = 0, 0, 0
 	h.Moves++
 }
 
@@ -285,8 +288,9 @@ func Decide(p Policy, s Sample, h History) Decision {
 		switch {
 		case p.Idle == Kernel && h.Quiet >= p.QuietFor:
 			return Decision{Move: true, To: Kernel, Reason: ReasonQuiet}
-		case h.Left == ReasonDemotions:
-			// Its bulk would demote again: only quiet brings it back.
+		case h.Left == ReasonDemotions && h.QuietMost < p.QuietFor:
+			// Its bulk would demote again: only once it has been quiet QuietFor on the loop may it go back
+			// (where Idle is the loop, quiet moves nothing, and the tunnel would stay here for life).
 		case h.Left == ReasonChatty && total.Bytes > 0 && segRate < p.CalmSegments:
 			return Decision{Move: true, To: Kernel, Reason: ReasonCalm}
 		case p.largeSegments(s, secs):

@@ -329,3 +329,43 @@ func TestSteadyTrafficSettles(t *testing.T) {
 		}
 	}
 }
+
+// TestKernelForBusyComesBackAfterQuiet: under KernelForBusy a tunnel that left the kernel on demotions goes
+// back for being busy once it has been quiet QuietFor on the loop; it stayed on the loop for life (quiet
+// moves tunnels to the loop there, so nothing cleared why it left).
+func TestKernelForBusyComesBackAfterQuiet(t *testing.T) {
+	got := simulate(KernelForBusy, Loop, 200, func(i int) [2]Flow {
+		switch {
+		case i < 10:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		case i < 20:
+			return [2]Flow{{Bytes: 1 << 30, Segments: 1 << 16, Demotions: 3}}
+		case i < 80:
+			return [2]Flow{}
+		default:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		}
+	})
+	if got[15] != Loop {
+		t.Fatal("did not leave on demotions")
+	}
+	if got[len(got)-1] != Kernel {
+		t.Error("pinned on the loop after one demotion burst")
+	}
+	// Quiet for less than QuietFor is not enough: its bulk may resume.
+	got = simulate(KernelForBusy, Loop, 200, func(i int) [2]Flow {
+		switch {
+		case i < 10:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		case i < 20:
+			return [2]Flow{{Bytes: 1 << 30, Segments: 1 << 16, Demotions: 3}}
+		case i < 25:
+			return [2]Flow{}
+		default:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		}
+	})
+	if got[len(got)-1] != Loop {
+		t.Error("back in the kernel after 5 s quiet, less than QuietFor")
+	}
+}
