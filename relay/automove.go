@@ -460,45 +460,33 @@ const (
 // policy it may be replaced with is checked now, with the options over it, so that a threshold out of range
 // fails the start, naming the option.
 func (o AutoOptions) policy() (p auto.Policy, measure bool, err error) {
-	var candidates []auto.Policy
-	switch o.Start {
+	start := o.Start
+	switch start {
 	case "", AutoStartMeasured:
-		p, measure = o.over(auto.LoopFirst), true
-		candidates = []auto.Policy{auto.LoopFirst, auto.KernelForBusy}
+		p, measure, start = o.over(auto.LoopFirst), true, AutoStartMeasured
 	case AutoStartCopy:
-		p, candidates = o.over(auto.LoopFirst), []auto.Policy{auto.LoopFirst}
+		p = o.over(auto.LoopFirst)
 	case AutoStartSockmap:
-		p, candidates = o.over(auto.KernelFirst), []auto.Policy{auto.KernelFirst}
+		p = o.over(auto.KernelFirst)
 	default:
 		return p, false, fmt.Errorf("auto.start %q: accepted %s, %s or %s", o.Start, AutoStartMeasured, AutoStartCopy, AutoStartSockmap)
 	}
-	for _, c := range candidates {
-		if err := o.over(c).Validate(); err != nil {
-			return p, false, fmt.Errorf("auto settings %+v, over the %s-first policy: %w", o, kindOf(c.Start), err)
+	for _, c := range auto.StartPolicies(start) {
+		if err := o.settings().Check(c); err != nil {
+			return p, false, fmt.Errorf("auto.start %s: %w", start, err)
 		}
 	}
 	return p, measure, nil
 }
 
-// over is p with the options' thresholds that are set.
-func (o AutoOptions) over(p auto.Policy) auto.Policy {
-	if o.ChattySegments != 0 {
-		p.ChattySegments = o.ChattySegments
-	}
-	if o.BusySegments != 0 {
-		p.BusySegments = o.BusySegments
-	}
-	if o.QuietFor != 0 {
-		p.QuietFor = o.QuietFor
-	}
-	if o.MinDwell != 0 {
-		p.MinDwell = o.MinDwell
-	}
-	if o.MaxDwell != 0 {
-		p.MaxDwell = o.MaxDwell
-	}
-	return p
+// settings are the options' thresholds, as datapath/auto takes them.
+func (o AutoOptions) settings() auto.Settings {
+	return auto.Settings{ChattySegments: o.ChattySegments, BusySegments: o.BusySegments, QuietFor: o.QuietFor,
+		MinDwell: o.MinDwell, MaxDwell: o.MaxDwell}
 }
+
+// over is p with the options' thresholds that are set.
+func (o AutoOptions) over(p auto.Policy) auto.Policy { return o.settings().Over(p) }
 
 // moveMetrics are sockrelay_tunnel_moves_total, sockrelay_tunnel_move_failures_total and
 // sockrelay_tunnel_moves_deferred_total, every series at 0 from the start.

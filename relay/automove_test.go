@@ -786,8 +786,14 @@ func TestAutoOptions(t *testing.T) {
 			}, false, ""},
 		{"busy over measured", AutoOptions{BusySegments: 50}, func(p auto.Policy) bool { return p.BusySegments == 50 }, true, ""},
 		{"unknown start", AutoOptions{Start: "kernel"}, nil, false, `auto.start "kernel"`},
-		{"chatty below calm on sockmap", AutoOptions{Start: AutoStartSockmap, ChattySegments: 100}, nil, false, "calm segments"},
-		{"max dwell below min dwell", AutoOptions{MinDwell: time.Hour}, nil, false, "max dwell"},
+		{"chatty below calm on sockmap", AutoOptions{Start: AutoStartSockmap, ChattySegments: 100}, nil, false,
+			"auto.start sockmap: auto.chatty_segments: 100 is at or below the KernelFirst policy's calm threshold"},
+		{"min dwell above the policy's max dwell", AutoOptions{MinDwell: time.Hour}, nil, false,
+			"auto.start measured: auto.min_dwell: 1h is above the LoopFirst policy's max dwell, 5m"},
+		{"max dwell below the policy's min dwell", AutoOptions{Start: AutoStartSockmap, MaxDwell: time.Second}, nil, false,
+			"auto.start sockmap: auto.max_dwell: 1s is below the KernelFirst policy's min dwell, 5s"},
+		{"max dwell below min dwell", AutoOptions{MinDwell: time.Minute, MaxDwell: time.Second}, nil, false,
+			"auto.max_dwell: 1s is below auto.min_dwell, 1m"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p, measure, err := tc.o.policy()
