@@ -176,16 +176,38 @@ func (s *Server) trackCarried(t *Tunnel) {
 	}
 	s.listenersMu.Lock()
 	perTunnel, known := s.autoListeners[t.Listener]
-	if !known {
+	// Ending is asked after waitingEarly is set: a tunnel that ends meanwhile is either seen ending here, or
+	// seen waiting by forgetWaiting, which tunnelEnded calls once the pair is ending.
+	s.waitingEarly.Store(true)
+	if !known && !t.pair.Ending() {
 		if s.adoptedEarly == nil {
 			s.adoptedEarly = map[string][]*Tunnel{}
 		}
-		// The ended ones are dropped as others come, so that a listener never prepared keeps few.
-		waiting := slices.DeleteFunc(s.adoptedEarly[t.Listener], func(w *Tunnel) bool { return w.pair.Ending() })
-		s.adoptedEarly[t.Listener] = append(waiting, t)
+		s.adoptedEarly[t.Listener] = append(s.adoptedEarly[t.Listener], t)
 	}
+	s.waitingEarly.Store(len(s.adoptedEarly) > 0)
 	s.listenersMu.Unlock()
 	s.auto.track(t, listenerInfo{name: t.Listener, perTunnel: perTunnel})
+}
+
+// forgetWaiting lets go of an ended tunnel that waited for its listener (trackCarried), and of the listener's
+// list once empty, so that a listener never prepared here (an upgrade whose new configuration dropped it)
+// keeps no tunnel past its end. The list of one that may yet come keeps its live tunnels (the registry holds
+// them anyway): a reload that prepares it puts them under the policy. Most tunnels never waited: they cost
+// one atomic load here.
+func (s *Server) forgetWaiting(t *Tunnel) {
+	if !s.waitingEarly.Load() {
+		return
+	}
+	s.listenersMu.Lock()
+	defer s.listenersMu.Unlock()
+	waiting := slices.DeleteFunc(s.adoptedEarly[t.Listener], func(w *Tunnel) bool { return w == t })
+	if len(waiting) == 0 {
+		delete(s.adoptedEarly, t.Listener)
+	} else {
+		s.adoptedEarly[t.Listener] = waiting
+	}
+	s.waitingEarly.Store(len(s.adoptedEarly) > 0)
 }
 
 // movesOf is how many moves t made, and whether the policy moves it at all.

@@ -711,6 +711,33 @@ func TestAutoTracksTunnelAdoptedBeforeItsListener(t *testing.T) {
 	}
 }
 
+// TestAutoForgetsEndedTunnelsWaitingForTheirListener: a tunnel adopted on a listener this process has not
+// prepared (an upgrade whose new configuration dropped it) is let go of when it ends; it was kept, and the
+// whole batch with it, for the process's life.
+func TestAutoForgetsEndedTunnelsWaitingForTheirListener(t *testing.T) {
+	requireSockmap(t)
+	up := startUpstream(t)
+	old := startRelay(t, DatapathCopy, []string{up.Addr})
+	next := startRelay(t, DatapathAuto, []string{up.Addr}, withAutoPolicy(flipPolicy(5*time.Millisecond, 2), nil))
+	c, u := openTunnel(t, old.Addr, up, nil, nil)
+	tun := handOverTo(t, old, next, onlyTunnel(t, old), "gone")
+	next.listenersMu.Lock()
+	waiting := len(next.adoptedEarly["gone"])
+	next.listenersMu.Unlock()
+	if waiting != 1 {
+		t.Fatalf("%d tunnel(s) wait for the listener, want the adopted one", waiting)
+	}
+	c.Close()
+	u.Close()
+	waitFor(t, 10*time.Second, "the adopted tunnel ended", func() bool { return tun.pair.Ending() && next.Tunnels().Len() == 0 })
+	next.listenersMu.Lock()
+	n, listed := len(next.adoptedEarly["gone"]), next.adoptedEarly["gone"] != nil
+	next.listenersMu.Unlock()
+	if n != 0 || listed {
+		t.Errorf("%d ended tunnel(s) still wait for the listener (listed: %v)", n, listed)
+	}
+}
+
 // TestAutoMeasuresAtStart: with no start engine configured, the relay measures what a message costs on each
 // engine in the background, logs what it measured and the policy in force once, and tunnels start on the
 // policy's engine (the loop, which every measured policy starts on).

@@ -137,6 +137,9 @@ type Server struct {
 	// adoptedEarly are tunnels carried again on a listener not prepared yet, by its name: the policy takes
 	// them when it is prepared on auto (trackCarried, listenerSetup).
 	adoptedEarly map[string][]*Tunnel
+	// waitingEarly says whether adoptedEarly may hold a tunnel, so that an ending tunnel looks there only
+	// then (forgetWaiting).
+	waitingEarly atomic.Bool
 	// unread are the connections accepted whose first request head has not been read yet
 	// (http.StateNew). Shutdown lets them send it before it stops the servers, which close such a
 	// connection unanswered once they are shutting down.
