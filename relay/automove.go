@@ -46,6 +46,9 @@ type autoMover struct {
 	stop    chan struct{}
 	done    chan struct{}
 	stopped bool
+	// probes are the start measurement's pairs, each with why its engine did not carry it ("" while it
+	// does): their fallbacks count and log nothing (probeFellBack), and stop the measurement.
+	probes map[*datapath.Pair]string
 }
 
 // autoTrack is what the sampler keeps of one tunnel; guarded by autoMover.mu.
@@ -141,16 +144,41 @@ func policyAttrs(p auto.Policy) []any {
 // startKind is the datapath a new tunnel of a listener on auto starts on.
 func (m *autoMover) startKind() Datapath { return kindOf(m.policy.Load().Start) }
 
-// probing marks p as a pair of the start measurement (on), or no longer (off): a kernel fallback of it
-// counts no tunnel, as a move's does not.
+// probing marks p as a pair of the start measurement (on), or no longer (off): a fallback of it counts no
+// tunnel and logs nothing.
 func (m *autoMover) probing(p *datapath.Pair, on bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if on {
-		m.pairs[p] = true
-	} else {
-		delete(m.pairs, p)
+	if m.probes == nil {
+		m.probes = map[*datapath.Pair]string{}
 	}
+	if on {
+		m.probes[p] = ""
+	} else {
+		delete(m.probes, p)
+	}
+}
+
+// probeFellBack records why p's engine did not carry it, and says whether p is a pair of the start
+// measurement: then its fallback is no tunnel's.
+func (m *autoMover) probeFellBack(p *datapath.Pair, why string) bool {
+	if m == nil {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.probes[p]; !ok {
+		return false
+	}
+	m.probes[p] = why
+	return true
+}
+
+// probeRefused is why p's engine did not carry it, "" when it did.
+func (m *autoMover) probeRefused(p *datapath.Pair) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.probes[p]
 }
 
 // track puts a tunnel that has just opened under the policy, when its listener is on auto and it has no TLS

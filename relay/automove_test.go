@@ -22,6 +22,7 @@ import (
 	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/datapath/auto"
 	"github.com/sockrelay/sockrelay/datapath/sockmap"
+	"golang.org/x/sys/unix"
 )
 
 // withAutoPolicy runs the relay's per-tunnel policy with p and, when set, decide.
@@ -791,6 +792,77 @@ func TestMeasureCosts(t *testing.T) {
 	assertMapsEmpty(t, r.kernel)
 	if got := metricSum(r.Reg, "sockrelay_tunnels_total", nil); got != 0 {
 		t.Errorf("the measurement counted %v tunnels", got)
+	}
+}
+
+// refusingKernel stands in for the kernel engine refusing every pair, as sockmap.Engine does one it cannot
+// insert (runInUserspace): the pair runs on the copy engine, then the kernel engine's onFallback is told.
+type refusingKernel struct{ s *Server }
+
+func (e refusingKernel) Kind() Datapath                      { return DatapathSockmap }
+func (e refusingKernel) Accepts(_, _ datapath.Endpoint) bool { return true }
+func (e refusingKernel) Close() error                        { return nil }
+func (e refusingKernel) Carry(p *datapath.Pair) {
+	e.s.copier.Carry(p)
+	e.s.kernelFallback(p, "insert_failed")
+}
+
+// fallingBackLoop stands in for event loops that cannot take a pair, as datapath.EventLoop.Carry does one
+// whose sockets it cannot duplicate: OnFallback (the copy engine's fellBack) is told, and the pair runs on
+// goroutines, still of kind copy.
+type fallingBackLoop struct{ c *copyEngine }
+
+func (e fallingBackLoop) Kind() Datapath                      { return DatapathCopy }
+func (e fallingBackLoop) Accepts(_, _ datapath.Endpoint) bool { return true }
+func (e fallingBackLoop) Close() error                        { return nil }
+func (e fallingBackLoop) Carry(p *datapath.Pair) {
+	e.c.fellBack(p, unix.EMFILE)
+	datapath.Copier{}.Carry(p)
+}
+
+// TestMeasureCostsStopsWhenAProbePairFallsBack: a probe pair its engine does not carry stops the start
+// measurement (inconclusive, said once in the policy's log line), and no tunnel metric or fallback log line
+// counts it. Before, the kernel's refusal was logged and counted as a tunnel's fallback, and the loop's went
+// unnoticed: the "loop" figures were the goroutine copier's.
+func TestMeasureCostsStopsWhenAProbePairFallsBack(t *testing.T) {
+	requireSockmap(t)
+	for _, tc := range []struct {
+		name   string
+		path   probePath
+		engine func(*Server) datapath.Engine
+		want   string
+	}{
+		{"kernel refuses", probeKernel, func(s *Server) datapath.Engine { return refusingKernel{s} }, "insert_failed"},
+		{"loops cannot take it", probeLoop, func(s *Server) datapath.Engine { return fallingBackLoop{s.copier} }, "too many open files"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var r *testRelay
+			r = startRelay(t, DatapathAuto, []string{"127.0.0.1:9"}, withAutoPolicy(auto.LoopFirst, nil), func(c *Config) {
+				c.probeEngine = func(path probePath) datapath.Engine {
+					if path == tc.path {
+						return tc.engine(r.Server)
+					}
+					return nil
+				}
+			})
+			r.auto.moving.Add(1)
+			r.auto.measureAndApply(context.Background())
+			log := r.Log.String()
+			if n := strings.Count(log, "measured=inconclusive"); n != 1 || !strings.Contains(log, tc.want) {
+				t.Errorf("the log says %d time(s) that the measurement was inconclusive, want once, with %q:\n%s", n, tc.want, log)
+			}
+			for _, line := range []string{"falls back", "could not take the tunnel"} {
+				if strings.Contains(log, line) {
+					t.Errorf("a probe pair's fallback logged as a tunnel's (%q)", line)
+				}
+			}
+			for _, m := range []string{"sockrelay_datapath_fallbacks_total", "sockrelay_tunnels_total", "sockrelay_tunnels_active"} {
+				if got := metricSum(r.Reg, m, nil); got != 0 {
+					t.Errorf("%s: %v", m, got)
+				}
+			}
+			assertMapsEmpty(t, r.kernel)
+		})
 	}
 }
 

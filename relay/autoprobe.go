@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -238,8 +239,13 @@ func (s *Server) probeConns(ctx context.Context, m *autoMover, path probePath) (
 	if path == probeLoop {
 		kind, engine = DatapathCopy, s.copier
 	}
+	if s.cfg.probeEngine != nil {
+		if e := s.cfg.probeEngine(path); e != nil {
+			engine = e
+		}
+	}
 	p := datapath.NewPair(kind, datapath.Endpoint{Conn: relayClient}, datapath.Endpoint{Conn: relayUp}, nil)
-	m.probing(p, true) // a fallback of it counts no tunnel (kernelFallback)
+	m.probing(p, true) // a fallback of it counts no tunnel (kernelFallback, copyEngine.fellBack)
 	stop = func() {
 		p.End(datapath.ReasonShutdown, true)
 		m.probing(p, false)
@@ -247,11 +253,23 @@ func (s *Server) probeConns(ctx context.Context, m *autoMover, path probePath) (
 		upstream.Close()
 	}
 	engine.Carry(p)
-	if p.Kind() != kind {
+	// Checked before any trip: a pair the kernel refused runs on the loop, and one the loops could not take
+	// on goroutines, whose figures would pass for the engine's.
+	if why := m.probeRefused(p); why != "" || p.Kind() != kind || kind == DatapathCopy && !p.OnEventLoop() {
+		err := fmt.Errorf("the %s engine did not carry a probe pair (%s), it ran on %s",
+			kind, cmp.Or(why, "no reason given"), carrierOf(p))
 		stop()
-		return nil, nil, nil, fmt.Errorf("the engine handed the pair to %s", p.Kind())
+		return nil, nil, nil, err
 	}
 	return client, upstream, stop, nil
+}
+
+// carrierOf names what carries p: its kind, and goroutines for a copy pair off the event loops.
+func carrierOf(p *datapath.Pair) string {
+	if p.Kind() == DatapathCopy && !p.OnEventLoop() {
+		return "goroutines"
+	}
+	return string(p.Kind())
 }
 
 // loopbackPair returns both ends of a fresh TCP connection on 127.0.0.1.

@@ -100,6 +100,9 @@ type Config struct {
 	// per-tunnel policy of auto (automove.go).
 	autoPolicy *auto.Policy
 	autoDecide func(auto.Policy, auto.Sample, auto.History) auto.Decision
+	// probeEngine, set only by tests, stands in for the engine that carries a path's pairs in the start
+	// measurement (autoprobe.go) where it returns one.
+	probeEngine func(probePath) datapath.Engine
 }
 
 // Defaults for Config's zero values (see package settings for why each is what it is).
@@ -259,6 +262,7 @@ func NewServer(cfg Config) (*Server, error) {
 	s.splicer = &spliceEngine{copy: s.copier}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats, s.copier.Stats)
 	s.copier.metrics = s.metrics
+	s.copier.probeFellBack = func(p *datapath.Pair, why string) bool { return s.auto.probeFellBack(p, why) }
 	defer s.dropKernelObjects() // those the kernel engine did not adopt
 	if err := s.setUpDatapath(); err != nil {
 		return nil, err
