@@ -117,7 +117,8 @@ func (m *autoMover) measureAndApply(ctx context.Context) {
 	}
 	m.policy.Store(&p)
 	kernel, loop := c.Medians()
-	attrs := []any{"measured", c.Verdict(), "why", why, "measure_ms", took.Milliseconds(), "host_busy", round2(c.HostBusy), "rounds", len(c.Kernel),
+	attrs := []any{"measured", c.Verdict(), "why", why, "measure_ms", took.Milliseconds(), "host_busy", round2(c.HostBusy), "host_busy_after", round2(c.HostBusyAfter),
+		"background_ctxsw_per_s", math.Round(c.Background), "rounds", len(c.Kernel),
 		"kernel_ctxsw_per_msg", round2(kernel), "loop_ctxsw_per_msg", round2(loop),
 		"direct_ctxsw_per_msg", c.Direct, "busy_us_per_msg_kernel_loop_direct",
 		[]float64{round2(c.BusyKernel), round2(c.BusyLoop), round2(c.BusyDirect)},

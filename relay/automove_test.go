@@ -783,11 +783,21 @@ func TestMeasureCosts(t *testing.T) {
 		if len(v) != probeRounds {
 			t.Errorf("%s: %d rounds, want %d", name, len(v), probeRounds)
 		}
+		// Net of the host's own switches, a round may count 0 where other processes switched as much
+		// (then clamped), never less; an engine's rounds are not all 0.
+		some := false
 		for _, x := range v {
-			if x < 0 || x == 0 && name != "direct" {
+			if x < 0 {
 				t.Errorf("%s: %v context switches per message", name, x)
 			}
+			some = some || x > 0
 		}
+		if !some && name != "direct" {
+			t.Errorf("%s: no round counted a context switch: %v", name, v)
+		}
+	}
+	if c.HostBusyAfter == 0 && c.HostBusy == 0 && c.Background == 0 {
+		t.Errorf("the host was not watched: %+v", c)
 	}
 	assertMapsEmpty(t, r.kernel)
 	if got := metricSum(r.Reg, "sockrelay_tunnels_total", nil); got != 0 {
