@@ -109,7 +109,8 @@ type Auto struct {
 	// Quiet: a tunnel with no byte either way for this long moves to the engine idle tunnels go to. 1s to 1h.
 	Quiet time.Duration
 	// MinDwell and MaxDwell bound how long a tunnel stays on an engine before it moves again (the dwell
-	// doubles on quick returns up to MaxDwell). 100ms to 1h; MaxDwell not below MinDwell.
+	// doubles on quick returns up to MaxDwell). 100ms to 1h; MaxDwell not below MinDwell, nor, when only one
+	// is set, beyond the other's default in the policies Start may put in force (auto.Settings.Check).
 	MinDwell, MaxDwell time.Duration
 }
 

@@ -107,7 +107,15 @@ func TestBrokenFiles(t *testing.T) {
 		{"auto quiet out of range", minimal + "auto: {quiet: 100ms}\n",
 			`sockrelay.yaml:8: auto.quiet: 100ms is out of range; accepted 1s to 1h`},
 		{"auto max dwell below min dwell", minimal + "auto: {min_dwell: 10s, max_dwell: 5s}\n",
-			`sockrelay.yaml:8: auto.max_dwell: 5s is below min_dwell 10s; accepted min_dwell to 1h`},
+			`sockrelay.yaml:8: auto.max_dwell: 5s is below auto.min_dwell, 10s; accepted 10s to 1h`},
+		// Each against the defaults of the policies the start may put in force (datapath/auto): accepted
+		// alone, they failed the start only where the kernel engine loads.
+		{"auto min dwell above the policy's max dwell", minimal + "auto: {min_dwell: 10m}\n",
+			`sockrelay.yaml:8: auto.min_dwell: 10m is above the LoopFirst policy's max dwell, 5m; accepted 100ms to 5m, or set auto.max_dwell too`},
+		{"auto max dwell below the policy's min dwell", minimal + "auto: {max_dwell: 1s}\n",
+			`sockrelay.yaml:8: auto.max_dwell: 1s is below the LoopFirst policy's min dwell, 5s; accepted 5s to 1h`},
+		{"auto chatty at the calm threshold under sockmap", minimal + "auto: {start: sockmap, chatty_segments: 200}\n",
+			`sockrelay.yaml:8: auto.chatty_segments: 200 is at or below the KernelFirst policy's calm threshold, 200 segments a second, so tunnels between them would move back and forth; accepted above 200 to 1000000`},
 		{"auto unknown key", minimal + "auto: {dwell: 5s}\n",
 			`sockrelay.yaml:8: auto.dwell: unknown key; accepted: busy_segments, chatty_segments, max_dwell, min_dwell, quiet, start`},
 		{"bad log format", minimal + "log_format: logfmt\n",

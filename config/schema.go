@@ -1,7 +1,9 @@
 package config
 
 import (
+	"errors"
 	"fmt"
+	"github.com/sockrelay/sockrelay/datapath/auto"
 	"github.com/sockrelay/sockrelay/internal/settings"
 	"net"
 	"net/netip"
@@ -645,13 +647,35 @@ func (d *decoder) auto(n *yaml.Node, path string, a *Auto) {
 	if f == nil {
 		return
 	}
+	before := len(d.errs)
 	d.oneOf(f, "start", "a start policy", &a.Start, autoStarts...)
-	d.number(f, "chatty_segments", &a.ChattySegments, 1, maxRate)
-	d.number(f, "busy_segments", &a.BusySegments, 1, maxRate)
+	d.number(f, "chatty_segments", &a.ChattySegments, 1, auto.MaxSettingRate)
+	d.number(f, "busy_segments", &a.BusySegments, 1, auto.MaxSettingRate)
 	d.duration(f, "quiet", &a.Quiet, between(time.Second, time.Hour))
-	d.duration(f, "min_dwell", &a.MinDwell, between(100*time.Millisecond, time.Hour))
-	if d.duration(f, "max_dwell", &a.MaxDwell, between(100*time.Millisecond, time.Hour)) && a.MaxDwell < a.MinDwell {
-		n, p := f.get("max_dwell")
-		d.errorf(n, p, "%v is below min_dwell %v; accepted min_dwell to 1h", a.MaxDwell, a.MinDwell)
+	d.duration(f, "min_dwell", &a.MinDwell, between(auto.MinSettingDwell, auto.MaxSettingDwell))
+	d.duration(f, "max_dwell", &a.MaxDwell, between(auto.MinSettingDwell, auto.MaxSettingDwell))
+	if len(d.errs) == before {
+		d.autoCombination(f, *a)
+	}
+}
+
+// autoCombination checks the auto settings, each in range, over the defaults of every policy their start may
+// put in force (relay.AutoOptions checks the same at start): min_dwell alone above a policy's max dwell, say,
+// would otherwise pass here and fail the start, and only where the kernel engine loads.
+func (d *decoder) autoCombination(f *fields, a Auto) {
+	s := auto.Settings{ChattySegments: a.ChattySegments, BusySegments: a.BusySegments, QuietFor: a.Quiet,
+		MinDwell: a.MinDwell, MaxDwell: a.MaxDwell}
+	for _, p := range auto.StartPolicies(a.Start) {
+		err := s.Check(p)
+		var bad *auto.SettingError
+		switch {
+		case errors.As(err, &bad):
+			n, path := f.get(bad.Key)
+			d.errorf(n, path, "%s", bad.Msg)
+			return
+		case err != nil:
+			d.errorf(f.node, f.path, "%v", err)
+			return
+		}
 	}
 }

@@ -54,6 +54,9 @@ type autoMover struct {
 	stop    chan struct{}
 	done    chan struct{}
 	stopped bool
+	// probes are the start measurement's pairs, each with why its engine did not carry it ("" while it
+	// does): their fallbacks count and log nothing (probeFellBack), and stop the measurement.
+	probes map[*datapath.Pair]string
 }
 
 // autoTrack is what the sampler keeps of one tunnel; guarded by autoMover.mu.
@@ -125,7 +128,8 @@ func (m *autoMover) measureAndApply(ctx context.Context) {
 	}
 	m.apply(p)
 	kernel, loop := c.Medians()
-	attrs := []any{"measured", c.Verdict(), "why", why, "measure_ms", took.Milliseconds(), "host_busy", round2(c.HostBusy), "rounds", len(c.Kernel),
+	attrs := []any{"measured", c.Verdict(), "why", why, "measure_ms", took.Milliseconds(), "host_busy", round2(c.HostBusy), "host_busy_after", round2(c.HostBusyAfter),
+		"background_ctxsw_per_s", math.Round(c.Background), "rounds", len(c.Kernel),
 		"kernel_ctxsw_per_msg", round2(kernel), "loop_ctxsw_per_msg", round2(loop),
 		"direct_ctxsw_per_msg", c.Direct, "busy_us_per_msg_kernel_loop_direct",
 		[]float64{round2(c.BusyKernel), round2(c.BusyLoop), round2(c.BusyDirect)},
@@ -198,16 +202,41 @@ func policyAttrs(p auto.Policy) []any {
 // startKind is the datapath a new tunnel of a listener on auto starts on.
 func (m *autoMover) startKind() Datapath { return kindOf(m.policy.Load().Start) }
 
-// probing marks p as a pair of the start measurement (on), or no longer (off): a kernel fallback of it
-// counts no tunnel, as a move's does not.
+// probing marks p as a pair of the start measurement (on), or no longer (off): a fallback of it counts no
+// tunnel and logs nothing.
 func (m *autoMover) probing(p *datapath.Pair, on bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if on {
-		m.pairs[p] = true
-	} else {
-		delete(m.pairs, p)
+	if m.probes == nil {
+		m.probes = map[*datapath.Pair]string{}
 	}
+	if on {
+		m.probes[p] = ""
+	} else {
+		delete(m.probes, p)
+	}
+}
+
+// probeFellBack records why p's engine did not carry it, and says whether p is a pair of the start
+// measurement: then its fallback is no tunnel's.
+func (m *autoMover) probeFellBack(p *datapath.Pair, why string) bool {
+	if m == nil {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.probes[p]; !ok {
+		return false
+	}
+	m.probes[p] = why
+	return true
+}
+
+// probeRefused is why p's engine did not carry it, "" when it did.
+func (m *autoMover) probeRefused(p *datapath.Pair) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.probes[p]
 }
 
 // track puts a tunnel that has just opened, or is carried here again, under the policy, when its listener
@@ -233,16 +262,38 @@ func (s *Server) trackCarried(t *Tunnel) {
 	}
 	s.listenersMu.Lock()
 	perTunnel, known := s.autoListeners[t.Listener]
-	if !known {
+	// Ending is asked after waitingEarly is set: a tunnel that ends meanwhile is either seen ending here, or
+	// seen waiting by forgetWaiting, which tunnelEnded calls once the pair is ending.
+	s.waitingEarly.Store(true)
+	if !known && !t.pair.Ending() {
 		if s.adoptedEarly == nil {
 			s.adoptedEarly = map[string][]*Tunnel{}
 		}
-		// The ended ones are dropped as others come, so that a listener never prepared keeps few.
-		waiting := slices.DeleteFunc(s.adoptedEarly[t.Listener], func(w *Tunnel) bool { return w.pair.Ending() })
-		s.adoptedEarly[t.Listener] = append(waiting, t)
+		s.adoptedEarly[t.Listener] = append(s.adoptedEarly[t.Listener], t)
 	}
+	s.waitingEarly.Store(len(s.adoptedEarly) > 0)
 	s.listenersMu.Unlock()
 	s.auto.track(t, listenerInfo{name: t.Listener, perTunnel: perTunnel})
+}
+
+// forgetWaiting lets go of an ended tunnel that waited for its listener (trackCarried), and of the listener's
+// list once empty, so that a listener never prepared here (an upgrade whose new configuration dropped it)
+// keeps no tunnel past its end. The list of one that may yet come keeps its live tunnels (the registry holds
+// them anyway): a reload that prepares it puts them under the policy. Most tunnels never waited: they cost
+// one atomic load here.
+func (s *Server) forgetWaiting(t *Tunnel) {
+	if !s.waitingEarly.Load() {
+		return
+	}
+	s.listenersMu.Lock()
+	defer s.listenersMu.Unlock()
+	waiting := slices.DeleteFunc(s.adoptedEarly[t.Listener], func(w *Tunnel) bool { return w == t })
+	if len(waiting) == 0 {
+		delete(s.adoptedEarly, t.Listener)
+	} else {
+		s.adoptedEarly[t.Listener] = waiting
+	}
+	s.waitingEarly.Store(len(s.adoptedEarly) > 0)
 }
 
 // movesOf is how many moves t made in this process, and whether the policy in force can move it now (the
@@ -543,45 +594,33 @@ const (
 // policy it may be replaced with is checked now, with the options over it, so that a threshold out of range
 // fails the start, naming the option.
 func (o AutoOptions) policy() (p auto.Policy, measure bool, err error) {
-	var candidates []auto.Policy
-	switch o.Start {
+	start := o.Start
+	switch start {
 	case "", AutoStartMeasured:
-		p, measure = o.over(auto.LoopFirst), true
-		candidates = []auto.Policy{auto.LoopFirst, auto.KernelForBusy}
+		p, measure, start = o.over(auto.LoopFirst), true, AutoStartMeasured
 	case AutoStartCopy:
-		p, candidates = o.over(auto.LoopFirst), []auto.Policy{auto.LoopFirst}
+		p = o.over(auto.LoopFirst)
 	case AutoStartSockmap:
-		p, candidates = o.over(auto.KernelFirst), []auto.Policy{auto.KernelFirst}
+		p = o.over(auto.KernelFirst)
 	default:
 		return p, false, fmt.Errorf("auto.start %q: accepted %s, %s or %s", o.Start, AutoStartMeasured, AutoStartCopy, AutoStartSockmap)
 	}
-	for _, c := range candidates {
-		if err := o.over(c).Validate(); err != nil {
-			return p, false, fmt.Errorf("auto settings %+v, over the %s-first policy: %w", o, kindOf(c.Start), err)
+	for _, c := range auto.StartPolicies(start) {
+		if err := o.settings().Check(c); err != nil {
+			return p, false, fmt.Errorf("auto.start %s: %w", start, err)
 		}
 	}
 	return p, measure, nil
 }
 
-// over is p with the options' thresholds that are set.
-func (o AutoOptions) over(p auto.Policy) auto.Policy {
-	if o.ChattySegments != 0 {
-		p.ChattySegments = o.ChattySegments
-	}
-	if o.BusySegments != 0 {
-		p.BusySegments = o.BusySegments
-	}
-	if o.QuietFor != 0 {
-		p.QuietFor = o.QuietFor
-	}
-	if o.MinDwell != 0 {
-		p.MinDwell = o.MinDwell
-	}
-	if o.MaxDwell != 0 {
-		p.MaxDwell = o.MaxDwell
-	}
-	return p
+// settings are the options' thresholds, as datapath/auto takes them.
+func (o AutoOptions) settings() auto.Settings {
+	return auto.Settings{ChattySegments: o.ChattySegments, BusySegments: o.BusySegments, QuietFor: o.QuietFor,
+		MinDwell: o.MinDwell, MaxDwell: o.MaxDwell}
 }
+
+// over is p with the options' thresholds that are set.
+func (o AutoOptions) over(p auto.Policy) auto.Policy { return o.settings().Over(p) }
 
 // moveMetrics are sockrelay_tunnel_moves_total, sockrelay_tunnel_move_failures_total and
 // sockrelay_tunnel_moves_deferred_total, every series at 0 from the start.

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -93,50 +94,105 @@ func procStat() (busyTicks, allTicks, ctxt uint64, err error) {
 	return busyTicks, allTicks, ctxt, nil
 }
 
-// hostBusy is the fraction of the machine's CPU time that was busy over window, while the relay's probe
-// sends nothing.
-func hostBusy(ctx context.Context, window time.Duration) (float64, error) {
-	busy0, all0, _, err := procStat()
+// statReading is /proc/stat at one moment: busy and all CPU time (procStat) and context switches.
+type statReading struct {
+	busy, all, ctxt uint64
+	at              time.Time
+}
+
+// readStat reads /proc/stat now.
+func readStat() (statReading, error) {
+	busy, all, ctxt, err := procStat()
+	return statReading{busy: busy, all: all, ctxt: ctxt, at: time.Now()}, err
+}
+
+// hostLoad is what other processes did over a window while the relay's probe sent nothing.
+type hostLoad struct {
+	busy           float64 // the fraction of the machine's CPU time that was busy
+	switchesPerSec float64 // the machine's context switches a second
+}
+
+// loadBetween is the host's load between two readings. A counter that went backwards counts nothing: the
+// kernel's iowait (in all, not in busy) can, and a wrapped difference would read as 2⁶⁴ ticks.
+func loadBetween(a, b statReading) (hostLoad, error) {
+	if b.all <= a.all {
+		return hostLoad{}, errors.New("no CPU time passed in /proc/stat")
+	}
+	secs := b.at.Sub(a.at).Seconds()
+	if secs <= 0 {
+		return hostLoad{}, errors.New("no time passed between two readings of /proc/stat")
+	}
+	busy := float64(b.busy-min(a.busy, b.busy)) / float64(b.all-a.all)
+	switches := float64(b.ctxt - min(a.ctxt, b.ctxt))
+	return hostLoad{busy: min(busy, 1), switchesPerSec: switches / secs}, nil
+}
+
+// watchHost is the host's load over window, while the relay's probe sends nothing.
+func watchHost(ctx context.Context, window time.Duration) (hostLoad, error) {
+	a, err := readStat()
 	if err != nil {
-		return 0, err
+		return hostLoad{}, err
 	}
 	select {
 	case <-time.After(window):
 	case <-ctx.Done():
-		return 0, ctx.Err()
+		return hostLoad{}, ctx.Err()
 	}
-	busy1, all1, _, err := procStat()
+	b, err := readStat()
 	if err != nil {
-		return 0, err
+		return hostLoad{}, err
 	}
-	if all1 == all0 {
-		return 0, errors.New("no CPU time passed in /proc/stat")
-	}
-	return float64(busy1-busy0) / float64(all1-all0), nil
+	return loadBetween(a, b)
 }
 
-// measureCosts runs the rounds until they are done, ctx ends, or one fails.
+// lessBackground is a path's context switches over a round that took took, less the host's own at
+// background a second over that time, and not below 0: the background is a rate measured over another
+// window, and a path that switches hardly at all (the direct one, whose goroutines may never sleep) can
+// count fewer than it.
+func lessBackground(switches uint64, background float64, took time.Duration) float64 {
+	return max(0, float64(switches)-background*took.Seconds())
+}
+
+// measureCosts watches the host, runs the rounds until they are done, ctx ends, or one fails, and watches
+// the host again: a host that got busy meanwhile makes the costs inconclusive (auto.Costs.Verdict).
 func (s *Server) measureCosts(ctx context.Context, m *autoMover) auto.Costs {
+	c := s.measureRounds(ctx, m)
+	if c.Err != nil && len(c.Kernel) < auto.MinRounds {
+		return c // inconclusive already
+	}
+	after, err := watchHost(ctx, probeHostWindow)
+	if err != nil {
+		c.Err = errors.Join(c.Err, fmt.Errorf("how busy the host is after the rounds: %w", err))
+		c.HostBusyAfter = 1 // not known: not conclusive
+		return c
+	}
+	c.HostBusyAfter = after.busy
+	return c
+}
+
+// measureRounds watches the host before the rounds, then runs them, within probeTimeout.
+func (s *Server) measureRounds(ctx context.Context, m *autoMover) auto.Costs {
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	var c auto.Costs
 	var busy [3]uint64
-	var err error
-	if c.HostBusy, err = hostBusy(ctx, probeHostWindow); err != nil {
+	before, err := watchHost(ctx, probeHostWindow)
+	if err != nil {
 		c.Err = fmt.Errorf("how busy the host is: %w", err)
 		return c
 	}
+	c.HostBusy, c.Background = before.busy, before.switchesPerSec
 	for round := range probeRounds {
 		var perMsg [3]float64
 		var ticks [3]uint64
 		for i := range 3 {
 			path := probePath((i + round) % 3)
-			switches, t, err := s.probe(ctx, m, path)
+			switches, t, took, err := s.probe(ctx, m, path)
 			if err != nil {
 				c.Err = fmt.Errorf("round %d, %s: %w", round+1, path, err)
 				return withBusy(c, busy, round)
 			}
-			perMsg[path] = float64(switches) / (2 * probeTrips)
+			perMsg[path] = lessBackground(switches, c.Background, took) / (2 * probeTrips)
 			ticks[path] = t
 		}
 		for i := range busy {
@@ -162,14 +218,14 @@ func withBusy(c auto.Costs, ticks [3]uint64, rounds int) auto.Costs {
 }
 
 // probe makes one path's round trips, on probePairs connections at once, and returns the machine's context
-// switches and busy ticks over them.
-func (s *Server) probe(ctx context.Context, m *autoMover, path probePath) (switches, busyTicks uint64, err error) {
+// switches and busy ticks over them, and how long they took.
+func (s *Server) probe(ctx context.Context, m *autoMover, path probePath) (switches, busyTicks uint64, took time.Duration, err error) {
 	clients := make([]*net.TCPConn, 0, probePairs)
 	echoed := make(chan error, probePairs)
 	for range probePairs {
 		client, upstream, stop, err := s.probeConns(ctx, m, path)
 		if err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		defer stop()
 		if dl, ok := ctx.Deadline(); ok {
@@ -193,25 +249,25 @@ func (s *Server) probe(ctx context.Context, m *autoMover, path probePath) (switc
 		return first
 	}
 	if err := trips(probeWarmup); err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
-	busy0, ctxt0, err := machineCounters()
+	r0, err := readStat()
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	if err := trips(probeTrips / probePairs); err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
-	busy1, ctxt1, err := machineCounters()
+	r1, err := readStat()
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	for range clients {
 		if err := <-echoed; err != nil {
-			return 0, 0, fmt.Errorf("echo: %w", err)
+			return 0, 0, 0, fmt.Errorf("echo: %w", err)
 		}
 	}
-	return ctxt1 - ctxt0, busy1 - busy0, nil
+	return r1.ctxt - min(r0.ctxt, r1.ctxt), r1.busy - min(r0.busy, r1.busy), r1.at.Sub(r0.at), nil
 }
 
 // probeConns returns the two ends of a path: a direct connection's, or the client's and the upstream's
@@ -238,8 +294,13 @@ func (s *Server) probeConns(ctx context.Context, m *autoMover, path probePath) (
 	if path == probeLoop {
 		kind, engine = DatapathCopy, s.copier
 	}
+	if s.cfg.probeEngine != nil {
+		if e := s.cfg.probeEngine(path); e != nil {
+			engine = e
+		}
+	}
 	p := datapath.NewPair(kind, datapath.Endpoint{Conn: relayClient}, datapath.Endpoint{Conn: relayUp}, nil)
-	m.probing(p, true) // a fallback of it counts no tunnel (kernelFallback)
+	m.probing(p, true) // a fallback of it counts no tunnel (kernelFallback, copyEngine.fellBack)
 	stop = func() {
 		p.End(datapath.ReasonShutdown, true)
 		m.probing(p, false)
@@ -247,11 +308,23 @@ func (s *Server) probeConns(ctx context.Context, m *autoMover, path probePath) (
 		upstream.Close()
 	}
 	engine.Carry(p)
-	if p.Kind() != kind {
+	// Checked before any trip: a pair the kernel refused runs on the loop, and one the loops could not take
+	// on goroutines, whose figures would pass for the engine's.
+	if why := m.probeRefused(p); why != "" || p.Kind() != kind || kind == DatapathCopy && !p.OnEventLoop() {
+		err := fmt.Errorf("the %s engine did not carry a probe pair (%s), it ran on %s",
+			kind, cmp.Or(why, "no reason given"), carrierOf(p))
 		stop()
-		return nil, nil, nil, fmt.Errorf("the engine handed the pair to %s", p.Kind())
+		return nil, nil, nil, err
 	}
 	return client, upstream, stop, nil
+}
+
+// carrierOf names what carries p: its kind, and goroutines for a copy pair off the event loops.
+func carrierOf(p *datapath.Pair) string {
+	if p.Kind() == DatapathCopy && !p.OnEventLoop() {
+		return "goroutines"
+	}
+	return string(p.Kind())
 }
 
 // loopbackPair returns both ends of a fresh TCP connection on 127.0.0.1.

@@ -107,6 +107,10 @@ func (s *Server) Datapath() Datapath { return s.cfg.Datapath }
 // kernelFallback counts a tunnel the kernel datapath handed to the copy datapath, once the fallback engine
 // has taken it: a pair that ended first keeps its kind, and its end is counted off that.
 func (s *Server) kernelFallback(p *datapath.Pair, reason string) {
+	if s.auto.probeFellBack(p, reason) {
+		return // the start measurement's: no tunnel, and the measurement says it stopped
+	}
+	s.log.Info("tunnel falls back to the copy datapath", "id", p.ID, "reason", reason)
 	if now := p.Kind(); now != DatapathSockmap && !s.auto.movingPair(p) { // a move counts its tunnel itself (automove.go)
 		s.metrics.tunnelsActive.WithLabelValues(string(DatapathSockmap)).Dec()
 		s.metrics.tunnelsActive.WithLabelValues(string(now)).Inc()
@@ -127,6 +131,9 @@ type copyEngine struct {
 	start   func(eventloop.Options) (*datapath.EventLoop, error) // datapath.StartEventLoop unless a test's
 	// loopsSet: opts.Loops was configured (Config.EventLoops), not the default; the start log says which.
 	loopsSet bool
+	// probeFellBack says whether a pair is the start measurement's, which counts and logs no fallback
+	// (autoMover.probeFellBack).
+	probeFellBack func(p *datapath.Pair, why string) bool
 
 	mu     sync.Mutex
 	loops  *datapath.EventLoop // nil until started
@@ -205,6 +212,9 @@ func (c *copyEngine) logStarted() {
 
 // fellBack counts and logs a plain pair the loops could not take, which the Copier carries.
 func (c *copyEngine) fellBack(p *datapath.Pair, err error) {
+	if c.probeFellBack != nil && c.probeFellBack(p, err.Error()) {
+		return
+	}
 	c.metrics.datapathFallbacks.WithLabelValues(fallbackLoopCarry).Inc()
 	c.log.Warn("event loop could not take the tunnel, it runs on goroutines", "id", p.ID, "err", err)
 }

@@ -62,7 +62,7 @@ func tcpLoopback(t *testing.T) (dialed, accepted *net.TCPConn) {
 func TestKernelFallbackOfEndedPairKeepsGauge(t *testing.T) {
 	m := newMetrics(prometheus.NewRegistry(), NewRegistry(), func() Router { return nil },
 		func() sockmap.Stats { return sockmap.Stats{} }, func() datapath.EventLoopStats { return datapath.EventLoopStats{} })
-	s := &Server{metrics: m}
+	s := &Server{metrics: m, log: slog.New(slog.DiscardHandler)} // kernelFallback logs the fallback
 	a, b := tcpLoopback(t)
 	p := datapath.NewPair(datapath.Sockmap, datapath.Endpoint{Conn: a}, datapath.Endpoint{Conn: b}, nil)
 	active := m.tunnelsActive

@@ -165,6 +165,7 @@ func (s *Server) listenerSetup(opts ListenerOptions) (listenerInfo, error) {
 	s.autoListeners[info.name] = info.perTunnel
 	early := s.adoptedEarly[info.name]
 	delete(s.adoptedEarly, info.name)
+	s.waitingEarly.Store(len(s.adoptedEarly) > 0)
 	s.listenersMu.Unlock()
 	for _, t := range early {
 		s.auto.track(t, info)

@@ -108,6 +108,7 @@ func (s *Server) tunnelEnded(t *Tunnel) {
 		t.releaseSlot()
 	}
 	s.logClosed(t, up, down)
+	s.forgetWaiting(t)
 	// Last: removing the last tunnel lets a draining Shutdown return, and the process may exit at once;
 	// the tunnel's log line and counters must be out before that.
 	s.tunnels.remove(t)

@@ -103,6 +103,9 @@ type Config struct {
 	// per-tunnel policy of auto (automove.go).
 	autoPolicy *auto.Policy
 	autoDecide func(auto.Policy, auto.Sample, auto.History) auto.Decision
+	// probeEngine, set only by tests, stands in for the engine that carries a path's pairs in the start
+	// measurement (autoprobe.go) where it returns one.
+	probeEngine func(probePath) datapath.Engine
 }
 
 // Defaults for Config's zero values (see package settings for why each is what it is).
@@ -140,6 +143,9 @@ type Server struct {
 	// adoptedEarly are tunnels carried again on a listener not prepared yet, by its name: the policy takes
 	// them when it is prepared on auto (trackCarried, listenerSetup).
 	adoptedEarly map[string][]*Tunnel
+	// waitingEarly says whether adoptedEarly may hold a tunnel, so that an ending tunnel looks there only
+	// then (forgetWaiting).
+	waitingEarly atomic.Bool
 	// unread are the connections accepted whose first request head has not been read yet
 	// (http.StateNew). Shutdown lets them send it before it stops the servers, which close such a
 	// connection unanswered once they are shutting down.
@@ -262,6 +268,7 @@ func NewServer(cfg Config) (*Server, error) {
 	s.splicer = &spliceEngine{copy: s.copier}
 	s.metrics = newMetrics(cfg.Registerer, s.tunnels, s.Router, s.kernelStats, s.copier.Stats)
 	s.copier.metrics = s.metrics
+	s.copier.probeFellBack = func(p *datapath.Pair, why string) bool { return s.auto.probeFellBack(p, why) }
 	defer s.dropKernelObjects() // those the kernel engine did not adopt
 	if err := s.setUpDatapath(); err != nil {
 		return nil, err

@@ -21,15 +21,19 @@ const (
 // changes the number of context switches a message costs far less.
 type Costs struct {
 	// Kernel, Loop and Direct are each round's context switches per message on the kernel engine, the
-	// event loop and the direct path (the same index is the same round); a round that did not complete
-	// is left out of all three.
+	// event loop and the direct path, less the background's (the same index is the same round); a round
+	// that did not complete is left out of all three.
 	Kernel, Loop, Direct []float64
 	// BusyKernel, BusyLoop and BusyDirect are machine busy CPU µs per message over all the rounds together:
 	// /proc/stat counts it in ticks of 10 ms, too coarse for one round. Logged, not decided on.
 	BusyKernel, BusyLoop, BusyDirect float64
-	// HostBusy is the fraction of the machine's CPU time that was busy just before the rounds, while the
-	// relay sent nothing: other processes' work.
-	HostBusy float64
+	// HostBusy and HostBusyAfter are the fractions of the machine's CPU time that were busy just before
+	// and just after the rounds, while the relay sent nothing: other processes' work.
+	HostBusy, HostBusyAfter float64
+	// Background is the machine's context switches a second just before the rounds, while the relay sent
+	// nothing: each round's count is less this rate over the round's time (Kernel, Loop and Direct are
+	// net of it), so that the slower path is not charged more of other processes' switches.
+	Background float64
 	// Err is why the measurement stopped short, if it did.
 	Err error
 }
@@ -37,8 +41,8 @@ type Costs struct {
 // MinRounds is how many complete rounds a measurement needs to decide on.
 const MinRounds = 3
 
-// MaxHostBusy is the most of the machine's CPU time that other work may take before the rounds for the costs
-// to be conclusive. On a loaded host the kernel's context switches per message fell by half (its work
+// MaxHostBusy is the most of the machine's CPU time that other work may take before the rounds, and after
+// them, for the costs to be conclusive. On a loaded host the kernel's context switches per message fell by half (its work
 // items run on CPUs already awake, several at a time), and one moment's load must not decide the policy
 // for the relay's life: an in-process measurement of 64-byte round trips on a 2-vCPU VM at load average
 // 4-5 once said the kernel was cheaper (0.83 against 1.09 context switches a message, every round), while
@@ -84,15 +88,15 @@ const (
 	VerdictLoopCheaper Verdict = "loop_cheaper"
 	// VerdictKernelCheaper: the same, the other way.
 	VerdictKernelCheaper Verdict = "kernel_cheaper"
-	// VerdictInconclusive: too few rounds, a host busy past MaxHostBusy, rounds that disagree, or a
-	// difference within Margin.
+	// VerdictInconclusive: too few rounds, a host busy past MaxHostBusy before or after them, rounds
+	// that disagree, or a difference within Margin.
 	VerdictInconclusive Verdict = "inconclusive"
 )
 
 // Verdict compares the engines' medians of what the relay adds per message.
 func (c Costs) Verdict() Verdict {
 	k, l := c.relay(c.Kernel), c.relay(c.Loop)
-	if len(k) < MinRounds || len(l) != len(k) || c.HostBusy > MaxHostBusy {
+	if len(k) < MinRounds || len(l) != len(k) || max(c.HostBusy, c.HostBusyAfter) > MaxHostBusy {
 		return VerdictInconclusive
 	}
 	mk, ml := median(k), median(l)
@@ -140,6 +144,8 @@ func Measured(c Costs) (Policy, string) {
 			why = fmt.Sprintf("the measurement stopped short (%v)", c.Err)
 		case c.HostBusy > MaxHostBusy:
 			why = fmt.Sprintf("the host was %.0f%% busy before the measurement (over %.0f%%)", 100*c.HostBusy, 100*MaxHostBusy)
+		case c.HostBusyAfter > MaxHostBusy:
+			why = fmt.Sprintf("the host was %.0f%% busy after the measurement (over %.0f%%)", 100*c.HostBusyAfter, 100*MaxHostBusy)
 		}
 		return LoopFirst, why + ": the default, tunnels stay on the loop"
 	}

@@ -21,6 +21,8 @@ func TestMeasured(t *testing.T) {
 			VerdictKernelCheaper, KernelForBusy},
 		{"kernel cheaper in every round on a busy host", Costs{Kernel: []float64{0.8, 0.8, 0.9}, Loop: []float64{1.1, 1.1, 1.2}, Direct: []float64{0, 0, 0}, HostBusy: 0.6},
 			VerdictInconclusive, LoopFirst},
+		{"kernel cheaper in every round, the host busy after the rounds", Costs{Kernel: []float64{2, 2.1, 1.9}, Loop: []float64{3, 3.2, 2.9}, Direct: direct, HostBusyAfter: 0.7},
+			VerdictInconclusive, LoopFirst},
 		{"rounds disagree", Costs{Kernel: []float64{2, 4, 2}, Loop: []float64{3, 3, 3}, Direct: direct},
 			VerdictInconclusive, LoopFirst},
 		{"within the margin", Costs{Kernel: []float64{3, 3.1, 3.05}, Loop: []float64{2.9, 3, 2.95}, Direct: direct},

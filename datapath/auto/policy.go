@@ -69,7 +69,8 @@ type Policy struct {
 	LeaveDemotions uint64
 	// ChattySegments and ChattyBytesPerSegment: a kernel tunnel whose directions averaging at most
 	// ChattyBytesPerSegment bytes a segment carry at least ChattySegments segments a second together, with
-	// no bulk direction (larger segments, CalmSegments a second or more), moves to the loop.
+	// no bulk direction (larger segments, CalmSegments a second or more), moves to the loop, unless a busy
+	// rule holds it in the kernel (BusySegments).
 	ChattySegments        float64
 	ChattyBytesPerSegment float64
 	// CalmSegments: a loop tunnel that left the kernel for being chatty goes back below this many
@@ -80,8 +81,9 @@ type Policy struct {
 	// directions whose reads average at least this many bytes read at least CalmSegments a second together
 	// (0: never).
 	LargeBytesPerSegment float64
-	// BusySegments: a loop tunnel that did not leave the kernel for demotions or for being chatty moves to
-	// the kernel once it reads at least this many segments a second, both directions together (0: never).
+	// BusySegments: a loop tunnel that did not leave the kernel for demotions moves to the kernel once it
+	// reads at least this many segments a second, both directions together (0: never), and a kernel tunnel
+	// reading at least half as many is never chatty: it stays (holdsBusy).
 	BusySegments float64
 	// QuietFor: a tunnel not on Idle with no byte either way for this long moves to Idle.
 	QuietFor time.Duration
@@ -142,7 +144,8 @@ var LoopFirst = Policy{
 
 // KernelForBusy is the policy where a message measured clearly cheaper in the kernel than on the loop: a
 // tunnel starts on the loop (idle, it costs less there), moves to the kernel once it reads BusySegments a
-// second, and back once quiet, or on demotions (after which only quiet would bring it back).
+// second, and back once quiet, or on demotions (after which it goes back for being busy only once it has
+// been quiet QuietFor on the loop).
 var KernelForBusy = Policy{
 	Interval:              time.Second,
 	Start:                 Loop,
@@ -228,8 +231,9 @@ func (f Flow) perSegment() float64 {
 
 // History is what the policy keeps of a tunnel between samples. Observe and Moved update it.
 type History struct {
-	// On is how long the tunnel has been on its engine; Quiet, how long it has moved no byte.
-	On, Quiet time.Duration
+	// On is how long the tunnel has been on its engine; Quiet, how long it has moved no byte; QuietMost,
+	// the longest it went without a byte since it came to its engine.
+	On, Quiet, QuietMost time.Duration
 	// Dwell is the least time it stays on its engine now (0: Policy.MinDwell).
 	Dwell time.Duration
 	// Left is why it last left the kernel, "" while it never did.
@@ -253,6 +257,7 @@ func (h *History) Observe(s Sample) {
 	} else {
 		h.Quiet = 0
 	}
+	h.QuietMost = max(h.QuietMost, h.Quiet)
 }
 
 // Moved records that the tunnel moved as d said. A tunnel has two engines, so a move back is to the engine
@@ -269,7 +274,7 @@ func (h *History) Moved(p Policy, from Engine, d Decision) {
 	if from == Kernel {
 		h.Left = d.Reason
 	}
-	h.On, h.Quiet = 0, 0
+	h.On, h.Quiet, h.QuietMost = 0, 0, 0
 	h.Moves++
 }
 
@@ -290,7 +295,7 @@ func Decide(p Policy, s Sample, h History) Decision {
 		switch {
 		case total.Demotions >= p.LeaveDemotions:
 			return Decision{Move: true, To: Loop, Reason: ReasonDemotions}
-		case p.chatty(s, secs):
+		case !p.holdsBusy(segRate) && p.chatty(s, secs):
 			return Decision{Move: true, To: Loop, Reason: ReasonChatty}
 		case p.Idle == Loop && h.Quiet >= p.QuietFor:
 			return Decision{Move: true, To: Loop, Reason: ReasonQuiet}
@@ -299,17 +304,27 @@ func Decide(p Policy, s Sample, h History) Decision {
 		switch {
 		case p.Idle == Kernel && h.Quiet >= p.QuietFor:
 			return Decision{Move: true, To: Kernel, Reason: ReasonQuiet}
-		case h.Left == ReasonDemotions:
-			// Its bulk would demote again: only quiet brings it back.
+		case h.Left == ReasonDemotions && h.QuietMost < p.QuietFor:
+			// Its bulk would demote again: only once it has been quiet QuietFor on the loop may it go back
+			// (where Idle is the loop, quiet moves nothing, and the tunnel would stay here for life).
 		case h.Left == ReasonChatty && total.Bytes > 0 && segRate < p.CalmSegments:
 			return Decision{Move: true, To: Kernel, Reason: ReasonCalm}
 		case p.largeSegments(s, secs):
 			return Decision{Move: true, To: Kernel, Reason: ReasonLargeSegments}
-		case h.Left != ReasonChatty && p.BusySegments > 0 && segRate >= p.BusySegments:
+		case p.BusySegments > 0 && segRate >= p.BusySegments:
 			return Decision{Move: true, To: Kernel, Reason: ReasonBusy}
 		}
 	}
 	return Decision{}
+}
+
+// holdsBusy says whether a kernel tunnel reads enough segments a second to stay in the kernel under a busy
+// rule (BusySegments set): half BusySegments, so that a tunnel near the busy rate does not cross back and
+// forth (hysteresis, as calm is to chatty). Such a tunnel is never chatty: the busy rule says busy tunnels
+// belong in the kernel, and a chatty rule that sent them to the loop (LoopFirst's at any traffic, or a
+// configured chatty_segments) would have the busy rule bring them back one dwell later.
+func (p Policy) holdsBusy(segRate float64) bool {
+	return p.BusySegments > 0 && segRate >= p.BusySegments/2
 }
 
 // chatty says whether a kernel tunnel carries many small segments: its directions whose segments average

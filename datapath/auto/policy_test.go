@@ -295,3 +295,135 @@ func anyMove(p Policy, e Engine) (bool, Sample, History) {
 	}
 	return false, Sample{}, History{}
 }
+
+func simulate(p Policy, start Engine, n int, traffic func(i int) [2]Flow) []Engine {
+	var h History
+	on := start
+	out := make([]Engine, 0, n)
+	for i := range n {
+		s := Sample{Engine: on, Elapsed: time.Second, Dirs: traffic(i)}
+		h.Observe(s)
+		if d := Decide(p, s, h); d.Move {
+			h.Moved(p, on, d)
+			on = d.To
+		}
+		out = append(out, on)
+	}
+	return out
+}
+
+func steady(rate, size uint64) func(int) [2]Flow {
+	f := Flow{Bytes: rate * size, Segments: rate}
+	return func(int) [2]Flow { return [2]Flow{f, f} }
+}
+
+func TestBusySegmentsKeepBusyTunnelsInTheKernel(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		p      Policy
+		busy   float64
+		chatty float64 // 0: the policy's
+	}{
+		{"loop first", LoopFirst, 200, 0},
+		{"kernel for busy with chatty set", KernelForBusy, 200, 50},
+		{"kernel for busy with chatty set above busy", KernelForBusy, 200, 1000},
+		{"kernel first", KernelFirst, 200, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.p
+			p.BusySegments = tc.busy
+			if tc.chatty != 0 {
+				p.ChattySegments = tc.chatty
+			}
+			if err := p.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			for _, start := range []Engine{Loop, Kernel} {
+				got := simulate(p, start, 120, steady(1000, 64))
+				if got[len(got)-1] != Kernel || got[60] != Kernel {
+					t.Errorf("from %v, a tunnel at 2000 segments a second is on %v after 60 s and %v after 120 s, want sockmap",
+						start, got[60], got[len(got)-1])
+				}
+			}
+		})
+	}
+}
+
+func TestSteadyTrafficSettles(t *testing.T) {
+	for _, base := range []struct {
+		name string
+		p    Policy
+	}{{"KernelFirst", KernelFirst}, {"LoopFirst", LoopFirst}, {"KernelForBusy", KernelForBusy}} {
+		for _, busy := range []float64{0, 50, 200, 1000, 5000} {
+			for _, chatty := range []float64{0, 10, 150, 1000, 5000} {
+				p := base.p
+				if busy != 0 {
+					p.BusySegments = busy
+				}
+				if chatty != 0 {
+					p.ChattySegments = chatty
+				}
+				if p.Validate() != nil {
+					continue
+				}
+				for _, rate := range []uint64{1, 5, 20, 60, 120, 300, 600, 1500, 3000, 8000} {
+					for _, size := range []uint64{64, 64 << 10} {
+						for _, start := range []Engine{Loop, Kernel} {
+							got := simulate(p, start, 3600, steady(rate/2, size))
+							moves := 0
+							for i := 1; i < len(got); i++ {
+								if got[i] != got[i-1] {
+									moves++
+								}
+							}
+							if got[0] != start {
+								moves++
+							}
+							if moves > 2 {
+								t.Errorf("%s busy %v chatty %v: %d segments/s of %d bytes from %v: %d moves in an hour",
+									base.name, busy, chatty, rate, size, start, moves)
+							}
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+func TestKernelForBusyComesBackAfterQuiet(t *testing.T) {
+	got := simulate(KernelForBusy, Loop, 200, func(i int) [2]Flow {
+		switch {
+		case i < 10:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		case i < 20:
+			return [2]Flow{{Bytes: 1 << 30, Segments: 1 << 16, Demotions: 3}}
+		case i < 80:
+			return [2]Flow{}
+		default:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		}
+	})
+	if got[15] != Loop {
+		t.Fatal("did not leave on demotions")
+	}
+	if got[len(got)-1] != Kernel {
+		t.Error("pinned on the loop after one demotion burst")
+	}
+	// Quiet for less than QuietFor is not enough: its bulk may resume.
+	got = simulate(KernelForBusy, Loop, 200, func(i int) [2]Flow {
+		switch {
+		case i < 10:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		case i < 20:
+			return [2]Flow{{Bytes: 1 << 30, Segments: 1 << 16, Demotions: 3}}
+		case i < 25:
+			return [2]Flow{}
+		default:
+			return [2]Flow{{Bytes: 64000, Segments: 1000}}
+		}
+	})
+	if got[len(got)-1] != Loop {
+		t.Error("back in the kernel after 5 s quiet, less than QuietFor")
+	}
+}

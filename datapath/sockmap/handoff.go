@@ -185,13 +185,16 @@ func (k *Engine) SetFallback(e datapath.Engine) {
 }
 
 // runInUserspace hands a pair that cannot use the kernel datapath to the fallback engine (copy), then tells
-// onFallback.
+// onFallback, which logs it (the relay's own pairs, those of its start measurement, are no tunnel); the
+// engine logs it where there is none.
 // Whatever the handoff already wrote is not written again: peeked bytes are written once.
 func (k *Engine) runInUserspace(p *datapath.Pair, reason string) {
 	k.mu.Lock()
 	fallback := k.fallback
 	k.mu.Unlock()
-	k.log.Info("tunnel falls back to the copy datapath", "id", p.ID, "reason", reason)
+	if k.onFallback == nil {
+		k.log.Info("tunnel falls back to the copy datapath", "id", p.ID, "reason", reason)
+	}
 	// The fallback's Hold gives the pair its kind, unless the pair ended first: then it keeps sockmap, under
 	// which its end is counted. onFallback is told after, and reads the kind the pair has then.
 	fallback.Carry(p)
