@@ -15,10 +15,12 @@ func TestTunnelRecordSize(t *testing.T) {
 	}
 }
 
-// TestAutoTrackSize: what auto's sampler keeps of a tunnel it can move fits the 128-byte size class
-// (it was 152 bytes, in the 160 class, with lastAt a time.Time and the move count in it).
+// TestAutoTrackSize: what auto's sampler keeps of a tunnel it can move fits the 144-byte size class (it
+// was 152 bytes, in the 160 class, with lastAt a time.Time and the move count in it; History's QuietMost
+// then took it from 128 to 136). Only a tunnel the policy in force can move has one: under LoopFirst, no
+// tunnel on the loop.
 func TestAutoTrackSize(t *testing.T) {
-	if got := unsafe.Sizeof(autoTrack{}); got > 128 {
-		t.Errorf("an autoTrack is %d bytes, want at most 128", got)
+	if got := unsafe.Sizeof(autoTrack{}); got > 144 {
+		t.Errorf("an autoTrack is %d bytes, want at most 144", got)
 	}
 }
