@@ -565,14 +565,7 @@ func TestAutoParkTakesTunnelOutOfThePolicy(t *testing.T) {
 		t.Error("a parked tunnel is still under the policy")
 	}
 	r.Resume(pt)
-	if _, err := c.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, 4)
-	_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
-		t.Fatalf("after Resume the upstream read %q, %v", got, err)
-	}
+	pingThrough(t, c, u)
 	if tun.Datapath() != DatapathCopy {
 		t.Errorf("resumed on %s, want copy, where it was parked", tun.Datapath())
 	}
@@ -642,14 +635,7 @@ func TestAutoTracksAdoptedTunnels(t *testing.T) {
 					return !moving && moves >= 1 && tun.Datapath() == tc.movedTo
 				})
 			}
-			if _, err := c.Write([]byte("ping")); err != nil {
-				t.Fatal(err)
-			}
-			got := make([]byte, 4)
-			_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
-				t.Fatalf("after the handover the upstream read %q, %v", got, err)
-			}
+			pingThrough(t, c, u)
 		})
 	}
 }
@@ -721,14 +707,7 @@ func TestAutoTracksTunnelAdoptedBeforeItsListener(t *testing.T) {
 					return !moving && moves >= 1 && tun.Datapath() == DatapathSockmap
 				})
 			}
-			if _, err := c.Write([]byte("ping")); err != nil {
-				t.Fatal(err)
-			}
-			got := make([]byte, 4)
-			_ = u.SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.ReadFull(u.R, got); err != nil || string(got) != "ping" {
-				t.Fatalf("after the handover the upstream read %q, %v", got, err)
-			}
+			pingThrough(t, c, u)
 		})
 	}
 }
