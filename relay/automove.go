@@ -370,9 +370,11 @@ func (m *autoMover) sample(now time.Time) {
 			m.mu.Unlock()
 			continue
 		}
-		if !p.Moves(from) {
+		if !m.policy.Load().Moves(from) {
 			// The policy in force cannot move it off its engine (changed, or the kernel engine fell back
-			// to copy): no work for it until one can (apply).
+			// to copy): no work for it until one can (apply). Read again under the lock, not p: a policy
+			// put in force since this sample began has had apply's trackOpen skip this tunnel as tracked,
+			// so dropping it under the old policy would pin it.
 			delete(m.tracked, t)
 			m.mu.Unlock()
 			continue
