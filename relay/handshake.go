@@ -39,7 +39,9 @@ var hopHeaders = []string{
 // removeHopHeaders deletes the hop-by-hop headers and every header the Connection header names.
 func removeHopHeaders(h http.Header) {
 	for _, v := range h["Connection"] {
-		for _, name := range strings.Split(v, ",") {
+		for v != "" {
+			var name string
+			name, v, _ = strings.Cut(v, ",")
 			if name = strings.TrimSpace(name); name != "" {
 				h.Del(name)
 			}

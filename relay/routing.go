@@ -206,10 +206,18 @@ func (s *Server) withRetries(client string, pool *upstream.Pool, hashKey string,
 // which the upstream must answer within the response timeout. It returns a handshake error for a failure
 // of the upstream, and an error only when the client left meanwhile.
 func (s *Server) tryUpstream(r *http.Request, addr, wsKey string, route Route, connectDeadline time.Time) (*dialedUpstream, *refusal, error) {
-	ctx, cancel := context.WithDeadline(r.Context(), connectDeadline)
-	defer cancel()
-	local, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
-	up, herr := s.connectServer(ctx, addr, route, clientAddr(r), local)
+	ctx := r.Context()
+	var client, local net.Addr
+	if route.SendProxy != "" || route.UpstreamTLS != nil {
+		// The PROXY header and the TLS handshake take connectDeadline from ctx. A plain dial needs no
+		// deadline of its own (nor a timer): the dialer's connect timeout ends it well before connectDeadline.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, connectDeadline)
+		defer cancel()
+		client = clientAddr(r)
+		local, _ = r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	}
+	up, herr := s.connectServer(ctx, addr, route, client, local)
 	if herr != nil {
 		if r.Context().Err() != nil {
 			return nil, nil, errClientGone

@@ -57,6 +57,9 @@ func (t *Tunnel) logAttrs() []any {
 // logOpened says at debug level that t is open. nginx logs a WebSocket once, when it ends; an info line
 // at both ends would double the log of a relay whose tunnels are short, so the opening is debug.
 func (s *Server) logOpened(t *Tunnel) {
+	if !s.log.Enabled(context.Background(), slog.LevelDebug) {
+		return // before logAttrs: its attributes are garbage on every tunnel of a relay that logs less
+	}
 	s.log.Debug("tunnel opened", t.logAttrs()...)
 }
 
@@ -66,6 +69,9 @@ func (s *Server) logClosed(t *Tunnel, toUpstream, toClient uint64) {
 	level := slog.LevelInfo
 	if t.Reason() == ReasonHandedOver {
 		level = slog.LevelDebug // it goes on in the new process, which logs its end
+	}
+	if !s.log.Enabled(context.Background(), level) {
+		return
 	}
 	errText := ""
 	if t.pair.Err() != nil {

@@ -128,6 +128,27 @@ func TestTunnelLogLines(t *testing.T) {
 	}
 }
 
+// TestTunnelLogLinesOffCostNothing: a relay whose log is set above a tunnel's lines does not build their
+// attributes (strings and numbers boxed for slog, on every tunnel): logOpened and logClosed allocate nothing.
+func TestTunnelLogLinesOffCostNothing(t *testing.T) {
+	up := startUpstream(t)
+	r := startRelay(t, DatapathCopy, []string{up.Addr}, func(cfg *Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	openTunnel(t, r.Addr, up, nil, nil)
+	tunnels := r.Tunnels().Tunnels()
+	if len(tunnels) != 1 {
+		t.Fatalf("%d tunnels registered, want 1", len(tunnels))
+	}
+	tun := tunnels[0]
+	if allocs := testing.AllocsPerRun(100, func() {
+		r.logOpened(tun)
+		r.logClosed(tun, 1000, 2000)
+	}); allocs != 0 {
+		t.Errorf("logOpened and logClosed at warn level: %v allocations, want 0", allocs)
+	}
+}
+
 // TestDebugLogSaysHowTheHandshakeWent: at debug level the log says which route and server a handshake
 // took, and each server it tried.
 func TestDebugLogSaysHowTheHandshakeWent(t *testing.T) {

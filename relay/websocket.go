@@ -150,45 +150,77 @@ func (s *Server) forwardHandshake(conn net.Conn, r *http.Request, key string) (*
 		}
 		return &refusal{status: http.StatusBadGateway, reason: FailUpstreamError, msg: fmt.Sprintf("%s: %v", op, err)}
 	}
-	if _, err := conn.Write(upstreamRequest(r, s.clientOf(r))); err != nil {
+	if err := sendUpstreamRequest(conn, r, s.clientOf(r)); err != nil {
 		return nil, nil, fail("send handshake", err)
 	}
 	// Interim responses are skipped; the heads may take MaxHeaderBytes together.
-	resp, br, err := upstream.ReadAnswer(conn, &http.Request{Method: http.MethodGet}, s.cfg.MaxHeaderBytes)
+	br := handshakeReader(nil)
+	resp, err := upstream.ReadAnswerWith(br, conn, &http.Request{Method: http.MethodGet}, s.cfg.MaxHeaderBytes)
 	if err != nil {
+		releaseReader(br)
 		return nil, nil, fail("read handshake response", err)
 	}
 	switch {
 	case resp.StatusCode == http.StatusSwitchingProtocols:
 		if err := validateSwitch(resp, key); err != nil {
+			releaseReader(br)
 			return nil, nil, &refusal{status: http.StatusBadGateway, reason: FailUpstreamBadSwitch, msg: err.Error()}
 		}
 	case resp.StatusCode < 200:
+		releaseReader(br)
 		// Not a status HTTP has (interim ones were skipped): it cannot be passed on as an answer.
 		return nil, nil, &refusal{status: http.StatusBadGateway, reason: FailUpstreamError,
 			msg: fmt.Sprintf("status %d in answer to a websocket handshake", resp.StatusCode)}
 	default:
+		// The answer's body reads through br: it is not given back (a refusal is rare).
 		return resp, nil, nil
 	}
 	_ = conn.SetDeadline(time.Time{})
 	// A 101 has no body, so everything buffered past its header is the upstream's first tunnel bytes.
 	prefix, _ := br.Peek(br.Buffered())
-	return resp, bytes.Clone(prefix), nil
+	prefix = bytes.Clone(prefix)
+	releaseReader(br)
+	return resp, prefix, nil
+}
+
+// sendUpstreamRequest writes the client's handshake to the upstream (upstreamRequest) through a shared
+// buffer.
+func sendUpstreamRequest(conn net.Conn, r *http.Request, client clientIdentity) error {
+	bw := handshakeWriter(conn)
+	defer releaseWriter(bw)
+	writeUpstreamRequest(bw, r, client)
+	return bw.Flush()
 }
 
 // upstreamRequest is the client's handshake as the upstream gets it: origin-form target, the client's Host,
 // its end-to-end headers, no hop-by-hop headers but the upgrade itself, and X-Forwarded-* describing the client.
 func upstreamRequest(r *http.Request, client clientIdentity) []byte {
-	h := r.Header.Clone()
+	var b bytes.Buffer
+	writeUpstreamRequest(&b, r, client)
+	return b.Bytes()
+}
+
+// headWriter is where a head is written: a bytes.Buffer or a bufio.Writer, whose write errors it keeps
+// for the caller to find once it is done (bufio.Writer.Flush).
+type headWriter interface {
+	io.Writer
+	io.StringWriter
+}
+
+// writeUpstreamRequest writes upstreamRequest to w.
+func writeUpstreamRequest(w headWriter, r *http.Request, client clientIdentity) {
+	h := r.Header.Clone() // r's own headers stay as the client sent them: a retry writes them again
 	removeHopHeaders(h)
 	h.Set("Connection", "Upgrade")
 	h.Set("Upgrade", "websocket")
 	setForwarded(h, r, client)
-	var b bytes.Buffer
-	fmt.Fprintf(&b, "GET %s HTTP/1.1\r\nHost: %s\r\n", r.URL.RequestURI(), r.Host)
-	_ = h.Write(&b)
-	b.WriteString("\r\n")
-	return b.Bytes()
+	_, _ = w.WriteString("GET ")
+	_, _ = w.WriteString(r.URL.RequestURI())
+	_, _ = w.WriteString(" HTTP/1.1\r\nHost: ")
+	_, _ = w.WriteString(r.Host)
+	_, _ = w.WriteString("\r\n")
+	_ = h.Write(w)
+	_, _ = w.WriteString("\r\n")
 }
 
 // passResponse gives the client the upstream's refusal (a 401, a 403, a redirect, ...) as an ordinary response.
@@ -220,6 +252,9 @@ func hijack(w http.ResponseWriter) (*net.TCPConn, *tls.Conn, []byte, error) {
 	}
 	prefix, _ := brw.Reader.Peek(brw.Reader.Buffered())
 	prefix = bytes.Clone(prefix)
+	// Nothing reads or writes through net/http's buffers any more: other handshakes may use them.
+	releaseReader(brw.Reader)
+	releaseWriter(brw.Writer)
 	tlsConn, isTLS := conn.(*tls.Conn)
 	if isTLS {
 		// Ciphertext the TLS connection has not read yet stays where it is, in a PROXY header reader
@@ -243,18 +278,20 @@ func hijack(w http.ResponseWriter) (*net.TCPConn, *tls.Conn, []byte, error) {
 }
 
 // writeSwitch sends the client the upstream's 101 with the upstream's end-to-end headers
-// (Sec-WebSocket-Accept, -Protocol, -Extensions, cookies) and this hop's Upgrade and Connection.
+// (Sec-WebSocket-Accept, -Protocol, -Extensions, cookies) and this hop's Upgrade and Connection. It
+// rewrites upstreamHeader to those: the upstream's answer has no other use once the client has it.
 func writeSwitch(client net.Conn, upstreamHeader http.Header, timeout time.Duration) error {
-	h := upstreamHeader.Clone()
+	h := upstreamHeader
 	removeHopHeaders(h)
 	h.Set("Upgrade", "websocket")
 	h.Set("Connection", "Upgrade")
-	var b bytes.Buffer
-	b.WriteString("HTTP/1.1 101 Switching Protocols\r\n")
-	_ = h.Write(&b)
-	b.WriteString("\r\n")
-	_ = client.SetWriteDeadline(time.Now().Add(timeout))
-	if _, err := client.Write(b.Bytes()); err != nil {
+	_ = client.SetWriteDeadline(time.Now().Add(timeout)) // a head past the buffer's size is written as it goes
+	bw := handshakeWriter(client)
+	defer releaseWriter(bw)
+	_, _ = bw.WriteString("HTTP/1.1 101 Switching Protocols\r\n")
+	_ = h.Write(bw)
+	_, _ = bw.WriteString("\r\n")
+	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("send 101 to client: %w", err)
 	}
 	return client.SetWriteDeadline(time.Time{})

@@ -18,22 +18,33 @@ const MaxInterimResponses = 8
 // ReadAnswer returns the answer and the reader that holds what came after its head (the answer's body,
 // or a tunnel's first bytes); past the head, it reads conn without limit.
 func ReadAnswer(conn io.Reader, req *http.Request, maxHeadBytes int) (*http.Response, *bufio.Reader, error) {
+	br := new(bufio.Reader) // Reset gives it the default size, as bufio.NewReader does
+	resp, err := ReadAnswerWith(br, conn, req, maxHeadBytes)
+	if err != nil {
+		return nil, nil, err
+	}
+	return resp, br, nil
+}
+
+// ReadAnswerWith is ReadAnswer through a reader the caller gives (one it reuses for many answers): br is
+// reset to read conn, and on success holds what came after the answer's head.
+func ReadAnswerWith(br *bufio.Reader, conn io.Reader, req *http.Request, maxHeadBytes int) (*http.Response, error) {
 	head := &io.LimitedReader{R: conn, N: int64(maxHeadBytes)}
-	br := bufio.NewReader(head)
+	br.Reset(head)
 	for interim := 0; ; interim++ {
 		resp, err := http.ReadResponse(br, req)
 		if err != nil {
 			if head.N <= 0 {
-				return nil, nil, fmt.Errorf("response head larger than %d bytes", maxHeadBytes)
+				return nil, fmt.Errorf("response head larger than %d bytes", maxHeadBytes)
 			}
-			return nil, nil, err
+			return nil, err
 		}
 		if resp.StatusCode < 100 || resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
 			head.N = math.MaxInt64
-			return resp, br, nil
+			return resp, nil
 		}
 		if interim == MaxInterimResponses {
-			return nil, nil, fmt.Errorf("more than %d interim responses", MaxInterimResponses)
+			return nil, fmt.Errorf("more than %d interim responses", MaxInterimResponses)
 		}
 	}
 }
