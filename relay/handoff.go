@@ -76,7 +76,7 @@ func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
 	if t.pair.Carrier() == nil && !t.pair.Ending() {
 		// Asked first, so that auto keeps it; the pair's own Park (or the kernel engine's LetGo) asks again
 		// under the pair's lock.
-		return nil, fmt.Errorf("park tunnel %d: %w", t.ID, datapath.ErrNotCarried)
+		return nil, fmt.Errorf("tunnel %d: %w", t.ID, datapath.ErrNotCarried)
 	}
 	if !s.auto.release(t) || !s.tunnels.CanMove(t) {
 		return nil, ErrNotMovable
