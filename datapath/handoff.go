@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"time"
 )
@@ -18,10 +19,15 @@ type State struct {
 	LastActive           time.Time // zero when the engine could not tell
 }
 
+// ErrNotCarried is returned by Park for a pair no engine carries: one whose opening has not handed it to
+// an engine yet (or one parked already). Whoever opened it carries it in a moment, so it cannot be parked
+// for another process: both would relay its sockets. Park it again once it is carried.
+var ErrNotCarried = errors.New("no engine carries the pair (yet)")
+
 // Park stops the engine carrying p, keeping the pair alive: once it returns no engine holds a byte of
 // p or will read one, and State says where p stands. Carry on any engine then carries it on, as after
 // Move. It fails, leaving p carried as it was, when p's engine cannot give a pair back; ErrPairEnded
-// when p ended first.
+// when p ended first; ErrNotCarried when no engine carries p.
 func (p *Pair) Park() error {
 	p.mu.Lock()
 	c, ending := p.carrier, p.ending
@@ -30,7 +36,7 @@ func (p *Pair) Park() error {
 		return ErrPairEnded
 	}
 	if c == nil {
-		return nil // no engine carries it (yet)
+		return ErrNotCarried
 	}
 	s, ok := c.(Stopper)
 	if !ok {

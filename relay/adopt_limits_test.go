@@ -3,6 +3,7 @@ package relay
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -10,14 +11,21 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sockrelay/sockrelay/datapath"
 	"github.com/sockrelay/sockrelay/internal/fdlimit"
 )
 
 // handOverTo moves the live tunnel tun from the server from to the server to, on to's listener, as an
-// upgrade does between two processes: parked here, adopted there, let go of here, carried there.
+// upgrade does between two processes: parked here (once its handshake has handed it to an engine, as the
+// upgrade waits), adopted there, let go of here, carried there.
 func handOverTo(t *testing.T, from *testRelay, to *testRelay, tun *Tunnel, listener string) *Tunnel {
 	t.Helper()
-	pt, err := from.Park(tun)
+	var pt *ParkedTunnel
+	var err error
+	waitFor(t, 10*time.Second, "an engine carries the tunnel", func() bool {
+		pt, err = from.Park(tun)
+		return !errors.Is(err, datapath.ErrNotCarried)
+	})
 	if err != nil {
 		t.Fatalf("park tunnel %d: %v", tun.ID, err)
 	}

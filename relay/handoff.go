@@ -66,7 +66,18 @@ type ParkedTunnel struct {
 
 // Park stops t's engine at a byte boundary, keeping its sockets open: the bytes it read and did not
 // write become State.Peeked. The timeouts leave it alone while parked.
+//
+// A tunnel no engine carries yet gives an error wrapping datapath.ErrNotCarried, and is left as it was
+// (under auto's policy too): its handshake registered it and has not handed it to an engine (the
+// WebSocket front writes the 101 in between), and does so in a moment. Parked and handed over then, two
+// processes would relay its sockets, and the new one could send the upstream's bytes ahead of the 101; a
+// handshake that fails instead ends the tunnel, which then cannot be parked at all. Park it again later.
 func (s *Server) Park(t *Tunnel) (*ParkedTunnel, error) {
+	if t.pair.Carrier() == nil && !t.pair.Ending() {
+		// Asked first, so that auto keeps it; the pair's own Park (or the kernel engine's LetGo) asks again
+		// under the pair's lock.
+		return nil, fmt.Errorf("tunnel %d: %w", t.ID, datapath.ErrNotCarried)
+	}
 	if !s.auto.release(t) || !s.tunnels.CanMove(t) {
 		return nil, ErrNotMovable
 	}

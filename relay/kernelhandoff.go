@@ -144,7 +144,7 @@ func (s *Server) dropKernelObjects() {
 // parkKernel lets go of a kernel tunnel with its sockets left in the maps (sockmap.Engine.LetGo): the
 // parked tunnel's Kernel is what the new process's engine needs. A tunnel in a transient state (its
 // handshake finishing, a give-back under way) gives an error wrapping sockmap.ErrBusy, and is left as it
-// was: it may be parked later.
+// was: it may be parked later. (Park refuses one no engine carries yet before it comes here.)
 func (s *Server) parkKernel(t *Tunnel) (*ParkedTunnel, error) {
 	last, _ := t.pair.LastActive()
 	t.parked.Store(true)

@@ -3,6 +3,7 @@ package relay
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
@@ -65,8 +66,15 @@ func (s *Server) establish(o opening) (*Tunnel, error) {
 		t.end(ReasonUpstreamRemoved, true)
 		return nil, errEvictedAtOpen
 	}
+	if h := establishedHook.Load(); h != nil {
+		(*h)(t)
+	}
 	return t, nil
 }
+
+// establishedHook, set by tests only, runs at the end of establish: the tunnel is registered (an upgrade
+// may pick it) and no engine carries it yet (the WebSocket front's 101 is not written yet).
+var establishedHook atomic.Pointer[func(*Tunnel)]
 
 // carry hands an open, registered tunnel to the engine that carries its kind of pair.
 func (s *Server) carry(t *Tunnel) {

@@ -55,7 +55,7 @@ func (m *tunnelMover) run(settled, drained <-chan struct{}) {
 	final := false // this round comes a tick after settled closed
 	for rounds := 0; ; rounds++ {
 		started, moved, kept, peeked := time.Now(), m.moved, m.kept, m.peeked
-		n, err := m.round()
+		n, busy, err := m.round()
 		if err != nil {
 			m.log.Error("upgrade: handing tunnels over stopped; the rest drain here", "pid", m.to, "err", err)
 			return
@@ -70,6 +70,15 @@ func (m *tunnelMover) run(settled, drained <-chan struct{}) {
 		}
 		m.srv.StopKernelEvents() // once this process holds no kernel tunnel
 		if n > 0 {
+			continue
+		}
+		if busy > 0 {
+			// Not carried yet (a handshake finishing) or busy: offered again in a moment. The handshake
+			// carries or ends it soon, so the upgrade waits for it rather than leave it here.
+			select {
+			case <-drained:
+			case <-time.After(busyRetry):
+			}
 			continue
 		}
 		if isClosed(drained) || (final && !m.srv.ReadsSharedKernelEvents()) {
@@ -95,8 +104,13 @@ func isClosed(ch <-chan struct{}) bool {
 	}
 }
 
-// round hands over every movable tunnel live now, in batches; n is how many it tried.
-func (m *tunnelMover) round() (n int, err error) {
+// busyRetry is how long the mover waits before it offers again the tunnels a round found not carried yet
+// or busy: a handshake hands its tunnel to an engine within moments of registering it.
+const busyRetry = 2 * time.Millisecond
+
+// round hands over every movable tunnel live now, in batches; n is how many it tried, busy how many of
+// those it is to offer again (parkAll).
+func (m *tunnelMover) round() (n, busy int, err error) {
 	var todo []*relay.Tunnel
 	for _, t := range m.srv.Tunnels().Tunnels() {
 		if m.srv.Tunnels().CanMove(t) && !t.Parked() && !m.tried[t.ID] {
@@ -106,20 +120,20 @@ func (m *tunnelMover) round() (n int, err error) {
 	for len(todo) > 0 {
 		chunk := todo[:min(len(todo), handover.MaxFDs/2)]
 		todo = todo[len(chunk):]
-		n += len(chunk)
-		parked := m.parkAll(chunk)
+		parked, later := m.parkAll(chunk)
+		n, busy = n+len(chunk)-later, busy+later
 		for len(parked) > 0 {
 			used, err := m.sendBatch(parked)
 			if err != nil {
 				if len(parked) > used {
 					m.keepAll(parked[used:], err)
 				}
-				return n, err
+				return n, busy, err
 			}
 			parked = parked[used:]
 		}
 	}
-	return n, nil
+	return n, busy, nil
 }
 
 // parkers is how many tunnels are parked at once: an engine's stop waits for its goroutines or its
@@ -127,9 +141,10 @@ func (m *tunnelMover) round() (n int, err error) {
 const parkers = 16
 
 // parkAll parks ts, parkers at a time, and returns those parked, in ts's order; a tunnel that ended
-// meanwhile, or cannot move after all, is left to drain here. One that is busy (sockmap.ErrBusy: its
-// handshake finishing) is offered again in the next round.
-func (m *tunnelMover) parkAll(ts []*relay.Tunnel) []*relay.ParkedTunnel {
+// meanwhile, or cannot move after all, is left to drain here. One that no engine carries yet
+// (datapath.ErrNotCarried: its handshake registered it and has not handed it to an engine) or that is busy
+// (sockmap.ErrBusy) is offered again in a later round; busy counts them.
+func (m *tunnelMover) parkAll(ts []*relay.Tunnel) (parked []*relay.ParkedTunnel, busy int) {
 	out := make([]*relay.ParkedTunnel, len(ts))
 	errs := make([]error, len(ts))
 	next := make(chan int)
@@ -148,11 +163,12 @@ func (m *tunnelMover) parkAll(ts []*relay.Tunnel) []*relay.ParkedTunnel {
 	close(next)
 	wg.Wait()
 	for i, err := range errs {
-		if errors.Is(err, sockmap.ErrBusy) {
+		if errors.Is(err, sockmap.ErrBusy) || errors.Is(err, datapath.ErrNotCarried) {
 			delete(m.tried, ts[i].ID)
+			busy++
 		}
 	}
-	return slices.DeleteFunc(out, func(pt *relay.ParkedTunnel) bool { return pt == nil })
+	return slices.DeleteFunc(out, func(pt *relay.ParkedTunnel) bool { return pt == nil }), busy
 }
 
 // batchBody is how much of a message's body a batch fills at most: the rest is the envelope's.
