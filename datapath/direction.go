@@ -195,7 +195,7 @@ func (d *Direction) AtEOF() error {
 		return ReadErr(fmt.Errorf("raw source conn at EOF: %w", err))
 	}
 	var reset error
-	if err := raw.Control(func(fd uintptr) { reset = ResetAtEOF(int(fd), d.srcShut.Load()) }); err != nil {
+	if err := raw.Control(func(fd uintptr) { reset = tcpstate.ResetAtEOF(int(fd), d.srcShut.Load) }); err != nil {
 		// The source is closed: the pair is ending, most often because the other direction's write to
 		// this same peer failed (the reset this EOF stands for). No FIN is carried into that end.
 		return ReadErr(fmt.Errorf("source at EOF: %w", err))
@@ -207,6 +207,9 @@ func (d *Direction) AtEOF() error {
 }
 
 // ResetAtEOF tells a peer's reset from its FIN on TCP socket fd, whose read has just returned 0; writeShut
-// says whether the socket's own write side was shut (its FIN sent). It returns nil for a FIN, else the
-// socket's pending error, or ECONNRESET when a write took it (tcpstate.ResetAtEOF says how).
-func ResetAtEOF(fd int, writeShut bool) error { return tcpstate.ResetAtEOF(fd, writeShut) }
+// says whether the socket's own write side was shut (its FIN sent), for a caller under whose lock that
+// cannot change meanwhile. It returns nil for a FIN, else the socket's pending error, or ECONNRESET when a
+// write took it (tcpstate.ResetAtEOF says how).
+func ResetAtEOF(fd int, writeShut bool) error {
+	return tcpstate.ResetAtEOF(fd, func() bool { return writeShut })
+}

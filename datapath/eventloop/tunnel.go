@@ -330,7 +330,8 @@ func atUrgentMark(fd int) bool {
 // let the other peer take a truncated stream for a whole one. The socket's own write side was shut once the
 // other direction carried its FIN.
 func (t *tunnel) atEOF(d *direction) bool {
-	if err := tcpstate.ResetAtEOF(int(t.ends[d.src].fd), t.dirs[1-d.src].shut); err != nil {
+	shut := t.dirs[1-d.src].shut // the loop's thread carries that FIN: it cannot change meanwhile
+	if err := tcpstate.ResetAtEOF(int(t.ends[d.src].fd), func() bool { return shut }); err != nil {
 		t.fail(Side(d.src), fmt.Errorf("read from side %s: %w", Side(d.src), err))
 		return false
 	}
