@@ -143,6 +143,7 @@ func (k *Engine) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connEr
 	}
 	defer k.dropRelayConns(d, src, dst)
 	defer withFD(src, d.overflow.unclamp) // the source's full window again, before its conn closes
+	defer withFD(src, d.overflow.lowerSendBuffer)
 	k.relayPassed(d, src, dst)
 }
 
@@ -383,6 +384,7 @@ func (k *Engine) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int, er
 		if rerr != unix.EAGAIN {
 			return true
 		}
+		k.makeRoomAhead(d, int(fd), st.Passed-d.userRead)
 		if k.overflowed(d, int(fd), st.Passed-d.userRead, time.Now()) {
 			rerr = errOverflow
 			return true
@@ -447,6 +449,8 @@ type overflowWatch struct {
 	mark  uint64    // the progress mark when since was set
 	// clampWas is the source's window clamp before overflowed clamped it; 0 while not clamped.
 	clampWas int
+	// sndbufWas is the source's send buffer before makeRoomAhead raised it; 0 while not raised.
+	sndbufWas int
 }
 
 // stuck reports whether stalled (unread passed bytes past the bound, the source's send queue not empty)
@@ -485,6 +489,63 @@ func (w *overflowWatch) unclamp(srcFD int) {
 	}
 	_ = unix.SetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, w.clampWas)
 	w.clampWas = 0
+}
+
+// makeRoomAhead raises the send buffer of d's source, srcFD, once per relaying goroutine, when more than
+// d's held limit of passed bytes wait where no read reaches them while the source has bytes unsent. Those
+// passed bytes wait in the source's psock queue behind bytes the other direction redirected into the same
+// socket (sk_psock_verdict_apply), and those wait there for room in its send queue, which its reader, the
+// other peer, stopped emptying: one stopped reader then stops this direction too, however fast its own
+// reader reads, and its sender's bytes pile up behind, charged to no socket, until the overflow reset took
+// the tunnel for both peers having stopped (docs/datapath.md, "Backpressure"). The verdict holds at most
+// the other direction's held limit, plus an skb, in that queue; room for twice that (truesize and the
+// skb over the limit) lets the psock hand it all to the send queue, where it is charged and bounded
+// (setting the buffer wakes the psock: sk_write_space). Passed bytes then reach the message queue directly,
+// are charged to the receive buffer, so the sender gets TCP backpressure again, and the relaying goroutine
+// reads them. The other direction is demoted by then (its bytes are held past a stopped reader), so no new
+// bytes of it enter the psock queue until its reader reads again.
+func (k *Engine) makeRoomAhead(d *kernelDir, srcFD int, unread uint64) {
+	if d.overflow.sndbufWas != 0 || unread <= d.limit || !hasUnsent(srcFD) {
+		return
+	}
+	other := &d.kt.dirs[0]
+	if other == d {
+		other = &d.kt.dirs[1]
+	}
+	if d.overflow.raiseSendBuffer(srcFD, 2*(other.limit+roomAheadSkb)) {
+		k.log.Debug("kernel tunnel: passed bytes wait behind the other direction's for a stopped reader; raised the send buffer of their source",
+			"id", d.kt.p.ID, "from_client", d.src.isClient, "unread", unread, "sndbuf_was", d.overflow.sndbufWas)
+	}
+}
+
+// roomAheadSkb is room for the skb that the verdict redirects past the held limit (it checks before each).
+const roomAheadSkb = 64 << 10
+
+// raiseSendBuffer raises the send buffer of srcFD by n bytes, remembering its size before, and reports
+// whether it did. It needs
+// CAP_NET_ADMIN (SO_SNDBUFFORCE), which the kernel engine runs with; SO_SNDBUF could lower it instead (it
+// is capped at net.core.wmem_max), so without it nothing changes.
+func (w *overflowWatch) raiseSendBuffer(srcFD int, n uint64) bool {
+	was, err := unix.GetsockoptInt(srcFD, unix.SOL_SOCKET, unix.SO_SNDBUF)
+	if err != nil || was <= 0 {
+		return false
+	}
+	// The kernel sets twice what it is given (sock_setsockopt, as for SO_SNDBUF).
+	if unix.SetsockoptInt(srcFD, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, (was+int(n))/2) != nil {
+		return false
+	}
+	w.sndbufWas = was
+	return true
+}
+
+// lowerSendBuffer gives the source srcFD its send buffer back, if raiseSendBuffer raised it. Bytes queued
+// past it stay queued; only new sends wait for them. TCP no longer autotunes the buffer after either.
+func (w *overflowWatch) lowerSendBuffer(srcFD int) {
+	if w.sndbufWas == 0 {
+		return
+	}
+	_ = unix.SetsockoptInt(srcFD, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, w.sndbufWas/2)
+	w.sndbufWas = 0
 }
 
 // overflowed reports whether both peers of d's tunnel stopped reading while sending: unread passed bytes
