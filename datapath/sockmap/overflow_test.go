@@ -140,3 +140,54 @@ func readPausing(ctx context.Context, c *net.TCPConn, want []byte, pause time.Du
 	}
 	return nil
 }
+
+// TestBothStoppedReadersStayBounded has a client that floods the tunnel and never reads, in front of an
+// upstream that echoes until its writes block: both peers stop reading while both send. What the client
+// gets to send must stay bounded, by backpressure or by the overflow reset; the room makeRoomAhead gives
+// the client → upstream direction must not let it through unbounded.
+func TestBothStoppedReadersStayBounded(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		heldLimit uint64 // 0: the default
+	}{
+		{"256 KiB held limit", 256 << 10},
+		{"the default held limit", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, logs := newTestEngine(t)
+			if tc.heldLimit != 0 {
+				k.heldLimit = tc.heldLimit
+			}
+			client, upstream, p := carryPair(t, k)
+			kernelDirOf(t, k, true) // in the kernel before the streams start (see TestBackpressureLostEvents)
+			go func() { _, _ = io.Copy(upstream, upstream) }()
+			var sent atomic.Int64
+			wrote := make(chan error, 1)
+			go func() {
+				data := stream(63, 1<<20)
+				for {
+					n, err := client.Write(data)
+					sent.Add(int64(n))
+					if err != nil {
+						wrote <- err
+						return
+					}
+				}
+			}()
+			var err error
+			select {
+			case err = <-wrote:
+			case <-time.After(5 * time.Second):
+			}
+			n := sent.Load()
+			t.Logf("client sent %.1f MiB in 5 s without reading (write error: %v); the pair ended %q; send buffers raised %d",
+				float64(n)/(1<<20), err, p.Reason(), strings.Count(logs.String(), "raised the send buffer"))
+			if n > 2*inFlightBound {
+				t.Errorf("client sent %d bytes without reading any; want at most %d", n, 2*inFlightBound)
+			}
+			if p.Ending() && p.Reason() != datapath.ReasonOverflow {
+				t.Errorf("the pair ended with %q (%v), want it carried on or reset for overflow", p.Reason(), p.Err())
+			}
+		})
+	}
+}
