@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -81,17 +83,12 @@ func TestOneStoppedReaderIsNoOverflow(t *testing.T) {
 			}
 			t.Logf("client → upstream in flight as the client's pause ended: %.1f MiB; demotions %d, resumes %d, send buffers raised %d",
 				float64(inFlight)/(1<<20), k.demotions.Load(), k.resumes.Load(), strings.Count(logs.String(), "raised the send buffer"))
-			if inFlight > inFlightBound {
-				t.Errorf("the client had sent %d bytes the upstream had not read as its pause ended; want at most %d", inFlight, inFlightBound)
+			if bound := oneWayBound(t, k.heldLimit); inFlight > bound {
+				t.Errorf("the client had sent %d bytes the upstream had not read as its pause ended; want at most %d", inFlight, bound)
 			}
 		})
 	}
 }
-
-// inFlightBound is the most a tunnel may hold in one direction: the socket buffers on the path (autotuned up
-// to 4 MiB to send and 6 MiB to receive on each of the four sockets), the held limit, and the send buffer
-// raised for the other direction's held bytes (makeRoomAhead), as relay's heldBound.
-const inFlightBound = 48 << 20
 
 // pacedStream writes data to c in chunks, one a millisecond, so that the writer keeps sending through a
 // reader's pause, counting in sent what it wrote, then half-closes c.
@@ -144,7 +141,7 @@ func readPausing(ctx context.Context, c *net.TCPConn, want []byte, pause time.Du
 // TestBothStoppedReadersStayBounded has a client that floods the tunnel and never reads, in front of an
 // upstream that echoes until its writes block: both peers stop reading while both send. What the client
 // gets to send must stay bounded, by backpressure or by the overflow reset; the room makeRoomAhead gives
-// the client → upstream direction must not let it through unbounded.
+// the client → upstream direction must not let it through unbounded (bothStoppedBound).
 func TestBothStoppedReadersStayBounded(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -182,12 +179,48 @@ func TestBothStoppedReadersStayBounded(t *testing.T) {
 			n := sent.Load()
 			t.Logf("client sent %.1f MiB in 5 s without reading (write error: %v); the pair ended %q; send buffers raised %d",
 				float64(n)/(1<<20), err, p.Reason(), strings.Count(logs.String(), "raised the send buffer"))
-			if n > 2*inFlightBound {
-				t.Errorf("client sent %d bytes without reading any; want at most %d", n, 2*inFlightBound)
+			if bound := bothStoppedBound(t, k.heldLimit); n > bound {
+				t.Errorf("client sent %d bytes without reading any; want at most %d", n, bound)
 			}
 			if p.Ending() && p.Reason() != datapath.ReasonOverflow {
 				t.Errorf("the pair ended with %q (%v), want it carried on or reset for overflow", p.Reason(), p.Err())
 			}
 		})
 	}
+}
+
+// oneWayBound is the most a tunnel may hold in one direction: the two sockets' buffers on its path at their
+// largest (net.ipv4.tcp_wmem and tcp_rmem; relay's heldBound assumes 6 MiB receive buffers, this machine's
+// may grow to 32 MiB), the held limit, and the room makeRoomAhead may add to the relay's socket (twice
+// the limit and a quarter, and four skbs).
+func oneWayBound(t *testing.T, limit uint64) int64 {
+	t.Helper()
+	l := int64(limit)
+	return 2*(sysctlMax(t, "tcp_rmem")+sysctlMax(t, "tcp_wmem")) + l + 2*(l+l/4+2*roomAheadSkb)
+}
+
+// bothStoppedBound is the most a client may send into a tunnel whose peers both stopped reading: both
+// directions' oneWayBound, and the passed bytes that may pile up uncharged before the overflow rule clamps
+// the window (overflowAt, with the largest receive buffer).
+func bothStoppedBound(t *testing.T, limit uint64) int64 {
+	t.Helper()
+	return 2*oneWayBound(t, limit) + 4*int64(limit) + 2*sysctlMax(t, "tcp_rmem")
+}
+
+// sysctlMax is the largest size net.ipv4.<name> allows (its third field).
+func sysctlMax(t *testing.T, name string) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/sys/net/ipv4/" + name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 3 {
+		t.Fatalf("net.ipv4.%s is %q, want three sizes", name, b)
+	}
+	n, err := strconv.ParseInt(f[2], 10, 64)
+	if err != nil {
+		t.Fatalf("net.ipv4.%s: %v", name, err)
+	}
+	return n
 }
