@@ -218,7 +218,8 @@ func (k *Engine) relayPassed(d *kernelDir, src, dst *net.TCPConn) {
 	}
 	bp := passedBuffers.Get().(*[]byte)
 	defer passedBuffers.Put(bp)
-	d.overflow = overflowWatch{} // a wait seen by an earlier goroutine is over
+	// A wait seen by an earlier goroutine is over; a send buffer it raised stays (makeRoomAhead).
+	d.overflow = overflowWatch{sndbufBase: d.overflow.sndbufBase}
 	if !k.writeHeldBack(d, dst, fail) {
 		return
 	}
@@ -383,6 +384,7 @@ func (k *Engine) readPassed(rc syscall.RawConn, d *kernelDir, b []byte) (int, er
 		if rerr != unix.EAGAIN {
 			return true
 		}
+		k.makeRoomAhead(d, int(fd), st.Passed-d.userRead)
 		if k.overflowed(d, int(fd), st.Passed-d.userRead, time.Now()) {
 			rerr = errOverflow
 			return true
@@ -447,6 +449,9 @@ type overflowWatch struct {
 	mark  uint64    // the progress mark when since was set
 	// clampWas is the source's window clamp before overflowed clamped it; 0 while not clamped.
 	clampWas int
+	// sndbufBase is the source's send buffer before makeRoomAhead first raised it, kept from one relaying
+	// goroutine of the direction to the next; 0 while never raised.
+	sndbufBase int
 }
 
 // stuck reports whether stalled (unread passed bytes past the bound, the source's send queue not empty)
@@ -485,6 +490,73 @@ func (w *overflowWatch) unclamp(srcFD int) {
 	}
 	_ = unix.SetsockoptInt(srcFD, unix.IPPROTO_TCP, unix.TCP_WINDOW_CLAMP, w.clampWas)
 	w.clampWas = 0
+}
+
+// makeRoomAhead raises the send buffer of d's source, srcFD, when more than d's held limit of passed bytes
+// wait where no read reaches them while the source has bytes unsent. Those passed bytes wait in the source's psock queue behind bytes the other direction
+// redirected into the same socket (sk_psock_verdict_apply), which wait there for room in its send queue,
+// which their reader, the other peer, stopped emptying: one stopped reader then stops this direction too,
+// however fast its own reader reads, and its sender's bytes pile up behind, charged to no socket, until
+// the overflow reset took the tunnel for both peers having stopped (docs/datapath.md, "Backpressure").
+// The verdict holds at most the other direction's held limit and one skb in that queue: room for that
+// beyond what the send queue holds lets the psock hand it on (setting the buffer wakes the psock:
+// sk_write_space), where it is charged and bounded. Passed bytes then reach the message queue directly,
+// charged to the receive buffer, so the sender gets TCP backpressure again, and the relaying goroutine
+// reads them. That holds when d's reader stopped too (both peers stopped reading while sending): the
+// tunnel then waits under TCP backpressure, as on the other engines, rather than be reset. Waiting also
+// for d's destination to have room (its reader reading) left the raise undone in 1 of 10 tunnels under
+// load with a 256 KiB limit, whose destination the upstream had not emptied at the moments the goroutine
+// looked, and the overflow reset took it.
+//
+// The other direction may still redirect until the verdict demotes it (its held bytes past the limit
+// again), and then holds up to its limit in the queue once more; it stays demoted until its reader empties
+// the send queue (hasRoom). So the buffer is raised again while the stall lasts, up to twice that room
+// above its size before the first raise, and kept so for the tunnel's life: a lowered buffer would let the
+// next stall start over from it. What a stopped reader's send queue holds grows by at most that, charged;
+// past it the overflow reset applies as before.
+func (k *Engine) makeRoomAhead(d *kernelDir, srcFD int, unread uint64) {
+	if unread <= d.limit || !hasUnsent(srcFD) {
+		return
+	}
+	other := &d.kt.dirs[0]
+	if other == d {
+		other = &d.kt.dirs[1]
+	}
+	room := other.limit + other.limit/4 + 2*roomAheadSkb // a quarter more for the skbs' overhead (truesize)
+	if was, now, ok := d.overflow.raiseSendBuffer(srcFD, room); ok {
+		k.log.Debug("kernel tunnel: passed bytes wait behind the other direction's for a stopped reader; raised the send buffer of their source",
+			"id", d.kt.p.ID, "from_client", d.src.isClient, "unread", unread, "sndbuf_was", was, "sndbuf", now)
+	}
+}
+
+// roomAheadSkb is room for the skb that the verdict redirects past the held limit (it checks before each).
+const roomAheadSkb = 64 << 10
+
+// raiseSendBuffer raises the send buffer of srcFD to room beyond the bytes its send queue holds, at most
+// 2 × room above w.sndbufBase (set at the first raise), and reports the sizes before and after and
+// whether it raised it. It needs CAP_NET_ADMIN (SO_SNDBUFFORCE), which the kernel engine runs with;
+// SO_SNDBUF is capped at net.core.wmem_max and could lower the buffer instead, so without it nothing
+// changes. TCP no longer autotunes the buffer after it (SOCK_SNDBUF_LOCK); it only ever grows here.
+func (w *overflowWatch) raiseSendBuffer(srcFD int, room uint64) (was, now int, raised bool) {
+	was, err := unix.GetsockoptInt(srcFD, unix.SOL_SOCKET, unix.SO_SNDBUF)
+	if err != nil || was <= 0 {
+		return was, was, false
+	}
+	queued, err := unix.IoctlGetInt(srcFD, unix.SIOCOUTQ)
+	if err != nil {
+		return was, was, false
+	}
+	base := w.sndbufBase
+	if base == 0 {
+		base = was
+	}
+	// The kernel sets twice what it is given (sock_setsockopt, as for SO_SNDBUF).
+	half := min(queued+queued/8+int(room), base+2*int(room)) / 2 // an eighth for the queued skbs' overhead
+	if 2*half <= was || unix.SetsockoptInt(srcFD, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, half) != nil {
+		return was, was, false
+	}
+	w.sndbufBase = base
+	return was, 2 * half, true
 }
 
 // overflowed reports whether both peers of d's tunnel stopped reading while sending: unread passed bytes
