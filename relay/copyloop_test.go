@@ -37,7 +37,7 @@ func testPlainTunnelsOnEventLoops(t *testing.T, dp Datapath) {
 		`sockrelay_datapath_fallbacks_total{reason="eventloop_carry_failed"} 0`)
 	waitScrapeHas(t, r, want...)
 
-	fds := openFDs(t)
+	fds := settledFDs(t)
 	c, u := openTunnel(t, r.Addr, up, []byte("ping"), []byte("pong"))
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 1)
 	if ts := r.Tunnels().Tunnels(); len(ts) != 1 || !ts[0].Info().EventLoop || ts[0].Datapath() != dp {
@@ -100,6 +100,23 @@ func TestEventLoopsOutOfRange(t *testing.T) {
 }
 
 // pooledPipes is how many empty pipes the relay's loops keep for reuse.
+// settledFDs is how many descriptors the process holds once that stops changing: what an earlier test
+// closed on another goroutine (its relay's loops, its upstream's handlers) may still be closing as the next
+// one starts, and a count taken then is too high by those.
+func settledFDs(t *testing.T) int {
+	t.Helper()
+	n := openFDs(t)
+	for same, deadline := 0, time.Now().Add(5*time.Second); same < 3 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		if m := openFDs(t); m == n {
+			same++
+		} else {
+			n, same = m, 0
+		}
+	}
+	return n
+}
+
 func pooledPipes(r *testRelay) int {
 	var n int64
 	for _, l := range r.copier.Stats().Loops {
