@@ -2,6 +2,7 @@ package relay
 
 import (
 	"fmt"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -37,7 +38,7 @@ func testPlainTunnelsOnEventLoops(t *testing.T, dp Datapath) {
 		`sockrelay_datapath_fallbacks_total{reason="eventloop_carry_failed"} 0`)
 	waitScrapeHas(t, r, want...)
 
-	fds := settledFDs(t)
+	before := fdTargets(t)
 	c, u := openTunnel(t, r.Addr, up, []byte("ping"), []byte("pong"))
 	waitMetric(t, r, "sockrelay_eventloop_tunnels", 1)
 	if ts := r.Tunnels().Tunnels(); len(ts) != 1 || !ts[0].Info().EventLoop || ts[0].Datapath() != dp {
@@ -51,7 +52,7 @@ func testPlainTunnelsOnEventLoops(t *testing.T, dp Datapath) {
 	waitMetric(t, r, "sockrelay_eventloop_buffer_bytes", 0)
 	waitMetric(t, r, "sockrelay_eventloop_pipe_bytes", 0)
 	// The client's and the upstream's sockets are in this process too; the loop may keep empty pipes for reuse.
-	if n, pooled := openFDs(t)-fds, pooledPipes(r); n != 4+2*pooled {
+	if n, pooled := newFDs(t, before), pooledPipes(r); n != 4+2*pooled {
 		t.Errorf("an idle %s tunnel holds %d descriptors in this process, want 4 (its 2 and its peers' 2) and "+
 			"2 for each of the %d pipes the loops keep", dp, n, pooled)
 	}
@@ -100,18 +101,31 @@ func TestEventLoopsOutOfRange(t *testing.T) {
 }
 
 // pooledPipes is how many empty pipes the relay's loops keep for reuse.
-// settledFDs is how many descriptors the process holds once that stops changing: what an earlier test
-// closed on another goroutine (its relay's loops, its upstream's handlers) may still be closing as the next
-// one starts, and a count taken then is too high by those.
-func settledFDs(t *testing.T) int {
+// fdTargets is what each of the process's descriptors refers to (socket:[inode], pipe:[inode], ...).
+func fdTargets(t *testing.T) map[string]string {
 	t.Helper()
-	n := openFDs(t)
-	for same, deadline := 0, time.Now().Add(5*time.Second); same < 3 && time.Now().Before(deadline); {
-		time.Sleep(20 * time.Millisecond)
-		if m := openFDs(t); m == n {
-			same++
-		} else {
-			n, same = m, 0
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := make(map[string]string, len(ents))
+	for _, e := range ents {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil {
+			m[e.Name()] = target
+		}
+	}
+	return m
+}
+
+// newFDs counts the descriptors opened since before was taken (a number that refers to something else
+// now counts as new). Descriptors an earlier test closes meanwhile, on another goroutine (its relay's
+// loops, its upstream's handlers), leave the count alone; a count of all descriptors went down by them.
+func newFDs(t *testing.T, before map[string]string) int {
+	t.Helper()
+	n := 0
+	for fd, target := range fdTargets(t) {
+		if before[fd] != target {
+			n++
 		}
 	}
 	return n
