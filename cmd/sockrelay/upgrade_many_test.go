@@ -257,6 +257,11 @@ func upgradeManyTunnels(t *testing.T, tc upgradeUnderTraffic) {
 		t.Errorf("the last new process lacks %d of the old one's %d tunnels, e.g. %d", len(missing), len(oldIDs), missing[0])
 	}
 	for _, info := range infos {
+		// The handed-over tunnels only: a handshake worker's tunnel that its client closes at once may
+		// fall back to copy at its kernel entry (its FIN is in: socket_closing), which is not the move's.
+		if _, handed := slices.BinarySearch(oldIDs, info.ID); !handed {
+			continue
+		}
 		if string(info.Datapath) != tc.datapath {
 			t.Errorf("tunnel %d runs on %s in the new process, want %s", info.ID, info.Datapath, tc.datapath)
 			break
