@@ -121,20 +121,27 @@ func (k *Engine) startRelayLocked(d *kernelDir) {
 		d.demoted = &demoted{}
 	}
 	d.relaying = true
+	prev := d.relayDone
 	d.relayDone = make(chan struct{})
 	if err == nil {
 		d.srcConn, d.dstConn = src, dst
 	}
 	k.relays.Add(1)
 	k.relayWG.Add(1)
-	go k.relayPassedThenDone(d, src, dst, err, d.relayDone)
+	go k.relayPassedThenDone(d, src, dst, err, prev, d.relayDone)
 }
 
 // relayPassedThenDone is relayPassed for a goroutine of its own, counted in relayWG, on its conns src and
-// dst, which it closes when done; connErr is why they could not be made. It closes done last.
-func (k *Engine) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error, done chan struct{}) {
+// dst, which it closes when done; connErr is why they could not be made. It closes done last. It starts
+// once the direction's previous goroutine (prev, nil for the first) is done: that one marks the
+// direction as no longer relaying before its deferred steps (the window clamp given back, its conns
+// closed) have run, and those touch the direction's overflow watch, which this one resets.
+func (k *Engine) relayPassedThenDone(d *kernelDir, src, dst *net.TCPConn, connErr error, prev, done chan struct{}) {
 	defer k.relayWG.Done()
 	defer close(done)
+	if prev != nil {
+		<-prev
+	}
 	if connErr != nil {
 		k.stopRelaying(d, true)
 		// A demoted direction with no one to relay it would hold its sender forever.
