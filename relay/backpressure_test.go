@@ -5,14 +5,12 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"strconv"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/sockrelay/sockrelay/internal/streamtest"
 )
 
 // heldBound is the most a stopped reader may leave in flight between the upstream's writes and the
@@ -267,26 +265,6 @@ func echoRoundTrip(c *clientConn, seed uint64, size int64) error {
 // "Backpressure"). Still a small part of what a relay without backpressure lets through (the whole 1 GiB).
 func kernelBothStoppedBound(t *testing.T) int64 {
 	t.Helper()
-	limit := int64(DefaultKernelHeldLimit)
-	room := 2 * (limit + limit/4 + 4*(64<<10))
-	oneWay := 2*(sysctlMax(t, "tcp_rmem")+sysctlMax(t, "tcp_wmem")) + limit + room
-	return max(2*heldBound, 2*oneWay+4*limit+2*sysctlMax(t, "tcp_rmem"))
-}
-
-// sysctlMax is the largest size net.ipv4.<name> lets a socket buffer grow to (its third field).
-func sysctlMax(t *testing.T, name string) int64 {
-	t.Helper()
-	b, err := os.ReadFile("/proc/sys/net/ipv4/" + name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := strings.Fields(string(b))
-	if len(f) != 3 {
-		t.Fatalf("net.ipv4.%s: %q, want three sizes", name, b)
-	}
-	n, err := strconv.ParseInt(f[2], 10, 64)
-	if err != nil {
-		t.Fatalf("net.ipv4.%s: %v", name, err)
-	}
-	return n
+	const skb = 64 << 10 // the kernel engine's roomAheadSkb
+	return max(2*heldBound, streamtest.KernelBothStoppedBound(t, int64(DefaultKernelHeldLimit), skb))
 }

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -14,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sockrelay/sockrelay/datapath"
+	"github.com/sockrelay/sockrelay/internal/streamtest"
 )
 
 // TestOneStoppedReaderIsNoOverflow streams both ways through a kernel tunnel while the client stops reading
@@ -83,7 +82,7 @@ func TestOneStoppedReaderIsNoOverflow(t *testing.T) {
 			}
 			t.Logf("client → upstream in flight as the client's pause ended: %.1f MiB; demotions %d, resumes %d, send buffers raised %d",
 				float64(inFlight)/(1<<20), k.demotions.Load(), k.resumes.Load(), strings.Count(logs.String(), "raised the send buffer"))
-			if bound := oneWayBound(t, k.heldLimit); inFlight > bound {
+			if bound := streamtest.KernelOneWayBound(t, int64(k.heldLimit), roomAheadSkb); inFlight > bound {
 				t.Errorf("the client had sent %d bytes the upstream had not read as its pause ended; want at most %d", inFlight, bound)
 			}
 		})
@@ -141,7 +140,7 @@ func readPausing(ctx context.Context, c *net.TCPConn, want []byte, pause time.Du
 // TestBothStoppedReadersStayBounded has a client that floods the tunnel and never reads, in front of an
 // upstream that echoes until its writes block: both peers stop reading while both send. What the client
 // gets to send must stay bounded, by backpressure or by the overflow reset; the room makeRoomAhead gives
-// the client → upstream direction must not let it through unbounded (bothStoppedBound).
+// the client → upstream direction must not let it through unbounded (streamtest.KernelBothStoppedBound).
 func TestBothStoppedReadersStayBounded(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -179,7 +178,7 @@ func TestBothStoppedReadersStayBounded(t *testing.T) {
 			n := sent.Load()
 			t.Logf("client sent %.1f MiB in 5 s without reading (write error: %v); the pair ended %q; send buffers raised %d",
 				float64(n)/(1<<20), err, p.Reason(), strings.Count(logs.String(), "raised the send buffer"))
-			if bound := bothStoppedBound(t, k.heldLimit); n > bound {
+			if bound := streamtest.KernelBothStoppedBound(t, int64(k.heldLimit), roomAheadSkb); n > bound {
 				t.Errorf("client sent %d bytes without reading any; want at most %d", n, bound)
 			}
 			if p.Ending() && p.Reason() != datapath.ReasonOverflow {
@@ -187,40 +186,4 @@ func TestBothStoppedReadersStayBounded(t *testing.T) {
 			}
 		})
 	}
-}
-
-// oneWayBound is the most a tunnel may hold in one direction: the two sockets' buffers on its path at their
-// largest (net.ipv4.tcp_wmem and tcp_rmem; relay's heldBound assumes 6 MiB receive buffers, this machine's
-// may grow to 32 MiB), the held limit, and the room makeRoomAhead may add to the relay's socket (twice
-// the limit and a quarter, and four skbs).
-func oneWayBound(t *testing.T, limit uint64) int64 {
-	t.Helper()
-	l := int64(limit)
-	return 2*(sysctlMax(t, "tcp_rmem")+sysctlMax(t, "tcp_wmem")) + l + 2*(l+l/4+2*roomAheadSkb)
-}
-
-// bothStoppedBound is the most a client may send into a tunnel whose peers both stopped reading: both
-// directions' oneWayBound, and the passed bytes that may pile up uncharged before the overflow rule clamps
-// the window (overflowAt, with the largest receive buffer).
-func bothStoppedBound(t *testing.T, limit uint64) int64 {
-	t.Helper()
-	return 2*oneWayBound(t, limit) + 4*int64(limit) + 2*sysctlMax(t, "tcp_rmem")
-}
-
-// sysctlMax is the largest size net.ipv4.<name> allows (its third field).
-func sysctlMax(t *testing.T, name string) int64 {
-	t.Helper()
-	b, err := os.ReadFile("/proc/sys/net/ipv4/" + name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := strings.Fields(string(b))
-	if len(f) != 3 {
-		t.Fatalf("net.ipv4.%s is %q, want three sizes", name, b)
-	}
-	n, err := strconv.ParseInt(f[2], 10, 64)
-	if err != nil {
-		t.Fatalf("net.ipv4.%s: %v", name, err)
-	}
-	return n
 }
