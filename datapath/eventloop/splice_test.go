@@ -239,23 +239,7 @@ func TestCarryBytesAfterUrgentByte(t *testing.T) { forEachMode(t, testCarryBytes
 func testCarryBytesAfterUrgentByte(t *testing.T, splice bool) {
 	ls := startLoops(t, Options{Loops: 1})
 	r := carryAs(t, ls, splice, nil, nil, nil)
-	raw, err := r.peerA.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r.peerA.Write([]byte("hello")); err != nil {
-		t.Fatal(err)
-	}
-	var oobErr error
-	if err := raw.Control(func(fd uintptr) { oobErr = unix.Sendto(int(fd), []byte("X"), unix.MSG_OOB, nil) }); err != nil {
-		t.Fatal(err)
-	}
-	if oobErr != nil {
-		t.Fatalf("send the urgent byte: %v", oobErr)
-	}
-	if _, err := r.peerA.Write([]byte("world")); err != nil {
-		t.Fatal(err)
-	}
+	sendAroundUrgentByte(t, r.peerA)
 	time.Sleep(50 * time.Millisecond) // the loop has met the mark before the FIN comes
 	if err := r.peerA.CloseWrite(); err != nil {
 		t.Fatal(err)
@@ -281,11 +265,25 @@ func testCarryBytesQueuedBehindUrgentMark(t *testing.T, splice bool) {
 		wake()
 		l.pass(events)
 	}
-	raw, err := r.peerA.SyscallConn()
+	sendAroundUrgentByte(t, r.peerA)
+	time.Sleep(50 * time.Millisecond) // all of it is queued at side a before the loop reads
+	for range 5 {
+		l.pass(events)
+		wake() // a wakeup that is no socket's: the loop gets no new edge for side a
+	}
+	if aToB, _ := r.h.Bytes(); aToB != int64(len("helloworld")) {
+		t.Fatalf("a→b carried %d bytes, want %d (the urgent byte left out)", aToB, len("helloworld"))
+	}
+}
+
+// sendAroundUrgentByte sends "hello", the urgent byte "X" (MSG_OOB) and "world" on c, in that order.
+func sendAroundUrgentByte(t *testing.T, c *net.TCPConn) {
+	t.Helper()
+	raw, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.peerA.Write([]byte("hello")); err != nil {
+	if _, err := c.Write([]byte("hello")); err != nil {
 		t.Fatal(err)
 	}
 	var oobErr error
@@ -295,16 +293,8 @@ func testCarryBytesQueuedBehindUrgentMark(t *testing.T, splice bool) {
 	if oobErr != nil {
 		t.Fatalf("send the urgent byte: %v", oobErr)
 	}
-	if _, err := r.peerA.Write([]byte("world")); err != nil {
+	if _, err := c.Write([]byte("world")); err != nil {
 		t.Fatal(err)
-	}
-	time.Sleep(50 * time.Millisecond) // all of it is queued at side a before the loop reads
-	for range 5 {
-		l.pass(events)
-		wake() // a wakeup that is no socket's: the loop gets no new edge for side a
-	}
-	if aToB, _ := r.h.Bytes(); aToB != int64(len("helloworld")) {
-		t.Fatalf("a→b carried %d bytes, want %d (the urgent byte left out)", aToB, len("helloworld"))
 	}
 }
 
